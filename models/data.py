@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+
+from models.splitting import train_test_rows
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +276,7 @@ def train_test_positions(
         raise DataError(f"hospital {name!r} has {len(y)} row(s); it needs at least 2 to split")
     counts = np.unique(y, return_counts=True)[1]
     stratify = y if len(counts) > 1 and counts.min() >= 2 else None
-    train, test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=stratify
-    )
-    return np.sort(train), np.sort(test)
+    return train_test_rows(len(y), test_size=test_fraction, seed=seed, stratify=stratify)
 
 
 def standardise_with_train(
@@ -309,13 +308,39 @@ def _warn_missing_classes(split: HospitalSplit) -> None:
 # --- breast-cancer --------------------------------------------------------------------------
 
 
-def _breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """scikit-learn's copy of the Wisconsin data, relabelled so that 1 = malignant (disease)."""
-    from sklearn.datasets import load_breast_cancer  # 1 s import: only when asked for
+_BREAST_CANCER_MEASURES = (
+    "radius", "texture", "perimeter", "area", "smoothness",
+    "compactness", "concavity", "concave points", "symmetry", "fractal dimension",
+)  # fmt: skip
+# The column names load_breast_cancer() gives, in its order (tests/test_data.py checks).
+BREAST_CANCER_FEATURES: tuple[str, ...] = (
+    tuple(f"mean {m}" for m in _BREAST_CANCER_MEASURES)
+    + tuple(f"{m} error" for m in _BREAST_CANCER_MEASURES)
+    + tuple(f"worst {m}" for m in _BREAST_CANCER_MEASURES)
+)
 
-    bunch = load_breast_cancer()
-    malignant = (bunch.target == 0).astype(np.float32)  # sklearn codes malignant as 0
-    return bunch.data.astype(np.float64), malignant, tuple(str(n) for n in bunch.feature_names)
+
+def _breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """scikit-learn's copy of the Wisconsin data, relabelled so that 1 = malignant (disease).
+
+    Read straight from the CSV file scikit-learn ships (what load_breast_cancer() parses),
+    so a node does not import scikit-learn (0.8 s, 74 MB: models/splitting.py); falls back
+    to load_breast_cancer() if a scikit-learn release moves the file.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    csv_file = Path(locations[0], "datasets", "data", "breast_cancer.csv") if locations else None
+    if csv_file is not None and csv_file.is_file():
+        # First line: "569,30,malignant,benign"; then 30 features and the target per row.
+        raw = np.loadtxt(csv_file, delimiter=",", skiprows=1)
+        x, target, names = raw[:, :-1], raw[:, -1].astype(int), BREAST_CANCER_FEATURES
+    else:
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer()
+        x, target, names = bunch.data, bunch.target, tuple(str(n) for n in bunch.feature_names)
+    malignant = (target == 0).astype(np.float32)  # sklearn codes malignant as 0
+    return x.astype(np.float64), malignant, names
 
 
 def _load_breast_cancer(
@@ -360,15 +385,13 @@ def load_heart_disease(directory: str | os.PathLike[str]) -> list[HospitalSplit]
         labels = y.astype(int)
         classes, counts = np.unique(labels, return_counts=True)
         stratify = labels if len(classes) > 1 and counts.min() > 2 else None
-        train, test = train_test_split(
-            np.arange(len(y)),
+        train, test = train_test_rows(  # sorted: FLamby keeps the file's row order
+            len(y),
             train_size=HEART_TRAIN_SIZE,
             test_size=1 - HEART_TRAIN_SIZE,
-            random_state=HEART_SPLIT_SEED,
-            shuffle=True,
+            seed=HEART_SPLIT_SEED,
             stratify=stratify,
         )
-        train, test = np.sort(train), np.sort(test)  # FLamby keeps the file's row order
         x_train, x_test = standardise_with_train(x[train], x[test], ddof=1)
         split = HospitalSplit(centre, x_train, y[train], x_test, y[test], feature_names)
         _warn_missing_classes(split)

@@ -17,13 +17,13 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_curve
 from torch import nn
+from torch.optim.sgd import sgd as sgd_update
 
 from models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
 
@@ -141,7 +141,7 @@ class LocalTrainer:
         self.model = model
         self.settings = settings
         self.loss_fn = make_loss(settings, self.y)
-        self.optimizer = _make_optimizer(model, settings)
+        self.optimizer: Optimizer = _make_optimizer(model, settings)
         self.sampling_rng = torch.Generator().manual_seed(settings.seed)
         # DP's sampling and noise must be unpredictable to peers: a seed they could know (the
         # config's) would let them regenerate and subtract the noise.
@@ -373,10 +373,17 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
         raise ValueError("labels must be 0 or 1")
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(y, p)
-    youden = tpr[1:] - fpr[1:]  # index 0 is roc_curve's "predict nobody" point (t = inf)
-    best = int(np.argmax(youden)) + 1
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    # The ROC cut points are the distinct scores, highest first; at cut point t the true and
+    # false positives are the patients scoring >= t. (scikit-learn's roc_curve gives the same
+    # points, tested, but importing scikit-learn costs every node 0.9 s and 72 MB.)
+    order = np.argsort(-p, kind="mergesort")
+    p_sorted, y_sorted = p[order], y[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(p_sorted)), len(p_sorted) - 1]
+    true_positives = np.cumsum(y_sorted)[last_of_each_score]
+    false_positives = last_of_each_score + 1 - true_positives
+    youden = true_positives / y.sum() - false_positives / (len(y) - y.sum())
+    best = int(np.argmax(youden))  # the first maximum: the highest threshold among ties
+    return float(np.clip(p_sorted[last_of_each_score[best]], 0.0, 1.0))
 
 
 def _as_training_tensors(
@@ -396,10 +403,101 @@ def _as_training_tensors(
     return xs, ys
 
 
-def _make_optimizer(model: nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, settings: TrainingSettings) -> Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.learning_rate)
-    return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
+    return SGDStep(params, lr=settings.learning_rate, momentum=settings.momentum)
+
+
+class Optimizer(Protocol):
+    """What the trainer needs of an optimizer (torch.optim.Adam and `SGDStep` both have it)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+    def step(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class SGDStep:
+    """SGD with momentum, as torch.optim.SGD: its update runs torch's functional form
+    (``torch.optim.sgd.sgd``, the code ``SGD.step`` calls), with the momentum buffers kept here.
+
+    Why not ``torch.optim.SGD`` itself: constructing any ``torch.optim`` optimizer imports
+    ``torch._dynamo`` (its ``add_param_group`` is wrapped to disable the compiler), which costs
+    every node process about 1.2 s of CPU and 72 MB resident (measured, docs/performance.md)
+    for a compiler the node never uses. tests/test_training.py checks that both give the same
+    parameters step for step.
+    """
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.momentum = momentum
+        self.momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            if set_to_none or param.grad is None:
+                param.grad = None
+            else:
+                param.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        active = [i for i, param in enumerate(self.params) if param.grad is not None]
+        buffers = [self.momentum_buffers[i] for i in active]
+        sgd_update(
+            [self.params[i] for i in active],
+            [self.params[i].grad for i in active],
+            buffers,  # filled in place where a buffer is still None
+            foreach=False,
+            weight_decay=0.0,
+            momentum=self.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+        )
+        if self.momentum:
+            for i, buffer in zip(active, buffers, strict=True):
+                self.momentum_buffers[i] = buffer
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.SGD's layout, so checkpoints written by either load in both."""
+        return {
+            "state": {
+                i: {"momentum_buffer": buffer}
+                for i, buffer in enumerate(self.momentum_buffers)
+                if buffer is not None
+            },
+            "param_groups": [
+                {
+                    "lr": self.lr,
+                    "momentum": self.momentum,
+                    "dampening": 0.0,
+                    "weight_decay": 0.0,
+                    "nesterov": False,
+                    "maximize": False,
+                    "params": list(range(len(self.params))),
+                }
+            ],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError(
+                f"optimizer state is for {sum(len(g['params']) for g in groups)} parameters "
+                f"in {len(groups)} groups; this model has {len(self.params)} in one"
+            )
+        buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        for index, entry in state_dict["state"].items():
+            i = int(index)
+            buffer = entry["momentum_buffer"]
+            if not 0 <= i < len(self.params) or buffer.shape != self.params[i].shape:
+                raise ValueError(f"momentum buffer {i} does not fit the model's parameters")
+            buffers[i] = buffer.detach().clone()
+        self.momentum_buffers = buffers

@@ -288,3 +288,89 @@ def test_predict_proba_restores_the_training_mode(hospital) -> None:
     assert model.training
     assert first.shape == (len(hospital.y_test),) and ((first > 0) & (first < 1)).all()
     np.testing.assert_array_equal(first, predict_proba(model, hospital.x_test))  # dropout off
+
+
+def test_youden_threshold_matches_scikit_learn_roc_curve() -> None:
+    """The numpy ROC cut points give the threshold scikit-learn's roc_curve gives, ties too."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n = int(rng.integers(4, 200))
+        y = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(float)
+        if len(np.unique(y)) < 2:
+            continue
+        # coarse scores make many ties, which is where cut points are easy to get wrong
+        p = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.2, n), 0, 1), int(rng.integers(1, 4)))
+        fpr, tpr, thresholds = roc_curve(y, p)
+        expected = thresholds[int(np.argmax(tpr[1:] - fpr[1:])) + 1]
+        assert choose_threshold(y, p) == pytest.approx(float(np.clip(expected, 0, 1))), trial
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_sgd_step_gives_torch_optim_sgd_parameters_step_for_step(hospital) -> None:
+    """SGDStep runs torch's own SGD update: same parameters as torch.optim.SGD, and each
+    loads the other's state (so checkpoints written before the change still restore)."""
+    from models.training import SGDStep
+
+    ours, theirs = mlp(hospital, seed=3), mlp(hospital, seed=3)
+    ours_opt = SGDStep(list(ours.parameters()), lr=0.05, momentum=0.9)
+    theirs_opt = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    x = torch.as_tensor(hospital.x_train[:64])
+    y = torch.as_tensor(hospital.y_train[:64])
+    loss = nn.BCEWithLogitsLoss()
+
+    def step(model, optimizer, rows) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss(model(x[rows]).reshape(-1), y[rows]).backward()
+        optimizer.step()
+
+    for i in range(6):
+        rows = slice(8 * i, 8 * i + 16)
+        step(ours, ours_opt, rows)
+        step(theirs, theirs_opt, rows)
+        assert torch.equal(parameters(ours), parameters(theirs)), f"step {i}"
+
+    # swap the optimizer states between the two implementations and keep going
+    restored = SGDStep(list(ours.parameters()), lr=0.05, momentum=0.9)
+    restored.load_state_dict(theirs_opt.state_dict())
+    theirs_again = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    theirs_again.load_state_dict(ours_opt.state_dict())
+    step(ours, restored, slice(0, 32))
+    step(theirs, theirs_again, slice(0, 32))
+    assert torch.equal(parameters(ours), parameters(theirs))
+
+    with pytest.raises(ValueError, match="parameters"):
+        SGDStep(list(ours.parameters())[:1], lr=0.05, momentum=0.9).load_state_dict(
+            theirs_opt.state_dict()
+        )
+
+
+def test_a_node_trains_and_evaluates_without_scikit_learn_or_the_torch_compiler() -> None:
+    """Each costs every node process about a second and 70+ MB (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import node.node\n"
+        "from models.data import load_dataset\n"
+        "from models.metrics import clinical_metrics\n"
+        "from models.nets import build_model\n"
+        "from models.training import LocalTrainer, TrainingSettings, choose_threshold, "
+        "predict_proba\n"
+        "h = load_dataset('breast-cancer', num_hospitals=3, seed=0)[1]\n"
+        "model = build_model('mlp', h.input_shape, seed=0)\n"
+        "trainer = LocalTrainer(model, h.x_train, h.y_train, TrainingSettings(local_epochs=1))\n"
+        "trainer.train_round()\n"
+        "p = predict_proba(model, h.x_test)\n"
+        "t = choose_threshold(h.y_train, predict_proba(model, h.x_train))\n"
+        "print(clinical_metrics(h.y_test, p, t)['auc'] > 0.5)\n"
+        "print(sorted(m for m in ('sklearn', 'scipy', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["True", "[]"], done.stdout + done.stderr
