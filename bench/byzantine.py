@@ -275,13 +275,16 @@ class MemoryTransport:
         return True
 
 
-async def run_in_process(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+async def run_nodes_in_process(
+    args: argparse.Namespace, run_dir: Path
+) -> tuple[dict[str, Any], list[Any]]:
     """The network run_cluster.py would start, with every node in this process.
 
     The nodes are the real ``HospitalNode`` objects built from the configs run_cluster writes,
     running their real round loop; only HTTP is replaced by direct calls. Every node waits for
     all its neighbours each round (the deadline is generous), so the result does not depend on
-    timing and equals the multi-process run's (``--verify`` checks this).
+    timing and equals the multi-process run's (``--verify`` checks this). Returns run_cluster's
+    report and the nodes (their audit logs closed), for tests that look inside them.
     """
     from node.config import load_config
     from node.node import HospitalNode
@@ -298,12 +301,23 @@ async def run_in_process(args: argparse.Namespace, run_dir: Path) -> dict[str, A
             h.audit.close()
     for n in nodes:
         n.exit_code = 0
-    return run_cluster.build_report(args, nodes, topology, time.monotonic() - started)
+    report = run_cluster.build_report(args, nodes, topology, time.monotonic() - started)
+    return report, hospitals
+
+
+async def run_in_process(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """run_cluster's report of :func:`run_nodes_in_process`, with each node's proven
+    equivocators added (``proven_equivocation``: peer -> round of the conflicting envelopes)."""
+    report, hospitals = await run_nodes_in_process(args, run_dir)
+    proven = {h.config.node.name: h.trust.proven() for h in hospitals}
+    for entry in report["hospitals"]:
+        entry["proven_equivocation"] = proven.get(entry["name"], {})
+    return report
 
 
 def run_one(options: dict[str, Any], engine: str) -> dict[str, Any]:
     """One network run; returns {mean, min, quarantined} of the honest nodes."""
-    logging.disable(logging.WARNING)  # adversary and quarantine warnings, thousands of them
+    logging.disable(logging.ERROR)  # adversary, quarantine and proof warnings, thousands
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     argv = to_argv({**options, "round_timeout": 30.0})
     with tempfile.TemporaryDirectory(prefix="murmur-byz-", dir=base) as tmp:
@@ -322,12 +336,15 @@ def run_one(options: dict[str, Any], engine: str) -> dict[str, Any]:
     aucs = [h["auc"] for h in honest if h["auc"] is not None]
     attackers = {h["name"] for h in report["hospitals"] if h["byzantine"]}
     quarantined = [set(h.get("quarantined") or []) for h in honest]
+    proven = [set(h.get("proven_equivocation") or {}) for h in honest]
     return {
         "mean": report["mean_auc"],
         "min": min(aucs) if aucs else None,
         "aucs": {h["name"]: h["auc"] for h in honest},
         "attackers_quarantined": sum(len(q & attackers) for q in quarantined),
         "honest_quarantined": sum(len(q - attackers) for q in quarantined),
+        "attackers_proven": sum(len(p & attackers) for p in proven),
+        "honest_proven": sum(len(p - attackers) for p in proven),
     }
 
 
@@ -458,7 +475,10 @@ class Matrix:
         out.append(
             "Cells: honest mean AUC / honest minimum AUC, then ✓ if the mean is within "
             f"{TARGET_GAP} of the clean AUC of the same rule, ✗ if not; q = attackers "
-            "quarantined (summed over honest nodes), fq = honest peers wrongly quarantined."
+            "quarantined (summed over honest nodes), fq = honest peers wrongly quarantined, "
+            "p = attackers with a verified equivocation proof against them (summed over honest "
+            "nodes; with trust off a proof is recorded but not acted on), FP = honest peers "
+            "with a proof against them (must never happen)."
         )
         return "\n".join(out)
 
@@ -474,6 +494,10 @@ class Matrix:
             extra += f" q{hit['attackers_quarantined']}"
         if hit["honest_quarantined"]:
             extra += f" fq{hit['honest_quarantined']}"
+        if hit.get("attackers_proven"):
+            extra += f" p{hit['attackers_proven']}"
+        if hit.get("honest_proven"):
+            extra += f" FP{hit['honest_proven']}"
         return f"{_fmt(hit['mean'])}/{_fmt(hit['min'])} {mark}{extra}"
 
     def rule_summary(self) -> str:

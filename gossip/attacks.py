@@ -23,6 +23,12 @@ honest statistics of the very round they attack. The view holds:
 Protocol-abuse attacks do not craft models: the builders at the end of this module produce the
 abusive messages (replays, outsider-signed and impersonated envelopes, oversize and malformed
 bytes) that a receiver must reject with a reason code.
+
+Every attacker also tries to **frame** its honest neighbours: instead of honest receipts
+(gossip/receipts.py) its updates carry made-up receipts and proofs claiming that each honest
+neighbour signed two different envelopes in the previous round. Their signatures cannot verify,
+so receivers must ignore them (evidence against nobody); the attacker never reports the
+receipts of its colluders' envelopes, which would convict them.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ import numpy as np
 
 from crypto.allowlist import Peer
 from crypto.identity import Identity, generate_identity
-from gossip.wire import ModelUpdate, build_envelope, peek_envelope
+from gossip.receipts import EquivocationProof, Receipt
+from gossip.wire import (
+    DEFAULT_MAX_PROOFS,
+    PROTOCOL_VERSION,
+    ModelUpdate,
+    build_envelope,
+    peek_envelope,
+)
 from models.params import ModelState, flatten, state_sha256, unflatten
 
 # --------------------------------------------------------------------------- the attack table
@@ -318,6 +331,27 @@ def _dissensus_for(recipient: str, view: AttackView, epsilon: float) -> np.ndarr
     return _as_model(vector, view.own)
 
 
+def forged_evidence(
+    victims: Sequence[bytes], round_: int, rng: np.random.Generator
+) -> tuple[list[Receipt], list[EquivocationProof]]:
+    """Framing attempts: for each victim key, a receipt and a proof claiming it equivocated in
+    round ``round_``, with made-up digests and signatures (no key can make them verify)."""
+
+    def fake(victim: bytes) -> Receipt:
+        return Receipt(
+            PROTOCOL_VERSION,
+            "update",
+            victim,
+            round_,
+            rng.bytes(32),
+            rng.bytes(64),
+        )
+
+    receipts = [fake(v) for v in victims]
+    proofs = [EquivocationProof.of(fake(v), fake(v)) for v in victims[:DEFAULT_MAX_PROOFS]]
+    return receipts, proofs
+
+
 def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Data poisoning: a copy of the 0/1 labels with ``fraction`` of them flipped at random."""
     if not 0.0 <= fraction <= 1.0:
@@ -517,10 +551,17 @@ class Adversary:
             key = hashlib.sha256(vector.tobytes()).digest()
             groups.setdefault(key, []).append(peer)
             vectors[key] = vector
+        # A generator of its own, so framing never changes the models the attack crafts.
+        frame_rng = attack_rng(self.seed, f"{self.identity.name}/frame", round_)
+        receipts, proofs = forged_evidence(
+            [p.public_key for p in self.honest_peers], max(0, round_ - 1), frame_rng
+        )
         out = []
         for key, peers in groups.items():
             state = unflatten(vectors[key], template)
-            update = ModelUpdate(state, num_samples=num_samples, metrics={})
+            update = ModelUpdate(
+                state, num_samples=num_samples, metrics={}, receipts=receipts, proofs=proofs
+            )
             data = build_envelope(update, self.identity, [p.public_key for p in peers], round_)
             self.remember(round_, data)
             out.append(Outgoing(tuple(peers), data, state_sha256(state)))

@@ -24,6 +24,11 @@ verified, counted and measured; after ``readmit_after`` consecutive rounds withi
 is re-admitted. One bad round cannot quarantine anyone: from a score of 1 it takes
 ``ceil(log(quarantine_below) / log(decay))`` fully bad rounds (5 with the defaults).
 
+Distances are statistical evidence; an equivocation proof (gossip/receipts.py) is
+cryptographic evidence. A peer with a verified proof against it is quarantined at once and for
+good (:meth:`TrustTracker.prove_equivocation`): its score drops to 0 and it is never
+re-admitted, because an honest node never signs two different envelopes for one round.
+
 Pure: no I/O, no clock. The state is plain data for the node's checkpoint.
 """
 
@@ -77,11 +82,14 @@ class PeerTrust:
     good_streak: int = 0
     recent_ratios: list[float] = field(default_factory=list)
     history: list[float] = field(default_factory=list)
+    proven_equivocation_round: int | None = None  # the round its proof is about
+    equivocation_proof: str | None = None  # the proof's encoding, hex (gossip/receipts.py)
 
 
 @dataclass(frozen=True)
 class TrustEvent:
-    """A change of standing: ``quarantine`` or ``readmit``, with the evidence for the log."""
+    """A change of standing: ``quarantine``, ``readmit`` or ``equivocation_proof``, with the
+    evidence for the log."""
 
     kind: str
     peer: str
@@ -155,6 +163,36 @@ class TrustTracker:
             return set()
         return {p for p, s in self.peers.items() if s.quarantined}
 
+    def proven(self) -> dict[str, int]:
+        """Peers proven to equivocate, with the round each proof is about (even with trust
+        off: the proof is a fact; only acting on it follows ``enabled``)."""
+        return {
+            p: s.proven_equivocation_round
+            for p, s in self.peers.items()
+            if s.proven_equivocation_round is not None
+        }
+
+    def prove_equivocation(
+        self, peer: str, round_: int, proof_round: int, proof_hex: str
+    ) -> TrustEvent | None:
+        """Quarantine ``peer`` at once and permanently on a verified equivocation proof.
+
+        ``round_`` is the node's round now, ``proof_round`` the round of the two conflicting
+        envelopes. Returns the event to log, or None if the peer was already proven.
+        """
+        if peer not in self.peers:
+            raise ValueError(f"trust: unknown peer {peer!r}")
+        state = self.peers[peer]
+        if state.proven_equivocation_round is not None:
+            return None
+        state.score = 0.0
+        state.quarantined = True
+        state.good_streak = 0
+        state.proven_equivocation_round = proof_round
+        state.equivocation_proof = proof_hex
+        evidence = {"equivocation_round": proof_round, "proof": proof_hex, "permanent": True}
+        return TrustEvent("equivocation_proof", peer, round_, evidence)
+
     def scores(self) -> dict[str, float]:
         return {p: round(s.score, 6) for p, s in self.peers.items()}
 
@@ -176,7 +214,7 @@ class TrustTracker:
         ratios = distance_ratios(own_distance, distances, f) if distances else {}
         events = []
         for peer, state in self.peers.items():
-            if peer in ratios:
+            if peer in ratios and state.proven_equivocation_round is None:
                 events.extend(self._update(peer, state, round_, ratios[peer]))
             state.history.append(round(state.score, 6))
         return events
@@ -232,8 +270,14 @@ class TrustTracker:
                     good_streak=int(saved["good_streak"]),
                     recent_ratios=[float(r) for r in saved["recent_ratios"]],
                     history=[float(h) for h in saved["history"]],
+                    proven_equivocation_round=_optional_int(saved.get("proven_equivocation_round")),
+                    equivocation_proof=saved.get("equivocation_proof"),
                 )
         return tracker
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _finite(ratio: float) -> float:

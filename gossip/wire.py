@@ -3,7 +3,9 @@
 docs/protocol.md is the specification; this module is its reference implementation. In short:
 an envelope is a msgpack map in one canonical encoding whose ``body`` is the update encrypted
 once (crypto/sealing.py) and whose ``signature`` is Ed25519 over the SHA-256 of a fixed binary
-layout of every other field plus the SHA-256 of the body.
+layout of (domain, version, kind, sender, round, rest_digest), ``rest_digest`` being the SHA-256
+of every other field plus the SHA-256 of the body. That split lets a small receipt
+(gossip/receipts.py) prove what a sender signed without the envelope.
 
 Opening is strict and ordered from cheap to expensive: size, structure, allowlist, recipient,
 timestamp and replay checks all happen before the body is hashed, the signature checked, the
@@ -39,10 +41,16 @@ from crypto.sealing import (
     unseal,
     x25519_public_key,
 )
+from gossip.receipts import (
+    MAX_PROOF_BYTES,
+    EquivocationProof,
+    Receipt,
+    ReceiptError,
+    signed_digest,
+)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 KINDS = frozenset({"update"})
-SIGNATURE_DOMAIN = b"murmur-envelope\x00"
 ENVELOPE_FIELDS = (
     "version",
     "kind",
@@ -55,7 +63,7 @@ ENVELOPE_FIELDS = (
     "signature",
     "body",
 )
-BODY_FIELDS = ("tensors", "num_samples", "metrics")
+BODY_FIELDS = ("tensors", "num_samples", "metrics", "receipts", "proofs")
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
@@ -64,6 +72,8 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 MAX_UINT63 = 2**63 - 1
 DEFAULT_MAX_RECIPIENTS = 64
 DEFAULT_MAX_STRING_BYTES = 256
+DEFAULT_MAX_RECEIPTS = 64
+DEFAULT_MAX_PROOFS = 16
 _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 _MAX_BIN_BYTES = 2**32 - 1  # msgpack's own limit on one bin object
@@ -91,6 +101,7 @@ class RejectReason(StrEnum):
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
+    BAD_RECEIPT = "bad_receipt"
 
 
 HTTP_STATUS: dict[RejectReason, int] = {
@@ -108,6 +119,7 @@ HTTP_STATUS: dict[RejectReason, int] = {
     RejectReason.UNSUPPORTED_DTYPE: 422,
     RejectReason.SHAPE_MISMATCH: 422,
     RejectReason.NON_FINITE: 422,
+    RejectReason.BAD_RECEIPT: 400,
 }
 
 
@@ -129,11 +141,18 @@ class WireError(Exception):
 
 @dataclass
 class ModelUpdate:
-    """What a node shares: its model tensors, how many samples trained them, and metrics."""
+    """What a node shares: its model tensors, how many samples trained them, and metrics.
+
+    ``receipts`` and ``proofs`` ride along so that equivocation is caught (gossip/receipts.py):
+    the receipts of the envelopes the sender accepted in its previous round, and equivocation
+    proofs it learned since its last envelope.
+    """
 
     tensors: dict[str, np.ndarray]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    receipts: list[Receipt] = field(default_factory=list)
+    proofs: list[EquivocationProof] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -147,13 +166,17 @@ class WireLimits:
     max_metrics: int = 64
     max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
     max_num_samples: int = 10**9
+    max_receipts: int = DEFAULT_MAX_RECEIPTS
+    max_proofs: int = DEFAULT_MAX_PROOFS
     allowed_dtypes: frozenset[str] = frozenset({"float32"})
     timestamp_window_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("max_tensors", "max_dims", "max_recipients", "max_metrics"):
+        for name in ("max_tensors", "max_dims", "max_recipients", "max_metrics", "max_receipts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WireLimits.{name} must be at least 1")
+        if self.max_proofs < 0:
+            raise ValueError("WireLimits.max_proofs must be at least 0")
         if self.max_message_bytes is not None and self.max_message_bytes < 1:
             raise ValueError("WireLimits.max_message_bytes must be positive (or None)")
         if self.max_string_bytes < 16:
@@ -175,6 +198,7 @@ class OpenedEnvelope:
     ``update.tensors`` are read-only views of the decrypted body (copy before changing them in
     place). ``body_sha256`` is the hex SHA-256 of the encrypted body: the same for every
     recipient and for the sender (``peek_envelope``), so audit logs on both ends can be joined.
+    ``receipt`` is the standalone evidence of what the sender signed (gossip/receipts.py).
     """
 
     sender: Peer
@@ -184,6 +208,7 @@ class OpenedEnvelope:
     nonce: bytes
     update: ModelUpdate
     body_sha256: str
+    receipt: Receipt
 
 
 @dataclass(frozen=True)
@@ -267,20 +292,16 @@ def _bin_header(length: int) -> bytes:
     raise ValueError("msgpack bin objects are limited to 4 GiB")
 
 
-def _signed_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
-    """SHA-256 of the signed layout (docs/protocol.md, "What the signature covers").
+def _rest_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
+    """SHA-256 of everything signed besides (version, kind, sender, round): docs/protocol.md,
+    "What the signature covers".
 
     A fixed big-endian layout, not msgpack, so that a second implementation cannot disagree
     about what was signed. The body enters through its own SHA-256, which is therefore the
     only pass over the large bytes and doubles as the update's ``body_sha256``.
     """
-    kind = envelope.kind.encode("utf-8")
     parts = [
-        SIGNATURE_DOMAIN,
-        struct.pack(">HB", envelope.version, len(kind)),
-        kind,
-        envelope.sender,
-        struct.pack(">QQ", envelope.round, envelope.timestamp_ms),
+        struct.pack(">Q", envelope.timestamp_ms),
         envelope.nonce,
         envelope.ephemeral_key,
         struct.pack(">H", len(envelope.recipients)),
@@ -289,6 +310,17 @@ def _signed_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
         parts += [public_key, wrapped_key]
     parts.append(body_sha256)
     return hashlib.sha256(b"".join(parts)).digest()
+
+
+def _signed_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
+    """The 32 bytes the sender signs: the second level over ``_rest_digest``."""
+    return signed_digest(
+        envelope.version,
+        envelope.kind,
+        envelope.sender,
+        envelope.round,
+        _rest_digest(envelope, body_sha256),
+    )
 
 
 def _envelope_prefix(envelope: _RawEnvelope) -> bytes:
@@ -352,6 +384,11 @@ def _encode_body(update: ModelUpdate) -> bytes:
         ):
             raise TypeError(f"metrics must map str to a number, got {key!r}: {value!r}")
         metrics[key] = float(value)
+    if len(update.receipts) > DEFAULT_MAX_RECEIPTS or len(update.proofs) > DEFAULT_MAX_PROOFS:
+        raise ValueError(
+            f"an update carries at most {DEFAULT_MAX_RECEIPTS} receipts and "
+            f"{DEFAULT_MAX_PROOFS} proofs"
+        )
     tensors, data = [], []
     for name, array in update.tensors.items():
         if not isinstance(name, str) or not name:
@@ -363,7 +400,15 @@ def _encode_body(update: ModelUpdate) -> bytes:
         dtype_name, array = _wire_array(name, array)
         tensors.append([name, dtype_name, list(array.shape)])
         data.append(array.reshape(-1).view(np.uint8).data)
-    header = msgpack.packb({"tensors": tensors, "num_samples": num_samples, "metrics": metrics})
+    header = msgpack.packb(
+        {
+            "tensors": tensors,
+            "num_samples": num_samples,
+            "metrics": metrics,
+            "receipts": [receipt.encode() for receipt in update.receipts],
+            "proofs": [proof.encode() for proof in update.proofs],
+        }
+    )
     return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
 
 
@@ -581,7 +626,7 @@ def _parse_body(
         memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
         "the body header",
         limits,
-        max_bin_len=0,
+        max_bin_len=MAX_PROOF_BYTES,
     )
     if not isinstance(header, dict) or set(header) != set(BODY_FIELDS):
         raise _malformed(f"the body header must be a map with exactly {list(BODY_FIELDS)}")
@@ -625,6 +670,8 @@ def _parse_body(
             raise _malformed("'metrics' must map strings to numbers")
         if not math.isfinite(value):
             raise WireError(RejectReason.NON_FINITE, f"metric {key!r} is {value}")
+    receipts = _parse_list(header["receipts"], "receipts", limits.max_receipts, Receipt.decode)
+    proofs = _parse_list(header["proofs"], "proofs", limits.max_proofs, EquivocationProof.decode)
     tensors = {}
     for name in spec:
         dtype, shape, start = layout[name]
@@ -636,7 +683,30 @@ def _parse_body(
         tensors=tensors,
         num_samples=num_samples,
         metrics={key: float(value) for key, value in metrics.items()},
+        receipts=receipts,
+        proofs=proofs,
     )
+
+
+def _parse_list(value: Any, name: str, limit: int, decode: Any) -> list[Any]:
+    """Decode the body's ``receipts`` or ``proofs``: an array of bin, each one well-formed.
+
+    Only the structure is checked here (``bad_receipt`` otherwise); whether the signatures
+    inside are valid is the node's business: an invalid receipt is evidence against nobody.
+    """
+    if type(value) is not list:
+        raise WireError(RejectReason.BAD_RECEIPT, f"'{name}' must be an array of msgpack bin")
+    if len(value) > limit:
+        raise WireError(RejectReason.TOO_LARGE, f"{len(value)} {name} is over the limit of {limit}")
+    decoded = []
+    for index, item in enumerate(value):
+        if type(item) is not bytes:
+            raise WireError(RejectReason.BAD_RECEIPT, f"{name}[{index}] is not msgpack bin")
+        try:
+            decoded.append(decode(item))
+        except ReceiptError as exc:
+            raise WireError(RejectReason.BAD_RECEIPT, f"{name}[{index}]: {exc}") from None
+    return decoded
 
 
 def _check_tensor_entry(
@@ -824,8 +894,15 @@ class EnvelopeOpener:
         self.replay.check(envelope.sender, envelope.round, envelope.nonce)
 
         body_sha256 = hashlib.sha256(envelope.body).digest()
-        digest = _signed_digest(envelope, body_sha256)
-        if not verify_signature(envelope.sender, digest, envelope.signature):
+        receipt = Receipt(
+            version=envelope.version,
+            kind=envelope.kind,
+            sender=envelope.sender,
+            round=envelope.round,
+            rest_digest=_rest_digest(envelope, body_sha256),
+            signature=envelope.signature,
+        )
+        if not verify_signature(envelope.sender, receipt.signed_digest(), envelope.signature):
             raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {sender.name}")
         self.replay.record(envelope.sender, envelope.round, envelope.nonce)
         try:
@@ -842,6 +919,7 @@ class EnvelopeOpener:
             nonce=envelope.nonce,
             update=_parse_body(plaintext, self._spec, self.limits),
             body_sha256=body_sha256.hex(),
+            receipt=receipt,
         )
 
 

@@ -75,6 +75,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "aggregation": ("rule", "used", "excluded", "own_model_sha256", "result_sha256"),
     "evaluation": ("metrics",),
     "quarantine": ("peer",),
+    "equivocation_proof": ("peer", "proof_id", "receipts"),
     "checkpoint": ("checkpoint_sha256",),
     "retention_prune": ("anchor_seq", "anchor_hash", "pruned"),
 }

@@ -33,6 +33,24 @@ class NodeMetrics:
         self.trust = Gauge(
             "murmur_peer_trust", "Trust score per peer (1 = trusted)", ["peer"], registry=r
         )
+        self.quarantined = Gauge(
+            "murmur_peer_quarantined",
+            "1 while the peer is left out of aggregation (quarantined), else 0",
+            ["peer"],
+            registry=r,
+        )
+        self.equivocation_proofs = Counter(
+            "murmur_equivocation_proofs",
+            "Verified equivocation proofs against a peer (it is then quarantined for good)",
+            ["peer"],
+            registry=r,
+        )
+        self.invalid_evidence = Counter(
+            "murmur_invalid_evidence",
+            "Piggybacked receipts or proofs whose signatures do not verify (ignored)",
+            ["what"],
+            registry=r,
+        )
 
     def observe_round(
         self, round_: int, metrics: dict[str, Any], epsilon: float, seconds: float

@@ -29,6 +29,7 @@ from crypto.identity import Identity, load_identity, load_public_key
 from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_node
+from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker
@@ -57,6 +58,10 @@ from node.metrics import NodeMetrics
 log = logging.getLogger("murmur.node")
 
 VERSION = "0.1.0"
+SIGNED_ROUND_FILE = "signed_round.json"
+MAX_PROOFS_PER_ENVELOPE = 16  # = gossip.wire.DEFAULT_MAX_PROOFS
+MAX_PENDING_PROOFS = 64
+MAX_REMEMBERED_PROOFS = 1024
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class NodeState:
     trust: dict[str, float] = field(default_factory=dict)
     trust_history: dict[str, list[float]] = field(default_factory=dict)
     quarantined: list[str] = field(default_factory=list)
+    equivocation: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
 
 
@@ -178,6 +184,13 @@ class HospitalNode:
         )
         self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(max_round=config.training.rounds)
         self.trust = TrustTracker([p.name for p in self.peers], config.trust.settings())
+        self.receipts = ReceiptBook([p.public_key for p in self.peers])
+        # Proofs learned since the last envelope (forwarded once each), and the ids of every
+        # proof seen recently (so none is verified or forwarded twice); both bounded.
+        self._pending_proofs: list[EquivocationProof] = []
+        self._seen_proofs: dict[str, None] = {}
+        self.evidence_counts: Counter[str] = Counter()
+        self.last_signed_round = 0
         self.adversary: Adversary | None = None
         if adversary.enabled:
             self.adversary = Adversary(
@@ -211,6 +224,7 @@ class HospitalNode:
         self.next_round = 1
         self.stop = asyncio.Event()
         self._refresh_privacy_status()
+        self._refresh_trust_status()
         self._restore()
         self.opener = EnvelopeOpener(
             self.identity, self.allowlist, self.spec, limits=self.limits, replay=self.replay
@@ -261,12 +275,17 @@ class HospitalNode:
             # they count as spent even though their model was never saved.
             self.ledger.record_steps(intent - self.ledger.steps_taken)
         self.replay = ReplayGuard.from_state(ckpt.replay)
+        self.last_signed_round = self._read_signed_round()
         self.next_round = ckpt.round + 1
         self.state.history = list(ckpt.extra.get("history", []))
         self.state.bytes_sent = int(ckpt.extra.get("bytes_sent", 0))
         if "trust" in ckpt.extra:
             self.trust = TrustTracker.from_state(
                 ckpt.extra["trust"], [p.name for p in self.peers], self.config.trust.settings()
+            )
+        if "receipts" in ckpt.extra:
+            self.receipts = ReceiptBook.from_state(
+                ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
@@ -299,6 +318,12 @@ class HospitalNode:
         peer = self.state.peers[sender]
         peer["last_round"] = max(peer["last_round"], opened.round)
         peer["last_seen"] = time.time()
+        # The envelope is authentic, so its signature is evidence whatever the inbox made of
+        # it: a second, different envelope for one round (a "duplicate") is a proof at once.
+        proof = self.receipts.check(opened.receipt, accepted=verdict is InboxVerdict.ACCEPTED)
+        if proof is not None:
+            self._learn_proof(proof, reported_by=None)
+        self._take_evidence(sender, opened.update)
         if verdict is not InboxVerdict.ACCEPTED:
             detail = f"round {opened.round} from {sender} while at round {self.inbox.current_round}"
             self.record_rejection(verdict.value, detail, sender=sender, round_=opened.round)
@@ -316,6 +341,115 @@ class HospitalNode:
         )
         self.metrics.received.inc()
         return 202, "accepted", ""
+
+    # ---------------------------------------------------------------- equivocation evidence
+
+    def _take_evidence(self, reporter: str, update: ModelUpdate) -> None:
+        """Check the receipts and proofs a peer piggybacked on its envelope.
+
+        A receipt is self-verifying (the accused's own signature), so whoever relays it cannot
+        frame anyone; one whose signature does not verify is evidence against nobody: it is
+        ignored, counted and logged. Receipts about senders this node does not know, or rounds
+        outside its window, are not kept (bounded memory).
+        """
+        for receipt in update.receipts:
+            if not self.receipts.tracks(receipt) or self.receipts.holds(receipt):
+                continue
+            if not receipt.verify():
+                self._invalid_evidence("receipt", reporter, receipt.round)
+                continue
+            proof = self.receipts.check(receipt)
+            if proof is not None:
+                self._learn_proof(proof, reported_by=reporter)
+        for proof in update.proofs:
+            if proof.id in self._seen_proofs:
+                continue
+            if not proof.verify():
+                self._invalid_evidence("proof", reporter, proof.round)
+                continue
+            self._learn_proof(proof, reported_by=reporter)
+
+    def _invalid_evidence(self, what: str, reporter: str, round_: int) -> None:
+        self.evidence_counts[f"invalid_{what}s"] += 1
+        self.metrics.invalid_evidence.labels(what=what).inc()
+        log.warning(
+            "ignored a %s relayed by %s (round %d): its signature does not verify",
+            what,
+            reporter,
+            round_,
+        )
+        self._refresh_equivocation_status()
+
+    def _learn_proof(self, proof: EquivocationProof, *, reported_by: str | None) -> None:
+        """Remember a verified proof, queue it for forwarding once, and act on it if it is
+        against a neighbour."""
+        if proof.id in self._seen_proofs:
+            return
+        self._seen_proofs[proof.id] = None
+        while len(self._seen_proofs) > MAX_REMEMBERED_PROOFS:
+            del self._seen_proofs[next(iter(self._seen_proofs))]
+        self.evidence_counts["proofs_learned"] += 1
+        accused = self.allowlist.by_key(proof.sender)
+        # Proofs against our own neighbours go first: those are the ones we could check are
+        # about an admitted peer.
+        if accused is not None:
+            self._pending_proofs.insert(0, proof)
+        else:
+            self._pending_proofs.append(proof)
+        del self._pending_proofs[MAX_PENDING_PROOFS:]
+        if accused is not None:
+            self._act_on_proof(accused.name, proof, reported_by)
+        self._refresh_equivocation_status()
+
+    def _act_on_proof(self, peer: str, proof: EquivocationProof, reported_by: str | None) -> None:
+        r = self.inbox.current_round
+        event = self.trust.prove_equivocation(peer, r, proof.round, proof.encode().hex())
+        if event is None:
+            return
+        acting = self.trust.settings.enabled
+        log.error(
+            "\n%s\nPROVEN EQUIVOCATION by peer %s: it signed two different envelopes for round "
+            "%d (proof %s, %s). %s\n%s",
+            "#" * 78,
+            peer,
+            proof.round,
+            proof.id[:16],
+            f"relayed by {reported_by}" if reported_by else "detected here",
+            "It is quarantined for good and left out of aggregation from now on."
+            if acting
+            else "Trust is disabled ([trust] enabled = false): it is NOT excluded.",
+            "#" * 78,
+        )
+        self.audit.append(
+            "equivocation_proof",
+            r,
+            peer=peer,
+            excluded=acting,
+            reported_by=reported_by,
+            **proof.evidence(),
+        )
+        self.metrics.equivocation_proofs.labels(peer=peer).inc()
+        self._refresh_trust_status()
+
+    def _outgoing_evidence(self, r: int) -> tuple[list[Receipt], list[EquivocationProof]]:
+        """What an honest round-r envelope carries: the receipts of the envelopes accepted in
+        round r - 1, and the proofs learned since the last envelope (each sent once)."""
+        proofs = self._pending_proofs[:MAX_PROOFS_PER_ENVELOPE]
+        del self._pending_proofs[:MAX_PROOFS_PER_ENVELOPE]
+        return self.receipts.accepted(r - 1), proofs
+
+    def _refresh_equivocation_status(self) -> None:
+        proven = self.trust.proven()
+        self.state.equivocation = {
+            "proven": proven,
+            "proofs_learned": self.evidence_counts["proofs_learned"],
+            "invalid_receipts": self.evidence_counts["invalid_receipts"],
+            "invalid_proofs": self.evidence_counts["invalid_proofs"],
+            "pending_proofs": len(self._pending_proofs),
+        }
+        for name, info in self.state.peers.items():
+            info["proven_equivocation"] = name in proven
+            info["proven_equivocation_round"] = proven.get(name)
 
     def record_rejection(
         self, reason: str, detail: str, *, sender: str | None, round_: int | None
@@ -363,32 +497,20 @@ class HospitalNode:
     async def _one_round(self, r: int, transport: PeerTransport) -> None:
         started = time.monotonic()
         self.state.round = r
-        self.state.phase = "training"
-        reference = get_state(self.model)
-        self._write_privacy_intent()
-        await asyncio.to_thread(self.trainer.train_round, reference)
-        own_state = get_state(self.model)
-        if not all(np.isfinite(a).all() for a in own_state.values()):
-            # Training diverged (e.g. from a model that poisoned neighbours blew up): share and
-            # keep the model the round started from rather than NaN, which peers would refuse.
+        self.receipts.advance(r)
+        if r <= self.last_signed_round:
+            # Restarted after signing this round: a second, different round-r envelope would
+            # be equivocation. Share nothing; collect and aggregate from the checkpoint.
             log.warning(
-                "round %d: local training diverged to NaN/inf; keeping the previous model", r
+                "round %d was already signed before a restart; not training or sending it "
+                "again (collecting and aggregating from the checkpointed model)",
+                r,
             )
-            self.audit.append("training_diverged", r)
-            set_state(self.model, reference)
-            own_state = reference
-        own_sha = state_sha256(own_state)
-        self._refresh_privacy_status()
-
-        self.state.phase = "sharing"
-        if self.adversary is None:
-            # Only DP-SGD output leaves the hospital: the training loss is computed from raw
-            # patient rows without noise, so it is not shared (docs/privacy.md).
-            update = ModelUpdate(own_state, num_samples=len(self.data.y_train), metrics={})
-            envelope = build_envelope(update, self.identity, [p.public_key for p in self.peers], r)
-            await self._send(r, transport, self.peers, envelope, own_sha)
+            self.audit.append("round_resumed", r, last_signed_round=self.last_signed_round)
+            own_state = get_state(self.model)
+            own_sha = state_sha256(own_state)
         else:
-            await self._attack(r, transport, own_state, reference)
+            own_state, own_sha = await self._train_and_share(r, transport)
 
         self.state.phase = "collecting"
         collected = await self.inbox.collect(
@@ -429,6 +551,46 @@ class HospitalNode:
             len(collected.messages),
             len(self.peers),
         )
+
+    async def _train_and_share(
+        self, r: int, transport: PeerTransport
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Train round r, durably record that round r is being signed, then share it."""
+        self.state.phase = "training"
+        reference = get_state(self.model)
+        self._write_privacy_intent()
+        await asyncio.to_thread(self.trainer.train_round, reference)
+        own_state = get_state(self.model)
+        if not all(np.isfinite(a).all() for a in own_state.values()):
+            # Training diverged (e.g. from a model that poisoned neighbours blew up): share and
+            # keep the model the round started from rather than NaN, which peers would refuse.
+            log.warning(
+                "round %d: local training diverged to NaN/inf; keeping the previous model", r
+            )
+            self.audit.append("training_diverged", r)
+            set_state(self.model, reference)
+            own_state = reference
+        own_sha = state_sha256(own_state)
+        self._refresh_privacy_status()
+
+        self.state.phase = "sharing"
+        self._write_signed_round(r)
+        if self.adversary is None:
+            # Only DP-SGD output leaves the hospital: the training loss is computed from raw
+            # patient rows without noise, so it is not shared (docs/privacy.md).
+            receipts, proofs = self._outgoing_evidence(r)
+            update = ModelUpdate(
+                own_state,
+                num_samples=len(self.data.y_train),
+                metrics={},
+                receipts=receipts,
+                proofs=proofs,
+            )
+            envelope = build_envelope(update, self.identity, [p.public_key for p in self.peers], r)
+            await self._send(r, transport, self.peers, envelope, own_sha)
+        else:
+            await self._attack(r, transport, own_state, reference)
+        return own_state, own_sha
 
     async def _send(
         self,
@@ -517,6 +679,7 @@ class HospitalNode:
                 distance = float(np.mean(distances_to(own, np.stack(list(vectors.values())))))
             distance = distance if np.isfinite(distance) else None  # poison overflowed float32
         quarantined = self.trust.quarantined()
+        proven = self.trust.proven()
         names = [n for n in heard if n not in quarantined]
         # Each quarantined peer is presumed Byzantine, so it uses up one of the f the rule
         # must still tolerate among the remaining inputs.
@@ -528,7 +691,11 @@ class HospitalNode:
         )
         inputs = [{"peer": n, "model_sha256": received[n].model_sha256} for n in names]
         left_out = [
-            {"peer": n, "model_sha256": received[n].model_sha256, "reason": "quarantined"}
+            {
+                "peer": n,
+                "model_sha256": received[n].model_sha256,
+                "reason": "proven_equivocation" if n in proven else "quarantined",
+            }
             for n in heard
             if n in quarantined
         ]
@@ -619,9 +786,12 @@ class HospitalNode:
     def _refresh_trust_status(self) -> None:
         self.state.trust = self.trust.scores()
         self.state.trust_history = self.trust.history()
-        self.state.quarantined = sorted(self.trust.quarantined())
+        quarantined = self.trust.quarantined()
+        self.state.quarantined = sorted(quarantined)
         for peer, score in self.state.trust.items():
             self.metrics.trust.labels(peer=peer).set(score)
+            self.metrics.quarantined.labels(peer=peer).set(1 if peer in quarantined else 0)
+        self._refresh_equivocation_status()
 
     def _mixing_weights(self, received: list[str]) -> np.ndarray:
         """Metropolis-Hastings weights, each scaled by the peer's trust factor; a missing or
@@ -658,6 +828,7 @@ class HospitalNode:
                 "history": self.state.history,
                 "bytes_sent": self.state.bytes_sent,
                 "trust": self.trust.to_state(),
+                "receipts": self.receipts.to_state(),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)
@@ -674,6 +845,25 @@ class HospitalNode:
         _atomic_write(
             self.state_dir / "privacy_intent.json", json.dumps({"steps": planned}).encode()
         )
+
+    def _write_signed_round(self, r: int) -> None:
+        """Before signing round r, durably record it (fsync): a node restarted in this round
+        must not sign a second, different round-r envelope, which would be equivocation."""
+        _atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
+        self.last_signed_round = r
+
+    def _read_signed_round(self) -> int:
+        path = self.state_dir / SIGNED_ROUND_FILE
+        if not path.exists():
+            return 0
+        try:
+            return int(json.loads(path.read_text())["round"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StartupError(
+                f"{path} is corrupt ({exc!r}); it records the last round this node signed. "
+                "Fix: restore it, or delete it only if you know no envelope of a later round "
+                "than the checkpoint's was sent"
+            ) from None
 
     def _read_privacy_intent(self) -> int:
         path = self.state_dir / "privacy_intent.json"

@@ -25,6 +25,7 @@ from gossip.attacks import (
     craft,
     dissensus,
     flip_labels,
+    gaussian,
     impersonated_envelope,
     ipm,
     malformed_messages,
@@ -33,6 +34,7 @@ from gossip.attacks import (
     scaled_boost,
     sign_flip,
 )
+from gossip.receipts import EquivocationProof
 from gossip.wire import EnvelopeOpener, ModelUpdate, RejectReason, WireError, build_envelope
 from models.params import flatten
 from node.config import ConfigError, parse_config
@@ -279,6 +281,43 @@ def test_equivocation_sends_two_different_envelopes_in_one_round() -> None:
     a = flatten(opener_for(ALICE).open(messages[0].data).update.tensors)
     b = flatten(opener_for(BOB).open(messages[1].data).update.tensors)
     assert not np.allclose(a, b)
+
+
+def test_equivocation_and_dissensus_envelopes_make_a_verifying_proof() -> None:
+    for name in ("equivocation", "dissensus"):
+        attacker = adversary(name)
+        honest = {"alice": shifted(0.1), "bob": shifted(-0.3)}
+        messages = attacker.messages(1, shifted(0.0), STATE, honest, num_samples=9)
+        assert len(messages) == 2, name
+        a = opener_for(ALICE).open(messages[0].data).receipt
+        b = opener_for(BOB).open(messages[1].data).receipt
+        proof = EquivocationProof.of(a, b)
+        assert proof.verify() and proof.sender == ATTACKER.public_key and proof.round == 1
+
+
+def test_attackers_frame_honest_peers_with_evidence_that_cannot_verify() -> None:
+    attacker = Adversary(
+        "sign_flip",
+        {},
+        identity=ATTACKER,
+        peers=PEERS[:2],
+        colluders=["bob"],
+        initial=STATE,
+        max_message_bytes=4096,
+    )
+    messages = attacker.messages(3, shifted(0.0), STATE, {"alice": shifted(0.2)}, num_samples=9)
+    update = opener_for(ALICE).open(messages[0].data).update
+    alice = ALICE.public_key
+    assert [r.sender for r in update.receipts] == [alice]  # never about its colluder bob
+    assert [p.sender for p in update.proofs] == [alice]
+    assert all(r.round == 2 and not r.verify() for r in update.receipts)
+    assert not update.proofs[0].verify()
+    # The framing has a generator of its own: the crafted model is what it was without it.
+    again = adversary("gaussian").messages(2, shifted(0.0), STATE, {}, num_samples=9)
+    model = flatten(opener_for(ALICE).open(again[0].data).update.tensors)
+    rng = attack_rng(0, ATTACKER.name, 2)
+    expected = gaussian(flatten(shifted(0.0)).astype(np.float64), rng, 1.0)
+    assert np.allclose(model, expected.astype(np.float32))
 
 
 def test_the_adversary_reports_itself_loudly() -> None:

@@ -182,3 +182,36 @@ def test_the_trust_config_section_is_validated_with_a_fix() -> None:
     assert not parse_config({**base, "trust": {"enabled": False}}).trust.settings().enabled
     with pytest.raises(ConfigError, match=r"\[trust\] trust decay must be in \[0, 1\).*fix"):
         parse_config({**base, "trust": {"decay": 1.5}})
+
+
+def test_a_proven_equivocator_is_quarantined_at_once_and_for_good() -> None:
+    tracker = TrustTracker(["a", "b", "c"])
+    event = tracker.prove_equivocation("a", 2, 1, "ab" * 10)
+    assert event is not None and event.kind == "equivocation_proof"
+    assert event.evidence == {"equivocation_round": 1, "proof": "ab" * 10, "permanent": True}
+    assert tracker.quarantined() == {"a"} and tracker.weight("a") == 0.0
+    assert tracker.proven() == {"a": 1}
+    assert tracker.prove_equivocation("a", 3, 1, "cd" * 10) is None  # once is enough
+    # However well it behaves afterwards, it is never re-admitted and its score stays 0.
+    for r in range(3, 3 + 3 * DEFAULT.readmit_after):
+        assert tracker.observe(r, 1.0, {"a": 1.0, "b": 1.0, "c": 1.0}) == []
+    assert tracker.quarantined() == {"a"} and tracker.scores()["a"] == 0.0
+    restored = TrustTracker.from_state(json.loads(json.dumps(tracker.to_state())), ["a", "b"])
+    assert restored.quarantined() == {"a"} and restored.proven() == {"a": 1}
+    assert restored.peers["a"].equivocation_proof == "ab" * 10
+    with pytest.raises(ValueError, match="unknown peer"):
+        tracker.prove_equivocation("z", 1, 1, "")
+
+
+def test_with_trust_off_a_proof_is_recorded_but_not_acted_on() -> None:
+    tracker = TrustTracker(["a", "b"], TrustSettings(enabled=False))
+    assert tracker.prove_equivocation("a", 2, 1, "ab") is not None
+    assert tracker.proven() == {"a": 1}
+    assert tracker.quarantined() == set() and tracker.weight("a") == 1.0
+
+
+def test_trust_state_from_before_proofs_still_loads() -> None:
+    state = TrustTracker(["a"]).to_state()
+    for saved in state["peers"].values():
+        del saved["proven_equivocation_round"], saved["equivocation_proof"]
+    assert TrustTracker.from_state(state, ["a"]).proven() == {}

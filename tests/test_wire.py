@@ -13,8 +13,10 @@ import pytest
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import generate_identity
+from gossip.receipts import EquivocationProof, Receipt
 from gossip.wire import (
     HTTP_STATUS,
+    PROTOCOL_VERSION,
     EnvelopeOpener,
     ModelUpdate,
     RejectReason,
@@ -313,7 +315,10 @@ def test_rounds_older_than_the_replay_window_are_stale_and_memory_is_bounded():
 def test_unsupported_version_and_kind():
     data = valid_envelope()
     fields = msgpack.unpackb(data)
-    assert reason_of(msgpack.packb({**fields, "version": 2})) == RejectReason.UNSUPPORTED_VERSION
+    assert fields["version"] == PROTOCOL_VERSION == 2
+    for other in (1, 3):
+        reason = reason_of(msgpack.packb({**fields, "version": other}))
+        assert reason == RejectReason.UNSUPPORTED_VERSION
     assert reason_of(resign(data, kind="model")) == RejectReason.UNSUPPORTED_KIND
     with pytest.raises(ValueError, match="kind"):
         build_envelope(small_update(), ALICE, [BOB.public_key], 1, kind="model")
@@ -343,8 +348,77 @@ def test_body_layout_is_header_then_raw_little_endian_tensors():
         "tensors": [[name, "float32", list(a.shape)] for name, a in state.items()],
         "num_samples": 120,
         "metrics": {"loss": 0.25, "auc": 0.8},
+        "receipts": [],
+        "proofs": [],
     }
     assert data == b"".join(a.astype("<f4").tobytes() for a in state.values())
+
+
+def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
+    """Recompute docs/protocol.md's layout by hand: a second implementation must agree."""
+    data = valid_envelope()
+    fields = msgpack.unpackb(data)
+    rest = hashlib.sha256(
+        fields["timestamp_ms"].to_bytes(8, "big")
+        + fields["nonce"]
+        + fields["ephemeral_key"]
+        + len(fields["recipients"]).to_bytes(2, "big")
+        + b"".join(key + wrapped for key, wrapped in fields["recipients"])
+        + hashlib.sha256(fields["body"]).digest()
+    ).digest()
+    signed = hashlib.sha256(
+        b"murmur-envelope\x00"
+        + fields["version"].to_bytes(2, "big")
+        + bytes([len(b"update")])
+        + b"update"
+        + fields["sender"]
+        + fields["round"].to_bytes(8, "big")
+        + rest
+    ).digest()
+    assert ALICE.signing_key.verify_key.verify(signed, fields["signature"])
+    opened = opener().open(data, now=NOW)
+    assert opened.receipt == Receipt(2, "update", ALICE.public_key, 7, rest, fields["signature"])
+    assert opened.receipt.verify()
+    # Every recipient gets the same receipt: the same signed envelope.
+    assert opener(CAROL).open(data, now=NOW).receipt == opened.receipt
+
+
+def two_receipts() -> tuple[Receipt, Receipt]:
+    a, b = (opener().open(valid_envelope(), now=NOW).receipt for _ in range(2))
+    return a, b
+
+
+def test_receipts_and_proofs_ride_in_the_body():
+    a, b = two_receipts()
+    proof = EquivocationProof.of(a, b)
+    data = valid_envelope(receipts=[a, b], proofs=[proof])
+    opened = opener(CAROL).open(data, now=NOW)
+    assert opened.update.receipts == [a, b]
+    assert opened.update.proofs == [proof]
+    assert opened.update.proofs[0].verify()
+
+
+def test_bad_receipt_lists_reject_the_envelope():
+    a, b = two_receipts()
+    good, data = split_body(_encode_body(small_update(receipts=[a], proofs=[])))
+    proof = EquivocationProof.of(a, b).encode()
+    bodies = [
+        join_body({**good, "receipts": "x"}, data),
+        join_body({**good, "receipts": ["text"]}, data),
+        join_body({**good, "receipts": [a.encode()[:-1]]}, data),
+        join_body({**good, "receipts": [a.encode() + b"\x00"]}, data),
+        join_body({**good, "proofs": [a.encode()]}, data),
+        join_body({**good, "proofs": [a.encode() + a.encode()]}, data),  # no conflict
+        join_body({**good, "proofs": [proof[len(proof) // 2 :] + proof[: len(proof) // 2]]}, data),
+        join_body({**good, "proofs": {}}, data),
+    ]
+    for body in bodies:
+        assert reason_of(envelope_with_body(body)) == RejectReason.BAD_RECEIPT, body[:60]
+    assert HTTP_STATUS[RejectReason.BAD_RECEIPT] == 400
+    too_many = join_body({**good, "receipts": [a.encode()] * 3}, data)
+    assert reason_of(envelope_with_body(too_many), opener(max_receipts=2)) == RejectReason.TOO_LARGE
+    with pytest.raises(ValueError, match="at most"):
+        _encode_body(small_update(receipts=[a] * 65))
 
 
 def test_malformed_bodies_from_an_admitted_sender():
