@@ -494,6 +494,9 @@ def build_report(
                 "rejected": s.get("rejected", {}),
                 "trust": s.get("trust_history", {}),
                 "quarantined": s.get("quarantined", []),
+                # peer -> round of the proof: peers proven to have signed two different
+                # envelopes for one round (docs/protocol.md, "Equivocation")
+                "proven_equivocation": (s.get("equivocation") or {}).get("proven", {}),
                 "adversary": s.get("adversary"),
                 "model_sha256": s.get("model_sha256"),
                 "history": [

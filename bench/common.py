@@ -52,6 +52,10 @@ class TreeUsage:
     """What a process tree used, over the whole time it was sampled."""
 
     peak_rss_gb: float  # sum over processes of each one's peak resident set
+    # The largest sum, at one sample, of the processes' proportional set sizes: a page shared
+    # by k processes (torch's libraries, copy-on-write pages) counts 1/k in each, so this is
+    # what the tree really occupied. Summed RSS counts every shared page once per process.
+    peak_pss_gb: float
     cpu_s: float  # sum over processes of user + system time
     processes: int  # processes seen
     largest: tuple[tuple[str, float], ...]  # (command, peak GB) of the biggest processes
@@ -75,6 +79,17 @@ def read_process(pid: int) -> tuple[ProcessKey, ProcessSample] | None:
     return (pid, start), ProcessSample(ppid, (utime + stime) / CLOCK_TICKS, peak_kb, command)
 
 
+def read_pss_kb(pid: int) -> int:
+    """A process's proportional set size (kB) from /proc/PID/smaps_rollup; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            rollup = fh.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
 def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
@@ -85,6 +100,7 @@ class TreeSampler:
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
         self.samples: dict[ProcessKey, ProcessSample] = {}
+        self.peak_pss_kb = 0
         self._roots: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -126,6 +142,8 @@ class TreeSampler:
                     sample.peak_rss_kb = max(sample.peak_rss_kb, previous.peak_rss_kb)
                     sample.cpu_s = max(sample.cpu_s, previous.cpu_s)
                 self.samples[key] = sample
+            pss_kb = sum(read_pss_kb(pid) for pid in tracked)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss_kb)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -144,6 +162,7 @@ class TreeSampler:
         by_size = sorted(samples, key=lambda s: s.peak_rss_kb, reverse=True)
         return TreeUsage(
             peak_rss_gb=sum(s.peak_rss_kb for s in samples) / 1024**2,
+            peak_pss_gb=self.peak_pss_kb / 1024**2,
             cpu_s=sum(s.cpu_s for s in samples),
             processes=len(samples),
             largest=tuple((s.command, s.peak_rss_kb / 1024**2) for s in by_size[:3]),

@@ -77,6 +77,7 @@ class RunResult:
     steady_s: float | None = None
     cpu_s: float | None = None
     rss_gb: float | None = None
+    pss_gb: float | None = None
     message_bytes: float | None = None
     auc: float | None = None
     wall_s: float | None = None
@@ -97,6 +98,7 @@ def run_murmur(dataset: str, nodes: int, rounds: int, workdir: Path, timeout_s: 
     run = run_cluster_measured(REPO, cluster_args, workdir / f"murmur-{dataset}-{nodes}", timeout_s)
     result.wall_s, result.cpu_s = run.wall_s, run.usage.cpu_s
     result.rss_gb, result.processes = run.usage.peak_rss_gb, run.usage.processes
+    result.pss_gb = run.usage.peak_pss_gb
     if run.returncode is None:
         result.error = f"no result within {timeout_s:.0f}s"
     if run.report is None:
@@ -238,6 +240,7 @@ def run_flower(
         log.close()
         usage = sampler.stop()
         result.cpu_s, result.rss_gb = usage.cpu_s, usage.peak_rss_gb
+        result.pss_gb = usage.peak_pss_gb
         result.processes = usage.processes
     if result.error:
         lines = [x for x in (home / "flower.log").read_text(errors="replace").splitlines() if x]
@@ -263,7 +266,8 @@ def run_flower(
 def median_result(runs: list[RunResult]) -> RunResult:
     """Field-wise median over repetitions (errors: the first one)."""
     merged = RunResult(runs[0].framework, runs[0].dataset, runs[0].nodes, runs[0].rounds)
-    for name in ("first_round_s", "steady_s", "cpu_s", "rss_gb", "message_bytes", "auc"):
+    fields = ("first_round_s", "steady_s", "cpu_s", "rss_gb", "pss_gb", "message_bytes", "auc")
+    for name in fields:
         values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
         setattr(merged, name, statistics.median(values) if values else None)
     merged.wall_s = statistics.median(r.wall_s for r in runs if r.wall_s is not None)
@@ -279,7 +283,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def print_table(results: list[RunResult]) -> None:
     header = (
         f"{'data set':<14} {'nodes':>5} {'framework':<9} {'first s':>8} {'steady s':>9} "
-        f"{'CPU s':>7} {'peak GB':>8} {'procs':>5} {'msg bytes':>9} {'AUC':>6}  error"
+        f"{'CPU s':>7} {'peak GB':>8} {'PSS GB':>7} {'procs':>5} {'msg bytes':>9} {'AUC':>6}  error"
     )
     print(header)
     print("-" * len(header))
@@ -287,7 +291,8 @@ def print_table(results: list[RunResult]) -> None:
         print(
             f"{r.dataset:<14} {r.nodes:>5} {r.framework:<9} {fmt(r.first_round_s):>8} "
             f"{fmt(r.steady_s, '.3f'):>9} {fmt(r.cpu_s, '.1f'):>7} {fmt(r.rss_gb):>8} "
-            f"{r.processes or 0:>5} {fmt(r.message_bytes, '.0f'):>9} {fmt(r.auc, '.3f'):>6}  "
+            f"{fmt(r.pss_gb):>7} {r.processes or 0:>5} {fmt(r.message_bytes, '.0f'):>9} "
+            f"{fmt(r.auc, '.3f'):>6}  "
             f"{r.error or ''}"
         )
 
@@ -326,6 +331,7 @@ def headline(pairs: dict[tuple[str, int], tuple[RunResult, RunResult]]) -> dict[
         "steady_ratio_10": worst([ratio(m.steady_s, f.steady_s) for m, f in at(10)]),
         "first_round_s_4": worst([m.first_round_s for m, _ in at(4)]),
         "rss_gb_4": worst([m.rss_gb for m, _ in at(4)]),
+        "pss_gb_4": worst([m.pss_gb for m, _ in at(4)]),
         "auc_diff": worst(
             [
                 None if m.auc is None or f.auc is None else abs(m.auc - f.auc)

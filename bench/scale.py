@@ -41,6 +41,7 @@ class ScaleResult:
     first_round_s: float | None = None
     cpu_s: float | None = None
     rss_gb: float | None = None
+    pss_gb: float | None = None
     bytes_per_round: float | None = None
     auc: float | None = None
     failure: str | None = None
@@ -76,6 +77,7 @@ def measure(nodes: int, topology: str, rounds: int, workdir: Path) -> ScaleResul
     run = run_cluster_measured(REPO, cluster_args, out, timeout_s)
     result.failure = failure_reason(run, rounds, timeout_s)
     result.cpu_s, result.rss_gb = run.usage.cpu_s, run.usage.peak_rss_gb
+    result.pss_gb = run.usage.peak_pss_gb
     result.round_s, result.first_round_s = run.steady_s, run.first_round_s
     if run.report is not None:
         result.bytes_per_round = run.report["bytes_sent"] / rounds
@@ -109,7 +111,7 @@ def main() -> None:
     print(f"{args.rounds} rounds, embedded breast cancer data, MLP 30→64→32→1, no DP, mean")
     header = (
         f"{'nodes':>5} {'topology':<10} {'round s':>8} {'first s':>8} {'CPU s':>7} "
-        f"{'peak GB':>8} {'MB/round':>9} {'AUC':>6}  failure"
+        f"{'peak GB':>8} {'PSS GB':>7} {'MB/round':>9} {'AUC':>6}  failure"
     )
     print(header)
     print("-" * len(header))
@@ -118,7 +120,7 @@ def main() -> None:
         print(
             f"{r.nodes:>5} {r.topology:<10} {fmt(r.round_s, '.3f'):>8} "
             f"{fmt(r.first_round_s, '.1f'):>8} {fmt(r.cpu_s, '.1f'):>7} {fmt(r.rss_gb):>8} "
-            f"{fmt(mb, '.3f'):>9} {fmt(r.auc, '.3f'):>6}  {r.failure or ''}"
+            f"{fmt(r.pss_gb):>7} {fmt(mb, '.3f'):>9} {fmt(r.auc, '.3f'):>6}  {r.failure or ''}"
         )
     first_failure = next((r for r in results if r.failure), None)
     if first_failure is not None:
@@ -135,6 +137,9 @@ def main() -> None:
                 "rss_gb_32": None
                 if at_32 is None or at_32.rss_gb is None
                 else round(at_32.rss_gb, 3),
+                "pss_gb_32": None
+                if at_32 is None or at_32.pss_gb is None
+                else round(at_32.pss_gb, 3),
                 "round_s_32": None
                 if at_32 is None or at_32.round_s is None
                 else round(at_32.round_s, 4),

@@ -375,11 +375,13 @@ def _trust_section(hospitals: list[dict[str, Any]]) -> str:
         final = {p: s[-1] for p, s in trust.items() if isinstance(s, list) and s}
         lowest = min(final, key=final.get) if final else None
         quarantined = h.get("quarantined") or []
+        proven = h.get("proven_equivocation") or {}
         rows.append(
             (
                 h["name"],
                 _role(h),
                 ", ".join(quarantined) if quarantined else "none",
+                ", ".join(f"{p} (round {r})" for p, r in sorted(proven.items())) or "none",
                 lowest,
                 final.get(lowest) if lowest else None,
             )
@@ -390,8 +392,19 @@ def _trust_section(hospitals: list[dict[str, Any]]) -> str:
         '<h2>Trust and quarantine</h2><p class="note">Each node scores its peers by how far '
         "their updates sit from its robust aggregate (docs/robustness.md); a persistently "
         "deviant peer is down-weighted, then quarantined, with the evidence in the node's log "
-        "and audit log.</p>"
-        + _table(("hospital", "role", "quarantined", "least trusted peer", "its trust"), rows)
+        "and audit log. A peer proven to have signed two different models for one round "
+        "(equivocation) is quarantined at once, with both signed receipts in the audit log.</p>"
+        + _table(
+            (
+                "hospital",
+                "role",
+                "quarantined",
+                "proven equivocation",
+                "least trusted peer",
+                "its trust",
+            ),
+            rows,
+        )
     )
 
 

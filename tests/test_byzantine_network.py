@@ -105,6 +105,11 @@ def test_honest_nodes_hold_under_each_attack_class_where_plain_averaging_fails(
             assert len(honest_status["trust_history"][attacker.name]) == 8
             # No honest hospital is ever quarantined by another.
             assert set(honest_status["quarantined"]) <= {attacker.name}
+            # Attacks that send different models to different neighbours are proven (signed
+            # receipts); the others send one model to all and leave no proof.
+            proven = honest_status["equivocation"]["proven"]
+            equivocates = CLASSES[attack_class][1] in ("dissensus", "equivocation")
+            assert proven == ({attacker.name: 1} if equivocates else {}), proven
 
 
 def test_run_cluster_quarantines_model_poisoning_with_evidence_in_report_log_and_audit(
@@ -133,6 +138,7 @@ def test_run_cluster_quarantines_model_poisoning_with_evidence_in_report_log_and
     for hospital in honest:
         name = attacker["name"]
         assert hospital["quarantined"] == [name]
+        assert hospital["proven_equivocation"] == {}  # boosting is not equivocation
         assert len(hospital["trust"][name]) == 8 and hospital["trust"][name][-1] < 0.2
         assert all(s[-1] == 1.0 for p, s in hospital["trust"].items() if p != name)
         log = (tmp_path / "logs" / f"{hospital['name']}.log").read_text()
