@@ -140,6 +140,14 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, format="png")
 
 
+def _plot_hospital_lines(ax: Any, series: list[tuple[dict[str, Any], list, list]]) -> None:
+    """One line per hospital: honest solid, Byzantine dashed and labelled as such."""
+    for hospital, rounds, values in series:
+        byzantine = bool(hospital.get("byzantine"))
+        label = hospital["name"] + (" (Byzantine)" if byzantine else "")
+        ax.plot(rounds, values, linestyle="--" if byzantine else "-", marker=".", label=label)
+
+
 def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Path) -> bool:
     """AUC per round per hospital, honest solid and Byzantine dashed, with baseline lines."""
     series = [(h, *_rounds_and(h.get("history", []), "auc")) for h in hospitals]
@@ -147,10 +155,7 @@ def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Pat
         return False
     figure = _new_figure()
     ax = figure.add_subplot()
-    for hospital, rounds, values in series:
-        byzantine = bool(hospital.get("byzantine"))
-        label = hospital["name"] + (" (Byzantine)" if byzantine else "")
-        ax.plot(rounds, values, linestyle="--" if byzantine else "-", marker=".", label=label)
+    _plot_hospital_lines(ax, series)
     for kind, colour in (("local", "tab:gray"), ("pooled", "black")):
         mean = _baseline_mean(report, kind)
         if mean is not None:
@@ -172,10 +177,7 @@ def _plot_epsilon(report: dict[str, Any], hospitals: list[dict[str, Any]], path:
         return False
     figure = _new_figure()
     ax = figure.add_subplot()
-    for hospital, rounds, values in series:
-        byzantine = bool(hospital.get("byzantine"))
-        label = hospital["name"] + (" (Byzantine)" if byzantine else "")
-        ax.plot(rounds, values, linestyle="--" if byzantine else "-", marker=".", label=label)
+    _plot_hospital_lines(ax, series)
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title("Privacy spent per round")

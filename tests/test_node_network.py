@@ -103,8 +103,11 @@ def test_a_killed_neighbour_costs_at_most_the_deadline(network_factory) -> None:
         str(timeout),
     )
     victim = net.nodes[-1].name
-    # The victim plans far more rounds, so it is certainly still running when it is killed.
-    net.edit_config(victim, "training", rounds=10_000)
+    # The victim plans far more rounds, so it is certainly still running when it is killed,
+    # and trains long enough (~0.5 s a round, under the 2 s deadline) that the network is
+    # still in its first rounds when the kill lands: tiny rounds take ~50 ms, and the
+    # survivors could otherwise finish all six before the test notices round 2.
+    net.edit_config(victim, "training", rounds=10_000, local_epochs=800)
     net.start_all()
     net.wait_for_round(victim, 2, timeout_s=90)
     net.procs[victim].kill()  # SIGKILL: no goodbye
