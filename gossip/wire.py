@@ -42,7 +42,10 @@ from crypto.sealing import (
     x25519_public_key,
 )
 from gossip.receipts import (
+    KEY_BYTES,
     MAX_PROOF_BYTES,
+    MAX_ROUND,
+    SIGNATURE_BYTES,
     EquivocationProof,
     Receipt,
     ReceiptError,
@@ -69,13 +72,11 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
 }
-MAX_UINT63 = 2**63 - 1
+MAX_UINT63 = MAX_ROUND  # the largest round, sample count or dimension on the wire
 DEFAULT_MAX_RECIPIENTS = 64
 DEFAULT_MAX_STRING_BYTES = 256
 DEFAULT_MAX_RECEIPTS = 64
 DEFAULT_MAX_PROOFS = 16
-_KEY_BYTES = 32
-_SIGNATURE_BYTES = 64
 _MAX_BIN_BYTES = 2**32 - 1  # msgpack's own limit on one bin object
 _DECODE_GUARD_ITEMS = 4096
 _BODY_HEADER_LENGTH = struct.Struct(">I")
@@ -417,7 +418,7 @@ def _check_recipients(recipients: Sequence[bytes]) -> tuple[bytes, ...]:
     if not 1 <= len(recipients) <= DEFAULT_MAX_RECIPIENTS:
         raise ValueError(f"an envelope needs 1 to {DEFAULT_MAX_RECIPIENTS} recipients")
     for key in recipients:
-        if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise ValueError("recipients are 32-byte Ed25519 public keys (Peer.public_key)")
         try:
             x25519_public_key(key)
@@ -577,7 +578,7 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
             raise _malformed("each recipient is an array [public_key, wrapped_key]")
         pairs.append(
             (
-                _require_bin(entry[0], "recipients[].public_key", _KEY_BYTES),
+                _require_bin(entry[0], "recipients[].public_key", KEY_BYTES),
                 _require_bin(entry[1], "recipients[].wrapped_key", WRAPPED_KEY_BYTES),
             )
         )
@@ -589,13 +590,13 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
     envelope = _RawEnvelope(
         version=version,
         kind=obj["kind"],
-        sender=_require_bin(obj["sender"], "sender", _KEY_BYTES),
+        sender=_require_bin(obj["sender"], "sender", KEY_BYTES),
         round=_require_uint63(obj["round"], "round"),
         timestamp_ms=_require_uint63(obj["timestamp_ms"], "timestamp_ms"),
         nonce=_require_bin(obj["nonce"], "nonce", NONCE_BYTES),
         ephemeral_key=_require_bin(obj["ephemeral_key"], "ephemeral_key", EPHEMERAL_KEY_BYTES),
         recipients=tuple(pairs),
-        signature=_require_bin(obj["signature"], "signature", _SIGNATURE_BYTES),
+        signature=_require_bin(obj["signature"], "signature", SIGNATURE_BYTES),
         body=body,
     )
     if len(envelope.kind.encode("utf-8")) > 255:

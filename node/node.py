@@ -34,6 +34,7 @@ from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker
 from gossip.wire import (
+    DEFAULT_MAX_PROOFS,
     HTTP_STATUS,
     EnvelopeOpener,
     ModelUpdate,
@@ -59,7 +60,6 @@ log = logging.getLogger("murmur.node")
 
 VERSION = "0.1.0"
 SIGNED_ROUND_FILE = "signed_round.json"
-MAX_PROOFS_PER_ENVELOPE = 16  # = gossip.wire.DEFAULT_MAX_PROOFS
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
 
@@ -434,8 +434,8 @@ class HospitalNode:
     def _outgoing_evidence(self, r: int) -> tuple[list[Receipt], list[EquivocationProof]]:
         """What an honest round-r envelope carries: the receipts of the envelopes accepted in
         round r - 1, and the proofs learned since the last envelope (each sent once)."""
-        proofs = self._pending_proofs[:MAX_PROOFS_PER_ENVELOPE]
-        del self._pending_proofs[:MAX_PROOFS_PER_ENVELOPE]
+        proofs = self._pending_proofs[:DEFAULT_MAX_PROOFS]
+        del self._pending_proofs[:DEFAULT_MAX_PROOFS]
         return self.receipts.accepted(r - 1), proofs
 
     def _refresh_equivocation_status(self) -> None:

@@ -221,12 +221,13 @@ def test_label_flip_flips_the_asked_fraction() -> None:
 # --------------------------------------------------------------------------- the attacker
 
 
-def adversary(name: str, **params: float) -> Adversary:
+def adversary(name: str, colluders: tuple[str, ...] = (), **params: float) -> Adversary:
     return Adversary(
         name,
         params,
         identity=ATTACKER,
         peers=PEERS[:2],
+        colluders=list(colluders),
         seed=0,
         initial=STATE,
         max_message_bytes=4096,
@@ -246,15 +247,7 @@ def test_the_attackers_update_opens_at_an_honest_peer_and_is_the_poison() -> Non
 
 
 def test_colluders_get_the_honest_model_and_are_never_counted_as_honest() -> None:
-    attacker = Adversary(
-        "sign_flip",
-        {},
-        identity=ATTACKER,
-        peers=PEERS[:2],
-        colluders=["bob"],
-        initial=STATE,
-        max_message_bytes=4096,
-    )
+    attacker = adversary("sign_flip", colluders=("bob",))
     assert [p.name for p in attacker.honest_peers] == ["alice"]
     own = shifted(0.0)
     messages = attacker.messages(1, own, STATE, {"alice": shifted(0.2)}, num_samples=10)
@@ -296,15 +289,7 @@ def test_equivocation_and_dissensus_envelopes_make_a_verifying_proof() -> None:
 
 
 def test_attackers_frame_honest_peers_with_evidence_that_cannot_verify() -> None:
-    attacker = Adversary(
-        "sign_flip",
-        {},
-        identity=ATTACKER,
-        peers=PEERS[:2],
-        colluders=["bob"],
-        initial=STATE,
-        max_message_bytes=4096,
-    )
+    attacker = adversary("sign_flip", colluders=("bob",))
     messages = attacker.messages(3, shifted(0.0), STATE, {"alice": shifted(0.2)}, num_samples=9)
     update = opener_for(ALICE).open(messages[0].data).update
     alice = ALICE.public_key

@@ -20,19 +20,24 @@ def test_keygen_writes_a_private_key_only_the_owner_can_read(tmp_path: Path, cap
     assert main(["keygen", "--name", "hospital_a", "--out", str(tmp_path)]) != 0  # no overwrite
 
 
-def test_node_with_a_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
-    config = tmp_path / "a.toml"
-    config.write_text(
-        '[node]\nname = "a"\nkey_file = "a.key"\nstate_dir = "s"\n'
-        '[data]\nhospital = "hospital_0"\n[training]\nrounds = "many"\n'
-    )
-    result = subprocess.run(
+def run_node(config: Path) -> subprocess.CompletedProcess[str]:
+    """`murmur node --config CONFIG` as a separate process, as an operator starts it."""
+    return subprocess.run(
         [sys.executable, "-m", "node.cli", "node", "--config", str(config)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_node_with_a_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "a.toml"
+    config.write_text(
+        '[node]\nname = "a"\nkey_file = "a.key"\nstate_dir = "s"\n'
+        '[data]\nhospital = "hospital_0"\n[training]\nrounds = "many"\n'
+    )
+    result = run_node(config)
     assert result.returncode == 2
     assert "training.rounds must be an integer" in result.stderr
 
@@ -44,13 +49,7 @@ def test_node_with_a_world_readable_key_refuses_to_start(tmp_path: Path) -> None
     config.write_text(
         '[node]\nname = "a"\nkey_file = "a.key"\nstate_dir = "s"\n[data]\nhospital = "hospital_0"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_node(config)
     assert result.returncode == 2
     assert f"chmod 600 {tmp_path / 'a.key'}" in result.stderr
 
