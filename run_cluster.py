@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-trust", action="store_true", help="turn off per-peer trust scores and quarantine"
     )
+    p.add_argument(
+        "--max-relative-distance",
+        type=float,
+        help="leave out, each round, a model farther from a node's own than this times its "
+        "length (default 1.5 without DP, off with DP; inf turns it off; docs/robustness.md)",
+    )
     adv = p.add_argument_group(
         "adversary mode (tests and demos only; docs/robustness.md)",
         "Adds K Byzantine nodes to the honest hospitals. Each trains on a copy of an honest "
@@ -285,7 +291,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
             ),
             "aggregation": {"rule": rule, "f": f},
             "gossip": {"round_timeout_s": args.round_timeout, "startup_timeout_s": 60.0},
-            **({"trust": {"enabled": False}} if args.no_trust else {}),
+            **trust_section(args),
             **(
                 {"adversary": adversary_section(args, i, names, attackers, topology)}
                 if byzantine
@@ -329,6 +335,16 @@ def adversary_section(
         "seed": args.seed + index[names[i]],
         "byzantine_neighbours": byzantine_neighbours,
     }
+
+
+def trust_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The [trust] table, when the flags change the node's defaults."""
+    trust: dict[str, Any] = {}
+    if args.no_trust:
+        trust["enabled"] = False
+    if args.max_relative_distance is not None:
+        trust["max_relative_distance"] = args.max_relative_distance
+    return {"trust": trust} if trust else {}
 
 
 def to_toml(doc: dict[str, Any]) -> str:
@@ -494,6 +510,8 @@ def build_report(
                 "rejected": s.get("rejected", {}),
                 "trust": s.get("trust_history", {}),
                 "quarantined": s.get("quarantined", []),
+                # peer -> rounds its model was left out as too far from this node's own
+                "too_far": s.get("too_far", {}),
                 # peer -> round of the proof: peers proven to have signed two different
                 # envelopes for one round (docs/protocol.md, "Equivocation")
                 "proven_equivocation": (s.get("equivocation") or {}).get("proven", {}),

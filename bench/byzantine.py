@@ -337,6 +337,7 @@ def run_one(options: dict[str, Any], engine: str) -> dict[str, Any]:
     attackers = {h["name"] for h in report["hospitals"] if h["byzantine"]}
     quarantined = [set(h.get("quarantined") or []) for h in honest]
     proven = [set(h.get("proven_equivocation") or {}) for h in honest]
+    too_far = [h.get("too_far") or {} for h in honest]
     return {
         "mean": report["mean_auc"],
         "min": min(aucs) if aucs else None,
@@ -345,6 +346,8 @@ def run_one(options: dict[str, Any], engine: str) -> dict[str, Any]:
         "honest_quarantined": sum(len(q - attackers) for q in quarantined),
         "attackers_proven": sum(len(p & attackers) for p in proven),
         "honest_proven": sum(len(p - attackers) for p in proven),
+        # (node, round) pairs in which an honest peer was left out as too far from own
+        "honest_too_far": sum(n for t in too_far for p, n in t.items() if p not in attackers),
     }
 
 
@@ -476,9 +479,10 @@ class Matrix:
             "Cells: honest mean AUC / honest minimum AUC, then ✓ if the mean is within "
             f"{TARGET_GAP} of the clean AUC of the same rule, ✗ if not; q = attackers "
             "quarantined (summed over honest nodes), fq = honest peers wrongly quarantined, "
-            "p = attackers with a verified equivocation proof against them (summed over honest "
-            "nodes; with trust off a proof is recorded but not acted on), FP = honest peers "
-            "with a proof against them (must never happen)."
+            "ft = times an honest peer's model was left out of a round as too far from a node's "
+            "own (summed over nodes and rounds), p = attackers with a verified equivocation "
+            "proof against them (summed over honest nodes; with trust off a proof is recorded "
+            "but not acted on), FP = honest peers with a proof against them (must never happen)."
         )
         return "\n".join(out)
 
@@ -494,6 +498,8 @@ class Matrix:
             extra += f" q{hit['attackers_quarantined']}"
         if hit["honest_quarantined"]:
             extra += f" fq{hit['honest_quarantined']}"
+        if hit.get("honest_too_far"):
+            extra += f" ft{hit['honest_too_far']}"
         if hit.get("attackers_proven"):
             extra += f" p{hit['attackers_proven']}"
         if hit.get("honest_proven"):

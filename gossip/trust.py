@@ -24,6 +24,16 @@ verified, counted and measured; after ``readmit_after`` consecutive rounds withi
 is re-admitted. One bad round cannot quarantine anyone: from a score of 1 it takes
 ``ceil(log(quarantine_below) / log(decay))`` fully bad rounds (5 with the defaults).
 
+Trust acts across rounds, so it is slow by design; one check acts within the round. A model
+farther from the node's own than ``max_relative_distance`` times the length of the node's own
+model is left out of this round's aggregation (:func:`too_far_from_own`), as in BALANCE (Fang
+et al., CCS 2024). Without DP, honest hospitals train from nearly the same consensus, so their
+models sit well inside 1.5 times that length; a model pointing the other way (a sign flip sits
+at about twice the length) does not. DP noise spreads honest models farther than that, so with
+DP the check is off unless configured (:func:`relative_distance_limit`). It is a per-round
+exclusion, not a judgement: the peer's trust score still follows its distance from the
+aggregate.
+
 Distances are statistical evidence; an equivocation proof (gossip/receipts.py) is
 cryptographic evidence. A peer with a verified proof against it is quarantined at once and for
 good (:meth:`TrustTracker.prove_equivocation`): its score drops to 0 and it is never
@@ -42,6 +52,9 @@ import numpy as np
 
 STATE_VERSION = 1
 EVIDENCE_ROUNDS = 8
+# Without DP, honest models stay well inside this many times the own model's length (measured
+# across the whole bench/byzantine.py matrix, docs/robustness.md); a sign flip sits at about 2.
+DEFAULT_MAX_RELATIVE_DISTANCE = 1.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,9 @@ class TrustSettings:
     downweight_below: float = 0.5
     quarantine_below: float = 0.2
     readmit_after: int = 10
+    # None: DEFAULT_MAX_RELATIVE_DISTANCE without DP, off (inf) with DP; the node resolves it
+    # with :func:`relative_distance_limit`.
+    max_relative_distance: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -71,6 +87,12 @@ class TrustSettings:
             )
         if self.readmit_after < 1:
             raise ValueError(f"trust readmit_after must be >= 1, got {self.readmit_after!r}")
+        limit = self.max_relative_distance
+        if limit is not None and (isinstance(limit, bool) or not limit > 0):
+            raise ValueError(
+                "trust max_relative_distance must be a number > 0 (inf turns the check off), "
+                f"got {self.max_relative_distance!r}"
+            )
 
 
 @dataclass
@@ -128,6 +150,37 @@ def distance_ratios(
     if math.isinf(scale):  # most inputs overflowed: the finite ones are the sane ones
         return {p: (0.0 if math.isfinite(d) else math.inf) for p, d in distances.items()}
     return {p: d / scale for p, d in distances.items()}
+
+
+def relative_distance_limit(settings: TrustSettings, dp_enabled: bool) -> float:
+    """The limit :func:`too_far_from_own` applies: the configured one, else 1.5 without DP and
+    none (inf) with DP. DP noise moves every honest model by an amount that does not shrink with
+    the model, so under DP honest neighbours sit farther apart than any fixed multiple of the
+    own model's length that would still catch a sign flip (measured up to 3.1 times at
+    epsilon 1, docs/robustness.md): there the check would leave honest hospitals out."""
+    if settings.max_relative_distance is not None:
+        return settings.max_relative_distance
+    return math.inf if dp_enabled else DEFAULT_MAX_RELATIVE_DISTANCE
+
+
+def too_far_from_own(
+    own_norm: float, distances: dict[str, float], max_relative_distance: float
+) -> list[str]:
+    """Peers whose distance from the node's own model exceeds ``max_relative_distance`` times
+    the own model's length (BALANCE, Fang et al. 2024): left out of this round's aggregation.
+
+    The yardstick is the node's own model, not the other inputs, so it holds however many
+    attackers there are: at a Byzantine share where attackers match the honest neighbours in
+    number, a spread-based scale (:func:`distance_ratios`) has no honest majority to lean on.
+    A peer at an infinite distance (its model overflowed) is always too far; with a zero or
+    non-finite own model there is no yardstick and nobody is left out.
+    """
+    if any(math.isnan(d) or d < 0 for d in distances.values()):
+        raise ValueError("distances must be numbers >= 0 (infinity allowed, NaN not)")
+    if not (math.isfinite(own_norm) and own_norm > 0):
+        return []
+    limit = max_relative_distance * own_norm
+    return sorted(p for p, d in distances.items() if d > limit)
 
 
 def goodness(ratio: float, settings: TrustSettings) -> float:

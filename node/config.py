@@ -282,7 +282,8 @@ class TrustSection(TrustSettings):
         except ValueError as exc:
             raise ConfigError(
                 f"[trust] {exc}; fix: omit the section for the defaults "
-                "(decay 0.7, tolerance 3, cutoff 6, downweight_below 0.5, quarantine_below 0.2)"
+                "(decay 0.7, tolerance 3, cutoff 6, downweight_below 0.5, quarantine_below 0.2, "
+                "max_relative_distance 1.5 without DP, off with DP)"
             ) from None
 
     def validate(self) -> None:

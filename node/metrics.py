@@ -39,6 +39,12 @@ class NodeMetrics:
             ["peer"],
             registry=r,
         )
+        self.too_far = Counter(
+            "murmur_peer_too_far",
+            "Rounds a peer's model was left out for lying too far from this node's own model",
+            ["peer"],
+            registry=r,
+        )
         self.equivocation_proofs = Counter(
             "murmur_equivocation_proofs",
             "Verified equivocation proofs against a peer (it is then quarantined for good)",

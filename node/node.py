@@ -32,7 +32,7 @@ from gossip.feasibility import check_node
 from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
-from gossip.trust import TrustTracker
+from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
 from gossip.wire import (
     DEFAULT_MAX_PROOFS,
     HTTP_STATUS,
@@ -110,6 +110,8 @@ class NodeState:
     trust: dict[str, float] = field(default_factory=dict)
     trust_history: dict[str, list[float]] = field(default_factory=dict)
     quarantined: list[str] = field(default_factory=list)
+    # peer -> rounds its model was left out for lying too far from our own (gossip/trust.py)
+    too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
 
@@ -674,15 +676,34 @@ class HospitalNode:
         own = flatten(own_state)
         vectors = {n: flatten(received[n].envelope.update.tensors) for n in heard}
         distance = None
+        to_own: dict[str, float] = {}
         if heard:
-            with np.errstate(over="ignore"):
-                distance = float(np.mean(distances_to(own, np.stack(list(vectors.values())))))
+            with np.errstate(over="ignore", invalid="ignore"):
+                row_distances = distances_to(own, np.stack(list(vectors.values())))
+            to_own = dict(
+                zip(heard, np.nan_to_num(row_distances, nan=np.inf).tolist(), strict=True)
+            )
+            distance = float(np.mean(row_distances))
             distance = distance if np.isfinite(distance) else None  # poison overflowed float32
         quarantined = self.trust.quarantined()
         proven = self.trust.proven()
-        names = [n for n in heard if n not in quarantined]
-        # Each quarantined peer is presumed Byzantine, so it uses up one of the f the rule
-        # must still tolerate among the remaining inputs.
+        too_far: set[str] = set()
+        if self.trust.settings.enabled:
+            with np.errstate(over="ignore"):
+                own_norm = float(np.linalg.norm(own))
+            too_far = set(
+                too_far_from_own(
+                    own_norm,
+                    {n: d for n, d in to_own.items() if n not in quarantined},
+                    relative_distance_limit(self.trust.settings, self.config.privacy.enabled),
+                )
+            )
+        for peer in too_far:
+            self.state.too_far[peer] = self.state.too_far.get(peer, 0) + 1
+            self.metrics.too_far.labels(peer=peer).inc()
+        names = [n for n in heard if n not in quarantined and n not in too_far]
+        # Each peer left out is presumed Byzantine, so it uses up one of the f the rule must
+        # still tolerate among the remaining inputs.
         f = max(0, cfg.f - (len(heard) - len(names)))
         stack = (
             np.stack([vectors[n] for n in names])
@@ -694,10 +715,10 @@ class HospitalNode:
             {
                 "peer": n,
                 "model_sha256": received[n].model_sha256,
-                "reason": "proven_equivocation" if n in proven else "quarantined",
+                "reason": _exclusion_reason(n, proven, quarantined),
             }
             for n in heard
-            if n in quarantined
+            if n in quarantined or n in too_far
         ]
         record = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
         if len(names) + 1 < min_inputs(cfg.rule, f):
@@ -971,6 +992,13 @@ class HospitalNode:
             await runner.cleanup()
             self.audit.close()
         return 0
+
+
+def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) -> str:
+    """Why a heard peer's model is not aggregated this round (the audit record's reason)."""
+    if peer in proven:
+        return "proven_equivocation"
+    return "quarantined" if peer in quarantined else "too_far_from_own"
 
 
 def _stable_int(text: str) -> int:

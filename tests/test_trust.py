@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.trust import TrustSettings, TrustTracker, distance_ratios, goodness
+from gossip.trust import (
+    TrustSettings,
+    TrustTracker,
+    distance_ratios,
+    goodness,
+    relative_distance_limit,
+    too_far_from_own,
+)
 
 DEFAULT = TrustSettings()
 
@@ -182,6 +189,36 @@ def test_the_trust_config_section_is_validated_with_a_fix() -> None:
     assert not parse_config({**base, "trust": {"enabled": False}}).trust.settings().enabled
     with pytest.raises(ConfigError, match=r"\[trust\] trust decay must be in \[0, 1\).*fix"):
         parse_config({**base, "trust": {"decay": 1.5}})
+    with pytest.raises(ConfigError, match=r"max_relative_distance must be a number > 0.*fix"):
+        parse_config({**base, "trust": {"max_relative_distance": 0.0}})
+    off = parse_config({**base, "trust": {"max_relative_distance": math.inf}})
+    assert off.trust.settings().max_relative_distance == math.inf
+    set_ = parse_config({**base, "trust": {"max_relative_distance": 2}}).trust.settings()
+    assert relative_distance_limit(set_, dp_enabled=True) == 2.0
+
+
+def test_the_relative_distance_check_is_on_without_dp_and_off_with_dp_by_default() -> None:
+    assert relative_distance_limit(TrustSettings(), dp_enabled=False) == 1.5
+    assert relative_distance_limit(TrustSettings(), dp_enabled=True) == math.inf
+    chosen = TrustSettings(max_relative_distance=1.2)
+    assert relative_distance_limit(chosen, dp_enabled=False) == 1.2
+    assert relative_distance_limit(chosen, dp_enabled=True) == 1.2
+
+
+def test_a_model_farther_than_the_limit_times_own_length_is_too_far() -> None:
+    # Own model of length 2, limit 1.5: anything farther than 3 from it is left out.
+    distances = {"near": 0.5, "edge": 3.0, "far": 3.01, "flipped": 4.0, "overflowed": math.inf}
+    assert too_far_from_own(2.0, distances, 1.5) == ["far", "flipped", "overflowed"]
+    # A sign flip of our own model sits at twice its length: out for any limit below 2.
+    own = [3.0, 4.0]
+    flipped = math.dist(own, [-3.0, -4.0])
+    assert flipped == 10.0 and too_far_from_own(5.0, {"x": flipped}, 1.99) == ["x"]
+    assert too_far_from_own(5.0, {"x": flipped}, math.inf) == []  # the check turned off
+    # No yardstick (a zero or overflowed own model): nobody is left out on its account.
+    assert too_far_from_own(0.0, distances, 1.5) == []
+    assert too_far_from_own(math.inf, distances, 1.5) == []
+    with pytest.raises(ValueError, match="NaN not"):
+        too_far_from_own(1.0, {"x": math.nan}, 1.5)
 
 
 def test_a_proven_equivocator_is_quarantined_at_once_and_for_good() -> None:
