@@ -51,7 +51,7 @@ class ProcessSample:
 class TreeUsage:
     """What a process tree used, over the whole time it was sampled."""
 
-    peak_rss_gb: float  # sum over processes of each one's peak resident set
+    peak_rss_gb: float  # sum over processes of each one's peak resident set, GiB (2**30 bytes)
     # The largest sum, at one sample, of the processes' proportional set sizes: a page shared
     # by k processes (torch's libraries, copy-on-write pages) counts 1/k in each, so this is
     # what the tree really occupied. Summed RSS counts every shared page once per process.
