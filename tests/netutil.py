@@ -99,3 +99,20 @@ def make_network(tmp_path: Path, *args: str) -> Network:
     ns = run_cluster.parse_args(["--out", str(tmp_path), *args])
     nodes, _ = run_cluster.write_network(ns, tmp_path)
     return Network(tmp_path, nodes)
+
+
+def run_in_process(argv: list[str], out: Path) -> tuple[dict[str, Any], list[Any]]:
+    """run_cluster.py ARGV as bench/byzantine.py runs it: the real node round loops in this
+    process, envelopes handed over by direct calls. Returns the report and the nodes."""
+    import asyncio
+
+    from bench.byzantine import run_nodes_in_process
+
+    args = run_cluster.parse_args([*argv, "--quiet", "--out", str(out)])
+    return asyncio.run(run_nodes_in_process(args, out))
+
+
+def honest_mean_auc(report: dict[str, Any]) -> float:
+    """The mean held-out AUC of the hospitals that do not attack."""
+    aucs = [h["auc"] for h in report["hospitals"] if not h["byzantine"]]
+    return sum(aucs) / len(aucs)

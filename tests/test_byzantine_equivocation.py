@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 
 import run_cluster
-from bench.byzantine import MemoryTransport, run_nodes_in_process
+from bench.byzantine import MemoryTransport
 from gossip.receipts import EquivocationProof
 from node.audit import records_of_kind
 from node.config import load_config
 from node.node import SIGNED_ROUND_FILE, HospitalNode
+from tests.netutil import honest_mean_auc, run_in_process
 
 COMMON = [
     "--dataset", "breast-cancer", "--nodes", "4", "--alpha", "0.5", "--topology", "complete",
@@ -36,14 +37,8 @@ COMMON = [
 TARGET = 0.03
 
 
-def run(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], list[HospitalNode]]:
-    args = run_cluster.parse_args([*COMMON, *extra, "--quiet", "--out", str(tmp_path)])
-    return asyncio.run(run_nodes_in_process(args, tmp_path))
-
-
-def honest_mean_auc(report: dict[str, Any]) -> float:
-    aucs = [h["auc"] for h in report["hospitals"] if not h["byzantine"]]
-    return sum(aucs) / len(aucs)
+def run(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], list[Any]]:
+    return run_in_process([*COMMON, *extra], tmp_path)
 
 
 def all_proofs(nodes: list[HospitalNode]) -> list[tuple[str, str]]:

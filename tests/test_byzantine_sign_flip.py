@@ -15,15 +15,13 @@ more than the target, so the test can fail.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import run_cluster
-from bench.byzantine import run_nodes_in_process
 from node.audit import records_of_kind
+from tests.netutil import honest_mean_auc, run_in_process
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(
@@ -41,13 +39,7 @@ TARGET = 0.03
 
 
 def run(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], list[Any]]:
-    args = run_cluster.parse_args([*COMMON, *extra, "--quiet", "--out", str(tmp_path)])
-    return asyncio.run(run_nodes_in_process(args, tmp_path))
-
-
-def honest_mean_auc(report: dict[str, Any]) -> float:
-    aucs = [h["auc"] for h in report["hospitals"] if not h["byzantine"]]
-    return sum(aucs) / len(aucs)
+    return run_in_process([*COMMON, *extra], tmp_path)
 
 
 def test_sign_flip_at_three_of_seven_is_left_out_every_round(tmp_path: Path) -> None:
