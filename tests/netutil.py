@@ -1,10 +1,12 @@
-"""Helpers for tests that start real `murmur node` processes on 127.0.0.1.
+"""Helpers for tests that start real `murmur node` processes on 127.0.0.1, or run the same
+network's node round loops in one process (`run_in_process`, as bench/byzantine.py does).
 
 Every wait here is bounded, and `Network` kills whatever it started when the test ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -104,15 +106,7 @@ def make_network(tmp_path: Path, *args: str) -> Network:
 def run_in_process(argv: list[str], out: Path) -> tuple[dict[str, Any], list[Any]]:
     """run_cluster.py ARGV as bench/byzantine.py runs it: the real node round loops in this
     process, envelopes handed over by direct calls. Returns the report and the nodes."""
-    import asyncio
-
     from bench.byzantine import run_nodes_in_process
 
     args = run_cluster.parse_args([*argv, "--quiet", "--out", str(out)])
     return asyncio.run(run_nodes_in_process(args, out))
-
-
-def honest_mean_auc(report: dict[str, Any]) -> float:
-    """The mean held-out AUC of the hospitals that do not attack."""
-    aucs = [h["auc"] for h in report["hospitals"] if not h["byzantine"]]
-    return sum(aucs) / len(aucs)
