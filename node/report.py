@@ -30,6 +30,9 @@ EPSILON_PLOT = "epsilon.png"
 DISAGREEMENT_PLOT = "disagreement.png"
 TRUST_PLOT = "trust.png"
 
+_LEGEND_MAX = 12  # lines a plot's legend names; more and it hides the plot
+_TRUST_PANELS = 8  # hospitals that get a trust panel each; more get one summary panel
+
 # Clinical metric columns of the per-hospital table: (report field, column heading).
 _METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("auc", "AUC"),
@@ -133,6 +136,13 @@ def _new_figure(width: float = 7.0, height: float = 4.0) -> Figure:
     return figure
 
 
+def _legend(ax: Any) -> None:
+    """A legend when it fits: beyond `_LEGEND_MAX` lines it would cover the plot, and the
+    tables of the report name every hospital anyway."""
+    if len(ax.get_legend_handles_labels()[1]) <= _LEGEND_MAX:
+        ax.legend(fontsize="small")
+
+
 def _save(figure: Figure, path: Path) -> None:
     for ax in figure.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
@@ -163,7 +173,7 @@ def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Pat
     ax.set_xlabel("round")
     ax.set_ylabel("test AUC")
     ax.set_title("Held-out AUC per round")
-    ax.legend(fontsize="small")
+    _legend(ax)
     _save(figure, path)
     return True
 
@@ -181,7 +191,7 @@ def _plot_epsilon(report: dict[str, Any], hospitals: list[dict[str, Any]], path:
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title("Privacy spent per round")
-    ax.legend(fontsize="small")
+    _legend(ax)
     _save(figure, path)
     return True
 
@@ -218,10 +228,19 @@ def _plot_disagreement(hospitals: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _plot_trust(hospitals: list[dict[str, Any]], path: Path) -> bool:
-    """One panel per hospital that reported trust scores, one line per peer."""
+    """Trust per peer: one panel per hospital in a small network, one summary panel in a big one.
+
+    Up to `_TRUST_PANELS` hospitals, each gets a panel with its trust in each of its peers.
+    Beyond that, per-holder panels stop being readable (32 panels of 31 lines) and their
+    bitmap alone took 70 MB in run_cluster at 32 hospitals, so one panel shows, per peer, the
+    mean trust its honest neighbours hold in it (Byzantine holders' scores are part of the
+    attack, as in `mean_disagreement`); the HTML trust table keeps every holder's view.
+    """
     with_trust = [h for h in hospitals if isinstance(h.get("trust"), dict) and h["trust"]]
     if not with_trust:
         return False
+    if len(with_trust) > _TRUST_PANELS:
+        return _plot_mean_trust(hospitals, with_trust, path)
     figure = _new_figure(7.0, 2.6 * len(with_trust))
     for i, hospital in enumerate(with_trust, start=1):
         ax = figure.add_subplot(len(with_trust), 1, i)
@@ -231,7 +250,64 @@ def _plot_trust(hospitals: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"Trust held by {hospital['name']}")
         ax.set_xlabel("round")
         ax.set_ylabel("trust")
-        ax.legend(fontsize="small")
+        _legend(ax)
+    _save(figure, path)
+    return True
+
+
+def mean_trust_held(hospitals: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per peer, per round, the mean trust that honest hospitals hold in it (NaN if none).
+
+    Rounds are aligned from the first; a holder that recorded fewer rounds counts only in
+    the rounds it has. Non-finite scores are left out of the mean.
+    """
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    for hospital in hospitals:
+        trust = hospital.get("trust")
+        if hospital.get("byzantine") or not isinstance(trust, dict):
+            continue
+        for peer, scores in trust.items():
+            for r, score in enumerate(_number(s) for s in scores):
+                if not math.isfinite(score):
+                    continue
+                peer_sums = sums.setdefault(str(peer), [])
+                peer_counts = counts.setdefault(str(peer), [])
+                while len(peer_sums) <= r:
+                    peer_sums.append(0.0)
+                    peer_counts.append(0)
+                peer_sums[r] += score
+                peer_counts[r] += 1
+    return {
+        peer: [
+            total / n if n else math.nan for total, n in zip(sums[peer], counts[peer], strict=True)
+        ]
+        for peer in sorted(sums)
+    }
+
+
+def _plot_mean_trust(
+    hospitals: list[dict[str, Any]], with_trust: list[dict[str, Any]], path: Path
+) -> bool:
+    means = mean_trust_held(with_trust)
+    if not any(_has_finite(values) for values in means.values()):
+        return False
+    byzantine = {h["name"] for h in hospitals if h.get("byzantine")}
+    figure = _new_figure()
+    ax = figure.add_subplot()
+    for peer, values in means.items():
+        label = peer + (" (Byzantine)" if peer in byzantine else "")
+        ax.plot(
+            range(1, len(values) + 1),
+            values,
+            linestyle="--" if peer in byzantine else "-",
+            marker=".",
+            label=label,
+        )
+    ax.set_title("Trust held in each hospital (mean over its honest neighbours)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("trust")
+    _legend(ax)
     _save(figure, path)
     return True
 

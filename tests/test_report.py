@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from matplotlib.figure import Figure
 
 from node.report import (
     AUC_PLOT,
     DISAGREEMENT_PLOT,
     EPSILON_PLOT,
     TRUST_PLOT,
+    _legend,
     format_value,
     mean_disagreement,
+    mean_trust_held,
     summary_table,
     write_html_report,
 )
@@ -228,6 +231,59 @@ def test_mean_disagreement_ignores_byzantine_and_undefined(report: dict[str, Any
 
     # Honest distances: round 1 (0.6, 0.6, 0.5), round 2 (0.3, 0.3, 0.2), round 3 (0.1, 0.1).
     assert means == pytest.approx({1: 1.7 / 3, 2: 0.8 / 3, 3: 0.1})
+
+
+def test_mean_trust_held_averages_honest_holders_per_round():
+    hospitals = [
+        {"name": "a", "trust": {"b": [1.0, 0.8], "z": [1.0, 0.2, 0.0]}},
+        {"name": "b", "trust": {"a": [1.0, 1.0], "z": [0.8, None, 0.4]}},
+        {"name": "z", "byzantine": True, "trust": {"a": [0.0, 0.0]}},  # the attacker's view
+    ]
+
+    means = mean_trust_held(hospitals)
+
+    assert list(means) == ["a", "b", "z"]
+    assert means["a"] == [1.0, 1.0]  # only b's view: z is Byzantine
+    assert means["b"] == [1.0, 0.8]
+    # z: round 1 (1.0 + 0.8) / 2; round 2 only a's 0.2 (b's is undefined); round 3 (0 + 0.4) / 2
+    assert means["z"] == pytest.approx([0.9, 0.2, 0.2])
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_big_network_gets_one_trust_panel(tmp_path: Path):
+    """32 hospitals: one 7 x 4 inch trust panel (per-holder panels would be 83 inches tall
+    and took 70 MB to draw)."""
+    names = [f"hospital_{i}" for i in range(32)]
+    big = _report()
+    big["hospitals"] = [
+        _hospital(name, trust={peer: [1.0, 0.9, 0.8] for peer in names if peer != name})
+        for name in names
+    ]
+    small = _report()
+
+    write_html_report(big, tmp_path / "big")
+    write_html_report(small, tmp_path / "small")
+
+    assert _png_size(tmp_path / "big" / TRUST_PLOT) == (700, 400)
+    assert _png_size(tmp_path / "big" / AUC_PLOT) == (700, 400)
+    # A small network keeps one panel per hospital that holds trust (one here).
+    assert _png_size(tmp_path / "small" / TRUST_PLOT) == (700, 260)
+
+
+@pytest.mark.parametrize(("lines", "has_legend"), [(3, True), (12, True), (13, False)])
+def test_legend_only_when_it_fits(lines: int, has_legend: bool):
+    ax = Figure().add_subplot()
+    for i in range(lines):
+        ax.plot([1, 2], [i, i], label=f"hospital_{i}")
+
+    _legend(ax)
+
+    assert (ax.get_legend() is not None) == has_legend
 
 
 def test_summary_table(report: dict[str, Any]):
