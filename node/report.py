@@ -232,9 +232,10 @@ def _plot_trust(hospitals: list[dict[str, Any]], path: Path) -> bool:
 
     Up to `_TRUST_PANELS` hospitals, each gets a panel with its trust in each of its peers.
     Beyond that, per-holder panels stop being readable (32 panels of 31 lines) and their
-    bitmap alone took 70 MB in run_cluster at 32 hospitals, so one panel shows, per peer, the
+    bitmap alone took 68 MB in run_cluster at 32 hospitals, so one panel shows, per peer, the
     mean trust its honest neighbours hold in it (Byzantine holders' scores are part of the
-    attack, as in `mean_disagreement`); the HTML trust table keeps every holder's view.
+    attack, as in `mean_disagreement`). The HTML trust table still names, per hospital, whom
+    it quarantined and the peer it trusts least, and report.json keeps every score.
     """
     with_trust = [h for h in hospitals if isinstance(h.get("trust"), dict) and h["trust"]]
     if not with_trust:

@@ -257,7 +257,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_a_big_network_gets_one_trust_panel(tmp_path: Path):
     """32 hospitals: one 7 x 4 inch trust panel (per-holder panels would be 83 inches tall
-    and took 70 MB to draw)."""
+    and took 68 MB to draw)."""
     names = [f"hospital_{i}" for i in range(32)]
     big = _report()
     big["hospitals"] = [
