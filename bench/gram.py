@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from gossip.aggregation import AGGREGATORS
+from gossip.aggregation import _BLOCK_COLUMNS as BLOCK  # the rule's own column block
+from gossip.aggregation import AGGREGATORS, _column_blocks
 
 NEIGHBOURS = 16
-BLOCK = 32768  # the column block gossip/aggregation.py uses
 MODEL = 1_000_000
 REPEATS = 32  # block products per timing: 1M columns
 BEST_OF = 9
@@ -98,16 +98,15 @@ def whole_pass_variants(own: np.ndarray, received: np.ndarray) -> dict[str, Call
             gram = np.zeros((k, k))
             buffer = np.empty((k, BLOCK), dtype=np.float32)
             with ThreadPoolExecutor(1) as helper:
-                for start in range(0, MODEL, BLOCK):
-                    stop = min(start + BLOCK, MODEL)
-                    c = buffer[:, : stop - start]
+                for cols in _column_blocks(MODEL):
+                    c = buffer[:, : cols.stop - cols.start]
                     if threaded_centring:  # half the rows in a helper thread
-                        rows = (received[half:, start:stop], own[start:stop])
+                        rows = (received[half:, cols], own[cols])
                         done = helper.submit(np.subtract, *rows, out=c[half:])
-                        np.subtract(received[:half, start:stop], own[start:stop], out=c[:half])
+                        np.subtract(received[:half, cols], own[cols], out=c[:half])
                         done.result()
                     else:
-                        np.subtract(received[:, start:stop], own[start:stop], out=c)
+                        np.subtract(received[:, cols], own[cols], out=c)
                     if lower_triangle:
                         gram[:, :half] += c @ c[:half].T
                         gram[half:, half:] += c[half:] @ c[half:].T
@@ -152,9 +151,8 @@ def main() -> None:
     buffer = np.empty_like(block)
 
     def centre() -> None:
-        for start in range(0, MODEL, BLOCK):
-            stop = min(start + BLOCK, MODEL)
-            np.subtract(received[:, start:stop], own[start:stop], out=buffer[:, : stop - start])
+        for cols in _column_blocks(MODEL):
+            np.subtract(received[:, cols], own[cols], out=buffer[:, : cols.stop - cols.start])
 
     centring_ms = best_seconds(centre) * 1e3
     mean_ms = best_seconds(lambda: AGGREGATORS["mean"](own, received, weights, 0)) * 1e3
@@ -171,9 +169,7 @@ def main() -> None:
     ]
 
     data = os.urandom(1 << 20)
-    product_speedup = two_thread_speedup(
-        product_variants(block)["symmetric (numpy c @ c.T: ssyrk)"]
-    )
+    product_speedup = two_thread_speedup(variants[SYMMETRIC])
     sha_speedup = two_thread_speedup(lambda: [hashlib.sha256(data).digest() for _ in range(64)])
 
     print(f"{'step':44s} {'ms':>7s} {'x mean':>7s}")

@@ -241,7 +241,7 @@ def _plot_trust(hospitals: list[dict[str, Any]], path: Path) -> bool:
     if not with_trust:
         return False
     if len(with_trust) > _TRUST_PANELS:
-        return _plot_mean_trust(hospitals, with_trust, path)
+        return _plot_mean_trust(hospitals, path)
     figure = _new_figure(7.0, 2.6 * len(with_trust))
     for i, hospital in enumerate(with_trust, start=1):
         ax = figure.add_subplot(len(with_trust), 1, i)
@@ -287,24 +287,24 @@ def mean_trust_held(hospitals: Sequence[dict[str, Any]]) -> dict[str, list[float
     }
 
 
-def _plot_mean_trust(
-    hospitals: list[dict[str, Any]], with_trust: list[dict[str, Any]], path: Path
-) -> bool:
-    means = mean_trust_held(with_trust)
+def _plot_mean_trust(hospitals: list[dict[str, Any]], path: Path) -> bool:
+    means = mean_trust_held(hospitals)
     if not any(_has_finite(values) for values in means.values()):
         return False
     byzantine = {h["name"] for h in hospitals if h.get("byzantine")}
     figure = _new_figure()
     ax = figure.add_subplot()
-    for peer, values in means.items():
-        label = peer + (" (Byzantine)" if peer in byzantine else "")
-        ax.plot(
-            range(1, len(values) + 1),
-            values,
-            linestyle="--" if peer in byzantine else "-",
-            marker=".",
-            label=label,
-        )
+    _plot_hospital_lines(
+        ax,
+        [
+            (
+                {"name": peer, "byzantine": peer in byzantine},
+                list(range(1, len(values) + 1)),
+                values,
+            )
+            for peer, values in means.items()
+        ],
+    )
     ax.set_title("Trust held in each hospital (mean over its honest neighbours)")
     ax.set_xlabel("round")
     ax.set_ylabel("trust")
