@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -162,16 +164,74 @@ def test_krum_needs_more_than_2f_plus_2_inputs():
         krum(own, received, uniform(4), 1)
 
 
+def exact_krum_scores(vectors: np.ndarray, f: int) -> np.ndarray:
+    """Krum scores of the rows of ``vectors`` from float64 differences, the slow way."""
+    exact = vectors.astype(np.float64)
+    squared = ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
+    np.fill_diagonal(squared, np.inf)
+    return np.sort(squared, axis=1)[:, : len(vectors) - f - 2].sum(axis=1)
+
+
 def test_krum_distances_stay_accurate_for_nearly_equal_models():
     # Models 1e-3 apart around 1000: ||a||² + ||b||² - 2ab cancels in float32 without centring.
     rng = np.random.default_rng(0)
     base = 1000.0 + rng.standard_normal(50_000)
     vectors = (base + 1e-3 * rng.standard_normal((7, 50_000))).astype(np.float32)
+    np.testing.assert_allclose(
+        krum_scores(vectors[0], vectors[1:], 1), exact_krum_scores(vectors, 1), rtol=1e-4
+    )
+
+
+def test_krum_distances_stay_accurate_for_colluders_far_from_own():
+    # Two colluding models 1.0 from own and 1e-3 from each other: a Gram matrix centred on own
+    # (||a||² + ||b||² - 2ab) gave their distance with 7 % error; their scores hang on it.
+    rng = np.random.default_rng(1)
+    d = 200_000
+    own = rng.standard_normal(d)
+    honest = own + 1e-3 * rng.standard_normal((4, d))
+    colluders = own + rng.standard_normal(d) + 1e-3 * rng.standard_normal((2, d))
+    vectors = np.vstack([own, honest, colluders]).astype(np.float32)
+    squared = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    exact = vectors[5].astype(np.float64) - vectors[6]
+    np.testing.assert_allclose(squared[5, 6], exact @ exact, rtol=1e-5)
+    np.testing.assert_allclose(
+        krum_scores(vectors[0], vectors[1:], 2), exact_krum_scores(vectors, 2), rtol=1e-5
+    )
+
+
+def test_krum_distances_split_over_workers_match_one_pass(monkeypatch):
+    rng = np.random.default_rng(4)
+    d = 9 * agg._DISTANCE_BLOCK_COLUMNS + 5  # blocks for 2 workers, and a short last block
+    vectors = rng.standard_normal((6, d)).astype(np.float32)
+    monkeypatch.setattr(agg, "_distance_workers", lambda d, torch_threads: 2)
+    split = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    monkeypatch.setattr(agg, "_distance_workers", lambda d, torch_threads: 1)
+    one_pass = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    np.testing.assert_allclose(split, one_pass, rtol=1e-12)
     exact = vectors.astype(np.float64)
-    squared = ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
-    np.fill_diagonal(squared, np.inf)
-    expected = np.sort(squared, axis=1)[:, :4].sum(axis=1)
-    np.testing.assert_allclose(krum_scores(vectors[0], vectors[1:], 1), expected, rtol=1e-4)
+    expected = ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
+    np.testing.assert_allclose(split, expected, rtol=1e-5)
+
+
+def test_distance_workers_use_the_cores_torch_leaves_free(monkeypatch):
+    monkeypatch.setattr(agg.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    blocks = agg._DISTANCE_BLOCK_COLUMNS
+    assert agg._distance_workers(1000, 1) == 1  # one block: a thread would cost more
+    assert agg._distance_workers(11 * blocks, 1) == 3  # at least 3 blocks per worker
+    assert agg._distance_workers(1000 * blocks, 1) == 8  # one per core
+    assert agg._distance_workers(1000 * blocks, 2) == 4  # torch's own threads take the rest
+    assert agg._distance_workers(1000 * blocks, 8) == 1
+
+
+def test_krum_takes_read_only_and_half_precision_models_without_warnings():
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((6, 1000)).astype(np.float16)
+    read_only = np.frombuffer(vectors.tobytes(), dtype=np.float16).reshape(6, 1000)
+    assert not read_only.flags.writeable  # as models decoded from a message are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = krum_scores(read_only[0], read_only[1:], 1)
+    np.testing.assert_allclose(scores, exact_krum_scores(vectors, 1), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- geometric median
