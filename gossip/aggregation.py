@@ -19,7 +19,9 @@ not finite raises ``ValueError`` naming the non-finite inputs rather than return
 
 The large-model paths work on column blocks small enough to stay in cache, because on a
 1M-parameter model the rules are memory-bound: see bench/round.py for their cost relative
-to a plain mean. docs/aggregation.md gives each rule's bound and reference.
+to a plain mean. Krum's distance pass also spreads its blocks over a process-wide pool of
+worker threads, which holds no data between calls. docs/aggregation.md gives each rule's
+bound and reference.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 # Columns per block: 16 rows of 32768 float32 values (2 MiB) stay in cache between passes.
 _BLOCK_COLUMNS = 32768
 # Krum's pairwise distances: 17 rows of 16384 float32 values (1.1 MiB), about one core's L2;
-# 16384 beat 8192 and 32768 by 3-10 % at 1M parameters. A distance worker thread gets at
+# 16384 beat 8192 and 32768 by 2-10 % at 1M parameters. A distance worker thread gets at
 # least 3 blocks: with fewer, handing work to a second thread cost more than it saved.
 _DISTANCE_BLOCK_COLUMNS = 16384
 _MIN_BLOCKS_PER_WORKER = 3
@@ -375,11 +377,11 @@ def _pairwise_squared_distances(own: np.ndarray, received: np.ndarray) -> np.nda
     Never by the Gram trick ||a||^2 + ||b||^2 - 2ab: in float32 it cancels whenever two values
     are much closer to each other than to the point the products are centred on, which is
     what colluding Byzantine models look like (two models 1000x closer to each other than to
-    own got 7 % error; bench/distances.py). ``torch.pdist`` takes each pair's differences
+    own got 13 % error; bench/distances.py). ``torch.pdist`` takes each pair's differences
     before squaring in one compiled pass over a column block held in cache; block results
     are summed in float64. Column ranges go to worker threads (torch releases the GIL): the
-    pass is bound by loads, not arithmetic, so a second core nearly halves it, where a BLAS
-    product gained nothing from one (docs/aggregation.md).
+    pass waits on add latency, not multiply throughput, so a second core nearly halves it,
+    where the Gram trick's BLAS product gained nothing from one (docs/aggregation.md).
     """
     import torch  # here, not at the top: run_cluster's parent imports gossip/ without torch
 
