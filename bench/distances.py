@@ -136,7 +136,6 @@ def main() -> None:
         }
         ms = {key: best_ms(function) for key, (_, function) in steps.items()}
     # Last: after a threaded call OpenBLAS's idle workers busy-wait, taking a core from the next.
-    steps["mean"] = ("mean, BLAS on every core (the baseline)", None)
     with threadpool_limits(os.cpu_count(), user_api="blas"):
         ms["mean"] = best_ms(lambda: AGGREGATORS["mean"](own, received, weights, 0))
     ms["pdist"] *= MODEL / tensor.shape[1]
@@ -145,8 +144,10 @@ def main() -> None:
 
     print(f"{'step':46s} {'ms':>7s} {'x mean':>7s}")
     print("-" * 62)
-    for key in ["mean", *list(steps)[:-1]]:
-        print(f"{steps[key][0]:46s} {ms[key]:7.2f} {ms[key] / ms['mean']:7.2f}")
+    labels = {"mean": "mean, BLAS on every core (the baseline)"}
+    labels |= {key: label for key, (label, _) in steps.items()}
+    for key, label in labels.items():
+        print(f"{label:46s} {ms[key]:7.2f} {ms[key] / ms['mean']:7.2f}")
     print(
         f"colluders' squared distance, relative error: differences {differences_error:.1e}, "
         f"gram {gram_error:.1e}"
