@@ -423,9 +423,8 @@ def _distance_pool(workers: int) -> ThreadPoolExecutor:
 
 def _distance_workers(d: int, torch_threads: int) -> int:
     """Threads for the pairwise-distance pass over ``d`` columns: one per core that torch's
-    own intra-op threads leave free (a node runs torch on one thread), no more than there are
-    column blocks, and one for a model small enough that a thread would cost more than it
-    saves."""
+    own intra-op threads leave free (a node runs torch on one thread), each with at least
+    ``_MIN_BLOCKS_PER_WORKER`` column blocks, so a small model gets one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
