@@ -31,11 +31,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from gossip import aggregation
-from gossip.aggregation import AGGREGATORS, _pairwise_squared_distances
+from gossip.aggregation import _BLOCK_COLUMNS as GRAM_BLOCK  # the block the Gram pass used
+from gossip.aggregation import AGGREGATORS, _column_blocks, _pairwise_squared_distances
 
 NEIGHBOURS = 16
 MODEL = 1_000_000
-GRAM_BLOCK = 32768  # the block the Gram pass used
 BEST_OF = 9
 
 
@@ -54,11 +54,8 @@ def gram_squared_distances(own: np.ndarray, received: np.ndarray, columns: range
     k = received.shape[0]
     gram = np.zeros((k + 1, k + 1))
     buffer = np.empty((k, GRAM_BLOCK), dtype=received.dtype)
-    for start in range(columns.start, columns.stop, GRAM_BLOCK):
-        stop = min(start + GRAM_BLOCK, columns.stop)
-        centred = np.subtract(
-            received[:, start:stop], own[start:stop], out=buffer[:, : stop - start]
-        )
+    for cols in _column_blocks(columns.stop, GRAM_BLOCK, columns.start):
+        centred = np.subtract(received[:, cols], own[cols], out=buffer[:, : cols.stop - cols.start])
         gram[1:, 1:] += centred @ centred.T
     norms = np.diag(gram)
     return np.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)

@@ -291,9 +291,10 @@ AGGREGATORS: dict[str, Rule] = {
 # --------------------------------------------------------------------------- internals
 
 
-def _column_blocks(d: int) -> Iterator[slice]:
-    for start in range(0, d, _BLOCK_COLUMNS):
-        yield slice(start, min(start + _BLOCK_COLUMNS, d))
+def _column_blocks(stop: int, size: int = _BLOCK_COLUMNS, start: int = 0) -> Iterator[slice]:
+    """Slices of at most ``size`` columns covering columns ``start`` to ``stop``."""
+    for first in range(start, stop, size):
+        yield slice(first, min(first + size, stop))
 
 
 def _as_vector_and_rows(
@@ -391,13 +392,12 @@ def _pairwise_squared_distances(own: np.ndarray, received: np.ndarray) -> np.nda
     def squared_over(columns: range) -> np.ndarray:
         buffer = np.empty((n, min(_DISTANCE_BLOCK_COLUMNS, len(columns))), dtype=dtype)
         per_block = []
-        for start in range(columns.start, columns.stop, _DISTANCE_BLOCK_COLUMNS):
-            stop = min(start + _DISTANCE_BLOCK_COLUMNS, columns.stop)
+        for cols in _column_blocks(columns.stop, _DISTANCE_BLOCK_COLUMNS, columns.start):
             # pdist needs a contiguous block, so a short last block gets its own. Copying also
             # never hands torch the caller's arrays, which may be read-only message views.
-            width = stop - start
+            width = cols.stop - cols.start
             block = buffer if width == buffer.shape[1] else np.empty((n, width), dtype=dtype)
-            block[0], block[1:] = own[start:stop], received[:, start:stop]
+            block[0], block[1:] = own[cols], received[:, cols]
             per_block.append(torch.pdist(torch.from_numpy(block)))
         return torch.stack(per_block).double().square_().sum(dim=0).numpy()
 
