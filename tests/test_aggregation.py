@@ -164,10 +164,15 @@ def test_krum_needs_more_than_2f_plus_2_inputs():
         krum(own, received, uniform(4), 1)
 
 
+def exact_squared_distances(vectors: np.ndarray) -> np.ndarray:
+    """Squared distances between the rows of ``vectors`` from float64 differences, the slow way."""
+    exact = vectors.astype(np.float64)
+    return ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
+
+
 def exact_krum_scores(vectors: np.ndarray, f: int) -> np.ndarray:
     """Krum scores of the rows of ``vectors`` from float64 differences, the slow way."""
-    exact = vectors.astype(np.float64)
-    squared = ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
+    squared = exact_squared_distances(vectors)
     np.fill_diagonal(squared, np.inf)
     return np.sort(squared, axis=1)[:, : len(vectors) - f - 2].sum(axis=1)
 
@@ -208,9 +213,7 @@ def test_krum_distances_split_over_workers_match_one_pass(monkeypatch):
     monkeypatch.setattr(agg, "_distance_workers", lambda d, torch_threads: 1)
     one_pass = agg._pairwise_squared_distances(vectors[0], vectors[1:])
     np.testing.assert_allclose(split, one_pass, rtol=1e-12)
-    exact = vectors.astype(np.float64)
-    expected = ((exact[:, None, :] - exact[None, :, :]) ** 2).sum(axis=-1)
-    np.testing.assert_allclose(split, expected, rtol=1e-5)
+    np.testing.assert_allclose(split, exact_squared_distances(vectors), rtol=1e-5)
 
 
 def test_distance_workers_use_the_cores_torch_leaves_free(monkeypatch):
