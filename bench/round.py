@@ -164,11 +164,18 @@ async def measure_communication(n_params: int, k: int, repetitions: int) -> dict
     return {"comm_s": min(round_times[1:]), "bare_s": min(floor_times[1:])}
 
 
-def measure_aggregation(n_params: int, k: int, repetitions: int) -> dict[str, float]:
-    rng = np.random.default_rng(k)
+def aggregation_inputs(
+    n_params: int, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Own model, k distinct neighbour models (own plus small noise) and uniform weights."""
+    rng = np.random.default_rng(seed)
     own = rng.standard_normal(n_params, dtype=np.float32)
     received = own + 0.01 * rng.standard_normal((k, n_params), dtype=np.float32)
-    weights = np.full(k + 1, 1.0 / (k + 1))
+    return own, received, np.full(k + 1, 1.0 / (k + 1))
+
+
+def measure_aggregation(n_params: int, k: int, repetitions: int) -> dict[str, float]:
+    own, received, weights = aggregation_inputs(n_params, k, seed=k)
     calls = {
         name: (
             lambda rule=AGGREGATORS[name], f=(0 if name == "mean" else F): rule(
@@ -186,25 +193,18 @@ def measure_aggregation(n_params: int, k: int, repetitions: int) -> dict[str, fl
 
 def fastest_mean(n_params: int, k: int, repetitions: int) -> float:
     """The mean over the same inputs as measure_aggregation, with BLAS on every core."""
-    rng = np.random.default_rng(k)
-    own = rng.standard_normal(n_params, dtype=np.float32)
-    received = own + 0.01 * rng.standard_normal((k, n_params), dtype=np.float32)
-    weights = np.full(k + 1, 1.0 / (k + 1))
+    own, received, weights = aggregation_inputs(n_params, k, seed=k)
     with threadpool_limits(os.cpu_count(), user_api="blas"):
-        times = [timed(lambda: AGGREGATORS["mean"](own, received, weights, 0))]
-        times += [
+        times = [
             timed(lambda: AGGREGATORS["mean"](own, received, weights, 0))
-            for _ in range(repetitions)
+            for _ in range(repetitions + 1)
         ]
     return min(times[1:])
 
 
 def trimmed_by_f(n_params: int, k: int, repetitions: int) -> dict[int, float]:
     """Trimmed mean / mean at larger f: the streaming selection's cost grows with f."""
-    rng = np.random.default_rng(0)
-    own = rng.standard_normal(n_params, dtype=np.float32)
-    received = own + 0.01 * rng.standard_normal((k, n_params), dtype=np.float32)
-    weights = np.full(k + 1, 1.0 / (k + 1))
+    own, received, weights = aggregation_inputs(n_params, k, seed=0)
     ratios = {}
     for f in (2, 4, k // 2):
         means, trims = [], []
