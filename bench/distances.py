@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 from gossip import aggregation
 from gossip.aggregation import _BLOCK_COLUMNS as GRAM_BLOCK  # the block the Gram pass used
 from gossip.aggregation import AGGREGATORS, _column_blocks, _pairwise_squared_distances
+from node.threads import limit_numeric_threads
 
 NEIGHBOURS = 16
 MODEL = 1_000_000
@@ -96,8 +97,7 @@ def one_worker(function: Callable[[], object]) -> Callable[[], object]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)  # as in a node (node/node.py)
-    threadpool_limits(1, user_api="blas")
+    limit_numeric_threads()  # as in a node
     rng = np.random.default_rng(0)
     own = rng.standard_normal(MODEL, dtype=np.float32)
     received = own + 0.01 * rng.standard_normal((NEIGHBOURS, MODEL), dtype=np.float32)

@@ -37,7 +37,6 @@ from collections.abc import Callable
 
 import nacl.bindings
 import numpy as np
-import torch
 from aiohttp import web
 from threadpoolctl import threadpool_limits
 
@@ -46,6 +45,7 @@ from crypto.identity import generate_identity
 from gossip.aggregation import AGGREGATORS
 from gossip.transport import PeerTransport
 from gossip.wire import EnvelopeOpener, ModelUpdate, _encode_body, build_envelope
+from node.threads import limit_numeric_threads
 
 SIZES = {"100k": 100_000, "1M": 1_000_000}
 NEIGHBOURS = (4, 8, 16)
@@ -219,8 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as in a node (node/node.py)
-    threadpool_limits(1, user_api="blas")
+    limit_numeric_threads()  # as in a node
     repetitions = {"100k": 3, "1M": 2} if args.quick else {"100k": 20, "1M": 7}
 
     results = {}

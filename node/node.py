@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, load_identity, load_public_key
@@ -56,6 +54,7 @@ from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig, split_listen
 from node.metrics import NodeMetrics
+from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
 
@@ -122,12 +121,7 @@ class HospitalNode:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        # Many nodes may share a small machine: one core each is plenty for training. BLAS too:
-        # after a threaded call OpenBLAS's idle workers busy-wait ~0.1-0.2 s, taking a core
-        # from whatever runs next (Krum after a threaded mean: 7.1 -> 13.7 ms). Krum's distance
-        # pass spreads over the cores itself (gossip.aggregation._distance_workers).
-        torch.set_num_threads(1)
-        threadpool_limits(1, user_api="blas")
+        limit_numeric_threads()
         self.identity: Identity = load_identity(config.node.key_file)
         if self.identity.name and self.identity.name != config.node.name:
             log.warning(
