@@ -3,7 +3,8 @@
 
 It writes a key pair and a config file per hospital into the run directory, starts each
 hospital as its own `murmur node --config ...` process (exactly what a hospital runs), follows
-them through their /status endpoints, and writes report.json and report.html.
+them through the /status endpoints of their operator listeners, and writes report.json and
+report.html.
 
     python run_cluster.py                       # 4 hospitals, breast cancer data, DP on
     python run_cluster.py --dataset heart-disease --baselines --no-dp
@@ -47,7 +48,8 @@ class NodeProcess:
     config_path: Path
     state_dir: Path
     log_path: Path
-    address: str
+    address: str  # the peer listener: /gossip and /health
+    operator_address: str  # the operator listener: /status, /metrics and the dashboard
     byzantine: bool = False
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
@@ -236,7 +238,8 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     for ident in identities:
         _, pub = save_identity(ident, keys_dir)
         public_files.append(pub)
-    ports = free_ports(n)
+    ports = free_ports(2 * n)  # a peer port and an operator port per node
+    operator_ports = ports[n:]
     model = args.model or DEFAULT_MODEL[args.dataset]
     nodes = []
     for i, name in enumerate(names):
@@ -260,6 +263,14 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "key_file": str(keys_dir / f"{name}.key"),
                 "state_dir": str(state_dir),
                 "listen": f"127.0.0.1:{ports[i]}",
+            },
+            "operator": {"listen": f"127.0.0.1:{operator_ports[i]}"},
+            # Every node of this network connects from 127.0.0.1, so the per-address limits
+            # (sized for one peer per address) must cover all of them.
+            "peer_listener": {
+                "max_connections": max(64, 4 * n),
+                "max_connections_per_address": max(8, 4 * n),
+                "max_uploads_per_address": max(4, 2 * n),
             },
             "data": {
                 "dataset": args.dataset,
@@ -308,6 +319,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 state_dir=state_dir,
                 log_path=run_dir / "logs" / f"{name}.log",
                 address=f"http://127.0.0.1:{ports[i]}",
+                operator_address=f"http://127.0.0.1:{operator_ports[i]}",
                 byzantine=byzantine,
             )
         )
@@ -397,7 +409,7 @@ async def poll_status(session: aiohttp.ClientSession, node: NodeProcess) -> None
         aiohttp.ClientError, TimeoutError, asyncio.TimeoutError, ValueError, OSError
     ):
         async with session.get(
-            f"{node.address}/status", timeout=aiohttp.ClientTimeout(total=2)
+            f"{node.operator_address}/status", timeout=aiohttp.ClientTimeout(total=2)
         ) as r:
             if r.status == 200:
                 node.status = await r.json()
@@ -574,7 +586,8 @@ async def run(args: argparse.Namespace) -> int:
     )
     for n in nodes:
         print(
-            f"  {n.name}: dashboard {n.address}/{'   <- BYZANTINE ATTACKER' if n.byzantine else ''}"
+            f"  {n.name}: dashboard {n.operator_address}/"
+            f"{'   <- BYZANTINE ATTACKER' if n.byzantine else ''}"
         )
     if args.byzantine:
         print(

@@ -52,8 +52,9 @@ from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
-from node.config import NodeConfig, split_listen
+from node.config import NodeConfig
 from node.metrics import NodeMetrics
+from node.rejections import RateLimitedLog, RejectionTally, printable
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
@@ -207,6 +208,10 @@ class HospitalNode:
                 max_message_bytes=max_bytes,
             )
         self.rejected: Counter[str] = Counter()
+        # Unauthenticated rejections: counted here and summarised in one audit record per
+        # round, never one record or log line each (node/rejections.py).
+        self.unauthenticated_rejections = RejectionTally()
+        self.rejection_log = RateLimitedLog(log)
         self.metrics = NodeMetrics(config.node.name)
         self.audit = AuditLog(
             self.state_dir / AUDIT_FILE,
@@ -307,12 +312,15 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- receiving
 
-    def receive(self, body: bytes) -> tuple[int, str, str]:
-        """Handle one POST /gossip body: (HTTP status, reason code, detail). Never raises."""
+    def receive(self, body: bytes, source: str | None = None) -> tuple[int, str, str]:
+        """Handle one POST /gossip body from address `source`: (HTTP status, reason code,
+        detail). Never raises. The detail is for this node's log; peers get only the code."""
         try:
             opened = self.opener.open(body)
         except WireError as err:
-            self.record_rejection(err.reason.value, err.detail, sender=None, round_=None)
+            self.record_rejection(
+                err.reason.value, err.detail, sender=None, round_=None, source=source
+            )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
@@ -454,12 +462,35 @@ class HospitalNode:
             info["proven_equivocation_round"] = proven.get(name)
 
     def record_rejection(
-        self, reason: str, detail: str, *, sender: str | None, round_: int | None
+        self,
+        reason: str,
+        detail: str,
+        *,
+        sender: str | None,
+        round_: int | None,
+        source: str | None = None,
     ) -> None:
+        """Count a refused request in /status and /metrics, and log it (rate-limited).
+
+        `sender` is the admitted peer whose signature verified, or None. Only those are
+        audited one record each (their number is bounded by the replay guard); anyone can
+        cause an unauthenticated rejection, so those are tallied and summarised in one
+        `rejections` audit record per round (`summarise_rejections`).
+        """
+        reason = str(reason)  # a plain code, whichever enum it came from
         self.rejected[reason] += 1
         self.state.rejected = dict(self.rejected)
         self.metrics.rejected.labels(reason=reason).inc()
-        log.warning("rejected message (%s): %s", reason, detail)
+        self.rejection_log.warning(
+            reason,
+            "rejected message (%s) from %s: %s",
+            reason,
+            sender or source or "an unknown address",
+            printable(detail),
+        )
+        if sender is None:
+            self.unauthenticated_rejections.add(reason, source)
+            return
         self.audit.append(
             "message_received",
             round_,
@@ -468,6 +499,12 @@ class HospitalNode:
             reason=reason,
             detail=detail[:200],
         )
+
+    def summarise_rejections(self, round_: int | None) -> None:
+        """Write the unauthenticated rejections since the last call as ONE audit record
+        (reason -> count, the top source addresses); nothing when there were none."""
+        if self.unauthenticated_rejections:
+            self.audit.append("rejections", round_, **self.unauthenticated_rejections.summary())
 
     # ---------------------------------------------------------------- the round loop
 
@@ -542,6 +579,7 @@ class HospitalNode:
         self.state.last_metrics = metrics
         self.state.model_sha256 = new_sha
         self.metrics.observe_round(r, metrics, epsilon, record.seconds)
+        self.summarise_rejections(r)
         self._checkpoint(r)
         self.audit.sign_head()
         log.info(
@@ -943,7 +981,8 @@ class HospitalNode:
                 await asyncio.wait_for(finished.wait(), timeout=0.5)
 
     async def run(self, *, serve_forever: bool = False) -> int:
-        """Serve the API and run the planned rounds; returns the process exit status."""
+        """Serve the peer and operator listeners and run the planned rounds; returns the
+        process exit status."""
         from node.api import start_api
 
         self.check_feasibility()
@@ -968,8 +1007,7 @@ class HospitalNode:
                 "!" * 78,
             )
             self.audit.append("adversary_mode", self.next_round, **self.adversary.status())
-        host, port = split_listen(self.config.node.listen)
-        runner = await start_api(self, host, port)
+        api = await start_api(self)
         finished = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as group:
@@ -986,10 +1024,11 @@ class HospitalNode:
                 finally:
                     finished.set()
         finally:
+            self.summarise_rejections(self.state.round)
             self.audit.append("node_stop", self.state.round, reason=self.state.phase)
             self.audit.sign_head()
             self._write_status()
-            await runner.cleanup()
+            await api.close()
             self.audit.close()
         return 0
 
