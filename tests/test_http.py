@@ -46,9 +46,12 @@ async def get(url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
         return r.status, dict(r.headers), await r.read()
 
 
-async def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, source: str | None = None
+) -> tuple[int, Any]:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0)) if source else None
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(connector=connector) as session,
         session.post(
             url, data=body, headers=headers or {}, timeout=aiohttp.ClientTimeout(total=10)
         ) as r,
@@ -61,6 +64,20 @@ async def raw_exchange(port: int, data: bytes, timeout_s: float = 5.0) -> tuple[
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
+    return await _read_to_close(reader, writer, timeout_s)
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def read_to_close(conn: Connection, timeout_s: float = 5.0) -> tuple[bytes, bool]:
+    """What a connection receives until the server closes it (True) or `timeout_s` passes."""
+    return await _read_to_close(*conn, timeout_s)
+
+
+async def _read_to_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
+) -> tuple[bytes, bool]:
     received = b""
     closed = False
     try:
@@ -306,15 +323,24 @@ async def test_idle_and_half_sent_connections_are_closed(tmp_path: Path) -> None
         assert closed and time.monotonic() - started < 5
 
 
-async def test_the_connection_caps_hold(tmp_path: Path) -> None:
-    limits = {"max_connections": 3, "max_connections_per_address": 3}
+async def connect_from(source: str, port: int) -> Connection:
+    """A connection to the listener from `source`, any address in 127.0.0.0/8."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def test_the_connection_cap_holds(tmp_path: Path) -> None:
+    limits = {"max_connections": 3, "max_connections_per_address": 2}
     async with running(tmp_path, peer_listener=limits) as (node, api):
-        held = [await asyncio.open_connection("127.0.0.1", api.peer.port) for _ in range(3)]
+        port = api.peer.port
+        held = [
+            await connect_from("127.0.0.1", port),
+            await connect_from("127.0.0.2", port),
+            await connect_from("127.0.0.3", port),
+        ]
         try:
             await asyncio.sleep(0.1)
-            received, closed = await raw_exchange(
-                api.peer.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-            )
+            probe = await connect_from("127.0.0.4", port)  # a new address, but 3 are open
+            received, closed = await read_to_close(probe)
             assert received.startswith(b"HTTP/1.1 503 ") and closed, received
             assert received.endswith(b'{"reason": "too_many_connections"}')
             assert node.rejected["too_many_connections"] == 1
@@ -330,25 +356,32 @@ async def test_the_connection_caps_hold(tmp_path: Path) -> None:
 async def test_the_per_address_caps_hold(tmp_path: Path) -> None:
     limits = {"max_connections": 10, "max_connections_per_address": 2, "max_uploads_per_address": 1}
     async with running(tmp_path, peer_listener=limits) as (node, api):
+        port = api.peer.port
         # One upload in progress from 127.0.0.1 (its body is not finished)...
-        _, writer = await asyncio.open_connection("127.0.0.1", api.peer.port)
-        writer.write(b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nab")
-        await writer.drain()
+        _, upload = await connect_from("127.0.0.1", port)
+        upload.write(b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nab")
+        await upload.drain()
         await asyncio.sleep(0.2)
-        # ...so a second one from the same address is refused before its body is read.
+        # ...so a second one from the same address is refused before its body is read,
         code, reply = await post(api.peer.address + "/gossip", b"junk")
         assert (code, reply) == (429, {"reason": "too_many_uploads"})
-        # With the upload's, two connections from one address are open: a third is refused.
-        other = await asyncio.open_connection("127.0.0.1", api.peer.port)
+        # and one from another address is not.
+        code, reply = await post(f"http://127.0.0.1:{port}/gossip", b"junk", source="127.0.0.2")
+        assert (code, reply) == (400, {"reason": "malformed"})
+        # With the upload's, two connections from 127.0.0.1 are open: a third is refused.
+        _, second = await connect_from("127.0.0.1", port)
         await asyncio.sleep(0.1)
-        received, closed = await raw_exchange(api.peer.port, b"")
+        received, closed = await read_to_close(await connect_from("127.0.0.1", port))
         assert received.startswith(b"HTTP/1.1 503 ") and closed
-        other[1].close()
-        writer.close()
+        received, closed = await read_to_close(await connect_from("127.0.0.2", port), 0.5)
+        assert received == b"" and not closed  # another address may still connect
+        second.close()
+        upload.close()
         await asyncio.sleep(0.3)
         code, reply = await post(api.peer.address + "/gossip", b"junk")
         assert (code, reply) == (400, {"reason": "malformed"})
         assert node.rejected["aborted_upload"] == 1  # the first upload, when it hung up
+        assert node.rejected["too_many_connections"] == 1
 
 
 # ---------------------------------------------------------------------------- junk in bulk
