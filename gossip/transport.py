@@ -55,7 +55,8 @@ class PeerTransport:
             timeout=aiohttp.ClientTimeout(total=self.send_timeout_s),
             # Replies are small JSON: nothing to inflate, and no inflating a peer's bytes.
             auto_decompress=False,
-            headers={"Accept-Encoding": "identity"},
+            # No library or Python version for whoever answers at a peer's address.
+            headers={"Accept-Encoding": "identity", "User-Agent": "murmur"},
         )
         return self
 

@@ -279,6 +279,17 @@ async def test_expect_100_continue_with_oversize_length_is_refused_before_the_bo
         assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b'{"reason": "malformed"}')
 
 
+async def test_a_chunked_body_past_the_limit_is_413(tmp_path: Path) -> None:
+    async with running(tmp_path) as (node, api):
+        limit = node.limits.max_message_bytes
+        chunk = b"4000\r\n" + b"a" * 0x4000 + b"\r\n"
+        head = b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        received, closed = await raw_exchange(api.peer.port, head + chunk * (limit // 0x4000 + 2))
+        assert received.startswith(b"HTTP/1.1 413 ") and closed, received
+        assert received.endswith(b'{"reason": "too_large"}')
+        assert node.rejected["too_large"] == 1
+
+
 async def test_a_trickling_upload_is_cut_at_the_body_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
