@@ -297,10 +297,16 @@ class NodeApi:
             await self.operator.close()
 
 
-async def start_api(node: HospitalNode) -> NodeApi:
-    """Load the operator token (refusing a readable one), then bind both listeners."""
+def operator_token(config: NodeConfig) -> str | None:
+    """The operator's bearer token, if the config names a token file (which must be private:
+    `load_operator_token`). Called before the node records or binds anything."""
+    path = config.operator.token_file
+    return load_operator_token(path) if path is not None else None
+
+
+async def start_api(node: HospitalNode, token: str | None) -> NodeApi:
+    """Bind the peer listener and the operator listener (which needs `token`, if any)."""
     config = node.config
-    token = load_operator_token(config.operator.token_file) if config.operator.token_file else None
 
     def refused(reason: str, detail: str, source: str | None) -> None:
         node.record_rejection(reason, detail, sender=None, round_=None, source=source)
@@ -561,6 +567,13 @@ async def _operator_guard(
         if not (request.path == "/" and request.method in ("GET", "HEAD")) and not _bearer_ok(
             request, auth.token
         ):
+            request.app[NODE_KEY].rejection_log.warning(
+                "operator:unauthorized",
+                "operator listener: %s %s from %s without the right token",
+                request.method,
+                printable(request.path, 80),
+                request.remote,
+            )
             return web.json_response(
                 {"reason": "unauthorized"},
                 status=401,

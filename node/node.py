@@ -983,9 +983,10 @@ class HospitalNode:
     async def run(self, *, serve_forever: bool = False) -> int:
         """Serve the peer and operator listeners and run the planned rounds; returns the
         process exit status."""
-        from node.api import start_api
+        from node.api import operator_token, start_api
 
         self.check_feasibility()
+        token = operator_token(self.config)  # a readable token file stops the node here
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -1007,7 +1008,7 @@ class HospitalNode:
                 "!" * 78,
             )
             self.audit.append("adversary_mode", self.next_round, **self.adversary.status())
-        api = await start_api(self)
+        api = await start_api(self, token)
         finished = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as group:

@@ -21,7 +21,7 @@ import pytest
 from crypto.identity import generate_identity, load_identity
 from gossip.wire import ModelUpdate, build_envelope
 from models.params import get_state
-from node.api import NodeApi, OperatorTokenError, load_operator_token, start_api
+from node.api import NodeApi, OperatorTokenError, load_operator_token, operator_token, start_api
 from tests.netutil import build_node
 
 TOKEN = "t0k3n-" + "x" * 40
@@ -30,7 +30,7 @@ TOKEN = "t0k3n-" + "x" * 40
 @asynccontextmanager
 async def running(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[Any, NodeApi]]:
     node = build_node(tmp_path, **sections)
-    api = await start_api(node)
+    api = await start_api(node, operator_token(node.config))
     try:
         yield node, api
     finally:
@@ -177,14 +177,18 @@ def test_token_file_with_loose_permissions_or_too_short_is_refused(tmp_path: Pat
         load_operator_token(tmp_path / "missing.token")
 
 
-async def test_a_loose_token_file_stops_the_node_before_it_listens(tmp_path: Path) -> None:
+async def test_a_loose_token_file_stops_the_node_before_it_records_anything(
+    tmp_path: Path,
+) -> None:
     token_file = tmp_path / "operator.token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o640)
     node = build_node(tmp_path / "net", operator={"token_file": str(token_file)})
     try:
+        before = node.audit.counts_by_kind()
         with pytest.raises(OperatorTokenError, match="chmod 600"):
-            await start_api(node)
+            await node.run()
+        assert node.audit.counts_by_kind() == before  # no node_start
     finally:
         node.audit.close()
 
