@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -47,7 +47,7 @@ log = logging.getLogger("murmur.api")
 
 NODE_KEY = web.AppKey("node", "HospitalNode")
 UPLOADS_KEY = web.AppKey("uploads", "UploadSlots")
-LIMITS_KEY = web.AppKey("limits", "ListenerLimits")
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 AUTH_KEY = web.AppKey("auth", "OperatorAuth")
 
 
@@ -91,36 +91,24 @@ MIN_TOKEN_CHARS = 32
 
 
 @dataclass(frozen=True)
-class ListenerLimits:
-    """What one listener allows a client; see `[peer_listener]` in docs/config.md."""
+class ConnectionLimits:
+    """How many connections one listener keeps, and for how long an idle one."""
 
-    body_timeout_s: float
     idle_timeout_s: float
     max_connections: int
     max_connections_per_address: int
-    max_uploads_per_address: int
     backlog: int = 128
 
     @classmethod
-    def for_peers(cls, config: NodeConfig) -> ListenerLimits:
+    def for_peers(cls, config: NodeConfig) -> ConnectionLimits:
+        """`[peer_listener]` in docs/config.md."""
         s = config.peer_listener
-        return cls(
-            body_timeout_s=s.body_timeout_s,
-            idle_timeout_s=s.idle_timeout_s,
-            max_connections=s.max_connections,
-            max_connections_per_address=s.max_connections_per_address,
-            max_uploads_per_address=s.max_uploads_per_address,
-        )
+        return cls(s.idle_timeout_s, s.max_connections, s.max_connections_per_address)
 
 
-# The operator listener serves a few loopback clients (a browser, a scraper, run_cluster).
-OPERATOR_LIMITS = ListenerLimits(
-    body_timeout_s=5.0,
-    idle_timeout_s=15.0,
-    max_connections=32,
-    max_connections_per_address=32,
-    max_uploads_per_address=1,
-    backlog=32,
+# The operator listener serves a few local clients (a browser, a scraper, run_cluster).
+OPERATOR_LIMITS = ConnectionLimits(
+    idle_timeout_s=15.0, max_connections=32, max_connections_per_address=32, backlog=32
 )
 
 
@@ -198,7 +186,7 @@ class Listener:
         name: str,
         app: web.Application,
         listen: str,
-        limits: ListenerLimits,
+        limits: ConnectionLimits,
         on_refused: Callable[[str, str, str | None], None],
     ) -> None:
         self.name = name
@@ -317,7 +305,11 @@ async def start_api(node: HospitalNode, token: str | None) -> NodeApi:
         )
 
     peer = Listener(
-        "peer", build_peer_app(node), config.node.listen, ListenerLimits.for_peers(config), refused
+        "peer",
+        build_peer_app(node),
+        config.node.listen,
+        ConnectionLimits.for_peers(config),
+        refused,
     )
     operator = Listener(
         "operator",
@@ -380,7 +372,7 @@ class UploadSlots:
         return self.active[source] >= self.per_address
 
     @contextlib.contextmanager
-    def hold(self, source: str) -> Any:
+    def hold(self, source: str) -> Iterator[None]:
         self.active[source] += 1
         try:
             yield
@@ -394,8 +386,8 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     """The peer listener's application; its whole route table is here."""
     app = _new_app([_plain_errors], node.limits.max_message_bytes)
     app[NODE_KEY] = node
-    app[LIMITS_KEY] = ListenerLimits.for_peers(node.config)
-    app[UPLOADS_KEY] = UploadSlots(app[LIMITS_KEY].max_uploads_per_address)
+    app[BODY_TIMEOUT_KEY] = node.config.peer_listener.body_timeout_s
+    app[UPLOADS_KEY] = UploadSlots(node.config.peer_listener.max_uploads_per_address)
     app.router.add_post("/gossip", gossip, expect_handler=_expect_gossip)
     app.router.add_get("/health", health)
     return app
@@ -461,16 +453,14 @@ async def gossip(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     node = request.app[NODE_KEY]
-    limits = request.app[LIMITS_KEY]
+    timeout_s = request.app[BODY_TIMEOUT_KEY]
     source = _source(request)
     with request.app[UPLOADS_KEY].hold(source):
         try:
-            async with asyncio.timeout(limits.body_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 body = await request.read()
         except TimeoutError:
-            return _refuse(
-                request, HttpReason.BODY_TIMEOUT, f"body not read within {limits.body_timeout_s}s"
-            )
+            return _refuse(request, HttpReason.BODY_TIMEOUT, f"body not read within {timeout_s}s")
         except web.HTTPRequestEntityTooLarge:
             return _refuse(request, TOO_LARGE, f"body over {node.limits.max_message_bytes} bytes")
         except ConnectionError:
