@@ -256,6 +256,20 @@ async def test_any_content_encoding_is_refused_415_and_counted(
     no_traceback_logged(caplog)
 
 
+async def test_a_malformed_request_is_one_counted_line_without_its_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running(tmp_path) as (node, api):
+        junk = b"POST /gossip HTTP/1.1\r\nX-Junk: " + b"SENDERBYTES\x01" * 600 + b"\r\n\r\n"
+        for request in (b"SENDERBYTES \x00\x01" * 500 + b"\r\n\r\n", junk):
+            received, closed = await raw_exchange(api.peer.port, request)
+            assert received.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 ")) and closed, received
+        assert node.rejected["bad_http"] == 2
+    assert "SENDERBYTES" not in caplog.text
+    no_traceback_logged(caplog)
+
+
 async def test_expect_100_continue_with_oversize_length_is_refused_before_the_body(
     tmp_path: Path,
 ) -> None:
@@ -368,7 +382,8 @@ async def test_the_connection_cap_holds(tmp_path: Path) -> None:
         held[0][1].close()
 
 
-async def test_the_per_address_caps_hold(tmp_path: Path) -> None:
+async def test_the_per_address_caps_hold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     limits = {"max_connections": 10, "max_connections_per_address": 2, "max_uploads_per_address": 1}
     async with running(tmp_path, peer_listener=limits) as (node, api):
         port = api.peer.port
@@ -397,6 +412,7 @@ async def test_the_per_address_caps_hold(tmp_path: Path) -> None:
         assert (code, reply) == (400, {"reason": "malformed"})
         assert node.rejected["aborted_upload"] == 1  # the first upload, when it hung up
         assert node.rejected["too_many_connections"] == 1
+    no_traceback_logged(caplog)
 
 
 # ---------------------------------------------------------------------------- junk in bulk
