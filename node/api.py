@@ -383,12 +383,16 @@ class UploadSlots:
 
 
 def build_peer_app(node: HospitalNode) -> web.Application:
-    """The peer listener's application; its whole route table is here."""
+    """The peer listener's application; its whole route table is here.
+
+    A route that takes a body from peers reads it with `read_peer_body` and is added with
+    `expect_handler=expect_peer_body`, so that it has every limit /gossip has.
+    """
     app = _new_app([_plain_errors], node.limits.max_message_bytes)
     app[NODE_KEY] = node
     app[BODY_TIMEOUT_KEY] = node.config.peer_listener.body_timeout_s
     app[UPLOADS_KEY] = UploadSlots(node.config.peer_listener.max_uploads_per_address)
-    app.router.add_post("/gossip", gossip, expect_handler=_expect_gossip)
+    app.router.add_post("/gossip", gossip, expect_handler=expect_peer_body)
     app.router.add_get("/health", health)
     return app
 
@@ -431,7 +435,7 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
     return None
 
 
-async def _expect_gossip(request: web.Request) -> web.StreamResponse | None:
+async def expect_peer_body(request: web.Request) -> web.StreamResponse | None:
     """`Expect: 100-continue`: refuse from the headers before inviting the body; otherwise
     invite it, as aiohttp's default handler does."""
     refusal = _refusal_before_body(request)
@@ -447,27 +451,35 @@ async def _expect_gossip(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-async def gossip(request: web.Request) -> web.Response:
-    """POST /gossip: one envelope. The answer carries only the reason code."""
+async def read_peer_body(request: web.Request) -> bytes | web.Response:
+    """A peer request's whole body, or the refusal to answer with (already counted): the
+    header checks, one of the source address's upload slots, the body timeout, the size
+    limit, and a typed 4xx for every way reading can fail."""
     refusal = _refusal_before_body(request)
     if refusal is not None:
         return refusal
-    node = request.app[NODE_KEY]
     timeout_s = request.app[BODY_TIMEOUT_KEY]
-    source = _source(request)
-    with request.app[UPLOADS_KEY].hold(source):
+    with request.app[UPLOADS_KEY].hold(_source(request)):
         try:
             async with asyncio.timeout(timeout_s):
-                body = await request.read()
+                return await request.read()
         except TimeoutError:
             return _refuse(request, HttpReason.BODY_TIMEOUT, f"body not read within {timeout_s}s")
         except web.HTTPRequestEntityTooLarge:
-            return _refuse(request, TOO_LARGE, f"body over {node.limits.max_message_bytes} bytes")
+            limit = request.app[NODE_KEY].limits.max_message_bytes
+            return _refuse(request, TOO_LARGE, f"body over {limit} bytes")
         except ConnectionError:
             return _refuse(request, HttpReason.ABORTED_UPLOAD, "the sender disconnected")
         except (web.RequestPayloadError, HttpProcessingError) as exc:
             return _refuse(request, HttpReason.BAD_BODY, type(exc).__name__)
-    status_code, reason, _detail = node.receive(body, source=source)
+
+
+async def gossip(request: web.Request) -> web.Response:
+    """POST /gossip: one envelope. The answer carries only the reason code."""
+    body = await read_peer_body(request)
+    if isinstance(body, web.Response):
+        return body
+    status_code, reason, _detail = request.app[NODE_KEY].receive(body, source=_source(request))
     return web.json_response({"reason": reason}, status=status_code)
 
 
