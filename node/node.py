@@ -44,7 +44,7 @@ from gossip.wire import (
     build_envelope,
     default_max_message_bytes,
 )
-from models.data import HospitalSplit, load_dataset
+from models.data import HospitalSplit, load_dataset, resolved_data_path
 from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
@@ -114,6 +114,9 @@ class NodeState:
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
+    # What this node trains and tests on (operator-only, like every field here): the data set,
+    # where it was read from, and the split sizes the report's "n train" / "n test" show.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class HospitalNode:
@@ -222,6 +225,7 @@ class HospitalNode:
                 for p in self.peers
             },
             adversary=self.adversary.status() if self.adversary else None,
+            data=self._data_description(),
         )
         self.next_round = 1
         self.stop = asyncio.Event()
@@ -257,6 +261,17 @@ class HospitalNode:
             f"data.hospital {d.hospital!r} is not in dataset {d.dataset!r}; "
             f"fix: use one of {', '.join(names)} or an index 0..{len(splits) - 1}"
         )
+
+    def _data_description(self) -> dict[str, Any]:
+        """The data set, the path it was really read from, and this hospital's split sizes."""
+        d = self.config.data
+        return {
+            "dataset": d.dataset,
+            "path": str(resolved_data_path(d.dataset, d.path)),
+            "hospital": self.data.name,
+            "n_train": len(self.data.y_train),
+            "n_test": len(self.data.y_test),
+        }
 
     def _restore(self) -> None:
         """Continue from the last checkpoint, never from scratch while claiming an old budget."""
