@@ -1,4 +1,8 @@
-"""The `murmur` command: keygen, node, audit."""
+"""The `murmur` command: keygen, key show, config check, node, audit.
+
+Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
+line saying what is wrong and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="murmur", description="Peer-to-peer federated learning for hospitals."
     )
+    from node import __version__
+
+    parser.add_argument("--version", action="version", version=f"murmur {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     keygen = sub.add_parser("keygen", help="create a hospital's Ed25519 identity")
@@ -21,6 +28,20 @@ def main(argv: list[str] | None = None) -> int:
         "--out", required=True, type=Path, help="directory for NAME.key (0600) and NAME.pub"
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    key = sub.add_parser("key", help="show a key's public key and fingerprint")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    show = key_sub.add_parser("show", help="print the public key and fingerprint of a key file")
+    show.add_argument("path", help="a private key (.key) or public key (.pub) file, or hex")
+
+    config = sub.add_parser("config", help="check config files without starting a node")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate configs and their keys; given several hospitals' configs, also check "
+        "that they agree (seed, model, peer keys, degrees, mutual listing)",
+    )
+    check.add_argument("configs", nargs="+", type=Path, help="one or more node config files")
 
     node = sub.add_parser("node", help="run a hospital node from its config file")
     node.add_argument(
@@ -49,13 +70,43 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except (OSError, ValueError) as exc:  # IdentityError, ConfigError, AuditError, a bad path
+        print(f"murmur: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "keygen":
         from crypto.identity import keygen_command
 
         return keygen_command(args.name, args.out, force=args.force)
+    if args.command == "key":
+        return show_key(args.path)
+    if args.command == "config":
+        from node.config_check import config_check_command
+
+        return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
     return run_audit(args)
+
+
+def show_key(path: str) -> int:
+    """Name, public key and fingerprint: what operators read to each other to admit a peer."""
+    from crypto.identity import fingerprint, load_identity, load_public_key
+
+    if Path(path).suffix == ".key":
+        identity = load_identity(path)
+        name, public = identity.name, identity.public_key
+    else:
+        name, public = None, load_public_key(path)
+    if name:
+        print(f"name:        {name}")
+    print(f"public key:  {public.hex()}")
+    print(f"fingerprint: {fingerprint(public)}")
+    return 0
 
 
 def run_node(config_path: Path, *, serve: bool, log_level: str) -> int:

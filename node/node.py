@@ -50,6 +50,7 @@ from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig, split_listen
@@ -58,7 +59,7 @@ from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
 
-VERSION = "0.1.0"
+VERSION = __version__
 SIGNED_ROUND_FILE = "signed_round.json"
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
