@@ -48,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         "--config", required=True, type=Path, help="the node's TOML config (docs/config.md)"
     )
     node.add_argument(
-        "--serve", action="store_true", help="keep serving the API after the planned rounds"
+        "--serve",
+        action="store_true",
+        help="keep serving the API after the planned rounds (as [node] after_training = serve)",
     )
-    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    node.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides [logging] level (default INFO)",
+    )
 
     audit = sub.add_parser("audit", help="verify, export or trace a node's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -109,25 +115,27 @@ def show_key(path: str) -> int:
     return 0
 
 
-def run_node(config_path: Path, *, serve: bool, log_level: str) -> int:
+def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
     from node.config import ConfigError, load_config
+    from node.logs import LOG_FORMAT, configure_logging
 
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        logging.basicConfig(level=log_level or "INFO", format=LOG_FORMAT, stream=sys.stderr)
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.logging, log_level)
     from node.checkpoint import CheckpointError
     from node.node import HospitalNode, StartupError
 
     try:
         node = HospitalNode(config)
+        serve = serve or config.node.after_training == "serve"
         return asyncio.run(node.run(serve_forever=serve))
     except (StartupError, CheckpointError, ValueError, OSError) as exc:
-        print(f"murmur: cannot start node {config.node.name}: {exc}", file=sys.stderr)
+        # Logged, not printed: a node under a service manager is read from its log file.
+        logging.getLogger("murmur.node").error("cannot start node %s: %s", config.node.name, exc)
         return 2
 
 

@@ -295,7 +295,10 @@ class HospitalNode:
         self.replay = ReplayGuard.from_state(ckpt.replay)
         self.last_signed_round = self._read_signed_round()
         self.next_round = ckpt.round + 1
+        self.state.round = ckpt.round
         self.state.history = list(ckpt.extra.get("history", []))
+        if self.state.history:
+            self.state.last_metrics = dict(self.state.history[-1].get("metrics", {}))
         self.state.bytes_sent = int(ckpt.extra.get("bytes_sent", 0))
         if "trust" in ckpt.extra:
             self.trust = TrustTracker.from_state(
@@ -958,11 +961,73 @@ class HospitalNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), timeout=0.5)
 
+    def start_line(self) -> str:
+        """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
+        cfg = self.config
+        peers = ", ".join(f"{p.name} ({p.address})" for p in self.peers) or "none"
+        if self.ledger is not None:
+            privacy = (
+                f"DP-SGD ε={self.ledger.epsilon_budget:g} δ={self.ledger.delta:.3g} "
+                f"(σ={self.ledger.noise_multiplier:.3f}, spent {self.ledger.epsilon_spent():.3f})"
+            )
+        else:
+            privacy = "NO differential privacy"
+        planned = cfg.training.rounds
+        where = (
+            f"continuing at round {self.next_round}"
+            if self.next_round > 1
+            else "starting at round 1"
+        )
+        return (
+            f"murmur {VERSION} node {cfg.node.name} (key {self.identity.fingerprint}) "
+            f"listening on {cfg.node.listen}; peers: {peers}; study: {cfg.data.dataset} "
+            f"({self.data.name}, {len(self.data.y_train)} training patients), model "
+            f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
+            f"f={cfg.aggregation.f}; privacy: {privacy}; {where} of {planned}"
+        )
+
+    def stop_reason(self) -> str:
+        """Why the node is stopping, from its last phase, in words for the log."""
+        phase = self.state.phase
+        if phase == "done":
+            return f"all {self.config.training.rounds} planned rounds done"
+        if phase == "budget_exhausted":
+            return "the privacy budget is spent (no further round could be trained within it)"
+        if phase == "stopped":
+            return "asked to stop (SIGTERM or SIGINT)"
+        return f"stopped while {phase}"
+
+    def finished_already(self) -> str | None:
+        """The phase a previous run of this state directory ended in, if it left nothing to
+        do: every planned round trained ("done"), or no DP step left in the budget."""
+        if self.next_round > self.config.training.rounds:
+            return "done"
+        if self.ledger is not None and self.ledger.remaining_steps() == 0:
+            return "budget_exhausted"
+        return None
+
     async def run(self, *, serve_forever: bool = False) -> int:
         """Serve the API and run the planned rounds; returns the process exit status."""
         from node.api import start_api
 
         self.check_feasibility()
+        log.info("%s", self.start_line())
+        ended = self.finished_already()
+        if ended is not None and not serve_forever:
+            self.state.phase = ended
+            log.info(
+                "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
+                "nothing to do, exiting. Start it with --serve (or [node] after_training = "
+                '"serve") to keep its API up.',
+                self.config.node.name,
+                self.stop_reason(),
+                self.state.round,
+                self.state.model_sha256[:12],
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
+            self._write_status()
+            self.audit.close()
+            return 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -1007,6 +1072,13 @@ class HospitalNode:
             self._write_status()
             await runner.cleanup()
             self.audit.close()
+            log.info(
+                "node %s stopping at round %d: %s; ε spent %.3f",
+                self.config.node.name,
+                self.state.round,
+                self.stop_reason(),
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
         return 0
 
 
