@@ -10,10 +10,13 @@ the planned noise, or replays its randomness, while the ledger reports the same 
 from __future__ import annotations
 
 import math
+import secrets
 
 import numpy as np
 import pytest
+import torch
 
+import models.privacy as privacy
 from bench.privacy_audit import (
     GUESS_FRACTIONS,
     AuditConfig,
@@ -21,6 +24,7 @@ from bench.privacy_audit import (
     audit_scores,
     epsilon_lower_bound,
     p_value,
+    replayed_randomness,
     run_audit,
 )
 
@@ -185,3 +189,17 @@ def test_replayed_randomness_is_caught_by_an_attack_on_the_round_models(audits) 
     assert replay.epsilon_lower_bound > replay.epsilon_reported
     assert honest.noise_measured == pytest.approx(honest.noise_multiplier, rel=0.05)
     assert honest.epsilon_lower_bound <= honest.epsilon_reported
+
+
+def test_replay_double_fixes_the_per_step_generator_once_murmur_has_one(monkeypatch) -> None:
+    # After the randomness change, DP-SGD draws from models.privacy.private_generator() at
+    # every step; the double must then make every call return the same stream, and undo it.
+    def fresh() -> torch.Generator:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+
+    monkeypatch.setattr(privacy, "private_generator", fresh, raising=False)
+    with replayed_randomness(trainer=None, seed=5) as before_step:  # type: ignore[arg-type]
+        before_step()
+        draws = [torch.randn(4, generator=privacy.private_generator()) for _ in range(3)]
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
+    assert privacy.private_generator is fresh
