@@ -94,7 +94,7 @@ Two broken mechanisms are test doubles, installed by one small helper each:
   moves) expose that to an attack on the per-round models, which peers see in murmur.
 
 Run: python bench/privacy_audit.py [--quick] [--canaries M] [--epochs E] [--batch-size B]
-(full: 80,000 canaries, 6 runs, about 80 s on one thread; --quick: 40,000, about 25 s)
+(full: 80,000 canaries, 6 runs, about 80 s on one thread; --quick: 40,000, about 40 s)
 """
 
 from __future__ import annotations
@@ -546,12 +546,12 @@ class BenchSize:
 
 FULL = BenchSize(canaries=80_000, epochs=40, batch_size=1024)
 """80,000 canaries can show epsilon up to 9.4: enough to catch sigma / 10 at epsilon = 8."""
-QUICK = BenchSize(canaries=40_000, epochs=30, batch_size=512)
+QUICK = BenchSize(canaries=40_000, epochs=40, batch_size=512)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="40,000 canaries, 30 epochs")
+    parser.add_argument("--quick", action="store_true", help="40,000 canaries instead of 80,000")
     parser.add_argument("--canaries", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
