@@ -146,6 +146,8 @@ def test_one_sided_attack_only_guesses_in() -> None:
 # --------------------------------------------------------------------------- murmur's DP-SGD
 
 SMALL = {"canaries": 4000, "epochs": 10, "batch_size": 128}
+SIGMA_TOLERANCE = 0.08
+"""sigma measured from ~2,000 out-canaries has a standard error of about 1.6%: 5 of them."""
 REPLAY = {"canaries": 4000, "epochs": 5, "batch_size": 512, "canary": "drifting"}
 
 
@@ -168,17 +170,17 @@ def test_honest_dp_sgd_stays_within_the_epsilon_it_reports(audits, name: str) ->
     assert result.epsilon_lower_bound <= result.epsilon_reported
     # The run is the mechanism the ledger describes: its noise, read back from the
     # out-canaries, is the planned sigma, and every canary was clipped to C.
-    assert result.noise_measured == pytest.approx(result.noise_multiplier, rel=0.05)
+    assert result.noise_measured == pytest.approx(result.noise_multiplier, rel=SIGMA_TOLERANCE)
     assert result.min_canary_norm > 1.0
 
 
 def test_a_tenth_of_the_noise_is_caught_while_the_ledger_reports_the_same_epsilon(audits):
     honest, broken = audits["honest 1"], audits["noise/10 1"]
     assert broken.epsilon_reported == pytest.approx(honest.epsilon_reported, rel=1e-3)
-    assert broken.noise_measured == pytest.approx(broken.noise_multiplier / 10, rel=0.05)
-    # Each inclusion moved the canary's coefficient by exactly C: clipping, not the bug, set
-    # the signal (with sigma / 10 the noise no longer hides it).
-    assert broken.signal_per_inclusion == pytest.approx(1.0, abs=0.02)
+    assert broken.noise_measured == pytest.approx(broken.noise_multiplier / 10, rel=SIGMA_TOLERANCE)
+    # Each inclusion moved the canary's coefficient by C, not by its raw gradient norm (about
+    # 10 C): clipping held. The tolerance is 5 standard errors of this mean.
+    assert broken.signal_per_inclusion == pytest.approx(1.0, abs=0.08)
     assert broken.epsilon_lower_bound > broken.epsilon_reported
     assert broken.violated and not honest.violated
 
@@ -187,7 +189,7 @@ def test_replayed_randomness_is_caught_by_an_attack_on_the_round_models(audits) 
     honest, replay = audits["drifting honest 1"], audits["replay 1"]
     assert replay.noise_measured < 0.01 * replay.noise_multiplier  # rounds repeat the noise
     assert replay.epsilon_lower_bound > replay.epsilon_reported
-    assert honest.noise_measured == pytest.approx(honest.noise_multiplier, rel=0.05)
+    assert honest.noise_measured == pytest.approx(honest.noise_multiplier, rel=SIGMA_TOLERANCE)
     assert honest.epsilon_lower_bound <= honest.epsilon_reported
 
 
