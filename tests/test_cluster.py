@@ -108,6 +108,18 @@ def assert_no_patient_values_in_audit_logs(run_dir: Path, names: list[str]) -> N
         assert not leaked, f"{name}'s audit log holds training values: {leaked[:5]}"
 
 
+def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """ε from report.json's (σ, q, steps, δ) with Google's dp-accounting called directly (its
+    default PLD grid), not through murmur's own accountant wrapper."""
+    from dp_accounting import NeighboringRelation, dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
+    step = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    accountant.compose(dp_event.SelfComposedDpEvent(step, steps))
+    return accountant.get_epsilon(delta)
+
+
 def test_report_has_the_documented_schema_and_consistent_numbers(tmp_path: Path) -> None:
     # Run from elsewhere with a relative run directory, as a user typing a short --out would.
     proc = start_cluster(
@@ -148,6 +160,10 @@ def test_report_has_the_documented_schema_and_consistent_numbers(tmp_path: Path)
         assert [x["round"] for x in h["history"]] == [1, 2, 3, 4]
         eps = [x["epsilon"] for x in h["history"]]
         assert eps == sorted(eps) and eps[-1] == pytest.approx(h["epsilon"])
+        assert h["epsilon"] == pytest.approx(
+            independent_epsilon(h["noise_multiplier"], h["sample_rate"], h["dp_steps"], h["delta"]),
+            rel=0.01,
+        )
     honest_aucs = [h["auc"] for h in report["hospitals"]]
     assert report["mean_auc"] == pytest.approx(sum(honest_aucs) / 3)
     # With DP on, the baselines include DP ones at the same budget ("did federating help?").
