@@ -31,8 +31,17 @@ class NodeSection:
     key_file: Path
     state_dir: Path
     listen: str = "127.0.0.1:8700"
+    # After the planned rounds: "exit" (status 0; a service manager should then restart the
+    # node only on failure), or "serve" (keep answering until SIGTERM, as `murmur node --serve`).
+    after_training: str = "exit"
 
     def validate(self) -> None:
+        _require(
+            self.after_training in ("exit", "serve"),
+            "node.after_training",
+            f"must be exit or serve (got {self.after_training!r})",
+            'after_training = "serve" to stay up for a service manager',
+        )
         _require(self.name.strip() != "", "node.name", "must not be empty", 'name = "hospital_a"')
         _check_listen(self.listen, "node.listen", "127.0.0.1:8700")
 
@@ -347,6 +356,29 @@ class AuditSection:
             )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """Where the node logs: always to stderr, and to `file` with rotation when it is set."""
+
+    level: str = "INFO"
+    file: Path | None = None
+    max_mb: float = 10.0  # rotate when the file reaches this size
+    backups: int = 5  # rotated files kept (node.log.1 ... node.log.5)
+
+    def validate(self) -> None:
+        _require(
+            self.level in LOG_LEVELS,
+            "logging.level",
+            f"must be one of {', '.join(LOG_LEVELS)} (got {self.level!r})",
+            'level = "INFO"',
+        )
+        _require(self.max_mb > 0, "logging.max_mb", "must be > 0", "max_mb = 10")
+        _require(self.backups >= 1, "logging.backups", "must be >= 1", "backups = 5")
+
+
 @dataclass(frozen=True)
 class TrustSection(TrustSettings):
     """Per-peer trust scores (gossip/trust.py, docs/robustness.md): the fields and defaults are
@@ -420,6 +452,7 @@ class NodeConfig:
     adversary: AdversarySection = field(default_factory=AdversarySection)
     operator: OperatorSection = field(default_factory=OperatorSection)
     peer_listener: PeerListenerSection = field(default_factory=PeerListenerSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -453,6 +486,7 @@ class NodeConfig:
             self.adversary,
             self.operator,
             self.peer_listener,
+            self.logging,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -478,6 +512,7 @@ _SECTIONS: dict[str, type] = {
     "adversary": AdversarySection,
     "operator": OperatorSection,
     "peer_listener": PeerListenerSection,
+    "logging": LoggingSection,
 }
 
 

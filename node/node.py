@@ -44,12 +44,13 @@ from gossip.wire import (
     build_envelope,
     default_max_message_bytes,
 )
-from models.data import HospitalSplit, load_dataset
+from models.data import HospitalSplit, load_dataset, resolved_data_path
 from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
@@ -59,7 +60,7 @@ from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
 
-VERSION = "0.1.0"
+VERSION = __version__
 SIGNED_ROUND_FILE = "signed_round.json"
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
@@ -115,6 +116,9 @@ class NodeState:
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
+    # What this node trains and tests on (operator-only, like every field here): the data set,
+    # where it was read from, and the split sizes the report's "n train" / "n test" show.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class HospitalNode:
@@ -227,6 +231,7 @@ class HospitalNode:
                 for p in self.peers
             },
             adversary=self.adversary.status() if self.adversary else None,
+            data=self._data_description(),
         )
         self.next_round = 1
         self.stop = asyncio.Event()
@@ -263,6 +268,17 @@ class HospitalNode:
             f"fix: use one of {', '.join(names)} or an index 0..{len(splits) - 1}"
         )
 
+    def _data_description(self) -> dict[str, Any]:
+        """The data set, the path it was really read from, and this hospital's split sizes."""
+        d = self.config.data
+        return {
+            "dataset": d.dataset,
+            "path": str(resolved_data_path(d.dataset, d.path)),
+            "hospital": self.data.name,
+            "n_train": len(self.data.y_train),
+            "n_test": len(self.data.y_test),
+        }
+
     def _restore(self) -> None:
         """Continue from the last checkpoint, never from scratch while claiming an old budget."""
         ckpt = load_checkpoint(self.state_dir, expected_config_sha256=self.config.sha256)
@@ -284,7 +300,10 @@ class HospitalNode:
         self.replay = ReplayGuard.from_state(ckpt.replay)
         self.last_signed_round = self._read_signed_round()
         self.next_round = ckpt.round + 1
+        self.state.round = ckpt.round
         self.state.history = list(ckpt.extra.get("history", []))
+        if self.state.history:
+            self.state.last_metrics = dict(self.state.history[-1].get("metrics", {}))
         self.state.bytes_sent = int(ckpt.extra.get("bytes_sent", 0))
         if "trust" in ckpt.extra:
             self.trust = TrustTracker.from_state(
@@ -980,6 +999,52 @@ class HospitalNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), timeout=0.5)
 
+    def start_line(self) -> str:
+        """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
+        cfg = self.config
+        peers = ", ".join(f"{p.name} ({p.address})" for p in self.peers) or "none"
+        if self.ledger is not None:
+            privacy = (
+                f"DP-SGD ε={self.ledger.epsilon_budget:g} δ={self.ledger.delta:.3g} "
+                f"(σ={self.ledger.noise_multiplier:.3f}, spent {self.ledger.epsilon_spent():.3f})"
+            )
+        else:
+            privacy = "NO differential privacy"
+        planned = cfg.training.rounds
+        where = (
+            f"continuing at round {self.next_round}"
+            if self.next_round > 1
+            else "starting at round 1"
+        )
+        return (
+            f"murmur {VERSION} node {cfg.node.name} (key {self.identity.fingerprint}) "
+            f"listening on {cfg.node.listen} for peers and {cfg.operator.listen} for operators; "
+            f"peers: {peers}; study: {cfg.data.dataset} "
+            f"({self.data.name}, {len(self.data.y_train)} training patients), model "
+            f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
+            f"f={cfg.aggregation.f}; privacy: {privacy}; {where} of {planned}"
+        )
+
+    def stop_reason(self) -> str:
+        """Why the node is stopping, from its last phase, in words for the log."""
+        phase = self.state.phase
+        if phase == "done":
+            return f"all {self.config.training.rounds} planned rounds done"
+        if phase == "budget_exhausted":
+            return "the privacy budget is spent (no further round could be trained within it)"
+        if phase == "stopped":
+            return "asked to stop (SIGTERM or SIGINT)"
+        return f"stopped while {phase}"
+
+    def finished_already(self) -> str | None:
+        """The phase a previous run of this state directory ended in, if it left nothing to
+        do: every planned round trained ("done"), or no DP step left in the budget."""
+        if self.next_round > self.config.training.rounds:
+            return "done"
+        if self.ledger is not None and self.ledger.remaining_steps() == 0:
+            return "budget_exhausted"
+        return None
+
     async def run(self, *, serve_forever: bool = False) -> int:
         """Serve the peer and operator listeners and run the planned rounds; returns the
         process exit status."""
@@ -987,6 +1052,23 @@ class HospitalNode:
 
         self.check_feasibility()
         token = operator_token(self.config)  # a readable token file stops the node here
+        log.info("%s", self.start_line())
+        ended = self.finished_already()
+        if ended is not None and not serve_forever:
+            self.state.phase = ended
+            log.info(
+                "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
+                "nothing to do, exiting. Start it with --serve (or [node] after_training = "
+                '"serve") to keep its API up.',
+                self.config.node.name,
+                self.stop_reason(),
+                self.state.round,
+                self.state.model_sha256[:12],
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
+            self._write_status()
+            self.audit.close()
+            return 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -1031,6 +1113,13 @@ class HospitalNode:
             self._write_status()
             await api.close()
             self.audit.close()
+            log.info(
+                "node %s stopping at round %d: %s; ε spent %.3f",
+                self.config.node.name,
+                self.state.round,
+                self.stop_reason(),
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
         return 0
 
 
