@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from crypto.allowlist import Peer
+from gossip.heads import REQUEST_CONTENT_TYPE
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,22 @@ class PeerTransport:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self.send(peer, envelope)) for peer in peers]
         return [t.result() for t in tasks]
+
+    async def request_receipts(
+        self, peer: Peer, request: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """POST a receipts request to a peer's /receipts (gossip/heads.py): (HTTP status, at
+        most ``max_bytes + 1`` bytes of the answer), or (None, b"") when no answer came within
+        ``send_timeout_s``. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                f"{peer.address.rstrip('/')}/receipts",
+                data=request,
+                headers={"Content-Type": REQUEST_CONTENT_TYPE},
+            ) as response:
+                return response.status, await response.content.read(max_bytes + 1)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None, b""
 
     async def is_up(self, peer: Peer) -> bool:
         """Whether a peer answers /health right now (one short request)."""

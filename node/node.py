@@ -18,7 +18,6 @@ import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,17 @@ from crypto.identity import Identity, load_identity, load_public_key
 from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_node
-from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
+from gossip.heads import (
+    ANSWER_CONTENT_TYPE,
+    HeadBook,
+    HeadCheck,
+    RequestError,
+    RequestGuard,
+    RollbackProof,
+    check_request,
+    seal_receipts_answer,
+)
+from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
@@ -38,6 +47,7 @@ from gossip.wire import (
     EnvelopeOpener,
     ModelUpdate,
     OpenedEnvelope,
+    RejectReason,
     ReplayGuard,
     WireError,
     WireLimits,
@@ -50,10 +60,19 @@ from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
-from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
+from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy, last_seq_of_kind
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig, split_listen
+from node.durable import atomic_write
 from node.metrics import NodeMetrics
+from node.rollback import (
+    describe_receipt,
+    own_state_behind,
+    poll_own_receipts,
+    received_heads_since,
+    replay_into,
+    status_of_proofs,
+)
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
@@ -113,6 +132,8 @@ class NodeState:
     # peer -> rounds its model was left out for lying too far from our own (gossip/trust.py)
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
+    # rollback evidence against peers, this node's own startup check, /receipts requests
+    rollback: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
 
 
@@ -187,6 +208,12 @@ class HospitalNode:
         self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(max_round=config.training.rounds)
         self.trust = TrustTracker([p.name for p in self.peers], config.trust.settings())
         self.receipts = ReceiptBook([p.public_key for p in self.peers])
+        # The newest signed audit head of each peer, and proofs that one went backwards
+        # (gossip/heads.py); the replay and rate limits of POST /receipts.
+        self.heads = HeadBook.for_senders(p.public_key for p in self.peers)
+        self.request_guard = RequestGuard(window_s=config.gossip.timestamp_window_s)
+        self.receipts_requests: Counter[str] = Counter()
+        self.startup_check: dict[str, Any] = {"outcome": "not_run"}
         # Proofs learned since the last envelope (forwarded once each), and the ids of every
         # proof seen recently (so none is verified or forwarded twice); both bounded.
         self._pending_proofs: list[EquivocationProof] = []
@@ -228,6 +255,7 @@ class HospitalNode:
         self._refresh_privacy_status()
         self._refresh_trust_status()
         self._restore()
+        self._refresh_rollback_status()
         self.opener = EnvelopeOpener(
             self.identity, self.allowlist, self.spec, limits=self.limits, replay=self.replay
         )
@@ -289,6 +317,7 @@ class HospitalNode:
             self.receipts = ReceiptBook.from_state(
                 ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
+        self._restore_heads(ckpt.extra.get("heads"))
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
         log.info(
@@ -315,6 +344,9 @@ class HospitalNode:
             self.record_rejection(err.reason.value, err.detail, sender=None, round_=None)
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
+        refused = self._check_head(opened)
+        if refused is not None:
+            return refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
         peer = self.state.peers[sender]
@@ -340,6 +372,8 @@ class HospitalNode:
             reason="accepted",
             body_sha256=opened.body_sha256,
             model_sha256=received.model_sha256,
+            audit_head=opened.head.to_json(),
+            receipt=opened.receipt.to_hex(),  # the sender's own signed claim (gossip/heads.py)
         )
         self.metrics.received.inc()
         return 202, "accepted", ""
@@ -469,6 +503,212 @@ class HospitalNode:
             detail=detail[:200],
         )
 
+    # ---------------------------------------------------------------- rollback evidence
+
+    def _own_head(self) -> AuditHead:
+        """What this node's envelopes claim (gossip/receipts.py, AuditHead): its newest durable
+        signed audit head and its ledger's spend. Both only grow, which neighbours check."""
+        seq, digest = self.audit.durable_head
+        if self.ledger is None:
+            return AuditHead(seq, digest, 0, 0.0)
+        epsilon = max(0.0, float(self.ledger.epsilon_spent())) + 0.0  # never -0.0
+        return AuditHead(seq, digest, int(self.ledger.steps_taken), epsilon)
+
+    def _restore_heads(self, state: dict[str, Any] | None) -> None:
+        """The peers' heads from the checkpoint, then those the audit log received after it
+        (a crash between a round's envelopes and its checkpoint must not forget them)."""
+        keys = [p.public_key for p in self.peers]
+        if state:
+            self.heads = HeadBook.from_state(state, keys)
+        after = last_seq_of_kind(self.state_dir, "checkpoint") or 0
+        bad = replay_into(self.heads, received_heads_since(self.state_dir, after))
+        if bad:
+            log.warning("%d receipts in the audit log since the checkpoint do not verify", bad)
+
+    def _check_head(self, opened: OpenedEnvelope) -> tuple[int, str, str] | None:
+        """Refuse an authentic envelope whose signed head is behind one its sender signed for
+        an earlier round (a rollback), or any envelope of a peer proven to have rolled back."""
+        peer = opened.sender.name
+        check, proof = self.heads.observe(opened.receipt)
+        if check is HeadCheck.ROLLBACK and proof is not None:
+            if self.heads.proof(opened.sender.public_key) is proof:
+                self._rollback_detected(peer, proof)
+            detail = (
+                f"{peer}'s round-{opened.round} envelope claims a state older than its round-"
+                f"{proof.earlier.round} envelope ({', '.join(proof.regressions)} went back): "
+                f"its state directory was rolled back (proof {proof.id[:16]})"
+            )
+        else:
+            held = self.heads.proof(opened.sender.public_key)
+            if held is None:
+                return None
+            detail = (
+                f"{peer} was proven to have rolled back its state (proof {held.id[:16]}, "
+                f"round {held.later.round}); its envelopes are refused from then on"
+            )
+        self.metrics.rollback_detected.labels(peer=peer).inc()
+        self.record_rejection("rollback", detail, sender=peer, round_=opened.round)
+        return 409, "rollback", detail
+
+    def _rollback_detected(self, peer: str, proof: RollbackProof) -> None:
+        """The first proof against a peer: log it loudly with the evidence, audit it."""
+        evidence = proof.evidence()
+        log.error(
+            "\n%s\nROLLBACK DETECTED: peer %s signed a round-%d envelope whose audit head is "
+            "behind the one it signed in round %d (%s went back): its state directory was put "
+            "back to an older copy, so its privacy ledger no longer shows what it spent. Its "
+            "envelopes are refused from now on. Evidence (both receipts verify with its key): "
+            "%s\n%s",
+            "#" * 78,
+            peer,
+            proof.later.round,
+            proof.earlier.round,
+            ", ".join(proof.regressions),
+            json.dumps({k: v for k, v in evidence.items() if k != "receipts"}),
+            "#" * 78,
+        )
+        self.audit.append("rollback_detected", self.inbox.current_round, peer=peer, **evidence)
+        self._refresh_rollback_status()
+
+    def answer_receipts_request(self, body: bytes) -> tuple[int, str, bytes]:
+        """Handle one POST /receipts body: (HTTP status, content type, payload). Never raises.
+
+        An admitted peer gets, sealed to it, the newest receipt this node holds of *that
+        peer*, nothing about anyone else; anything else gets a typed, counted refusal.
+        """
+        try:
+            request = check_request(
+                body,
+                own_key=self.identity.public_key,
+                known_senders=[p.public_key for p in self.peers],
+                guard=self.request_guard,
+                now=time.time(),
+                window_s=self.config.gossip.timestamp_window_s,
+            )
+        except RequestError as exc:
+            self.receipts_requests[exc.reason] += 1
+            self.metrics.receipts_requests.labels(outcome=exc.reason).inc()
+            log.warning("refused a receipts request (%s): %s", exc.reason, exc.detail)
+            self.audit.append(
+                "receipts_request", self.inbox.current_round, requester=None,
+                outcome=exc.reason, detail=exc.detail[:200],
+            )  # fmt: skip
+            self._refresh_rollback_status()
+            payload = json.dumps({"reason": exc.reason, "detail": exc.detail}).encode()
+            return HTTP_STATUS[RejectReason(exc.reason)], "application/json", payload
+        requester = self.allowlist.by_key(request.requester)
+        held = self.heads.latest(request.requester)
+        receipts = [held] if held is not None else []
+        self.receipts_requests["answered"] += 1
+        self.metrics.receipts_requests.labels(outcome="answered").inc()
+        self.audit.append(
+            "receipts_request",
+            self.inbox.current_round,
+            requester=requester.name if requester else None,
+            outcome="answered",
+            answered={"round": held.round, **held.head.to_json()} if held else None,
+        )
+        self._refresh_rollback_status()
+        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(request, receipts)
+
+    async def check_own_receipts(self, transport: Any = None) -> None:
+        """Before signing anything, ask the neighbours for the newest receipt they hold of this
+        node, and refuse to start (StartupError naming the evidence) if this node's state is
+        older than what it signed: a state directory put back to an older copy, or a new one
+        for a key that already took part. Runs at every start (docs/privacy.md)."""
+        if not self.peers:
+            return
+        if transport is None:
+            from gossip.transport import PeerTransport
+
+            async with PeerTransport(send_timeout_s=self.config.gossip.send_timeout_s) as own:
+                return await self.check_own_receipts(own)
+        self.state.phase = "checking_rollback"
+        gossip = self.config.gossip
+        poll = await poll_own_receipts(
+            transport,
+            self.identity,
+            self.peers,
+            deadline_s=gossip.startup_timeout_s,
+            grace_s=max(2.0, gossip.send_timeout_s),
+            stop=self.stop,
+        )
+        head = self._own_head()
+        signed_through = max(self.last_signed_round, self.next_round - 1)
+        findings = []
+        for holder, receipt in poll.newest():
+            problems = own_state_behind(
+                receipt,
+                signed_through=signed_through,
+                audit_position=self.audit.position,
+                dp_steps=head.dp_steps,
+                epsilon=head.epsilon,
+            )
+            if problems:
+                findings.append((holder, receipt, problems))
+        self.startup_check = {
+            "outcome": "refused" if findings else ("ok" if poll.answered else "no_answer"),
+            "answered": sorted(poll.answered),
+            "unanswered": poll.unanswered,
+            "ignored_receipts": poll.ignored,
+            "newest": (
+                {"holder": poll.newest()[0][0], "round": poll.newest()[0][1].round,
+                 **poll.newest()[0][1].head.to_json()}
+                if poll.newest() else None
+            ),
+            "seconds": round(poll.seconds, 3),
+        }  # fmt: skip
+        self._refresh_rollback_status()
+        self.audit.append("rollback_check", self.next_round, **self.startup_check)
+        if findings:
+            holder, receipt, problems = findings[0]
+            self.audit.append(
+                "startup_refused",
+                self.next_round,
+                holder=holder,
+                receipt=receipt.to_hex(),
+                problems=problems,
+            )
+            raise StartupError(
+                f"this node's state is older than what it already signed: "
+                f"{describe_receipt(holder, receipt)}, but {'; '.join(problems)} "
+                f"(state directory {self.state_dir}"
+                + (f"; {len(findings) - 1} more neighbour receipt(s) show the same" if
+                   len(findings) > 1 else "")
+                + "). The state directory was put back to an older copy, or is a new one for a "
+                "key that already took part: starting would spend privacy budget already spent "
+                "and sign envelopes that contradict earlier ones. Fix: put back the newest copy "
+                "of this state directory (its audit log must contain the head above; "
+                "`murmur audit verify --peer-heads` checks a copy); if there is none, this key's "
+                "budget is gone: retire the key and start a new deployment with a new key, with "
+                "your data protection officer's approval"
+            )  # fmt: skip
+        if not poll.answered:
+            log.warning(
+                "\n%s\nROLLBACK CHECK INCOMPLETE: no neighbour answered POST /receipts within "
+                "%.0f s (%s), so this node cannot confirm that its state directory is not an "
+                "older copy. Starting anyway; its neighbours refuse its first envelope if its "
+                "state went back.\n%s",
+                "!" * 78, poll.seconds, json.dumps(poll.unanswered), "!" * 78,
+            )  # fmt: skip
+        else:
+            log.info(
+                "rollback check: %d of %d neighbours answered; this node's state is not older "
+                "than anything they hold of it",
+                len(poll.answered),
+                len(self.peers),
+            )
+
+    def _refresh_rollback_status(self) -> None:
+        proven = status_of_proofs(self)
+        self.state.rollback = {
+            "proven": proven,
+            "startup_check": self.startup_check,
+            "receipts_requests": dict(self.receipts_requests),
+        }
+        for name, info in self.state.peers.items():
+            info["rolled_back"] = name in proven
+
     # ---------------------------------------------------------------- the round loop
 
     async def run_rounds(self, transport: PeerTransport) -> None:
@@ -581,14 +821,9 @@ class HospitalNode:
             # Only DP-SGD output leaves the hospital: the training loss is computed from raw
             # patient rows without noise, so it is not shared (docs/privacy.md).
             receipts, proofs = self._outgoing_evidence(r)
-            update = ModelUpdate(
-                own_state,
-                num_samples=len(self.data.y_train),
-                metrics={},
-                receipts=receipts,
-                proofs=proofs,
-            )
-            envelope = build_envelope(update, self.identity, [p.public_key for p in self.peers], r)
+            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            keys = [p.public_key for p in self.peers]
+            envelope = build_envelope(update, self.identity, keys, r, head=self._own_head())
             await self._send(r, transport, self.peers, envelope, own_sha)
         else:
             await self._attack(r, transport, own_state, reference)
@@ -641,7 +876,7 @@ class HospitalNode:
                 self.stop,
             )
             honest = {n: m.envelope.update.tensors for n, m in seen.messages.items()}
-        messages = adversary.messages(r, own_state, anchor, honest, len(self.data.y_train))
+        messages = adversary.messages(r, own_state, anchor, honest, self._own_head())
         for message in messages:
             if message.abuse is None:
                 assert message.model_sha256 is not None
@@ -850,6 +1085,7 @@ class HospitalNode:
                 "bytes_sent": self.state.bytes_sent,
                 "trust": self.trust.to_state(),
                 "receipts": self.receipts.to_state(),
+                "heads": self.heads.to_state(),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)
@@ -863,14 +1099,14 @@ class HospitalNode:
         if self.ledger is None:
             return
         planned = self.ledger.steps_taken + self.trainer.steps_per_round()
-        _atomic_write(
+        atomic_write(
             self.state_dir / "privacy_intent.json", json.dumps({"steps": planned}).encode()
         )
 
     def _write_signed_round(self, r: int) -> None:
         """Before signing round r, durably record it (fsync): a node restarted in this round
         must not sign a second, different round-r envelope, which would be equivocation."""
-        _atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
+        atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
         self.last_signed_round = r
 
     def _read_signed_round(self) -> int:
@@ -972,6 +1208,7 @@ class HospitalNode:
         runner = await start_api(self, host, port)
         finished = asyncio.Event()
         try:
+            await self.check_own_receipts()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._watch_parent(finished))
                 try:
@@ -1004,15 +1241,6 @@ def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) 
 def _stable_int(text: str) -> int:
     """A small per-node integer from its name, stable across runs (Python's hash() is not)."""
     return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % 10_000
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fmt(x: float | None) -> str:
