@@ -514,6 +514,14 @@ class HospitalNode:
         epsilon = max(0.0, float(self.ledger.epsilon_spent())) + 0.0  # never -0.0
         return AuditHead(seq, digest, int(self.ledger.steps_taken), epsilon)
 
+    async def _settle_head(self) -> None:
+        """Let the audit head signed at the end of the last round reach the disk before this
+        round's envelope claims it (the syncer has usually done so long before). Bounded: a
+        slow disk makes the claim lag a round, it never holds the round up."""
+        timeout = self.config.gossip.send_timeout_s
+        if not await asyncio.to_thread(self.audit.wait_durable, timeout):
+            log.warning("the audit log's last head is not on disk after %.0f s", timeout)
+
     def _restore_heads(self, state: dict[str, Any] | None) -> None:
         """The peers' heads from the checkpoint, then those the audit log received after it
         (a crash between a round's envelopes and its checkpoint must not forget them)."""
@@ -815,6 +823,7 @@ class HospitalNode:
         own_sha = state_sha256(own_state)
         self._refresh_privacy_status()
 
+        await self._settle_head()
         self.state.phase = "sharing"
         self._write_signed_round(r)
         if self.adversary is None:
