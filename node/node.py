@@ -27,16 +27,6 @@ from crypto.identity import Identity, load_identity, load_public_key
 from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_node
-from gossip.heads import (
-    ANSWER_CONTENT_TYPE,
-    HeadBook,
-    HeadCheck,
-    RequestError,
-    RequestGuard,
-    RollbackProof,
-    check_request,
-    seal_receipts_answer,
-)
 from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
@@ -47,7 +37,6 @@ from gossip.wire import (
     EnvelopeOpener,
     ModelUpdate,
     OpenedEnvelope,
-    RejectReason,
     ReplayGuard,
     WireError,
     WireLimits,
@@ -60,19 +49,12 @@ from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
-from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy, last_seq_of_kind
+from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig, split_listen
 from node.durable import atomic_write
 from node.metrics import NodeMetrics
-from node.rollback import (
-    describe_receipt,
-    own_state_behind,
-    poll_own_receipts,
-    received_heads_since,
-    replay_into,
-    status_of_proofs,
-)
+from node.rollback import RollbackGuard, RolledBackError
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
@@ -208,12 +190,6 @@ class HospitalNode:
         self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(max_round=config.training.rounds)
         self.trust = TrustTracker([p.name for p in self.peers], config.trust.settings())
         self.receipts = ReceiptBook([p.public_key for p in self.peers])
-        # The newest signed audit head of each peer, and proofs that one went backwards
-        # (gossip/heads.py); the replay and rate limits of POST /receipts.
-        self.heads = HeadBook.for_senders(p.public_key for p in self.peers)
-        self.request_guard = RequestGuard(window_s=config.gossip.timestamp_window_s)
-        self.receipts_requests: Counter[str] = Counter()
-        self.startup_check: dict[str, Any] = {"outcome": "not_run"}
         # Proofs learned since the last envelope (forwarded once each), and the ids of every
         # proof seen recently (so none is verified or forwarded twice); both bounded.
         self._pending_proofs: list[EquivocationProof] = []
@@ -239,6 +215,16 @@ class HospitalNode:
             self.state_dir / AUDIT_FILE,
             self.identity,
             retention=RetentionPolicy(max_age_days=config.audit.retention_days),
+        )
+        # Each peer's newest signed audit head, POST /receipts, the startup check.
+        self.rollback = RollbackGuard(
+            identity=self.identity,
+            allowlist=self.allowlist,
+            audit=self.audit,
+            metrics=self.metrics,
+            state_dir=self.state_dir,
+            gossip=config.gossip,
+            on_change=self._refresh_rollback_status,
         )
         self.state = NodeState(
             name=config.node.name,
@@ -317,7 +303,7 @@ class HospitalNode:
             self.receipts = ReceiptBook.from_state(
                 ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
-        self._restore_heads(ckpt.extra.get("heads"))
+        self.rollback.restore(ckpt.extra.get("heads"))
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
         log.info(
@@ -344,9 +330,10 @@ class HospitalNode:
             self.record_rejection(err.reason.value, err.detail, sender=None, round_=None)
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
-        refused = self._check_head(opened)
+        refused = self.rollback.check(opened, self.inbox.current_round)
         if refused is not None:
-            return refused
+            self.record_rejection("rollback", refused, sender=sender, round_=opened.round)
+            return 409, "rollback", refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
         peer = self.state.peers[sender]
@@ -522,200 +509,29 @@ class HospitalNode:
         if not await asyncio.to_thread(self.audit.wait_durable, timeout):
             log.warning("the audit log's last head is not on disk after %.0f s", timeout)
 
-    def _restore_heads(self, state: dict[str, Any] | None) -> None:
-        """The peers' heads from the checkpoint, then those the audit log received after it
-        (a crash between a round's envelopes and its checkpoint must not forget them)."""
-        keys = [p.public_key for p in self.peers]
-        if state:
-            self.heads = HeadBook.from_state(state, keys)
-        after = last_seq_of_kind(self.state_dir, "checkpoint") or 0
-        bad = replay_into(self.heads, received_heads_since(self.state_dir, after))
-        if bad:
-            log.warning("%d receipts in the audit log since the checkpoint do not verify", bad)
-
-    def _check_head(self, opened: OpenedEnvelope) -> tuple[int, str, str] | None:
-        """Refuse an authentic envelope whose signed head is behind one its sender signed for
-        an earlier round (a rollback), or any envelope of a peer proven to have rolled back."""
-        peer = opened.sender.name
-        check, proof = self.heads.observe(opened.receipt)
-        if check is HeadCheck.ROLLBACK and proof is not None:
-            if self.heads.proof(opened.sender.public_key) is proof:
-                self._rollback_detected(peer, proof)
-            detail = (
-                f"{peer}'s round-{opened.round} envelope claims a state older than its round-"
-                f"{proof.earlier.round} envelope ({', '.join(proof.regressions)} went back): "
-                f"its state directory was rolled back (proof {proof.id[:16]})"
-            )
-        else:
-            held = self.heads.proof(opened.sender.public_key)
-            if held is None:
-                return None
-            detail = (
-                f"{peer} was proven to have rolled back its state (proof {held.id[:16]}, "
-                f"round {held.later.round}); its envelopes are refused from then on"
-            )
-        self.metrics.rollback_detected.labels(peer=peer).inc()
-        self.record_rejection("rollback", detail, sender=peer, round_=opened.round)
-        return 409, "rollback", detail
-
-    def _rollback_detected(self, peer: str, proof: RollbackProof) -> None:
-        """The first proof against a peer: log it loudly with the evidence, audit it."""
-        evidence = proof.evidence()
-        log.error(
-            "\n%s\nROLLBACK DETECTED: peer %s signed a round-%d envelope whose audit head is "
-            "behind the one it signed in round %d (%s went back): its state directory was put "
-            "back to an older copy, so its privacy ledger no longer shows what it spent. Its "
-            "envelopes are refused from now on. Evidence (both receipts verify with its key): "
-            "%s\n%s",
-            "#" * 78,
-            peer,
-            proof.later.round,
-            proof.earlier.round,
-            ", ".join(proof.regressions),
-            json.dumps({k: v for k, v in evidence.items() if k != "receipts"}),
-            "#" * 78,
-        )
-        self.audit.append("rollback_detected", self.inbox.current_round, peer=peer, **evidence)
-        self._refresh_rollback_status()
-
     def answer_receipts_request(self, body: bytes) -> tuple[int, str, bytes]:
-        """Handle one POST /receipts body: (HTTP status, content type, payload). Never raises.
-
-        An admitted peer gets, sealed to it, the newest receipt this node holds of *that
-        peer*, nothing about anyone else; anything else gets a typed, counted refusal.
-        """
-        try:
-            request = check_request(
-                body,
-                own_key=self.identity.public_key,
-                known_senders=[p.public_key for p in self.peers],
-                guard=self.request_guard,
-                now=time.time(),
-                window_s=self.config.gossip.timestamp_window_s,
-            )
-        except RequestError as exc:
-            self.receipts_requests[exc.reason] += 1
-            self.metrics.receipts_requests.labels(outcome=exc.reason).inc()
-            log.warning("refused a receipts request (%s): %s", exc.reason, exc.detail)
-            self.audit.append(
-                "receipts_request", self.inbox.current_round, requester=None,
-                outcome=exc.reason, detail=exc.detail[:200],
-            )  # fmt: skip
-            self._refresh_rollback_status()
-            payload = json.dumps({"reason": exc.reason, "detail": exc.detail}).encode()
-            return HTTP_STATUS[RejectReason(exc.reason)], "application/json", payload
-        requester = self.allowlist.by_key(request.requester)
-        held = self.heads.latest(request.requester)
-        receipts = [held] if held is not None else []
-        self.receipts_requests["answered"] += 1
-        self.metrics.receipts_requests.labels(outcome="answered").inc()
-        self.audit.append(
-            "receipts_request",
-            self.inbox.current_round,
-            requester=requester.name if requester else None,
-            outcome="answered",
-            answered={"round": held.round, **held.head.to_json()} if held else None,
-        )
-        self._refresh_rollback_status()
-        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(request, receipts)
+        """Handle one POST /receipts body (node/rollback.py): (status, content type, payload)."""
+        return self.rollback.answer(body, self.inbox.current_round)
 
     async def check_own_receipts(self, transport: Any = None) -> None:
         """Before signing anything, ask the neighbours for the newest receipt they hold of this
-        node, and refuse to start (StartupError naming the evidence) if this node's state is
-        older than what it signed: a state directory put back to an older copy, or a new one
-        for a key that already took part. Runs at every start (docs/privacy.md)."""
-        if not self.peers:
-            return
-        if transport is None:
-            from gossip.transport import PeerTransport
-
-            async with PeerTransport(send_timeout_s=self.config.gossip.send_timeout_s) as own:
-                return await self.check_own_receipts(own)
+        node; refuse to start if its state is older than what it signed (docs/privacy.md)."""
         self.state.phase = "checking_rollback"
-        gossip = self.config.gossip
-        poll = await poll_own_receipts(
-            transport,
-            self.identity,
-            self.peers,
-            deadline_s=gossip.startup_timeout_s,
-            grace_s=max(2.0, gossip.send_timeout_s),
-            stop=self.stop,
-        )
-        head = self._own_head()
-        signed_through = max(self.last_signed_round, self.next_round - 1)
-        findings = []
-        for holder, receipt in poll.newest():
-            problems = own_state_behind(
-                receipt,
-                signed_through=signed_through,
-                audit_position=self.audit.position,
-                dp_steps=head.dp_steps,
-                epsilon=head.epsilon,
+        try:
+            await self.rollback.check_startup(
+                transport,
+                own_head=self._own_head(),
+                signed_through=max(self.last_signed_round, self.next_round - 1),
+                next_round=self.next_round,
+                stop=self.stop,
             )
-            if problems:
-                findings.append((holder, receipt, problems))
-        self.startup_check = {
-            "outcome": "refused" if findings else ("ok" if poll.answered else "no_answer"),
-            "answered": sorted(poll.answered),
-            "unanswered": poll.unanswered,
-            "ignored_receipts": poll.ignored,
-            "newest": (
-                {"holder": poll.newest()[0][0], "round": poll.newest()[0][1].round,
-                 **poll.newest()[0][1].head.to_json()}
-                if poll.newest() else None
-            ),
-            "seconds": round(poll.seconds, 3),
-        }  # fmt: skip
-        self._refresh_rollback_status()
-        self.audit.append("rollback_check", self.next_round, **self.startup_check)
-        if findings:
-            holder, receipt, problems = findings[0]
-            self.audit.append(
-                "startup_refused",
-                self.next_round,
-                holder=holder,
-                receipt=receipt.to_hex(),
-                problems=problems,
-            )
-            raise StartupError(
-                f"this node's state is older than what it already signed: "
-                f"{describe_receipt(holder, receipt)}, but {'; '.join(problems)} "
-                f"(state directory {self.state_dir}"
-                + (f"; {len(findings) - 1} more neighbour receipt(s) show the same" if
-                   len(findings) > 1 else "")
-                + "). The state directory was put back to an older copy, or is a new one for a "
-                "key that already took part: starting would spend privacy budget already spent "
-                "and sign envelopes that contradict earlier ones. Fix: put back the newest copy "
-                "of this state directory (its audit log must contain the head above; "
-                "`murmur audit verify --peer-heads` checks a copy); if there is none, this key's "
-                "budget is gone: retire the key and start a new deployment with a new key, with "
-                "your data protection officer's approval"
-            )  # fmt: skip
-        if not poll.answered:
-            log.warning(
-                "\n%s\nROLLBACK CHECK INCOMPLETE: no neighbour answered POST /receipts within "
-                "%.0f s (%s), so this node cannot confirm that its state directory is not an "
-                "older copy. Starting anyway; its neighbours refuse its first envelope if its "
-                "state went back.\n%s",
-                "!" * 78, poll.seconds, json.dumps(poll.unanswered), "!" * 78,
-            )  # fmt: skip
-        else:
-            log.info(
-                "rollback check: %d of %d neighbours answered; this node's state is not older "
-                "than anything they hold of it",
-                len(poll.answered),
-                len(self.peers),
-            )
+        except RolledBackError as exc:
+            raise StartupError(str(exc)) from None
 
     def _refresh_rollback_status(self) -> None:
-        proven = status_of_proofs(self)
-        self.state.rollback = {
-            "proven": proven,
-            "startup_check": self.startup_check,
-            "receipts_requests": dict(self.receipts_requests),
-        }
+        self.state.rollback = self.rollback.status()
         for name, info in self.state.peers.items():
-            info["rolled_back"] = name in proven
+            info["rolled_back"] = name in self.state.rollback["proven"]
 
     # ---------------------------------------------------------------- the round loop
 
@@ -1094,7 +910,7 @@ class HospitalNode:
                 "bytes_sent": self.state.bytes_sent,
                 "trust": self.trust.to_state(),
                 "receipts": self.receipts.to_state(),
-                "heads": self.heads.to_state(),
+                "heads": self.rollback.to_state(),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)

@@ -26,36 +26,45 @@ import logging
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from aiohttp import web
 
-from crypto.allowlist import Peer
+from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity
 from gossip.heads import (
+    ANSWER_CONTENT_TYPE,
     MAX_ANSWER_BYTES,
     REQUEST_BYTES,
     HeadBook,
+    HeadCheck,
     ReceiptsRequest,
     RequestError,
+    RequestGuard,
+    RollbackProof,
+    check_request,
     open_receipts_answer,
+    seal_receipts_answer,
 )
-from gossip.receipts import EPSILON_TOLERANCE, Receipt, ReceiptError
+from gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt, ReceiptError
+from gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason
 from node.audit import (
     HEAD_BEYOND_END,
     HEAD_MISMATCH,
     AuditError,
+    AuditLog,
     PeerHead,
+    last_seq_of_kind,
     records_of_kind,
     stored_public_key,
 )
-
-if TYPE_CHECKING:
-    from node.node import HospitalNode
+from node.config import GossipSection
+from node.metrics import NodeMetrics
 
 log = logging.getLogger("murmur.rollback")
 
@@ -358,16 +367,281 @@ def load_peer_heads(
     return heads, warnings
 
 
-def status_of_proofs(node: HospitalNode) -> dict[str, Any]:
-    """The ``rollback.proven`` entry of /status: per peer, what its proof shows."""
-    proven = {}
-    for key, proof in node.heads.proofs().items():
-        peer = node.allowlist.by_key(key)
-        evidence = proof.evidence()
-        proven[peer.name if peer else key.hex()] = {
-            "proof_id": evidence["proof_id"],
-            "regressions": evidence["regressions"],
-            "earlier": evidence["earlier"],
-            "later": evidence["later"],
+# --------------------------------------------------------------------------- the node's guard
+
+
+class RolledBackError(RuntimeError):
+    """This node's state is older than what it signed; the message names the evidence."""
+
+
+class RollbackGuard:
+    """A node's rollback defences in one object, called from a few places in node/node.py:
+    every authenticated envelope (:meth:`check`), ``POST /receipts`` (:meth:`answer`), the
+    checkpoint (:meth:`to_state` / :meth:`restore`) and every start (:meth:`check_startup`).
+
+    ``on_change`` is called whenever what /status shows (:meth:`status`) changes.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        allowlist: Allowlist,
+        audit: AuditLog,
+        metrics: NodeMetrics,
+        state_dir: Path,
+        gossip: GossipSection,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.identity = identity
+        self.allowlist = allowlist
+        self.peers = list(allowlist)
+        self.audit = audit
+        self.metrics = metrics
+        self.state_dir = state_dir
+        self.gossip = gossip
+        self.on_change = on_change
+        # The newest signed audit head of each peer, and proofs that one went backwards.
+        self.heads = HeadBook.for_senders(p.public_key for p in self.peers)
+        self.request_guard = RequestGuard(window_s=gossip.timestamp_window_s)
+        self.requests: Counter[str] = Counter()
+        self.startup_check: dict[str, Any] = {"outcome": "not_run"}
+
+    # -- state
+
+    def to_state(self) -> dict[str, Any]:
+        return self.heads.to_state()
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """The peers' heads from the checkpoint, then those the audit log received after it
+        (a crash between a round's envelopes and its checkpoint must not forget them)."""
+        keys = [p.public_key for p in self.peers]
+        if state:
+            self.heads = HeadBook.from_state(state, keys)
+        after = last_seq_of_kind(self.state_dir, "checkpoint") or 0
+        bad = replay_into(self.heads, received_heads_since(self.state_dir, after))
+        if bad:
+            log.warning("%d receipts in the audit log since the checkpoint do not verify", bad)
+
+    def status(self) -> dict[str, Any]:
+        """The ``rollback`` entry of /status."""
+        proven = {}
+        for key, proof in self.heads.proofs().items():
+            peer = self.allowlist.by_key(key)
+            evidence = proof.evidence()
+            proven[peer.name if peer else key.hex()] = {
+                "proof_id": evidence["proof_id"],
+                "regressions": evidence["regressions"],
+                "earlier": evidence["earlier"],
+                "later": evidence["later"],
+            }
+        return {
+            "proven": proven,
+            "startup_check": self.startup_check,
+            "receipts_requests": dict(self.requests),
         }
-    return proven
+
+    # -- every envelope
+
+    def check(self, opened: OpenedEnvelope, current_round: int) -> str | None:
+        """Why this authentic envelope must be refused as ``rollback``, or None.
+
+        Refused: an envelope whose signed head is behind one its sender signed for an earlier
+        round, and any envelope of a peer proven to have rolled back (its ledger no longer
+        shows what it spent). The caller records the rejection.
+        """
+        peer = opened.sender.name
+        check, proof = self.heads.observe(opened.receipt)
+        if check is HeadCheck.ROLLBACK and proof is not None:
+            if self.heads.proof(opened.sender.public_key) is proof:
+                self._detected(peer, proof, current_round)
+            detail = (
+                f"{peer}'s round-{opened.round} envelope claims a state older than its round-"
+                f"{proof.earlier.round} envelope ({', '.join(proof.regressions)} went back): "
+                f"its state directory was rolled back (proof {proof.id[:16]})"
+            )
+        else:
+            held = self.heads.proof(opened.sender.public_key)
+            if held is None:
+                return None
+            detail = (
+                f"{peer} was proven to have rolled back its state (proof {held.id[:16]}, "
+                f"round {held.later.round}); its envelopes are refused from then on"
+            )
+        self.metrics.rollback_detected.labels(peer=peer).inc()
+        return detail
+
+    def _detected(self, peer: str, proof: RollbackProof, current_round: int) -> None:
+        """The first proof against a peer: log it loudly with the evidence, audit it."""
+        evidence = proof.evidence()
+        log.error(
+            "\n%s\nROLLBACK DETECTED: peer %s signed a round-%d envelope whose audit head is "
+            "behind the one it signed in round %d (%s went back): its state directory was put "
+            "back to an older copy, so its privacy ledger no longer shows what it spent. Its "
+            "envelopes are refused from now on. Evidence (both receipts verify with its key): "
+            "%s\n%s",
+            "#" * 78,
+            peer,
+            proof.later.round,
+            proof.earlier.round,
+            ", ".join(proof.regressions),
+            json.dumps({k: v for k, v in evidence.items() if k != "receipts"}),
+            "#" * 78,
+        )
+        self.audit.append("rollback_detected", current_round, peer=peer, **evidence)
+        self.on_change()
+
+    # -- POST /receipts
+
+    def answer(self, body: bytes, current_round: int) -> tuple[int, str, bytes]:
+        """Handle one POST /receipts body: (HTTP status, content type, payload). Never raises.
+
+        An admitted peer gets, sealed to it, the newest receipt this node holds of *that
+        peer*, nothing about anyone else; anything else gets a typed, counted refusal.
+        """
+        try:
+            request = check_request(
+                body,
+                own_key=self.identity.public_key,
+                known_senders=[p.public_key for p in self.peers],
+                guard=self.request_guard,
+                now=time.time(),
+                window_s=self.gossip.timestamp_window_s,
+            )
+        except RequestError as exc:
+            self.requests[exc.reason] += 1
+            self.metrics.receipts_requests.labels(outcome=exc.reason).inc()
+            log.warning("refused a receipts request (%s): %s", exc.reason, exc.detail)
+            self.audit.append(
+                "receipts_request",
+                current_round,
+                requester=None,
+                outcome=exc.reason,
+                detail=exc.detail[:200],
+            )
+            self.on_change()
+            payload = json.dumps({"reason": exc.reason, "detail": exc.detail}).encode()
+            return HTTP_STATUS[RejectReason(exc.reason)], "application/json", payload
+        requester = self.allowlist.by_key(request.requester)
+        held = self.heads.latest(request.requester)
+        self.requests["answered"] += 1
+        self.metrics.receipts_requests.labels(outcome="answered").inc()
+        self.audit.append(
+            "receipts_request",
+            current_round,
+            requester=requester.name if requester else None,
+            outcome="answered",
+            answered={"round": held.round, **held.head.to_json()} if held else None,
+        )
+        self.on_change()
+        receipts = [held] if held is not None else []
+        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(request, receipts)
+
+    # -- every start
+
+    async def check_startup(
+        self,
+        transport: ReceiptsTransport | None,
+        *,
+        own_head: AuditHead,
+        signed_through: int,
+        next_round: int,
+        stop: asyncio.Event,
+    ) -> None:
+        """Ask the neighbours for the newest receipt they hold of this node; raise
+        ``RolledBackError`` naming the evidence if this node's state (``own_head``: its durable
+        audit head and ledger; ``signed_through``: the newest round it will not sign again) is
+        older than what it signed. With no answer in time: a loud warning, and go on.
+
+        ``transport=None`` opens a PeerTransport of its own for the check.
+        """
+        if not self.peers:
+            return
+        if transport is None:
+            from gossip.transport import PeerTransport
+
+            async with PeerTransport(send_timeout_s=self.gossip.send_timeout_s) as own:
+                await self.check_startup(
+                    own,
+                    own_head=own_head,
+                    signed_through=signed_through,
+                    next_round=next_round,
+                    stop=stop,
+                )
+            return
+        poll = await poll_own_receipts(
+            transport,
+            self.identity,
+            self.peers,
+            deadline_s=self.gossip.startup_timeout_s,
+            grace_s=max(2.0, self.gossip.send_timeout_s),
+            stop=stop,
+        )
+        newest = poll.newest()
+        findings = []
+        for holder, receipt in newest:
+            problems = own_state_behind(
+                receipt,
+                signed_through=signed_through,
+                audit_position=self.audit.position,
+                dp_steps=own_head.dp_steps,
+                epsilon=own_head.epsilon,
+            )
+            if problems:
+                findings.append((holder, receipt, problems))
+        top = (
+            {"holder": newest[0][0], "round": newest[0][1].round, **newest[0][1].head.to_json()}
+            if newest
+            else None
+        )
+        self.startup_check = {
+            "outcome": "refused" if findings else ("ok" if poll.answered else "no_answer"),
+            "answered": sorted(poll.answered),
+            "unanswered": poll.unanswered,
+            "ignored_receipts": poll.ignored,
+            "newest": top,
+            "seconds": round(poll.seconds, 3),
+        }
+        self.on_change()
+        self.audit.append("rollback_check", next_round, **self.startup_check)
+        if findings:
+            holder, receipt, problems = findings[0]
+            self.audit.append(
+                "startup_refused",
+                next_round,
+                holder=holder,
+                receipt=receipt.to_hex(),
+                problems=problems,
+            )
+            more = len(findings) - 1
+            raise RolledBackError(
+                f"this node's state is older than what it already signed: "
+                f"{describe_receipt(holder, receipt)}, but {'; '.join(problems)} (state "
+                f"directory {self.state_dir}"
+                + (f"; {more} more neighbour receipt(s) show the same" if more else "")
+                + "). The state directory was put back to an older copy, or is a new one for a "
+                "key that already took part: starting would spend privacy budget already spent "
+                "and sign envelopes that contradict earlier ones. Fix: put back the newest copy "
+                "of this state directory (its audit log must contain the head above; "
+                "`murmur audit verify --peer-heads` checks a copy); if there is none, this key's "
+                "budget is gone: retire the key and start a new deployment with a new key, with "
+                "your data protection officer's approval"
+            )
+        if not poll.answered:
+            log.warning(
+                "\n%s\nROLLBACK CHECK INCOMPLETE: no neighbour answered POST /receipts within "
+                "%.0f s (%s), so this node cannot confirm that its state directory is not an "
+                "older copy. Starting anyway; its neighbours refuse its first envelope if its "
+                "state went back.\n%s",
+                "!" * 78,
+                poll.seconds,
+                json.dumps(poll.unanswered),
+                "!" * 78,
+            )
+        else:
+            log.info(
+                "rollback check: %d of %d neighbours answered; this node's state is not older "
+                "than anything they hold of it",
+                len(poll.answered),
+                len(self.peers),
+            )

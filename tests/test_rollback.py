@@ -154,7 +154,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         await asyncio.gather(*(n.run_rounds(transport) for n in nodes))
 
     asyncio.run(run_all())
-    last_head = nodes[1].heads.latest(victim.identity.public_key).head
+    last_head = nodes[1].rollback.heads.latest(victim.identity.public_key).head
     epsilon_final = victim.ledger.epsilon_spent()
     victim.audit.close()
     intact = run_dir / "variant_intact"
@@ -201,7 +201,7 @@ def test_a_clean_run_keeps_every_peer_head_and_refuses_nothing(scenario: Scenari
         status = node.status()
         assert "rollback" not in status["rejected"], status["rejected"]
         assert status["rollback"]["proven"] == {}
-        held = node.heads.latest(scenario.victim_key)
+        held = node.rollback.heads.latest(scenario.victim_key)
         assert held is not None and held.round == ROUNDS and held.head == scenario.last_head
         # Every accepted envelope's receipt is in the receiver's audit log, heads in order.
         received = [
@@ -248,11 +248,11 @@ async def test_the_intact_state_starts(scenario: Scenario) -> None:
     node = scenario.restart(scenario.intact)
     try:
         await node.check_own_receipts(scenario.transport)
-        assert node.startup_check["outcome"] == "ok"
-        assert node.startup_check["answered"] == sorted(
+        assert node.rollback.startup_check["outcome"] == "ok"
+        assert node.rollback.startup_check["answered"] == sorted(
             n.config.node.name for n in scenario.neighbours
         )
-        assert node.startup_check["newest"]["round"] == ROUNDS
+        assert node.rollback.startup_check["newest"]["round"] == ROUNDS
         assert node.status()["rollback"]["startup_check"]["outcome"] == "ok"
     finally:
         node.audit.close()
@@ -288,13 +288,13 @@ async def test_no_answer_within_the_wait_starts_with_a_loud_warning(
 ) -> None:
     node = scenario.restart(scenario.rolled_back, startup_timeout_s=0.3)
     try:
-        with caplog.at_level(logging.WARNING, logger="murmur.node"):
+        with caplog.at_level(logging.WARNING):
             await node.check_own_receipts(MemoryTransport({}))  # every neighbour is down
-        assert node.startup_check["outcome"] == "no_answer"
-        assert set(node.startup_check["unanswered"]) == {
+        assert node.rollback.startup_check["outcome"] == "no_answer"
+        assert set(node.rollback.startup_check["unanswered"]) == {
             n.config.node.name for n in scenario.neighbours
         }
-        assert node.startup_check["seconds"] < 5
+        assert node.rollback.startup_check["seconds"] < 5
     finally:
         node.audit.close()
     assert "ROLLBACK CHECK INCOMPLETE" in caplog.text
@@ -345,7 +345,7 @@ def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario
     # The proof, and the high-water head (the furthest the peer ever signed, refused or
     # not), survive the neighbour's checkpoint.
     keys = [p.public_key for p in receiver.peers]
-    restored = HeadBook.from_state(json.loads(json.dumps(receiver.heads.to_state())), keys)
+    restored = HeadBook.from_state(json.loads(json.dumps(receiver.rollback.heads.to_state())), keys)
     assert restored.proof(scenario.victim_key) == proof
     assert restored.latest(scenario.victim_key).round == ROUNDS + 2
 
