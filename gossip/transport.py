@@ -95,7 +95,13 @@ class PeerTransport:
                 data=request,
                 headers={"Content-Type": REQUEST_CONTENT_TYPE},
             ) as response:
-                return response.status, await response.content.read(max_bytes + 1)
+                data = b""
+                while len(data) <= max_bytes:  # one read(n) may return fewer bytes
+                    chunk = await response.content.read(max_bytes + 1 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+                return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
 

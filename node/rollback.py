@@ -92,10 +92,27 @@ async def receipts_route(request: web.Request) -> web.Response:
     from node.api import NODE_KEY  # node.api imports this module for its route table
 
     node = request.app[NODE_KEY]
-    # One byte more than a request is enough to refuse anything longer as too_large.
-    body = await request.content.read(REQUEST_BYTES + 1)
+    # One byte more than a request is enough to refuse anything longer as too_large; a client
+    # that sends less and stalls is cut off after the peer send timeout.
+    try:
+        async with asyncio.timeout(node.config.gossip.send_timeout_s):
+            body = await read_at_most(request.content, REQUEST_BYTES + 1)
+    except TimeoutError:
+        body = b""
     status, content_type, payload = node.answer_receipts_request(body)
     return web.Response(status=status, body=payload, content_type=content_type)
+
+
+async def read_at_most(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an aiohttp stream, whatever its chunking (one ``read(n)`` may
+    return fewer bytes than are coming); stops at end of stream."""
+    data = b""
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 # --------------------------------------------------------------------------- asking at startup

@@ -31,6 +31,7 @@ import sqlite3
 import stat
 import struct
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import pytest
 
 import run_cluster
 from bench.byzantine import MemoryTransport
-from crypto.identity import generate_identity
+from crypto.identity import generate_identity, load_identity
 from gossip.heads import (
     REQUEST_BYTES,
     HeadBook,
@@ -348,6 +349,46 @@ def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario
     restored = HeadBook.from_state(json.loads(json.dumps(receiver.rollback.heads.to_state())), keys)
     assert restored.proof(scenario.victim_key) == proof
     assert restored.latest(scenario.victim_key).round == ROUNDS + 2
+
+
+async def test_the_receipts_route_answers_only_the_requester_and_refuses_bad_requests(
+    scenario: Scenario,
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.api import build_app
+
+    node = scenario.neighbours[1]
+    victim = load_identity(scenario.run_dir / "keys" / f"{scenario.victim}.key")
+    own_key = node.identity.public_key
+    before = dict(node.status()["rollback"]["receipts_requests"])
+    async with TestClient(TestServer(build_app(node))) as client:
+        request = ReceiptsRequest.make(victim, own_key, time.time())
+        response = await client.post("/receipts", data=request.encode())
+        assert response.status == 200
+        assert response.content_type == "application/x-murmur-receipts"
+        receipts, ignored = open_receipts_answer(victim, request, await response.read())
+        assert ignored == 0 and [r.round for r in receipts] == [ROUNDS]
+        assert receipts[0].sender == scenario.victim_key and receipts[0].verify()
+        cases = [
+            (b"x" * 10, 400, "malformed"),
+            (b"\x00" * 50_000, 413, "too_large"),
+            (ReceiptsRequest.make(MALLORY, own_key, time.time()).encode(), 403, "unknown_sender"),
+            (request.encode(), 409, "replay"),
+            (ReceiptsRequest.make(victim, victim.public_key, time.time()).encode(), 421,
+             "wrong_recipient"),
+        ]  # fmt: skip
+        for body, status, reason in cases:
+            response = await client.post("/receipts", data=body)
+            assert response.status == status, (reason, await response.text())
+            assert (await response.json())["reason"] == reason
+        assert (await client.get("/health")).status == 200  # and it keeps serving
+    after = node.status()["rollback"]["receipts_requests"]
+    assert after["answered"] == before.get("answered", 0) + 1
+    for reason in ("malformed", "too_large", "unknown_sender", "replay", "wrong_recipient"):
+        assert after[reason] == before.get(reason, 0) + 1, reason
+    metrics = node.metrics.render().decode()
+    assert 'murmur_receipts_requests_total{outcome="too_large"}' in metrics
 
 
 def test_audit_verify_against_peer_heads_catches_the_cut_back_log(
