@@ -169,7 +169,9 @@ class HeadBook:
     the first rollback proof against each; memory is one receipt and one proof per sender.
 
     A rollback never replaces the held receipt: the newest head stays the high-water mark that
-    the sender's later envelopes, and its own restart, are checked against.
+    the sender's later envelopes, and its own restart, are checked against (when the rollback
+    is seen the other way round, an earlier round's envelope ahead of the held one, the
+    furthest head is the proof's ``earlier`` receipt, which ``POST /receipts`` also returns).
     """
 
     known_senders: frozenset[bytes]

@@ -552,6 +552,9 @@ class RollbackGuard:
         )
         self.on_change()
         receipts = [held] if held is not None else []
+        proof = self.heads.proof(request.requester)
+        if proof is not None and proof.earlier not in receipts:
+            receipts.append(proof.earlier)  # the furthest head, if a later round went back
         return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(request, receipts)
 
     # -- every start

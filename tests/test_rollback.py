@@ -327,6 +327,11 @@ def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario
         )
         assert other.receive(again)[1] == "old_round"
         assert other.trust.proven() == {scenario.victim: CUT_ROUND + 1}
+        # Asked at a restart, the receiver hands back the newest receipt and the proof's.
+        request = ReceiptsRequest.make(node.identity, receiver.identity.public_key, time.time())
+        status, _, answer = receiver.answer_receipts_request(request.encode())
+        got, _ = open_receipts_answer(node.identity, request, answer)
+        assert status == 200 and [r.round for r in got] == [ROUNDS + 2, ROUNDS]
     finally:
         node.audit.close()
     victim = scenario.victim
