@@ -332,7 +332,9 @@ class HospitalNode:
         sender = opened.sender.name
         refused = self.rollback.check(opened, self.inbox.current_round)
         if refused is not None:
-            self.record_rejection("rollback", refused, sender=sender, round_=opened.round)
+            self.record_rejection(
+                "rollback", refused, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
             return 409, "rollback", refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
@@ -347,7 +349,9 @@ class HospitalNode:
         self._take_evidence(sender, opened.update)
         if verdict is not InboxVerdict.ACCEPTED:
             detail = f"round {opened.round} from {sender} while at round {self.inbox.current_round}"
-            self.record_rejection(verdict.value, detail, sender=sender, round_=opened.round)
+            self.record_rejection(
+                verdict.value, detail, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
             return 409, verdict.value, detail
         if self.adversary is not None:
             self.adversary.remember(opened.round, body)
@@ -475,12 +479,21 @@ class HospitalNode:
             info["proven_equivocation_round"] = proven.get(name)
 
     def record_rejection(
-        self, reason: str, detail: str, *, sender: str | None, round_: int | None
+        self,
+        reason: str,
+        detail: str,
+        *,
+        sender: str | None,
+        round_: int | None,
+        receipt: Receipt | None = None,
     ) -> None:
+        """Count, log and audit a refused message; ``receipt`` (an authentic envelope's) is
+        kept in the record, so the sender's signed head survives a crash (node/rollback.py)."""
         self.rejected[reason] += 1
         self.state.rejected = dict(self.rejected)
         self.metrics.rejected.labels(reason=reason).inc()
         log.warning("rejected message (%s): %s", reason, detail)
+        extra = {} if receipt is None else {"receipt": receipt.to_hex()}
         self.audit.append(
             "message_received",
             round_,
@@ -488,6 +501,7 @@ class HospitalNode:
             accepted=False,
             reason=reason,
             detail=detail[:200],
+            **extra,
         )
 
     # ---------------------------------------------------------------- rollback evidence
