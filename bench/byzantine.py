@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
 
 import run_cluster  # noqa: E402
 from crypto.allowlist import Peer  # noqa: E402
+from crypto.identity import Identity  # noqa: E402
 from gossip.aggregation import min_inputs  # noqa: E402
 from gossip.transport import SendResult  # noqa: E402
 from gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
@@ -246,16 +247,21 @@ def command(options: dict[str, Any]) -> str:
 
 
 class MemoryTransport:
-    """Delivers envelopes by calling the receiving node's handler directly (no HTTP).
+    """Delivers one node's envelopes by calling the receiving node's handler directly (no
+    HTTP).
 
     It does what node/api.py does with a POST body: refuse it as too_large past the receiver's
-    limit, else hand the bytes to ``HospitalNode.receive``.
+    limit, refuse a request signer the receiver does not admit as unauthenticated (an
+    outsider's envelope in the adversary mode), else hand the bytes to
+    ``HospitalNode.receive`` as sent by the signer, whom a real listener would have
+    authenticated.
     """
 
-    def __init__(self, nodes_by_address: dict[str, Any]) -> None:
+    def __init__(self, nodes_by_address: dict[str, Any], identity: Identity) -> None:
         self.nodes = nodes_by_address
+        self.identity = identity
 
-    async def send(self, peer: Peer, envelope: bytes) -> SendResult:
+    async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
         node = self.nodes[peer.address]
         limit = node.limits.max_message_bytes
         if len(envelope) > limit:
@@ -264,12 +270,20 @@ class MemoryTransport:
             return SendResult(
                 peer.name, False, HTTP_STATUS[RejectReason.TOO_LARGE], "too_large", 0.0
             )
-        status, reason, _ = node.receive(envelope)
+        sender = node.allowlist.by_key((signer or self.identity).public_key)
+        if sender is None:
+            node.record_rejection(
+                "unauthenticated", "not admitted", sender=None, round_=None, why="unknown_sender"
+            )
+            return SendResult(peer.name, False, 401, "unauthenticated", 0.0)
+        status, reason, _ = await node.receive(envelope, sender=sender)
         await asyncio.sleep(0)  # let the receiver's collect() see it, as a real POST would
         return SendResult(peer.name, status == 202, status, reason, 0.0)
 
-    async def send_all(self, peers: list[Peer], envelope: bytes) -> list[SendResult]:
-        return [await self.send(p, envelope) for p in peers]
+    async def send_all(
+        self, peers: list[Peer], envelope: bytes, signer: Identity | None = None
+    ) -> list[SendResult]:
+        return [await self.send(p, envelope, signer) for p in peers]
 
     async def request_receipts(
         self, peer: Peer, request: bytes, max_bytes: int
@@ -278,7 +292,7 @@ class MemoryTransport:
         node = self.nodes.get(peer.address)
         if node is None:
             return None, b""
-        status, _, payload = node.answer_receipts_request(request)
+        status, _, payload = node.answer_receipts_request(request, self.identity.public_key)
         return status, payload[: max_bytes + 1]
 
     async def is_up(self, peer: Peer) -> bool:
@@ -302,9 +316,11 @@ async def run_nodes_in_process(
     nodes, topology = run_cluster.write_network(args, run_dir)
     started = time.monotonic()
     hospitals = [HospitalNode(load_config(n.config_path)) for n in nodes]
-    transport = MemoryTransport({n.address: h for n, h in zip(nodes, hospitals, strict=True)})
+    by_address = {n.address: h for n, h in zip(nodes, hospitals, strict=True)}
     try:
-        await asyncio.gather(*(h.run_rounds(transport) for h in hospitals))
+        await asyncio.gather(
+            *(h.run_rounds(MemoryTransport(by_address, h.identity)) for h in hospitals)
+        )
     finally:
         for h in hospitals:
             h._write_status()

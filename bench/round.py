@@ -151,7 +151,7 @@ async def measure_communication(n_params: int, k: int, repetitions: int) -> dict
     floor = primitive_floor(_encode_body(loop_round.update), k)
     await loop_round.start()
     try:
-        async with PeerTransport(send_timeout_s=60) as transport:
+        async with PeerTransport(identity=loop_round.sender, send_timeout_s=60) as transport:
             round_times, floor_times = [], []
             for _ in range(repetitions + 1):  # the first repetition warms up and is dropped
                 floor_times.append(timed(floor))

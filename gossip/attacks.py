@@ -22,7 +22,10 @@ honest statistics of the very round they attack. The view holds:
 
 Protocol-abuse attacks do not craft models: the builders at the end of this module produce the
 abusive messages (replays, outsider-signed and impersonated envelopes, oversize and malformed
-bytes) that a receiver must reject with a reason code.
+bytes) that a receiver must reject with a reason code. They are sent as the attacker would
+send them: with a request signature (gossip/auth.py) of the attacker's own key, or, for an
+outsider's envelope, of the outsider's key (which the receiver refuses as `unauthenticated`
+before reading the body).
 
 Every attacker also tries to **frame** its honest neighbours: instead of honest receipts
 (gossip/receipts.py) its updates carry made-up receipts and proofs claiming that each honest
@@ -395,8 +398,9 @@ def impersonated_envelope(envelope: bytes, own_key: bytes, victim_key: bytes) ->
     """The attacker's own envelope with an admitted neighbour's key as the sender.
 
     The sender field is the first occurrence of the attacker's key in the envelope (it comes
-    before the recipients), so swapping it keeps the encoding canonical; the signature was made
-    by the attacker's key, so the receiver refuses it (``bad_signature``).
+    before the recipients), so swapping it keeps the encoding canonical. Posted with the
+    attacker's own request signature it is refused as ``sender_mismatch``; handed over
+    directly, as ``bad_signature`` (the envelope was signed by the attacker's key).
     """
     if len(own_key) != 32 or len(victim_key) != 32:
         raise ValueError("public keys are 32 bytes")
@@ -429,12 +433,14 @@ def malformed_messages(envelope: bytes, rng: np.random.Generator) -> list[bytes]
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message an attacker sends this round: an update (``abuse`` is None) or abuse."""
+    """One message an attacker sends this round: an update (``abuse`` is None) or abuse.
+    ``signer`` signs the HTTP request (None: the attacker's own key)."""
 
     recipients: tuple[Peer, ...]
     data: bytes
     model_sha256: str | None = None
     abuse: str | None = None
+    signer: Identity | None = None
 
 
 class Adversary:
@@ -596,9 +602,9 @@ class Adversary:
                 out.append(Outgoing(targets, data, abuse="replay"))
         if "outsider" in kinds:
             for _ in range(count):
-                out.append(
-                    Outgoing(targets, outsider_envelope(update, keys, round_), abuse="outsider")
-                )
+                outsider = generate_identity("outsider")
+                data = outsider_envelope(update, keys, round_, outsider=outsider)
+                out.append(Outgoing(targets, data, abuse="outsider", signer=outsider))
         if "impersonate" in kinds:
             for i in range(count):
                 victim = targets[i % len(targets)]

@@ -37,17 +37,20 @@ import msgpack
 
 from crypto.identity import Identity, verify_signature
 from crypto.sealing import (
+    COMMITMENT_BYTES,
     EPHEMERAL_KEY_BYTES,
     NONCE_BYTES,
     WRAPPED_KEY_BYTES,
+    SealedBody,
     SealingError,
     seal,
     unseal,
 )
 from gossip.receipts import KEY_BYTES, MAX_RECEIPT_BYTES, SIGNATURE_BYTES, Receipt, ReceiptError
 
-REQUEST_VERSION = 3  # the protocol version this exchange belongs to
+REQUEST_VERSION = 4  # the protocol version this exchange belongs to
 REQUEST_DOMAIN = b"murmur-receipts-request\x00"
+ANSWER_DOMAIN = b"murmur-receipts-answer\x00"
 REQUEST_NONCE_BYTES = 16
 _REQUEST = struct.Struct(f">H{KEY_BYTES}s{KEY_BYTES}sQ{REQUEST_NONCE_BYTES}s")
 REQUEST_BYTES = _REQUEST.size + SIGNATURE_BYTES  # 154
@@ -317,7 +320,10 @@ class ReceiptsRequest:
             raise RequestError(reason, f"a receipts request is {REQUEST_BYTES} bytes")
         version, requester, responder, timestamp_ms, nonce = _REQUEST.unpack_from(data)
         if version != REQUEST_VERSION:
-            raise RequestError("unsupported_version", f"receipts request version {version}, not 3")
+            raise RequestError(
+                "unsupported_version",
+                f"receipts request version {version}, not {REQUEST_VERSION}",
+            )
         if timestamp_ms >= 2**63:
             raise RequestError("malformed", "timestamp_ms must be below 2**63")
         return cls(requester, responder, timestamp_ms, nonce, data[_REQUEST.size :])
@@ -358,15 +364,19 @@ def check_request(
     guard: RequestGuard,
     now: float,
     window_s: float,
+    sender: bytes | None = None,
 ) -> ReceiptsRequest:
     """The authenticated request in ``data``, or ``RequestError`` with the wire reason code.
 
-    Cheap checks first, as for envelopes: size and structure, allowlist, addressee, clock,
-    then the signature, then the replay guard (only authenticated requests are recorded).
+    Cheap checks first, as for envelopes: size and structure, allowlist, the HTTP request's
+    signer (``sender``, when the transport authenticated one), addressee, clock, then the
+    signature, then the replay guard (only authenticated requests are recorded).
     """
     request = ReceiptsRequest.decode(data)
     if request.requester not in frozenset(known_senders):
         raise RequestError("unknown_sender", "the requester is not on the allowlist")
+    if sender is not None and sender != request.requester:
+        raise RequestError("sender_mismatch", "the request was posted by another peer")
     if request.responder != own_key:
         raise RequestError("wrong_recipient", "the request is addressed to another node")
     skew = request.timestamp_ms / 1000 - now
@@ -378,30 +388,60 @@ def check_request(
     return request
 
 
-def seal_receipts_answer(request: ReceiptsRequest, receipts: list[Receipt]) -> bytes:
+def _answer_associated_data(request: ReceiptsRequest) -> bytes:
+    """What the sealed answer is bound to: the exchange, both keys and the request nonce."""
+    return b"".join(
+        [
+            ANSWER_DOMAIN,
+            struct.pack(">H", REQUEST_VERSION),
+            request.responder,
+            request.requester,
+            request.nonce,
+        ]
+    )
+
+
+def seal_receipts_answer(
+    responder: Identity, request: ReceiptsRequest, receipts: list[Receipt]
+) -> bytes:
     """The answer to ``request``: its requester's receipts, encrypted to the requester.
 
-    A msgpack map ``{version, nonce, ephemeral_key, wrapped_key, ciphertext}``; the
-    ciphertext (crypto/sealing.py, one recipient) holds the msgpack map ``{request_nonce,
+    A msgpack map ``{version, nonce, ephemeral_key, key_commitment, wrapped_key,
+    ciphertext}``; the ciphertext (crypto/sealing.py, one recipient, the key wrapped by the
+    responder's static key, bound to the request) holds the msgpack map ``{request_nonce,
     receipts}``. Receipts say how far the requester's log and ledger had got, which an
     observer should not learn; they are self-verifying, so the answer needs no signature of
-    its own (a forged answer could only withhold, which an absent neighbour does too).
+    its own (a forged answer could only withhold, which an absent neighbour does too), and the
+    responder's wrap tells the requester that the answer comes from the neighbour it asked.
     """
     own = [r for r in receipts if r.sender == request.requester][:MAX_ANSWER_RECEIPTS]
     plaintext = msgpack.packb(
         {"request_nonce": request.nonce, "receipts": [r.encode() for r in own]}
     )
     nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = seal(plaintext, [request.requester], nonce)
+    sealed = seal(
+        plaintext, responder, [request.requester], nonce, _answer_associated_data(request)
+    )
     return msgpack.packb(
         {
             "version": REQUEST_VERSION,
             "nonce": nonce,
             "ephemeral_key": sealed.ephemeral_public_key,
+            "key_commitment": sealed.key_commitment,
             "wrapped_key": sealed.wrapped_keys[0],
             "ciphertext": sealed.ciphertext,
         }
     )
+
+
+_ANSWER_FIELDS = {
+    "version": 0,
+    "nonce": NONCE_BYTES,
+    "ephemeral_key": EPHEMERAL_KEY_BYTES,
+    "key_commitment": COMMITMENT_BYTES,
+    "wrapped_key": WRAPPED_KEY_BYTES,
+    "ciphertext": 0,
+}
 
 
 def open_receipts_answer(
@@ -411,31 +451,36 @@ def open_receipts_answer(
     ignored because they are not this node's or their signature does not verify).
 
     ``RequestError("malformed" | "too_large" | "decrypt_failed", ...)`` for an answer that is
-    not one; the caller treats that neighbour as not having answered.
+    not one (or not sealed by the neighbour asked); the caller treats that neighbour as not
+    having answered.
     """
     if type(data) is not bytes or len(data) > MAX_ANSWER_BYTES:
         raise RequestError("too_large", f"a receipts answer is at most {MAX_ANSWER_BYTES} bytes")
-    fields = {"version", "nonce", "ephemeral_key", "wrapped_key", "ciphertext"}
     outer = _unpack(data)
-    if type(outer) is not dict or set(outer) != fields:
-        raise RequestError("malformed", f"a receipts answer is a map of {sorted(fields)}")
+    if type(outer) is not dict or set(outer) != set(_ANSWER_FIELDS):
+        raise RequestError("malformed", f"a receipts answer is a map of {sorted(_ANSWER_FIELDS)}")
     if outer["version"] != REQUEST_VERSION:
         raise RequestError("unsupported_version", f"receipts answer version {outer['version']!r}")
-    sizes = {
-        "nonce": NONCE_BYTES,
-        "ephemeral_key": EPHEMERAL_KEY_BYTES,
-        "wrapped_key": WRAPPED_KEY_BYTES,
-    }
-    for name, size in sizes.items():
-        if type(outer[name]) is not bytes or len(outer[name]) != size:
+    for name, size in _ANSWER_FIELDS.items():
+        if size and (type(outer[name]) is not bytes or len(outer[name]) != size):
             raise RequestError("malformed", f"'{name}' must be {size} bytes")
     if type(outer["ciphertext"]) is not bytes:
         raise RequestError("malformed", "'ciphertext' must be bytes")
+    sealed = SealedBody(
+        outer["ephemeral_key"],
+        (outer["wrapped_key"],),
+        outer["key_commitment"],
+        outer["ciphertext"],
+    )
     try:
         plaintext = unseal(
-            identity, outer["ephemeral_key"], outer["wrapped_key"], outer["ciphertext"],
+            identity,
+            request.responder,
+            sealed,
+            outer["wrapped_key"],
             outer["nonce"],
-        )  # fmt: skip
+            _answer_associated_data(request),
+        )
     except SealingError as exc:
         raise RequestError("decrypt_failed", str(exc)) from None
     inner = _unpack(plaintext)

@@ -8,20 +8,34 @@ A peer's reply is a reason code, so it is read with a small bound: a peer (or wh
 at its address) that replies with more is a failed send `oversize_reply`, and the rest is never
 read. Redirects are never followed: an envelope goes to the address in the allowlist or
 nowhere, and a 3xx is a failed send `redirect`.
+
+Every POST carries the signed `Murmur-Auth` header (gossip/auth.py), made by the one function
+`gossip.auth.request_headers`, so a receiver can refuse strangers before it reads a body.
+Every reply's HTTP `Date` is compared with this node's clock (`ClockWatch`): a node whose
+clock is off by more than the receivers' timestamp window has every request refused as
+`unauthenticated`, and says so loudly, with the measured skew, instead of failing silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from crypto.allowlist import Peer
+from crypto.identity import Identity
+from gossip.auth import request_headers
 from gossip.heads import REQUEST_CONTENT_TYPE
+
+log = logging.getLogger("murmur.transport")
+
+ENVELOPE_CONTENT_TYPE = "application/x-murmur-envelope"
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -42,12 +56,114 @@ class OversizeReply(Exception):
     """The reply was longer than MAX_REPLY_BYTES (it was not read to the end)."""
 
 
-class PeerTransport:
-    """The node's HTTP client for its neighbours."""
+# Replies that mean "your request was not authentic" (gossip/auth.py; a v3 peer says stale).
+_AUTH_REFUSALS = frozenset({"unauthenticated", "stale"})
 
-    def __init__(self, *, send_timeout_s: float, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+
+@dataclass
+class ClockWatch:
+    """This node's clock against its peers', from the `Date` header of their replies.
+
+    A peer's `Date` has one-second resolution and the reply takes a moment to arrive, so the
+    skew is known to about a second, plenty against a window of minutes. When a peer refuses
+    a request as `unauthenticated` (or `stale`) while its clock is beyond the window from
+    ours, that is the cause, and it is logged as an ERROR naming the skew; a skew past half
+    the window is a WARNING before anything fails. Each at most once per `interval_s` per
+    peer, so a node that stays skewed does not flood its log.
+    """
+
+    window_s: float
+    interval_s: float = 60.0
+    skews: dict[str, float] = field(default_factory=dict)
+    _last_logged: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def observe(self, peer: str, date: str | None, reason: str, received_at: float) -> None:
+        """Note one reply of ``peer`` (its `Date` header, its reason code), received at
+        ``received_at`` (this node's Unix time)."""
+        skew = _date_skew(date, received_at)
+        if skew is None:
+            return
+        self.skews[peer] = skew
+        refused = reason in _AUTH_REFUSALS
+        if refused and abs(skew) > self.window_s - 1.0:
+            self._log(
+                peer,
+                "error",
+                "CLOCK SKEW: %s refused this node's request (%s) and its clock (HTTP Date) is "
+                "%+.0f s from this node's, beyond the ±%.0f s timestamp window: every envelope "
+                "this node sends is refused. Fix the clock (NTP) of whichever node is wrong; "
+                "skews seen now: %s",
+                peer,
+                reason,
+                skew,
+                self.window_s,
+                self._summary(),
+            )
+        elif refused:
+            self._log(
+                peer,
+                "refused",
+                "%s refused this node's request as %s with clocks %+.0f s apart (within the "
+                "±%.0f s window): it does not admit this node's key, or holds another key for "
+                "it (compare fingerprints)",
+                peer,
+                reason,
+                skew,
+                self.window_s,
+            )
+        elif abs(skew) > self.window_s / 2:
+            self._log(
+                peer,
+                "warning",
+                "clock skew: %s's clock (HTTP Date) is %+.0f s from this node's; past ±%.0f s "
+                "every request is refused",
+                peer,
+                skew,
+                self.window_s,
+            )
+
+    def _summary(self) -> str:
+        return ", ".join(f"{name} {skew:+.0f} s" for name, skew in sorted(self.skews.items()))
+
+    def _log(self, peer: str, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last_logged.get((peer, kind))
+        if last is not None and now - last < self.interval_s:
+            return
+        self._last_logged[(peer, kind)] = now
+        level = logging.ERROR if kind == "error" else logging.WARNING
+        log.log(level, message, *args)
+
+
+def _date_skew(date: str | None, received_at: float) -> float | None:
+    """Peer clock minus ours, in seconds, from an HTTP `Date` (None if absent or unparsable).
+    The `Date` is truncated to the second, so its middle is the best estimate."""
+    if not date:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp() + 0.5 - received_at
+
+
+class PeerTransport:
+    """The node's HTTP client for its neighbours; it signs every request as ``identity``."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        send_timeout_s: float,
+        timestamp_window_s: float = 300.0,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
+    ) -> None:
+        self.identity = identity
         self.send_timeout_s = send_timeout_s
         self.max_reply_bytes = max_reply_bytes
+        self.clock = ClockWatch(timestamp_window_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PeerTransport:
@@ -72,14 +188,21 @@ class PeerTransport:
             raise RuntimeError("PeerTransport used outside 'async with'")
         return self._session
 
-    async def send(self, peer: Peer, envelope: bytes) -> SendResult:
+    def headers(
+        self, peer: Peer, path: str, body: bytes, content_type: str, signer: Identity | None = None
+    ) -> dict[str, str]:
+        """The headers of a POST of ``body`` to ``peer``'s ``path``, signed by this node (or
+        by ``signer``: the adversary mode's outsiders)."""
+        return request_headers(signer or self.identity, peer.public_key, path, body, content_type)
+
+    async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
         """POST one envelope to a peer's /gossip; never raises for network trouble."""
         start = time.monotonic()
         try:
             async with self.session.post(
                 f"{peer.address.rstrip('/')}/gossip",
                 data=envelope,
-                headers={"Content-Type": "application/x-murmur-envelope"},
+                headers=self.headers(peer, "/gossip", envelope, ENVELOPE_CONTENT_TYPE, signer),
                 allow_redirects=False,
             ) as response:
                 seconds = time.monotonic() - start
@@ -93,6 +216,7 @@ class PeerTransport:
                     return SendResult(peer.name, False, response.status, "oversize_reply", seconds)
                 ok = response.status == 202
                 reason = _reason(body, ok, response.status)
+                self.clock.observe(peer.name, response.headers.get("Date"), reason, time.time())
                 return SendResult(peer.name, ok, response.status, reason, time.monotonic() - start)
         except TimeoutError:
             return SendResult(peer.name, False, None, "timeout", time.monotonic() - start)
@@ -117,10 +241,13 @@ class PeerTransport:
                 raise OversizeReply
         return bytes(body)
 
-    async def send_all(self, peers: list[Peer], envelope: bytes) -> list[SendResult]:
-        """Send the same envelope to every peer concurrently."""
+    async def send_all(
+        self, peers: list[Peer], envelope: bytes, signer: Identity | None = None
+    ) -> list[SendResult]:
+        """Send the same envelope to every peer concurrently (each request signed for its
+        recipient)."""
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.send(peer, envelope)) for peer in peers]
+            tasks = [group.create_task(self.send(peer, envelope, signer)) for peer in peers]
         return [t.result() for t in tasks]
 
     async def request_receipts(
@@ -133,7 +260,8 @@ class PeerTransport:
             async with self.session.post(
                 f"{peer.address.rstrip('/')}/receipts",
                 data=request,
-                headers={"Content-Type": REQUEST_CONTENT_TYPE},
+                headers=self.headers(peer, "/receipts", request, REQUEST_CONTENT_TYPE),
+                allow_redirects=False,
             ) as response:
                 data = b""
                 while len(data) <= max_bytes:  # one read(n) may return fewer bytes
@@ -141,6 +269,8 @@ class PeerTransport:
                     if not chunk:
                         break
                     data += chunk
+                reason = "accepted" if response.status == 200 else _reason(data, False, 0)
+                self.clock.observe(peer.name, response.headers.get("Date"), reason, time.time())
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""

@@ -1,22 +1,27 @@
 """The envelope: how one model update travels, signed and encrypted, from one node to others.
 
-docs/protocol.md is the specification; this module is its reference implementation. In short:
-an envelope is a msgpack map in one canonical encoding whose ``body`` is the update encrypted
-once (crypto/sealing.py) and whose ``signature`` is Ed25519 over the SHA-256 of a fixed binary
-layout of (domain, version, kind, sender, round, head_digest, rest_digest), ``head_digest``
-being the SHA-256 of the sender's audit head (its audit log position and privacy spend, whose
-56 bytes travel encrypted in the body) and ``rest_digest`` the SHA-256 of every other field plus
+docs/protocol.md is the specification (version 4); this module is its reference
+implementation. In short: an envelope is a msgpack map in one canonical encoding whose
+``body`` is the update encrypted once (crypto/sealing.py: the header is its associated data,
+its key is wrapped for each recipient by the sender's static key and committed) and whose
+``signature`` is Ed25519 over the SHA-256 of a fixed binary layout of (domain, version, kind,
+sender, round, head_digest, rest_digest), ``head_digest`` being the SHA-256 of the sender's
+audit head (its audit log position and privacy spend, whose 56 bytes travel encrypted in the
+body) and ``rest_digest`` the SHA-256 of every other field (the key commitment included) plus
 the SHA-256 of the body. That split lets a small receipt (gossip/receipts.py) prove what a
-sender signed, and how far its log and ledger had got, without the envelope.
+sender signed, and how far its log and ledger had got, without the envelope; the commitment
+makes one signature stand for one plaintext only.
 
-Opening is strict and ordered from cheap to expensive: size, structure, allowlist, recipient,
-timestamp and replay checks all happen before the body is hashed, the signature checked, the
-body decrypted and its tensors validated against the receiver's model. Every rejection is one
-``WireError`` carrying a ``RejectReason``; no other exception escapes ``EnvelopeOpener.open``.
+Opening is strict and ordered from cheap to expensive: size, structure, allowlist, sender,
+recipient, timestamp and replay checks all happen before the body is hashed, the signature
+checked, the body decrypted and its tensors validated against the receiver's model. Every
+rejection is one ``WireError`` carrying a ``RejectReason``; no other exception escapes
+``EnvelopeOpener.open``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -34,13 +39,16 @@ import numpy as np
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, verify_signature
 from crypto.sealing import (
+    COMMITMENT_BYTES,
     EPHEMERAL_KEY_BYTES,
     NONCE_BYTES,
     TAG_BYTES,
     WRAPPED_KEY_BYTES,
     SealingError,
-    seal,
-    unseal,
+    decrypt_body,
+    encrypt_body,
+    unwrap_key,
+    wrap_new_key,
     x25519_public_key,
 )
 from gossip.receipts import (
@@ -57,7 +65,7 @@ from gossip.receipts import (
     signed_digest,
 )
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 KINDS = frozenset({"update"})
 ENVELOPE_FIELDS = (
     "version",
@@ -68,6 +76,7 @@ ENVELOPE_FIELDS = (
     "timestamp_ms",
     "nonce",
     "ephemeral_key",
+    "key_commitment",
     "recipients",
     "signature",
     "body",
@@ -86,6 +95,7 @@ DEFAULT_MAX_PROOFS = 16
 _MAX_BIN_BYTES = 2**32 - 1  # msgpack's own limit on one bin object
 _DECODE_GUARD_ITEMS = 4096
 _BODY_HEADER_LENGTH = struct.Struct(">I")
+BODY_AD_DOMAIN = b"murmur-envelope-body\x00"
 
 # A model spec says what the receiver expects: tensor name -> (shape, dtype string).
 ModelSpec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -109,6 +119,7 @@ class RejectReason(StrEnum):
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
     BAD_RECEIPT = "bad_receipt"
+    SENDER_MISMATCH = "sender_mismatch"
 
 
 HTTP_STATUS: dict[RejectReason, int] = {
@@ -127,16 +138,25 @@ HTTP_STATUS: dict[RejectReason, int] = {
     RejectReason.SHAPE_MISMATCH: 422,
     RejectReason.NON_FINITE: 422,
     RejectReason.BAD_RECEIPT: 400,
+    RejectReason.SENDER_MISMATCH: 403,
 }
 
 
 class WireError(Exception):
-    """An envelope was rejected; ``reason`` is machine-readable, ``detail`` is for people."""
+    """An envelope was rejected; ``reason`` is machine-readable, ``detail`` is for people.
 
-    def __init__(self, reason: RejectReason, detail: str) -> None:
+    ``signed`` is the envelope's ``(sender, round, nonce)`` when the refusal came after its
+    signature verified (it still counts against the sender's replay and rate limits), else
+    None.
+    """
+
+    def __init__(
+        self, reason: RejectReason, detail: str, signed: tuple[bytes, int, bytes] | None = None
+    ) -> None:
         super().__init__(reason, detail)
         self.reason = RejectReason(reason)
         self.detail = detail
+        self.signed = signed
 
     @property
     def http_status(self) -> int:
@@ -248,6 +268,7 @@ class _RawEnvelope:
     timestamp_ms: int
     nonce: bytes
     ephemeral_key: bytes
+    key_commitment: bytes
     recipients: tuple[tuple[bytes, bytes], ...]
     signature: bytes
     body: bytes
@@ -280,14 +301,15 @@ def default_max_message_bytes(spec: ModelSpec, max_recipients: int = DEFAULT_MAX
     """Largest envelope a receiver of this model should accept.
 
     The tensors dominate, so the limit is their exact size plus generous fixed allowances
-    (64 KiB for the header and metrics, 512 bytes per tensor, 96 bytes per recipient): large
+    (64 KiB for the header and metrics, 512 bytes per tensor, 128 bytes per recipient, whose
+    entry takes 101): large
     enough for any honest envelope, small enough that nobody can make us buffer more.
     """
     tensor_bytes = sum(
         math.prod(shape) * WIRE_DTYPES[dtype].itemsize
         for shape, dtype in _normalize_spec(spec).values()
     )
-    return tensor_bytes + 512 * len(spec) + 96 * max_recipients + 64 * 1024
+    return tensor_bytes + 512 * len(spec) + 128 * max_recipients + 64 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,24 +327,54 @@ def _bin_header(length: int) -> bytes:
     raise ValueError("msgpack bin objects are limited to 4 GiB")
 
 
+def _recipient_bytes(envelope: _RawEnvelope) -> list[bytes]:
+    """Recipient count (uint16), then each recipient's public key and wrapped key."""
+    parts = [struct.pack(">H", len(envelope.recipients))]
+    for public_key, wrapped_key in envelope.recipients:
+        parts += [public_key, wrapped_key]
+    return parts
+
+
 def _rest_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
     """SHA-256 of everything signed besides (version, kind, sender, round, head_digest):
     docs/protocol.md, "What the signature covers".
 
     A fixed big-endian layout, not msgpack, so that a second implementation cannot disagree
     about what was signed. The body enters through its own SHA-256, which is therefore the
-    only pass over the large bytes and doubles as the update's ``body_sha256``.
+    only pass over the large bytes and doubles as the update's ``body_sha256``; the key
+    commitment enters so that one signature fixes one body key, hence one plaintext.
     """
     parts = [
         struct.pack(">Q", envelope.timestamp_ms),
         envelope.nonce,
         envelope.ephemeral_key,
-        struct.pack(">H", len(envelope.recipients)),
+        envelope.key_commitment,
+        *_recipient_bytes(envelope),
+        body_sha256,
     ]
-    for public_key, wrapped_key in envelope.recipients:
-        parts += [public_key, wrapped_key]
-    parts.append(body_sha256)
     return hashlib.sha256(b"".join(parts)).digest()
+
+
+def _body_associated_data(envelope: _RawEnvelope) -> bytes:
+    """The body's AEAD associated data: every header field but the signature and the body,
+    in one fixed layout (docs/protocol.md, "Encryption"). A body copied into an envelope with
+    another sender, round or recipient list does not decrypt."""
+    kind = envelope.kind.encode("utf-8")
+    return b"".join(
+        [
+            BODY_AD_DOMAIN,
+            struct.pack(">HB", envelope.version, len(kind)),
+            kind,
+            envelope.sender,
+            struct.pack(">Q", envelope.round),
+            envelope.head_digest,
+            struct.pack(">Q", envelope.timestamp_ms),
+            envelope.nonce,
+            envelope.ephemeral_key,
+            envelope.key_commitment,
+            *_recipient_bytes(envelope),
+        ]
+    )
 
 
 def _signed_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
@@ -353,6 +405,7 @@ def _envelope_prefix(envelope: _RawEnvelope) -> bytes:
         envelope.timestamp_ms,
         envelope.nonce,
         envelope.ephemeral_key,
+        envelope.key_commitment,
         [list(pair) for pair in envelope.recipients],
         envelope.signature,
     )
@@ -471,7 +524,7 @@ def _seal_envelope(
     if not 0 <= timestamp_ms <= MAX_UINT63:
         raise ValueError(f"timestamp {now!r} is out of range")
     nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = seal(body, recipients, nonce)
+    key = wrap_new_key(sender, recipients, nonce)
     unsigned = _RawEnvelope(
         version=PROTOCOL_VERSION,
         kind=kind,
@@ -480,14 +533,16 @@ def _seal_envelope(
         head_digest=head_digest,
         timestamp_ms=timestamp_ms,
         nonce=nonce,
-        ephemeral_key=sealed.ephemeral_public_key,
-        recipients=tuple(zip(recipients, sealed.wrapped_keys, strict=True)),
+        ephemeral_key=key.ephemeral_public_key,
+        key_commitment=key.commitment,
+        recipients=tuple(zip(recipients, key.wrapped_keys, strict=True)),
         signature=b"",
-        body=sealed.ciphertext,
+        body=b"",
     )
-    digest = _signed_digest(unsigned, hashlib.sha256(sealed.ciphertext).digest())
-    signed = dataclasses.replace(unsigned, signature=sender.sign(digest))
-    return b"".join((_envelope_prefix(signed), sealed.ciphertext))
+    ciphertext = encrypt_body(body, key.body_key, nonce, _body_associated_data(unsigned))
+    digest = _signed_digest(unsigned, hashlib.sha256(ciphertext).digest())
+    signed = dataclasses.replace(unsigned, signature=sender.sign(digest), body=ciphertext)
+    return b"".join((_envelope_prefix(signed), ciphertext))
 
 
 def build_envelope(
@@ -632,6 +687,7 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
         timestamp_ms=_require_uint63(obj["timestamp_ms"], "timestamp_ms"),
         nonce=_require_bin(obj["nonce"], "nonce", NONCE_BYTES),
         ephemeral_key=_require_bin(obj["ephemeral_key"], "ephemeral_key", EPHEMERAL_KEY_BYTES),
+        key_commitment=_require_bin(obj["key_commitment"], "key_commitment", COMMITMENT_BYTES),
         recipients=tuple(pairs),
         signature=_require_bin(obj["signature"], "signature", SIGNATURE_BYTES),
         body=body,
@@ -808,7 +864,10 @@ class ReplayGuard:
         self._seen: dict[bytes, dict[int, set[bytes]]] = {}
 
     def check(self, sender: bytes, round: int, nonce: bytes) -> None:
-        """Raise ``WireError`` if this envelope must not be accepted; record nothing."""
+        """Raise ``WireError`` if this envelope must not be accepted; record nothing.
+
+        Only reads, so an opener may call it from a worker thread while the event loop
+        records; ``record`` checks again before it writes."""
         newest = self._newest.get(sender)
         if newest is not None and round <= newest - self.round_window:
             raise WireError(
@@ -882,6 +941,12 @@ class EnvelopeOpener:
 
     ``spec`` is the receiver's model (name -> (shape, dtype)); updates that do not match it
     are refused. The opener keeps the replay guard, so use one opener per node.
+
+    ``open`` does everything in one call. A node that opens envelopes off its event loop
+    splits it: ``verify`` (pure: it reads the replay guard but changes nothing, so it may run
+    in a worker thread) and then, back on the loop, ``accept`` for the result or
+    ``note_failure`` for the ``WireError`` (each records the envelope in the replay guard if
+    its signature verified; ``accept`` re-checks it, so of two concurrent copies one wins).
     """
 
     def __init__(
@@ -907,18 +972,56 @@ class EnvelopeOpener:
             spec, self.limits.max_recipients
         )
 
-    def open(self, data: bytes, now: float | None = None) -> OpenedEnvelope:
-        """The verified update in ``data``, or ``WireError``; ``now`` is Unix time in seconds."""
+    def open(
+        self, data: bytes, now: float | None = None, sender: bytes | None = None
+    ) -> OpenedEnvelope:
+        """The verified update in ``data``, or ``WireError``; ``now`` is Unix time in seconds.
+
+        ``sender``: the public key the transport authenticated the request with (the HTTP
+        request signature, gossip/auth.py); the envelope must be that sender's own
+        (``sender_mismatch`` otherwise). None when the caller delivers envelopes itself.
+        """
+        try:
+            opened = self.verify(data, now, sender)
+        except WireError as error:
+            self.note_failure(error)
+            raise
+        return self.accept(opened)
+
+    def accept(self, opened: OpenedEnvelope) -> OpenedEnvelope:
+        """Record a verified envelope in the replay guard (``WireError`` if, meanwhile, the
+        same envelope or too many of its sender's were recorded)."""
+        self.replay.record(opened.receipt.sender, opened.round, opened.nonce)
+        return opened
+
+    def note_failure(self, error: WireError) -> None:
+        """Record a refused envelope whose signature had verified, so that it counts against
+        its sender's replay and rate limits as an accepted one does."""
+        if error.signed is not None:
+            with contextlib.suppress(WireError):
+                self.replay.record(*error.signed)
+
+    def verify(
+        self, data: bytes, now: float | None = None, sender: bytes | None = None
+    ) -> OpenedEnvelope:
+        """``open`` without recording anything: the verified update, or ``WireError``."""
         envelope = _parse_envelope(data, self.limits, self.max_message_bytes)
         if envelope.kind not in KINDS:
             raise WireError(
                 RejectReason.UNSUPPORTED_KIND, f"unknown message kind {envelope.kind!r}"
             )
-        sender = self.allowlist.by_key(envelope.sender)
-        if sender is None:
+        peer = self.allowlist.by_key(envelope.sender)
+        if peer is None:
             raise WireError(
                 RejectReason.UNKNOWN_SENDER,
                 f"sender key {envelope.sender.hex()[:16]}... is not on the allowlist",
+            )
+        if sender is not None and sender != envelope.sender:
+            posted_by = self.allowlist.by_key(sender)
+            raise WireError(
+                RejectReason.SENDER_MISMATCH,
+                f"{posted_by.name if posted_by else sender.hex()[:16]} posted an envelope "
+                f"signed as {peer.name}",
             )
         wrapped_key = dict(envelope.recipients).get(self.identity.public_key)
         if wrapped_key is None:
@@ -944,22 +1047,36 @@ class EnvelopeOpener:
             rest_digest,
         )
         if not verify_signature(envelope.sender, digest, envelope.signature):
-            raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {sender.name}")
-        self.replay.record(envelope.sender, envelope.round, envelope.nonce)
+            raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {peer.name}")
+        signed = (envelope.sender, envelope.round, envelope.nonce)
         try:
-            plaintext = unseal(
-                self.identity, envelope.ephemeral_key, wrapped_key, envelope.body, envelope.nonce
+            body_key = unwrap_key(
+                self.identity,
+                envelope.sender,
+                envelope.ephemeral_key,
+                wrapped_key,
+                envelope.nonce,
+                envelope.key_commitment,
+            )
+            plaintext = decrypt_body(
+                envelope.body, body_key, envelope.nonce, _body_associated_data(envelope)
             )
         except SealingError as exc:
-            raise WireError(RejectReason.DECRYPT_FAILED, str(exc)) from None
-        update, head = _parse_body(plaintext, self._spec, self.limits)
+            raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
+        try:
+            update, head = _parse_body(plaintext, self._spec, self.limits)
+        except WireError as error:
+            error.signed = signed
+            raise
         if head.digest() != envelope.head_digest:
-            raise _malformed(
-                f"the audit head in the body is not the one {sender.name} signed "
-                "(its digest differs from head_digest)"
+            raise WireError(
+                RejectReason.MALFORMED,
+                f"the audit head in the body is not the one {peer.name} signed "
+                "(its digest differs from head_digest)",
+                signed,
             )
         return OpenedEnvelope(
-            sender=sender,
+            sender=peer,
             round=envelope.round,
             kind=envelope.kind,
             timestamp=envelope.timestamp_ms / 1000,

@@ -1,32 +1,41 @@
 """The node's HTTP: a peer listener for other nodes, an operator listener for its own people.
 
-**Peer listener** (`[node] listen`): `POST /gossip` and `GET /health`, nothing else. Anyone
-who can reach it can talk to it before any signature is checked, so everything here is sized
-for strangers: a Content-Encoding or an oversize Content-Length is refused before the body
-is read (and, with `Expect: 100-continue`, before it is even invited); a body must arrive
-within `body_timeout_s`; connections are capped in all and per source address, idle ones are
-closed, and each address may upload only a few bodies at once. Every refusal is a 4xx with a
-reason code, counted in /status and /metrics, logged at most once per reason per interval
-(node/rejections.py), and answered with the code alone: the detail stays in this node's log.
-Nothing computed from training data is served here; /health says only that the node is up.
+**Peer listener** (`[node] listen`): `POST /gossip`, `POST /receipts` and `GET /health`,
+nothing else. Anyone who can reach it can talk to it, so everything here is sized for
+strangers: a Content-Encoding or an oversize Content-Length is refused before the body is
+read, and so is every POST whose signed `Murmur-Auth` header (gossip/auth.py) does not show
+an admitted peer sending it to this node just now; with `Expect: 100-continue` all of that
+happens before the body is even invited. A stranger's request costs one header check and at
+most one signature verification, whatever its size, and is answered `401 unauthenticated`,
+whatever the precise reason (that stays in this node's counters and log). An authenticated
+peer may have only a few bodies in flight and a bounded number of requests per round; its
+body must arrive within `body_timeout_s` and hash to what it signed. Connections are capped
+in all and per source address, idle ones are closed, and each address may upload only a few
+bodies at once. Every refusal is a 4xx with a reason code, counted in /status and /metrics,
+logged at most once per reason per interval (node/rejections.py), and answered with the code
+alone. Nothing computed from training data is served here; /health says only that the node
+is up.
 
 **Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`
 and `/` (the dashboard). They show per-round test metrics with exact counts and the decision
 threshold chosen on training rows, which are the hospital's own business. A non-loopback bind
 needs `allow_remote` and a bearer token (node/config.py refuses it otherwise).
 
-Both route tables are in `build_peer_app` and `build_operator_app`, one line per route.
+Both route tables are in `build_peer_app` and `build_operator_app`, one line per route; a
+peer route that takes a body is added with `add_peer_route`, which gives it all of the above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +46,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError, HttpVersion11
 
+from crypto.allowlist import Peer
+from gossip.auth import (
+    AUTH_HEADER,
+    AuthError,
+    PeerAllowance,
+    PeerLimiter,
+    RequestAuth,
+    RequestAuthenticator,
+)
+from gossip.heads import REQUEST_BYTES
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
@@ -50,6 +69,16 @@ NODE_KEY = web.AppKey("node", "HospitalNode")
 UPLOADS_KEY = web.AppKey("uploads", "UploadSlots")
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 AUTH_KEY = web.AppKey("auth", "OperatorAuth")
+AUTHENTICATOR_KEY = web.AppKey("authenticator", RequestAuthenticator)
+PEER_LIMITER_KEY = web.AppKey("peer_limiter", PeerLimiter)
+BODY_LIMITS_KEY = web.AppKey("body_limits", dict)
+# Per-request state (aiohttp requests are mutable mappings): the authenticated sender, kept
+# from the Expect handler for the route handler, and the peer slot the request holds.
+_AUTHENTICATED = web.RequestKey("authenticated", "AuthenticatedRequest")
+_PEER_SLOT = web.RequestKey("peer_slot", str)
+_REFUSED = web.RequestKey("refused", bool)
+# Bodies at most this long are hashed on the event loop; longer ones in a worker thread.
+_HASH_INLINE_BYTES = 64 * 1024
 
 
 class HttpReason(StrEnum):
@@ -64,6 +93,10 @@ class HttpReason(StrEnum):
     TOO_MANY_UPLOADS = "too_many_uploads"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     BAD_HTTP = "bad_http"
+    UNAUTHENTICATED = "unauthenticated"
+    BODY_MISMATCH = "body_mismatch"
+    TOO_MANY_PEER_UPLOADS = "too_many_peer_uploads"
+    PEER_RATE_LIMITED = "peer_rate_limited"
 
 
 TOO_LARGE = "too_large"  # the envelope's own code (RejectReason.TOO_LARGE), answered 413
@@ -77,12 +110,18 @@ HTTP_STATUS: dict[str, int] = {
     HttpReason.TOO_MANY_UPLOADS: 429,
     HttpReason.TOO_MANY_CONNECTIONS: 503,
     HttpReason.BAD_HTTP: 400,
+    HttpReason.UNAUTHENTICATED: 401,
+    HttpReason.BODY_MISMATCH: 400,
+    HttpReason.TOO_MANY_PEER_UPLOADS: 429,
+    HttpReason.PEER_RATE_LIMITED: 429,
     TOO_LARGE: 413,
 }
 
-# After refusing a request whose body is still coming, read and discard it for this long so
-# the client sees the refusal instead of a connection reset, then close the connection.
+# After refusing a request whose body is still coming, read and discard at most this much of
+# it, for at most this long, so the client sees the refusal rather than a connection reset,
+# then close the connection: a stranger's 16 MB upload costs reading 256 KiB, not 16 MB.
 LINGER_S = 2.0
+LINGER_BYTES = 256 * 1024
 # How long closing a listener waits for requests in flight (bodies are bounded by the body
 # timeout; a node that is stopping should not wait for strangers).
 SHUTDOWN_TIMEOUT_S = 2.0
@@ -384,38 +423,87 @@ class UploadSlots:
 
 
 def build_peer_app(node: HospitalNode) -> web.Application:
-    """The peer listener's application; its whole route table is here.
-
-    A route that takes a body from peers reads it with `read_peer_body` and is added with
-    `expect_handler=expect_peer_body`, so that it has every limit /gossip has.
-    """
-    app = _new_app([_plain_errors], node.limits.max_message_bytes)
+    """The peer listener's application; its whole route table is here."""
+    listener = node.config.peer_listener
+    app = _new_app([_plain_errors, _peer_request], node.limits.max_message_bytes)
     app[NODE_KEY] = node
-    app[BODY_TIMEOUT_KEY] = node.config.peer_listener.body_timeout_s
-    app[UPLOADS_KEY] = UploadSlots(node.config.peer_listener.max_uploads_per_address)
-    app.router.add_post("/gossip", gossip, expect_handler=expect_peer_body)
-    app.router.add_post("/receipts", receipts_route, expect_handler=expect_peer_body)
+    app[BODY_TIMEOUT_KEY] = listener.body_timeout_s
+    app[UPLOADS_KEY] = UploadSlots(listener.max_uploads_per_address)
+    app[AUTHENTICATOR_KEY] = RequestAuthenticator(
+        node.identity.public_key, node.allowlist, node.limits.timestamp_window_s
+    )
+    app[PEER_LIMITER_KEY] = PeerLimiter(
+        PeerAllowance(
+            max_bodies=listener.peer_max_bodies,
+            burst=listener.peer_burst,
+            per_round=listener.peer_requests_per_round,
+            per_second=listener.peer_requests_per_s,
+        )
+    )
+    app[BODY_LIMITS_KEY] = {}
+    add_peer_route(app, "/gossip", gossip, node.limits.max_message_bytes)
+    add_peer_route(app, "/receipts", receipts_route, REQUEST_BYTES)
     app.router.add_get("/health", health)
     return app
+
+
+def add_peer_route(
+    app: web.Application,
+    path: str,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    max_body_bytes: int,
+) -> None:
+    """Add a peer route that takes a body: POST only, authenticated from its headers
+    (`Murmur-Auth`, gossip/auth.py) before its body is invited or read, bodies of at most
+    `max_body_bytes`. The handler reads the body with `read_peer_body` and learns who sent it
+    with `authenticated_peer`."""
+    app[BODY_LIMITS_KEY][path] = max_body_bytes
+    app.router.add_post(path, handler, expect_handler=expect_peer_body)
+
+
+@dataclass(frozen=True)
+class AuthenticatedRequest:
+    """Who sent a peer request (its `Murmur-Auth` verified) and what they signed."""
+
+    peer: Peer
+    auth: RequestAuth
+
+
+def authenticated_peer(request: web.Request) -> Peer:
+    """The admitted peer that sent this request; only after `read_peer_body` returned its
+    body (before that nobody is authenticated, and this raises KeyError)."""
+    return request[_AUTHENTICATED].peer
 
 
 def _source(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def _refuse(request: web.Request, reason: str, detail: str) -> web.Response:
+def _refuse(request: web.Request, reason: str, detail: str, why: str | None = None) -> web.Response:
     """Count and log a refusal; the client gets the reason code and the connection closes
     (after a short linger, so it reads the answer rather than a reset)."""
     request.app[NODE_KEY].record_rejection(
-        reason, detail, sender=None, round_=None, source=_source(request)
+        reason, detail, sender=None, round_=None, source=_source(request), why=why
     )
-    response = web.json_response({"reason": reason}, status=HTTP_STATUS[reason])
+    headers = {hdrs.WWW_AUTHENTICATE: AUTH_HEADER} if reason == HttpReason.UNAUTHENTICATED else {}
+    response = web.json_response({"reason": reason}, status=HTTP_STATUS[reason], headers=headers)
     response.force_close()
+    request[_REFUSED] = True
     return response
 
 
+def _body_limit(request: web.Request) -> int:
+    limits = request.app[BODY_LIMITS_KEY]
+    return limits.get(request.path, request.app[NODE_KEY].limits.max_message_bytes)
+
+
 def _refusal_before_body(request: web.Request) -> web.Response | None:
-    """Everything that can be refused from the headers alone."""
+    """Everything that can be refused from the headers alone, cheapest first: the encoding,
+    the declared size, the source address's uploads, the request's authentication, then the
+    authenticated peer's concurrency and rate. Decided once per request: the Expect handler's
+    verdict is kept for the route handler (the nonce must not count twice)."""
+    if _AUTHENTICATED in request:
+        return None
     encoding = request.headers.get(hdrs.CONTENT_ENCODING)
     if encoding is not None:
         # Envelopes are encrypted, so compression never helps; and inflating a stranger's
@@ -425,7 +513,7 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
             HttpReason.UNSUPPORTED_ENCODING,
             f"Content-Encoding {printable(encoding, 40)!r}",
         )
-    limit = request.app[NODE_KEY].limits.max_message_bytes
+    limit = _body_limit(request)
     if request.content_length is not None and request.content_length > limit:
         return _refuse(request, TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
     if request.app[UPLOADS_KEY].full(_source(request)):
@@ -434,6 +522,27 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
             HttpReason.TOO_MANY_UPLOADS,
             f"{request.app[UPLOADS_KEY].per_address} uploads already in progress",
         )
+    try:
+        peer, auth = request.app[AUTHENTICATOR_KEY].check(
+            request.headers.get(AUTH_HEADER), request.path, request.content_length
+        )
+    except AuthError as exc:
+        return _refuse(
+            request, HttpReason.UNAUTHENTICATED, f"{exc.why}: {exc.detail}", why=exc.why.value
+        )
+    limiter = request.app[PEER_LIMITER_KEY]
+    if limiter.busy(peer.name):
+        return _refuse(
+            request,
+            HttpReason.TOO_MANY_PEER_UPLOADS,
+            f"{peer.name} already has {limiter.allowance.max_bodies} requests in progress",
+        )
+    node = request.app[NODE_KEY]
+    if not limiter.take(peer.name, time.monotonic(), node.inbox.current_round):
+        return _refuse(
+            request, HttpReason.PEER_RATE_LIMITED, f"{peer.name} is over its request allowance"
+        )
+    request[_AUTHENTICATED] = AuthenticatedRequest(peer, auth)
     return None
 
 
@@ -453,27 +562,78 @@ async def expect_peer_body(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+@web.middleware
+async def _peer_request(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Around every peer route: a peer's slot (`read_peer_body`) is held until its request
+    has been handled, and a refusal sent while the body is still coming is answered at once
+    and the connection closed after reading at most `LINGER_BYTES` more."""
+    try:
+        response = await handler(request)
+    finally:
+        peer = request.get(_PEER_SLOT)
+        if peer is not None:
+            request.app[PEER_LIMITER_KEY].release(peer)
+    if request.get(_REFUSED) and not request.content.is_eof():
+        await _answer_and_close(request, response)
+    return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the refusal now, read and drop a bounded part of the unread body (so a client
+    that reads its answer only while it sends sees it rather than a reset), then close.
+
+    aiohttp's own lingering would read the whole body, whatever its size, and reading costs
+    the event loop about half a millisecond per megabyte: that, not the refusal, was what a
+    large unauthenticated POST cost."""
+    await response.prepare(request)
+    await response.write_eof()
+    left = LINGER_BYTES
+    with contextlib.suppress(TimeoutError, ConnectionError, web.RequestPayloadError):
+        async with asyncio.timeout(LINGER_S):
+            while left > 0 and not request.content.is_eof():
+                left -= len(await request.content.readany())
+    if not request.content.is_eof():
+        request.protocol.force_close()  # type: ignore[attr-defined]
+
+
 async def read_peer_body(request: web.Request) -> bytes | web.Response:
-    """A peer request's whole body, or the refusal to answer with (already counted): the
-    header checks, one of the source address's upload slots, the body timeout, the size
-    limit, and a typed 4xx for every way reading can fail."""
+    """An authenticated peer request's whole body, or the refusal to answer with (already
+    counted): the header checks and authentication, one of the source address's upload slots
+    and one of the peer's, the body timeout, a typed 4xx for every way reading can fail, and
+    the body's SHA-256 against the signed one."""
     refusal = _refusal_before_body(request)
     if refusal is not None:
         return refusal
+    authenticated: AuthenticatedRequest = request[_AUTHENTICATED]
+    name = authenticated.peer.name
+    if _PEER_SLOT not in request:
+        if not request.app[PEER_LIMITER_KEY].acquire(name):
+            return _refuse(
+                request, HttpReason.TOO_MANY_PEER_UPLOADS, f"{name} has requests in progress"
+            )
+        request[_PEER_SLOT] = name
     timeout_s = request.app[BODY_TIMEOUT_KEY]
     with request.app[UPLOADS_KEY].hold(_source(request)):
         try:
             async with asyncio.timeout(timeout_s):
-                return await request.read()
+                body = await request.read()
         except TimeoutError:
             return _refuse(request, HttpReason.BODY_TIMEOUT, f"body not read within {timeout_s}s")
-        except web.HTTPRequestEntityTooLarge:
-            limit = request.app[NODE_KEY].limits.max_message_bytes
-            return _refuse(request, TOO_LARGE, f"body over {limit} bytes")
         except ConnectionError:
             return _refuse(request, HttpReason.ABORTED_UPLOAD, "the sender disconnected")
         except (web.RequestPayloadError, HttpProcessingError) as exc:
             return _refuse(request, HttpReason.BAD_BODY, type(exc).__name__)
+    if len(body) <= _HASH_INLINE_BYTES:
+        digest = hashlib.sha256(body).digest()
+    else:  # hashlib releases the GIL on large buffers
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(body).digest())
+    if digest != authenticated.auth.body_sha256:
+        return _refuse(
+            request, HttpReason.BODY_MISMATCH, f"the body is not the one {name} signed for"
+        )
+    return body
 
 
 async def gossip(request: web.Request) -> web.Response:
@@ -481,7 +641,9 @@ async def gossip(request: web.Request) -> web.Response:
     body = await read_peer_body(request)
     if isinstance(body, web.Response):
         return body
-    status_code, reason, _detail = request.app[NODE_KEY].receive(body, source=_source(request))
+    status_code, reason, _detail = await request.app[NODE_KEY].receive(
+        body, source=_source(request), sender=authenticated_peer(request)
+    )
     return web.json_response({"reason": reason}, status=status_code)
 
 

@@ -83,14 +83,19 @@ class OperatorSection:
 
 @dataclass(frozen=True)
 class PeerListenerSection:
-    """Limits of the peer listener (POST /gossip, GET /health), which anyone who can reach
-    the node can talk to before any signature is checked (docs/protocol.md, "HTTP")."""
+    """Limits of the peer listener (POST /gossip, /receipts, GET /health), which anyone who
+    can reach the node can talk to; the `peer_*` ones apply to each authenticated peer
+    (docs/protocol.md, "HTTP"; gossip/auth.py PeerAllowance)."""
 
     body_timeout_s: float = 20.0
     idle_timeout_s: float = 15.0
     max_connections: int = 64
     max_connections_per_address: int = 8
     max_uploads_per_address: int = 4
+    peer_max_bodies: int = 2
+    peer_burst: float = 16.0
+    peer_requests_per_round: float = 4.0
+    peer_requests_per_s: float = 0.5
 
     def validate(self) -> None:
         _require(
@@ -122,6 +127,30 @@ class PeerListenerSection:
             "peer_listener.max_uploads_per_address",
             "must be >= 1",
             "max_uploads_per_address = 4",
+        )
+        _require(
+            self.peer_max_bodies >= 1,
+            "peer_listener.peer_max_bodies",
+            "must be >= 1",
+            "peer_max_bodies = 2",
+        )
+        _require(
+            self.peer_burst >= 1,
+            "peer_listener.peer_burst",
+            "must be >= 1 (a peer must be able to send at least one request)",
+            "peer_burst = 16",
+        )
+        _require(
+            self.peer_requests_per_round >= 1,
+            "peer_listener.peer_requests_per_round",
+            "must be >= 1 (an honest peer sends one envelope a round)",
+            "peer_requests_per_round = 4",
+        )
+        _require(
+            self.peer_requests_per_s >= 0,
+            "peer_listener.peer_requests_per_s",
+            "must be >= 0",
+            "peer_requests_per_s = 0.5",
         )
 
 

@@ -29,6 +29,12 @@ class NodeMetrics:
         self.rejected = Counter(
             "murmur_messages_rejected", "Peer messages rejected, by reason", ["reason"], registry=r
         )
+        self.unauthenticated = Counter(
+            "murmur_unauthenticated_requests",
+            "Peer requests refused as unauthenticated, by the precise reason (gossip/auth.py)",
+            ["why"],
+            registry=r,
+        )
         self.bytes_sent = Counter("murmur_bytes_sent", "Envelope bytes sent to peers", registry=r)
         self.trust = Gauge(
             "murmur_peer_trust", "Trust score per peer (1 = trusted)", ["peer"], registry=r

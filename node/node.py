@@ -107,6 +107,9 @@ class NodeState:
     privacy: dict[str, Any] = field(default_factory=dict)
     model_sha256: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
+    # why requests were refused as `unauthenticated` (gossip/auth.py AuthFailure -> count):
+    # the precise reasons a stranger is not told
+    unauthenticated: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     bytes_sent: int = 0
     aggregation: dict[str, Any] = field(default_factory=dict)
@@ -346,14 +349,30 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- receiving
 
-    def receive(self, body: bytes, source: str | None = None) -> tuple[int, str, str]:
+    async def receive(
+        self, body: bytes, source: str | None = None, sender: Peer | None = None
+    ) -> tuple[int, str, str]:
         """Handle one POST /gossip body from address `source`: (HTTP status, reason code,
-        detail). Never raises. The detail is for this node's log; peers get only the code."""
+        detail). Never raises. The detail is for this node's log; peers get only the code.
+
+        `sender` is the peer whose request signature the listener verified (node/api.py): the
+        envelope must be its own, and its refusals are audited under its name. None for
+        callers that hand envelopes over themselves (in-process benchmarks and tests).
+        Opening (hashing, signature, decryption, parsing) runs in a worker thread; everything
+        that changes this node's state runs here, on the event loop.
+        """
+        key = sender.public_key if sender is not None else None
         try:
-            opened = self.opener.open(body)
+            verified = await asyncio.to_thread(self.opener.verify, body, None, key)
+            opened = self.opener.accept(verified)
         except WireError as err:
+            self.opener.note_failure(err)
             self.record_rejection(
-                err.reason.value, err.detail, sender=None, round_=None, source=source
+                err.reason.value,
+                err.detail,
+                sender=sender.name if sender is not None else None,
+                round_=None,
+                source=source,
             )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
@@ -514,8 +533,12 @@ class HospitalNode:
         round_: int | None,
         source: str | None = None,
         receipt: Receipt | None = None,
+        why: str | None = None,
     ) -> None:
         """Count a refused request in /status and /metrics, and log it (rate-limited).
+
+        `why` is the precise reason behind an `unauthenticated` refusal (gossip/auth.py),
+        counted in /status `unauthenticated` and `murmur_unauthenticated_requests_total`.
 
         `sender` is the admitted peer whose signature verified, or None. Only those are
         audited one record each (their number is bounded by the replay guard), with the
@@ -528,6 +551,9 @@ class HospitalNode:
         self.rejected[reason] += 1
         self.state.rejected = dict(self.rejected)
         self.metrics.rejected.labels(reason=reason).inc()
+        if why is not None:
+            self.state.unauthenticated[why] = self.state.unauthenticated.get(why, 0) + 1
+            self.metrics.unauthenticated.labels(why=why).inc()
         self.rejection_log.warning(
             reason,
             "rejected message (%s) from %s: %s",
@@ -574,9 +600,12 @@ class HospitalNode:
         if not await asyncio.to_thread(self.audit.wait_durable, timeout):
             log.warning("the audit log's last head is not on disk after %.0f s", timeout)
 
-    def answer_receipts_request(self, body: bytes) -> tuple[int, str, bytes]:
-        """Handle one POST /receipts body (node/rollback.py): (status, content type, payload)."""
-        return self.rollback.answer(body, self.inbox.current_round)
+    def answer_receipts_request(
+        self, body: bytes, sender: bytes | None = None
+    ) -> tuple[int, str, bytes]:
+        """Handle one POST /receipts body (node/rollback.py): (status, content type, payload).
+        `sender`: the key the request was authenticated with, which must be the requester's."""
+        return self.rollback.answer(body, self.inbox.current_round, sender)
 
     async def check_own_receipts(self, transport: Any = None) -> None:
         """Before signing anything, ask the neighbours for the newest receipt they hold of this
@@ -776,7 +805,7 @@ class HospitalNode:
                 )
         abuse = [m for m in messages if m.abuse is not None]
         for message in abuse:
-            await transport.send_all(list(message.recipients), message.data)
+            await transport.send_all(list(message.recipients), message.data, message.signer)
         if abuse:
             self.audit.append(
                 "attack_abuse_sent",
@@ -1168,7 +1197,9 @@ class HospitalNode:
                 group.create_task(self._watch_parent(finished))
                 try:
                     async with PeerTransport(
-                        send_timeout_s=self.config.gossip.send_timeout_s
+                        identity=self.identity,
+                        send_timeout_s=self.config.gossip.send_timeout_s,
+                        timestamp_window_s=self.config.gossip.timestamp_window_s,
                     ) as transport:
                         await self.run_rounds(transport)
                     self._write_status()

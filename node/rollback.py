@@ -40,7 +40,6 @@ from crypto.identity import Identity
 from gossip.heads import (
     ANSWER_CONTENT_TYPE,
     MAX_ANSWER_BYTES,
-    REQUEST_BYTES,
     HeadBook,
     HeadCheck,
     ReceiptsRequest,
@@ -87,33 +86,21 @@ class ReceiptsTransport(Protocol):
 async def receipts_route(request: web.Request) -> web.Response:
     """``POST /receipts``: answer an admitted peer's signed request for its own receipts.
 
-    At most ``REQUEST_BYTES + 1`` bytes are read, whatever the client claims, so the route
-    costs nothing to abuse; the node answers every refusal with its reason code.
+    Added with ``node.api.add_peer_route`` and a body limit of ``REQUEST_BYTES``: the request
+    is authenticated from its headers, anything longer is refused before it is read, and the
+    requester inside must be the peer that signed the request (``sender_mismatch``). Every
+    refusal is answered with its reason code.
     """
-    from node.api import NODE_KEY  # node.api imports this module for its route table
+    from node.api import NODE_KEY, authenticated_peer, read_peer_body  # node.api imports us
 
+    body = await read_peer_body(request)
+    if isinstance(body, web.Response):
+        return body
     node = request.app[NODE_KEY]
-    # One byte more than a request is enough to refuse anything longer as too_large; a client
-    # that sends less and stalls is cut off after the peer send timeout.
-    try:
-        async with asyncio.timeout(node.config.gossip.send_timeout_s):
-            body = await read_at_most(request.content, REQUEST_BYTES + 1)
-    except TimeoutError:
-        body = b""
-    status, content_type, payload = node.answer_receipts_request(body)
+    status, content_type, payload = node.answer_receipts_request(
+        body, authenticated_peer(request).public_key
+    )
     return web.Response(status=status, body=payload, content_type=content_type)
-
-
-async def read_at_most(stream: Any, limit: int) -> bytes:
-    """Up to ``limit`` bytes of an aiohttp stream, whatever its chunking (one ``read(n)`` may
-    return fewer bytes than are coming); stops at end of stream."""
-    data = b""
-    while len(data) < limit:
-        chunk = await stream.read(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 # --------------------------------------------------------------------------- asking at startup
@@ -512,11 +499,15 @@ class RollbackGuard:
 
     # -- POST /receipts
 
-    def answer(self, body: bytes, current_round: int) -> tuple[int, str, bytes]:
+    def answer(
+        self, body: bytes, current_round: int, sender: bytes | None = None
+    ) -> tuple[int, str, bytes]:
         """Handle one POST /receipts body: (HTTP status, content type, payload). Never raises.
 
         An admitted peer gets, sealed to it, the newest receipt this node holds of *that
         peer*, nothing about anyone else; anything else gets a typed, counted refusal.
+        ``sender``: the key the HTTP request was authenticated with (the requester's, or
+        ``sender_mismatch``); None for callers that hand requests over themselves.
         """
         try:
             request = check_request(
@@ -526,6 +517,7 @@ class RollbackGuard:
                 guard=self.request_guard,
                 now=time.time(),
                 window_s=self.gossip.timestamp_window_s,
+                sender=sender,
             )
         except RequestError as exc:
             # Anyone can send a refused request: it is counted in memory (/status, /metrics)
@@ -558,7 +550,7 @@ class RollbackGuard:
         proof = self.heads.proof(request.requester)
         if proof is not None and proof.earlier not in receipts:
             receipts.append(proof.earlier)  # the furthest head, if a later round went back
-        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(request, receipts)
+        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(self.identity, request, receipts)
 
     # -- every start
 
@@ -583,7 +575,11 @@ class RollbackGuard:
         if transport is None:
             from gossip.transport import PeerTransport
 
-            async with PeerTransport(send_timeout_s=self.gossip.send_timeout_s) as own:
+            async with PeerTransport(
+                identity=self.identity,
+                send_timeout_s=self.gossip.send_timeout_s,
+                timestamp_window_s=self.gossip.timestamp_window_s,
+            ) as own:
                 await self.check_startup(
                     own,
                     own_head=own_head,

@@ -134,7 +134,9 @@ def test_a_node_restarted_after_sending_is_never_proven_to_equivocate(
     specs, _ = run_cluster.write_network(args, tmp_path)
     nodes = [HospitalNode(load_config(s.config_path)) for s in specs]
     by_address = {s.address: n for s, n in zip(specs, nodes, strict=True)}
-    transport = MemoryTransport(by_address)
+    def transport(node: HospitalNode) -> MemoryTransport:
+        return MemoryTransport(by_address, node.identity)
+
     victim = nodes[0]
     original_send = victim._send
 
@@ -146,15 +148,15 @@ def test_a_node_restarted_after_sending_is_never_proven_to_equivocate(
     victim._send = send_then_crash  # type: ignore[method-assign]
 
     async def scenario() -> HospitalNode:
-        others = [asyncio.create_task(n.run_rounds(transport)) for n in nodes[1:]]
+        others = [asyncio.create_task(n.run_rounds(transport(n))) for n in nodes[1:]]
         with pytest.raises(Crash):
-            await victim.run_rounds(transport)
+            await victim.run_rounds(transport(victim))
         victim.audit.close()
         if not keep_signed_round:
             (victim.state_dir / SIGNED_ROUND_FILE).unlink()
         restarted = HospitalNode(load_config(specs[0].config_path))
         by_address[specs[0].address] = restarted
-        await asyncio.gather(restarted.run_rounds(transport), *others)
+        await asyncio.gather(restarted.run_rounds(transport(restarted)), *others)
         return restarted
 
     restarted = asyncio.run(scenario())

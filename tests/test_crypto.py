@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import stat
 
+import nacl.bindings
 import pytest
 
 import crypto.sealing as sealing
@@ -202,37 +205,107 @@ def test_allowlist_from_config_accepts_hex_and_pub_files(tmp_path):
 # --- sealing ------------------------------------------------------------------------------------
 
 
+AD = b"the header this body belongs to"
+
+
 def test_seal_once_open_by_every_recipient_and_nobody_else():
+    sender = generate_identity("sender")
     recipients = [generate_identity(f"r{i}") for i in range(3)]
     outsider = generate_identity("outsider")
     nonce = os.urandom(sealing.NONCE_BYTES)
     plaintext = os.urandom(1000)
-    sealed = seal(plaintext, [r.public_key for r in recipients], nonce)
+    sealed = seal(plaintext, sender, [r.public_key for r in recipients], nonce, AD)
 
     assert len(sealed.ciphertext) == len(plaintext) + sealing.TAG_BYTES
     assert len(sealed.wrapped_keys) == 3 and len(set(sealed.wrapped_keys)) == 3
-    assert all(len(w) == sealing.WRAPPED_KEY_BYTES for w in sealed.wrapped_keys)
+    assert all(len(w) == sealing.WRAPPED_KEY_BYTES == 64 for w in sealed.wrapped_keys)
     for recipient, wrapped in zip(recipients, sealed.wrapped_keys, strict=True):
-        eph = sealed.ephemeral_public_key
-        assert unseal(recipient, eph, wrapped, sealed.ciphertext, nonce) == plaintext
+        assert unseal(recipient, sender.public_key, sealed, wrapped, nonce, AD) == plaintext
     with pytest.raises(SealingError, match="wrapped body key"):
-        unseal(
-            outsider, sealed.ephemeral_public_key, sealed.wrapped_keys[0], sealed.ciphertext, nonce
+        unseal(outsider, sender.public_key, sealed, sealed.wrapped_keys[0], nonce, AD)
+
+
+def test_the_wrap_is_bound_to_the_sender_and_the_body_to_its_header():
+    """An admitted peer that copies someone else's sealed body cannot present it as its own:
+    the wrap does not open under another sender's key, and the body does not decrypt under
+    another header (docs/protocol.md, "Encryption")."""
+    alice, mallory, bob = (generate_identity(n) for n in ("alice", "mallory", "bob"))
+    nonce = os.urandom(sealing.NONCE_BYTES)
+    sealed = seal(b"alice's model", alice, [bob.public_key], nonce, AD)
+    wrapped = sealed.wrapped_keys[0]
+    with pytest.raises(SealingError, match="wrapped body key"):
+        unseal(bob, mallory.public_key, sealed, wrapped, nonce, AD)
+    key = sealing.unwrap_key(
+        bob, alice.public_key, sealed.ephemeral_public_key, wrapped, nonce, sealed.key_commitment
+    )
+    assert sealing.decrypt_body(sealed.ciphertext, key, nonce, AD) == b"alice's model"
+    with pytest.raises(SealingError, match="failed authentication"):
+        sealing.decrypt_body(sealed.ciphertext, key, nonce, AD.replace(b"header", b"HEADER"))
+
+
+def test_the_body_key_is_committed():
+    """One commitment admits one key: a wrap of another key is refused before decrypting,
+    so one signed envelope can only ever decrypt to one plaintext."""
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    nonce = os.urandom(sealing.NONCE_BYTES)
+    first = seal(b"model one", alice, [bob.public_key], nonce, AD)
+    second = seal(b"model two", alice, [bob.public_key], nonce, AD)
+    assert first.key_commitment != second.key_commitment
+    assert len(first.key_commitment) == sealing.COMMITMENT_BYTES
+    with pytest.raises(SealingError, match="key commitment"):
+        sealing.unwrap_key(
+            bob,
+            alice.public_key,
+            second.ephemeral_public_key,
+            second.wrapped_keys[0],
+            nonce,
+            first.key_commitment,
         )
+    key = sealing.unwrap_key(
+        bob,
+        alice.public_key,
+        first.ephemeral_public_key,
+        first.wrapped_keys[0],
+        nonce,
+        first.key_commitment,
+    )
+    assert sealing.key_commitment(key) == first.key_commitment
+    assert first.key_commitment == hashlib.sha256(b"murmur-body-key\x00" + key).digest()
+
+
+def test_the_wrap_is_two_crypto_boxes_ephemeral_then_static():
+    """The documented construction, recomputed with libsodium's crypto_box directly."""
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    nonce = os.urandom(sealing.NONCE_BYTES)
+    wrapped = sealing.wrap_new_key(alice, [bob.public_key], nonce)
+    bob_x_secret = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+        bob.signing_key.encode() + bob.public_key
+    )
+    alice_x_public = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(alice.public_key)
+    inner = nacl.bindings.crypto_box_open_easy(
+        wrapped.wrapped_keys[0], nonce, alice_x_public, bob_x_secret
+    )
+    body_key = nacl.bindings.crypto_box_open_easy(
+        inner, nonce, wrapped.ephemeral_public_key, bob_x_secret
+    )
+    assert body_key == wrapped.body_key and len(body_key) == 32
 
 
 def test_unseal_detects_tampering():
-    recipient = generate_identity("r")
+    sender, recipient = generate_identity("s"), generate_identity("r")
     nonce = os.urandom(sealing.NONCE_BYTES)
-    sealed = seal(b"secret weights", [recipient.public_key], nonce)
-    eph, wrapped = sealed.ephemeral_public_key, sealed.wrapped_keys[0]
-    tampered = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    sealed = seal(b"secret weights", sender, [recipient.public_key], nonce, AD)
+    wrapped = sealed.wrapped_keys[0]
+    tampered = dataclasses.replace(
+        sealed, ciphertext=bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    )
     with pytest.raises(SealingError, match="failed authentication"):
-        unseal(recipient, eph, wrapped, tampered, nonce)
+        unseal(recipient, sender.public_key, tampered, wrapped, nonce, AD)
     with pytest.raises(SealingError):
-        unseal(recipient, eph, wrapped, sealed.ciphertext, bytes(sealing.NONCE_BYTES))
+        unseal(recipient, sender.public_key, sealed, wrapped, bytes(sealing.NONCE_BYTES), AD)
     with pytest.raises(SealingError):
-        unseal(recipient, bytes(32), wrapped, sealed.ciphertext, nonce)
+        no_ephemeral = dataclasses.replace(sealed, ephemeral_public_key=bytes(32))
+        unseal(recipient, sender.public_key, no_ephemeral, wrapped, nonce, AD)
 
 
 def test_body_is_encrypted_once_whatever_the_number_of_recipients(monkeypatch):
@@ -245,5 +318,5 @@ def test_body_is_encrypted_once_whatever_the_number_of_recipients(monkeypatch):
 
     monkeypatch.setattr(sealing, "_encrypt", counting_encrypt)
     recipients = [generate_identity(f"r{i}").public_key for i in range(8)]
-    seal(b"x" * 10_000, recipients, os.urandom(sealing.NONCE_BYTES))
+    seal(b"x" * 10_000, generate_identity("s"), recipients, os.urandom(sealing.NONCE_BYTES), AD)
     assert calls == [10_000]

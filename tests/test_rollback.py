@@ -45,8 +45,10 @@ import pytest
 import run_cluster
 from bench.byzantine import MemoryTransport
 from crypto.identity import generate_identity, load_identity
+from gossip.auth import request_headers
 from gossip.heads import (
     REQUEST_BYTES,
+    REQUEST_CONTENT_TYPE,
     HeadBook,
     HeadCheck,
     ReceiptsRequest,
@@ -134,7 +136,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     )  # fmt: skip
     specs, _ = run_cluster.write_network(args, run_dir)
     nodes = [HospitalNode(load_config(s.config_path)) for s in specs]
-    transport = MemoryTransport({s.address: n for s, n in zip(specs, nodes, strict=True)})
+    by_address = {s.address: n for s, n in zip(specs, nodes, strict=True)}
     victim = nodes[0]
     saved = run_dir / "saved_at_cut"
     saved.mkdir()
@@ -152,7 +154,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     victim._checkpoint = checkpoint_and_copy  # type: ignore[method-assign]
 
     async def run_all() -> None:
-        await asyncio.gather(*(n.run_rounds(transport) for n in nodes))
+        await asyncio.gather(
+            *(n.run_rounds(MemoryTransport(by_address, n.identity)) for n in nodes)
+        )
 
     asyncio.run(run_all())
     last_head = nodes[1].rollback.heads.latest(victim.identity.public_key).head
@@ -176,7 +180,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         run_dir=run_dir,
         specs=specs,
         neighbours=nodes[1:],
-        transport=transport,
+        transport=MemoryTransport(by_address, victim.identity),
         victim=specs[0].name,
         victim_key=victim.identity.public_key,
         intact=intact,
@@ -290,7 +294,7 @@ async def test_no_answer_within_the_wait_starts_with_a_loud_warning(
     node = scenario.restart(scenario.rolled_back, startup_timeout_s=0.3)
     try:
         with caplog.at_level(logging.WARNING):
-            await node.check_own_receipts(MemoryTransport({}))  # every neighbour is down
+            await node.check_own_receipts(MemoryTransport({}, node.identity))  # all are down
         assert node.rollback.startup_check["outcome"] == "no_answer"
         assert set(node.rollback.startup_check["unanswered"]) == {
             n.config.node.name for n in scenario.neighbours
@@ -301,7 +305,7 @@ async def test_no_answer_within_the_wait_starts_with_a_loud_warning(
     assert "ROLLBACK CHECK INCOMPLETE" in caplog.text
 
 
-def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario) -> None:
+async def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario) -> None:
     """If the rolled-back node started anyway (no neighbour answered), it catches up with its
     neighbours and signs a later round with its old head: they refuse it, with the proof, and
     refuse it for good. Signing again a round it had signed is an equivocation instead."""
@@ -313,19 +317,19 @@ def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Scenario
         update = ModelUpdate(get_state(node.model))
         key = [receiver.identity.public_key]
         envelope = build_envelope(update, node.identity, key, ROUNDS + 1, head=stale_head)
-        status, reason, detail = receiver.receive(envelope)
+        status, reason, detail = await receiver.receive(envelope)
         assert (status, reason) == (409, "rollback")
         assert f"older than its round-{ROUNDS} envelope" in detail and "audit_seq" in detail
         # Even a head ahead of everything is refused now: the peer's ledger is not to be
         # believed any more (its operators must restore its newest state, or use a new key).
         ahead = AuditHead(10**6, bytes(32), 10**6, 99.0)
         later = build_envelope(update, node.identity, key, ROUNDS + 2, head=ahead)
-        assert receiver.receive(later)[1] == "rollback"
+        assert (await receiver.receive(later))[1] == "rollback"
         # Round CUT_ROUND + 1 again, as the restored node would sign it: an equivocation.
         again = build_envelope(
             update, node.identity, [other.identity.public_key], CUT_ROUND + 1, head=stale_head
         )
-        assert other.receive(again)[1] == "old_round"
+        assert (await other.receive(again))[1] == "old_round"
         assert other.trust.proven() == {scenario.victim: CUT_ROUND + 1}
         # Asked at a restart, the receiver hands back the newest receipt and the proof's.
         request = ReceiptsRequest.make(node.identity, receiver.identity.public_key, time.time())
@@ -365,35 +369,54 @@ async def test_the_receipts_route_answers_only_the_requester_and_refuses_bad_req
 
     node = scenario.neighbours[1]
     victim = load_identity(scenario.run_dir / "keys" / f"{scenario.victim}.key")
+    other = scenario.neighbours[0].identity  # admitted too
     own_key = node.identity.public_key
     before = dict(node.status()["rollback"]["receipts_requests"])
+    rejected_before = dict(node.rejected)
+
+    def signed(body: bytes, by: Any = victim) -> dict[str, str]:
+        return request_headers(by, own_key, "/receipts", body, REQUEST_CONTENT_TYPE)
+
     async with TestClient(TestServer(build_peer_app(node))) as client:
         request = ReceiptsRequest.make(victim, own_key, time.time())
-        response = await client.post("/receipts", data=request.encode())
+        body = request.encode()
+        response = await client.post("/receipts", data=body, headers=signed(body))
         assert response.status == 200
         assert response.content_type == "application/x-murmur-receipts"
         receipts, ignored = open_receipts_answer(victim, request, await response.read())
         assert ignored == 0 and [r.round for r in receipts] == [ROUNDS]
         assert receipts[0].sender == scenario.victim_key and receipts[0].verify()
+        from_mallory = ReceiptsRequest.make(MALLORY, own_key, time.time()).encode()
+        victims = ReceiptsRequest.make(victim, own_key, time.time()).encode()
         cases = [
-            (b"x" * 10, 400, "malformed"),
-            (b"\x00" * 50_000, 413, "too_large"),
-            (ReceiptsRequest.make(MALLORY, own_key, time.time()).encode(), 403, "unknown_sender"),
-            (request.encode(), 409, "replay"),
-            (ReceiptsRequest.make(victim, victim.public_key, time.time()).encode(), 421,
-             "wrong_recipient"),
+            (b"x" * 10, victim, 400, "malformed"),
+            (b"\x00" * 50_000, victim, 413, "too_large"),  # from Content-Length, before auth
+            (from_mallory, victim, 403, "unknown_sender"),
+            (from_mallory, MALLORY, 401, "unauthenticated"),  # refused before the body
+            (victims, other, 403, "sender_mismatch"),  # a neighbour posting another's request
+            (request.encode(), victim, 409, "replay"),
+            (ReceiptsRequest.make(victim, victim.public_key, time.time()).encode(), victim,
+             421, "wrong_recipient"),
         ]  # fmt: skip
-        for body, status, reason in cases:
-            response = await client.post("/receipts", data=body)
+        for body, poster, status, reason in cases:
+            response = await client.post("/receipts", data=body, headers=signed(body, poster))
             assert response.status == status, (reason, await response.text())
             assert (await response.json())["reason"] == reason
+        response = await client.post("/receipts", data=victims)  # no Murmur-Auth at all
+        assert (response.status, (await response.json())["reason"]) == (401, "unauthenticated")
         assert (await client.get("/health")).status == 200  # and it keeps serving
     after = node.status()["rollback"]["receipts_requests"]
     assert after["answered"] == before.get("answered", 0) + 1
-    for reason in ("malformed", "too_large", "unknown_sender", "replay", "wrong_recipient"):
+    for reason in ("malformed", "unknown_sender", "sender_mismatch", "replay", "wrong_recipient"):
         assert after[reason] == before.get(reason, 0) + 1, reason
+    # What the HTTP layer refused never reached the route: counted with the listener's codes.
+    assert node.rejected["too_large"] == rejected_before.get("too_large", 0) + 1
+    assert node.rejected["unauthenticated"] == rejected_before.get("unauthenticated", 0) + 2
+    assert node.state.unauthenticated["unknown_sender"] >= 1
+    assert node.state.unauthenticated["missing"] >= 1
     metrics = node.metrics.render().decode()
-    assert 'murmur_receipts_requests_total{outcome="too_large"}' in metrics
+    assert 'murmur_receipts_requests_total{outcome="sender_mismatch"}' in metrics
+    assert 'murmur_unauthenticated_requests_total{why="missing"}' in metrics
 
 
 def test_audit_verify_against_peer_heads_catches_the_cut_back_log(
@@ -448,7 +471,7 @@ def test_heads_seen_after_the_last_checkpoint_survive_a_crash(scenario: Scenario
         ahead = AuditHead(10**5, bytes(32), 10**5, 5.0)
         update = ModelUpdate(get_state(node.model))
         envelope = build_envelope(update, peer, [node.identity.public_key], ROUNDS + 1, head=ahead)
-        assert node.receive(envelope)[1] == "too_far_ahead"  # refused, but authentic
+        assert asyncio.run(node.receive(envelope))[1] == "too_far_ahead"  # refused, authentic
     finally:
         node.audit.close()  # "killed": no checkpoint after it
     again = HospitalNode(load_config(scenario.victim_spec.config_path))
@@ -649,7 +672,7 @@ def test_a_receipts_request_is_signed_addressed_fresh_and_used_once() -> None:
     data = request.encode()
     assert len(data) == REQUEST_BYTES == 154
     # The documented layout: version, requester, responder, timestamp_ms, nonce, signature.
-    assert data[:2] == (3).to_bytes(2, "big") and data[2:34] == ALICE.public_key
+    assert data[:2] == (4).to_bytes(2, "big") and data[2:34] == ALICE.public_key
     assert data[34:66] == BOB.public_key and data[66:74] == int(NOW * 1000).to_bytes(8, "big")
     signed = hashlib.sha256(b"murmur-receipts-request\x00" + data[:90]).digest()
     assert ALICE.signing_key.verify_key.verify(signed, data[90:])
@@ -665,7 +688,7 @@ def test_a_receipts_request_is_signed_addressed_fresh_and_used_once() -> None:
     assert refused(bytes(flipped)) == "bad_signature"
     assert refused(data[:-1]) == "malformed"
     assert refused(data + b"\x00") == "too_large"
-    assert refused(b"\x00\x02" + data[2:]) == "unsupported_version"
+    assert refused(b"\x00\x03" + data[2:]) == "unsupported_version"
     check(ReceiptsRequest.make(ALICE, BOB.public_key, NOW).encode())
     check(ReceiptsRequest.make(ALICE, BOB.public_key, NOW).encode())
     assert refused(ReceiptsRequest.make(ALICE, BOB.public_key, NOW).encode()) == "rate_limited"
@@ -677,19 +700,27 @@ def test_the_answer_is_for_the_requester_only_and_carries_only_its_receipts() ->
     request = ReceiptsRequest.make(ALICE, BOB.public_key, NOW)
     own = signed_receipt(ALICE, 4, head_of(90, 60, 0.7))
     someone_else = signed_receipt(CAROL, 4, head_of(9, 6, 0.1))
-    answer = seal_receipts_answer(request, [someone_else, own])
+    answer = seal_receipts_answer(BOB, request, [someone_else, own])
     assert own.encode() not in answer  # sealed: an observer learns nothing of the spend
     assert open_receipts_answer(ALICE, request, answer) == ([own], 0)
     with pytest.raises(RequestError) as caught:
         open_receipts_answer(CAROL, request, answer)  # not readable by anyone else
     assert caught.value.reason == "decrypt_failed"
+    # Bound to its request (the nonce is associated data) and to the neighbour asked (its
+    # static key wraps the body key): a copy for another request, or from someone else, fails.
     other_request = ReceiptsRequest.make(ALICE, BOB.public_key, NOW)
-    with pytest.raises(RequestError, match="not for this request"):
-        open_receipts_answer(ALICE, other_request, answer)
+    for wrong_request, wrong_answer in (
+        (other_request, answer),
+        (request, seal_receipts_answer(CAROL, request, [own])),
+    ):
+        with pytest.raises(RequestError) as caught:
+            open_receipts_answer(ALICE, wrong_request, wrong_answer)
+        assert caught.value.reason == "decrypt_failed"
     # A neighbour cannot frame the requester: receipts that do not verify are ignored.
     forged = dataclasses.replace(own, head=head_of(900, 600, 7.0))
-    assert open_receipts_answer(ALICE, request, seal_receipts_answer(request, [forged])) == ([], 1)
-    for bad in (b"", b"\xc1", msgpack.packb({"version": 3}), b"\x00" * 10_000):
+    forged_answer = seal_receipts_answer(BOB, request, [forged])
+    assert open_receipts_answer(ALICE, request, forged_answer) == ([], 1)
+    for bad in (b"", b"\xc1", msgpack.packb({"version": 4}), b"\x00" * 10_000):
         with pytest.raises(RequestError):
             open_receipts_answer(ALICE, request, bad)
 

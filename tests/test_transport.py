@@ -20,6 +20,7 @@ from tests.netutil import build_node
 
 TEN_MB = 10 * 1024 * 1024
 CHUNK = b"x" * 16384
+SENDER = generate_identity("hospital_a")
 
 
 @asynccontextmanager
@@ -65,7 +66,7 @@ class StreamingPeer:
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
 async def test_a_10_mb_reply_is_a_failed_send_and_is_not_read(declare_length: bool) -> None:
     peer = StreamingPeer(declare_length)
-    async with serve(peer.app) as address, PeerTransport(send_timeout_s=10) as transport:
+    async with serve(peer.app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
         tracemalloc.start()
         try:
             result = await transport.send(peer_at(address), b"envelope")
@@ -88,7 +89,7 @@ async def test_a_reply_at_the_bound_is_read() -> None:
         return web.Response(status=202, text='{"reason": "accepted"}' + padding)
 
     app.router.add_post("/gossip", gossip)
-    async with serve(app) as address, PeerTransport(send_timeout_s=10) as transport:
+    async with serve(app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
         result = await transport.send(peer_at(address), b"envelope")
     assert (result.ok, result.reason) == (True, "accepted")
 
@@ -101,7 +102,7 @@ async def test_free_text_in_a_reply_is_not_taken_as_a_reason() -> None:
         return web.json_response({"reason": "see <a href=x>" + "A" * 5000}, status=400)
 
     app.router.add_post("/gossip", gossip)
-    async with serve(app) as address, PeerTransport(send_timeout_s=10) as transport:
+    async with serve(app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
         result = await transport.send(peer_at(address), b"envelope")
     assert (result.ok, result.reason) == (False, "http_400")
 
@@ -132,7 +133,7 @@ async def test_a_307_redirect_is_a_failed_send_and_never_followed() -> None:
         redirector = RedirectingPeer(f"{internal_address}/internal")
         async with (
             serve(redirector.app) as address,
-            PeerTransport(send_timeout_s=10) as transport,
+            PeerTransport(identity=SENDER, send_timeout_s=10) as transport,
         ):
             result = await transport.send(peer_at(address), b"envelope")
             up = await transport.is_up(peer_at(address))
@@ -152,7 +153,7 @@ async def test_the_node_audits_redirects_and_oversize_replies_as_failed_sends(
             redirector = RedirectingPeer(f"{internal_address}/internal")
             async with (
                 serve(redirector.app) as moved,
-                PeerTransport(send_timeout_s=10) as transport,
+                PeerTransport(identity=SENDER, send_timeout_s=10) as transport,
             ):
                 peers = [
                     Peer("moved", moved, generate_identity("moved").public_key),

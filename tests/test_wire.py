@@ -39,10 +39,11 @@ from models.params import get_state, model_spec, state_sha256
 ALICE = generate_identity("alice")  # admitted sender
 BOB = generate_identity("bob")  # admitted receiver
 CAROL = generate_identity("carol")  # admitted receiver
+DAVE = generate_identity("dave")  # admitted, an insider who is not always a recipient
 MALLORY = generate_identity("mallory")  # not admitted
 ALLOWLIST = Allowlist(
     Peer(identity.name, f"http://127.0.0.1:{9000 + i}", identity.public_key)
-    for i, identity in enumerate([ALICE, BOB, CAROL])
+    for i, identity in enumerate([ALICE, BOB, CAROL, DAVE])
 )
 NOW = 1_800_000_000.0
 
@@ -316,8 +317,8 @@ def test_rounds_older_than_the_replay_window_are_stale_and_memory_is_bounded():
 def test_unsupported_version_and_kind():
     data = valid_envelope()
     fields = msgpack.unpackb(data)
-    assert fields["version"] == PROTOCOL_VERSION == 3
-    for other in (1, 2, 4):
+    assert fields["version"] == PROTOCOL_VERSION == 4
+    for other in (1, 2, 3, 5):
         reason = reason_of(msgpack.packb({**fields, "version": other}))
         assert reason == RejectReason.UNSUPPORTED_VERSION
     assert reason_of(resign(data, kind="model")) == RejectReason.UNSUPPORTED_KIND
@@ -327,8 +328,82 @@ def test_unsupported_version_and_kind():
 
 def test_decrypt_failed_when_the_signed_wrapped_key_is_wrong():
     data = valid_envelope(recipients=(BOB,))
-    wrong_key = ((BOB.public_key, bytes(48)),)
+    wrong_key = ((BOB.public_key, bytes(64)),)
     assert reason_of(resign(data, recipients=wrong_key)) == RejectReason.DECRYPT_FAILED
+
+
+def test_an_insider_re_signing_another_senders_envelope_is_refused():
+    """Issue #25 item 1: Dave, admitted but not a recipient, sees Alice's envelope to Bob on
+    the (plaintext) wire, puts his own key in the sender field and signs it himself. Before
+    v4 Bob took Alice's model as Dave's. Now the key wrap opens only under Alice's key, and
+    the body only under Alice's header: the envelope is refused, with a typed reason, and,
+    its signature being Dave's and valid, it counts against Dave's replay limits."""
+    data = valid_envelope(recipients=(BOB,))
+    stolen = resign(data, signer=DAVE, sender=DAVE.public_key)
+    receiver = opener(BOB)
+    with pytest.raises(WireError) as caught:
+        receiver.open(stolen, now=NOW, sender=DAVE.public_key)
+    assert caught.value.reason == RejectReason.DECRYPT_FAILED
+    assert "sender's" in caught.value.detail
+    assert caught.value.signed == (DAVE.public_key, 7, msgpack.unpackb(data)["nonce"])
+    assert reason_of(stolen, receiver) == RejectReason.REPLAY  # recorded, as Dave's
+    # Re-signing it under another round does not help either (the header is the body's AD).
+    assert reason_of(resign(data, signer=DAVE, sender=DAVE.public_key, round=8)) == (
+        RejectReason.DECRYPT_FAILED
+    )
+    # Alice's own envelope is untouched by all this.
+    assert receiver.open(data, now=NOW).sender.name == "alice"
+
+
+def test_the_body_is_bound_to_every_header_field():
+    """A sender that re-signs its own envelope with any header field changed (but the same
+    body and wraps) gets an envelope that does not decrypt: the header is the AEAD's
+    associated data."""
+    data = valid_envelope(recipients=(BOB,))
+    for changes in (
+        {"round": 8},
+        {"timestamp_ms": int(NOW * 1000) + 1},
+        {"head_digest": bytes(32)},
+        {"nonce": bytes(24)},
+    ):
+        assert reason_of(resign(data, **changes)) == RejectReason.DECRYPT_FAILED, changes
+
+
+def test_the_signed_key_commitment_admits_one_body_key_only():
+    """Issue #25 item 9: the signature covers SHA-256("murmur-body-key\0" ‖ K), so a signed
+    envelope whose wrap yields any other key is refused before decryption."""
+    data = valid_envelope(recipients=(BOB,))
+    with pytest.raises(WireError) as caught:
+        opener().open(resign(data, key_commitment=bytes(32)), now=NOW)
+    assert caught.value.reason == RejectReason.DECRYPT_FAILED
+    assert "key commitment" in caught.value.detail
+
+
+def test_an_envelope_posted_by_another_peer_is_a_sender_mismatch():
+    data = valid_envelope()
+    assert reason_of_posted(data, CAROL) == RejectReason.SENDER_MISMATCH
+    assert HTTP_STATUS[RejectReason.SENDER_MISMATCH] == 403
+    assert opener().open(data, now=NOW, sender=ALICE.public_key).sender.name == "alice"
+
+
+def reason_of_posted(data: bytes, posted_by, opener_=None) -> RejectReason:
+    with pytest.raises(WireError) as excinfo:
+        (opener_ or opener()).open(data, now=NOW, sender=posted_by.public_key)
+    return excinfo.value.reason
+
+
+def test_verify_changes_nothing_and_accept_lets_one_of_two_copies_in():
+    """The node verifies off its event loop and records on it (node/node.py receive): two
+    copies of one envelope verified concurrently are both valid, and only the first
+    accepted counts."""
+    data = valid_envelope()
+    receiver = opener()
+    first, second = receiver.verify(data, NOW), receiver.verify(data, NOW)
+    assert receiver.replay.to_state()["senders"] == {}
+    receiver.accept(first)
+    with pytest.raises(WireError) as caught:
+        receiver.accept(second)
+    assert caught.value.reason == RejectReason.REPLAY
 
 
 def split_body(body: bytes) -> tuple[dict, bytes]:
@@ -362,7 +437,10 @@ def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
     keys = [BOB.public_key, CAROL.public_key]
     data = build_envelope(small_update(), ALICE, keys, 7, head=head, now=NOW)
     fields = msgpack.unpackb(data)
-    assert list(fields)[:5] == ["version", "kind", "sender", "round", "head_digest"]
+    assert list(fields) == [
+        "version", "kind", "sender", "round", "head_digest", "timestamp_ms", "nonce",
+        "ephemeral_key", "key_commitment", "recipients", "signature", "body",
+    ]  # fmt: skip
     head_bytes = (
         (41).to_bytes(8, "big") + bytes(range(32)) + (1234).to_bytes(8, "big")
     ) + struct.pack(">d", 0.70)
@@ -374,6 +452,7 @@ def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
         fields["timestamp_ms"].to_bytes(8, "big")
         + fields["nonce"]
         + fields["ephemeral_key"]
+        + fields["key_commitment"]
         + len(fields["recipients"]).to_bytes(2, "big")
         + b"".join(key + wrapped for key, wrapped in fields["recipients"])
         + hashlib.sha256(fields["body"]).digest()
@@ -392,12 +471,12 @@ def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
     opened = opener().open(data, now=NOW)
     assert opened.head == head
     assert opened.receipt == Receipt(
-        3, "update", ALICE.public_key, 7, head, rest, fields["signature"]
+        4, "update", ALICE.public_key, 7, head, rest, fields["signature"]
     )
     assert opened.receipt.verify()
     # The receipt's bytes, as docs/protocol.md lays them out: the head in the clear.
     assert opened.receipt.encode() == (
-        (3).to_bytes(2, "big") + bytes([6]) + b"update" + ALICE.public_key
+        (4).to_bytes(2, "big") + bytes([6]) + b"update" + ALICE.public_key
         + (7).to_bytes(8, "big") + head_bytes + rest + fields["signature"]
     )  # fmt: skip
     # Every recipient gets the same receipt: the same signed envelope.
