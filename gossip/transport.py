@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -159,8 +160,10 @@ class PeerTransport:
         send_timeout_s: float,
         timestamp_window_s: float = 300.0,
         max_reply_bytes: int = MAX_REPLY_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
+        self.clock_now = clock  # this node's clock: it signs requests and reads peers' Date
         self.send_timeout_s = send_timeout_s
         self.max_reply_bytes = max_reply_bytes
         self.clock = ClockWatch(timestamp_window_s)
@@ -193,7 +196,13 @@ class PeerTransport:
     ) -> dict[str, str]:
         """The headers of a POST of ``body`` to ``peer``'s ``path``, signed by this node (or
         by ``signer``: the adversary mode's outsiders)."""
-        return request_headers(signer or self.identity, peer.public_key, path, body, content_type)
+        return request_headers(
+            signer or self.identity, peer.public_key, path, body, content_type, self.clock_now()
+        )
+
+    def _observe(self, peer: Peer, response: aiohttp.ClientResponse, reason: str) -> None:
+        """Compare the peer's clock with ours (``ClockWatch``) from the reply's `Date`."""
+        self.clock.observe(peer.name, response.headers.get("Date"), reason, self.clock_now())
 
     async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
         """POST one envelope to a peer's /gossip; never raises for network trouble."""
@@ -216,7 +225,7 @@ class PeerTransport:
                     return SendResult(peer.name, False, response.status, "oversize_reply", seconds)
                 ok = response.status == 202
                 reason = _reason(body, ok, response.status)
-                self.clock.observe(peer.name, response.headers.get("Date"), reason, time.time())
+                self._observe(peer, response, reason)
                 return SendResult(peer.name, ok, response.status, reason, time.monotonic() - start)
         except TimeoutError:
             return SendResult(peer.name, False, None, "timeout", time.monotonic() - start)
@@ -270,7 +279,7 @@ class PeerTransport:
                         break
                     data += chunk
                 reason = "accepted" if response.status == 200 else _reason(data, False, 0)
-                self.clock.observe(peer.name, response.headers.get("Date"), reason, time.time())
+                self._observe(peer, response, reason)
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""

@@ -524,7 +524,7 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
         )
     try:
         peer, auth = request.app[AUTHENTICATOR_KEY].check(
-            request.headers.get(AUTH_HEADER), request.path, request.content_length
+            request.headers.get(AUTH_HEADER), request.path, request.content_length, time.time()
         )
     except AuthError as exc:
         return _refuse(

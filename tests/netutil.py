@@ -113,14 +113,15 @@ def run_in_process(argv: list[str], out: Path) -> tuple[dict[str, Any], list[Any
     return asyncio.run(run_nodes_in_process(args, out))
 
 
-def build_node(tmp_path: Path, **sections: dict[str, Any]) -> Any:
-    """hospital_0 of a two-node network (as run_cluster writes it, no DP), built in this
+def build_node(tmp_path: Path, nodes: int = 2, **sections: dict[str, Any]) -> Any:
+    """hospital_0 of a `nodes`-node network (as run_cluster writes it, no DP), built in this
     process with both listeners on free loopback ports; `sections` edit its config first.
-    Start its listeners with `await node.api.start_api(node)`; no round runs."""
+    Start its listeners with `await node.api.start_api(node)`; no round runs. The peers'
+    keys are in `tmp_path / "keys"`."""
     from node.config import load_config
     from node.node import HospitalNode
 
-    net = make_network(tmp_path, "--nodes", "2", "--no-dp", "--aggregator", "mean")
+    net = make_network(tmp_path, "--nodes", str(nodes), "--no-dp", "--aggregator", "mean")
     name = net.nodes[0].name
     net.edit_config(name, "node", listen="127.0.0.1:0")
     net.edit_config(name, "operator", listen="127.0.0.1:0")

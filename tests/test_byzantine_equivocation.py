@@ -134,6 +134,7 @@ def test_a_node_restarted_after_sending_is_never_proven_to_equivocate(
     specs, _ = run_cluster.write_network(args, tmp_path)
     nodes = [HospitalNode(load_config(s.config_path)) for s in specs]
     by_address = {s.address: n for s, n in zip(specs, nodes, strict=True)}
+
     def transport(node: HospitalNode) -> MemoryTransport:
         return MemoryTransport(by_address, node.identity)
 

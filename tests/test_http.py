@@ -1,10 +1,12 @@
-"""The node's two listeners (node/api.py): the peer listener serves only /gossip and /health
-and holds up against strangers; the operator listener keeps /status, /metrics and the
-dashboard to the operator. Real listeners on free loopback ports, one node in this process."""
+"""The node's two listeners (node/api.py): the peer listener serves only /gossip, /receipts
+and /health, authenticates every POST from its headers, and holds up against strangers; the
+operator listener keeps /status, /metrics and the dashboard to the operator. Real listeners
+on free loopback ports, one node in this process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import time
@@ -18,18 +20,24 @@ import aiohttp
 import numpy as np
 import pytest
 
-from crypto.identity import generate_identity, load_identity
+from crypto.allowlist import Peer
+from crypto.identity import Identity, generate_identity, load_identity
+from gossip.auth import AUTH_HEADER, request_headers
+from gossip.transport import PeerTransport
 from gossip.wire import ModelUpdate, build_envelope
 from models.params import get_state
 from node.api import NodeApi, OperatorTokenError, load_operator_token, operator_token, start_api
 from tests.netutil import build_node
+from tests.test_wire import resign
 
 TOKEN = "t0k3n-" + "x" * 40
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[tuple[Any, NodeApi]]:
-    node = build_node(tmp_path, **sections)
+async def running(
+    tmp_path: Path, nodes: int = 2, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[Any, NodeApi]]:
+    node = build_node(tmp_path, nodes, **sections)
     api = await start_api(node, operator_token(node.config))
     try:
         yield node, api
@@ -49,6 +57,13 @@ async def get(url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
 async def post(
     url: str, body: bytes, headers: dict[str, str] | None = None, source: str | None = None
 ) -> tuple[int, Any]:
+    code, _, reply = await post_full(url, body, headers, source)
+    return code, reply
+
+
+async def post_full(
+    url: str, body: bytes, headers: dict[str, str] | None = None, source: str | None = None
+) -> tuple[int, dict[str, str], Any]:
     connector = aiohttp.TCPConnector(local_addr=(source, 0)) if source else None
     async with (
         aiohttp.ClientSession(connector=connector) as session,
@@ -56,7 +71,7 @@ async def post(
             url, data=body, headers=headers or {}, timeout=aiohttp.ClientTimeout(total=10)
         ) as r,
     ):
-        return r.status, await r.json()
+        return r.status, dict(r.headers), await r.json()
 
 
 async def raw_exchange(port: int, data: bytes, timeout_s: float = 5.0) -> tuple[bytes, bool]:
@@ -194,6 +209,7 @@ async def test_a_loose_token_file_stops_the_node_before_it_records_anything(
 
 
 # ---------------------------------------------------------------------------- what peers get
+# ---------------------------------------------------------------------------- what peers get
 
 
 def _template() -> dict[str, np.ndarray]:
@@ -202,32 +218,130 @@ def _template() -> dict[str, np.ndarray]:
     return get_state(build_model("logreg", (30,), 0))
 
 
+def peer_identity(tmp_path: Path, index: int = 1) -> Identity:
+    """hospital_INDEX's key, an admitted peer of the node under test (hospital_0)."""
+    return load_identity(tmp_path / "keys" / f"hospital_{index}.key")
+
+
+def auth_for(
+    node: Any, sender: Identity, body: bytes, path: str = "/gossip", **kwargs: Any
+) -> dict[str, str]:
+    """What gossip/transport.py sends: Content-Type and the signed Murmur-Auth header."""
+    return request_headers(
+        sender, node.identity.public_key, path, body, "application/x-murmur-envelope", **kwargs
+    )
+
+
+def auth_line(node: Any, sender: Identity, body: bytes, **kwargs: Any) -> bytes:
+    """The Murmur-Auth header as a raw request line, for tests that write raw HTTP."""
+    value = auth_for(node, sender, body, **kwargs)[AUTH_HEADER]
+    return f"{AUTH_HEADER}: {value}\r\n".encode()
+
+
 async def test_replies_to_peers_carry_the_reason_code_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     async with running(tmp_path) as (node, api):
         me = node.identity.public_key
-        outsider = build_envelope(
-            ModelUpdate(_template()), generate_identity("mallory"), [me], 1
-        )
-        code, reply = await post(api.peer.address + "/gossip", outsider)
-        # Not "sender key 1a2b... is not on the allowlist".
-        assert (code, reply) == (403, {"reason": "unknown_sender"})
-        peer_key = tmp_path / "keys" / "hospital_1.key"
-        stale = build_envelope(
-            ModelUpdate(_template()),
-            load_identity(peer_key),
-            [me],
-            1,
-            now=time.time() - 3600,
-        )
-        code, reply = await post(api.peer.address + "/gossip", stale)
-        # Not "timestamp is +3600 s from this node's clock".
+        url = api.peer.address + "/gossip"
+        mallory = generate_identity("mallory")
+        outsider = build_envelope(ModelUpdate(_template()), mallory, [me], 1)
+        code, reply = await post(url, outsider, auth_for(node, mallory, outsider))
+        # Not "unknown_sender", and certainly not "sender key 1a2b... is not on the allowlist".
+        assert (code, reply) == (401, {"reason": "unauthenticated"})
+        peer = peer_identity(tmp_path)
+        stale = build_envelope(ModelUpdate(_template()), peer, [me], 1, now=time.time() - 3600)
+        code, reply = await post(url, stale, auth_for(node, peer, stale, now=time.time() - 3600))
+        # Not "timestamp is -3600 s from this node's clock".
+        assert (code, reply) == (401, {"reason": "unauthenticated"})
+        # An admitted peer, authenticated, is told precisely what is wrong with its envelope.
+        code, reply = await post(url, stale, auth_for(node, peer, stale))
         assert (code, reply) == (400, {"reason": "stale"})
-        # The details stay in the node's own log.
+        # The details stay in the node's own log and counters.
         logged = caplog.text
         assert "is not on the allowlist" in logged and "from this node's clock" in logged
+        assert node.state.unauthenticated == {"unknown_sender": 1, "stale": 1}
+        assert node.rejected["unauthenticated"] == 2 and node.rejected["stale"] == 1
+
+
+async def test_every_unauthenticated_post_is_refused_401_with_one_code(tmp_path: Path) -> None:
+    """Issue #25 items 4 and 9: whatever is wrong with a request's Murmur-Auth, the answer is
+    `401 unauthenticated` and nothing else; the node counts the precise reason."""
+    async with running(tmp_path, nodes=3) as (node, api):
+        url = api.peer.address + "/gossip"
+        peer = peer_identity(tmp_path)
+        body = b"an envelope would be here"
+        good = auth_for(node, peer, body)
+        replayed = dict(good)
+        assert await post(url, body, good) == (400, {"reason": "malformed"})  # authenticated
+        header = good[AUTH_HEADER]
+        flipped = header[:-8] + ("A" if header[-8] != "A" else "B") + header[-7:]
+        to_other = request_headers(
+            peer, peer_identity(tmp_path, 2).public_key, "/gossip", body, "x"
+        )
+        cases = {
+            "missing": {},
+            "malformed": {AUTH_HEADER: "not base64 at all"},
+            "bad_signature": {AUTH_HEADER: flipped},
+            "wrong_recipient": to_other,
+            "unknown_sender": auth_for(node, generate_identity("mallory"), body),
+            "stale": auth_for(node, peer, body, now=time.time() + 400),
+            "replay": replayed,
+            "length_mismatch": auth_for(node, peer, body + b"!"),
+        }
+        for why, headers in cases.items():
+            code, headers_back, reply = await post_full(url, body, headers)
+            assert (code, reply) == (401, {"reason": "unauthenticated"}), why
+            assert headers_back["WWW-Authenticate"] == AUTH_HEADER
+        # A header made for another path does not authenticate this one either.
+        for_receipts = auth_for(node, peer, body, path="/receipts")
+        assert (await post(url, body, for_receipts))[0] == 401
+    assert node.state.unauthenticated == {**dict.fromkeys(cases, 1), "bad_signature": 2}
+    assert node.rejected["unauthenticated"] == len(cases) + 1
+
+
+async def test_an_insider_re_signing_another_peers_envelope_over_http_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Issue #25 item 1, the reviewer's attack exactly: hospital_2 (admitted) captures
+    hospital_1's envelope to this node off the wire, puts its own key in the sender field,
+    signs it, and posts it with a valid request signature of its own. Before v4 the node took
+    hospital_1's model as hospital_2's. Now: 400 decrypt_failed, counted and audited under
+    hospital_2, and hospital_1's genuine envelope is still accepted."""
+    async with running(tmp_path, nodes=3) as (node, api):
+        url = api.peer.address + "/gossip"
+        victim, insider = peer_identity(tmp_path, 1), peer_identity(tmp_path, 2)
+        genuine = build_envelope(ModelUpdate(_template()), victim, [node.identity.public_key], 1)
+        stolen = resign(genuine, signer=insider, sender=insider.public_key)
+        assert await post(url, stolen, auth_for(node, insider, stolen)) == (
+            400,
+            {"reason": "decrypt_failed"},
+        )
+        assert node.rejected["decrypt_failed"] == 1
+        record = node.audit.last(1)[0]
+        assert record.kind == "message_received" and record.fields["sender"] == "hospital_2"
+        assert record.fields["reason"] == "decrypt_failed" and not record.fields["accepted"]
+        # Posting the genuine envelope under its own name is not possible either.
+        assert await post(url, genuine, auth_for(node, insider, genuine)) == (
+            403,
+            {"reason": "sender_mismatch"},
+        )
+        assert await post(url, genuine, auth_for(node, victim, genuine)) == (
+            202,
+            {"reason": "accepted"},
+        )
+        assert node.state.peers["hospital_2"]["last_round"] == 0  # it never passed as a sender
+
+
+async def test_a_body_that_is_not_the_signed_one_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as (node, api):
+        url = api.peer.address + "/gossip"
+        peer = peer_identity(tmp_path)
+        signed_for = b"A" * 100
+        code, reply = await post(url, b"B" * 100, auth_for(node, peer, signed_for))
+        assert (code, reply) == (400, {"reason": "body_mismatch"})
+        assert node.rejected["body_mismatch"] == 1
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -270,10 +384,11 @@ async def test_a_malformed_request_is_one_counted_line_without_its_bytes(
     no_traceback_logged(caplog)
 
 
-async def test_expect_100_continue_with_oversize_length_is_refused_before_the_body(
+async def test_expect_100_continue_is_refused_from_the_headers_before_the_body(
     tmp_path: Path,
 ) -> None:
     async with running(tmp_path) as (node, api):
+        peer = peer_identity(tmp_path)
         head = (
             b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
             b"Content-Length: 1000000000\r\n\r\n"
@@ -284,28 +399,73 @@ async def test_expect_100_continue_with_oversize_length_is_refused_before_the_bo
         assert received.endswith(b'{"reason": "too_large"}')
         assert closed
         assert node.rejected["too_large"] == 1
-        # A body within the limit is still invited (then refused for what it is).
+        # Within the limit, but without a request signature (or with a bad one): refused from
+        # the headers too, never invited.
+        small = head.replace(b"1000000000", b"16")
+        bad = auth_line(node, generate_identity("mallory"), b"0123456789abcdef")
+        for extra in (b"", bad):
+            received, _ = await raw_exchange(api.peer.port, small[:-2] + extra + b"\r\n", 2)
+            assert received.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in received
+            assert received.endswith(b'{"reason": "unauthenticated"}')
+        # Signed by an admitted peer: invited (then refused for what it is).
+        body = b"0123456789abcdef"
         reader, writer = await asyncio.open_connection("127.0.0.1", api.peer.port)
         try:
-            writer.write(head.replace(b"1000000000", b"16"))
+            writer.write(small[:-2] + auth_line(node, peer, body) + b"\r\n")
             async with asyncio.timeout(5):
                 assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-                writer.write(b"0123456789abcdef")
+                writer.write(body)
                 answer = await reader.read(4096)
         finally:
             writer.close()
         assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b'{"reason": "malformed"}')
+        assert node.state.unauthenticated == {"missing": 1, "unknown_sender": 1}
 
 
-async def test_a_chunked_body_past_the_limit_is_413(tmp_path: Path) -> None:
+async def test_a_16_mb_stranger_is_refused_without_reading_its_body(tmp_path: Path) -> None:
+    """Issue #25 item 4: a large POST without a valid Murmur-Auth is answered 401 at once and
+    the connection closed after at most LINGER_BYTES more: the sender cannot push its 16 MB
+    through (a node that read it all would let the whole upload complete)."""
+    async with running(tmp_path, gossip={"max_message_bytes": 32 * 2**20}) as (node, api):
+        size = 16 * 2**20
+        head = b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % size
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.peer.port)
+        sent = 0
+
+        async def upload() -> None:
+            nonlocal sent
+            writer.write(head)
+            chunk = b"\x00" * 2**20
+            with contextlib.suppress(ConnectionError):
+                for _ in range(size // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+
+        try:
+            async with asyncio.timeout(20):
+                uploading = asyncio.create_task(upload())
+                answer = await reader.readuntil(b"}")  # read while sending, as aiohttp does
+                await uploading
+        finally:
+            writer.close()
+        assert sent < size, "the node read the whole unauthenticated body"
+        assert answer.startswith(b"HTTP/1.1 401 ") and b'{"reason": "unauthenticated"}' in answer
+        assert node.rejected["unauthenticated"] == 1
+
+
+async def test_a_chunked_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A request signature states the exact body length, which must be the Content-Length:
+    a chunked body (no length) is refused from the headers, before a chunk is read."""
     async with running(tmp_path) as (node, api):
-        limit = node.limits.max_message_bytes
         chunk = b"4000\r\n" + b"a" * 0x4000 + b"\r\n"
-        head = b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-        received, closed = await raw_exchange(api.peer.port, head + chunk * (limit // 0x4000 + 2))
-        assert received.startswith(b"HTTP/1.1 413 ") and closed, received
-        assert received.endswith(b'{"reason": "too_large"}')
-        assert node.rejected["too_large"] == 1
+        body = b"a" * 0x4000
+        head = b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        signed = auth_line(node, peer_identity(tmp_path), body)
+        received, closed = await raw_exchange(api.peer.port, head + signed + b"\r\n" + chunk)
+        assert received.startswith(b"HTTP/1.1 401 ") and closed, received
+        assert received.endswith(b'{"reason": "unauthenticated"}')
+        assert node.state.unauthenticated == {"length_mismatch": 1}
 
 
 async def test_a_trickling_upload_is_cut_at_the_body_timeout(
@@ -314,7 +474,12 @@ async def test_a_trickling_upload_is_cut_at_the_body_timeout(
     caplog.set_level(logging.DEBUG)
     async with running(tmp_path, peer_listener={"body_timeout_s": 1.0}) as (node, api):
         reader, writer = await asyncio.open_connection("127.0.0.1", api.peer.port)
-        writer.write(b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
+        signed = auth_line(node, peer_identity(tmp_path), b"x" * 1000)
+        writer.write(
+            b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+            + signed
+            + b"\r\n"
+        )
 
         async def trickle() -> None:  # one byte every 50 ms: 50 s for the whole body
             for _ in range(1000):
@@ -382,21 +547,35 @@ async def test_the_connection_cap_holds(tmp_path: Path) -> None:
         held[0][1].close()
 
 
+async def start_upload(node: Any, sender: Identity, source: str, port: int) -> Connection:
+    """An authenticated upload of 100 bytes of which only 2 are sent: it holds its slots."""
+    connection = await connect_from(source, port)
+    connection[1].write(
+        b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+        + auth_line(node, sender, b"a" * 100)
+        + b"\r\nab"
+    )
+    await connection[1].drain()
+    return connection
+
+
 async def test_the_per_address_caps_hold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     limits = {"max_connections": 10, "max_connections_per_address": 2, "max_uploads_per_address": 1}
     async with running(tmp_path, peer_listener=limits) as (node, api):
         port = api.peer.port
+        peer = peer_identity(tmp_path)
         # One upload in progress from 127.0.0.1 (its body is not finished)...
-        _, upload = await connect_from("127.0.0.1", port)
-        upload.write(b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nab")
-        await upload.drain()
+        _, upload = await start_upload(node, peer, "127.0.0.1", port)
         await asyncio.sleep(0.2)
         # ...so a second one from the same address is refused before its body is read,
-        code, reply = await post(api.peer.address + "/gossip", b"junk")
+        code, reply = await post(
+            api.peer.address + "/gossip", b"junk", auth_for(node, peer, b"junk")
+        )
         assert (code, reply) == (429, {"reason": "too_many_uploads"})
         # and one from another address is not.
-        code, reply = await post(f"http://127.0.0.1:{port}/gossip", b"junk", source="127.0.0.2")
+        url = f"http://127.0.0.1:{port}/gossip"
+        code, reply = await post(url, b"junk", auth_for(node, peer, b"junk"), source="127.0.0.2")
         assert (code, reply) == (400, {"reason": "malformed"})
         # With the upload's, two connections from 127.0.0.1 are open: a third is refused.
         _, second = await connect_from("127.0.0.1", port)
@@ -409,10 +588,42 @@ async def test_the_per_address_caps_hold(tmp_path: Path, caplog: pytest.LogCaptu
         upload.close()
         await asyncio.sleep(0.3)
         code, reply = await post(api.peer.address + "/gossip", b"junk")
-        assert (code, reply) == (400, {"reason": "malformed"})
+        assert (code, reply) == (401, {"reason": "unauthenticated"})
         assert node.rejected["aborted_upload"] == 1  # the first upload, when it hung up
         assert node.rejected["too_many_connections"] == 1
     no_traceback_logged(caplog)
+
+
+async def test_an_authenticated_peer_has_few_bodies_in_flight_and_a_bounded_rate(
+    tmp_path: Path,
+) -> None:
+    """Issue #25 item 4: after authentication, per peer: at most `peer_max_bodies` requests
+    at once (from any addresses) and a token bucket of requests (`peer_burst`, refilled per
+    round and per second), each refusal typed and counted."""
+    limits = {"peer_max_bodies": 2, "peer_burst": 4, "peer_requests_per_s": 0}
+    async with running(tmp_path, peer_listener=limits) as (node, api):
+        port = api.peer.port
+        peer = peer_identity(tmp_path)
+        url = f"http://127.0.0.1:{port}/gossip"
+        held = [await start_upload(node, peer, f"127.0.0.{i}", port) for i in (2, 3)]
+        await asyncio.sleep(0.2)
+        code, reply = await post(url, b"junk", auth_for(node, peer, b"junk"), source="127.0.0.4")
+        assert (code, reply) == (429, {"reason": "too_many_peer_uploads"})
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.3)
+        # Two of the four tokens went to the held uploads (a busy refusal spends none).
+        for source in ("127.0.0.5", "127.0.0.6"):
+            code, reply = await post(url, b"junk", auth_for(node, peer, b"junk"), source=source)
+            assert (code, reply) == (400, {"reason": "malformed"})
+        code, reply = await post(url, b"junk", auth_for(node, peer, b"junk"), source="127.0.0.6")
+        assert (code, reply) == (429, {"reason": "peer_rate_limited"})
+        # Each round this node advances gives the peer peer_requests_per_round (4) more.
+        node.inbox.advance_to(node.inbox.current_round + 1)
+        code, reply = await post(url, b"junk", auth_for(node, peer, b"junk"), source="127.0.0.7")
+        assert (code, reply) == (400, {"reason": "malformed"})
+        assert node.rejected["too_many_peer_uploads"] == 1
+        assert node.rejected["peer_rate_limited"] == 1
 
 
 # ---------------------------------------------------------------------------- junk in bulk
@@ -430,7 +641,7 @@ async def test_junk_adds_one_audit_record_per_round_and_few_log_lines(
         async with aiohttp.ClientSession() as session:
             for _ in range(1000):
                 async with session.post(url, data=rng.bytes(64)) as r:
-                    assert r.status == 400
+                    assert r.status == 401
         elapsed = time.monotonic() - started
         assert node.audit.counts_by_kind() == before  # nothing per junk request
         node.summarise_rejections(1)
@@ -439,12 +650,12 @@ async def test_junk_adds_one_audit_record_per_round_and_few_log_lines(
         assert after == before
         record = node.audit.last(1)[0]
         assert record.kind == "rejections" and record.round == 1
-        assert record.fields["reasons"] == {"malformed": 1000}
+        assert record.fields["reasons"] == {"unauthenticated": 1000}
         assert record.fields["total"] == 1000
         assert record.fields["top_sources"] == [{"source": "127.0.0.1", "count": 1000}]
         node.summarise_rejections(2)  # nothing new: no record
         assert node.audit.counts_by_kind()["rejections"] == 1
-        assert node.rejected["malformed"] == 1000
+        assert node.rejected["unauthenticated"] == 1000
     lines = [r for r in caplog.records if "rejected message" in r.getMessage()]
     # One line per reason per 10 s interval (the last says how many it held back).
     assert 1 <= len(lines) <= 2 + elapsed / 10, len(lines)
@@ -454,13 +665,40 @@ async def test_junk_adds_one_audit_record_per_round_and_few_log_lines(
 async def test_an_authenticated_rejection_is_still_audited_one_record_each(tmp_path: Path) -> None:
     async with running(tmp_path) as (node, api):
         me = node.identity.public_key
-        peer = load_identity(tmp_path / "keys" / "hospital_1.key")
+        peer = peer_identity(tmp_path)
         first = build_envelope(ModelUpdate(_template()), peer, [me], 1)
         second = build_envelope(ModelUpdate(_template()), peer, [me], 1)
         url = api.peer.address + "/gossip"
-        assert await post(url, first) == (202, {"reason": "accepted"})
-        assert await post(url, second) == (409, {"reason": "duplicate"})
+        assert await post(url, first, auth_for(node, peer, first)) == (202, {"reason": "accepted"})
+        assert await post(url, second, auth_for(node, peer, second)) == (
+            409,
+            {"reason": "duplicate"},
+        )
         record = node.audit.last(1)[0]
         assert record.kind == "message_received"
         assert record.fields["sender"] == "hospital_1"
         assert record.fields["accepted"] is False and record.fields["reason"] == "duplicate"
+
+
+async def test_a_transport_with_a_skewed_clock_says_so_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #25 item 9: a node whose clock is beyond the window has every request refused as
+    `unauthenticated`; its transport measures the skew from the peer's HTTP Date and logs an
+    ERROR naming it, once per interval however many sends fail."""
+    caplog.set_level(logging.WARNING, logger="murmur.transport")
+    async with running(tmp_path) as (node, api):
+        me = Peer("hospital_0", api.peer.address, node.identity.public_key)
+        sender = peer_identity(tmp_path)
+        envelope = build_envelope(ModelUpdate(_template()), sender, [me.public_key], 1)
+        ahead = 600.0
+        async with PeerTransport(
+            identity=sender, send_timeout_s=10, clock=lambda: time.time() + ahead
+        ) as transport:
+            results = [await transport.send(me, envelope) for _ in range(3)]
+        assert [(r.status, r.reason) for r in results] == [(401, "unauthenticated")] * 3
+        assert abs(transport.clock.skews["hospital_0"] + ahead) < 3
+    errors = [r for r in caplog.records if "CLOCK SKEW" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    assert "-600 s" in errors[0].getMessage() or "-599 s" in errors[0].getMessage()
+    assert node.state.unauthenticated == {"stale": 3}

@@ -35,6 +35,10 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def sending(**settings: object) -> PeerTransport:
+    return PeerTransport(identity=SENDER, send_timeout_s=10, **settings)  # type: ignore[arg-type]
+
+
 def peer_at(address: str) -> Peer:
     return Peer("hospital_b", address, generate_identity("hospital_b").public_key)
 
@@ -66,7 +70,7 @@ class StreamingPeer:
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
 async def test_a_10_mb_reply_is_a_failed_send_and_is_not_read(declare_length: bool) -> None:
     peer = StreamingPeer(declare_length)
-    async with serve(peer.app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
+    async with serve(peer.app) as address, sending() as transport:
         tracemalloc.start()
         try:
             result = await transport.send(peer_at(address), b"envelope")
@@ -89,7 +93,7 @@ async def test_a_reply_at_the_bound_is_read() -> None:
         return web.Response(status=202, text='{"reason": "accepted"}' + padding)
 
     app.router.add_post("/gossip", gossip)
-    async with serve(app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
+    async with serve(app) as address, sending() as transport:
         result = await transport.send(peer_at(address), b"envelope")
     assert (result.ok, result.reason) == (True, "accepted")
 
@@ -102,7 +106,7 @@ async def test_free_text_in_a_reply_is_not_taken_as_a_reason() -> None:
         return web.json_response({"reason": "see <a href=x>" + "A" * 5000}, status=400)
 
     app.router.add_post("/gossip", gossip)
-    async with serve(app) as address, PeerTransport(identity=SENDER, send_timeout_s=10) as transport:
+    async with serve(app) as address, sending() as transport:
         result = await transport.send(peer_at(address), b"envelope")
     assert (result.ok, result.reason) == (False, "http_400")
 
@@ -133,7 +137,7 @@ async def test_a_307_redirect_is_a_failed_send_and_never_followed() -> None:
         redirector = RedirectingPeer(f"{internal_address}/internal")
         async with (
             serve(redirector.app) as address,
-            PeerTransport(identity=SENDER, send_timeout_s=10) as transport,
+            sending() as transport,
         ):
             result = await transport.send(peer_at(address), b"envelope")
             up = await transport.is_up(peer_at(address))
@@ -153,7 +157,7 @@ async def test_the_node_audits_redirects_and_oversize_replies_as_failed_sends(
             redirector = RedirectingPeer(f"{internal_address}/internal")
             async with (
                 serve(redirector.app) as moved,
-                PeerTransport(identity=SENDER, send_timeout_s=10) as transport,
+                sending() as transport,
             ):
                 peers = [
                     Peer("moved", moved, generate_identity("moved").public_key),
