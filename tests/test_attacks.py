@@ -35,7 +35,14 @@ from gossip.attacks import (
     sign_flip,
 )
 from gossip.receipts import EquivocationProof
-from gossip.wire import EnvelopeOpener, ModelUpdate, RejectReason, WireError, build_envelope
+from gossip.wire import (
+    EnvelopeOpener,
+    ModelUpdate,
+    RejectReason,
+    WireError,
+    build_envelope,
+    peek_envelope,
+)
 from models.params import flatten
 from node.config import ConfigError, parse_config
 
@@ -314,9 +321,9 @@ def test_the_adversary_reports_itself_loudly() -> None:
 # --------------------------------------------------------------------------- protocol abuse
 
 
-def reason_of(opener: EnvelopeOpener, data: bytes) -> str:
+def reason_of(opener: EnvelopeOpener, data: bytes, sender: bytes | None = None) -> str:
     with pytest.raises(WireError) as caught:
-        opener.open(data)
+        opener.open(data, sender=sender)
     return caught.value.reason.value
 
 
@@ -333,6 +340,8 @@ def test_each_protocol_abuse_builder_is_refused_with_its_reason() -> None:
     fresh = build_envelope(ModelUpdate(STATE), ATTACKER, keys, 1)
     forged = impersonated_envelope(fresh, ATTACKER.public_key, BOB.public_key)
     assert reason_of(opener, forged) == RejectReason.BAD_SIGNATURE
+    # Posted over HTTP, the request signature is the attacker's own: refused before that.
+    assert reason_of(opener, forged, ATTACKER.public_key) == RejectReason.SENDER_MISMATCH
     assert reason_of(opener, oversize_message(100)[:50] + genuine) == RejectReason.MALFORMED
     garbage, truncated, flipped = malformed_messages(fresh, np.random.default_rng(0))
     assert reason_of(opener, garbage) == RejectReason.MALFORMED
@@ -363,6 +372,12 @@ def test_a_protocol_abuser_sends_its_honest_update_and_then_only_refused_message
         "malformed",
     }
     for message in abuse:
+        if message.abuse == "outsider":  # sent as the outsider sends it: signed by its key
+            assert message.signer is not None
+            assert peek_envelope(message.data).sender == message.signer.public_key
+            assert message.signer.public_key not in {p.public_key for p in attacker.peers}
+        else:
+            assert message.signer is None  # the attacker's own request signature
         if message.abuse == "oversize":
             assert len(message.data) > attacker.max_message_bytes  # refused before it is read
             continue

@@ -3,30 +3,49 @@ and refuse bad messages without stopping."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 
-from crypto.identity import generate_identity, load_identity
+from crypto.identity import Identity, generate_identity, load_identity
+from gossip.auth import request_headers
 from gossip.wire import ModelUpdate, build_envelope
 from tests.netutil import Network, make_network
 
 pytestmark = pytest.mark.slow
 
 
-def post(address: str, body: bytes) -> tuple[int, dict]:
-    import json
+def post(
+    address: str, body: bytes, signer: Identity | None = None, recipient: bytes = b""
+) -> tuple[int, dict]:
+    """POST /gossip as `signer` would send it to the node whose key is `recipient` (with the
+    signed Murmur-Auth header), or as a stranger without one. With aiohttp, as nodes send:
+    it reads the answer while it sends, so a body refused from the headers (and not read
+    by the node) still gets its answer."""
 
-    req = urllib.request.Request(f"{address}/gossip", data=body, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    async def send() -> tuple[int, dict]:
+        headers = (
+            request_headers(signer, recipient, "/gossip", body, "application/x-murmur-envelope")
+            if signer is not None
+            else {}
+        )
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{address}/gossip",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as response,
+        ):
+            return response.status, await response.json()
+
+    return asyncio.run(send())
 
 
 def wait_for_api(net: Network, name: str, timeout_s: float = 60) -> dict:
@@ -157,12 +176,8 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
 
     template = get_state(build_model("logreg", (30,), 0))
     good = build_envelope(ModelUpdate(template, metrics={}), b_identity, [a_key], target_round)
-    outsider = build_envelope(
-        ModelUpdate(template, metrics={}),
-        generate_identity("mallory"),
-        [a_key],
-        target_round,
-    )
+    mallory = generate_identity("mallory")
+    outsider = build_envelope(ModelUpdate(template, metrics={}), mallory, [a_key], target_round)
     wrong_shape = {
         k: np.zeros((v.shape[0] + 1, *v.shape[1:]), np.float32) for k, v in template.items()
     }
@@ -171,31 +186,34 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
     poisoned = build_envelope(ModelUpdate(nan_state, {}), b_identity, [a_key], target_round + 1)
 
     cases = [
-        (np.random.default_rng(0).bytes(300), 400, "malformed"),
-        (good[: len(good) // 2], 400, "malformed"),
-        (b"\x00" * (10 * 1024 * 1024), 413, "too_large"),
-        (outsider, 403, "unknown_sender"),
-        (misshapen, 422, "shape_mismatch"),
-        (poisoned, 422, "non_finite"),
+        (np.random.default_rng(0).bytes(300), b_identity, 400, "malformed"),
+        (np.random.default_rng(1).bytes(300), None, 401, "unauthenticated"),
+        (good[: len(good) // 2], b_identity, 400, "malformed"),
+        (b"\x00" * (10 * 1024 * 1024), b_identity, 413, "too_large"),
+        (outsider, mallory, 401, "unauthenticated"),
+        (misshapen, b_identity, 422, "shape_mismatch"),
+        (poisoned, b_identity, 422, "non_finite"),
     ]
-    for body, code, reason in cases:
-        got_code, got = post(a.address, body)
+    for body, signer, code, reason in cases:
+        got_code, got = post(a.address, body, signer, a_key)
         assert (got_code, got["reason"]) == (code, reason), (reason, got)
-    assert post(a.address, good) == (202, {"reason": "accepted"})
-    replay_code, replay = post(a.address, good)
+    assert post(a.address, good, b_identity, a_key) == (202, {"reason": "accepted"})
+    replay_code, replay = post(a.address, good, b_identity, a_key)
     assert (replay_code, replay["reason"]) == (409, "replay")
 
-    counted = net.status(a.name)["rejected"]
+    status = net.status(a.name)
+    counted = status["rejected"]
     for reason in (
         "malformed",
         "too_large",
-        "unknown_sender",
+        "unauthenticated",
         "shape_mismatch",
         "non_finite",
         "replay",
     ):
         assert counted.get(reason, 0) >= 1, counted
     assert counted["malformed"] >= 2
+    assert status["unauthenticated"] == {"missing": 1, "unknown_sender": 1}
     metrics = urllib.request.urlopen(f"{a.operator_address}/metrics", timeout=5).read().decode()
     assert 'murmur_messages_rejected_total{reason="replay"}' in metrics
 

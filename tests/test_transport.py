@@ -5,6 +5,8 @@ Fake peers are aiohttp servers on free loopback ports."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import logging
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +17,7 @@ from aiohttp import web
 
 from crypto.allowlist import Peer
 from crypto.identity import generate_identity
-from gossip.transport import MAX_REPLY_BYTES, PeerTransport
+from gossip.transport import MAX_REPLY_BYTES, ClockWatch, PeerTransport
 from tests.netutil import build_node
 
 TEN_MB = 10 * 1024 * 1024
@@ -171,3 +173,31 @@ async def test_the_node_audits_redirects_and_oversize_replies_as_failed_sends(
         assert internal.received == []
     finally:
         node.audit.close()
+
+
+def test_the_clock_watch_tells_skew_from_not_being_admitted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused as unauthenticated with the clocks beyond the window: CLOCK SKEW (an error, once
+    per interval); within it: the peer does not admit us; accepted but past half the window: a
+    warning before anything fails; no usable Date: nothing."""
+    caplog.set_level(logging.WARNING, logger="murmur.transport")
+    watch = ClockWatch(window_s=300.0)
+    now = 1_800_000_000.0
+    ahead = email.utils.formatdate(now + 400, usegmt=True)
+    for _ in range(3):
+        watch.observe("b", ahead, "unauthenticated", now)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert "CLOCK SKEW" in caplog.text and "+400 s" in caplog.text
+    assert watch.skews["b"] == pytest.approx(400.5)
+    caplog.clear()
+    watch.observe("c", email.utils.formatdate(now + 5, usegmt=True), "unauthenticated", now)
+    assert "does not admit this node's key" in caplog.text and "CLOCK SKEW" not in caplog.text
+    caplog.clear()
+    watch.observe("d", email.utils.formatdate(now - 200, usegmt=True), "accepted", now)
+    assert "clock skew: d's clock" in caplog.text and "-200 s" in caplog.text
+    caplog.clear()
+    watch.observe("e", email.utils.formatdate(now + 10, usegmt=True), "accepted", now)
+    for garbage in (None, "", "yesterday", "Mon, 99 Foo 2024 99:99:99"):
+        watch.observe("f", garbage, "unauthenticated", now)
+    assert caplog.text == "" and "f" not in watch.skews
