@@ -10,17 +10,30 @@ only add time, so the minimum is the cost of the work itself, and ratios of mini
 Run: python bench/wire.py [--quick]. The last line printed is one JSON object: ratio_1m and
 ratio_10m are the worst of the build and open ratios to the floor at that size (1 and 8
 recipients), fanout8_over_1 the larger of build(8 recipients) / build(1) at 1M and 10M.
+
+``python bench/wire.py --refusal`` instead measures what refusing an unauthenticated 16 MB
+POST /gossip costs a real node's event loop (``refusal_cpu``, which other benchmarks, such
+as the hostile-input one, can call): CPU time of the thread that runs the peer listener, per
+request, for a missing and a bad ``Murmur-Auth`` header, with and without
+``Expect: 100-continue``, beside a ``GET /health`` as the floor of any request.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
+import socket
+import tempfile
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import nacl.bindings
 import numpy as np
@@ -128,10 +141,133 @@ def measure(n_params: int, repetitions: int) -> dict[int, dict[str, float]]:
     }
 
 
+class _LoopThread:
+    """An event loop in a thread of its own, so the CPU time of that thread is the loop's."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
+
+    def cpu(self) -> float:
+        """The loop thread's CPU seconds so far (thread_time read inside that thread)."""
+
+        async def read() -> float:
+            return time.thread_time()
+
+        return float(self.run(read()))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def _raw_post(port: int, head: bytes, body: bytes, expect: bool) -> bytes:
+    """One POST on a fresh connection, as a client that reads while it sends would see it:
+    with Expect the body goes only after 100 Continue; without, it is sent while the answer
+    is awaited. Returns the status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + (b"Expect: 100-continue\r\n" if expect else b"") + b"\r\n")
+        if expect:
+            answer = sock.recv(65536)
+            if answer.startswith(b"HTTP/1.1 100"):
+                sock.sendall(body)
+                answer = sock.recv(65536)
+            return answer.split(b"\r\n", 1)[0]
+        sender = threading.Thread(target=_send_quietly, args=(sock, body), daemon=True)
+        sender.start()
+        answer = sock.recv(65536)
+        with contextlib.suppress(OSError):  # the node may have closed it already
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout=10)
+        return answer.split(b"\r\n", 1)[0]
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def refusal_cpu(size: int = 16 * 2**20, requests: int = 20) -> dict[str, float]:
+    """Event-loop CPU (ms per request) of a real node refusing a ``size``-byte POST /gossip
+    whose envelope names an admitted sender, with no ``Murmur-Auth`` (``missing``) or one
+    with a broken signature (``bad``), without and with ``Expect: 100-continue``; and of a
+    ``GET /health`` (``health``), which any request costs. Also ``answers``: the status
+    lines seen (all must be 401)."""
+    from crypto.identity import load_identity
+    from gossip.auth import AUTH_HEADER, request_headers
+    from node.api import start_api
+    from tests.netutil import build_node
+
+    tmp = Path(tempfile.mkdtemp(prefix="murmur-refusal-"))
+    node = build_node(tmp, gossip={"max_message_bytes": 2 * size})
+    sender = load_identity(tmp / "keys" / "hospital_1.key")
+    state = {"w": np.ones((size - 65536) // 4, np.float32)}
+    envelope = build_envelope(ModelUpdate(state), sender, [node.identity.public_key], 1)
+    good = request_headers(sender, node.identity.public_key, "/gossip", envelope, "x")
+    broken = good[AUTH_HEADER][:-8] + ("A" if good[AUTH_HEADER][-8] != "A" else "B")
+    broken += good[AUTH_HEADER][-7:]
+    head = (
+        b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-murmur-envelope\r\nContent-Length: %d\r\n" % len(envelope)
+    )
+    heads = {"missing": head, "bad": head + f"{AUTH_HEADER}: {broken}\r\n".encode()}
+    loop = _LoopThread()
+    api = loop.run(start_api(node, None))
+    results: dict[str, Any] = {"answers": set()}
+    try:
+        port = api.peer.port
+        health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+        def one_health() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(health)
+                while sock.recv(65536):
+                    pass
+
+        def per_request(function: Callable[[], object]) -> float:
+            function()  # warm up
+            start = loop.cpu()
+            for _ in range(requests):
+                function()
+            return (loop.cpu() - start) / requests * 1e3
+
+        results["health"] = per_request(one_health)
+        for name, request_head in heads.items():
+            for expect in (False, True):
+
+                def post(h: bytes = request_head, e: bool = expect) -> None:
+                    results["answers"].add(_raw_post(port, h, envelope, e).decode())
+
+                key = f"{name}{'_expect' if expect else ''}"
+                results[key] = per_request(post)
+    finally:
+        loop.run(api.close())
+        loop.stop()
+        node.audit.close()
+    results["answers"] = sorted(results["answers"])
+    results["size"] = len(envelope)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--refusal", action="store_true", help="the cost of refusing a 16 MB stranger instead"
+    )
     args = parser.parse_args()
+    if args.refusal:
+        measured = refusal_cpu(requests=5 if args.quick else 20)
+        print(f"event-loop CPU per request, {measured['size'] / 2**20:.1f} MB POST /gossip:")
+        for key in ("health", "missing", "bad", "missing_expect", "bad_expect"):
+            print(f"  {key:>15}: {measured[key]:.2f} ms")
+        print(json.dumps({k: round(v, 3) for k, v in measured.items() if isinstance(v, float)}))
+        print(f"answers: {measured['answers']}")
+        return
     repetitions = {"100k": 40, "1M": 20, "10M": 8}
     if args.quick:
         repetitions = {"100k": 5, "1M": 3, "10M": 2}
