@@ -171,6 +171,13 @@ def test_protocol_abuse_is_rejected_with_reason_codes_and_changes_no_honest_mode
     doc = tomllib.loads(attacker.config_path.read_text())
     del doc["adversary"]
     attacker.config_path.write_text(run_cluster.to_toml(doc))
+    # The abuser sends a dozen authenticated requests a round, three times what the default
+    # per-peer bucket refills (docs/protocol.md, "Per-peer limits"; tested in test_http.py),
+    # which would then refuse some of its genuine updates too. Here every abuse must reach
+    # the check that refuses it, so both networks allow more.
+    for net in (abused, twin):
+        for node in net.nodes:
+            net.edit_config(node.name, "peer_listener", peer_burst=1000)
     run_networks(abused, twin)
 
     for node in abused.nodes:
@@ -178,8 +185,17 @@ def test_protocol_abuse_is_rejected_with_reason_codes_and_changes_no_honest_mode
             continue
         status = abused.final_status(node.name)
         rejected = status["rejected"]
-        for reason in ("replay", "unknown_sender", "bad_signature", "malformed", "too_large"):
+        for reason in (
+            "replay",  # its own old envelopes
+            "sender_mismatch",  # its neighbours' envelopes, and its own under their names
+            "unauthenticated",  # outsiders' envelopes, posted with the outsiders' keys
+            "bad_signature",  # a bit flipped in the body
+            "malformed",
+            "too_large",
+        ):
             assert rejected.get(reason, 0) >= 1, (node.name, rejected)
+        assert status["unauthenticated"].get("unknown_sender", 0) >= 1, status["unauthenticated"]
+        assert "peer_rate_limited" not in rejected
         assert status["model_sha256"] == twin.final_status(node.name)["model_sha256"]
         assert status["quarantined"] == []
     assert honest_aucs(abused) == honest_aucs(twin)
