@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 
 from crypto.allowlist import Peer
 from crypto.identity import Identity, generate_identity, load_identity
@@ -757,3 +758,51 @@ async def test_the_refusal_benchmark_measures_a_cheap_refusal(tmp_path: Path) ->
     assert measured["answers"] == ["HTTP/1.1 401 Unauthorized"]
     for key in ("missing", "bad", "missing_expect", "bad_expect"):
         assert 0 < measured[key] < 8.0, (key, measured)
+
+
+async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer_route(
+    tmp_path: Path,
+) -> None:
+    """The helper a new route (the coming POST /probe) calls: `add_peer_route` gives it the
+    request authentication, before the body, with its own body limit, and the handler learns
+    the authenticated sender from `authenticated_peer`."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.api import add_peer_route, authenticated_peer, build_peer_app, read_peer_body
+
+    node = build_node(tmp_path)
+    seen: list[tuple[str, bytes]] = []
+
+    async def probe(request: web.Request) -> web.Response:
+        body = await read_peer_body(request)
+        if isinstance(body, web.Response):
+            return body
+        seen.append((authenticated_peer(request).name, body))
+        return web.json_response({"reason": "admitted"})
+
+    app = build_peer_app(node)
+    add_peer_route(app, "/probe", probe, 162)
+    peer = peer_identity(tmp_path)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            body = b"p" * 162
+
+            async def answer(data: bytes, headers: dict[str, str]) -> tuple[int, str]:
+                response = await client.post("/probe", data=data, headers=headers)
+                return response.status, (await response.json())["reason"]
+
+            assert await answer(body, {}) == (401, "unauthenticated")
+            assert await answer(body, auth_for(node, peer, body)) == (401, "unauthenticated")
+            assert await answer(body, auth_for(node, peer, body, path="/probe")) == (
+                200,
+                "admitted",
+            )
+            longer = body + b"p"
+            assert await answer(longer, auth_for(node, peer, longer, path="/probe")) == (
+                413,
+                "too_large",
+            )
+        assert seen == [("hospital_1", body)]
+        assert node.state.unauthenticated == {"missing": 1, "bad_signature": 1}
+    finally:
+        node.audit.close()
