@@ -168,3 +168,24 @@ def test_dp_resolves_auto_to_data_independent_choices(tmp_path: Path) -> None:
         base_dir=tmp_path,
     )
     assert csv.data.reference == tmp_path / "ref.csv"
+
+
+def test_run_cluster_writes_fixed_class_weights_and_a_csv_reference(tmp_path: Path) -> None:
+    import run_cluster
+    from tests.test_data import clinic_rows, write_csv, write_reference
+
+    table = write_csv(
+        tmp_path / "all.csv", clinic_rows("north", 30, 1) + clinic_rows("south", 30, 2)
+    )
+    csv_args = ["--dataset", "csv", "--data", str(table), "--label", "outcome", "--site", "site"]
+    with pytest.raises(SystemExit):  # DP without a reference: refused before anything starts
+        run_cluster.parse_args(csv_args)
+    reference = write_reference(tmp_path / "reference.csv")
+    args = run_cluster.parse_args(
+        [*csv_args, "--reference", str(reference), "--class-weights", "1", "2.5",
+         "--aggregator", "mean", "--out", str(tmp_path / "run")]
+    )  # fmt: skip
+    nodes, _ = run_cluster.write_network(args, tmp_path / "run")
+    config = load_config(nodes[0].config_path)
+    assert config.privacy.enabled and config.data.reference == reference.resolve()
+    assert config.training.class_weights == [1.0, 2.5]
