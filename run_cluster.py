@@ -634,6 +634,7 @@ async def run(args: argparse.Namespace) -> int:
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
             seed=args.seed,
+            class_weights=tuple(args.class_weights) if args.class_weights else None,
         )
         report["baselines"] = run_baselines(
             dataset_kwargs_for(args), model, {}, settings, args.rounds, args.seed

@@ -53,7 +53,8 @@ class CheckpointError(Exception):
 class NodeCheckpoint:
     """Everything a node needs to continue exactly where it stopped.
 
-    `trainer_state` is opaque bytes (torch.save of optimizer and RNG state into a BytesIO);
+    `trainer_state` is opaque bytes (torch.save of optimizer and non-DP sampler state; no DP
+    randomness is ever saved, docs/privacy.md "Randomness");
     `privacy` and `replay` are the plain-data states of the privacy ledger and replay guard.
     Those dicts round-trip through msgpack: tuples come back as lists.
     """
