@@ -271,6 +271,16 @@ class MemoryTransport:
     async def send_all(self, peers: list[Peer], envelope: bytes) -> list[SendResult]:
         return [await self.send(p, envelope) for p in peers]
 
+    async def request_receipts(
+        self, peer: Peer, request: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """What POST /receipts answers (node/rollback.py), or no answer for a missing node."""
+        node = self.nodes.get(peer.address)
+        if node is None:
+            return None, b""
+        status, _, payload = node.answer_receipts_request(request)
+        return status, payload[: max_bytes + 1]
+
     async def is_up(self, peer: Peer) -> bool:
         return True
 

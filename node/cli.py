@@ -1,4 +1,8 @@
-"""The `murmur` command: keygen, node, audit."""
+"""The `murmur` command: keygen, key show, config check, node, audit.
+
+Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
+line saying what is wrong and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="murmur", description="Peer-to-peer federated learning for hospitals."
     )
+    from node import __version__
+
+    parser.add_argument("--version", action="version", version=f"murmur {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     keygen = sub.add_parser("keygen", help="create a hospital's Ed25519 identity")
@@ -22,14 +29,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
 
+    key = sub.add_parser("key", help="show a key's public key and fingerprint")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    show = key_sub.add_parser("show", help="print the public key and fingerprint of a key file")
+    show.add_argument("path", help="a private key (.key) or public key (.pub) file, or hex")
+
+    config = sub.add_parser("config", help="check config files without starting a node")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate configs and their keys; given several hospitals' configs, also check "
+        "that they agree (seed, model, peer keys, degrees, mutual listing)",
+    )
+    check.add_argument("configs", nargs="+", type=Path, help="one or more node config files")
+
     node = sub.add_parser("node", help="run a hospital node from its config file")
     node.add_argument(
         "--config", required=True, type=Path, help="the node's TOML config (docs/config.md)"
     )
     node.add_argument(
-        "--serve", action="store_true", help="keep serving the API after the planned rounds"
+        "--serve",
+        action="store_true",
+        help="keep serving the API after the planned rounds (as [node] after_training = serve)",
     )
-    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    node.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides [logging] level (default INFO)",
+    )
 
     audit = sub.add_parser("audit", help="verify, export or trace a node's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -38,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument(
         "--public-key", help="the node's public key (hex or .pub file) to check signatures against"
     )
+    verify.add_argument(
+        "--peer-heads",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="heads of this node that a peer holds (`murmur audit heads --of THIS_NODE` on the "
+        "peer); fails if the log does not contain each of them (it was cut back or replaced). "
+        "May be given more than once",
+    )
+    heads = audit_sub.add_parser(
+        "heads", help="export the signed audit heads this node holds of a peer (its receipts)"
+    )
+    heads.add_argument("--state", required=True, type=Path, help="this node's state directory")
+    heads.add_argument("--of", required=True, help="the peer's name (as in this config) or key")
+    heads.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    heads.add_argument("--limit", type=int, default=100, help="newest receipts to export")
     export = audit_sub.add_parser("export", help="write the log as CSV or JSON")
     export.add_argument("--state", required=True, type=Path)
     export.add_argument("--format", choices=["csv", "json"], default="json")
@@ -49,34 +92,70 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except (OSError, ValueError) as exc:  # IdentityError, ConfigError, AuditError, a bad path
+        print(f"murmur: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "keygen":
         from crypto.identity import keygen_command
 
         return keygen_command(args.name, args.out, force=args.force)
+    if args.command == "key":
+        return show_key(args.path)
+    if args.command == "config":
+        from node.config_check import config_check_command
+
+        return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
     return run_audit(args)
 
 
-def run_node(config_path: Path, *, serve: bool, log_level: str) -> int:
-    from node.config import ConfigError, load_config
+def show_key(path: str) -> int:
+    """Name, public key and fingerprint: what operators read to each other to admit a peer."""
+    from crypto.identity import fingerprint, load_identity, load_public_key
 
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    if Path(path).suffix == ".key":
+        identity = load_identity(path)
+        name, public = identity.name, identity.public_key
+    else:
+        name, public = None, load_public_key(path)
+    if name:
+        print(f"name:        {name}")
+    print(f"public key:  {public.hex()}")
+    print(f"fingerprint: {fingerprint(public)}")
+    return 0
+
+
+def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
+    from node.config import ConfigError, load_config
+    from node.logs import LOG_FORMAT, configure_logging
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        logging.basicConfig(level=log_level or "INFO", format=LOG_FORMAT, stream=sys.stderr)
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.logging, log_level)
     from node.checkpoint import CheckpointError
+    from node.durable import StateLock, StateLockError
     from node.node import HospitalNode, StartupError
 
     try:
-        node = HospitalNode(config)
-        return asyncio.run(node.run(serve_forever=serve))
-    except (StartupError, CheckpointError, ValueError, OSError) as exc:
-        print(f"murmur: cannot start node {config.node.name}: {exc}", file=sys.stderr)
+        # One process per state directory, for the whole life of this one: taken before the
+        # node opens its audit log or writes its first checkpoint.
+        with StateLock(config.node.state_dir):
+            node = HospitalNode(config)
+            serve = serve or config.node.after_training == "serve"
+            return asyncio.run(node.run(serve_forever=serve))
+    except (StartupError, StateLockError, CheckpointError, ValueError, OSError) as exc:
+        # Logged, not printed: a node under a service manager is read from its log file.
+        logging.getLogger("murmur.node").error("cannot start node %s: %s", config.node.name, exc)
         return 2
 
 
@@ -89,7 +168,25 @@ def run_audit(args: argparse.Namespace) -> int:
             from crypto.identity import load_public_key
 
             key = load_public_key(args.public_key)
-        return audit.verify_command(args.state, key)
+        peer_heads = None
+        if args.peer_heads:
+            from node.rollback import load_peer_heads
+
+            try:
+                peer_heads, warnings = load_peer_heads(args.peer_heads, key, args.state)
+            except audit.AuditError as exc:
+                print(f"audit verify: {exc}")
+                return 2
+            for warning in warnings:
+                print(f"warning: {warning}")
+        return audit.verify_command(args.state, key, peer_heads=peer_heads)
+    if args.audit_command == "heads":
+        from node.rollback import heads_command
+
+        if args.out:
+            with open(args.out, "w") as fh:
+                return heads_command(args.state, args.of, fh, limit=args.limit)
+        return heads_command(args.state, args.of, sys.stdout, limit=args.limit)
     if args.audit_command == "export":
         if args.out:
             with open(args.out, "w", newline="") as fh:

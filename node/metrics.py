@@ -51,6 +51,18 @@ class NodeMetrics:
             ["peer"],
             registry=r,
         )
+        self.rollback_detected = Counter(
+            "murmur_rollback_detected",
+            "Envelopes refused because their sender's signed audit head went backwards",
+            ["peer"],
+            registry=r,
+        )
+        self.receipts_requests = Counter(
+            "murmur_receipts_requests",
+            "POST /receipts requests from peers, by outcome (answered or a reason code)",
+            ["outcome"],
+            registry=r,
+        )
         self.invalid_evidence = Counter(
             "murmur_invalid_evidence",
             "Piggybacked receipts or proofs whose signatures do not verify (ignored)",

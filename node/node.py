@@ -18,7 +18,6 @@ import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from crypto.identity import Identity, load_identity, load_public_key
 from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_node
-from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
+from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import InboxVerdict, RoundInbox
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
@@ -44,21 +43,25 @@ from gossip.wire import (
     build_envelope,
     default_max_message_bytes,
 )
-from models.data import HospitalSplit, load_dataset
+from models.data import HospitalSplit, load_dataset, resolved_data_path
 from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
-from node.config import NodeConfig, split_listen
+from node.config import NodeConfig
+from node.durable import atomic_write
 from node.metrics import NodeMetrics
+from node.rejections import RateLimitedLog, RejectionTally, printable
+from node.rollback import RollbackGuard, RolledBackError
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
 
-VERSION = "0.1.0"
+VERSION = __version__
 SIGNED_ROUND_FILE = "signed_round.json"
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
@@ -113,7 +116,12 @@ class NodeState:
     # peer -> rounds its model was left out for lying too far from our own (gossip/trust.py)
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
+    # rollback evidence against peers, this node's own startup check, /receipts requests
+    rollback: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
+    # What this node trains and tests on (operator-only, like every field here): the data set,
+    # where it was read from, and the split sizes the report's "n train" / "n test" show.
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class HospitalNode:
@@ -208,11 +216,25 @@ class HospitalNode:
                 max_message_bytes=max_bytes,
             )
         self.rejected: Counter[str] = Counter()
+        # Unauthenticated rejections: counted here and summarised in one audit record per
+        # round, never one record or log line each (node/rejections.py).
+        self.unauthenticated_rejections = RejectionTally()
+        self.rejection_log = RateLimitedLog(log)
         self.metrics = NodeMetrics(config.node.name)
         self.audit = AuditLog(
             self.state_dir / AUDIT_FILE,
             self.identity,
             retention=RetentionPolicy(max_age_days=config.audit.retention_days),
+        )
+        # Each peer's newest signed audit head, POST /receipts, the startup check.
+        self.rollback = RollbackGuard(
+            identity=self.identity,
+            allowlist=self.allowlist,
+            audit=self.audit,
+            metrics=self.metrics,
+            state_dir=self.state_dir,
+            gossip=config.gossip,
+            on_change=self._refresh_rollback_status,
         )
         self.state = NodeState(
             name=config.node.name,
@@ -223,12 +245,14 @@ class HospitalNode:
                 for p in self.peers
             },
             adversary=self.adversary.status() if self.adversary else None,
+            data=self._data_description(),
         )
         self.next_round = 1
         self.stop = asyncio.Event()
         self._refresh_privacy_status()
         self._refresh_trust_status()
         self._restore()
+        self._refresh_rollback_status()
         self.opener = EnvelopeOpener(
             self.identity, self.allowlist, self.spec, limits=self.limits, replay=self.replay
         )
@@ -261,6 +285,17 @@ class HospitalNode:
             f"fix: use one of {', '.join(names)} or an index 0..{len(splits) - 1}"
         )
 
+    def _data_description(self) -> dict[str, Any]:
+        """The data set, the path it was really read from, and this hospital's split sizes."""
+        d = self.config.data
+        return {
+            "dataset": d.dataset,
+            "path": str(resolved_data_path(d.dataset, d.path)),
+            "hospital": self.data.name,
+            "n_train": len(self.data.y_train),
+            "n_test": len(self.data.y_test),
+        }
+
     def _restore(self) -> None:
         """Continue from the last checkpoint, never from scratch while claiming an old budget."""
         ckpt = load_checkpoint(self.state_dir, expected_config_sha256=self.config.sha256)
@@ -282,7 +317,10 @@ class HospitalNode:
         self.replay = ReplayGuard.from_state(ckpt.replay)
         self.last_signed_round = self._read_signed_round()
         self.next_round = ckpt.round + 1
+        self.state.round = ckpt.round
         self.state.history = list(ckpt.extra.get("history", []))
+        if self.state.history:
+            self.state.last_metrics = dict(self.state.history[-1].get("metrics", {}))
         self.state.bytes_sent = int(ckpt.extra.get("bytes_sent", 0))
         if "trust" in ckpt.extra:
             self.trust = TrustTracker.from_state(
@@ -292,6 +330,7 @@ class HospitalNode:
             self.receipts = ReceiptBook.from_state(
                 ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
+        self.rollback.restore(ckpt.extra.get("heads"))
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
         log.info(
@@ -310,14 +349,23 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- receiving
 
-    def receive(self, body: bytes) -> tuple[int, str, str]:
-        """Handle one POST /gossip body: (HTTP status, reason code, detail). Never raises."""
+    def receive(self, body: bytes, source: str | None = None) -> tuple[int, str, str]:
+        """Handle one POST /gossip body from address `source`: (HTTP status, reason code,
+        detail). Never raises. The detail is for this node's log; peers get only the code."""
         try:
             opened = self.opener.open(body)
         except WireError as err:
-            self.record_rejection(err.reason.value, err.detail, sender=None, round_=None)
+            self.record_rejection(
+                err.reason.value, err.detail, sender=None, round_=None, source=source
+            )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
+        refused = self.rollback.check(opened, self.inbox.current_round)
+        if refused is not None:
+            self.record_rejection(
+                "rollback", refused, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
+            return 409, "rollback", refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
         peer = self.state.peers[sender]
@@ -331,7 +379,9 @@ class HospitalNode:
         self._take_evidence(sender, opened.update)
         if verdict is not InboxVerdict.ACCEPTED:
             detail = f"round {opened.round} from {sender} while at round {self.inbox.current_round}"
-            self.record_rejection(verdict.value, detail, sender=sender, round_=opened.round)
+            self.record_rejection(
+                verdict.value, detail, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
             return 409, verdict.value, detail
         if self.adversary is not None:
             self.adversary.remember(opened.round, body)
@@ -343,6 +393,8 @@ class HospitalNode:
             reason="accepted",
             body_sha256=opened.body_sha256,
             model_sha256=received.model_sha256,
+            audit_head=opened.head.to_json(),
+            receipt=opened.receipt.to_hex(),  # the sender's own signed claim (gossip/heads.py)
         )
         self.metrics.received.inc()
         return 202, "accepted", ""
@@ -457,12 +509,39 @@ class HospitalNode:
             info["proven_equivocation_round"] = proven.get(name)
 
     def record_rejection(
-        self, reason: str, detail: str, *, sender: str | None, round_: int | None
+        self,
+        reason: str,
+        detail: str,
+        *,
+        sender: str | None,
+        round_: int | None,
+        source: str | None = None,
+        receipt: Receipt | None = None,
     ) -> None:
+        """Count a refused request in /status and /metrics, and log it (rate-limited).
+
+        `sender` is the admitted peer whose signature verified, or None. Only those are
+        audited one record each (their number is bounded by the replay guard), with the
+        envelope's `receipt` when there is one, so the sender's signed head survives a crash
+        (node/rollback.py); anyone can cause an unauthenticated rejection, so those are
+        tallied and summarised in one `rejections` audit record per round
+        (`summarise_rejections`).
+        """
+        reason = str(reason)  # a plain code, whichever enum it came from
         self.rejected[reason] += 1
         self.state.rejected = dict(self.rejected)
         self.metrics.rejected.labels(reason=reason).inc()
-        log.warning("rejected message (%s): %s", reason, detail)
+        self.rejection_log.warning(
+            reason,
+            "rejected message (%s) from %s: %s",
+            reason,
+            sender or source or "an unknown address",
+            printable(detail),
+        )
+        if sender is None:
+            self.unauthenticated_rejections.add(reason, source)
+            return
+        extra = {} if receipt is None else {"receipt": receipt.to_hex()}
         self.audit.append(
             "message_received",
             round_,
@@ -470,7 +549,57 @@ class HospitalNode:
             accepted=False,
             reason=reason,
             detail=detail[:200],
+            **extra,
         )
+
+    def summarise_rejections(self, round_: int | None) -> None:
+        """Write the unauthenticated rejections since the last call as ONE audit record
+        (reason -> count, the top source addresses); nothing when there were none."""
+        if self.unauthenticated_rejections:
+            self.audit.append("rejections", round_, **self.unauthenticated_rejections.summary())
+
+    # ---------------------------------------------------------------- rollback evidence
+
+    def _own_head(self) -> AuditHead:
+        """What this node's envelopes claim (gossip/receipts.py, AuditHead): its newest durable
+        signed audit head and its ledger's spend. Both only grow, which neighbours check."""
+        seq, digest = self.audit.durable_head
+        if self.ledger is None:
+            return AuditHead(seq, digest, 0, 0.0)
+        epsilon = max(0.0, float(self.ledger.epsilon_spent())) + 0.0  # never -0.0
+        return AuditHead(seq, digest, int(self.ledger.steps_taken), epsilon)
+
+    async def _settle_head(self) -> None:
+        """Let the audit head signed at the end of the last round reach the disk before this
+        round's envelope claims it (the syncer has usually done so long before). Bounded: a
+        slow disk makes the claim lag a round, it never holds the round up."""
+        timeout = self.config.gossip.send_timeout_s
+        if not await asyncio.to_thread(self.audit.wait_durable, timeout):
+            log.warning("the audit log's last head is not on disk after %.0f s", timeout)
+
+    def answer_receipts_request(self, body: bytes) -> tuple[int, str, bytes]:
+        """Handle one POST /receipts body (node/rollback.py): (status, content type, payload)."""
+        return self.rollback.answer(body, self.inbox.current_round)
+
+    async def check_own_receipts(self, transport: Any = None) -> None:
+        """Before signing anything, ask the neighbours for the newest receipt they hold of this
+        node; refuse to start if its state is older than what it signed (docs/privacy.md)."""
+        self.state.phase = "checking_rollback"
+        try:
+            await self.rollback.check_startup(
+                transport,
+                own_head=self._own_head(),
+                signed_through=max(self.last_signed_round, self.next_round - 1),
+                next_round=self.next_round,
+                stop=self.stop,
+            )
+        except RolledBackError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _refresh_rollback_status(self) -> None:
+        self.state.rollback = self.rollback.status()
+        for name, info in self.state.peers.items():
+            info["rolled_back"] = name in self.state.rollback["proven"]
 
     # ---------------------------------------------------------------- the round loop
 
@@ -545,6 +674,7 @@ class HospitalNode:
         self.state.last_metrics = metrics
         self.state.model_sha256 = new_sha
         self.metrics.observe_round(r, metrics, epsilon, record.seconds)
+        self.summarise_rejections(r)
         self._checkpoint(r)
         self.audit.sign_head()
         log.info(
@@ -578,20 +708,16 @@ class HospitalNode:
         own_sha = state_sha256(own_state)
         self._refresh_privacy_status()
 
+        await self._settle_head()
         self.state.phase = "sharing"
         self._write_signed_round(r)
         if self.adversary is None:
             # Only DP-SGD output leaves the hospital: the training loss is computed from raw
             # patient rows without noise, so it is not shared (docs/privacy.md).
             receipts, proofs = self._outgoing_evidence(r)
-            update = ModelUpdate(
-                own_state,
-                num_samples=len(self.data.y_train),
-                metrics={},
-                receipts=receipts,
-                proofs=proofs,
-            )
-            envelope = build_envelope(update, self.identity, [p.public_key for p in self.peers], r)
+            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            keys = [p.public_key for p in self.peers]
+            envelope = build_envelope(update, self.identity, keys, r, head=self._own_head())
             await self._send(r, transport, self.peers, envelope, own_sha)
         else:
             await self._attack(r, transport, own_state, reference)
@@ -644,7 +770,7 @@ class HospitalNode:
                 self.stop,
             )
             honest = {n: m.envelope.update.tensors for n, m in seen.messages.items()}
-        messages = adversary.messages(r, own_state, anchor, honest, len(self.data.y_train))
+        messages = adversary.messages(r, own_state, anchor, honest, self._own_head())
         for message in messages:
             if message.abuse is None:
                 assert message.model_sha256 is not None
@@ -859,6 +985,7 @@ class HospitalNode:
                 "bytes_sent": self.state.bytes_sent,
                 "trust": self.trust.to_state(),
                 "receipts": self.receipts.to_state(),
+                "heads": self.rollback.to_state(),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)
@@ -872,14 +999,14 @@ class HospitalNode:
         if self.ledger is None:
             return
         planned = self.ledger.steps_taken + self.trainer.steps_per_round()
-        _atomic_write(
+        atomic_write(
             self.state_dir / "privacy_intent.json", json.dumps({"steps": planned}).encode()
         )
 
     def _write_signed_round(self, r: int) -> None:
         """Before signing round r, durably record it (fsync): a node restarted in this round
         must not sign a second, different round-r envelope, which would be equivocation."""
-        _atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
+        atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
         self.last_signed_round = r
 
     def _read_signed_round(self) -> int:
@@ -951,11 +1078,76 @@ class HospitalNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), timeout=0.5)
 
+    def start_line(self) -> str:
+        """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
+        cfg = self.config
+        peers = ", ".join(f"{p.name} ({p.address})" for p in self.peers) or "none"
+        if self.ledger is not None:
+            privacy = (
+                f"DP-SGD ε={self.ledger.epsilon_budget:g} δ={self.ledger.delta:.3g} "
+                f"(σ={self.ledger.noise_multiplier:.3f}, spent {self.ledger.epsilon_spent():.3f})"
+            )
+        else:
+            privacy = "NO differential privacy"
+        planned = cfg.training.rounds
+        where = (
+            f"continuing at round {self.next_round}"
+            if self.next_round > 1
+            else "starting at round 1"
+        )
+        return (
+            f"murmur {VERSION} node {cfg.node.name} (key {self.identity.fingerprint}) "
+            f"listening on {cfg.node.listen} for peers and {cfg.operator.listen} for operators; "
+            f"peers: {peers}; study: {cfg.data.dataset} "
+            f"({self.data.name}, {len(self.data.y_train)} training patients), model "
+            f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
+            f"f={cfg.aggregation.f}; privacy: {privacy}; {where} of {planned}"
+        )
+
+    def stop_reason(self) -> str:
+        """Why the node is stopping, from its last phase, in words for the log."""
+        phase = self.state.phase
+        if phase == "done":
+            return f"all {self.config.training.rounds} planned rounds done"
+        if phase == "budget_exhausted":
+            return "the privacy budget is spent (no further round could be trained within it)"
+        if phase == "stopped":
+            return "asked to stop (SIGTERM or SIGINT)"
+        return f"stopped while {phase}"
+
+    def finished_already(self) -> str | None:
+        """The phase a previous run of this state directory ended in, if it left nothing to
+        do: every planned round trained ("done"), or no DP step left in the budget."""
+        if self.next_round > self.config.training.rounds:
+            return "done"
+        if self.ledger is not None and self.ledger.remaining_steps() == 0:
+            return "budget_exhausted"
+        return None
+
     async def run(self, *, serve_forever: bool = False) -> int:
-        """Serve the API and run the planned rounds; returns the process exit status."""
-        from node.api import start_api
+        """Serve the peer and operator listeners and run the planned rounds; returns the
+        process exit status."""
+        from node.api import operator_token, start_api
 
         self.check_feasibility()
+        token = operator_token(self.config)  # a readable token file stops the node here
+        log.info("%s", self.start_line())
+        ended = self.finished_already()
+        if ended is not None and not serve_forever:
+            self.state.phase = ended
+            log.info(
+                "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
+                "nothing to do, exiting. Start it with --serve (or [node] after_training = "
+                '"serve") to keep its API up.',
+                self.config.node.name,
+                self.stop_reason(),
+                self.state.round,
+                self.state.model_sha256[:12],
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
+            self._write_status()
+            self.audit.close()
+            return 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -977,10 +1169,10 @@ class HospitalNode:
                 "!" * 78,
             )
             self.audit.append("adversary_mode", self.next_round, **self.adversary.status())
-        host, port = split_listen(self.config.node.listen)
-        runner = await start_api(self, host, port)
+        api = await start_api(self, token)
         finished = asyncio.Event()
         try:
+            await self.check_own_receipts()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._watch_parent(finished))
                 try:
@@ -995,11 +1187,19 @@ class HospitalNode:
                 finally:
                     finished.set()
         finally:
+            self.summarise_rejections(self.state.round)
             self.audit.append("node_stop", self.state.round, reason=self.state.phase)
             self.audit.sign_head()
             self._write_status()
-            await runner.cleanup()
+            await api.close()
             self.audit.close()
+            log.info(
+                "node %s stopping at round %d: %s; ε spent %.3f",
+                self.config.node.name,
+                self.state.round,
+                self.stop_reason(),
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
         return 0
 
 
@@ -1018,15 +1218,6 @@ def _pair(values: list[float] | None) -> tuple[float, float] | None:
 def _stable_int(text: str) -> int:
     """A small per-node integer from its name, stable across runs (Python's hash() is not)."""
     return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % 10_000
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fmt(x: float | None) -> str:

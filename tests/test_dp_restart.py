@@ -173,9 +173,7 @@ async def test_a_node_restarted_after_sending_a_round_draws_fresh_noise(tmp_path
         # The restarted node skips training round 1 (already signed) and collects it. The peer's
         # round-1 model is the round-0 model, so the mean is too and round 2 trains from the same
         # model round 1 did.
-        envelope = build_envelope(
-            ModelUpdate(initial, num_samples=1, metrics={}), peer_id, [node_id.public_key], 1
-        )
+        envelope = build_envelope(ModelUpdate(initial), peer_id, [node_id.public_key], 1)
         async with (
             ClientSession() as session,
             session.post(f"{node_address}/gossip", data=envelope) as response,
