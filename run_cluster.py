@@ -253,6 +253,8 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["label"] = args.label
     if args.site:
         kw["site"] = args.site
+    if args.reference is not None:
+        kw["reference"] = str(args.reference.resolve())
     return kw
 
 

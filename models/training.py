@@ -414,6 +414,37 @@ def predict_proba(
     return torch.cat(chunks).numpy().astype(np.float64)
 
 
+def evaluate(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    fixed_threshold: float | None,
+) -> dict[str, Any]:
+    """Clinical metrics on the held-out rows, at a threshold that never looks at them.
+
+    With `fixed_threshold` None (no DP) the threshold is Youden's J on the training rows and
+    the majority baseline is the training labels' majority. With a fixed threshold (DP's
+    default, 0.5) nothing returned is computed from training rows: Youden's threshold would be
+    one training patient's score, so the majority baseline is the test split's own
+    (docs/privacy.md). Every node and every baseline evaluates through this one function.
+    """
+    from models.metrics import clinical_metrics  # metrics imports no torch; kept local
+
+    threshold = fixed_threshold
+    if threshold is None:
+        threshold = choose_threshold(y_train, predict_proba(model, x_train))
+    metrics = clinical_metrics(
+        y_test,
+        predict_proba(model, x_test),
+        threshold,
+        y_train=None if fixed_threshold is not None else y_train,
+    )
+    metrics["threshold"] = float(threshold)
+    return metrics
+
+
 def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """The decision threshold (predict positive when p >= t), chosen on training data.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.trust import TrustSettings
+from models.metrics import DP_DEFAULT_THRESHOLD
 
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
@@ -363,7 +364,7 @@ class EvaluationSection:
         """The fixed threshold to use, or None for Youden's J on the training rows."""
         if self.threshold is not None:
             return self.threshold
-        return 0.5 if private else None
+        return DP_DEFAULT_THRESHOLD if private else None
 
     def validate(self) -> None:
         if self.threshold is not None:

@@ -44,11 +44,10 @@ from gossip.wire import (
     default_max_message_bytes,
 )
 from models.data import HospitalSplit, load_dataset, resolved_data_path
-from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from models.training import LocalTrainer, TrainingSettings, evaluate
 from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
@@ -957,18 +956,9 @@ class HospitalNode:
         rows. Under DP nothing published here is computed from training rows (docs/privacy.md):
         the threshold is fixed (Youden's J would be one training patient's score) and the
         majority baseline is the test split's own majority, not the training labels'."""
-        private = self.config.privacy.enabled
-        self.model.eval()
-        threshold = self.config.evaluation.resolved_threshold(private)
-        if threshold is None:
-            train_prob = predict_proba(self.model, self.data.x_train)
-            threshold = choose_threshold(self.data.y_train, train_prob)
-        test_prob = predict_proba(self.model, self.data.x_test)
-        metrics = clinical_metrics(
-            self.data.y_test, test_prob, threshold, y_train=None if private else self.data.y_train
-        )
-        metrics["threshold"] = float(threshold)
-        return metrics
+        d = self.data
+        threshold = self.config.evaluation.resolved_threshold(self.config.privacy.enabled)
+        return evaluate(self.model, d.x_train, d.y_train, d.x_test, d.y_test, threshold)
 
     # ---------------------------------------------------------------- persistence
 
