@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from crypto.allowlist import Peer
+from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,20 @@ class PeerTransport:
             tasks = [group.create_task(self.send(peer, envelope)) for peer in peers]
         return [t.result() for t in tasks]
 
-    async def is_up(self, peer: Peer) -> bool:
-        """Whether a peer answers /health right now (one short request)."""
+    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
+        """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our
+        envelopes? Never raises for network trouble; reads at most 4 KiB of answer."""
         try:
-            async with self.session.get(
-                f"{peer.address.rstrip('/')}/health", timeout=aiohttp.ClientTimeout(total=1.0)
+            async with self.session.post(
+                f"{peer.address.rstrip('/')}/probe",
+                data=probe,
+                headers={"Content-Type": PROBE_CONTENT_TYPE},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                return response.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+                text = (await response.content.read(4096)).decode("utf-8", "replace")
+                reason, detail = parse_answer(response.status, text)
+                return Contact.from_answer(response.status, reason, detail, source="probe")
+        except TimeoutError:
+            return Contact.from_answer(None, f"no answer in {timeout_s:g} s", "", source="probe")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return Contact.from_answer(None, type(exc).__name__, "", source="probe")

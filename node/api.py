@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from node.peer_probe import probe_handler
+
 if TYPE_CHECKING:
     from node.node import HospitalNode
 
@@ -20,6 +22,7 @@ def build_app(node: HospitalNode) -> web.Application:
     app = web.Application(client_max_size=node.limits.max_message_bytes)
     app[NODE_KEY] = node
     app.router.add_post("/gossip", gossip)
+    app.router.add_post("/probe", probe_handler(node))
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
