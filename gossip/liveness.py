@@ -2,11 +2,15 @@
 
 Two questions, answered from two kinds of evidence:
 
-* **Is it up?** (whom a round waits for.) A neighbour that sent nothing the node accepted for
-  `down_after` rounds in a row is marked down, so one dead hospital no longer makes every
-  round wait the full `round_timeout_s`. It is up again as soon as an envelope of its is
-  accepted. A down neighbour still receives this node's envelope every round: that is how it
-  catches up and comes back.
+* **Is it up?** (whom a round waits for.) A neighbour whose update for the round did not
+  arrive in time for `down_after` rounds in a row is marked down, so one dead hospital no
+  longer makes every round wait the full `round_timeout_s`. It is up again as soon as it
+  speaks: an authentic envelope for this node's round or a later one, or for the round just
+  before. That last case matters: a neighbour that catches up lands one round behind the
+  others, who no longer wait for it, so its envelopes would always come one round late;
+  waiting for it once puts it back in step. A neighbour that stays further behind is not
+  waited for. A down neighbour still receives this node's envelope every round: that is how
+  it catches up and comes back.
 * **Can it take our envelope?** (whether a round may be trained at all.) The last probe answer
   or envelope send result (gossip/probe.py): admitted, refused with the peer's reason, or
   unreachable.
@@ -31,8 +35,8 @@ class PeerHealth:
     up: bool = True
     since_round: int = 0  # the round this state began in (0: since this process started)
     why: str = "presumed up at start"
-    silent_rounds: int = 0  # consecutive finished rounds without an accepted envelope of its
-    last_heard_round: int | None = None
+    silent_rounds: int = 0  # consecutive finished rounds its update missed
+    last_heard_round: int | None = None  # the last round its update arrived in time for
     contact: Contact = field(default_factory=Contact.unknown)
 
 
@@ -55,24 +59,25 @@ class PeerLiveness:
         self.down_after = down_after
         self.peers: dict[str, PeerHealth] = {name: PeerHealth() for name in peers}
 
-    def heard(self, peer: str, round_: int) -> LivenessChange | None:
-        """An envelope of `peer` for `round_` was accepted: it is up (again, if it was down)."""
+    def spoke(self, peer: str, round_: int) -> LivenessChange | None:
+        """`peer` sent an authentic envelope for `round_` (the caller checks it is recent):
+        it is up again if it was down. Only `round_finished` counts rounds as heard."""
         health = self.peers[peer]
-        health.silent_rounds = 0
-        health.last_heard_round = max(round_, health.last_heard_round or 0)
         if health.up:
             return None
-        health.up, health.since_round = True, round_
-        health.why = f"an envelope of round {round_} was accepted"
+        health.up, health.since_round, health.silent_rounds = True, round_, 0
+        health.why = f"it spoke again: an authentic envelope of round {round_}"
         return LivenessChange(peer, True, round_, health.why)
 
     def round_finished(self, round_: int, heard: Collection[str]) -> list[LivenessChange]:
-        """Count one more silent round for every neighbour not in `heard`; mark down those
-        silent for `down_after` rounds in a row."""
+        """Round `round_` is over and the updates of `heard` arrived in time: count one more
+        silent round for every other neighbour, and mark down those silent for `down_after`
+        rounds in a row."""
         changes = []
         for name, health in self.peers.items():
             if name in heard:
                 health.silent_rounds = 0
+                health.last_heard_round = round_
                 continue
             health.silent_rounds += 1
             if health.up and health.silent_rounds >= self.down_after:

@@ -134,15 +134,19 @@ class RoundInbox(Generic[T]):
         """Wait until the message for `round_` of every sender in `wait_for` (default: all of
         `expected`) is here, the deadline passes or `stop` is set, whichever comes first.
 
-        The messages returned are those of every expected sender that arrived, waited for or
-        not: a neighbour marked down is not waited for, but its update counts when it comes.
+        A sender already seen in a later round is not waited for: an honest node sends round r
+        before it trains round r + 1, so its round-r message is lost or was refused (sent
+        while this node was further behind), and will not come. The messages returned are
+        those of every expected sender that arrived, waited for or not: a neighbour marked
+        down is not waited for, but its update counts when it comes.
         """
         waited = expected if wait_for is None else wait_for
         start = time.monotonic()
         end = start + deadline_s
         while True:
             have = self._by_round.get(round_, {})
-            if all(s in have for s in waited) or stop.is_set():
+            done = all(s in have or self.highest_round_seen.get(s, 0) > round_ for s in waited)
+            if done or stop.is_set():
                 break
             remaining = end - time.monotonic()
             if remaining <= 0:

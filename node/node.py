@@ -361,6 +361,8 @@ class HospitalNode:
         sender = opened.sender.name
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
+        if verdict is not InboxVerdict.OLD_ROUND or opened.round >= self.inbox.current_round - 1:
+            self._spoke(sender, opened.round)  # up again if it was down (gossip/liveness.py)
         peer = self.state.peers[sender]
         peer["last_round"] = max(peer["last_round"], opened.round)
         peer["last_seen"] = time.time()
@@ -376,7 +378,6 @@ class HospitalNode:
             return 409, verdict.value, detail
         if self.adversary is not None:
             self.adversary.remember(opened.round, body)
-        self._heard(sender, opened.round)
         self.audit.append(
             "message_received",
             opened.round,
@@ -528,7 +529,7 @@ class HospitalNode:
         starting = True
         while r <= planned and not self.stop.is_set():
             jump = self._catch_up_target()
-            if jump is not None:
+            if jump is not None and jump.round > r:
                 self._jump(r, jump)
                 r = jump.round
             self.inbox.advance_to(r)
@@ -1187,9 +1188,9 @@ class HospitalNode:
             "phase": self.state.phase,
         }
 
-    def _heard(self, peer: str, round_: int) -> None:
-        """An envelope of `peer` was accepted: it is up, and a waiting round may go ahead."""
-        change = self.liveness.heard(peer, round_)
+    def _spoke(self, peer: str, round_: int) -> None:
+        """`peer` sent a recent authentic envelope: it is up, and a waiting round may go ahead."""
+        change = self.liveness.spoke(peer, round_)
         if change is not None:
             self._liveness_changed(change)
         self._neighbour_news.set()
