@@ -1034,11 +1034,12 @@ class HospitalNode:
         while not self.stop.is_set():
             self._neighbour_news.clear()  # before looking, so news after the look wakes us
             excluded = self._excluded_from_count()
+            need = self._needed_neighbours(len(excluded))
             counted = self.liveness.counted(excluded)
             candidates = [p for p in self.peers if p.name not in excluded]
             everyone = len(counted) == len(candidates)
             in_grace = time.monotonic() < grace_end
-            if (len(counted) < self.min_neighbours or (in_grace and not everyone)) and (
+            if (len(counted) < need or (in_grace and not everyone)) and (
                 time.monotonic() >= next_probe
             ):
                 up = set(self.liveness.live())
@@ -1047,7 +1048,7 @@ class HospitalNode:
                 delay = min(delay * 2, PROBE_MAX_DELAY_S)
                 counted = self.liveness.counted(excluded)
                 everyone = len(counted) == len(candidates)
-            ready = len(counted) >= self.min_neighbours
+            ready = len(counted) >= need
             if ready and (everyone or time.monotonic() >= grace_end):
                 self._ready_to_train(
                     r, counted, excluded, waited_since=waiting_since, starting=starting
@@ -1062,7 +1063,7 @@ class HospitalNode:
                     self.audit.append(
                         "waiting_for_neighbours",
                         r,
-                        min_neighbours=self.min_neighbours,
+                        min_neighbours=need,
                         counted=counted,
                         reasons=reasons,
                     )
@@ -1073,7 +1074,7 @@ class HospitalNode:
                         "take it (gossip.min_neighbours), and %d can (%s). Waiting for %s. No "
                         "privacy budget is spent meanwhile.",
                         r,
-                        self.min_neighbours,
+                        need,
                         len(counted),
                         ", ".join(counted) or "none",
                         message,
@@ -1117,6 +1118,15 @@ class HospitalNode:
                 r,
                 "; ".join(f"{n} ({why})" for n, why in sorted(missing.items())),
             )
+
+    def _needed_neighbours(self, excluded: int) -> int:
+        """min_neighbours now. When the config leaves it to the rule, each neighbour left out
+        for good uses up one of the f Byzantine neighbours the rule must tolerate (as in
+        aggregation), so proven equivocators do not leave the honest ones waiting forever."""
+        if self.config.gossip.min_neighbours is not None:
+            return self.min_neighbours
+        cfg = self.config.aggregation
+        return default_min_neighbours(cfg.rule, max(0, cfg.f - excluded))
 
     def _excluded_from_count(self) -> dict[str, str]:
         """Neighbours that never count toward min_neighbours, with why: proven equivocators
@@ -1217,9 +1227,10 @@ class HospitalNode:
         """/status: each neighbour's state, and who counts toward min_neighbours now."""
         for name in self.state.peers:
             self.state.peers[name].update(self.liveness.status(name))
+        excluded = self._excluded_from_count()
         self.state.neighbours = {
-            "min_neighbours": self.min_neighbours,
-            "counted": self.liveness.counted(self._excluded_from_count()),
+            "min_neighbours": self._needed_neighbours(len(excluded)),
+            "counted": self.liveness.counted(excluded),
             "live": self.liveness.live(),
             "down_after_rounds": self.liveness.down_after,
             "waiting_for": waiting_for or {},
