@@ -1055,9 +1055,9 @@ class HospitalNode:
                 )
                 return True
             reasons = self.liveness.not_counted(excluded)
+            self.state.phase = "waiting_for_neighbours" if not ready else "waiting_for_peers"
             self._refresh_liveness_status(waiting_for=reasons)
             if not ready:
-                self.state.phase = "waiting_for_neighbours"
                 if waiting_since is None:
                     waiting_since = time.monotonic()
                     self.audit.append(
@@ -1080,8 +1080,6 @@ class HospitalNode:
                         message,
                     )
                     said, said_at = message, time.monotonic()
-            else:
-                self.state.phase = "waiting_for_peers"
             wake = max(0.0, next_probe - time.monotonic())
             if in_grace:
                 wake = min(wake, max(0.0, grace_end - time.monotonic()))
@@ -1099,6 +1097,7 @@ class HospitalNode:
     ) -> None:
         """Say (once) that round r goes ahead, and with whom if not with everyone."""
         missing = self.liveness.not_counted(excluded)
+        self.state.phase = "starting_round"
         self._refresh_liveness_status()
         if waited_since is not None:
             waited = time.monotonic() - waited_since
@@ -1235,6 +1234,12 @@ class HospitalNode:
             "down_after_rounds": self.liveness.down_after,
             "waiting_for": waiting_for or {},
         }
+        for name, health in self.liveness.peers.items():
+            self.metrics.peer_up.labels(peer=name).set(1 if health.up else 0)
+        self.metrics.neighbours_counted.set(len(self.state.neighbours["counted"]))
+        self.metrics.waiting_for_neighbours.set(
+            1 if self.state.phase == "waiting_for_neighbours" else 0
+        )
 
     async def _watch_parent(self, finished: asyncio.Event) -> None:
         """Stop when the launching process (run_cluster) disappears, so no node is orphaned."""

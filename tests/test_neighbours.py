@@ -130,6 +130,7 @@ async def test_a_lone_node_spends_no_budget_says_whom_it_waits_for_and_starts_wi
             assert said and b_name in said[0] and "unreachable" in said[0]
             assert len(said) == 1  # said once while the reason stays the same, not per probe
             assert a.transport is not None and 2 <= a.transport.probes <= 6  # backoff
+            assert "murmur_waiting_for_neighbours 1.0" in a.node.metrics.render().decode()
             b = await serve(net, b_name)
             b.run(group)
             await until(lambda: a.node.state.phase == "done", 60, "A never finished")
@@ -204,6 +205,7 @@ async def test_a_dead_neighbour_stops_delaying_rounds_and_is_readmitted_when_it_
             down = a.node.status()["peers"][c_name]
             assert (down["state"], down["since_round"]) == ("down", 3), down
             assert "silent for 3 rounds" in down["why"]
+            assert f'murmur_peer_up{{peer="{c_name}"}} 0.0' in a.node.metrics.render().decode()
             c = await serve(net, c_name)
             c.run(group)
             await until(

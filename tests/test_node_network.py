@@ -142,6 +142,10 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
         "5",
     )
     a, b = net.nodes[0], net.nodes[1]
+    # The forged round-1 envelope below and B's own round-1 envelope are two envelopes B
+    # "signed" for one round: A proves B an equivocator and leaves it out for good. A then
+    # has no neighbour to share with, so it trains alone, which it must be told explicitly.
+    net.edit_config(a.name, "gossip", min_neighbours=0)
     # Only A runs at first: it serves its API while it waits for B, so every attack below
     # lands on a live node before B joins and the two train together.
     net.start(a.name)
