@@ -92,7 +92,12 @@ class PeerLiveness:
         return changes
 
     def record_contact(self, peer: str, contact: Contact) -> None:
-        self.peers[peer].contact = contact
+        """Keep the newest evidence, except that a probe's answer never replaces a send's
+        refusal of our envelope's content (see `Contact.only_a_send_clears`)."""
+        health = self.peers[peer]
+        if contact.source == "probe" and health.contact.only_a_send_clears:
+            return
+        health.contact = contact
 
     def live(self) -> list[str]:
         """The neighbours a round waits for: every one not marked down."""

@@ -51,6 +51,22 @@ PROBE_BYTES = _SIGNED.size + 64
 # Reason codes with which a peer refused an envelope after authenticating its sender: the
 # peer admits us (the envelope was merely late, early or repeated).
 _AUTHENTICATED_REFUSALS = frozenset({"old_round", "duplicate", "too_far_ahead", "replay"})
+# Refusals of an envelope's content, which a probe cannot check (the two nodes disagree on the
+# model or the limits): a probe's "admitted" must not hide them, or the node would train a
+# round, be refused, probe, train again... Only a send that succeeds clears them.
+_CONTENT_REFUSALS = frozenset(
+    {
+        "malformed",
+        "too_large",
+        "unsupported_version",
+        "unsupported_kind",
+        "decrypt_failed",
+        "unsupported_dtype",
+        "shape_mismatch",
+        "non_finite",
+        "bad_receipt",
+    }
+)
 
 
 def build_probe(identity: Identity, recipient: bytes, *, now: float | None = None) -> bytes:
@@ -123,26 +139,37 @@ class Contact:
     """The last evidence about one neighbour: a probe's answer or an envelope's send result."""
 
     reach: Reach
-    detail: str  # for people: "403 unknown_sender: ...", "unreachable: ClientConnectorError"
+    detail: str  # for people: "HTTP 403 unknown_sender: ...", "ClientConnectorError"
     source: str  # "probe" or "send"
     at: float | None  # Unix time of the evidence; None for UNKNOWN
+    reason: str = ""  # the peer's reason code, when it answered
 
     @staticmethod
     def unknown() -> Contact:
         return Contact(Reach.UNKNOWN, "not asked yet", "none", None)
 
+    @property
+    def only_a_send_clears(self) -> bool:
+        """A send refused for its content: a later probe answer does not replace it."""
+        return (
+            self.source == "send"
+            and self.reach is Reach.REFUSED
+            and self.reason in _CONTENT_REFUSALS
+        )
+
     @staticmethod
     def from_answer(status: int | None, reason: str, detail: str, *, source: str) -> Contact:
         """Classify a peer's answer (HTTP status and reason code; status None: no answer)."""
         now = time.time()
+        reason, detail = _printable(reason), _printable(detail)
         if status is None:
             return Contact(Reach.UNREACHABLE, reason.removeprefix("unreachable: "), source, now)
         if status in (200, 202) or reason in _AUTHENTICATED_REFUSALS:
-            return Contact(Reach.ADMITTED, reason, source, now)
+            return Contact(Reach.ADMITTED, reason, source, now, reason)
         if status == 404 and source == "probe":
             detail = "no /probe route: it runs an older murmur; upgrade it"
         text = f"HTTP {status} {reason}" + (f": {detail}" if detail else "")
-        return Contact(Reach.REFUSED, text, source, now)
+        return Contact(Reach.REFUSED, text, source, now, reason)
 
     def describe(self) -> str:
         """Why this neighbour does or does not count, in a few words."""
@@ -153,6 +180,11 @@ class Contact:
         if self.reach is Reach.UNKNOWN:
             return "not asked yet"
         return "admits us"
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """A peer's words, safe for one log line: no control characters, bounded length."""
+    return "".join(c if c.isprintable() else " " for c in text[:limit])
 
 
 def parse_answer(status: int, text: str) -> tuple[str, str]:
