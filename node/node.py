@@ -333,6 +333,11 @@ class HospitalNode:
         log.info(
             "restored checkpoint of round %d; continuing at round %d", ckpt.round, self.next_round
         )
+        if not ckpt.binding:
+            # Written by an earlier murmur and resumed under its exact config file: bind it
+            # now, so that from here on only the bound fields must stay (node/binding.py).
+            self._checkpoint(ckpt.round)
+            log.info("checkpoint of round %d now records the fields it is bound to", ckpt.round)
 
     def check_feasibility(self) -> None:
         problem = check_node(

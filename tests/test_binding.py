@@ -125,14 +125,18 @@ def test_a_checkpoint_from_before_bindings_resumes_only_under_its_exact_file(
     old = decode_checkpoint(original)
     old.binding = {}  # what an earlier murmur wrote: only the config file's raw SHA-256
     save_checkpoint(path.parent, old)
+    exact = node_config.read_text()
     try:
-        assert resume(node_config).next_round == 4  # the exact file: it resumes
-        node_config.write_text("# a comment\n" + node_config.read_text())
+        node_config.write_text("# a comment\n" + exact)
         text = refusal(node_config)
         assert "earlier murmur" in text and "exactly as it was" in text, text
+        node_config.write_text(exact)
+        assert resume(node_config).next_round == 4  # the exact file: it resumes, and binds
+        assert decode_checkpoint(path.read_bytes()).binding
+        node_config.write_text("# a comment\n" + exact)
+        assert resume(node_config).next_round == 4  # bound now: the comment is fine
     finally:
         path.write_bytes(original)
-    assert resume(node_config).next_round == 4  # bound now: the comment is fine
 
 
 def test_every_bound_field_has_a_value_and_unbound_changes_are_not_problems(
