@@ -23,7 +23,12 @@ def probe_handler(node: HospitalNode) -> Callable[[web.Request], Awaitable[web.R
         if request.content_length is not None and request.content_length > PROBE_BYTES:
             detail = f"{request.content_length} bytes; a probe is {PROBE_BYTES}"
             return web.json_response({"reason": "too_large", "detail": detail}, status=413)
-        body = await request.content.read(PROBE_BYTES + 1)
+        body = b""
+        while len(body) <= PROBE_BYTES:  # one byte more than a probe is enough to refuse it
+            chunk = await request.content.read(PROBE_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
         status, answer = node.answer_probe(body)
         return web.json_response(answer, status=status)
 
