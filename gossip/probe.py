@@ -51,6 +51,8 @@ PROBE_BYTES = _SIGNED.size + 64
 # Reason codes with which a peer refused an envelope after authenticating its sender: the
 # peer admits us (the envelope was merely late, early or repeated).
 _AUTHENTICATED_REFUSALS = frozenset({"old_round", "duplicate", "too_far_ahead", "replay"})
+# Refusals of the sender itself: the peer does not admit us (or cannot tell it is us).
+_ADMISSION_REFUSALS = frozenset({"unknown_sender", "wrong_recipient", "bad_signature", "stale"})
 # Refusals of an envelope's content, which a probe cannot check (the two nodes disagree on the
 # model or the limits): a probe's "admitted" must not hide them, or the node would train a
 # round, be refused, probe, train again... Only a send that succeeds clears them.
@@ -164,7 +166,11 @@ class Contact:
         reason, detail = _printable(reason), _printable(detail)
         if status is None:
             return Contact(Reach.UNREACHABLE, reason.removeprefix("unreachable: "), source, now)
-        if status in (200, 202) or reason in _AUTHENTICATED_REFUSALS:
+        if source == "probe":
+            admitted = status == 200 and reason == "admitted"
+        else:
+            admitted = status == 202 or reason in _AUTHENTICATED_REFUSALS
+        if admitted:
             return Contact(Reach.ADMITTED, reason, source, now, reason)
         if status == 404 and source == "probe":
             detail = "no /probe route: it runs an older murmur; upgrade it"
@@ -173,8 +179,10 @@ class Contact:
 
     def describe(self) -> str:
         """Why this neighbour does or does not count, in a few words."""
-        if self.reach is Reach.REFUSED:
+        if self.reach is Reach.REFUSED and self.reason in _ADMISSION_REFUSALS:
             return f"not admitting us ({self.detail})"
+        if self.reach is Reach.REFUSED:
+            return f"refusing our envelopes ({self.detail})"
         if self.reach is Reach.UNREACHABLE:
             return f"unreachable ({self.detail})"
         if self.reach is Reach.UNKNOWN:
@@ -192,7 +200,7 @@ def parse_answer(status: int, text: str) -> tuple[str, str]:
     try:
         body = json.loads(text)
     except ValueError:
-        return ("admitted" if status == 200 else f"http_{status}"), text[:200]
+        body = None
     if not isinstance(body, dict):
-        return f"http_{status}", ""
-    return str(body.get("reason", "")), str(body.get("detail", ""))[:500]
+        return f"http_{status}", f"not a murmur answer: {text[:100]!r}"
+    return str(body.get("reason", "")), str(body.get("detail", ""))

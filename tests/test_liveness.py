@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 
 from gossip.liveness import PeerLiveness
-from gossip.probe import Contact, Reach
+from gossip.probe import Contact, Reach, parse_answer
 
 
 def admitted(source: str = "probe") -> Contact:
-    return Contact.from_answer(200 if source == "probe" else 202, "accepted", "", source=source)
+    if source == "probe":
+        return Contact.from_answer(200, "admitted", "", source="probe")
+    return Contact.from_answer(202, "accepted", "", source="send")
 
 
 def test_a_silent_peer_goes_down_once_and_comes_back_when_it_speaks() -> None:
@@ -81,6 +83,14 @@ def test_send_results_are_read_as_evidence(status: int | None, reason: str, reac
     assert contact.reach is reach
     if reach is Reach.UNREACHABLE:
         assert not contact.detail.startswith("unreachable")
+
+
+def test_only_a_murmur_answer_counts_as_admission() -> None:
+    assert admitted().reach is Reach.ADMITTED
+    other = Contact.from_answer(200, *parse_answer(200, "<html>hello</html>"), source="probe")
+    assert other.reach is Reach.REFUSED and "not a murmur answer" in other.detail
+    old = Contact.from_answer(404, *parse_answer(404, "404: Not Found"), source="probe")
+    assert old.reach is Reach.REFUSED and "older murmur" in old.describe()
 
 
 def test_a_peers_words_cannot_break_a_log_line() -> None:
