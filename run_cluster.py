@@ -3,7 +3,8 @@
 
 It writes a key pair and a config file per hospital into the run directory, starts each
 hospital as its own `murmur node --config ...` process (exactly what a hospital runs), follows
-them through their /status endpoints, and writes report.json and report.html.
+them through the /status endpoints of their operator listeners, and writes report.json and
+report.html.
 
     python run_cluster.py                       # 4 hospitals, breast cancer data, DP on
     python run_cluster.py --dataset heart-disease --baselines --no-dp
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -47,7 +49,8 @@ class NodeProcess:
     config_path: Path
     state_dir: Path
     log_path: Path
-    address: str
+    address: str  # the peer listener: /gossip and /health
+    operator_address: str  # the operator listener: /status, /metrics and the dashboard
     byzantine: bool = False
     process: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
@@ -55,10 +58,21 @@ class NodeProcess:
     status: dict[str, Any] = field(default_factory=dict)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show: argparse's own formatter appends
+    "(default: None)" to options whose help already says what happens when they are omitted."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Run a local multi-hospital murmur network (real node processes on 127.0.0.1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--nodes", type=int, default=4, help="hospitals (ignored for heart-disease: 4 real sites)"
@@ -67,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dataset",
         default="breast-cancer",
         choices=["breast-cancer", "heart-disease", "medmnist", "csv"],
+        help="breast-cancer is embedded (needs nothing beside the repo); heart-disease and "
+        "medmnist read ../shared/data; csv reads --data with --label (docs/data.md)",
     )
     p.add_argument(
         "--data", type=Path, help="data file or directory (default: the embedded or ../shared data)"
@@ -84,9 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="complete",
         help="complete, ring, regular:K, erdos:P, smallworld:K,P, torus, exponential, edges:FILE",
     )
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=20,
+        help="rounds of train-share-aggregate; under DP the budget covers all of them, so "
+        "more rounds mean more noise per round (docs/results.md, 'Rounds under a fixed ε')",
+    )
+    p.add_argument("--local-epochs", type=int, default=1, help="passes over local data per round")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="expected (Poisson) batch size per step"
+    )
     p.add_argument("--lr", type=float, help="learning rate (default: per model)")
     p.add_argument(
         "--aggregator",
@@ -104,8 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-delta", type=float, help="default: min(1e-5, 1/(10 n_train)) per hospital")
     p.add_argument(
         "--baselines",
-        action="store_true",
-        help="also train local-only and pooled references (no DP)",
+        action=argparse.BooleanOptionalAction,
+        help="also train local-only and pooled references, with DP at the same ε when DP is "
+        "on (default: on, except for medmnist, whose CNN baselines take minutes)",
     )
     p.add_argument(
         "--round-timeout",
@@ -114,7 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a node waits for neighbours per round",
     )
     p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the hospital split and of the initial model every node shares",
+    )
     p.add_argument(
         "--restarts", type=int, default=2, help="restarts of a node killed by a signal, per node"
     )
@@ -236,7 +266,8 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     for ident in identities:
         _, pub = save_identity(ident, keys_dir)
         public_files.append(pub)
-    ports = free_ports(n)
+    ports = free_ports(2 * n)  # a peer port and an operator port per node
+    operator_ports = ports[n:]
     model = args.model or DEFAULT_MODEL[args.dataset]
     nodes = []
     for i, name in enumerate(names):
@@ -260,6 +291,14 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "key_file": str(keys_dir / f"{name}.key"),
                 "state_dir": str(state_dir),
                 "listen": f"127.0.0.1:{ports[i]}",
+            },
+            "operator": {"listen": f"127.0.0.1:{operator_ports[i]}"},
+            # Every node of this network connects from 127.0.0.1, so the per-address limits
+            # (sized for one peer per address) must cover all of them.
+            "peer_listener": {
+                "max_connections": max(64, 4 * n),
+                "max_connections_per_address": max(8, 4 * n),
+                "max_uploads_per_address": max(4, 2 * n),
             },
             "data": {
                 "dataset": args.dataset,
@@ -308,6 +347,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 state_dir=state_dir,
                 log_path=run_dir / "logs" / f"{name}.log",
                 address=f"http://127.0.0.1:{ports[i]}",
+                operator_address=f"http://127.0.0.1:{operator_ports[i]}",
                 byzantine=byzantine,
             )
         )
@@ -397,13 +437,16 @@ async def poll_status(session: aiohttp.ClientSession, node: NodeProcess) -> None
         aiohttp.ClientError, TimeoutError, asyncio.TimeoutError, ValueError, OSError
     ):
         async with session.get(
-            f"{node.address}/status", timeout=aiohttp.ClientTimeout(total=2)
+            f"{node.operator_address}/status", timeout=aiohttp.ClientTimeout(total=2)
         ) as r:
             if r.status == 200:
                 node.status = await r.json()
 
 
-def progress_line(nodes: list[NodeProcess], rounds: int) -> str:
+def progress_line(nodes: list[NodeProcess], rounds: int, width: int | None = None) -> str:
+    """One line of progress that fits the terminal: every hospital's round, AUC and ε when
+    that fits in `width` columns, else a summary of the network (rounds, AUC range, ε, done)."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
     parts = []
     for n in nodes:
         s = n.status
@@ -414,13 +457,29 @@ def progress_line(nodes: list[NodeProcess], rounds: int) -> str:
             f"{n.name} r{s.get('round', 0)}/{rounds} auc={'-' if auc is None else f'{auc:.3f}'}"
             f"{'' if eps is None else f' ε={eps:.2f}'}{done}"
         )
-    return " | ".join(parts)
+    line = " | ".join(parts)
+    if len(line) <= width:
+        return line
+    reached = [n.status.get("round", 0) for n in nodes]
+    aucs = [a for n in nodes if (a := n.status.get("last_metrics", {}).get("auc")) is not None]
+    epsilons = [
+        e for n in nodes if (e := n.status.get("privacy", {}).get("epsilon_spent")) is not None
+    ]
+    finished = sum(1 for n in nodes if n.exit_code is not None)
+    summary = f"{len(nodes)} hospitals: round {min(reached)}-{max(reached)}/{rounds}"
+    if aucs:
+        summary += f", auc {min(aucs):.3f}-{max(aucs):.3f}"
+    if epsilons:
+        summary += f", ε ≤ {max(epsilons):.2f}"
+    summary += f", {finished} finished"
+    return summary[:width]
 
 
 async def follow(
     nodes: list[NodeProcess], rounds: int, quiet: bool, deadline_s: float, max_restarts: int
-) -> None:
-    """Poll /status until every node process has exited (or the deadline passes).
+) -> str | None:
+    """Poll /status until every node process has exited (or the deadline passes); return why
+    the run was cut short (None when every node exited by itself).
 
     A node killed by a signal (SIGKILL, the OOM killer) is restarted from its last checkpoint,
     as a service manager would restart a hospital's node; one that exits with an error is not.
@@ -452,8 +511,9 @@ async def follow(
                 print(
                     f"run_cluster: deadline of {deadline_s:.0f}s passed; stopping", file=sys.stderr
                 )
-                return
+                return f"deadline of {deadline_s:.0f} s passed"
             await asyncio.sleep(0.5)
+    return None
 
 
 async def stop_all(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
@@ -483,9 +543,16 @@ def final_status(node: NodeProcess) -> dict[str, Any]:
 
 
 def build_report(
-    args: argparse.Namespace, nodes: list[NodeProcess], topology: Any, seconds: float
+    args: argparse.Namespace,
+    nodes: list[NodeProcess],
+    topology: Any,
+    seconds: float,
+    cut_short: str | None = None,
 ) -> dict[str, Any]:
+    """report.json (docs/report.md) from each node's final status. `cut_short` says why the
+    run stopped before every node exited by itself (a signal, the deadline), if it did."""
     from models.metrics import REPORTED_METRICS
+    from node.report import hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []
@@ -493,12 +560,16 @@ def build_report(
         s = final_status(n)
         m = s.get("last_metrics", {})
         priv = s.get("privacy", {})
+        data = s.get("data", {})
         hospitals.append(
             {
                 "name": n.name,
                 "byzantine": n.byzantine,
                 **{k: m.get(k) for k in (*REPORTED_METRICS, "threshold")},
-                "n_test": m.get("n"),
+                "n_train": data.get("n_train"),
+                "n_test": m.get("n", data.get("n_test")),
+                "n_test_positives": m.get("positives"),
+                "phase": s.get("phase"),
                 "epsilon": priv.get("epsilon_spent"),
                 "delta": priv.get("delta"),
                 "noise_multiplier": priv.get("noise_multiplier"),
@@ -526,12 +597,24 @@ def build_report(
                 ],
             }
         )
+        hospitals[-1]["warnings"] = hospital_warnings(hospitals[-1], args.rounds)
     honest = [h for h in hospitals if not h["byzantine"]]
     aucs = [h["auc"] for h in honest if h["auc"] is not None]
     failed = [h["name"] for h in honest if h["exit_code"] != 0 or h["rounds_completed"] == 0]
+    # An honest node that stopped before its planned rounds for any reason but its budget.
+    incomplete = [
+        h["name"]
+        for h in honest
+        if h["rounds_completed"] < args.rounds and h["phase"] != "budget_exhausted"
+    ]
+    interrupted = cut_short or (
+        f"{', '.join(incomplete)} stopped before round {args.rounds}" if incomplete else None
+    )
+    statuses = [final_status(n).get("data", {}) for n in nodes]
+    data_path = next((d["path"] for d in statuses if d.get("path")), None)
     return {
         "dataset": args.dataset,
-        "data_path": str(args.data) if args.data else None,
+        "data_path": data_path or (str(args.data) if args.data else None),
         "model": args.model or DEFAULT_MODEL[args.dataset],
         "nodes": len(nodes),
         "topology": args.topology,
@@ -552,6 +635,10 @@ def build_report(
             "accountant": None if args.no_dp else "pld",
         },
         "rounds": args.rounds,
+        "rounds_completed": min((h["rounds_completed"] for h in honest), default=0),
+        "interrupted": interrupted,
+        "exit_code": 0,
+        "warnings": run_warnings(args, hospitals),
         "local_epochs": args.local_epochs,
         "seed": args.seed,
         "seconds": round(seconds, 2),
@@ -574,7 +661,8 @@ async def run(args: argparse.Namespace) -> int:
     )
     for n in nodes:
         print(
-            f"  {n.name}: dashboard {n.address}/{'   <- BYZANTINE ATTACKER' if n.byzantine else ''}"
+            f"  {n.name}: dashboard {n.operator_address}/"
+            f"{'   <- BYZANTINE ATTACKER' if n.byzantine else ''}"
         )
     if args.byzantine:
         print(
@@ -587,6 +675,7 @@ async def run(args: argparse.Namespace) -> int:
     stop_requested = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
+    cut_short: str | None = None
     try:
         for n in nodes:
             await start_node(n)
@@ -598,14 +687,22 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if stop_requested.is_set():
             print("\nrun_cluster: stopping every node", file=sys.stderr)
+            cut_short = "stopped by a signal (Ctrl-C or SIGTERM)"
+        elif follower.done() and not follower.cancelled():
+            cut_short = follower.result()
         follower.cancel()
         stopper.cancel()
     finally:
         await stop_all(nodes)
     seconds = time.monotonic() - started
-    report = build_report(args, nodes, topology, seconds)
-    if args.baselines:
+    for n in nodes:  # the last word of each node is its status.json, written as it stopped
+        n.status = final_status(n)
+    if not args.quiet:
+        print(progress_line(nodes, args.rounds), flush=True)
+    report = build_report(args, nodes, topology, seconds, cut_short)
+    if want_baselines(args):
         from models.baselines import run_baselines
+        from models.privacy import DPConfig
         from models.training import TrainingSettings
 
         model = args.model or DEFAULT_MODEL[args.dataset]
@@ -615,9 +712,14 @@ async def run(args: argparse.Namespace) -> int:
             local_epochs=args.local_epochs,
             seed=args.seed,
         )
+        dp = None if args.no_dp else DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta)
         report["baselines"] = run_baselines(
-            dataset_kwargs_for(args), model, {}, settings, args.rounds, args.seed
+            dataset_kwargs_for(args), model, {}, settings, args.rounds, args.seed, dp=dp
         )
+    if stop_requested.is_set():
+        report["exit_code"] = 130
+    elif report["failed"] or report["interrupted"]:
+        report["exit_code"] = 1
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     from node.report import summary_table, write_html_report
 
@@ -631,8 +733,40 @@ async def run(args: argparse.Namespace) -> int:
             f"(see {run_dir / 'logs'})",
             file=sys.stderr,
         )
-        return 1
-    return 130 if stop_requested.is_set() else 0
+    return report["exit_code"]
+
+
+# Above this, the DP noise on each coordinate of a step's averaged gradient, σ C / (q n), is
+# more than 0.4 C: measured on the embedded data at ε = 1, 20 rounds (0.30) gave AUC 0.979 and
+# 200 rounds (0.47) gave 0.955 (docs/results.md, "Rounds under a fixed ε").
+NOISY_STEP_RATIO = 0.4
+
+
+def run_warnings(args: argparse.Namespace, hospitals: list[dict[str, Any]]) -> list[str]:
+    """Run-level advice: under a fixed ε, too many rounds drown each step in noise."""
+    warnings = []
+    ratios = {
+        h["name"]: h["noise_multiplier"] / (h["sample_rate"] * h["n_train"])
+        for h in hospitals
+        if not h["byzantine"] and h.get("noise_multiplier") and h.get("sample_rate")
+        if h.get("n_train")
+    }
+    noisy = {name: r for name, r in ratios.items() if r > NOISY_STEP_RATIO}
+    if noisy:
+        worst = max(noisy, key=noisy.get)
+        warnings.append(
+            f"{len(noisy)} hospital(s) trained with DP noise above {NOISY_STEP_RATIO} C per "
+            f"coordinate of each averaged gradient ({worst}: {noisy[worst]:.2f}): the ε budget "
+            f"is spread over {args.rounds} rounds. Fewer rounds (or more local data per step) "
+            "usually give a better model at the same ε; see docs/results.md, "
+            "'Rounds under a fixed ε'"
+        )
+    return warnings
+
+
+def want_baselines(args: argparse.Namespace) -> bool:
+    """--baselines / --no-baselines, else on wherever they are cheap (not the CNN on images)."""
+    return args.baselines if args.baselines is not None else args.dataset != "medmnist"
 
 
 def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:

@@ -273,10 +273,8 @@ class MemoryTransport:
         return [await self.send(p, envelope) for p in peers]
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
-        status, answer = self.nodes[peer.address].answer_probe(probe)
-        return Contact.from_answer(
-            status, answer["reason"], answer.get("detail", ""), source="probe"
-        )
+        status, reason = self.nodes[peer.address].answer_probe(probe)
+        return Contact.from_answer(status, reason, "", source="probe")
 
 
 async def run_nodes_in_process(

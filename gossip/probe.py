@@ -39,7 +39,7 @@ from enum import StrEnum
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, verify_signature
-from gossip.wire import HTTP_STATUS, RejectReason, WireError
+from gossip.wire import RejectReason, WireError
 
 PROBE_MAGIC = b"MRMPROBE"
 PROBE_VERSION = 1
@@ -120,11 +120,6 @@ def check_probe(
     if not verify_signature(sender, _DOMAIN + data[: _SIGNED.size], data[_SIGNED.size :]):
         raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {peer.name}")
     return peer
-
-
-def refusal(err: WireError) -> tuple[int, dict[str, str]]:
-    """The HTTP status and JSON body with which a node refuses a probe."""
-    return HTTP_STATUS[err.reason], {"reason": err.reason.value, "detail": err.detail}
 
 
 class Reach(StrEnum):

@@ -12,6 +12,11 @@ way a node evaluates itself: on each hospital's own test split, at a threshold c
 that hospital's training rows with the model's own predictions. The majority-class baseline
 is always that hospital's own training majority, so it is the same constant model in every
 row of the report.
+
+When the network trained with DP, the same two are also trained **with DP-SGD at the same
+budget** (`local_dp`, `pooled_dp`): each hospital alone spends the ε a node spends, and the
+pooled model spends that ε over the pooled rows. Only these answer "did federating help, at
+this privacy level": a DP federation read against non-DP baselines always looks worse.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from models.data import HospitalSplit, load_dataset
 from models.metrics import REPORTED_METRICS, clinical_metrics
 from models.nets import build_model
+from models.privacy import DPConfig, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
 
 
@@ -36,8 +42,10 @@ def run_baselines(
     training: TrainingSettings,
     rounds: int,
     seed: int,
+    dp: DPConfig | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Train and evaluate both baselines; return `{"local": {...}, "pooled": {...}}`.
+    """Train and evaluate both baselines; return `{"local": {...}, "pooled": {...}}`, plus
+    `"local_dp"` and `"pooled_dp"` trained with DP-SGD at `dp`'s budget when `dp` is given.
 
     `dataset_kwargs` are the keyword arguments of `load_dataset`, including `name`
     (e.g. `{"name": "breast-cancer", "num_hospitals": 4, "seed": 0}`). Each baseline is
@@ -51,10 +59,15 @@ def run_baselines(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1 (got {rounds}); fix: pass the run's planned rounds")
     splits = load_dataset(**dataset_kwargs)
-    return {
+    result = {
         "local": local_baseline(splits, model_name, model_params, training, rounds, seed),
         "pooled": pooled_baseline(splits, model_name, model_params, training, rounds, seed),
     }
+    if dp is not None:
+        args = (splits, model_name, model_params, training, rounds, seed)
+        result["local_dp"] = local_baseline(*args, dp=dp)
+        result["pooled_dp"] = pooled_baseline(*args, dp=dp)
+    return result
 
 
 def local_baseline(
@@ -64,12 +77,14 @@ def local_baseline(
     training: TrainingSettings,
     rounds: int,
     seed: int,
+    dp: DPConfig | None = None,
 ) -> dict[str, Any]:
-    """Each hospital trains its own model on its own training rows only."""
+    """Each hospital trains its own model on its own training rows only (with DP-SGD at
+    `dp`'s budget when given, as its node would)."""
     entries = []
     for split in splits:
         model = build_model(model_name, split.input_shape, seed, **model_params)
-        _train(model, split.x_train, split.y_train, training, rounds)
+        _train(model, split.x_train, split.y_train, training, rounds, dp)
         entries.append(_evaluate(model, split, n_train=len(split.y_train)))
     return _baseline(entries)
 
@@ -81,8 +96,10 @@ def pooled_baseline(
     training: TrainingSettings,
     rounds: int,
     seed: int,
+    dp: DPConfig | None = None,
 ) -> dict[str, Any]:
-    """One model on all hospitals' training rows together, evaluated at every hospital.
+    """One model on all hospitals' training rows together, evaluated at every hospital
+    (with DP-SGD at `dp`'s budget over the pooled rows when given).
 
     Each hospital's features are used as its loader prepared them (standardised on its own
     training rows), which is what each hospital would contribute to a shared data set.
@@ -97,7 +114,7 @@ def pooled_baseline(
     x = np.concatenate([split.x_train for split in splits])
     y = np.concatenate([split.y_train for split in splits])
     model = build_model(model_name, splits[0].input_shape, seed, **model_params)
-    _train(model, x, y, training, rounds)
+    _train(model, x, y, training, rounds, dp)
     return _baseline([_evaluate(model, split, n_train=len(y)) for split in splits])
 
 
@@ -107,14 +124,26 @@ def _train(
     y: np.ndarray,
     training: TrainingSettings,
     rounds: int,
+    dp: DPConfig | None = None,
 ) -> None:
-    """`rounds` rounds of `local_epochs` epochs, without DP, as a node would train alone.
+    """`rounds` rounds of `local_epochs` epochs, as a node would train alone: without DP, or
+    with a ledger planned for the whole run at `dp`'s budget, exactly as a node plans its own.
 
     The FedProx term is switched off: it pulls towards a federated reference model, and a
     baseline has none.
     """
     settings = dataclasses.replace(training, fedprox_mu=0.0)
     trainer = LocalTrainer(model, x, y, settings, None)
+    if dp is not None:
+        trainer.ledger = PrivacyLedger.plan(
+            epsilon=dp.epsilon,
+            delta=dp.delta,
+            n_patients=len(y),
+            sample_rate=trainer.sample_rate(),
+            planned_steps=trainer.steps_per_round() * rounds,
+            max_grad_norm=dp.max_grad_norm,
+            accountant=dp.accountant,
+        )
     for _ in range(rounds):
         trainer.train_round()
 

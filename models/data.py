@@ -179,6 +179,22 @@ def load_dataset(
     return load_csv(path, label=label, site=site, seed=seed, test_fraction=test_fraction)
 
 
+EMBEDDED_DATA = "embedded: scikit-learn's breast cancer data (shipped with scikit-learn)"
+
+
+def resolved_data_path(name: str, path: str | Path | None) -> str:
+    """Where `load_dataset(name, path=path)` reads from, for reports: the path given, else the
+    default location, or the embedded data set's description. Never raises."""
+    if path is not None:
+        return str(Path(path).resolve())
+    if name in _DEFAULT_PATHS:
+        try:
+            return str(default_data_path(name).resolve())
+        except DataError as err:
+            return f"not found ({err})"
+    return EMBEDDED_DATA if name == "breast-cancer" else "none"
+
+
 def default_data_path(name: str) -> Path:
     """Where ``name``'s real data lives: $MURMUR_DATA_DIR, else ../shared/data by the repo."""
     if name not in _DEFAULT_PATHS:

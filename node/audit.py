@@ -1059,10 +1059,10 @@ def lineage(
     aggregation record's optional `base_model_sha256`, else this node's latest aggregate of
     an earlier round (after a crash and restart, the re-done round is the one that counts).
     """
-    target = model_sha256.strip().lower()
-    if not SHA256_PATTERN.match(target):
-        raise AuditError(f"{model_sha256!r} is not a SHA-256 (64 hex characters)")
     aggregations = records_of_kind(state, "aggregation")
+    target = _resolve_model_hash(model_sha256, aggregations)
+    if target is None:
+        return None
     received: dict[tuple[str, str], list[AuditRecord]] = {}
     for rec in records_of_kind(state, "message_received"):
         if rec.fields.get("accepted") is True and rec.fields.get("model_sha256"):
@@ -1096,6 +1096,36 @@ def lineage(
         steps.append(_step(current, received))
         current = _base_of(current, latest)
     return Lineage(target, origin, start.round, start.seq, steps)
+
+
+MIN_HASH_PREFIX = 6
+"""Hex characters a model-hash prefix needs (the dashboard shows 12) before it is looked up."""
+
+
+def _resolve_model_hash(text: str, aggregations: list[AuditRecord]) -> str | None:
+    """The full SHA-256 that `text` names: itself, or the one model of this log whose hash
+    starts with it; None when no model of the log does. An ambiguous prefix is an error that
+    lists the candidates, never a guess."""
+    target = text.strip().lower()
+    if SHA256_PATTERN.match(target):
+        return target
+    if not (MIN_HASH_PREFIX <= len(target) < 64 and all(c in "0123456789abcdef" for c in target)):
+        raise AuditError(
+            f"{text!r} is not a SHA-256 (64 hex characters) nor a prefix of one: give at "
+            f"least {MIN_HASH_PREFIX} hex characters (the dashboard shows 12) or all 64"
+        )
+    models = {
+        value
+        for a in aggregations
+        for value in (a.fields.get("result_sha256"), a.fields.get("own_model_sha256"))
+        if isinstance(value, str) and value.startswith(target)
+    }
+    if len(models) > 1:
+        raise AuditError(
+            f"prefix {target} matches {len(models)} models of this log "
+            f"({', '.join(sorted(m[:16] for m in models))}); give more characters"
+        )
+    return next(iter(models), None)
 
 
 def _base_of(agg: AuditRecord, latest: Finder) -> AuditRecord | None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # Deliberately not bound: peers (addresses, keys, degrees), node.listen, node.key_file's path,
 # data.path (the rows are bound through the fingerprint, wherever the file lives), learning
 # rate, momentum, loss and the other tuning of [training], aggregation f and params, and every
-# field of [gossip], [audit], [trust] and [adversary].
+# field of [gossip], [audit], [trust], [adversary], [operator], [peer_listener] and [logging].
 
 
 @dataclass(frozen=True)

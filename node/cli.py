@@ -1,4 +1,8 @@
-"""The `murmur` command: keygen, node, audit."""
+"""The `murmur` command: keygen, key show, config check, node, audit.
+
+Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
+line saying what is wrong and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="murmur", description="Peer-to-peer federated learning for hospitals."
     )
+    from node import __version__
+
+    parser.add_argument("--version", action="version", version=f"murmur {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     keygen = sub.add_parser("keygen", help="create a hospital's Ed25519 identity")
@@ -22,14 +29,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
 
+    key = sub.add_parser("key", help="show a key's public key and fingerprint")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    show = key_sub.add_parser("show", help="print the public key and fingerprint of a key file")
+    show.add_argument("path", help="a private key (.key) or public key (.pub) file, or hex")
+
+    config = sub.add_parser("config", help="check config files without starting a node")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate configs and their keys; given several hospitals' configs, also check "
+        "that they agree (seed, model, peer keys, degrees, mutual listing)",
+    )
+    check.add_argument("configs", nargs="+", type=Path, help="one or more node config files")
+
     node = sub.add_parser("node", help="run a hospital node from its config file")
     node.add_argument(
         "--config", required=True, type=Path, help="the node's TOML config (docs/config.md)"
     )
     node.add_argument(
-        "--serve", action="store_true", help="keep serving the API after the planned rounds"
+        "--serve",
+        action="store_true",
+        help="keep serving the API after the planned rounds (as [node] after_training = serve)",
     )
-    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    node.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides [logging] level (default INFO)",
+    )
 
     audit = sub.add_parser("audit", help="verify, export or trace a node's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -49,34 +76,66 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except (OSError, ValueError) as exc:  # IdentityError, ConfigError, AuditError, a bad path
+        print(f"murmur: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "keygen":
         from crypto.identity import keygen_command
 
         return keygen_command(args.name, args.out, force=args.force)
+    if args.command == "key":
+        return show_key(args.path)
+    if args.command == "config":
+        from node.config_check import config_check_command
+
+        return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
     return run_audit(args)
 
 
-def run_node(config_path: Path, *, serve: bool, log_level: str) -> int:
-    from node.config import ConfigError, load_config
+def show_key(path: str) -> int:
+    """Name, public key and fingerprint: what operators read to each other to admit a peer."""
+    from crypto.identity import fingerprint, load_identity, load_public_key
 
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    if Path(path).suffix == ".key":
+        identity = load_identity(path)
+        name, public = identity.name, identity.public_key
+    else:
+        name, public = None, load_public_key(path)
+    if name:
+        print(f"name:        {name}")
+    print(f"public key:  {public.hex()}")
+    print(f"fingerprint: {fingerprint(public)}")
+    return 0
+
+
+def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
+    from node.config import ConfigError, load_config
+    from node.logs import LOG_FORMAT, configure_logging
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        logging.basicConfig(level=log_level or "INFO", format=LOG_FORMAT, stream=sys.stderr)
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.logging, log_level)
     from node.checkpoint import CheckpointError
     from node.node import HospitalNode, StartupError
 
     try:
         node = HospitalNode(config)
+        serve = serve or config.node.after_training == "serve"
         return asyncio.run(node.run(serve_forever=serve))
     except (StartupError, CheckpointError, ValueError, OSError) as exc:
-        print(f"murmur: cannot start node {config.node.name}: {exc}", file=sys.stderr)
+        # Logged, not printed: a node under a service manager is read from its log file.
+        logging.getLogger("murmur.node").error("cannot start node %s: %s", config.node.name, exc)
         return 2
 
 

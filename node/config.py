@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import ipaddress
 import tomllib
 import types
 import typing
@@ -30,14 +31,98 @@ class NodeSection:
     key_file: Path
     state_dir: Path
     listen: str = "127.0.0.1:8700"
+    # After the planned rounds: "exit" (status 0; a service manager should then restart the
+    # node only on failure), or "serve" (keep answering until SIGTERM, as `murmur node --serve`).
+    after_training: str = "exit"
 
     def validate(self) -> None:
-        _require(self.name.strip() != "", "node.name", "must not be empty", 'name = "hospital_a"')
-        host, port = split_listen(self.listen)
         _require(
-            0 <= port <= 65535, "node.listen", "port must be 0..65535", 'listen = "127.0.0.1:8700"'
+            self.after_training in ("exit", "serve"),
+            "node.after_training",
+            f"must be exit or serve (got {self.after_training!r})",
+            'after_training = "serve" to stay up for a service manager',
         )
-        _require(host != "", "node.listen", "needs a host", 'listen = "127.0.0.1:8700"')
+        _require(self.name.strip() != "", "node.name", "must not be empty", 'name = "hospital_a"')
+        _check_listen(self.listen, "node.listen", "127.0.0.1:8700")
+
+
+@dataclass(frozen=True)
+class OperatorSection:
+    """The operator listener: /status, /metrics and the dashboard (docs/config.md, [operator]).
+
+    It is separate from the peer listener because what it serves (per-round test metrics with
+    exact counts, the decision threshold chosen on training rows) is for the hospital's own
+    operators only. It binds loopback by default; anything else must be asked for twice
+    (allow_remote) and needs a bearer token, so no typo can publish it.
+    """
+
+    listen: str = "127.0.0.1:9700"
+    token_file: Path | None = None
+    allow_remote: bool = False
+
+    def validate(self) -> None:
+        host, _ = _check_listen(self.listen, "operator.listen", "127.0.0.1:9700")
+        if is_loopback(host):
+            return
+        _require(
+            self.allow_remote,
+            "operator.listen",
+            f"binds {host!r}, which is not a loopback address: anyone who can reach it would "
+            "read per-round test metrics and the decision threshold",
+            'keep listen = "127.0.0.1:9700" and reach it through an SSH tunnel, or set '
+            'allow_remote = true and token_file = "operator.token" (mode 0600)',
+        )
+        _require(
+            self.token_file is not None,
+            "operator.token_file",
+            f"is required when operator.listen binds a non-loopback address ({host!r})",
+            'token_file = "operator.token", a file of mode 0600 holding at least 32 random '
+            "characters (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+
+
+@dataclass(frozen=True)
+class PeerListenerSection:
+    """Limits of the peer listener (POST /gossip, GET /health), which anyone who can reach
+    the node can talk to before any signature is checked (docs/protocol.md, "HTTP")."""
+
+    body_timeout_s: float = 20.0
+    idle_timeout_s: float = 15.0
+    max_connections: int = 64
+    max_connections_per_address: int = 8
+    max_uploads_per_address: int = 4
+
+    def validate(self) -> None:
+        _require(
+            self.body_timeout_s > 0,
+            "peer_listener.body_timeout_s",
+            "must be > 0",
+            "body_timeout_s = 20 (at least the peers' gossip.send_timeout_s)",
+        )
+        _require(
+            self.idle_timeout_s > 0,
+            "peer_listener.idle_timeout_s",
+            "must be > 0",
+            "idle_timeout_s = 15",
+        )
+        _require(
+            self.max_connections >= 1,
+            "peer_listener.max_connections",
+            "must be >= 1",
+            "max_connections = 64",
+        )
+        _require(
+            1 <= self.max_connections_per_address <= self.max_connections,
+            "peer_listener.max_connections_per_address",
+            f"must be in 1..max_connections ({self.max_connections})",
+            "max_connections_per_address = 8",
+        )
+        _require(
+            self.max_uploads_per_address >= 1,
+            "peer_listener.max_uploads_per_address",
+            "must be >= 1",
+            "max_uploads_per_address = 4",
+        )
 
 
 @dataclass(frozen=True)
@@ -289,6 +374,29 @@ class AuditSection:
             )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """Where the node logs: always to stderr, and to `file` with rotation when it is set."""
+
+    level: str = "INFO"
+    file: Path | None = None
+    max_mb: float = 10.0  # rotate when the file reaches this size
+    backups: int = 5  # rotated files kept (node.log.1 ... node.log.5)
+
+    def validate(self) -> None:
+        _require(
+            self.level in LOG_LEVELS,
+            "logging.level",
+            f"must be one of {', '.join(LOG_LEVELS)} (got {self.level!r})",
+            'level = "INFO"',
+        )
+        _require(self.max_mb > 0, "logging.max_mb", "must be > 0", "max_mb = 10")
+        _require(self.backups >= 1, "logging.backups", "must be >= 1", "backups = 5")
+
+
 @dataclass(frozen=True)
 class TrustSection(TrustSettings):
     """Per-peer trust scores (gossip/trust.py, docs/robustness.md): the fields and defaults are
@@ -360,6 +468,9 @@ class NodeConfig:
     audit: AuditSection
     trust: TrustSection = field(default_factory=TrustSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
+    operator: OperatorSection = field(default_factory=OperatorSection)
+    peer_listener: PeerListenerSection = field(default_factory=PeerListenerSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -391,8 +502,19 @@ class NodeConfig:
             self.audit,
             self.trust,
             self.adversary,
+            self.operator,
+            self.peer_listener,
+            self.logging,
         ):
             section.validate()
+        _, peer_port = split_listen(self.node.listen)
+        _, operator_port = split_listen(self.operator.listen, "operator.listen")
+        _require(
+            peer_port == 0 or peer_port != operator_port,
+            "operator.listen",
+            f"uses port {operator_port}, which node.listen (the peer listener) already uses",
+            'give the operator listener a port of its own, e.g. listen = "127.0.0.1:9700"',
+        )
 
 
 _SECTIONS: dict[str, type] = {
@@ -406,6 +528,9 @@ _SECTIONS: dict[str, type] = {
     "audit": AuditSection,
     "trust": TrustSection,
     "adversary": AdversarySection,
+    "operator": OperatorSection,
+    "peer_listener": PeerListenerSection,
+    "logging": LoggingSection,
 }
 
 
@@ -448,14 +573,33 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:
     return config
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """'127.0.0.1:8700' -> ('127.0.0.1', 8700), with a config-phrased error."""
+def split_listen(listen: str, where: str = "node.listen") -> tuple[str, int]:
+    """'127.0.0.1:8700' -> ('127.0.0.1', 8700), with a config-phrased error naming `where`."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(
-            f'node.listen {listen!r} must be HOST:PORT, e.g. listen = "127.0.0.1:8700"'
-        )
+        raise ConfigError(f'{where} {listen!r} must be HOST:PORT, e.g. listen = "127.0.0.1:8700"')
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` only accepts connections from this machine.
+
+    "localhost" counts (it resolves to loopback on every sane system); any other name, an
+    empty host and the wildcards 0.0.0.0 / :: do not.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(listen: str, where: str, example: str) -> tuple[str, int]:
+    host, port = split_listen(listen, where)
+    _require(0 <= port <= 65535, where, "port must be 0..65535", f'listen = "{example}"')
+    _require(host != "", where, "needs a host", f'listen = "{example}"')
+    return host, port
 
 
 def _build(cls: type, table: Any, where: str, base_dir: Path) -> Any:

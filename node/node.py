@@ -29,7 +29,7 @@ from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_input
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_min_neighbours, check_node, default_min_neighbours
 from gossip.liveness import LivenessChange, PeerLiveness
-from gossip.probe import Contact, Reach, build_probe, check_probe, refusal
+from gossip.probe import Contact, Reach, build_probe, check_probe
 from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
 from gossip.transport import PeerTransport
@@ -46,22 +46,24 @@ from gossip.wire import (
     build_envelope,
     default_max_message_bytes,
 )
-from models.data import HospitalSplit, load_dataset
+from models.data import HospitalSplit, load_dataset, resolved_data_path
 from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.binding import config_binding, data_fingerprint
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
-from node.config import NodeConfig, split_listen
+from node.config import NodeConfig
 from node.metrics import NodeMetrics
+from node.rejections import RateLimitedLog, RejectionTally, printable
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
 
-VERSION = "0.1.0"
+VERSION = __version__
 SIGNED_ROUND_FILE = "signed_round.json"
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
@@ -71,7 +73,6 @@ PROBE_FIRST_DELAY_S = 0.25
 PROBE_MAX_DELAY_S = 5.0
 PROBE_TIMEOUT_S = 2.0
 WAIT_REMINDER_S = 60.0
-MAX_LOGGED_PROBE_REFUSALS = 64
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class NodeState:
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
+    # What this node trains and tests on (operator-only, like every field here): the data set,
+    # where it was read from, and the split sizes the report's "n train" / "n test" show.
+    data: dict[str, Any] = field(default_factory=dict)
     # min_neighbours, who counts toward it now, and (while the node waits) why the rest don't
     neighbours: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +223,10 @@ class HospitalNode:
                 max_message_bytes=max_bytes,
             )
         self.rejected: Counter[str] = Counter()
+        # Unauthenticated rejections: counted here and summarised in one audit record per
+        # round, never one record or log line each (node/rejections.py).
+        self.unauthenticated_rejections = RejectionTally()
+        self.rejection_log = RateLimitedLog(log)
         self.metrics = NodeMetrics(config.node.name)
         self.audit = AuditLog(
             self.state_dir / AUDIT_FILE,
@@ -234,6 +242,7 @@ class HospitalNode:
                 for p in self.peers
             },
             adversary=self.adversary.status() if self.adversary else None,
+            data=self._data_description(),
         )
         self.next_round = 1
         self.stop = asyncio.Event()
@@ -250,7 +259,6 @@ class HospitalNode:
         # Set whenever a neighbour's envelope is accepted, so a node waiting for neighbours
         # looks again at once instead of at its next probe.
         self._neighbour_news = asyncio.Event()
-        self._logged_probe_refusals: set[tuple[str, str]] = set()
         self._refresh_liveness_status()
         self._refresh_privacy_status()
         self._refresh_trust_status()
@@ -285,6 +293,17 @@ class HospitalNode:
             f"fix: use one of {', '.join(names)} or an index 0..{len(splits) - 1}"
         )
 
+    def _data_description(self) -> dict[str, Any]:
+        """The data set, the path it was really read from, and this hospital's split sizes."""
+        d = self.config.data
+        return {
+            "dataset": d.dataset,
+            "path": str(resolved_data_path(d.dataset, d.path)),
+            "hospital": self.data.name,
+            "n_train": len(self.data.y_train),
+            "n_test": len(self.data.y_test),
+        }
+
     def _restore(self) -> None:
         """Continue from the last checkpoint, never from scratch while claiming an old budget,
         and never under changed privacy or model fields (node/binding.py)."""
@@ -318,7 +337,10 @@ class HospitalNode:
         self.replay = ReplayGuard.from_state(ckpt.replay)
         self.last_signed_round = self._read_signed_round()
         self.next_round = ckpt.round + 1
+        self.state.round = ckpt.round
         self.state.history = list(ckpt.extra.get("history", []))
+        if self.state.history:
+            self.state.last_metrics = dict(self.state.history[-1].get("metrics", {}))
         self.state.bytes_sent = int(ckpt.extra.get("bytes_sent", 0))
         if "trust" in ckpt.extra:
             self.trust = TrustTracker.from_state(
@@ -356,12 +378,15 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- receiving
 
-    def receive(self, body: bytes) -> tuple[int, str, str]:
-        """Handle one POST /gossip body: (HTTP status, reason code, detail). Never raises."""
+    def receive(self, body: bytes, source: str | None = None) -> tuple[int, str, str]:
+        """Handle one POST /gossip body from address `source`: (HTTP status, reason code,
+        detail). Never raises. The detail is for this node's log; peers get only the code."""
         try:
             opened = self.opener.open(body)
         except WireError as err:
-            self.record_rejection(err.reason.value, err.detail, sender=None, round_=None)
+            self.record_rejection(
+                err.reason.value, err.detail, sender=None, round_=None, source=source
+            )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
@@ -505,12 +530,35 @@ class HospitalNode:
             info["proven_equivocation_round"] = proven.get(name)
 
     def record_rejection(
-        self, reason: str, detail: str, *, sender: str | None, round_: int | None
+        self,
+        reason: str,
+        detail: str,
+        *,
+        sender: str | None,
+        round_: int | None,
+        source: str | None = None,
     ) -> None:
+        """Count a refused request in /status and /metrics, and log it (rate-limited).
+
+        `sender` is the admitted peer whose signature verified, or None. Only those are
+        audited one record each (their number is bounded by the replay guard); anyone can
+        cause an unauthenticated rejection, so those are tallied and summarised in one
+        `rejections` audit record per round (`summarise_rejections`).
+        """
+        reason = str(reason)  # a plain code, whichever enum it came from
         self.rejected[reason] += 1
         self.state.rejected = dict(self.rejected)
         self.metrics.rejected.labels(reason=reason).inc()
-        log.warning("rejected message (%s): %s", reason, detail)
+        self.rejection_log.warning(
+            reason,
+            "rejected message (%s) from %s: %s",
+            reason,
+            sender or source or "an unknown address",
+            printable(detail),
+        )
+        if sender is None:
+            self.unauthenticated_rejections.add(reason, source)
+            return
         self.audit.append(
             "message_received",
             round_,
@@ -519,6 +567,12 @@ class HospitalNode:
             reason=reason,
             detail=detail[:200],
         )
+
+    def summarise_rejections(self, round_: int | None) -> None:
+        """Write the unauthenticated rejections since the last call as ONE audit record
+        (reason -> count, the top source addresses); nothing when there were none."""
+        if self.unauthenticated_rejections:
+            self.audit.append("rejections", round_, **self.unauthenticated_rejections.summary())
 
     # ---------------------------------------------------------------- the round loop
 
@@ -645,6 +699,7 @@ class HospitalNode:
         self.state.last_metrics = metrics
         self.state.model_sha256 = new_sha
         self.metrics.observe_round(r, metrics, epsilon, record.seconds)
+        self.summarise_rejections(r)
         self._checkpoint(r)
         self.audit.sign_head()
         log.info(
@@ -1159,7 +1214,9 @@ class HospitalNode:
 
     def _record_contact(self, peer: str, contact: Contact) -> None:
         """Keep the latest evidence about a neighbour; log when it starts or stops taking our
-        envelopes (once per change, not every round)."""
+        envelopes (once per change, not every round). Unknown names are not neighbours."""
+        if peer not in self.liveness.peers:
+            return
         before = self.liveness.peers[peer].contact.reach
         self.liveness.record_contact(peer, contact)
         if contact.reach is not before and before is not Reach.UNKNOWN:
@@ -1171,36 +1228,28 @@ class HospitalNode:
             log.warning("neighbour %s is %s", peer, contact.describe())
         self.state.peers[peer].update(self.liveness.status(peer))
 
-    def answer_probe(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Answer a neighbour's POST /probe: does this node take its envelopes? Never raises.
+    def answer_probe(self, body: bytes) -> tuple[int, str]:
+        """Answer a neighbour's POST /probe: (HTTP status, reason code). Never raises.
 
-        The verdict is the one the envelope opener would reach on that sender. A refused
-        probe is logged once per sender key and reason (bounded), so an operator sees who is
-        knocking without a log line every few seconds; it is not audited, as it changes nothing.
+        The verdict is the one the envelope opener would reach on that sender, and like the
+        answer to an envelope it is only the reason code: the detail stays in this node's log.
+        A refused probe is logged at most once per reason per interval (node/rejections.py), so
+        an operator sees who is knocking without a line every few seconds; it is not audited,
+        as it changes nothing here.
         """
         try:
-            peer = check_probe(
+            check_probe(
                 body,
                 self.identity.public_key,
                 self.allowlist,
                 timestamp_window_s=self.config.gossip.timestamp_window_s,
             )
         except WireError as err:
-            key = (err.reason.value, body[10:42].hex()[:16] if len(body) >= 42 else "")
-            if (
-                key not in self._logged_probe_refusals
-                and len(self._logged_probe_refusals) < MAX_LOGGED_PROBE_REFUSALS
-            ):
-                self._logged_probe_refusals.add(key)
-                log.warning("refused a probe (%s): %s", err.reason.value, err.detail)
-            return refusal(err)
-        return 200, {
-            "reason": "admitted",
-            "detail": f"{self.config.node.name} takes envelopes from {peer.name}",
-            "name": self.config.node.name,
-            "round": self.state.round,
-            "phase": self.state.phase,
-        }
+            self.rejection_log.warning(
+                f"probe:{err.reason.value}", "refused a probe (%s): %s", err.reason, err.detail
+            )
+            return HTTP_STATUS[err.reason], err.reason.value
+        return 200, "admitted"
 
     def _spoke(self, peer: str, round_: int) -> None:
         """`peer` sent a recent authentic envelope: it is up, and a waiting round may go ahead."""
@@ -1259,11 +1308,76 @@ class HospitalNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), timeout=0.5)
 
+    def start_line(self) -> str:
+        """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
+        cfg = self.config
+        peers = ", ".join(f"{p.name} ({p.address})" for p in self.peers) or "none"
+        if self.ledger is not None:
+            privacy = (
+                f"DP-SGD ε={self.ledger.epsilon_budget:g} δ={self.ledger.delta:.3g} "
+                f"(σ={self.ledger.noise_multiplier:.3f}, spent {self.ledger.epsilon_spent():.3f})"
+            )
+        else:
+            privacy = "NO differential privacy"
+        planned = cfg.training.rounds
+        where = (
+            f"continuing at round {self.next_round}"
+            if self.next_round > 1
+            else "starting at round 1"
+        )
+        return (
+            f"murmur {VERSION} node {cfg.node.name} (key {self.identity.fingerprint}) "
+            f"listening on {cfg.node.listen} for peers and {cfg.operator.listen} for operators; "
+            f"peers: {peers}; study: {cfg.data.dataset} "
+            f"({self.data.name}, {len(self.data.y_train)} training patients), model "
+            f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
+            f"f={cfg.aggregation.f}; privacy: {privacy}; {where} of {planned}"
+        )
+
+    def stop_reason(self) -> str:
+        """Why the node is stopping, from its last phase, in words for the log."""
+        phase = self.state.phase
+        if phase == "done":
+            return f"all {self.config.training.rounds} planned rounds done"
+        if phase == "budget_exhausted":
+            return "the privacy budget is spent (no further round could be trained within it)"
+        if phase == "stopped":
+            return "asked to stop (SIGTERM or SIGINT)"
+        return f"stopped while {phase}"
+
+    def finished_already(self) -> str | None:
+        """The phase a previous run of this state directory ended in, if it left nothing to
+        do: every planned round trained ("done"), or no DP step left in the budget."""
+        if self.next_round > self.config.training.rounds:
+            return "done"
+        if self.ledger is not None and self.ledger.remaining_steps() == 0:
+            return "budget_exhausted"
+        return None
+
     async def run(self, *, serve_forever: bool = False) -> int:
-        """Serve the API and run the planned rounds; returns the process exit status."""
-        from node.api import start_api
+        """Serve the peer and operator listeners and run the planned rounds; returns the
+        process exit status."""
+        from node.api import operator_token, start_api
 
         self.check_feasibility()
+        token = operator_token(self.config)  # a readable token file stops the node here
+        log.info("%s", self.start_line())
+        ended = self.finished_already()
+        if ended is not None and not serve_forever:
+            self.state.phase = ended
+            log.info(
+                "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
+                "nothing to do, exiting. Start it with --serve (or [node] after_training = "
+                '"serve") to keep its API up.',
+                self.config.node.name,
+                self.stop_reason(),
+                self.state.round,
+                self.state.model_sha256[:12],
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
+            self._write_status()
+            self.audit.close()
+            return 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -1285,8 +1399,7 @@ class HospitalNode:
                 "!" * 78,
             )
             self.audit.append("adversary_mode", self.next_round, **self.adversary.status())
-        host, port = split_listen(self.config.node.listen)
-        runner = await start_api(self, host, port)
+        api = await start_api(self, token)
         finished = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as group:
@@ -1303,11 +1416,19 @@ class HospitalNode:
                 finally:
                     finished.set()
         finally:
+            self.summarise_rejections(self.state.round)
             self.audit.append("node_stop", self.state.round, reason=self.state.phase)
             self.audit.sign_head()
             self._write_status()
-            await runner.cleanup()
+            await api.close()
             self.audit.close()
+            log.info(
+                "node %s stopping at round %d: %s; ε spent %.3f",
+                self.config.node.name,
+                self.state.round,
+                self.stop_reason(),
+                self.state.privacy.get("epsilon_spent", 0.0),
+            )
         return 0
 
 

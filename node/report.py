@@ -49,6 +49,52 @@ _METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# A test split with fewer patients than this, or fewer than _MIN_TEST_CLASS of either class,
+# ranks too few pairs for its AUC, sensitivity or specificity to mean much: one patient more
+# or less moves them by tenths. The report says so instead of letting the figure stand alone.
+_MIN_TEST_PATIENTS = 30
+_MIN_TEST_CLASS = 5
+
+
+def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> list[str]:
+    """What a reader must know before trusting one hospital's figures, as plain sentences.
+
+    - a model that does not beat always predicting the training majority class (its accuracy
+      is at or below `majority_accuracy`) has learned nothing a clinic could use;
+    - a test split too small to rank;
+    - a node that stopped before its planned rounds (other than by spending its budget).
+    """
+    warnings = []
+    accuracy, majority = hospital.get("accuracy"), hospital.get("majority_accuracy")
+    if _finite(accuracy) and _finite(majority) and accuracy <= majority:
+        warnings.append(
+            f"accuracy {accuracy:.3f} does not beat always predicting the majority class "
+            f"({majority:.3f})"
+        )
+    n_test, positives = hospital.get("n_test"), hospital.get("n_test_positives")
+    if isinstance(n_test, int) and isinstance(positives, int):
+        smaller = min(positives, n_test - positives)
+        if n_test < _MIN_TEST_PATIENTS or smaller < _MIN_TEST_CLASS:
+            warnings.append(
+                f"test split too small to rank: {n_test} patients, {positives} positive and "
+                f"{n_test - positives} negative; its AUC, sensitivity and specificity can move "
+                "by tenths with one patient"
+            )
+    completed = hospital.get("rounds_completed")
+    if (
+        isinstance(planned_rounds, int)
+        and isinstance(completed, int)
+        and completed < planned_rounds
+        and hospital.get("phase") != "budget_exhausted"
+    ):
+        warnings.append(f"stopped after {completed} of {planned_rounds} planned rounds")
+    return warnings
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -166,10 +212,12 @@ def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Pat
     figure = _new_figure()
     ax = figure.add_subplot()
     _plot_hospital_lines(ax, series)
-    for kind, colour in (("local", "tab:gray"), ("pooled", "black")):
+    colours = {"local": "tab:gray", "pooled": "black", "local_dp": "tab:orange"}
+    colours["pooled_dp"] = "tab:brown"
+    for kind, title in _BASELINE_KINDS:
         mean = _baseline_mean(report, kind)
         if mean is not None:
-            ax.axhline(mean, color=colour, linestyle=":", label=f"{kind} baseline mean AUC")
+            ax.axhline(mean, color=colours[kind], linestyle=":", label=f"{title}: mean AUC")
     ax.set_xlabel("round")
     ax.set_ylabel("test AUC")
     ax.set_title("Held-out AUC per round")
@@ -352,7 +400,7 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
     )
     rows: list[tuple[str, Any]] = [
         ("dataset", report.get("dataset")),
-        ("data path", report.get("data_path") or "none (built-in data)"),
+        ("data path", report.get("data_path")),
         ("model", report.get("model")),
         ("nodes", f"{report.get('nodes', len(hospitals))} ({byzantine} Byzantine)"),
         ("topology", report.get("topology")),
@@ -367,61 +415,105 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
             "rounds × local epochs",
             f"{format_value(report.get('rounds'))} × {format_value(report.get('local_epochs'))}",
         ),
+        ("rounds completed", report.get("rounds_completed")),
+        ("run", _run_state_text(report)),
         ("seed", report.get("seed")),
         ("seconds", report.get("seconds")),
         ("bytes sent", report.get("bytes_sent")),
         ("mean AUC (honest nodes)", report.get("mean_auc")),
     ]
-    if report.get("baselines"):
-        rows.append(("local-only baseline mean AUC", _baseline_mean(report, "local")))
-        rows.append(("pooled baseline mean AUC", _baseline_mean(report, "pooled")))
+    for kind, title in _BASELINE_KINDS:
+        if (report.get("baselines") or {}).get(kind):
+            rows.append((f"baseline mean AUC, {title}", _baseline_mean(report, kind)))
     failed = report.get("failed") or []
     rows.append(("failed nodes", ", ".join(failed) if failed else "none"))
     return rows
+
+
+def _run_state_text(report: dict[str, Any]) -> str:
+    interrupted = report.get("interrupted")
+    if interrupted:
+        return f"INTERRUPTED ({interrupted}); exit code {format_value(report.get('exit_code'))}"
+    return f"complete; exit code {format_value(report.get('exit_code'))}"
+
+
+def report_warnings(report: dict[str, Any]) -> list[str]:
+    """Every warning of the run, run-level first, then per hospital (prefixed by its name)."""
+    warnings = list(report.get("warnings") or [])
+    for hospital in report.get("hospitals") or []:
+        warnings += [f"{hospital.get('name')}: {w}" for w in hospital.get("warnings") or []]
+    return warnings
+
+
+def _warnings_section(report: dict[str, Any]) -> str:
+    warnings = report_warnings(report)
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f'<h2>Warnings</h2><ul class="warning">{items}</ul>'
+
+
+# Baseline kinds in the order the report shows them, with their column names.
+_BASELINE_KINDS: tuple[tuple[str, str], ...] = (
+    ("local_dp", "local only, DP"),
+    ("pooled_dp", "pooled, DP"),
+    ("local", "local only, no DP"),
+    ("pooled", "pooled, no DP"),
+)
 
 
 def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> str:
     baselines = report.get("baselines")
     if not baselines:
         return ""
+    kinds = [(kind, title) for kind, title in _BASELINE_KINDS if baselines.get(kind)]
     by_kind = {
         kind: {e.get("name"): e for e in (baselines.get(kind) or {}).get("hospitals", [])}
-        for kind in ("local", "pooled")
+        for kind, _ in kinds
     }
     rows = []
     for hospital in hospitals:
         if hospital.get("byzantine"):
             continue
         name = hospital["name"]
-        local = by_kind["local"].get(name, {})
-        pooled = by_kind["pooled"].get(name, {})
         rows.append(
             (
                 name,
                 hospital.get("auc"),
-                local.get("auc"),
-                pooled.get("auc"),
+                *[by_kind[kind].get(name, {}).get("auc") for kind, _ in kinds],
                 hospital.get("accuracy"),
-                local.get("accuracy"),
-                pooled.get("accuracy"),
+                *[by_kind[kind].get(name, {}).get("accuracy") for kind, _ in kinds],
             )
         )
+    rows.append(
+        (
+            "mean",
+            report.get("mean_auc"),
+            *[_baseline_mean(report, kind) for kind, _ in kinds],
+            *[None] * (1 + len(kinds)),
+        )
+    )
     table = _table(
         (
             "hospital",
             "AUC murmur",
-            "AUC local only",
-            "AUC pooled",
+            *[f"AUC {title}" for _, title in kinds],
             "accuracy murmur",
-            "accuracy local only",
-            "accuracy pooled",
+            *[f"accuracy {title}" for _, title in kinds],
         ),
         rows,
     )
+    dp_note = (
+        " The DP baselines spend the same ε as each node (the pooled one over all pooled "
+        "rows): read murmur against them to see whether federating helped at this privacy "
+        "level."
+        if any(kind.endswith("_dp") for kind, _ in kinds)
+        else ""
+    )
     return (
         "<h2>Baselines</h2><p>Local only: each hospital trains alone. Pooled: one model "
-        "trained on all hospitals' training rows together. Same splits and model, no DP, "
-        "evaluated on each hospital's own test split.</p>" + table
+        "trained on all hospitals' training rows together. Same splits, model and rounds, "
+        f"evaluated on each hospital's own test split.{dp_note}</p>" + table
     )
 
 
@@ -506,6 +598,7 @@ td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 .note { color: #555; }
 .adversary { background: #b00020; color: white; padding: 0.6em; font-weight: bold; }
+.warning { background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.5em 2em; }
 """
 
 
@@ -586,6 +679,7 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
 {_adversary_banner(report)}
 <h2>Summary</h2>
 {summary}
+{_warnings_section(report)}
 <h2>Clinical metrics per hospital</h2>
 <p class="note">On each hospital's held-out split, at a threshold chosen on its own training
 data. Majority accuracy is the accuracy of always predicting the training split's majority
@@ -650,14 +744,16 @@ def summary_table(report: dict[str, Any]) -> str:
     lines += [line(r) for r in rows]
     lines.append("")
     lines.append(f"mean AUC (honest nodes): {format_value(report.get('mean_auc'))}")
-    if report.get("baselines"):
-        lines.append(
-            f"local-only baseline mean AUC: {format_value(_baseline_mean(report, 'local'))}"
-        )
-        lines.append(f"pooled baseline mean AUC: {format_value(_baseline_mean(report, 'pooled'))}")
+    for kind, title in _BASELINE_KINDS:
+        if (report.get("baselines") or {}).get(kind):
+            mean = format_value(_baseline_mean(report, kind))
+            lines.append(f"baseline mean AUC, {title}: {mean}")
     failed = report.get("failed") or []
     if failed:
         lines.append(f"failed nodes: {', '.join(failed)}")
+    if report.get("interrupted"):
+        lines.append(f"run INTERRUPTED: {_run_state_text(report)}")
+    lines += [f"warning: {w}" for w in report_warnings(report)]
     if adversary_text(report):
         lines.append(adversary_text(report))
     return "\n".join(lines)

@@ -66,7 +66,8 @@ class Network:
         return codes
 
     def status(self, name: str, timeout_s: float = 2.0) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.node(name).address}/status", timeout=timeout_s) as r:
+        url = f"{self.node(name).operator_address}/status"
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return json.loads(r.read())
 
     def final_status(self, name: str) -> dict[str, Any]:
@@ -110,3 +111,19 @@ def run_in_process(argv: list[str], out: Path) -> tuple[dict[str, Any], list[Any
 
     args = run_cluster.parse_args([*argv, "--quiet", "--out", str(out)])
     return asyncio.run(run_nodes_in_process(args, out))
+
+
+def build_node(tmp_path: Path, **sections: dict[str, Any]) -> Any:
+    """hospital_0 of a two-node network (as run_cluster writes it, no DP), built in this
+    process with both listeners on free loopback ports; `sections` edit its config first.
+    Start its listeners with `await node.api.start_api(node)`; no round runs."""
+    from node.config import load_config
+    from node.node import HospitalNode
+
+    net = make_network(tmp_path, "--nodes", "2", "--no-dp", "--aggregator", "mean")
+    name = net.nodes[0].name
+    net.edit_config(name, "node", listen="127.0.0.1:0")
+    net.edit_config(name, "operator", listen="127.0.0.1:0")
+    for section, values in sections.items():
+        net.edit_config(name, section, **values)
+    return HospitalNode(load_config(net.node(name).config_path))

@@ -545,6 +545,37 @@ def test_lineage_walks_back_through_rounds_and_peers(state: Path) -> None:
     assert [s.round for s in local.steps] == [1]
 
 
+def test_lineage_takes_the_twelve_characters_the_dashboard_shows(state: Path) -> None:
+    full = lineage(state, sha("agg3"))
+    short = lineage(state, sha("agg3")[:12])
+    assert full is not None and short is not None and short == full
+    out = io.StringIO()
+    assert lineage_command(state, sha("agg3")[:12].upper(), out) == 0
+    assert f"model {sha('agg3')} is the aggregate of round 3" in out.getvalue()
+    unknown = next(
+        p
+        for p in ("000000", "ffffff")
+        if not any(sha(n).startswith(p) for n in ("agg1", "agg2", "agg3", "own1", "own2", "own3"))
+    )
+    assert lineage(state, unknown) is None
+
+
+def test_an_ambiguous_or_too_short_prefix_is_refused_not_guessed(state: Path) -> None:
+    out = io.StringIO()
+    assert lineage_command(state, sha("agg3")[:5], out) == 2  # five characters: too short
+    assert "at least 6 hex characters" in out.getvalue()
+    # Two logged hashes sharing a 6-character prefix are rare; build the ambiguity directly.
+    from node.audit import AuditError, _resolve_model_hash
+
+    records = [
+        type("R", (), {"fields": {"result_sha256": "abcdef" + "0" * 58}})(),
+        type("R", (), {"fields": {"own_model_sha256": "abcdef" + "1" * 58}})(),
+    ]
+    with pytest.raises(AuditError, match="matches 2 models"):
+        _resolve_model_hash("abcdef", records)  # type: ignore[arg-type]
+    assert _resolve_model_hash("abcdef0", records) == "abcdef" + "0" * 58  # type: ignore[arg-type]
+
+
 def test_lineage_of_an_unknown_model(state: Path) -> None:
     out = io.StringIO()
     assert lineage_command(state, sha("never"), out) == 1 and "no aggregation" in out.getvalue()

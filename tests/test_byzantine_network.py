@@ -208,7 +208,11 @@ def test_switzerland_is_never_quarantined_in_a_clean_heart_disease_run(tmp_path:
             status = net.status(node.name)
             assert status["quarantined"] == []
             assert status["trust_history"]["switzerland"] == [1.0] * rounds, status["trust"]
-            metrics = urllib.request.urlopen(f"{node.address}/metrics", timeout=5).read().decode()
+            metrics = (
+                urllib.request.urlopen(f"{node.operator_address}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
             assert 'murmur_peer_trust{peer="switzerland"} 1.0' in metrics
     finally:
         net.kill_all()

@@ -108,6 +108,18 @@ def assert_no_patient_values_in_audit_logs(run_dir: Path, names: list[str]) -> N
         assert not leaked, f"{name}'s audit log holds training values: {leaked[:5]}"
 
 
+def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """ε from report.json's (σ, q, steps, δ) with Google's dp-accounting called directly (its
+    default PLD grid), not through murmur's own accountant wrapper."""
+    from dp_accounting import NeighboringRelation, dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
+    step = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    accountant.compose(dp_event.SelfComposedDpEvent(step, steps))
+    return accountant.get_epsilon(delta)
+
+
 def test_report_has_the_documented_schema_and_consistent_numbers(tmp_path: Path) -> None:
     # Run from elsewhere with a relative run directory, as a user typing a short --out would.
     proc = start_cluster(
@@ -129,12 +141,18 @@ def test_report_has_the_documented_schema_and_consistent_numbers(tmp_path: Path)
     assert report["dp"]["enabled"] and report["dp"]["epsilon"] == 2
     assert report["aggregator"]["rule"] and isinstance(report["aggregator"]["f"], int)
     assert report["seconds"] > 0 and report["bytes_sent"] > 0 and report["failed"] == []
+    assert report["interrupted"] is None and report["exit_code"] == 0
+    assert report["rounds_completed"] == 4 and isinstance(report["warnings"], list)
+    assert report["data_path"].startswith("embedded")  # the built-in data, named as such
     assert len(report["hospitals"]) == 3
     for h in report["hospitals"]:
         assert h["byzantine"] is False and h["exit_code"] == 0 and h["rounds_completed"] == 4
         for key in METRICS:
             assert h[key] is None or 0.0 <= h[key] <= 1.0, (key, h[key])
         assert h["auc"] is not None and h["auc"] > 0.8
+        # Every column the HTML table shows is filled (issue: "n train" was undefined).
+        assert h["n_train"] > h["n_test"] > 0 and 0 < h["n_test_positives"] < h["n_test"]
+        assert h["phase"] == "done" and isinstance(h["warnings"], list)
         # What the accountant was given is reported, and the spend stays within the budget.
         assert 0 < h["epsilon"] <= 2.0 + 1e-9
         assert 0 < h["delta"] <= 1e-5 and h["noise_multiplier"] > 0 and 0 < h["sample_rate"] <= 1
@@ -142,9 +160,14 @@ def test_report_has_the_documented_schema_and_consistent_numbers(tmp_path: Path)
         assert [x["round"] for x in h["history"]] == [1, 2, 3, 4]
         eps = [x["epsilon"] for x in h["history"]]
         assert eps == sorted(eps) and eps[-1] == pytest.approx(h["epsilon"])
+        assert h["epsilon"] == pytest.approx(
+            independent_epsilon(h["noise_multiplier"], h["sample_rate"], h["dp_steps"], h["delta"]),
+            rel=0.01,
+        )
     honest_aucs = [h["auc"] for h in report["hospitals"]]
     assert report["mean_auc"] == pytest.approx(sum(honest_aucs) / 3)
-    for kind in ("local", "pooled"):
+    # With DP on, the baselines include DP ones at the same budget ("did federating help?").
+    for kind in ("local", "pooled", "local_dp", "pooled_dp"):
         baseline = report["baselines"][kind]
         assert [h["name"] for h in baseline["hospitals"]] == [
             h["name"] for h in report["hospitals"]
@@ -184,6 +207,11 @@ def test_ctrl_c_stops_every_node_cleanly(tmp_path: Path) -> None:
         h["exit_code"] == 0 for h in report["hospitals"]
     )  # each node ended its round cleanly
     assert all(0 < h["rounds_completed"] < 500 for h in report["hospitals"])
+    # The report says the run was cut short, not that it ran its 500 planned rounds.
+    assert report["interrupted"] and "signal" in report["interrupted"], report["interrupted"]
+    assert report["exit_code"] == 130 and 0 < report["rounds_completed"] < 500
+    assert all(any("stopped after" in w for w in h["warnings"]) for h in report["hospitals"])
+    assert "INTERRUPTED" in (tmp_path / "report.html").read_text()
 
 
 def test_a_node_killed_mid_run_restarts_without_re_spending_privacy(tmp_path: Path) -> None:

@@ -89,3 +89,48 @@ def test_load_config_reports_toml_syntax_and_hashes_the_file(tmp_path: Path) -> 
     assert len(config.sha256) == 64 and config.source == good
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_the_operator_listener_is_loopback_by_default_on_a_port_of_its_own() -> None:
+    config = parse_config(MINIMAL)
+    assert config.operator.listen == "127.0.0.1:9700" and config.operator.token_file is None
+    assert config.operator.listen != config.node.listen
+    with pytest.raises(ConfigError, match=r"operator.listen uses port 8700.*node.listen"):
+        parse_config(with_("operator", listen="127.0.0.1:8700"))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.2", "[::]", "node-a.example.org"])
+def test_a_non_loopback_operator_bind_needs_allow_remote_and_a_token(host: str) -> None:
+    listen = f"{host}:9700"
+    with pytest.raises(ConfigError, match=r"operator.listen binds .* not a loopback address.*fix"):
+        parse_config(with_("operator", listen=listen))
+    with pytest.raises(ConfigError, match=r"operator.token_file is required"):
+        parse_config(with_("operator", listen=listen, allow_remote=True))
+    config = parse_config(
+        with_("operator", listen=listen, allow_remote=True, token_file="operator.token"),
+        base_dir=Path("/etc/murmur"),
+    )
+    assert config.operator.token_file == Path("/etc/murmur/operator.token")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "[::1]", "localhost"])
+def test_loopback_operator_binds_need_no_token(host: str) -> None:
+    assert parse_config(with_("operator", listen=f"{host}:9700")).operator.token_file is None
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ({"body_timeout_s": 0}, r"peer_listener.body_timeout_s must be > 0"),
+        ({"idle_timeout_s": -1.0}, r"peer_listener.idle_timeout_s must be > 0"),
+        ({"max_connections": 0}, r"peer_listener.max_connections must be >= 1"),
+        (
+            {"max_connections": 4, "max_connections_per_address": 8},
+            r"max_connections_per_address must be in 1..max_connections \(4\)",
+        ),
+        ({"max_uploads_per_address": 0}, r"max_uploads_per_address must be >= 1"),
+    ],
+)
+def test_peer_listener_limits_are_checked(values: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(with_("peer_listener", **values))

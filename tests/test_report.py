@@ -17,6 +17,7 @@ from node.report import (
     TRUST_PLOT,
     _legend,
     format_value,
+    hospital_warnings,
     mean_disagreement,
     mean_trust_held,
     summary_table,
@@ -94,6 +95,9 @@ def _report() -> dict[str, Any]:
         "bytes_sent": 123456,
         "mean_auc": 0.94,
         "failed": [],
+        "interrupted": None,
+        "exit_code": 0,
+        "rounds_completed": 3,
         "hospitals": [
             _hospital("hospital_0", rejected={"bad_signature": 2, "replay": 1}),
             _hospital("hospital_1", auc=0.93),
@@ -193,7 +197,7 @@ def test_html_shows_privacy_inputs_rejections_and_baselines(written: tuple[str, 
     assert "0.30188" in page  # the sample rate, with enough digits to recompute ε
     assert "1e-05" in page  # δ, not rounded to 0.000
     assert "bad_signature" in page and "replay" in page
-    assert "pooled baseline mean AUC" in page
+    assert "baseline mean AUC, pooled, no DP" in page
     assert "0.970" in page and "0.900" in page
 
 
@@ -298,8 +302,8 @@ def test_summary_table(report: dict[str, Any]):
     assert rows["hospital_0"][5] == "0.630"  # majority accuracy beside accuracy
     assert "(Byzantine)" in text
     assert "mean AUC (honest nodes): 0.940" in text
-    assert "local-only baseline mean AUC: 0.900" in text
-    assert "pooled baseline mean AUC: 0.970" in text
+    assert "baseline mean AUC, local only, no DP: 0.900" in text
+    assert "baseline mean AUC, pooled, no DP: 0.970" in text
 
 
 def test_format_value_never_turns_undefined_into_a_number():
@@ -325,3 +329,66 @@ def test_bad_report_gets_a_clear_error(bad: Any, message: str, tmp_path: Path):
         write_html_report(bad, tmp_path)
     with pytest.raises(ValueError, match=message):
         summary_table(bad)
+
+
+# ---------------------------------------------------------------- warnings and interrupted runs
+
+
+def test_a_model_that_does_not_beat_the_majority_rule_is_flagged():
+    # Fed-Heart-Disease's Switzerland: accuracy 0.625 against always predicting "disease" 0.938.
+    swiss = _hospital("switzerland", accuracy=0.625, majority_accuracy=0.938, n_test_positives=15)
+    assert any("does not beat" in w and "0.938" in w for w in hospital_warnings(swiss, 3))
+    equal = _hospital("tie", accuracy=0.7, majority_accuracy=0.7, n_test_positives=15)
+    assert any("does not beat" in w for w in hospital_warnings(equal, 3))
+    better = _hospital("fine", accuracy=0.89, majority_accuracy=0.63, n_test_positives=15)
+    assert hospital_warnings(better, 3) == []
+
+
+@pytest.mark.parametrize(
+    ("n_test", "positives", "flagged"),
+    [
+        (16, 15, True),
+        (16, 8, True),
+        (36, 4, True),
+        (36, 32, True),
+        (36, 31, False),
+        (36, 13, False),
+    ],
+)
+def test_a_test_split_too_small_to_rank_is_flagged(n_test: int, positives: int, flagged: bool):
+    hospital = _hospital("h", n_test=n_test, n_test_positives=positives)
+    warnings = [w for w in hospital_warnings(hospital, 3) if "too small to rank" in w]
+    assert bool(warnings) is flagged, warnings
+
+
+def test_a_node_that_stopped_early_is_flagged_unless_its_budget_ran_out():
+    stopped = _hospital("h", rounds_completed=2, phase="stopped", n_test_positives=15)
+    assert "stopped after 2 of 3 planned rounds" in hospital_warnings(stopped, 3)
+    spent = _hospital("h", rounds_completed=2, phase="budget_exhausted", n_test_positives=15)
+    assert hospital_warnings(spent, 3) == []
+
+
+def test_an_interrupted_run_says_so_with_its_warnings_and_dp_baselines(tmp_path: Path):
+    report = _report()
+    report["interrupted"] = "stopped by a signal (Ctrl-C or SIGTERM)"
+    report["exit_code"] = 130
+    report["rounds_completed"] = 2
+    report["warnings"] = ["1 hospital(s) trained with DP noise above 0.4 C per coordinate"]
+    report["hospitals"][0]["warnings"] = ["stopped after 2 of 3 planned rounds"]
+    report["baselines"]["local_dp"] = {
+        "mean_auc": 0.811,
+        "hospitals": [{"name": f"hospital_{i}", "auc": 0.811, "accuracy": 0.7} for i in range(3)],
+    }
+    page = write_html_report(report, tmp_path).read_text()
+    assert "INTERRUPTED (stopped by a signal" in page and "exit code 130" in page
+    assert "<h2>Warnings</h2>" in page
+    assert "hospital_0: stopped after 2 of 3 planned rounds" in page
+    assert "AUC local only, DP" in page and "0.811" in page
+    text = summary_table(report)
+    assert "run INTERRUPTED" in text and "warning: hospital_0: stopped after 2" in text
+    assert "baseline mean AUC, local only, DP: 0.811" in text
+
+
+def test_a_complete_run_has_no_warnings_section(tmp_path: Path):
+    page = write_html_report(_report(), tmp_path).read_text()
+    assert "<h2>Warnings</h2>" not in page and "complete; exit code" in page
