@@ -132,7 +132,7 @@ class Gossip:
             Peer(p.name, f"http://127.0.0.1:{9000 + i}", p.public_key)
             for i, p in enumerate(self.peers)
         )
-        self.update = ModelUpdate(self.state, num_samples=1000, metrics={"loss": 0.5})
+        self.update = ModelUpdate(self.state, metrics={"loss": 0.5})
         self.incoming = [
             build_envelope(self.update, p, [self.me.public_key], round=1) for p in self.peers
         ]

@@ -272,6 +272,16 @@ class MemoryTransport:
     async def send_all(self, peers: list[Peer], envelope: bytes) -> list[SendResult]:
         return [await self.send(p, envelope) for p in peers]
 
+    async def request_receipts(
+        self, peer: Peer, request: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """What POST /receipts answers (node/rollback.py), or no answer for a missing node."""
+        node = self.nodes.get(peer.address)
+        if node is None:
+            return None, b""
+        status, _, payload = node.answer_receipts_request(request)
+        return status, payload[: max_bytes + 1]
+
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         status, reason = self.nodes[peer.address].answer_probe(probe)
         return Contact.from_answer(status, reason, "", source="probe")

@@ -99,7 +99,7 @@ class LoopbackRound:
         spec = {name: (array.shape, "float32") for name, array in state.items()}
         allowlist = Allowlist([Peer("sender", "http://127.0.0.1:1", self.sender.public_key)])
         self.openers = [EnvelopeOpener(r, allowlist, spec) for r in self.receivers]
-        self.update = ModelUpdate(state, num_samples=1000, metrics={"loss": 0.5})
+        self.update = ModelUpdate(state, metrics={"loss": 0.5})
         d = sum(array.size for array in state.values())
         self.received = np.empty((k, d), dtype=np.float32)
         self.round = 0

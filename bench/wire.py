@@ -91,7 +91,7 @@ def measure(n_params: int, repetitions: int) -> dict[int, dict[str, float]]:
     allowlist = Allowlist([Peer("sender", "http://127.0.0.1:1", sender.public_key)])
     state = make_state(n_params)
     spec = {name: (array.shape, "float32") for name, array in state.items()}
-    update = ModelUpdate(state, num_samples=1000, metrics={"loss": 0.5})
+    update = ModelUpdate(state, metrics={"loss": 0.5})
     replay = ReplayGuard(max_per_round=len(RECIPIENT_COUNTS) * (repetitions + 1))
     opener = EnvelopeOpener(receivers[0], allowlist, spec, replay=replay)
     body = _encode_body(update)

@@ -44,7 +44,7 @@ import numpy as np
 
 from crypto.allowlist import Peer
 from crypto.identity import Identity, generate_identity
-from gossip.receipts import EquivocationProof, Receipt
+from gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
 from gossip.wire import (
     DEFAULT_MAX_PROOFS,
     PROTOCOL_VERSION,
@@ -343,6 +343,7 @@ def forged_evidence(
             "update",
             victim,
             round_,
+            AuditHead(int(rng.integers(1, 2**31)), rng.bytes(32), 0, 0.0),
             rng.bytes(32),
             rng.bytes(64),
         )
@@ -514,13 +515,15 @@ class Adversary:
         own: ModelState,
         anchor: ModelState,
         honest: Mapping[str, ModelState],
-        num_samples: int,
+        head: AuditHead | None = None,
     ) -> list[Outgoing]:
         """Everything this attacker sends in round ``round_``.
 
         ``own`` is its honestly trained model, ``anchor`` its model before training, ``honest``
-        the round's models of its honest neighbours that have arrived.
+        the round's models of its honest neighbours that have arrived, ``head`` the node's
+        signed audit head (its updates carry it as honest ones do; default: all zero).
         """
+        head = no_audit_head() if head is None else head
         view = AttackView(
             own=flatten(own),
             anchor=flatten(anchor),
@@ -535,13 +538,13 @@ class Adversary:
         # Colluders get the honest model: they ignore each other's updates anyway.
         for name in self.colluders & set(names):
             models[name] = view.own
-        out = self._updates(round_, models, own, num_samples)
+        out = self._updates(round_, models, own, head)
         if self.kind == "protocol_abuse":
-            out.extend(self._abuse(round_, own, num_samples, out[0].data, rng))
+            out.extend(self._abuse(round_, own, head, out[0].data, rng))
         return out
 
     def _updates(
-        self, round_: int, models: dict[str, np.ndarray], template: ModelState, num_samples: int
+        self, round_: int, models: dict[str, np.ndarray], template: ModelState, head: AuditHead
     ) -> list[Outgoing]:
         """One envelope per distinct model, addressed to everyone who gets that model."""
         groups: dict[bytes, list[Peer]] = {}
@@ -559,10 +562,10 @@ class Adversary:
         out = []
         for key, peers in groups.items():
             state = unflatten(vectors[key], template)
-            update = ModelUpdate(
-                state, num_samples=num_samples, metrics={}, receipts=receipts, proofs=proofs
+            update = ModelUpdate(state, metrics={}, receipts=receipts, proofs=proofs)
+            data = build_envelope(
+                update, self.identity, [p.public_key for p in peers], round_, head=head
             )
-            data = build_envelope(update, self.identity, [p.public_key for p in peers], round_)
             self.remember(round_, data)
             out.append(Outgoing(tuple(peers), data, state_sha256(state)))
         return out
@@ -571,7 +574,7 @@ class Adversary:
         self,
         round_: int,
         own: ModelState,
-        num_samples: int,
+        head: AuditHead,
         sent: bytes,
         rng: np.random.Generator,
     ) -> list[Outgoing]:
@@ -585,7 +588,7 @@ class Adversary:
             else (self.name,)
         )
         count = max(1, int(self.params.get("count", 1)))
-        update = ModelUpdate(own, num_samples=num_samples, metrics={})
+        update = ModelUpdate(own, metrics={})
         keys = [p.public_key for p in targets]
         out: list[Outgoing] = []
         if "replay" in kinds:
@@ -599,7 +602,7 @@ class Adversary:
         if "impersonate" in kinds:
             for i in range(count):
                 victim = targets[i % len(targets)]
-                fresh = build_envelope(update, self.identity, keys, round_)
+                fresh = build_envelope(update, self.identity, keys, round_, head=head)
                 forged = impersonated_envelope(fresh, self.identity.public_key, victim.public_key)
                 out.append(Outgoing(targets, forged, abuse="impersonate"))
         if "flood" in kinds:

@@ -5,13 +5,17 @@ node that sends *different* signed envelopes for the same (kind, round) to diffe
 (the dissensus and equivocation attacks) is equivocating, and its own signatures prove it.
 
 The envelope signature (docs/protocol.md, "What the signature covers") is over
-``SHA-256(DOMAIN, version, kind, sender, round, rest_digest)``, where ``rest_digest`` condenses
-everything else (timestamp, nonce, keys, recipients, body hash). So a **receipt**, the six
-fields ``(version, kind, sender, round, rest_digest, signature)``, is a standalone, ~140-byte
-object whose signature anyone can check without the envelope. Honest nodes tell their
-neighbours which envelopes they accepted by piggybacking receipts on their next envelope;
-two valid receipts by one sender for one (kind, round) with different ``rest_digest`` are an
-:class:`EquivocationProof` that any node can verify and forward.
+``SHA-256(DOMAIN, version, kind, sender, round, head_digest, rest_digest)``, where
+``head_digest`` is the hash of the sender's :class:`AuditHead` (its audit log position and
+privacy spend when it signed) and ``rest_digest`` condenses everything else (timestamp, nonce,
+keys, recipients, body hash). So a **receipt**, the seven fields ``(version, kind, sender,
+round, head, rest_digest, signature)``, is a standalone, ~200-byte object whose signature
+anyone can check without the envelope. Honest nodes tell their neighbours which envelopes they
+accepted by piggybacking receipts on their next envelope; two valid receipts by one sender for
+one (kind, round) that differ in what was signed are an :class:`EquivocationProof` that any
+node can verify and forward. Because the head is inside the receipt, a receipt is also the
+sender's own signed claim of how far its audit log and privacy ledger had got, which is what
+rollback detection (gossip/heads.py) rests on.
 
 Pure: no I/O, no clock. Signatures are checked with ``crypto.identity.verify_signature``
 (libsodium); nothing here is hand-rolled cryptography, only fixed byte layouts.
@@ -20,6 +24,7 @@ Pure: no I/O, no clock. Signatures are checked with ``crypto.identity.verify_sig
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,15 +33,24 @@ from typing import Any
 from crypto.identity import verify_signature
 
 SIGNATURE_DOMAIN = b"murmur-envelope\x00"
+HEAD_DOMAIN = b"murmur-envelope-head\x00"
 KEY_BYTES = 32
 DIGEST_BYTES = 32
 SIGNATURE_BYTES = 64
 MAX_KIND_BYTES = 255
 MAX_ROUND = 2**63 - 1
+MAX_UINT63 = MAX_ROUND
+# An honest node's epsilon never decreases; comparisons allow this relative slack so that a
+# recomputation of the same spend (another dp-accounting build) can never look like a rollback.
+EPSILON_TOLERANCE = 1e-6
 _FIXED = struct.Struct(">HB")  # version, length of kind
 _ROUND = struct.Struct(">Q")
-# version + kind length + kind + sender + round + rest_digest + signature
-MIN_RECEIPT_BYTES = _FIXED.size + 1 + KEY_BYTES + _ROUND.size + DIGEST_BYTES + SIGNATURE_BYTES
+_HEAD = struct.Struct(">Q32sQd")  # audit_seq, audit_hash, dp_steps, epsilon (IEEE 754 binary64)
+AUDIT_HEAD_BYTES = _HEAD.size  # 56
+# version + kind length + kind + sender + round + head + rest_digest + signature
+MIN_RECEIPT_BYTES = (
+    _FIXED.size + 1 + KEY_BYTES + _ROUND.size + AUDIT_HEAD_BYTES + DIGEST_BYTES + SIGNATURE_BYTES
+)
 MAX_RECEIPT_BYTES = MIN_RECEIPT_BYTES - 1 + MAX_KIND_BYTES
 MAX_PROOF_BYTES = 2 * MAX_RECEIPT_BYTES
 
@@ -45,12 +59,97 @@ class ReceiptError(ValueError):
     """Bytes that are not a well-formed receipt or proof; the message says what is wrong."""
 
 
-def signed_digest(version: int, kind: str, sender: bytes, round_: int, rest_digest: bytes) -> bytes:
+@dataclass(frozen=True)
+class AuditHead:
+    """Where the sender's audit log and privacy ledger stood when it signed an envelope.
+
+    ``audit_seq`` and ``audit_hash`` are the sequence number and chain hash of the newest
+    *signed head* of its audit log (node/audit.py; seq 0 with the genesis hash before the
+    first one); ``dp_steps`` and ``epsilon`` are its privacy ledger's steps taken and epsilon
+    spent (0 without DP). All four only ever grow for an honest node, so a later envelope whose
+    head is behind an earlier one proves the sender's state was rolled back. The head's bytes
+    travel inside the encrypted body and only their digest in the clear envelope header: the
+    spend reveals roughly the training-set size, which a network observer should not learn.
+    """
+
+    audit_seq: int
+    audit_hash: bytes
+    dp_steps: int
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        for name in ("audit_seq", "dp_steps"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= MAX_UINT63:
+                raise ReceiptError(f"audit head {name} must be an integer in [0, 2**63)")
+        if type(self.audit_hash) is not bytes or len(self.audit_hash) != DIGEST_BYTES:
+            raise ReceiptError(f"audit head audit_hash must be {DIGEST_BYTES} bytes")
+        eps = self.epsilon
+        if (
+            type(eps) is not float
+            or not math.isfinite(eps)
+            or eps < 0
+            or math.copysign(1.0, eps) < 0
+        ):
+            raise ReceiptError(f"audit head epsilon must be a finite float >= +0.0, got {eps!r}")
+
+    def encode(self) -> bytes:
+        """The 56 canonical bytes (docs/protocol.md, "The audit head")."""
+        return _HEAD.pack(self.audit_seq, self.audit_hash, self.dp_steps, self.epsilon)
+
+    @classmethod
+    def decode(cls, data: bytes) -> AuditHead:
+        """Parse exactly 56 bytes; ``ReceiptError`` otherwise."""
+        if type(data) is not bytes or len(data) != AUDIT_HEAD_BYTES:
+            raise ReceiptError(f"an audit head is exactly {AUDIT_HEAD_BYTES} bytes")
+        return cls(*_HEAD.unpack(data))
+
+    def digest(self) -> bytes:
+        """``head_digest``: what the envelope header carries and the signature covers."""
+        return hashlib.sha256(HEAD_DOMAIN + self.encode()).digest()
+
+    def regressions(self, earlier: AuditHead) -> list[str]:
+        """The components in which this head is behind ``earlier`` (empty: not behind).
+
+        ``audit_hash`` is named when both heads claim the same sequence number with different
+        hashes (two different logs at one position). Epsilon allows ``EPSILON_TOLERANCE``
+        relative slack; sequence and steps are exact.
+        """
+        behind = []
+        if self.audit_seq < earlier.audit_seq:
+            behind.append("audit_seq")
+        elif self.audit_seq == earlier.audit_seq and self.audit_hash != earlier.audit_hash:
+            behind.append("audit_hash")
+        if self.dp_steps < earlier.dp_steps:
+            behind.append("dp_steps")
+        if earlier.epsilon - self.epsilon > EPSILON_TOLERANCE * max(1.0, earlier.epsilon):
+            behind.append("epsilon")
+        return behind
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for logs, audit records and /status."""
+        return {
+            "audit_seq": self.audit_seq,
+            "audit_hash": self.audit_hash.hex(),
+            "dp_steps": self.dp_steps,
+            "epsilon": self.epsilon,
+        }
+
+
+def no_audit_head() -> AuditHead:
+    """The head of a sender without an audit log or privacy ledger (tests, benchmarks)."""
+    return AuditHead(0, bytes(DIGEST_BYTES), 0, 0.0)
+
+
+def signed_digest(
+    version: int, kind: str, sender: bytes, round_: int, head_digest: bytes, rest_digest: bytes
+) -> bytes:
     """The 32 bytes an envelope's Ed25519 signature covers (docs/protocol.md).
 
     A fixed big-endian layout, not msgpack, so two implementations cannot disagree about it.
     Everything an equivocation proof compares (sender, kind, round) is in the clear here; the
-    rest of the envelope enters through ``rest_digest``.
+    audit head enters through its own digest and the rest of the envelope through
+    ``rest_digest``.
     """
     kind_bytes = kind.encode("utf-8")
     return hashlib.sha256(
@@ -61,6 +160,7 @@ def signed_digest(version: int, kind: str, sender: bytes, round_: int, rest_dige
                 kind_bytes,
                 sender,
                 _ROUND.pack(round_),
+                head_digest,
                 rest_digest,
             )
         )
@@ -79,10 +179,13 @@ class Receipt:
     kind: str
     sender: bytes
     round: int
+    head: AuditHead
     rest_digest: bytes
     signature: bytes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.head, AuditHead):
+            raise ReceiptError("receipt head must be an AuditHead")
         kind = self.kind.encode("utf-8") if isinstance(self.kind, str) else b""
         if type(self.version) is not int or not 0 <= self.version < 2**16:
             raise ReceiptError(f"receipt version must be a uint16, got {self.version!r}")
@@ -105,7 +208,18 @@ class Receipt:
         return (self.sender, self.kind, self.round)
 
     def signed_digest(self) -> bytes:
-        return signed_digest(self.version, self.kind, self.sender, self.round, self.rest_digest)
+        return signed_digest(
+            self.version, self.kind, self.sender, self.round, self.head.digest(), self.rest_digest
+        )
+
+    def same_envelope(self, other: Receipt) -> bool:
+        """Whether both receipts are of one signed envelope (same slot, same signed content)."""
+        return (
+            self.slot == other.slot
+            and self.version == other.version
+            and self.head == other.head
+            and self.rest_digest == other.rest_digest
+        )
 
     def verify(self) -> bool:
         """True when ``signature`` is the sender's valid Ed25519 signature of this envelope."""
@@ -120,6 +234,7 @@ class Receipt:
                 kind,
                 self.sender,
                 _ROUND.pack(self.round),
+                self.head.encode(),
                 self.rest_digest,
                 self.signature,
             )
@@ -143,7 +258,15 @@ class Receipt:
             )
         version, kind_length = _FIXED.unpack_from(data, offset)
         at = offset + _FIXED.size
-        end = at + kind_length + KEY_BYTES + _ROUND.size + DIGEST_BYTES + SIGNATURE_BYTES
+        end = (
+            at
+            + kind_length
+            + KEY_BYTES
+            + _ROUND.size
+            + AUDIT_HEAD_BYTES
+            + DIGEST_BYTES
+            + SIGNATURE_BYTES
+        )
         if kind_length == 0 or end > len(data):
             raise ReceiptError("the receipt's kind length does not match its size")
         try:
@@ -155,10 +278,12 @@ class Receipt:
         at += KEY_BYTES
         (round_,) = _ROUND.unpack_from(data, at)
         at += _ROUND.size
+        head = AuditHead.decode(data[at : at + AUDIT_HEAD_BYTES])
+        at += AUDIT_HEAD_BYTES
         rest = data[at : at + DIGEST_BYTES]
         at += DIGEST_BYTES
         signature = data[at : at + SIGNATURE_BYTES]
-        return cls(version, kind, sender, round_, rest, signature), end
+        return cls(version, kind, sender, round_, head, rest, signature), end
 
     def to_hex(self) -> str:
         return self.encode().hex()
@@ -168,8 +293,8 @@ class Receipt:
 class EquivocationProof:
     """Two receipts by one sender for one (kind, round) with different contents.
 
-    Build it with :meth:`of`, which puts the receipts in canonical order (smaller
-    ``rest_digest`` first) so that one conflict has exactly one encoding and one :attr:`id`.
+    Build it with :meth:`of`, which puts the receipts in canonical order (smaller signed
+    digest first) so that one conflict has exactly one encoding and one :attr:`id`.
     """
 
     first: Receipt
@@ -180,9 +305,9 @@ class EquivocationProof:
         """The proof made of ``a`` and ``b``; ``ReceiptError`` if they do not conflict."""
         if a.slot != b.slot or a.version != b.version:
             raise ReceiptError("a proof needs two receipts of the same sender, kind and round")
-        if a.rest_digest == b.rest_digest:
+        if a.same_envelope(b):
             raise ReceiptError("the two receipts are of the same envelope: no conflict")
-        first, second = sorted((a, b), key=lambda r: r.rest_digest)
+        first, second = sorted((a, b), key=lambda r: r.signed_digest())
         return cls(first, second)
 
     @property
@@ -204,12 +329,12 @@ class EquivocationProof:
 
     def verify(self) -> bool:
         """True only for a real conflict: same sender, kind, round and version, two different
-        envelopes in canonical order, and both signatures valid."""
+        signed digests in canonical order, and both signatures valid."""
         a, b = self.first, self.second
         return (
             a.slot == b.slot
             and a.version == b.version
-            and a.rest_digest < b.rest_digest
+            and a.signed_digest() < b.signed_digest()
             and a.verify()
             and b.verify()
         )
@@ -304,7 +429,7 @@ class ReceiptBook:
         if held is None:
             slots[(receipt.sender, receipt.kind)] = _Held(receipt, accepted)
             return None
-        if held.receipt.rest_digest == receipt.rest_digest:
+        if held.receipt.same_envelope(receipt):
             held.accepted = held.accepted or accepted
             return None
         return EquivocationProof.of(held.receipt, receipt)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from crypto.allowlist import Peer
+from gossip.heads import REQUEST_CONTENT_TYPE
 from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 
 MAX_REPLY_BYTES = 64 * 1024
@@ -122,6 +123,28 @@ class PeerTransport:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self.send(peer, envelope)) for peer in peers]
         return [t.result() for t in tasks]
+
+    async def request_receipts(
+        self, peer: Peer, request: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """POST a receipts request to a peer's /receipts (gossip/heads.py): (HTTP status, at
+        most ``max_bytes + 1`` bytes of the answer), or (None, b"") when no answer came within
+        ``send_timeout_s``. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                f"{peer.address.rstrip('/')}/receipts",
+                data=request,
+                headers={"Content-Type": REQUEST_CONTENT_TYPE},
+            ) as response:
+                data = b""
+                while len(data) <= max_bytes:  # one read(n) may return fewer bytes
+                    chunk = await response.content.read(max_bytes + 1 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+                return response.status, data
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None, b""
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our

@@ -3,9 +3,11 @@
 docs/protocol.md is the specification; this module is its reference implementation. In short:
 an envelope is a msgpack map in one canonical encoding whose ``body`` is the update encrypted
 once (crypto/sealing.py) and whose ``signature`` is Ed25519 over the SHA-256 of a fixed binary
-layout of (domain, version, kind, sender, round, rest_digest), ``rest_digest`` being the SHA-256
-of every other field plus the SHA-256 of the body. That split lets a small receipt
-(gossip/receipts.py) prove what a sender signed without the envelope.
+layout of (domain, version, kind, sender, round, head_digest, rest_digest), ``head_digest``
+being the SHA-256 of the sender's audit head (its audit log position and privacy spend, whose
+56 bytes travel encrypted in the body) and ``rest_digest`` the SHA-256 of every other field plus
+the SHA-256 of the body. That split lets a small receipt (gossip/receipts.py) prove what a
+sender signed, and how far its log and ledger had got, without the envelope.
 
 Opening is strict and ordered from cheap to expensive: size, structure, allowlist, recipient,
 timestamp and replay checks all happen before the body is hashed, the signature checked, the
@@ -42,23 +44,27 @@ from crypto.sealing import (
     x25519_public_key,
 )
 from gossip.receipts import (
+    DIGEST_BYTES,
     KEY_BYTES,
     MAX_PROOF_BYTES,
     MAX_ROUND,
     SIGNATURE_BYTES,
+    AuditHead,
     EquivocationProof,
     Receipt,
     ReceiptError,
+    no_audit_head,
     signed_digest,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 KINDS = frozenset({"update"})
 ENVELOPE_FIELDS = (
     "version",
     "kind",
     "sender",
     "round",
+    "head_digest",
     "timestamp_ms",
     "nonce",
     "ephemeral_key",
@@ -66,13 +72,13 @@ ENVELOPE_FIELDS = (
     "signature",
     "body",
 )
-BODY_FIELDS = ("tensors", "num_samples", "metrics", "receipts", "proofs")
+BODY_FIELDS = ("tensors", "metrics", "receipts", "proofs", "audit_head")
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
 }
-MAX_UINT63 = MAX_ROUND  # the largest round, sample count or dimension on the wire
+MAX_UINT63 = MAX_ROUND  # the largest round, timestamp or dimension on the wire
 DEFAULT_MAX_RECIPIENTS = 64
 DEFAULT_MAX_STRING_BYTES = 256
 DEFAULT_MAX_RECEIPTS = 64
@@ -142,15 +148,15 @@ class WireError(Exception):
 
 @dataclass
 class ModelUpdate:
-    """What a node shares: its model tensors, how many samples trained them, and metrics.
+    """What a node shares: its model tensors and optional metrics.
 
     ``receipts`` and ``proofs`` ride along so that equivocation is caught (gossip/receipts.py):
     the receipts of the envelopes the sender accepted in its previous round, and equivocation
-    proofs it learned since its last envelope.
+    proofs it learned since its last envelope. There is no sample count: no receiver needs
+    one, and it would tell every neighbour the size of the hospital's training set.
     """
 
     tensors: dict[str, np.ndarray]
-    num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     receipts: list[Receipt] = field(default_factory=list)
     proofs: list[EquivocationProof] = field(default_factory=list)
@@ -166,7 +172,6 @@ class WireLimits:
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
     max_metrics: int = 64
     max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
-    max_num_samples: int = 10**9
     max_receipts: int = DEFAULT_MAX_RECEIPTS
     max_proofs: int = DEFAULT_MAX_PROOFS
     allowed_dtypes: frozenset[str] = frozenset({"float32"})
@@ -199,7 +204,8 @@ class OpenedEnvelope:
     ``update.tensors`` are read-only views of the decrypted body (copy before changing them in
     place). ``body_sha256`` is the hex SHA-256 of the encrypted body: the same for every
     recipient and for the sender (``peek_envelope``), so audit logs on both ends can be joined.
-    ``receipt`` is the standalone evidence of what the sender signed (gossip/receipts.py).
+    ``receipt`` is the standalone evidence of what the sender signed (gossip/receipts.py),
+    including ``receipt.head``, the sender's signed audit head.
     """
 
     sender: Peer
@@ -210,6 +216,11 @@ class OpenedEnvelope:
     update: ModelUpdate
     body_sha256: str
     receipt: Receipt
+
+    @property
+    def head(self) -> AuditHead:
+        """The sender's signed audit head (its log position and privacy spend)."""
+        return self.receipt.head
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,7 @@ class _RawEnvelope:
     kind: str
     sender: bytes
     round: int
+    head_digest: bytes
     timestamp_ms: int
     nonce: bytes
     ephemeral_key: bytes
@@ -294,8 +306,8 @@ def _bin_header(length: int) -> bytes:
 
 
 def _rest_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
-    """SHA-256 of everything signed besides (version, kind, sender, round): docs/protocol.md,
-    "What the signature covers".
+    """SHA-256 of everything signed besides (version, kind, sender, round, head_digest):
+    docs/protocol.md, "What the signature covers".
 
     A fixed big-endian layout, not msgpack, so that a second implementation cannot disagree
     about what was signed. The body enters through its own SHA-256, which is therefore the
@@ -320,6 +332,7 @@ def _signed_digest(envelope: _RawEnvelope, body_sha256: bytes) -> bytes:
         envelope.kind,
         envelope.sender,
         envelope.round,
+        envelope.head_digest,
         _rest_digest(envelope, body_sha256),
     )
 
@@ -336,6 +349,7 @@ def _envelope_prefix(envelope: _RawEnvelope) -> bytes:
         envelope.kind,
         envelope.sender,
         envelope.round,
+        envelope.head_digest,
         envelope.timestamp_ms,
         envelope.nonce,
         envelope.ephemeral_key,
@@ -365,17 +379,18 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     return dtype_name, np.require(array, dtype=WIRE_DTYPES[dtype_name], requirements="C")
 
 
-def _encode_body(update: ModelUpdate) -> bytes:
+def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
     """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
 
     Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
     body without another copy; the sender still assembles the body in one copy (one join).
+    ``head`` (default: no audit log) is the sender's audit head, whose digest it signs.
     """
     if not isinstance(update, ModelUpdate):
         raise TypeError("build_envelope needs a ModelUpdate")
-    num_samples = update.num_samples
-    if type(num_samples) is not int or not 0 <= num_samples <= MAX_UINT63:
-        raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
+    head = no_audit_head() if head is None else head
+    if not isinstance(head, AuditHead):
+        raise TypeError("the audit head must be a gossip.receipts.AuditHead")
     metrics = {}
     for key, value in update.metrics.items():
         if (
@@ -404,10 +419,10 @@ def _encode_body(update: ModelUpdate) -> bytes:
     header = msgpack.packb(
         {
             "tensors": tensors,
-            "num_samples": num_samples,
             "metrics": metrics,
             "receipts": [receipt.encode() for receipt in update.receipts],
             "proofs": [proof.encode() for proof in update.proofs],
+            "audit_head": head.encode(),
         }
     )
     return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
@@ -435,10 +450,18 @@ def _seal_envelope(
     recipients: Sequence[bytes],
     round: int,
     *,
+    head_digest: bytes | None = None,
     kind: str = "update",
     now: float | None = None,
 ) -> bytes:
-    """Encrypt an already encoded body and sign the envelope around it."""
+    """Encrypt an already encoded body and sign the envelope around it.
+
+    ``head_digest`` must be the digest of the audit head inside ``body`` (default: that of
+    ``no_audit_head()``); receivers refuse an envelope whose body head does not match it.
+    """
+    head_digest = no_audit_head().digest() if head_digest is None else head_digest
+    if type(head_digest) is not bytes or len(head_digest) != DIGEST_BYTES:
+        raise ValueError(f"head_digest must be {DIGEST_BYTES} bytes")
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}; kinds are {sorted(KINDS)}")
     if type(round) is not int or not 0 <= round <= MAX_UINT63:
@@ -454,6 +477,7 @@ def _seal_envelope(
         kind=kind,
         sender=sender.public_key,
         round=round,
+        head_digest=head_digest,
         timestamp_ms=timestamp_ms,
         nonce=nonce,
         ephemeral_key=sealed.ephemeral_public_key,
@@ -472,16 +496,28 @@ def build_envelope(
     recipients: Sequence[bytes],
     round: int,
     *,
+    head: AuditHead | None = None,
     kind: str = "update",
     now: float | None = None,
 ) -> bytes:
     """One envelope carrying ``update`` to every key in ``recipients``.
 
     The body is serialized, encrypted and hashed once whatever the number of recipients; send
-    the same bytes to each of them. ``now`` is Unix time in seconds (default: the clock).
-    Raises ``ValueError``/``TypeError`` for an update that cannot be sent.
+    the same bytes to each of them. ``head`` is the sender's signed audit head (a node passes
+    its own; ``None`` means a sender without audit log or ledger: all zero). ``now`` is Unix
+    time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
+    that cannot be sent.
     """
-    return _seal_envelope(_encode_body(update), sender, recipients, round, kind=kind, now=now)
+    head = no_audit_head() if head is None else head
+    return _seal_envelope(
+        _encode_body(update, head),
+        sender,
+        recipients,
+        round,
+        head_digest=head.digest(),
+        kind=kind,
+        now=now,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +628,7 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
         kind=obj["kind"],
         sender=_require_bin(obj["sender"], "sender", KEY_BYTES),
         round=_require_uint63(obj["round"], "round"),
+        head_digest=_require_bin(obj["head_digest"], "head_digest", DIGEST_BYTES),
         timestamp_ms=_require_uint63(obj["timestamp_ms"], "timestamp_ms"),
         nonce=_require_bin(obj["nonce"], "nonce", NONCE_BYTES),
         ephemeral_key=_require_bin(obj["ephemeral_key"], "ephemeral_key", EPHEMERAL_KEY_BYTES),
@@ -612,10 +649,11 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
 
 def _parse_body(
     plaintext: bytes, spec: dict[str, tuple[tuple[int, ...], str]], limits: WireLimits
-) -> ModelUpdate:
+) -> tuple[ModelUpdate, AuditHead]:
     """Decode the decrypted body and check it against the receiver's model.
 
     The tensors become read-only numpy views of ``plaintext``: no copy of the model is made.
+    Returns the update and the sender's audit head (not yet checked against the signature).
     """
     if len(plaintext) < _BODY_HEADER_LENGTH.size:
         raise _malformed("the body is shorter than its header length field")
@@ -655,9 +693,10 @@ def _parse_body(
             f"the body carries {len(plaintext) - data_start} tensor bytes; "
             f"the shapes in its header need {offset - data_start}"
         )
-    num_samples = header["num_samples"]
-    if type(num_samples) is not int or not 0 <= num_samples <= limits.max_num_samples:
-        raise _malformed(f"'num_samples' must be an integer in [0, {limits.max_num_samples}]")
+    try:
+        head = AuditHead.decode(header["audit_head"])
+    except ReceiptError as exc:
+        raise _malformed(f"'audit_head': {exc}") from None
     metrics = header["metrics"]
     if type(metrics) is not dict:
         raise _malformed("'metrics' must be a map")
@@ -680,13 +719,13 @@ def _parse_body(
         if not np.isfinite(array).all():
             raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
         tensors[name] = array
-    return ModelUpdate(
+    update = ModelUpdate(
         tensors=tensors,
-        num_samples=num_samples,
         metrics={key: float(value) for key, value in metrics.items()},
         receipts=receipts,
         proofs=proofs,
     )
+    return update, head
 
 
 def _parse_list(value: Any, name: str, limit: int, decode: Any) -> list[Any]:
@@ -895,15 +934,16 @@ class EnvelopeOpener:
         self.replay.check(envelope.sender, envelope.round, envelope.nonce)
 
         body_sha256 = hashlib.sha256(envelope.body).digest()
-        receipt = Receipt(
-            version=envelope.version,
-            kind=envelope.kind,
-            sender=envelope.sender,
-            round=envelope.round,
-            rest_digest=_rest_digest(envelope, body_sha256),
-            signature=envelope.signature,
+        rest_digest = _rest_digest(envelope, body_sha256)
+        digest = signed_digest(
+            envelope.version,
+            envelope.kind,
+            envelope.sender,
+            envelope.round,
+            envelope.head_digest,
+            rest_digest,
         )
-        if not verify_signature(envelope.sender, receipt.signed_digest(), envelope.signature):
+        if not verify_signature(envelope.sender, digest, envelope.signature):
             raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {sender.name}")
         self.replay.record(envelope.sender, envelope.round, envelope.nonce)
         try:
@@ -912,15 +952,29 @@ class EnvelopeOpener:
             )
         except SealingError as exc:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc)) from None
+        update, head = _parse_body(plaintext, self._spec, self.limits)
+        if head.digest() != envelope.head_digest:
+            raise _malformed(
+                f"the audit head in the body is not the one {sender.name} signed "
+                "(its digest differs from head_digest)"
+            )
         return OpenedEnvelope(
             sender=sender,
             round=envelope.round,
             kind=envelope.kind,
             timestamp=envelope.timestamp_ms / 1000,
             nonce=envelope.nonce,
-            update=_parse_body(plaintext, self._spec, self.limits),
+            update=update,
             body_sha256=body_sha256.hex(),
-            receipt=receipt,
+            receipt=Receipt(
+                version=envelope.version,
+                kind=envelope.kind,
+                sender=envelope.sender,
+                round=envelope.round,
+                head=head,
+                rest_digest=rest_digest,
+                signature=envelope.signature,
+            ),
         )
 
 

@@ -39,6 +39,7 @@ from aiohttp.http import HttpProcessingError, HttpVersion11
 
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
 from node.rejections import RateLimitedLog, printable
+from node.rollback import receipts_route
 
 if TYPE_CHECKING:
     from node.node import HospitalNode
@@ -393,6 +394,7 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     app[BODY_TIMEOUT_KEY] = node.config.peer_listener.body_timeout_s
     app[UPLOADS_KEY] = UploadSlots(node.config.peer_listener.max_uploads_per_address)
     app.router.add_post("/gossip", gossip, expect_handler=expect_peer_body)
+    app.router.add_post("/receipts", receipts_route, expect_handler=expect_peer_body)
     app.router.add_post("/probe", probe, expect_handler=expect_peer_body)
     app.router.add_get("/health", health)
     return app

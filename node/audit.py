@@ -435,6 +435,12 @@ class _WalSyncer:
         with self._changed:
             return self._changed.wait_for(lambda: self._done >= ticket, timeout)
 
+    @property
+    def done(self) -> int:
+        """The newest ticket whose records have reached the disk."""
+        with self._changed:
+            return self._done
+
     def _run(self) -> None:
         while True:
             with self._changed:
@@ -508,10 +514,22 @@ class AuditLog:
         self._init_schema()
         self._head_seq, self._head_hash = self._load_head()
         self._signed_seq = self._db.execute("SELECT max(seq) FROM heads").fetchone()[0] or 0
+        # A head read back from the file survived whatever happened before; heads signed from
+        # now on count as durable once the syncer has fsync'd them (`durable_head`).
+        self._durable_head = self._stored_signed_head()
+        self._pending_heads: list[tuple[int, int, bytes]] = []  # (ticket, seq, hash)
         self._counts = self._count_kinds()
         self._syncer = _WalSyncer(self.path)
         self._sync_ticket = 0
         self._appends_since_sync = 0
+
+    def _stored_signed_head(self) -> tuple[int, bytes]:
+        """The newest signed head in the file, else the retention anchor, else seq 0 with the
+        genesis hash (the chain's starting point, which every log of this key contains)."""
+        row = self._db.execute("SELECT seq, hash FROM heads ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            row = self._db.execute("SELECT seq, hash FROM anchor").fetchone()
+        return (row[0], bytes(row[1])) if row else (0, genesis_hash(self._public_key))
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -681,12 +699,33 @@ class AuditLog:
                 raise AuditError(f"cannot sign the head of {self.path}: {exc}") from exc
             self._signed_seq = seq
             self._request_sync()
+            self._pending_heads.append((self._sync_ticket, seq, digest))
         if self._clock() - self._last_retention_check >= RETENTION_CHECK_INTERVAL_S:
             self.apply_retention()
 
     def wait_durable(self, timeout: float | None = None) -> bool:
         """Wait until everything sealed by `sign_head` so far has been fsync'd."""
         return self._syncer.wait(self._sync_ticket, timeout)
+
+    @property
+    def durable_head(self) -> tuple[int, bytes]:
+        """(seq, hash) of the newest signed head known to be on disk.
+
+        This is the log position a node may claim in an envelope (gossip/receipts.py,
+        AuditHead): a claim must survive a power cut, or the node's own neighbours would later
+        hold a head its log no longer has. Never blocks; it only grows.
+        """
+        done = self._syncer.done
+        with self._lock:
+            while self._pending_heads and self._pending_heads[0][0] <= done:
+                _, seq, digest = self._pending_heads.pop(0)
+                self._durable_head = (seq, digest)
+            return self._durable_head
+
+    def position(self, seq: int, digest: bytes) -> str:
+        """Where a claimed head (seq, hash) stands in this log; see `head_position`."""
+        with self._lock:
+            return head_position(self._db, seq, digest, self._public_key)
 
     def apply_retention(self, now: float | None = None) -> int:
         """Delete records older than the retention policy; returns how many were deleted.
@@ -774,6 +813,58 @@ class AuditLog:
         return last_records(self.path, n)
 
 
+# --------------------------------------------------------------------------- claimed heads
+
+
+HEAD_CONTAINED = "contained"  # the log has this record with this hash
+HEAD_PRUNED = "pruned"  # older than the retention anchor: no longer checkable, not missing
+HEAD_BEYOND_END = "beyond_end"  # the log ends before it: it was cut back
+HEAD_MISMATCH = "mismatch"  # the log has another record there (or lost it): not this log
+
+
+def head_position(conn: sqlite3.Connection, seq: int, digest: bytes, public_key: bytes) -> str:
+    """Where the head (seq, hash) that this node once signed stands in the log on `conn`.
+
+    One of HEAD_CONTAINED, HEAD_PRUNED, HEAD_BEYOND_END, HEAD_MISMATCH. Seq 0 is the chain's
+    start, whose "hash" is the genesis hash of the node's key.
+    """
+    digest = bytes(digest)
+    if seq == 0:
+        return HEAD_CONTAINED if digest == genesis_hash(public_key) else HEAD_MISMATCH
+    row = conn.execute("SELECT hash FROM records WHERE seq = ?", (seq,)).fetchone()
+    if row is not None:
+        return HEAD_CONTAINED if bytes(row[0]) == digest else HEAD_MISMATCH
+    anchor = conn.execute("SELECT seq, hash FROM anchor").fetchone()
+    if anchor is not None and seq <= anchor[0]:
+        if seq == anchor[0]:
+            return HEAD_CONTAINED if bytes(anchor[1]) == digest else HEAD_MISMATCH
+        return HEAD_PRUNED
+    (last,) = conn.execute("SELECT max(seq) FROM records").fetchone()
+    end = last if last is not None else (anchor[0] if anchor is not None else 0)
+    return HEAD_BEYOND_END if seq > end else HEAD_MISMATCH
+
+
+@dataclass(frozen=True)
+class PeerHead:
+    """A head of this node's log that a peer holds, signed by this node (node/rollback.py
+    turns the peers' receipts into these). `label` says who holds it and from which round."""
+
+    seq: int
+    hash: bytes
+    label: str
+
+
+def check_peer_heads(state: Path | str, heads: list[PeerHead]) -> list[tuple[PeerHead, str]]:
+    """The position of each peer-held head in the log of `state` (see `head_position`)."""
+    with _read_only(state) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        try:
+            public_key = bytes.fromhex(meta.get("public_key", ""))
+        except ValueError:
+            public_key = b""
+        return [(h, head_position(conn, h.seq, h.hash, public_key)) for h in heads]
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -832,14 +923,33 @@ def last_records(state: Path | str, n: int = 10) -> list[AuditRecord]:
     return [_to_record(r) for r in reversed(rows)]
 
 
-def records_of_kind(state: Path | str, *kinds: str) -> list[AuditRecord]:
-    """Every stored record of the given kinds, in order."""
+def records_of_kind(state: Path | str, *kinds: str, after_seq: int = 0) -> list[AuditRecord]:
+    """Every stored record of the given kinds (with seq > `after_seq`), in order."""
     marks = ", ".join("?" for _ in kinds)
     with _read_only(state) as conn:
         rows = conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records WHERE kind IN ({marks}) ORDER BY seq", kinds
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE kind IN ({marks}) AND seq > ? "
+            "ORDER BY seq",
+            (*kinds, after_seq),
         ).fetchall()
     return [_to_record(r) for r in rows]
+
+
+def stored_public_key(state: Path | str) -> bytes | None:
+    """The public key a log says it belongs to (check it against the published one)."""
+    with _read_only(state) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'public_key'").fetchone()
+    try:
+        return bytes.fromhex(row[0]) if row else None
+    except ValueError:
+        return None
+
+
+def last_seq_of_kind(state: Path | str, kind: str) -> int | None:
+    """The seq of the newest record of `kind`, or None."""
+    with _read_only(state) as conn:
+        (seq,) = conn.execute("SELECT max(seq) FROM records WHERE kind = ?", (kind,)).fetchone()
+    return seq
 
 
 def prior_activity(state_dir: Path | str) -> PriorActivity | None:
@@ -1168,13 +1278,23 @@ def _step(agg: AuditRecord, received: dict[tuple[str, str], list[AuditRecord]]) 
 
 
 def verify_command(
-    state_dir: Path | str, public_key: bytes | None, out: TextIO | None = None
+    state_dir: Path | str,
+    public_key: bytes | None,
+    out: TextIO | None = None,
+    *,
+    peer_heads: list[PeerHead] | None = None,
 ) -> int:
     """`murmur audit verify`: 0 when the whole log verifies, 1 naming the first bad record,
-    2 when there is no readable log."""
+    2 when there is no readable log.
+
+    With `peer_heads` (heads this node signed that its peers hold, `murmur audit heads`), it
+    also fails, naming the head, when the log does not contain one of them: the log was cut
+    back to an earlier point, or replaced, after the node had signed that head.
+    """
     out = out or sys.stdout
     try:
         result = verify(state_dir, public_key)
+        positions = check_peer_heads(state_dir, peer_heads) if peer_heads else []
     except AuditError as exc:
         print(f"audit verify: {exc}", file=out)
         return 2
@@ -1194,7 +1314,40 @@ def verify_command(
     print(f"kinds: {kinds}", file=out)
     for warning in result.warnings:
         print(f"warning: {warning}", file=out)
-    return 0
+    return _report_peer_heads(result, positions, out) if peer_heads is not None else 0
+
+
+def _report_peer_heads(
+    result: VerifyResult, positions: list[tuple[PeerHead, str]], out: TextIO
+) -> int:
+    """Print what the peers' heads say about this log; 1 if any is missing from it."""
+    failed = 0
+    end = result.last_seq if result.last_seq is not None else 0
+    for head, position in positions:
+        where = f"head seq {head.seq} hash {head.hash.hex()} ({head.label})"
+        if position == HEAD_CONTAINED:
+            print(f"peer head OK: {where}", file=out)
+        elif position == HEAD_PRUNED:
+            print(f"warning: {where} is older than the retention anchor: not checked", file=out)
+        elif position == HEAD_BEYOND_END:
+            failed += 1
+            print(
+                f"audit log FAILED against peer heads: {where} is beyond the end of this log "
+                f"(last record {end}): the log was cut back after the node signed that head",
+                file=out,
+            )
+        else:
+            failed += 1
+            print(
+                f"audit log FAILED against peer heads: {where} is not in this log (it holds "
+                "another record at that seq, or none): the log was replaced or rewritten",
+                file=out,
+            )
+    if not positions:
+        print("warning: no peer heads to check against", file=out)
+    elif not failed:
+        print(f"peer heads: all {len(positions)} checked heads are in this log", file=out)
+    return 1 if failed else 0
 
 
 CSV_COLUMNS = [

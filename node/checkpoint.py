@@ -15,11 +15,8 @@ loading a checkpoint must not be able to run code.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ import numpy as np
 
 from node.audit import AuditError, audit_db_path, prior_activity
 from node.binding import binding_problem
+from node.durable import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.murmur"
 MAGIC = b"MURMURCK"
@@ -196,31 +194,8 @@ def save_checkpoint(state_dir: Path | str, ckpt: NodeCheckpoint) -> str:
     final = checkpoint_path(state_dir)
     for stale in state_dir.glob(_TEMP_PREFIX + "*"):  # left by an earlier crash mid-write
         stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(state_dir)
+    atomic_write(final, data, temp_prefix=_TEMP_PREFIX)  # write, fsync, rename, fsync dir
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(

@@ -65,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument(
         "--public-key", help="the node's public key (hex or .pub file) to check signatures against"
     )
+    verify.add_argument(
+        "--peer-heads",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="heads of this node that a peer holds (`murmur audit heads --of THIS_NODE` on the "
+        "peer); fails if the log does not contain each of them (it was cut back or replaced). "
+        "May be given more than once",
+    )
+    heads = audit_sub.add_parser(
+        "heads", help="export the signed audit heads this node holds of a peer (its receipts)"
+    )
+    heads.add_argument("--state", required=True, type=Path, help="this node's state directory")
+    heads.add_argument("--of", required=True, help="the peer's name (as in this config) or key")
+    heads.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    heads.add_argument("--limit", type=int, default=100, help="newest receipts to export")
     export = audit_sub.add_parser("export", help="write the log as CSV or JSON")
     export.add_argument("--state", required=True, type=Path)
     export.add_argument("--format", choices=["csv", "json"], default="json")
@@ -127,13 +143,17 @@ def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
         return 2
     configure_logging(config.logging, log_level)
     from node.checkpoint import CheckpointError
+    from node.durable import StateLock, StateLockError
     from node.node import HospitalNode, StartupError
 
     try:
-        node = HospitalNode(config)
-        serve = serve or config.node.after_training == "serve"
-        return asyncio.run(node.run(serve_forever=serve))
-    except (StartupError, CheckpointError, ValueError, OSError) as exc:
+        # One process per state directory, for the whole life of this one: taken before the
+        # node opens its audit log or writes its first checkpoint.
+        with StateLock(config.node.state_dir):
+            node = HospitalNode(config)
+            serve = serve or config.node.after_training == "serve"
+            return asyncio.run(node.run(serve_forever=serve))
+    except (StartupError, StateLockError, CheckpointError, ValueError, OSError) as exc:
         # Logged, not printed: a node under a service manager is read from its log file.
         logging.getLogger("murmur.node").error("cannot start node %s: %s", config.node.name, exc)
         return 2
@@ -148,7 +168,25 @@ def run_audit(args: argparse.Namespace) -> int:
             from crypto.identity import load_public_key
 
             key = load_public_key(args.public_key)
-        return audit.verify_command(args.state, key)
+        peer_heads = None
+        if args.peer_heads:
+            from node.rollback import load_peer_heads
+
+            try:
+                peer_heads, warnings = load_peer_heads(args.peer_heads, key, args.state)
+            except audit.AuditError as exc:
+                print(f"audit verify: {exc}")
+                return 2
+            for warning in warnings:
+                print(f"warning: {warning}")
+        return audit.verify_command(args.state, key, peer_heads=peer_heads)
+    if args.audit_command == "heads":
+        from node.rollback import heads_command
+
+        if args.out:
+            with open(args.out, "w") as fh:
+                return heads_command(args.state, args.of, fh, limit=args.limit)
+        return heads_command(args.state, args.of, sys.stdout, limit=args.limit)
     if args.audit_command == "export":
         if args.out:
             with open(args.out, "w", newline="") as fh:

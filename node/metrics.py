@@ -51,6 +51,18 @@ class NodeMetrics:
             ["peer"],
             registry=r,
         )
+        self.rollback_detected = Counter(
+            "murmur_rollback_detected",
+            "Envelopes refused because their sender's signed audit head went backwards",
+            ["peer"],
+            registry=r,
+        )
+        self.receipts_requests = Counter(
+            "murmur_receipts_requests",
+            "POST /receipts requests from peers, by outcome (answered or a reason code)",
+            ["outcome"],
+            registry=r,
+        )
         self.peer_up = Gauge(
             "murmur_peer_up",
             "1 while rounds wait for the peer, 0 once it is marked down for staying silent",

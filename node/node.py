@@ -18,7 +18,6 @@ import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_min_neighbours, check_node, default_min_neighbours
 from gossip.liveness import LivenessChange, PeerLiveness
 from gossip.probe import Contact, Reach, build_probe, check_probe
-from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
+from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
@@ -57,8 +56,10 @@ from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.binding import config_binding, data_fingerprint
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
+from node.durable import atomic_write
 from node.metrics import NodeMetrics
 from node.rejections import RateLimitedLog, RejectionTally, printable
+from node.rollback import RollbackGuard, RolledBackError
 from node.threads import limit_numeric_threads
 
 log = logging.getLogger("murmur.node")
@@ -124,6 +125,8 @@ class NodeState:
     # peer -> rounds its model was left out for lying too far from our own (gossip/trust.py)
     too_far: dict[str, int] = field(default_factory=dict)
     equivocation: dict[str, Any] = field(default_factory=dict)
+    # rollback evidence against peers, this node's own startup check, /receipts requests
+    rollback: dict[str, Any] = field(default_factory=dict)
     adversary: dict[str, Any] | None = None
     # What this node trains and tests on (operator-only, like every field here): the data set,
     # where it was read from, and the split sizes the report's "n train" / "n test" show.
@@ -233,6 +236,16 @@ class HospitalNode:
             self.identity,
             retention=RetentionPolicy(max_age_days=config.audit.retention_days),
         )
+        # Each peer's newest signed audit head, POST /receipts, the startup check.
+        self.rollback = RollbackGuard(
+            identity=self.identity,
+            allowlist=self.allowlist,
+            audit=self.audit,
+            metrics=self.metrics,
+            state_dir=self.state_dir,
+            gossip=config.gossip,
+            on_change=self._refresh_rollback_status,
+        )
         self.state = NodeState(
             name=config.node.name,
             public_key=self.identity.public_key.hex(),
@@ -263,6 +276,7 @@ class HospitalNode:
         self._refresh_privacy_status()
         self._refresh_trust_status()
         self._restore()
+        self._refresh_rollback_status()
         self.opener = EnvelopeOpener(
             self.identity, self.allowlist, self.spec, limits=self.limits, replay=self.replay
         )
@@ -350,6 +364,7 @@ class HospitalNode:
             self.receipts = ReceiptBook.from_state(
                 ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
+        self.rollback.restore(ckpt.extra.get("heads"))
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
         log.info(
@@ -389,6 +404,12 @@ class HospitalNode:
             )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
         sender = opened.sender.name
+        refused = self.rollback.check(opened, self.inbox.current_round)
+        if refused is not None:
+            self.record_rejection(
+                "rollback", refused, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
+            return 409, "rollback", refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
         if verdict is not InboxVerdict.OLD_ROUND or opened.round >= self.inbox.current_round - 1:
@@ -404,7 +425,9 @@ class HospitalNode:
         self._take_evidence(sender, opened.update)
         if verdict is not InboxVerdict.ACCEPTED:
             detail = f"round {opened.round} from {sender} while at round {self.inbox.current_round}"
-            self.record_rejection(verdict.value, detail, sender=sender, round_=opened.round)
+            self.record_rejection(
+                verdict.value, detail, sender=sender, round_=opened.round, receipt=opened.receipt
+            )
             return 409, verdict.value, detail
         if self.adversary is not None:
             self.adversary.remember(opened.round, body)
@@ -416,6 +439,8 @@ class HospitalNode:
             reason="accepted",
             body_sha256=opened.body_sha256,
             model_sha256=received.model_sha256,
+            audit_head=opened.head.to_json(),
+            receipt=opened.receipt.to_hex(),  # the sender's own signed claim (gossip/heads.py)
         )
         self.metrics.received.inc()
         return 202, "accepted", ""
@@ -537,13 +562,16 @@ class HospitalNode:
         sender: str | None,
         round_: int | None,
         source: str | None = None,
+        receipt: Receipt | None = None,
     ) -> None:
         """Count a refused request in /status and /metrics, and log it (rate-limited).
 
         `sender` is the admitted peer whose signature verified, or None. Only those are
-        audited one record each (their number is bounded by the replay guard); anyone can
-        cause an unauthenticated rejection, so those are tallied and summarised in one
-        `rejections` audit record per round (`summarise_rejections`).
+        audited one record each (their number is bounded by the replay guard), with the
+        envelope's `receipt` when there is one, so the sender's signed head survives a crash
+        (node/rollback.py); anyone can cause an unauthenticated rejection, so those are
+        tallied and summarised in one `rejections` audit record per round
+        (`summarise_rejections`).
         """
         reason = str(reason)  # a plain code, whichever enum it came from
         self.rejected[reason] += 1
@@ -559,6 +587,7 @@ class HospitalNode:
         if sender is None:
             self.unauthenticated_rejections.add(reason, source)
             return
+        extra = {} if receipt is None else {"receipt": receipt.to_hex()}
         self.audit.append(
             "message_received",
             round_,
@@ -566,6 +595,7 @@ class HospitalNode:
             accepted=False,
             reason=reason,
             detail=detail[:200],
+            **extra,
         )
 
     def summarise_rejections(self, round_: int | None) -> None:
@@ -573,6 +603,49 @@ class HospitalNode:
         (reason -> count, the top source addresses); nothing when there were none."""
         if self.unauthenticated_rejections:
             self.audit.append("rejections", round_, **self.unauthenticated_rejections.summary())
+
+    # ---------------------------------------------------------------- rollback evidence
+
+    def _own_head(self) -> AuditHead:
+        """What this node's envelopes claim (gossip/receipts.py, AuditHead): its newest durable
+        signed audit head and its ledger's spend. Both only grow, which neighbours check."""
+        seq, digest = self.audit.durable_head
+        if self.ledger is None:
+            return AuditHead(seq, digest, 0, 0.0)
+        epsilon = max(0.0, float(self.ledger.epsilon_spent())) + 0.0  # never -0.0
+        return AuditHead(seq, digest, int(self.ledger.steps_taken), epsilon)
+
+    async def _settle_head(self) -> None:
+        """Let the audit head signed at the end of the last round reach the disk before this
+        round's envelope claims it (the syncer has usually done so long before). Bounded: a
+        slow disk makes the claim lag a round, it never holds the round up."""
+        timeout = self.config.gossip.send_timeout_s
+        if not await asyncio.to_thread(self.audit.wait_durable, timeout):
+            log.warning("the audit log's last head is not on disk after %.0f s", timeout)
+
+    def answer_receipts_request(self, body: bytes) -> tuple[int, str, bytes]:
+        """Handle one POST /receipts body (node/rollback.py): (status, content type, payload)."""
+        return self.rollback.answer(body, self.inbox.current_round)
+
+    async def check_own_receipts(self, transport: Any = None) -> None:
+        """Before signing anything, ask the neighbours for the newest receipt they hold of this
+        node; refuse to start if its state is older than what it signed (docs/privacy.md)."""
+        self.state.phase = "checking_rollback"
+        try:
+            await self.rollback.check_startup(
+                transport,
+                own_head=self._own_head(),
+                signed_through=max(self.last_signed_round, self.next_round - 1),
+                next_round=self.next_round,
+                stop=self.stop,
+            )
+        except RolledBackError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _refresh_rollback_status(self) -> None:
+        self.state.rollback = self.rollback.status()
+        for name, info in self.state.peers.items():
+            info["rolled_back"] = name in self.state.rollback["proven"]
 
     # ---------------------------------------------------------------- the round loop
 
@@ -733,20 +806,16 @@ class HospitalNode:
         own_sha = state_sha256(own_state)
         self._refresh_privacy_status()
 
+        await self._settle_head()
         self.state.phase = "sharing"
         self._write_signed_round(r)
         if self.adversary is None:
             # Only DP-SGD output leaves the hospital: the training loss is computed from raw
             # patient rows without noise, so it is not shared (docs/privacy.md).
             receipts, proofs = self._outgoing_evidence(r)
-            update = ModelUpdate(
-                own_state,
-                num_samples=len(self.data.y_train),
-                metrics={},
-                receipts=receipts,
-                proofs=proofs,
-            )
-            envelope = build_envelope(update, self.identity, [p.public_key for p in self.peers], r)
+            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            keys = [p.public_key for p in self.peers]
+            envelope = build_envelope(update, self.identity, keys, r, head=self._own_head())
             await self._send(r, transport, self.peers, envelope, own_sha)
         else:
             await self._attack(r, transport, own_state, reference)
@@ -804,7 +873,7 @@ class HospitalNode:
                 self.stop,
             )
             honest = {n: m.envelope.update.tensors for n, m in seen.messages.items()}
-        messages = adversary.messages(r, own_state, anchor, honest, len(self.data.y_train))
+        messages = adversary.messages(r, own_state, anchor, honest, self._own_head())
         for message in messages:
             if message.abuse is None:
                 assert message.model_sha256 is not None
@@ -1014,6 +1083,7 @@ class HospitalNode:
                 "bytes_sent": self.state.bytes_sent,
                 "trust": self.trust.to_state(),
                 "receipts": self.receipts.to_state(),
+                "heads": self.rollback.to_state(),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)
@@ -1027,14 +1097,14 @@ class HospitalNode:
         if self.ledger is None:
             return
         planned = self.ledger.steps_taken + self.trainer.steps_per_round()
-        _atomic_write(
+        atomic_write(
             self.state_dir / "privacy_intent.json", json.dumps({"steps": planned}).encode()
         )
 
     def _write_signed_round(self, r: int) -> None:
         """Before signing round r, durably record it (fsync): a node restarted in this round
         must not sign a second, different round-r envelope, which would be equivocation."""
-        _atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
+        atomic_write(self.state_dir / SIGNED_ROUND_FILE, json.dumps({"round": r}).encode())
         self.last_signed_round = r
 
     def _read_signed_round(self) -> int:
@@ -1402,6 +1472,7 @@ class HospitalNode:
         api = await start_api(self, token)
         finished = asyncio.Event()
         try:
+            await self.check_own_receipts()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._watch_parent(finished))
                 try:
@@ -1452,15 +1523,6 @@ def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) 
 def _stable_int(text: str) -> int:
     """A small per-node integer from its name, stable across runs (Python's hash() is not)."""
     return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % 10_000
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fmt(x: float | None) -> str:

@@ -237,7 +237,7 @@ def adversary(name: str, colluders: tuple[str, ...] = (), **params: float) -> Ad
 def test_the_attackers_update_opens_at_an_honest_peer_and_is_the_poison() -> None:
     attacker = adversary("sign_flip")
     honest = {"alice": shifted(0.1), "bob": shifted(-0.1)}
-    messages = attacker.messages(1, shifted(0.0), STATE, honest, num_samples=10)
+    messages = attacker.messages(1, shifted(0.0), STATE, honest)
     assert len(messages) == 1 and messages[0].abuse is None
     assert {p.name for p in messages[0].recipients} == {"alice", "bob"}
     opened = opener_for(ALICE).open(messages[0].data)
@@ -250,7 +250,7 @@ def test_colluders_get_the_honest_model_and_are_never_counted_as_honest() -> Non
     attacker = adversary("sign_flip", colluders=("bob",))
     assert [p.name for p in attacker.honest_peers] == ["alice"]
     own = shifted(0.0)
-    messages = attacker.messages(1, own, STATE, {"alice": shifted(0.2)}, num_samples=10)
+    messages = attacker.messages(1, own, STATE, {"alice": shifted(0.2)})
     to_bob = next(m for m in messages if {p.name for p in m.recipients} == {"bob"})
     assert np.allclose(flatten(opener_for(BOB).open(to_bob.data).update.tensors), flatten(own))
 
@@ -260,7 +260,7 @@ def test_stale_resends_the_model_it_had_age_rounds_ago() -> None:
     sent = []
     for r in (1, 2, 3):
         anchor = shifted(float(r))
-        message = attacker.messages(r, shifted(9.0), anchor, {}, num_samples=10)[0]
+        message = attacker.messages(r, shifted(9.0), anchor, {})[0]
         sent.append(flatten(opener_for(ALICE).open(message.data).update.tensors))
     assert np.allclose(sent[0], flatten(STATE))  # before round 1: the shared starting model
     assert np.allclose(sent[1], flatten(shifted(1.0)))
@@ -269,7 +269,7 @@ def test_stale_resends_the_model_it_had_age_rounds_ago() -> None:
 
 def test_equivocation_sends_two_different_envelopes_in_one_round() -> None:
     attacker = adversary("equivocation")
-    messages = attacker.messages(1, shifted(0.0), STATE, {"alice": shifted(0.1)}, num_samples=9)
+    messages = attacker.messages(1, shifted(0.0), STATE, {"alice": shifted(0.1)})
     assert len(messages) == 2
     a = flatten(opener_for(ALICE).open(messages[0].data).update.tensors)
     b = flatten(opener_for(BOB).open(messages[1].data).update.tensors)
@@ -280,7 +280,7 @@ def test_equivocation_and_dissensus_envelopes_make_a_verifying_proof() -> None:
     for name in ("equivocation", "dissensus"):
         attacker = adversary(name)
         honest = {"alice": shifted(0.1), "bob": shifted(-0.3)}
-        messages = attacker.messages(1, shifted(0.0), STATE, honest, num_samples=9)
+        messages = attacker.messages(1, shifted(0.0), STATE, honest)
         assert len(messages) == 2, name
         a = opener_for(ALICE).open(messages[0].data).receipt
         b = opener_for(BOB).open(messages[1].data).receipt
@@ -290,7 +290,7 @@ def test_equivocation_and_dissensus_envelopes_make_a_verifying_proof() -> None:
 
 def test_attackers_frame_honest_peers_with_evidence_that_cannot_verify() -> None:
     attacker = adversary("sign_flip", colluders=("bob",))
-    messages = attacker.messages(3, shifted(0.0), STATE, {"alice": shifted(0.2)}, num_samples=9)
+    messages = attacker.messages(3, shifted(0.0), STATE, {"alice": shifted(0.2)})
     update = opener_for(ALICE).open(messages[0].data).update
     alice = ALICE.public_key
     assert [r.sender for r in update.receipts] == [alice]  # never about its colluder bob
@@ -298,7 +298,7 @@ def test_attackers_frame_honest_peers_with_evidence_that_cannot_verify() -> None
     assert all(r.round == 2 and not r.verify() for r in update.receipts)
     assert not update.proofs[0].verify()
     # The framing has a generator of its own: the crafted model is what it was without it.
-    again = adversary("gaussian").messages(2, shifted(0.0), STATE, {}, num_samples=9)
+    again = adversary("gaussian").messages(2, shifted(0.0), STATE, {})
     model = flatten(opener_for(ALICE).open(again[0].data).update.tensors)
     rng = attack_rng(0, ATTACKER.name, 2)
     expected = gaussian(flatten(shifted(0.0)).astype(np.float64), rng, 1.0)
@@ -323,14 +323,14 @@ def reason_of(opener: EnvelopeOpener, data: bytes) -> str:
 def test_each_protocol_abuse_builder_is_refused_with_its_reason() -> None:
     opener = opener_for(ALICE)
     keys = [ALICE.public_key, BOB.public_key]
-    genuine = build_envelope(ModelUpdate(STATE, 10), ATTACKER, keys, 1)
+    genuine = build_envelope(ModelUpdate(STATE), ATTACKER, keys, 1)
     opener.open(genuine)
     assert reason_of(opener, genuine) == RejectReason.REPLAY
     assert (
-        reason_of(opener, outsider_envelope(ModelUpdate(STATE, 10), keys, 1))
+        reason_of(opener, outsider_envelope(ModelUpdate(STATE), keys, 1))
         == RejectReason.UNKNOWN_SENDER
     )
-    fresh = build_envelope(ModelUpdate(STATE, 10), ATTACKER, keys, 1)
+    fresh = build_envelope(ModelUpdate(STATE), ATTACKER, keys, 1)
     forged = impersonated_envelope(fresh, ATTACKER.public_key, BOB.public_key)
     assert reason_of(opener, forged) == RejectReason.BAD_SIGNATURE
     assert reason_of(opener, oversize_message(100)[:50] + genuine) == RejectReason.MALFORMED
@@ -346,13 +346,13 @@ def test_each_protocol_abuse_builder_is_refused_with_its_reason() -> None:
 def test_a_protocol_abuser_sends_its_honest_update_and_then_only_refused_messages() -> None:
     attacker = adversary("protocol_abuse", count=1)
     opener = opener_for(ALICE)
-    first = attacker.messages(1, shifted(0.0), STATE, {}, num_samples=10)
+    first = attacker.messages(1, shifted(0.0), STATE, {})
     opener.open(first[0].data)  # round 1: its honest update is accepted
     assert first[0].abuse is None
     assert np.allclose(
         flatten(opener_for(BOB).open(first[0].data).update.tensors), flatten(shifted(0.0))
     )
-    second = attacker.messages(2, shifted(0.1), STATE, {}, num_samples=10)
+    second = attacker.messages(2, shifted(0.1), STATE, {})
     opener.open(second[0].data)
     abuse = second[1:]
     assert {m.abuse for m in abuse} == {

@@ -209,14 +209,14 @@ async def test_replies_to_peers_carry_the_reason_code_only(
     async with running(tmp_path) as (node, api):
         me = node.identity.public_key
         outsider = build_envelope(
-            ModelUpdate(_template(), 10, {}), generate_identity("mallory"), [me], 1
+            ModelUpdate(_template()), generate_identity("mallory"), [me], 1
         )
         code, reply = await post(api.peer.address + "/gossip", outsider)
         # Not "sender key 1a2b... is not on the allowlist".
         assert (code, reply) == (403, {"reason": "unknown_sender"})
         peer_key = tmp_path / "keys" / "hospital_1.key"
         stale = build_envelope(
-            ModelUpdate(_template(), 10, {}),
+            ModelUpdate(_template()),
             load_identity(peer_key),
             [me],
             1,
@@ -455,8 +455,8 @@ async def test_an_authenticated_rejection_is_still_audited_one_record_each(tmp_p
     async with running(tmp_path) as (node, api):
         me = node.identity.public_key
         peer = load_identity(tmp_path / "keys" / "hospital_1.key")
-        first = build_envelope(ModelUpdate(_template(), 10, {}), peer, [me], 1)
-        second = build_envelope(ModelUpdate(_template(), 10, {}), peer, [me], 1)
+        first = build_envelope(ModelUpdate(_template()), peer, [me], 1)
+        second = build_envelope(ModelUpdate(_template()), peer, [me], 1)
         url = api.peer.address + "/gossip"
         assert await post(url, first) == (202, {"reason": "accepted"})
         assert await post(url, second) == (409, {"reason": "duplicate"})

@@ -238,7 +238,7 @@ def forge(net: Network, sender: str, to: HospitalNode, round_: int, seed: int = 
     """An authentic envelope from `sender` (its real key) to node `to` for `round_`."""
     identity = load_identity(net.run_dir / "keys" / f"{sender}.key")
     state = {k: v + seed for k, v in get_state(to.model).items()}
-    update = ModelUpdate(state, num_samples=10, metrics={})
+    update = ModelUpdate(state)
     return build_envelope(update, identity, [to.identity.public_key], round_)
 
 

@@ -160,11 +160,9 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
     from models.params import get_state  # the honest model's shapes, to forge a well-formed update
 
     template = get_state(build_model("logreg", (30,), 0))
-    good = build_envelope(
-        ModelUpdate(template, num_samples=10, metrics={}), b_identity, [a_key], target_round
-    )
+    good = build_envelope(ModelUpdate(template, metrics={}), b_identity, [a_key], target_round)
     outsider = build_envelope(
-        ModelUpdate(template, num_samples=10, metrics={}),
+        ModelUpdate(template, metrics={}),
         generate_identity("mallory"),
         [a_key],
         target_round,
@@ -172,11 +170,9 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
     wrong_shape = {
         k: np.zeros((v.shape[0] + 1, *v.shape[1:]), np.float32) for k, v in template.items()
     }
-    misshapen = build_envelope(
-        ModelUpdate(wrong_shape, 10, {}), b_identity, [a_key], target_round + 1
-    )
+    misshapen = build_envelope(ModelUpdate(wrong_shape, {}), b_identity, [a_key], target_round + 1)
     nan_state = {k: np.full(v.shape, np.nan, np.float32) for k, v in template.items()}
-    poisoned = build_envelope(ModelUpdate(nan_state, 10, {}), b_identity, [a_key], target_round + 1)
+    poisoned = build_envelope(ModelUpdate(nan_state, {}), b_identity, [a_key], target_round + 1)
 
     cases = [
         (np.random.default_rng(0).bytes(300), 400, "malformed"),

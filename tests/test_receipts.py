@@ -38,7 +38,7 @@ def test_a_proof_from_two_really_signed_envelopes_verifies():
     assert proof.verify()
     assert proof.sender == ALICE.public_key and proof.round == 7 and proof.kind == "update"
     assert EquivocationProof.of(b, a) == proof  # one conflict, one canonical proof
-    assert proof.first.rest_digest < proof.second.rest_digest
+    assert proof.first.signed_digest() < proof.second.signed_digest()
 
 
 def test_the_same_envelope_to_two_recipients_is_no_conflict():
@@ -58,11 +58,15 @@ def test_tampered_receipts_do_not_verify():
         dataclasses.replace(a, kind="other"),
         dataclasses.replace(a, version=1),
         dataclasses.replace(a, sender=BOB.public_key),
+        dataclasses.replace(a, head=dataclasses.replace(a.head, audit_seq=1)),
+        dataclasses.replace(a, head=dataclasses.replace(a.head, dp_steps=1)),
+        dataclasses.replace(a, head=dataclasses.replace(a.head, epsilon=0.5)),
+        dataclasses.replace(a, head=dataclasses.replace(a.head, audit_hash=b"\x01" * 32)),
     ]
     for bad in tampered:
         assert not bad.verify()
         # Forced into a proof (bypassing `of`), a tampered receipt makes the proof invalid.
-        first, second = sorted((bad, b), key=lambda r: r.rest_digest)
+        first, second = sorted((bad, b), key=lambda r: r.signed_digest())
         assert not EquivocationProof(first, second).verify()
 
 
@@ -73,7 +77,7 @@ def test_proofs_that_are_not_conflicts_are_refused_or_do_not_verify():
     for x, y in ((a, other_round), (a, carol), (a, dataclasses.replace(b, kind="other"))):
         with pytest.raises(ReceiptError, match="same sender, kind and round"):
             EquivocationProof.of(x, y)
-        first, second = sorted((x, y), key=lambda r: r.rest_digest)
+        first, second = sorted((x, y), key=lambda r: r.signed_digest())
         assert not EquivocationProof(first, second).verify()
     # Same slot, one receipt signed by another key: the claimed sender never signed it.
     mallory = generate_identity("mallory")
@@ -89,7 +93,7 @@ def test_proofs_that_are_not_conflicts_are_refused_or_do_not_verify():
 def test_encode_decode_round_trip():
     a, b = conflicting()
     assert Receipt.decode(a.encode()) == a
-    assert len(a.encode()) == 2 + 1 + len("update") + 32 + 8 + 32 + 64
+    assert len(a.encode()) == 2 + 1 + len("update") + 32 + 8 + 56 + 32 + 64
     proof = EquivocationProof.of(a, b)
     assert EquivocationProof.decode(proof.encode()) == proof
     assert EquivocationProof.decode(proof.encode()).verify()
@@ -117,9 +121,9 @@ def test_malformed_bytes_give_a_clear_error():
         a.encode(): "at least",
         a.encode() + a.encode(): "same envelope",
         proof + b"\x00": "after the proof",
-        b.encode() + a.encode() if b.rest_digest > a.rest_digest else a.encode() + b.encode(): (
-            "canonical order"
-        ),
+        b.encode() + a.encode()
+        if b.signed_digest() > a.signed_digest()
+        else a.encode() + b.encode(): ("canonical order"),
     }
     for data, message in bad_proofs.items():
         with pytest.raises(ReceiptError, match=message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import struct
 import time
 
 import msgpack
@@ -13,7 +14,7 @@ import pytest
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import generate_identity
-from gossip.receipts import EquivocationProof, Receipt
+from gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
 from gossip.wire import (
     HTTP_STATUS,
     PROTOCOL_VERSION,
@@ -60,7 +61,7 @@ SPEC = {name: (array.shape, "float32") for name, array in small_state().items()}
 
 
 def small_update(seed: int = 0, **changes) -> ModelUpdate:
-    update = ModelUpdate(small_state(seed), num_samples=120, metrics={"loss": 0.25, "auc": 0.8})
+    update = ModelUpdate(small_state(seed), metrics={"loss": 0.25, "auc": 0.8})
     return dataclasses.replace(update, **changes)
 
 
@@ -103,7 +104,7 @@ def test_round_trip_for_every_recipient():
         opened = opener(receiver).open(data, now=NOW + 5)
         assert opened.sender == ALLOWLIST.by_name("alice")
         assert (opened.round, opened.kind, opened.timestamp) == (7, "update", NOW)
-        assert opened.update.num_samples == 120
+        assert opened.head == no_audit_head()
         assert opened.update.metrics == {"loss": 0.25, "auc": 0.8}
         assert list(opened.update.tensors) == list(state)
         for name, array in state.items():
@@ -135,7 +136,7 @@ def test_weights_are_not_readable_on_the_wire():
 def test_big_endian_zero_size_and_scalar_tensors_round_trip():
     state = {"be": np.arange(6, dtype=">f4").reshape(2, 3), "empty": np.zeros((0, 3), np.float32)}
     spec = {"be": ((2, 3), "float32"), "empty": ((0, 3), "<f4")}
-    data = build_envelope(ModelUpdate(state, 1), ALICE, [BOB.public_key], 0, now=NOW)
+    data = build_envelope(ModelUpdate(state), ALICE, [BOB.public_key], 0, now=NOW)
     opened = EnvelopeOpener(BOB, ALLOWLIST, spec).open(data, now=NOW)
     np.testing.assert_array_equal(opened.update.tensors["be"], np.arange(6).reshape(2, 3))
     assert opened.update.tensors["empty"].shape == (0, 3)
@@ -163,7 +164,7 @@ def test_every_single_byte_flip_is_rejected():
             mutated[position] ^= mask
             reasons.add(reason_of(bytes(mutated), receiver))
     assert {RejectReason.MALFORMED, RejectReason.BAD_SIGNATURE} <= reasons
-    assert receiver.open(data, now=NOW).update.num_samples == 120  # nothing was recorded
+    assert receiver.open(data, now=NOW).update.metrics["loss"] == 0.25  # nothing was recorded
 
 
 def test_every_truncation_and_extension_is_rejected():
@@ -247,7 +248,7 @@ def test_default_size_limit_follows_the_model_size():
     tensor_bytes = sum(a.nbytes for a in small_state().values())
     assert limit - tensor_bytes < 128 * 1024
     big = {"layer.weight": np.zeros((4, 8), np.float32), "padding": np.zeros(40_000, np.float32)}
-    data = build_envelope(ModelUpdate(big, 1), ALICE, [BOB.public_key], 1, now=NOW)
+    data = build_envelope(ModelUpdate(big), ALICE, [BOB.public_key], 1, now=NOW)
     assert reason_of(data) == RejectReason.TOO_LARGE
 
 
@@ -276,7 +277,7 @@ def test_wrong_dtype():
     assert reason_of(valid_envelope(tensors=as_float64), allow_64) == RejectReason.UNSUPPORTED_DTYPE
     with pytest.raises(ValueError, match="dtype"):
         build_envelope(
-            ModelUpdate({"x": np.zeros(3, np.int64)}, 1), ALICE, [BOB.public_key], 1, now=NOW
+            ModelUpdate({"x": np.zeros(3, np.int64)}), ALICE, [BOB.public_key], 1, now=NOW
         )
 
 
@@ -315,8 +316,8 @@ def test_rounds_older_than_the_replay_window_are_stale_and_memory_is_bounded():
 def test_unsupported_version_and_kind():
     data = valid_envelope()
     fields = msgpack.unpackb(data)
-    assert fields["version"] == PROTOCOL_VERSION == 2
-    for other in (1, 3):
+    assert fields["version"] == PROTOCOL_VERSION == 3
+    for other in (1, 2, 4):
         reason = reason_of(msgpack.packb({**fields, "version": other}))
         assert reason == RejectReason.UNSUPPORTED_VERSION
     assert reason_of(resign(data, kind="model")) == RejectReason.UNSUPPORTED_KIND
@@ -346,18 +347,29 @@ def test_body_layout_is_header_then_raw_little_endian_tensors():
     state = small_state()
     assert header == {
         "tensors": [[name, "float32", list(a.shape)] for name, a in state.items()],
-        "num_samples": 120,
         "metrics": {"loss": 0.25, "auc": 0.8},
         "receipts": [],
         "proofs": [],
+        "audit_head": bytes(56),  # no audit log: seq 0, zero hash, 0 steps, epsilon +0.0
     }
+    assert "num_samples" not in header  # v3: nobody needs it, and it reveals the set's size
     assert data == b"".join(a.astype("<f4").tobytes() for a in state.values())
 
 
 def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
     """Recompute docs/protocol.md's layout by hand: a second implementation must agree."""
-    data = valid_envelope()
+    head = AuditHead(41, bytes(range(32)), 1234, 0.70)
+    keys = [BOB.public_key, CAROL.public_key]
+    data = build_envelope(small_update(), ALICE, keys, 7, head=head, now=NOW)
     fields = msgpack.unpackb(data)
+    assert list(fields)[:5] == ["version", "kind", "sender", "round", "head_digest"]
+    head_bytes = (
+        (41).to_bytes(8, "big") + bytes(range(32)) + (1234).to_bytes(8, "big")
+    ) + struct.pack(">d", 0.70)
+    assert len(head_bytes) == 56
+    assert (
+        fields["head_digest"] == hashlib.sha256(b"murmur-envelope-head\x00" + head_bytes).digest()
+    )
     rest = hashlib.sha256(
         fields["timestamp_ms"].to_bytes(8, "big")
         + fields["nonce"]
@@ -373,12 +385,21 @@ def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
         + b"update"
         + fields["sender"]
         + fields["round"].to_bytes(8, "big")
+        + fields["head_digest"]
         + rest
     ).digest()
     assert ALICE.signing_key.verify_key.verify(signed, fields["signature"])
     opened = opener().open(data, now=NOW)
-    assert opened.receipt == Receipt(2, "update", ALICE.public_key, 7, rest, fields["signature"])
+    assert opened.head == head
+    assert opened.receipt == Receipt(
+        3, "update", ALICE.public_key, 7, head, rest, fields["signature"]
+    )
     assert opened.receipt.verify()
+    # The receipt's bytes, as docs/protocol.md lays them out: the head in the clear.
+    assert opened.receipt.encode() == (
+        (3).to_bytes(2, "big") + bytes([6]) + b"update" + ALICE.public_key
+        + (7).to_bytes(8, "big") + head_bytes + rest + fields["signature"]
+    )  # fmt: skip
     # Every recipient gets the same receipt: the same signed envelope.
     assert opener(CAROL).open(data, now=NOW).receipt == opened.receipt
 
@@ -431,8 +452,14 @@ def test_malformed_bodies_from_an_admitted_sender():
         join_body([1, 2, 3], data),
         join_body({**good, "extra": 1}, data),
         join_body({**good, "tensors": "x"}, data),
-        join_body({**good, "num_samples": -1}, data),
-        join_body({**good, "num_samples": True}, data),
+        join_body({**good, "num_samples": 12}, data),  # a version-2 field
+        join_body({k: v for k, v in good.items() if k != "audit_head"}, data),
+        join_body({**good, "audit_head": good["audit_head"][:-1]}, data),
+        join_body({**good, "audit_head": b"\x80" + bytes(55)}, data),  # seq >= 2**63
+        join_body({**good, "audit_head": bytes(48) + struct.pack(">d", float("nan"))}, data),
+        join_body({**good, "audit_head": bytes(48) + struct.pack(">d", -1.0)}, data),
+        join_body({**good, "audit_head": bytes(48) + struct.pack(">d", -0.0)}, data),
+        join_body({**good, "audit_head": "0" * 56}, data),
         join_body({**good, "metrics": {"loss": "low"}}, data),
         join_body({**good, "metrics": [1.0]}, data),
         join_body({**good, "tensors": [t[:2] for t in good["tensors"]]}, data),
@@ -470,10 +497,10 @@ def test_build_rejects_bad_arguments():
         build_envelope(small_update(), ALICE, [b"short"], 1)
     with pytest.raises(ValueError, match="round"):
         build_envelope(small_update(), ALICE, keys, -1)
-    with pytest.raises(ValueError, match="num_samples"):
-        build_envelope(small_update(num_samples=-3), ALICE, keys, 1)
+    with pytest.raises(TypeError, match="AuditHead"):
+        build_envelope(small_update(), ALICE, keys, 1, head=(1, b"", 0, 0.0))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="numpy"):
-        build_envelope(ModelUpdate({"x": [1.0]}, 1), ALICE, keys, 1)
+        build_envelope(ModelUpdate({"x": [1.0]}), ALICE, keys, 1)
 
 
 def test_opener_checks_its_model_spec():
@@ -508,11 +535,9 @@ MODEL_INPUTS = {
 def test_round_trip_for_every_model_murmur_has(name: str) -> None:
     input_shape, params = MODEL_INPUTS[name]
     state = get_state(build_model(name, input_shape, seed=3, **params))
-    envelope = build_envelope(
-        ModelUpdate(state, num_samples=42), ALICE, [BOB.public_key], 2, now=NOW
-    )
+    envelope = build_envelope(ModelUpdate(state), ALICE, [BOB.public_key], 2, now=NOW)
     opened = EnvelopeOpener(BOB, ALLOWLIST, model_spec(state)).open(envelope, now=NOW)
-    assert opened.sender.name == ALICE.name and opened.update.num_samples == 42
+    assert opened.sender.name == ALICE.name and opened.round == 2
     assert list(opened.update.tensors) == list(state)
     for key, array in state.items():
         np.testing.assert_array_equal(opened.update.tensors[key], array)
