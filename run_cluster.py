@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, help="data file or directory (default: the embedded or ../shared data)"
     )
     p.add_argument("--label", help="label column (csv)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="csv: reference constants (column,kind,center,scale,fill), required with DP",
+    )
     p.add_argument("--site", help="site column, one hospital per value (csv)")
     p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
@@ -112,6 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=32, help="expected (Poisson) batch size per step"
     )
     p.add_argument("--lr", type=float, help="learning rate (default: per model)")
+    p.add_argument(
+        "--class-weights",
+        type=float,
+        nargs=2,
+        metavar=("W_NEG", "W_POS"),
+        help="fixed loss weights, e.g. from a published prevalence (default: balanced without "
+        "DP, none with DP)",
+    )
     p.add_argument(
         "--aggregator",
         default="clipping:1",
@@ -174,6 +187,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     check_adversary_args(p, args)
+    if args.dataset == "csv" and not args.no_dp and args.reference is None:
+        p.error(
+            "--dataset csv with DP needs --reference FILE: per-hospital means, medians and "
+            "modes would make one patient move every other patient's features (docs/data.md)"
+        )
     return args
 
 
@@ -310,6 +328,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"alpha": args.alpha} if args.alpha is not None else {}),
                 **({"label": args.label} if args.label else {}),
                 **({"site": args.site} if args.site else {}),
+                **({"reference": str(args.reference.resolve())} if args.reference else {}),
             },
             "model": {"name": model},
             "training": {
@@ -318,6 +337,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr or DEFAULT_LR[model],
                 "seed": args.seed,
+                **({"class_weights": list(args.class_weights)} if args.class_weights else {}),
             },
             "privacy": (
                 {"enabled": False}
@@ -711,6 +731,7 @@ async def run(args: argparse.Namespace) -> int:
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
             seed=args.seed,
+            class_weights=tuple(args.class_weights) if args.class_weights else None,
         )
         dp = None if args.no_dp else DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta)
         report["baselines"] = run_baselines(

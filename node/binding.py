@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from node.config import NodeConfig
 
 # Deliberately not bound: peers (addresses, keys, degrees), node.listen, node.key_file's path,
-# data.path (the rows are bound through the fingerprint, wherever the file lives), learning
-# rate, momentum, loss and the other tuning of [training], aggregation f and params, and every
-# field of [gossip], [audit], [trust], [adversary], [operator], [peer_listener] and [logging].
+# data.path and data.reference (the rows, scaled, are bound through the fingerprint, wherever
+# the files live), learning rate, momentum, loss, class weighting and the other tuning of
+# [training] (data-independent under DP), aggregation f and params, and every field of
+# [gossip], [audit], [evaluation], [trust], [adversary], [operator], [peer_listener], [logging].
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ BOUND_FIELDS: tuple[BoundField, ...] = (
     BoundField("data.label", "the training rows' labels would change"),
     BoundField("data.site", "the split, and so the training rows, would change"),
     BoundField("data.test_fraction", "the split, and so the training rows, would change"),
+    BoundField(
+        "data.preprocessing", "the training rows' features would be scaled and imputed otherwise"
+    ),
     BoundField(
         "data.fingerprint",
         "the hospital's training rows are not the ones the budget was spent on (the data "
@@ -101,6 +105,7 @@ def config_binding(
         "data.label": d.label,
         "data.site": d.site,
         "data.test_fraction": d.test_fraction,
+        "data.preprocessing": d.resolved_preprocessing(dp),
         "data.fingerprint": fingerprint,
         "model.name": config.model.name,
         "model.hidden": list(config.model.hidden) if config.model.name == "mlp" else None,

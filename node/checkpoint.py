@@ -53,7 +53,8 @@ class CheckpointError(Exception):
 class NodeCheckpoint:
     """Everything a node needs to continue exactly where it stopped.
 
-    `trainer_state` is opaque bytes (torch.save of optimizer and RNG state into a BytesIO);
+    `trainer_state` is opaque bytes (torch.save of optimizer and non-DP sampler state; no DP
+    randomness is ever saved, docs/privacy.md "Randomness");
     `privacy` and `replay` are the plain-data states of the privacy ledger and replay guard.
     `binding` holds the configuration fields the checkpoint may only resume under
     (node/binding.py); checkpoints written before it existed have none and are bound to

@@ -180,7 +180,8 @@ class HospitalNode:
             momentum=config.training.momentum,
             loss=config.training.loss,
             focal_gamma=config.training.focal_gamma,
-            class_weighting=config.training.class_weighting,
+            class_weighting=str(config.training.class_weighting),
+            class_weights=_pair(config.training.class_weights),
             fedprox_mu=config.training.fedprox_mu,
             seed=config.training.seed + _stable_int(config.node.name),
         )
@@ -296,6 +297,8 @@ class HospitalNode:
             label=d.label,
             site=d.site,
             test_fraction=d.test_fraction,
+            preprocessing=d.resolved_preprocessing(self.config.privacy.enabled),
+            reference=d.reference,
         )
         names = [s.name for s in splits]
         if d.hospital in names:
@@ -1056,13 +1059,19 @@ class HospitalNode:
         return np.concatenate([[1.0 - w.sum()], w])
 
     def _evaluate(self) -> dict[str, Any]:
-        """Clinical metrics on the held-out split, at a threshold chosen on training data only."""
+        """Clinical metrics on the held-out split, at a threshold that never looks at the test
+        rows. Under DP nothing published here is computed from training rows (docs/privacy.md):
+        the threshold is fixed (Youden's J would be one training patient's score) and the
+        majority baseline is the test split's own majority, not the training labels'."""
+        private = self.config.privacy.enabled
         self.model.eval()
-        train_prob = predict_proba(self.model, self.data.x_train)
-        threshold = choose_threshold(self.data.y_train, train_prob)
+        threshold = self.config.evaluation.resolved_threshold(private)
+        if threshold is None:
+            train_prob = predict_proba(self.model, self.data.x_train)
+            threshold = choose_threshold(self.data.y_train, train_prob)
         test_prob = predict_proba(self.model, self.data.x_test)
         metrics = clinical_metrics(
-            self.data.y_test, test_prob, threshold, y_train=self.data.y_train
+            self.data.y_test, test_prob, threshold, y_train=None if private else self.data.y_train
         )
         metrics["threshold"] = float(threshold)
         return metrics
@@ -1518,6 +1527,11 @@ def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) 
     if peer in proven:
         return "proven_equivocation"
     return "quarantined" if peer in quarantined else "too_far_from_own"
+
+
+def _pair(values: list[float] | None) -> tuple[float, float] | None:
+    """A validated two-number config list as the (negative, positive) tuple training takes."""
+    return None if values is None else (float(values[0]), float(values[1]))
 
 
 def _stable_int(text: str) -> int:
