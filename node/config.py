@@ -401,6 +401,11 @@ class GossipSection:
     send_timeout_s: float = 5.0
     max_message_bytes: int = 0
     timestamp_window_s: float = 300.0
+    # Neighbours that must be up and admitting this node before it trains a round (None:
+    # what the aggregation rule needs to be robust, at least 1); 0 lets a node train alone.
+    min_neighbours: int | None = None
+    # Rounds in a row a neighbour may stay silent before rounds stop waiting for it.
+    down_after_rounds: int = 3
 
     def validate(self) -> None:
         _require(
@@ -429,6 +434,19 @@ class GossipSection:
             "gossip.timestamp_window_s",
             "must be > 0",
             "timestamp_window_s = 300",
+        )
+        if self.min_neighbours is not None:
+            _require(
+                self.min_neighbours >= 0,
+                "gossip.min_neighbours",
+                "must be >= 0",
+                "min_neighbours = 1, or omit it for what the aggregation rule needs",
+            )
+        _require(
+            self.down_after_rounds >= 1,
+            "gossip.down_after_rounds",
+            "must be >= 1",
+            "down_after_rounds = 3",
         )
 
 

@@ -32,6 +32,7 @@ import node as node_package
 import run_cluster
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import generate_identity, save_identity
+from gossip.probe import check_probe
 from gossip.wire import EnvelopeOpener, ModelUpdate, WireLimits, build_envelope
 from models.data import load_dataset
 from models.nets import build_model
@@ -46,11 +47,14 @@ NUM_HOSPITALS = 4
 
 
 class RecordingPeer:
-    """hospital_b: answers /health, decrypts and keeps every envelope hospital_a sends."""
+    """hospital_b: answers /health and /probe (it admits hospital_a), decrypts and keeps every
+    envelope hospital_a sends."""
 
     def __init__(self, identity, node_peer: Peer, spec) -> None:
+        self.identity = identity
+        self.allowlist = Allowlist([node_peer])
         self.opener = EnvelopeOpener(
-            identity, Allowlist([node_peer]), spec, limits=WireLimits(max_message_bytes=1 << 24)
+            identity, self.allowlist, spec, limits=WireLimits(max_message_bytes=1 << 24)
         )
         self.updates: dict[int, np.ndarray] = {}
         self.arrived = asyncio.Event()
@@ -59,7 +63,14 @@ class RecordingPeer:
         app = web.Application(client_max_size=1 << 24)
         app.router.add_get("/health", self.health)
         app.router.add_post("/gossip", self.gossip)
+        app.router.add_post("/probe", self.probe)
         return app
+
+    async def probe(self, request: web.Request) -> web.Response:
+        check_probe(
+            await request.read(), self.identity.public_key, self.allowlist, timestamp_window_s=60
+        )
+        return web.json_response({"reason": "admitted"})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
