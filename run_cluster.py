@@ -574,7 +574,7 @@ def build_report(
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
     from models.metrics import REPORTED_METRICS
-    from node.report import hospital_warnings
+    from node.report import FINISHED_PHASES, hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []
@@ -624,11 +624,7 @@ def build_report(
     aucs = [h["auc"] for h in honest if h["auc"] is not None]
     failed = [h["name"] for h in honest if h["exit_code"] != 0 or h["rounds_completed"] == 0]
     # An honest node that stopped before its planned rounds for any reason but its budget.
-    incomplete = [
-        h["name"]
-        for h in honest
-        if h["rounds_completed"] < args.rounds and h["phase"] != "budget_exhausted"
-    ]
+    incomplete = [h["name"] for h in honest if h["phase"] not in FINISHED_PHASES]
     interrupted = cut_short or (
         f"{', '.join(incomplete)} stopped before round {args.rounds}" if incomplete else None
     )
@@ -736,9 +732,14 @@ async def run(args: argparse.Namespace) -> int:
             class_weights=tuple(args.class_weights) if args.class_weights else None,
         )
         dp = None if args.no_dp else DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta)
-        report["baselines"] = run_baselines(
-            dataset_kwargs_for(args), model, {}, settings, args.rounds, args.seed, dp=dp
-        )
+        # As many rounds as the network trained: an interrupted run is read against
+        # baselines of the same length (and Ctrl-C is not kept waiting for 500 rounds).
+        rounds = report["rounds_completed"] if report["interrupted"] else args.rounds
+        if rounds > 0:
+            report["baselines"] = run_baselines(
+                dataset_kwargs_for(args), model, {}, settings, rounds, args.seed, dp=dp
+            )
+            report["baselines"]["rounds"] = rounds
     if stop_requested.is_set():
         report["exit_code"] = 130
     elif report["failed"] or report["interrupted"]:
