@@ -56,6 +56,7 @@ from gossip.auth import (
     RequestAuthenticator,
 )
 from gossip.heads import REQUEST_BYTES
+from gossip.probe import PROBE_BYTES
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
@@ -443,6 +444,7 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     app[BODY_LIMITS_KEY] = {}
     add_peer_route(app, "/gossip", gossip, node.limits.max_message_bytes)
     add_peer_route(app, "/receipts", receipts_route, REQUEST_BYTES)
+    add_peer_route(app, "/probe", probe, PROBE_BYTES)
     app.router.add_get("/health", health)
     return app
 
@@ -643,6 +645,18 @@ async def gossip(request: web.Request) -> web.Response:
         return body
     status_code, reason, _detail = await request.app[NODE_KEY].receive(
         body, source=_source(request), sender=authenticated_peer(request)
+    )
+    return web.json_response({"reason": reason}, status=status_code)
+
+
+async def probe(request: web.Request) -> web.Response:
+    """POST /probe: does this node take the asking neighbour's envelopes (gossip/probe.py)?
+    The answer carries only the verdict's reason code, as /gossip's does."""
+    body = await read_peer_body(request)
+    if isinstance(body, web.Response):
+        return body
+    status_code, reason = request.app[NODE_KEY].answer_probe(
+        body, authenticated_peer(request).public_key
     )
     return web.json_response({"reason": reason}, status=status_code)
 

@@ -763,9 +763,9 @@ async def test_the_refusal_benchmark_measures_a_cheap_refusal(tmp_path: Path) ->
 async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer_route(
     tmp_path: Path,
 ) -> None:
-    """The helper a new route (the coming POST /probe) calls: `add_peer_route` gives it the
-    request authentication, before the body, with its own body limit, and the handler learns
-    the authenticated sender from `authenticated_peer`."""
+    """The helper every peer route that takes a body uses (/gossip, /receipts, /probe):
+    `add_peer_route` gives it the request authentication, before the body, with its own body
+    limit, and the handler learns the authenticated sender from `authenticated_peer`."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from node.api import add_peer_route, authenticated_peer, build_peer_app, read_peer_body
@@ -773,32 +773,30 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
     node = build_node(tmp_path)
     seen: list[tuple[str, bytes]] = []
 
-    async def probe(request: web.Request) -> web.Response:
+    async def example(request: web.Request) -> web.Response:
         body = await read_peer_body(request)
         if isinstance(body, web.Response):
             return body
         seen.append((authenticated_peer(request).name, body))
-        return web.json_response({"reason": "admitted"})
+        return web.json_response({"reason": "accepted"})
 
     app = build_peer_app(node)
-    add_peer_route(app, "/probe", probe, 162)
+    add_peer_route(app, "/example", example, 100)
     peer = peer_identity(tmp_path)
     try:
         async with TestClient(TestServer(app)) as client:
-            body = b"p" * 162
+            body = b"p" * 100
 
             async def answer(data: bytes, headers: dict[str, str]) -> tuple[int, str]:
-                response = await client.post("/probe", data=data, headers=headers)
+                response = await client.post("/example", data=data, headers=headers)
                 return response.status, (await response.json())["reason"]
 
             assert await answer(body, {}) == (401, "unauthenticated")
             assert await answer(body, auth_for(node, peer, body)) == (401, "unauthenticated")
-            assert await answer(body, auth_for(node, peer, body, path="/probe")) == (
-                200,
-                "admitted",
-            )
+            signed = auth_for(node, peer, body, path="/example")
+            assert await answer(body, signed) == (200, "accepted")
             longer = body + b"p"
-            assert await answer(longer, auth_for(node, peer, longer, path="/probe")) == (
+            assert await answer(longer, auth_for(node, peer, longer, path="/example")) == (
                 413,
                 "too_large",
             )
@@ -806,3 +804,29 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
         assert node.state.unauthenticated == {"missing": 1, "bad_signature": 1}
     finally:
         node.audit.close()
+
+
+async def test_a_probe_is_authenticated_like_every_post(tmp_path: Path) -> None:
+    """POST /probe (gossip/probe.py): a stranger's probe is `401 unauthenticated` before it is
+    read; an admitted peer's is `200 admitted`; a peer posting another's probe is refused."""
+    from gossip.probe import PROBE_CONTENT_TYPE, build_probe
+
+    async with running(tmp_path, nodes=3) as (node, api):
+        url = api.peer.address + "/probe"
+        me = node.identity.public_key
+        one, two = peer_identity(tmp_path, 1), peer_identity(tmp_path, 2)
+        mallory = generate_identity("mallory")
+
+        def signed(sender: Identity, body: bytes) -> dict[str, str]:
+            return request_headers(sender, me, "/probe", body, PROBE_CONTENT_TYPE)
+
+        probe = build_probe(one, me)
+        assert await post(url, probe) == (401, {"reason": "unauthenticated"})
+        strangers = build_probe(mallory, me)
+        assert await post(url, strangers, signed(mallory, strangers)) == (
+            401,
+            {"reason": "unauthenticated"},
+        )
+        assert await post(url, probe, signed(one, probe)) == (200, {"reason": "admitted"})
+        assert await post(url, probe, signed(two, probe)) == (403, {"reason": "sender_mismatch"})
+        assert node.state.unauthenticated == {"missing": 1, "unknown_sender": 1}
