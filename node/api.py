@@ -568,11 +568,16 @@ async def expect_peer_body(request: web.Request) -> web.StreamResponse | None:
 async def _peer_request(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Around every peer route: a peer's slot (`read_peer_body`) is held until its request
-    has been handled, and a refusal sent while the body is still coming is answered at once
-    and the connection closed after reading at most `LINGER_BYTES` more."""
+    """Around every peer route: a POST to a route added with `add_peer_route` is checked and
+    authenticated from its headers before its handler runs at all (so a handler cannot
+    forget to), a peer's slot (`read_peer_body`) is held until its request has been handled,
+    and a refusal sent while the body is still coming is answered at once and the connection
+    closed after reading at most `LINGER_BYTES` more."""
     try:
-        response = await handler(request)
+        refusal = None
+        if request.method == hdrs.METH_POST and request.path in request.app[BODY_LIMITS_KEY]:
+            refusal = _refusal_before_body(request)
+        response = refusal if refusal is not None else await handler(request)
     finally:
         peer = request.get(_PEER_SLOT)
         if peer is not None:

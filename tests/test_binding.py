@@ -28,10 +28,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Network:
         "--nodes", "2", "--rounds", "3", "--dp-epsilon", "1", "--aggregator", "clipping:0",
     )  # fmt: skip
     nodes = [HospitalNode(load_config(n.config_path)) for n in net.nodes]
-    transport = MemoryTransport({n.address: h for n, h in zip(net.nodes, nodes, strict=True)})
+    by_address = {n.address: h for n, h in zip(net.nodes, nodes, strict=True)}
 
     async def run() -> None:
-        await asyncio.gather(*(h.run_rounds(transport) for h in nodes))
+        await asyncio.gather(
+            *(h.run_rounds(MemoryTransport(by_address, h.identity)) for h in nodes)
+        )
 
     try:
         asyncio.run(run())

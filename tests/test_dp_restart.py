@@ -32,6 +32,7 @@ import node as node_package
 import run_cluster
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import generate_identity, save_identity
+from gossip.auth import request_headers
 from gossip.probe import check_probe
 from gossip.wire import EnvelopeOpener, ModelUpdate, WireLimits, build_envelope
 from models.data import load_dataset
@@ -187,7 +188,13 @@ async def test_a_node_restarted_after_sending_a_round_draws_fresh_noise(tmp_path
         envelope = build_envelope(ModelUpdate(initial), peer_id, [node_id.public_key], 1)
         async with (
             ClientSession() as session,
-            session.post(f"{node_address}/gossip", data=envelope) as response,
+            session.post(
+                f"{node_address}/gossip",
+                data=envelope,
+                headers=request_headers(
+                    peer_id, node_id.public_key, "/gossip", envelope, "application/x"
+                ),
+            ) as response,
         ):
             assert response.status == 202, await response.text()
         second = await peer.wait_for_round(2, 60, log)

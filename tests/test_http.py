@@ -780,8 +780,13 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
         seen.append((authenticated_peer(request).name, body))
         return web.json_response({"reason": "accepted"})
 
+    async def careless(request: web.Request) -> web.Response:
+        seen.append(("careless", b""))  # a handler that never calls read_peer_body
+        return web.json_response({"reason": "accepted"})
+
     app = build_peer_app(node)
     add_peer_route(app, "/example", example, 100)
+    add_peer_route(app, "/careless", careless, 100)
     peer = peer_identity(tmp_path)
     try:
         async with TestClient(TestServer(app)) as client:
@@ -800,8 +805,11 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
                 413,
                 "too_large",
             )
+            # Authentication is the route's, not the handler's: it runs before any handler.
+            response = await client.post("/careless", data=body)
+            assert response.status == 401
         assert seen == [("hospital_1", body)]
-        assert node.state.unauthenticated == {"missing": 1, "bad_signature": 1}
+        assert node.state.unauthenticated == {"missing": 2, "bad_signature": 1}
     finally:
         node.audit.close()
 

@@ -21,7 +21,7 @@ import pytest
 import run_cluster
 from bench.byzantine import MemoryTransport
 from crypto.allowlist import Peer
-from crypto.identity import generate_identity, load_identity, save_identity
+from crypto.identity import Identity, generate_identity, load_identity, save_identity
 from gossip.probe import Contact, build_probe, check_probe
 from gossip.transport import PeerTransport
 from gossip.wire import ModelUpdate, RejectReason, WireError, build_envelope
@@ -38,8 +38,8 @@ PAIR = ("--aggregator", "clipping:0")  # two hospitals: one neighbour each
 class CountingTransport(PeerTransport):
     """The real transport, counting the probes it sends (to show the wait is not a busy loop)."""
 
-    def __init__(self, *, send_timeout_s: float) -> None:
-        super().__init__(send_timeout_s=send_timeout_s)
+    def __init__(self, *, identity: Identity, send_timeout_s: float) -> None:
+        super().__init__(identity=identity, send_timeout_s=send_timeout_s)
         self.probes = 0
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
@@ -64,8 +64,9 @@ class Running:
         self.task = group.create_task(self._rounds())
 
     async def _rounds(self) -> None:
-        timeout = self.node.config.gossip.send_timeout_s
-        async with CountingTransport(send_timeout_s=timeout) as transport:
+        node = self.node
+        timeout = node.config.gossip.send_timeout_s
+        async with CountingTransport(identity=node.identity, send_timeout_s=timeout) as transport:
             self.transport = transport
             await self.node.run_rounds(transport)
 
@@ -173,11 +174,15 @@ async def test_a_node_nobody_admits_logs_the_peers_refusal_and_spends_nothing(
         await b.close()
     assert a.node.ledger is not None and a.node.ledger.steps_taken == 0
     assert a.node.state.history == []
-    assert a.node.state.peers[b_name]["contact_detail"] == "HTTP 403 unknown_sender"
+    # B refuses the probes' requests before reading them, with the one code a stranger gets
+    # (docs/protocol.md, "Request authentication"), and counts the precise reason.
+    assert a.node.state.peers[b_name]["contact_detail"] == "HTTP 401 unauthenticated"
     said = messages(caplog, "waits for neighbours")
-    assert said and "not admitting us (HTTP 403 unknown_sender)" in said[0]
+    assert said and "not admitting us (HTTP 401 unauthenticated)" in said[0]
+    assert b.node.state.unauthenticated["unknown_sender"] >= 3
     # The refusing side says who knocked, once, however many times it was asked.
-    assert len(messages(caplog, "refused a probe (unknown_sender)")) == 1
+    knocked = messages(caplog, "rejected message (unauthenticated)")
+    assert len(knocked) == 1 and "unknown_sender" in knocked[0]
 
 
 async def test_a_dead_neighbour_stops_delaying_rounds_and_is_readmitted_when_it_returns(
@@ -254,17 +259,17 @@ async def test_one_far_ahead_or_distrusted_peer_cannot_make_a_node_jump(
     a = nodes[a_name]
     try:
         assert a.catch_up_quorum == 2
-        code, reason, _ = a.receive(forge(net, b_name, a, 15))
+        code, reason, _ = await a.receive(forge(net, b_name, a, 15))
         assert (code, reason) == (409, "too_far_ahead")
         assert a._catch_up_target() is None  # one peer alone
         # C equivocates (two different round-2 envelopes): proven, so its claims never count.
-        assert a.receive(forge(net, c_name, a, 2, seed=1))[1] == "accepted"
-        assert a.receive(forge(net, c_name, a, 2, seed=2))[1] == "duplicate"
+        assert (await a.receive(forge(net, c_name, a, 2, seed=1)))[1] == "accepted"
+        assert (await a.receive(forge(net, c_name, a, 2, seed=2)))[1] == "duplicate"
         assert c_name in a.trust.proven()
-        a.receive(forge(net, c_name, a, 15, seed=3))
+        await a.receive(forge(net, c_name, a, 15, seed=3))
         assert a._catch_up_target() is None  # B and a proven liar are not two peers
-        a.receive(forge(net, d_name, a, 15))
-        transport = MemoryTransport({n.address: nodes[n.name] for n in net.nodes})
+        await a.receive(forge(net, d_name, a, 15))
+        transport = MemoryTransport({n.address: nodes[n.name] for n in net.nodes}, a.identity)
         await a.run_rounds(transport)  # only A runs: it jumps, then trains rounds 15 and 16
     finally:
         for node in nodes.values():
