@@ -607,7 +607,7 @@ class HospitalNode:
             self.state.unauthenticated[why] = self.state.unauthenticated.get(why, 0) + 1
             self.metrics.unauthenticated.labels(why=why).inc()
         self.rejection_log.warning(
-            reason,
+            reason if why is None else f"{reason}:{why}",  # one line per interval per cause
             "rejected message (%s) from %s: %s",
             reason,
             sender or source or "an unknown address",
