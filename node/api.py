@@ -10,10 +10,11 @@ reason code, counted in /status and /metrics, logged at most once per reason per
 (node/rejections.py), and answered with the code alone: the detail stays in this node's log.
 Nothing computed from training data is served here; /health says only that the node is up.
 
-**Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`
-and `/` (the dashboard). They show per-round test metrics with exact counts and the decision
-threshold chosen on training rows, which are the hospital's own business. A non-loopback bind
-needs `allow_remote` and a bearer token (node/config.py refuses it otherwise).
+**Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`,
+`/` (the dashboard) and the dashboard's `/alerts` and `/audit/recent` (node/dashboard.py).
+They show per-round test metrics with exact counts and the decision threshold chosen on
+training rows, which are the hospital's own business. A non-loopback bind needs
+`allow_remote` and a bearer token (node/config.py refuses it otherwise).
 
 Both route tables are in `build_peer_app` and `build_operator_app`, one line per route.
 """
@@ -38,6 +39,7 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError, HttpVersion11
 
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
+from node.dashboard import alerts, audit_recent, dashboard
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
 
@@ -555,6 +557,8 @@ def build_operator_app(
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", dashboard)
+    app.router.add_get("/alerts", alerts)
+    app.router.add_get("/audit/recent", audit_recent)
     return app
 
 
@@ -614,58 +618,5 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(text=DASHBOARD_HTML, content_type="text/html")
-
-
 def _dumps(obj: object) -> str:
     return json.dumps(obj, default=str)
-
-
-# A self-contained page (no network access needed) that polls /status every two seconds. With
-# a token, open it as http://HOST:PORT/#token=TOKEN: the fragment never leaves the browser;
-# the page keeps it in sessionStorage, drops it from the address bar and sends it as a bearer
-# header. Values are inserted as text, never as HTML.
-DASHBOARD_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>murmur node</title>
-<meta name="referrer" content="no-referrer">
-<style>
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.warn{color:#b00}
-</style></head><body>
-<h1 id="title">murmur node</h1>
-<p id="summary">loading…</p>
-<h2>Last evaluation</h2><table id="metrics"></table>
-<h2>Peers</h2><table id="peers"></table>
-<h2>Rejected messages</h2><table id="rejected"></table>
-<script>
-const m=location.hash.match(/token=([^&]+)/);
-if(m){sessionStorage.setItem("murmur_token",decodeURIComponent(m[1]));history.replaceState(null,"",location.pathname)}
-const token=sessionStorage.getItem("murmur_token");
-function fmt(v){return v===null||v===undefined?"undefined":(typeof v==="number"?v.toFixed(4):String(v))}
-function cell(tag,text){const c=document.createElement(tag);c.textContent=text;return c}
-function rows(el,head,data){el.replaceChildren();const h=document.createElement("tr");
-  head.forEach(x=>h.appendChild(cell("th",x)));el.appendChild(h);
-  data.forEach(r=>{const tr=document.createElement("tr");r.forEach(c=>tr.appendChild(cell("td",fmt(c))));el.appendChild(tr)})}
-function text(id,parts){const el=document.getElementById(id);el.replaceChildren();
-  parts.forEach(([t,bold])=>el.appendChild(bold?cell("b",t):document.createTextNode(t)))}
-async function refresh(){
-  try{
-    const r=await fetch("/status",{headers:token?{"Authorization":"Bearer "+token}:{}});
-    if(r.status===401){text("summary",[["unauthorized: open this page as /#token=TOKEN",true]]);return}
-    const s=await r.json();
-    document.getElementById("title").textContent="murmur node "+s.name;
-    const p=s.privacy||{};
-    text("summary",[["round "],[String(s.round),true],[" of "+s.planned_rounds+" · phase "],[String(s.phase),true],
-      [" · ε spent "],[fmt(p.epsilon_spent),true],[(p.epsilon_budget?" of "+fmt(p.epsilon_budget):"")+
-      " · model "+(s.model_sha256||"").slice(0,12)]]);
-    rows(document.getElementById("metrics"),["metric","value"],Object.entries(s.last_metrics||{}));
-    rows(document.getElementById("peers"),["peer","last round","address"],
-      Object.entries(s.peers).map(([n,v])=>[n,v.last_round,v.address]));
-    rows(document.getElementById("rejected"),["reason","count"],Object.entries(s.rejected||{}));
-  }catch(e){text("summary",[["node not answering",true]])}
-}
-refresh();setInterval(refresh,2000);
-</script></body></html>
-"""
