@@ -238,6 +238,11 @@ class ComplianceReport:
     def exclusions(self) -> Counter[tuple[str, str]]:
         return Counter(e for r in self.rounds for e in r.excluded)
 
+    def serious_events(self) -> list[Event]:
+        return [ev for ev in self.other_events if ev.serious] + [
+            ev for r in self.rounds for ev in r.events if ev.serious
+        ]
+
     def completed_rounds(self) -> int:
         return sum(1 for r in self.rounds if r.auc is not None or r.rule is not None)
 
@@ -528,12 +533,22 @@ def summary_paragraph(report: ComplianceReport) -> str:
         "parameters are all it sent, never patient records."
     )
     accepted, refused = r.received_counts()
-    excluded = sum(r.exclusions().values())
+    exclusions = r.exclusions()
+    why = "; ".join(
+        f"{peer} {n}× ({exclusion_meaning(reason)})" for (peer, reason), n in exclusions.items()
+    )
     parts.append(
         f"It accepted {sum(accepted.values())} models from {len(accepted)} hospital(s), refused "
-        f"{sum(refused.values())} signed message(s), and left {excluded} received model(s) out "
-        "of its combined model."
+        f"{sum(refused.values())} signed message(s), and left {sum(exclusions.values())} "
+        f"received model(s) out of its combined model{e(': ' + why) if why else ''}."
     )
+    serious = Counter(ev.kind for ev in r.serious_events())
+    if serious:
+        listed = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in serious.items())
+        parts.append(
+            f"<span class='serious'>Events to review: {e(listed)}</span> (listed in their rounds "
+            "below)."
+        )
     if r.adversary:
         parts.append(
             "<b class='serious'>This node ran in ADVERSARY MODE (a test attacker); its log "
