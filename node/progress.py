@@ -22,6 +22,7 @@ BAR_WIDTH = 20
 _UP = "\x1b[{}F"  # cursor to the start of the line n lines up
 _CLEAR_LINE = "\x1b[K"
 _CLEAR_BELOW = "\x1b[J"
+_FINAL_PHASES = ("done", "budget_exhausted", "stopped")
 
 
 class NodeView(Protocol):
@@ -43,8 +44,9 @@ def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
 def _state(node: NodeView) -> str:
     if node.exit_code is None:
         return str(node.status.get("phase", "starting"))
-    if node.exit_code == 0:
-        return f"{node.status.get('phase', 'exited')} ✓"
+    if node.exit_code == 0:  # its last polled phase may be from before it finished
+        phase = node.status.get("phase")
+        return f"{phase if phase in _FINAL_PHASES else 'exited'} ✓"
     return f"FAILED (exit {node.exit_code})"
 
 
@@ -79,7 +81,7 @@ def progress_table(
                 bar(done, rounds),
                 f"{s.get('round', 0)}/{rounds}",
                 _state(n),
-                number((s.get("last_metrics") or {}).get("auc")) if s else "-",
+                number((s.get("last_metrics") or {}).get("auc")) if done else "-",
                 eps if privacy else "-",
                 number(min(trust.values()), 2) if trust else "-",
                 _alerts(s, settings),

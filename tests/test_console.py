@@ -211,3 +211,11 @@ async def test_hostile_names_are_shown_as_text(tmp_path: Path, field: str) -> No
     finally:
         await api.close()
         node.audit.close()
+
+
+def test_without_chromium_the_browser_tests_skip_saying_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MURMUR_CHROMIUM", "no-such-chromium-here")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        require_browser()

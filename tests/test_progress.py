@@ -64,6 +64,10 @@ def test_the_table_has_a_bar_per_hospital_and_names_its_alerts() -> None:
     assert lines[2].endswith("byzantine_0 quarantined (+1)")  # + the ε at 100% warning
     assert "byzantine_0 (attacker)" in lines[3] and "done ✓" in lines[3]
     assert "FAILED (exit 2)" in lines[4]
+    # Exited while its last polled status was mid-round; nothing evaluated yet: no AUC.
+    early = [Node("h", exit_code=0, status={"phase": "training"}), running("g", 0)]
+    rows = progress_table(early, 4, SETTINGS, width=160, height=40)
+    assert "exited ✓" in rows[1] and rows[2].split()[4] == "-"
     # Narrow and short terminals: no line wraps, and extra hospitals fold into one line.
     small = progress_table(nodes, 4, SETTINGS, width=40, height=4)
     assert all(len(line) <= 39 for line in small)
