@@ -31,7 +31,7 @@ from aiohttp import web
 
 from node.alerts import AlertSettings, evaluate
 from node.audit import AuditRecord, last_records
-from node.wording import EXCLUSION_MEANINGS, REASON_MEANINGS, describe_record
+from node.wording import REASON_MEANINGS, describe_record
 
 if TYPE_CHECKING:
     from node.node import HospitalNode
@@ -222,7 +222,7 @@ def _csp_hash(text: str) -> str:
 
 def _words_json() -> str:
     """The plain meanings of reason codes, as a JSON data block safe inside <script>."""
-    doc = {"reasons": REASON_MEANINGS, "exclusions": EXCLUSION_MEANINGS}
+    doc = {"reasons": REASON_MEANINGS}
     return re.sub(r"[<>&]", lambda m: f"\\u{ord(m.group()):04x}", json.dumps(doc))
 
 
