@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, help="data file or directory (default: the embedded or ../shared data)"
     )
     p.add_argument("--label", help="label column (csv)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="csv: reference constants (column,kind,center,scale,fill), required with DP",
+    )
     p.add_argument("--site", help="site column, one hospital per value (csv)")
     p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
@@ -115,6 +120,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=32, help="expected (Poisson) batch size per step"
     )
     p.add_argument("--lr", type=float, help="learning rate (default: per model)")
+    p.add_argument(
+        "--class-weights",
+        type=float,
+        nargs=2,
+        metavar=("W_NEG", "W_POS"),
+        help="fixed loss weights, e.g. from a published prevalence (default: balanced without "
+        "DP, none with DP)",
+    )
     p.add_argument(
         "--aggregator",
         default="clipping:1",
@@ -177,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     check_adversary_args(p, args)
+    if args.dataset == "csv" and not args.no_dp and args.reference is None:
+        p.error(
+            "--dataset csv with DP needs --reference FILE: per-hospital means, medians and "
+            "modes would make one patient move every other patient's features (docs/data.md)"
+        )
     return args
 
 
@@ -238,6 +256,8 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["label"] = args.label
     if args.site:
         kw["site"] = args.site
+    if args.reference is not None:
+        kw["reference"] = str(args.reference.resolve())
     return kw
 
 
@@ -313,6 +333,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"alpha": args.alpha} if args.alpha is not None else {}),
                 **({"label": args.label} if args.label else {}),
                 **({"site": args.site} if args.site else {}),
+                **({"reference": str(args.reference.resolve())} if args.reference else {}),
             },
             "model": {"name": model},
             "training": {
@@ -321,6 +342,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr or DEFAULT_LR[model],
                 "seed": args.seed,
+                **({"class_weights": list(args.class_weights)} if args.class_weights else {}),
             },
             "privacy": (
                 {"enabled": False}
@@ -567,7 +589,7 @@ def build_report(
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
     from models.metrics import REPORTED_METRICS
-    from node.report import hospital_warnings
+    from node.report import FINISHED_PHASES, hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []
@@ -617,11 +639,7 @@ def build_report(
     aucs = [h["auc"] for h in honest if h["auc"] is not None]
     failed = [h["name"] for h in honest if h["exit_code"] != 0 or h["rounds_completed"] == 0]
     # An honest node that stopped before its planned rounds for any reason but its budget.
-    incomplete = [
-        h["name"]
-        for h in honest
-        if h["rounds_completed"] < args.rounds and h["phase"] != "budget_exhausted"
-    ]
+    incomplete = [h["name"] for h in honest if h["phase"] not in FINISHED_PHASES]
     interrupted = cut_short or (
         f"{', '.join(incomplete)} stopped before round {args.rounds}" if incomplete else None
     )
@@ -727,11 +745,17 @@ async def run(args: argparse.Namespace) -> int:
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
             seed=args.seed,
+            class_weights=tuple(args.class_weights) if args.class_weights else None,
         )
         dp = None if args.no_dp else DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta)
-        report["baselines"] = run_baselines(
-            dataset_kwargs_for(args), model, {}, settings, args.rounds, args.seed, dp=dp
-        )
+        # As many rounds as the network trained: an interrupted run is read against
+        # baselines of the same length (and Ctrl-C is not kept waiting for 500 rounds).
+        rounds = report["rounds_completed"] if report["interrupted"] else args.rounds
+        if rounds > 0:
+            report["baselines"] = run_baselines(
+                dataset_kwargs_for(args), model, {}, settings, rounds, args.seed, dp=dp
+            )
+            report["baselines"]["rounds"] = rounds
     if stop_requested.is_set():
         report["exit_code"] = 130
     elif report["failed"] or report["interrupted"]:

@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:
 import run_cluster  # noqa: E402
 from crypto.allowlist import Peer  # noqa: E402
 from gossip.aggregation import min_inputs  # noqa: E402
+from gossip.probe import Contact  # noqa: E402
 from gossip.transport import SendResult  # noqa: E402
 from gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
 
@@ -281,8 +282,9 @@ class MemoryTransport:
         status, _, payload = node.answer_receipts_request(request)
         return status, payload[: max_bytes + 1]
 
-    async def is_up(self, peer: Peer) -> bool:
-        return True
+    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
+        status, reason = self.nodes[peer.address].answer_probe(probe)
+        return Contact.from_answer(status, reason, "", source="probe")
 
 
 async def run_nodes_in_process(

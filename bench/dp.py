@@ -43,7 +43,7 @@ def measure(name: str, rows: int, batch_size: int, repeats: int) -> dict[str, fl
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, *shape, generator=generator)
     y = (torch.rand(rows, generator=generator) < 0.3).float()
-    settings = TrainingSettings(batch_size=batch_size, learning_rate=0.05, seed=0, dp_seed=0)
+    settings = TrainingSettings(batch_size=batch_size, learning_rate=0.05, seed=0)
 
     plain = LocalTrainer(build_model(name, shape, seed=0), x, y, settings)
     ledger = PrivacyLedger.plan(  # a real budget, with room for every timed epoch

@@ -101,11 +101,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +112,7 @@ import torch
 from scipy import special, stats
 from torch import nn
 
+import models.privacy as privacy
 import models.training as training
 from models.data import load_dataset
 from models.privacy import PrivacyLedger
@@ -357,29 +357,21 @@ def noise_divided_by(factor: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def replayed_randomness(trainer: LocalTrainer, seed: int) -> Iterator[Callable[[], None]]:
+def replayed_randomness(seed: int) -> Iterator[None]:
     """The restart bug as a test double: each step's sampling and noise come from a generator
-    seeded with the same `seed`. Yields a hook to call before each step.
+    seeded with the same `seed`.
 
-    With `models.privacy.private_generator()` (a fresh OS-seeded generator per step, looked
-    up at call time) it is replaced by one returning a generator seeded with `seed`; before
-    that change, the trainer's one private generator is re-seeded before every step. This is
-    the only place that knows how murmur draws its private randomness.
+    murmur draws all DP randomness from `models.privacy.private_generator()` (a fresh OS-seeded
+    generator per step, looked up at call time), so replacing it with one that returns a
+    generator seeded with `seed` makes every step replay the same draws. This is the only place
+    that knows how murmur draws its private randomness.
     """
-    modules = [importlib.import_module(name) for name in ("models.privacy", "models.training")]
-    patched = [module for module in modules if hasattr(module, "private_generator")]
-    if patched:
-        originals = [module.private_generator for module in patched]
-        for module in patched:
-            module.private_generator = lambda: torch.Generator().manual_seed(seed)
-        try:
-            yield lambda: None
-        finally:
-            for module, original in zip(patched, originals, strict=True):
-                module.private_generator = original
-    else:
-        generator: torch.Generator = trainer.private_rng
-        yield lambda: generator.manual_seed(seed)
+    original = privacy.private_generator
+    privacy.private_generator = lambda: torch.Generator().manual_seed(seed)
+    try:
+        yield
+    finally:
+        privacy.private_generator = original
 
 
 # --------------------------------------------------------------------------- one audit
@@ -467,14 +459,13 @@ def run_audit(config: AuditConfig) -> AuditResult:
     before = canary_coefficients(model, data.canaries)
     snapshots = [before]
     replay = (
-        replayed_randomness(trainer, config.seed)
+        replayed_randomness(config.seed)
         if config.mechanism == "replay"
-        else contextlib.nullcontext(lambda: None)
+        else contextlib.nullcontext()
     )
-    with replay as before_step:
+    with replay:
         for _ in range(config.epochs):
             for _ in range(trainer.steps_per_round()):
-                before_step()
                 trainer.train_steps(1)
             snapshots.append(canary_coefficients(model, data.canaries))
     norms.append(_canary_gradient_norms(trainer, data))

@@ -36,6 +36,33 @@ def check_node(name: str, degree: int, rule: str, f: int) -> str | None:
     )
 
 
+def default_min_neighbours(rule: str, f: int) -> int:
+    """How many neighbours must be able to take a round's update before a node trains it,
+    when the config does not say (`gossip.min_neighbours`).
+
+    What the rule needs to be robust for f (``min_inputs`` counts the node's own model, so
+    one fewer neighbour), and at least one: a round nobody receives spends privacy budget
+    for nothing, even when the rule would accept the node's model alone.
+    """
+    return max(1, min_inputs(rule, f) - 1)
+
+
+def check_min_neighbours(name: str, degree: int, min_neighbours: int, explicit: bool) -> str | None:
+    """The problem with node ``name`` needing ``min_neighbours`` of its ``degree``, or None."""
+    if min_neighbours <= degree:
+        return None
+    where = (
+        f"gossip.min_neighbours = {min_neighbours}"
+        if explicit
+        else f"the aggregation rule needs {min_neighbours} neighbours per round"
+    )
+    return (
+        f"node {name} lists {degree} peer{'s' if degree != 1 else ''} but {where}, so it could "
+        f"never train a round: add peers, or set [gossip] min_neighbours = {degree}"
+        f"{' (0 trains alone)' if degree == 0 else ''}"
+    )
+
+
 def check_feasibility(
     topology: Topology | Mapping[str, Sequence[str]], rule: str, f: int
 ) -> list[str]:

@@ -38,6 +38,27 @@ class CollectedRound(Generic[T]):
     waited_s: float
 
 
+@dataclass(frozen=True)
+class CatchUp:
+    """A round enough peers have reached to jump to, and the peers that vouch for it."""
+
+    round: int
+    vouchers: tuple[str, ...]
+
+
+def catch_up_quorum(f: int, neighbours: int) -> int:
+    """How many distinct peers must have reached a round before a node jumps to it.
+
+    max(f, 1) + 1 means that even with f = 0 one peer alone cannot move a node, and with
+    f > 0 at least one of the vouchers is honest; a majority of the neighbours, when that is
+    larger, keeps a minority from steering a well-connected node. Bounded by the neighbour
+    count so that a node with one or two neighbours can still catch up at all.
+    """
+    if neighbours < 1:
+        return 1
+    return min(max(max(f, 1) + 1, neighbours // 2 + 1), neighbours)
+
+
 class RoundInbox(Generic[T]):
     """Buffers authenticated neighbour messages by round and sender.
 
@@ -53,8 +74,14 @@ class RoundInbox(Generic[T]):
         self.highest_round_seen: dict[str, int] = {}
 
     def offer(self, sender: str, round_: int, message: T) -> InboxVerdict:
-        """File a message; the caller has already verified signature, recipient and replay."""
-        self.highest_round_seen[sender] = max(round_, self.highest_round_seen.get(sender, 0))
+        """File a message; the caller has already verified signature, recipient and replay.
+
+        Every authenticated round within the plan is noted for catch-up (even one refused as
+        too far ahead, so a node that restarted far behind can still learn where the network
+        is); a round beyond the plan is not, since no honest peer can be there.
+        """
+        if round_ <= self.max_round:
+            self.highest_round_seen[sender] = max(round_, self.highest_round_seen.get(sender, 0))
         if round_ < self.current_round:
             return InboxVerdict.OLD_ROUND
         if round_ > self.max_round or round_ > self.current_round + self.rounds_ahead:
@@ -73,29 +100,53 @@ class RoundInbox(Generic[T]):
             del self._by_round[old]
         self._changed.set()
 
-    def catch_up_round(self, quorum: int) -> int | None:
-        """The newest round that at least `quorum` distinct peers have reached, if ahead of us.
+    def catch_up_round(self, quorum: int, exclude: Collection[str] = ()) -> CatchUp | None:
+        """The newest round that at least `quorum` distinct peers outside `exclude` have
+        reached, if ahead of us, with the peers that vouch for it.
 
-        A node that restarted or fell behind jumps to it. Requiring f + 1 peers means at least
-        one honest peer is there, so f Byzantine peers cannot make a node skip its training by
-        claiming a far-future round.
+        A node that restarted or fell behind jumps to it. The caller excludes the peers it
+        distrusts (quarantined, proven equivocators) and picks the quorum with
+        `catch_up_quorum`, so that neither a single peer nor f Byzantine ones can make a node
+        skip its training by claiming a far-future round.
         """
-        rounds = sorted(self.highest_round_seen.values(), reverse=True)
-        if len(rounds) < quorum:
+        if quorum < 1:
+            raise ValueError(f"a catch-up quorum must be >= 1, got {quorum}")
+        claims = sorted(
+            ((r, s) for s, r in self.highest_round_seen.items() if s not in exclude),
+            reverse=True,
+        )
+        if len(claims) < quorum:
             return None
-        target = min(rounds[quorum - 1], self.max_round)
-        return target if target > self.current_round else None
+        target = min(claims[quorum - 1][0], self.max_round)
+        if target <= self.current_round:
+            return None
+        return CatchUp(target, tuple(sorted(s for r, s in claims if r >= target)))
 
     async def collect(
-        self, round_: int, expected: Collection[str], deadline_s: float, stop: asyncio.Event
+        self,
+        round_: int,
+        expected: Collection[str],
+        deadline_s: float,
+        stop: asyncio.Event,
+        *,
+        wait_for: Collection[str] | None = None,
     ) -> CollectedRound[T]:
-        """Wait until every expected sender's message for `round_` is here, the deadline passes
-        or `stop` is set, whichever comes first."""
+        """Wait until the message for `round_` of every sender in `wait_for` (default: all of
+        `expected`) is here, the deadline passes or `stop` is set, whichever comes first.
+
+        A sender already seen in a later round is not waited for: an honest node sends round r
+        before it trains round r + 1, so its round-r message is lost or was refused (sent
+        while this node was further behind), and will not come. The messages returned are
+        those of every expected sender that arrived, waited for or not: a neighbour marked
+        down is not waited for, but its update counts when it comes.
+        """
+        waited = expected if wait_for is None else wait_for
         start = time.monotonic()
         end = start + deadline_s
         while True:
             have = self._by_round.get(round_, {})
-            if all(s in have for s in expected) or stop.is_set():
+            done = all(s in have or self.highest_round_seen.get(s, 0) > round_ for s in waited)
+            if done or stop.is_set():
                 break
             remaining = end - time.monotonic()
             if remaining <= 0:

@@ -22,6 +22,7 @@ import aiohttp
 
 from crypto.allowlist import Peer
 from gossip.heads import REQUEST_CONTENT_TYPE
+from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -145,17 +146,35 @@ class PeerTransport:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
 
-    async def is_up(self, peer: Peer) -> bool:
-        """Whether a peer answers /health right now (one short request)."""
+    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
+        """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our
+        envelopes? Never raises for network trouble; the answer is read within the same
+        bound as a send's reply, and a redirect is a refusal, never followed."""
         try:
-            async with self.session.get(
-                f"{peer.address.rstrip('/')}/health",
-                timeout=aiohttp.ClientTimeout(total=1.0),
+            async with self.session.post(
+                f"{peer.address.rstrip('/')}/probe",
+                data=probe,
+                headers={"Content-Type": PROBE_CONTENT_TYPE},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
             ) as response:
-                return response.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+                if 300 <= response.status < 400:
+                    response.close()
+                    return Contact.from_answer(response.status, "redirect", "", source="probe")
+                try:
+                    body = await self._read_reply(response)
+                except OversizeReply:
+                    response.close()
+                    return Contact.from_answer(
+                        response.status, "oversize_reply", "", source="probe"
+                    )
+                text = body.decode("utf-8", "replace")
+                reason, detail = parse_answer(response.status, text)
+                return Contact.from_answer(response.status, reason, detail, source="probe")
+        except TimeoutError:
+            return Contact.from_answer(None, f"no answer in {timeout_s:g} s", "", source="probe")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return Contact.from_answer(None, type(exc).__name__, "", source="probe")
 
 
 def _reason(body: bytes, ok: bool, status: int) -> str:

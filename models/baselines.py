@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from models.data import HospitalSplit, load_dataset
-from models.metrics import REPORTED_METRICS, clinical_metrics
+from models.metrics import DP_DEFAULT_THRESHOLD, REPORTED_METRICS
 from models.nets import build_model
 from models.privacy import DPConfig, PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from models.training import LocalTrainer, TrainingSettings, evaluate
 
 
 def run_baselines(
@@ -64,7 +64,11 @@ def run_baselines(
         "pooled": pooled_baseline(splits, model_name, model_params, training, rounds, seed),
     }
     if dp is not None:
-        args = (splits, model_name, model_params, training, rounds, seed)
+        # Trained as a DP node trains: on data scaled by the reference constants, never by
+        # statistics of the training rows (docs/privacy.md, "What training computes from the
+        # data"); the ledger makes the trainer's class weighting DP-safe by itself.
+        private_splits = load_dataset(**{**dataset_kwargs, "preprocessing": "reference"})
+        args = (private_splits, model_name, model_params, training, rounds, seed)
         result["local_dp"] = local_baseline(*args, dp=dp)
         result["pooled_dp"] = pooled_baseline(*args, dp=dp)
     return result
@@ -85,7 +89,7 @@ def local_baseline(
     for split in splits:
         model = build_model(model_name, split.input_shape, seed, **model_params)
         _train(model, split.x_train, split.y_train, training, rounds, dp)
-        entries.append(_evaluate(model, split, n_train=len(split.y_train)))
+        entries.append(_evaluate(model, split, len(split.y_train), private=dp is not None))
     return _baseline(entries)
 
 
@@ -115,7 +119,8 @@ def pooled_baseline(
     y = np.concatenate([split.y_train for split in splits])
     model = build_model(model_name, splits[0].input_shape, seed, **model_params)
     _train(model, x, y, training, rounds, dp)
-    return _baseline([_evaluate(model, split, n_train=len(y)) for split in splits])
+    private = dp is not None
+    return _baseline([_evaluate(model, split, len(y), private) for split in splits])
 
 
 def _train(
@@ -148,16 +153,23 @@ def _train(
         trainer.train_round()
 
 
-def _evaluate(model: torch.nn.Module, split: HospitalSplit, n_train: int) -> dict[str, Any]:
-    """The node's evaluation rule: threshold from the hospital's training rows, test on its own."""
-    threshold = choose_threshold(split.y_train, predict_proba(model, split.x_train))
-    metrics = clinical_metrics(
-        split.y_test, predict_proba(model, split.x_test), threshold, y_train=split.y_train
+def _evaluate(
+    model: torch.nn.Module, split: HospitalSplit, n_train: int, private: bool
+) -> dict[str, Any]:
+    """The node's evaluation rule (`models.training.evaluate`): without DP a threshold from
+    the hospital's training rows, with DP the fixed 0.5 a DP node uses; test on its own rows."""
+    metrics = evaluate(
+        model,
+        split.x_train,
+        split.y_train,
+        split.x_test,
+        split.y_test,
+        DP_DEFAULT_THRESHOLD if private else None,
     )
     return {
         "name": split.name,
         **{field: metrics[field] for field in REPORTED_METRICS},
-        "threshold": float(threshold),
+        "threshold": metrics["threshold"],
         "n_train": int(n_train),
         "n_test": len(split.y_test),
     }

@@ -6,6 +6,14 @@ rows and is applied only to that hospital's rows, exactly as it would be if each
 the loader on its own machine. Only the schema (column names, column types, the category
 buckets below) is shared, and schema is what a consortium agrees on in its data dictionary.
 
+Under DP even one hospital's own statistics are too much: a training mean moves when one
+patient joins, and with it every other patient's features, which DP-SGD's per-patient clipping
+does not cover. So `preprocessing="reference"` replaces every fitted number with a public,
+data-independent constant (`ColumnReference`: built in for breast-cancer and heart-disease, a
+reference file for csv), making each patient's features a function of that patient's row
+alone; csv rows are then also split train/test one row at a time (`row_split_positions`), so
+a new patient never moves another between the two. ``"fitted"`` is the default without DP.
+
 Datasets (`DATASETS`), all through `load_dataset(name, ...)`:
 
 - ``breast-cancer``: scikit-learn's bundled Wisconsin diagnostic data (569 real patients),
@@ -39,6 +47,9 @@ from models.splitting import train_test_rows
 log = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("breast-cancer", "heart-disease", "medmnist", "csv")
+PREPROCESSING: tuple[str, ...] = ("fitted", "reference")
+"""fitted: scale and impute with the hospital's own training statistics. reference: with public
+constants only, so that no patient's features depend on another patient (required under DP)."""
 
 # Where the real data lives: ../shared/data next to the repository (see its SOURCE.md files).
 DATA_DIR_ENV = "MURMUR_DATA_DIR"
@@ -83,6 +94,42 @@ _LABEL_WORDS = {
 
 class DataError(ValueError):
     """A dataset cannot be loaded as asked; the message names the problem and the fix."""
+
+
+COLUMN_KINDS = ("numeric", "categorical")
+MISSING_CATEGORY = "<missing>"  # what a missing categorical value becomes when nothing says else
+REFERENCE_FIELDS = ("column", "kind", "center", "scale", "fill")
+
+
+@dataclass(frozen=True)
+class ColumnReference:
+    """Public constants for one feature column: how it is read, scaled and imputed.
+
+    A numeric value v becomes (v - center) / scale, a missing one `fill` (default: center,
+    i.e. 0 after scaling). A categorical value is hashed into indicator columns, a missing one
+    replaced by `fill` (default `MISSING_CATEGORY`). None of it is computed from patients, so
+    one patient's features never depend on another's.
+    """
+
+    kind: str
+    center: float = 0.0
+    scale: float = 1.0
+    fill: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLUMN_KINDS:
+            raise DataError(f"reference kind {self.kind!r}: use one of {', '.join(COLUMN_KINDS)}")
+        if not (math.isfinite(self.center) and math.isfinite(self.scale) and self.scale > 0):
+            raise DataError(
+                f"reference center {self.center} and scale {self.scale} must be finite with "
+                "scale > 0"
+            )
+
+    def numeric_fill(self) -> float:
+        return self.center if self.fill == "" else float(self.fill)
+
+    def category_fill(self) -> str:
+        return self.fill or MISSING_CATEGORY
 
 
 @dataclass
@@ -141,8 +188,14 @@ def load_dataset(
     label: str | None = None,
     site: str | None = None,
     test_fraction: float = 0.25,
+    preprocessing: str = "fitted",
+    reference: str | os.PathLike[str] | None = None,
 ) -> list[HospitalSplit]:
     """Load ``name`` and return one `HospitalSplit` per hospital, deterministic given ``seed``.
+
+    ``preprocessing`` is one of `PREPROCESSING`; "reference" (what DP needs) uses the built-in
+    constants of breast-cancer and heart-disease, nothing for medmnist (whose scaling is a
+    constant anyway), and for csv the ``reference`` file (`read_reference`).
 
     ``num_hospitals``, ``alpha`` (Dirichlet label skew; None = IID) and ``test_fraction`` apply
     to the simulated partitions (breast-cancer, medmnist). Datasets with real hospitals
@@ -166,17 +219,36 @@ def load_dataset(
             f"{name!r} has real hospitals; alpha (label skew) only applies to "
             "simulated partitions (breast-cancer, medmnist): remove alpha"
         )
+    if preprocessing not in PREPROCESSING:
+        raise DataError(
+            f"unknown preprocessing {preprocessing!r}: use one of {', '.join(PREPROCESSING)}"
+        )
+    if reference is not None and name != "csv":
+        raise DataError(
+            f"a reference file only applies to dataset 'csv'; {name!r} ships its own "
+            "constants: remove reference"
+        )
 
     if name == "breast-cancer":
-        return _load_breast_cancer(num_hospitals, seed, alpha, test_fraction)
+        return _load_breast_cancer(num_hospitals, seed, alpha, test_fraction, preprocessing)
     if name == "heart-disease":
-        return load_heart_disease(path if path is not None else default_data_path(name))
+        return load_heart_disease(
+            path if path is not None else default_data_path(name), preprocessing=preprocessing
+        )
     if name == "medmnist":
         npz = path if path is not None else default_data_path(name)
         return load_medmnist(npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha)
     if path is None or label is None:
         raise DataError("dataset 'csv' needs path (a CSV file or a directory of CSVs) and label")
-    return load_csv(path, label=label, site=site, seed=seed, test_fraction=test_fraction)
+    if preprocessing == "reference" and reference is None:
+        raise DataError(
+            "csv with preprocessing 'reference' needs a reference file (columns "
+            "column,kind,center,scale,fill from a public source, docs/data.md): pass reference="
+        )
+    columns = read_reference(reference) if preprocessing == "reference" else None
+    return load_csv(
+        path, label=label, site=site, seed=seed, test_fraction=test_fraction, reference=columns
+    )
 
 
 EMBEDDED_DATA = "embedded: scikit-learn's breast cancer data (shipped with scikit-learn)"
@@ -270,10 +342,15 @@ def split_hospital(
     test_fraction: float,
     seed: int,
     feature_names: tuple[str, ...] = (),
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> HospitalSplit:
-    """Split one hospital's rows into train/test and z-score them with its own train rows."""
+    """Split one hospital's rows into train/test and z-score them with its own train rows, or,
+    given `reference` (centers, scales), with those public constants."""
     train, test = train_test_positions(name, y, test_fraction=test_fraction, seed=seed)
-    x_train, x_test = standardise_with_train(x[train], x[test])
+    if reference is None:
+        x_train, x_test = standardise_with_train(x[train], x[test])
+    else:
+        x_train, x_test = (scale_with_reference(part, *reference) for part in (x[train], x[test]))
     labels = y.astype(np.float32)
     split = HospitalSplit(name, x_train, labels[train], x_test, labels[test], feature_names)
     _warn_missing_classes(split)
@@ -306,6 +383,46 @@ def standardise_with_train(
         ((x_train - mean) / std).astype(np.float32),
         ((x_test - mean) / std).astype(np.float32),
     )
+
+
+def scale_with_reference(x: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(x - center) / scale per column, with constants: each row depends on itself only."""
+    return ((np.asarray(x, dtype=np.float64) - centers) / scales).astype(np.float32)
+
+
+def row_split_positions(
+    name: str, rows: list[list[str]], y: np.ndarray, *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test positions, each row placed by a keyed hash of its own cells.
+
+    Unlike a (stratified) permutation, where one more patient re-deals every other patient,
+    a row's side depends on that row and the seed only: adding or removing a patient leaves
+    every other patient where it was. That is what DP needs, because the guarantee is about
+    training sets that differ in one patient. The sizes are random (about test_fraction of the
+    rows go to test) and the split is not stratified. Identical rows land on the same side.
+    """
+    key = hashlib.blake2b(f"murmur row split {seed}".encode(), digest_size=32).digest()
+    in_test = np.array(
+        [
+            int.from_bytes(
+                hashlib.blake2b(
+                    "\x1f".join([*row, f"{label:g}"]).encode(), key=key, digest_size=8
+                ).digest(),
+                "little",
+            )
+            < test_fraction * 2**64
+            for row, label in zip(rows, y, strict=True)
+        ],
+        dtype=bool,
+    )
+    train, test = np.flatnonzero(~in_test), np.flatnonzero(in_test)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(
+            f"hospital {name!r}: the per-row split put all {len(rows)} rows in "
+            f"{'test' if len(train) == 0 else 'training'}; fix: add patients, or change "
+            "test_fraction or seed"
+        )
+    return train, test
 
 
 def _warn_missing_classes(split: HospitalSplit) -> None:
@@ -359,12 +476,42 @@ def _breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return x.astype(np.float64), malignant, names
 
 
+# The "Summary Statistics" (min, max) of each feature, copied from the dataset's documentation
+# (scikit-learn's breast_cancer.rst, from UCI's wdbc.names), in BREAST_CANCER_FEATURES' order.
+# Honest provenance: that table was computed over all 569 patients of this public benchmark,
+# the ones murmur trains on included. What DP needs holds: the constants are fixed, so they
+# are the same whether or not any one patient is in a hospital's training rows. They are not
+# independent of this benchmark's patients; a real deployment takes such ranges from the
+# literature or a consortium's data dictionary (the csv reference file).
+_BREAST_CANCER_RANGES: tuple[tuple[float, float], ...] = (
+    (6.981, 28.11), (9.71, 39.28), (43.79, 188.5), (143.5, 2501.0), (0.053, 0.163),
+    (0.019, 0.345), (0.0, 0.427), (0.0, 0.201), (0.106, 0.304), (0.05, 0.097),
+    (0.112, 2.873), (0.36, 4.885), (0.757, 21.98), (6.802, 542.2), (0.002, 0.031),
+    (0.002, 0.135), (0.0, 0.396), (0.0, 0.053), (0.008, 0.079), (0.001, 0.03),
+    (7.93, 36.04), (12.02, 49.54), (50.41, 251.2), (185.2, 4254.0), (0.071, 0.223),
+    (0.027, 1.058), (0.0, 1.252), (0.0, 0.291), (0.156, 0.664), (0.055, 0.208),
+)  # fmt: skip
+
+
+def breast_cancer_reference() -> tuple[np.ndarray, np.ndarray]:
+    """(centers, scales): the documented range's midpoint, and range / 6.
+
+    range / 6 estimates a standard deviation from a range for samples of a few hundred
+    (Hozo, Djulbegovic & Hozo 2005, BMC Med Res Methodol 5:13), so features land on roughly
+    the z-score scale fitted preprocessing gives, without fitting anything. Chosen a priori,
+    not tuned.
+    """
+    ranges = np.array(_BREAST_CANCER_RANGES, dtype=np.float64)
+    return ranges.mean(axis=1), (ranges[:, 1] - ranges[:, 0]) / 6.0
+
+
 def _load_breast_cancer(
-    num_hospitals: int, seed: int, alpha: float | None, test_fraction: float
+    num_hospitals: int, seed: int, alpha: float | None, test_fraction: float, preprocessing: str
 ) -> list[HospitalSplit]:
     x, y, names = _breast_cancer_arrays()
     rng = np.random.default_rng(seed)
     parts = split_across_hospitals(y, num_hospitals, rng, alpha=alpha)
+    reference = breast_cancer_reference() if preprocessing == "reference" else None
     return [
         split_hospital(
             f"hospital_{i}",
@@ -373,6 +520,7 @@ def _load_breast_cancer(
             test_fraction=test_fraction,
             seed=seed,
             feature_names=names,
+            reference=reference,
         )
         for i, rows in enumerate(parts)
     ]
@@ -381,13 +529,45 @@ def _load_breast_cancer(
 # --- heart-disease (FLamby's Fed-Heart-Disease) ---------------------------------------------
 
 
-def load_heart_disease(directory: str | os.PathLike[str]) -> list[HospitalSplit]:
+# Clinical reference points for the numeric Fed-Heart-Disease features, (center, scale) in the
+# UCI units, from guidelines and textbook physiology, not from any patient of this data set:
+# - age: 50 years, per decade (10).
+# - trestbps, resting systolic pressure: 120 mm Hg, the upper limit of "normal" (ACC/AHA 2017
+#   blood pressure guideline), per 20 mm Hg (120 to 140 spans elevated and stage 1).
+# - chol, serum cholesterol: 200 mg/dl, the upper limit of "desirable" (NCEP ATP III), per
+#   40 mg/dl (200 to 240 is "borderline high").
+# - thalach, maximum heart rate on exercise: 150 bpm, near the age-predicted maximum
+#   220 - age at 50 years (170) times the 85% at which a submaximal test counts as adequate,
+#   per 20 bpm.
+# - oldpeak, exercise ST depression: 1 mm, the conventional threshold of a positive exercise
+#   ECG (ACC/AHA exercise testing guideline), per 1 mm.
+# The 0/1 columns (sex, fbs, exang and the one-hot codes) map to -1/+1: center 0.5, scale 0.5.
+_HEART_NUMERIC_REFERENCE = {
+    "age": (50.0, 10.0),
+    "trestbps": (120.0, 20.0),
+    "chol": (200.0, 40.0),
+    "thalach": (150.0, 20.0),
+    "oldpeak": (1.0, 1.0),
+}
+
+
+def heart_disease_reference(feature_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(centers, scales) for the 13 Fed-Heart-Disease features, from clinical constants only."""
+    pairs = [_HEART_NUMERIC_REFERENCE.get(name, (0.5, 0.5)) for name in feature_names]
+    return np.array([c for c, _ in pairs]), np.array([s for _, s in pairs])
+
+
+def load_heart_disease(
+    directory: str | os.PathLike[str], *, preprocessing: str = "fitted"
+) -> list[HospitalSplit]:
     """Fed-Heart-Disease from the four UCI ``processed.*.data`` files, as FLamby builds it.
 
     Per centre: drop slope/ca/thal, drop rows still missing a value, label = (num > 0), one-hot
     cp and restecg with drop-first (13 features), split train_size 0.66 with random_state 43
     (stratified when each class has more than 2 rows), then z-score every column with that
-    centre's train mean and std (ddof=1, as FLamby's torch ``std``).
+    centre's train mean and std (ddof=1, as FLamby's torch ``std``); with
+    ``preprocessing="reference"``, scale with `heart_disease_reference`'s clinical constants
+    instead. FLamby's split is kept either way: it is the benchmark.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -408,7 +588,11 @@ def load_heart_disease(directory: str | os.PathLike[str]) -> list[HospitalSplit]
             seed=HEART_SPLIT_SEED,
             stratify=stratify,
         )
-        x_train, x_test = standardise_with_train(x[train], x[test], ddof=1)
+        if preprocessing == "reference":
+            constants = heart_disease_reference(feature_names)
+            x_train, x_test = (scale_with_reference(x[rows], *constants) for rows in (train, test))
+        else:
+            x_train, x_test = standardise_with_train(x[train], x[test], ddof=1)
         split = HospitalSplit(centre, x_train, y[train], x_test, y[test], feature_names)
         _warn_missing_classes(split)
         splits.append(split)
@@ -546,6 +730,7 @@ def load_csv(
     site: str | None = None,
     seed: int = 0,
     test_fraction: float = 0.25,
+    reference: dict[str, ColumnReference] | None = None,
 ) -> list[HospitalSplit]:
     """Hospitals from CSV: one file with a ``site`` column, or a directory of one CSV each.
 
@@ -555,6 +740,10 @@ def load_csv(
     its train mean and std); any other column is categorical (missing -> the hospital's train
     mode, then hashed into `CATEGORY_BUCKETS` indicator columns, the same layout everywhere).
     Everything fitted comes from that hospital's own training rows.
+
+    With a ``reference`` (`read_reference`; what DP needs) nothing is fitted or inferred: the
+    reference names every feature column with its kind, center, scale and fill, and each row
+    goes to train or test by itself (`row_split_positions`).
     """
     path = Path(path)
     if path.is_dir():
@@ -581,16 +770,27 @@ def load_csv(
         )
     if not tables[0].columns:
         raise DataError(f"{path} has no feature columns besides the label (and site)")
-    kinds = _column_kinds(tables)
+    if reference is None:
+        kinds = _column_kinds(tables)
+    else:
+        _check_reference_columns(path, tables[0].columns, reference)
+        kinds = {column: reference[column].kind for column in tables[0].columns}
     splits = []
     for table in tables:
         x, y = (
             np.asarray(table.cells, dtype=object).reshape(len(table.y), len(table.columns)),
             table.y,
         )
-        train, test = train_test_positions(table.name, y, test_fraction=test_fraction, seed=seed)
+        if reference is None:
+            train, test = train_test_positions(
+                table.name, y, test_fraction=test_fraction, seed=seed
+            )
+        else:
+            train, test = row_split_positions(
+                table.name, table.cells, y, test_fraction=test_fraction, seed=seed
+            )
         x_train, x_test, names = _encode_features(
-            x[train], x[test], table.columns, kinds, table.name
+            x[train], x[test], table.columns, kinds, table.name, reference
         )
         split = HospitalSplit(table.name, x_train, y[train], x_test, y[test], names)
         _warn_missing_classes(split)
@@ -766,23 +966,38 @@ def _encode_features(
     columns: tuple[str, ...],
     kinds: dict[str, str],
     hospital: str,
+    reference: dict[str, ColumnReference] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Impute, scale and one-hot one hospital's features, fitted on its own train rows only."""
+    """Impute, scale and one-hot one hospital's features: fitted on its own train rows only,
+    or, given a reference, with its constants only (then each row depends on itself alone)."""
     train_blocks, test_blocks, names = [], [], []
     for j, column in enumerate(columns):
         if kinds[column] == "numeric":
             to_float = np.vectorize(
-                lambda v: math.nan if _is_missing(v) else float(v), otypes=[float]
+                lambda v, c=column: math.nan if _is_missing(v) else _cell_number(hospital, c, v),
+                otypes=[float],
             )
             a, b = to_float(train[:, j]), to_float(test[:, j])
-            observed = a[~np.isnan(a)]
-            fill = float(np.median(observed)) if len(observed) else 0.0
+            if reference is None:
+                observed = a[~np.isnan(a)]
+                fill = float(np.median(observed)) if len(observed) else 0.0
+            else:
+                fill = reference[column].numeric_fill()
             a, b = np.where(np.isnan(a), fill, a), np.where(np.isnan(b), fill, b)
-            a, b = standardise_with_train(a[:, None], b[:, None])
+            if reference is None:
+                a, b = standardise_with_train(a[:, None], b[:, None])
+            else:
+                ref = reference[column]
+                a, b = (
+                    scale_with_reference(part[:, None], ref.center, ref.scale) for part in (a, b)
+                )
             names.append(column)
         else:
             observed = [v for v in train[:, j] if not _is_missing(v)]
-            fill = _most_common(observed) if observed else "<missing>"
+            if reference is None:
+                fill = _most_common(observed) if observed else MISSING_CATEGORY
+            else:
+                fill = reference[column].category_fill()
             _warn_bucket_collisions(hospital, column, set(observed))
             a, b = (_one_hot_buckets(column, part[:, j], fill) for part in (train, test))
             names.extend(f"{column}#{k}" for k in range(CATEGORY_BUCKETS))
@@ -793,6 +1008,91 @@ def _encode_features(
         np.hstack(test_blocks).astype(np.float32),
         tuple(names),
     )
+
+
+def _cell_number(hospital: str, column: str, value: str) -> float:
+    """A numeric cell as a float (a reference may call a column numeric that holds text)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise DataError(
+            f"hospital {hospital!r}: column {column!r} is numeric but holds {value!r}; fix: "
+            "correct the value, or make the column categorical in the reference file"
+        )
+    return number
+
+
+def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
+    """A csv reference file: one row per feature column, with the columns
+    ``column,kind,center,scale,fill`` (`ColumnReference`).
+
+    kind is numeric or categorical. A numeric row needs center and scale (> 0); its fill is
+    empty (use center) or a number. A categorical row leaves center and scale empty; its fill
+    is the category for a missing value (empty: `MISSING_CATEGORY`). The constants must come
+    from a public source (guidelines, literature, a consortium's published data dictionary),
+    never from the patients the node trains on: then they are the same with or without any
+    one patient, which DP needs.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"reference file {file} not found (columns {','.join(REFERENCE_FIELDS)})")
+    header, rows = _read_rows(file)
+    if sorted(header) != sorted(REFERENCE_FIELDS):
+        raise DataError(
+            f"{file}: a reference file has exactly the columns {','.join(REFERENCE_FIELDS)}; "
+            f"it has {','.join(header)}"
+        )
+    at = {name: header.index(name) for name in REFERENCE_FIELDS}
+    columns: dict[str, ColumnReference] = {}
+    for i, row in enumerate(rows, start=2):
+        column, kind = row[at["column"]], row[at["kind"]].lower()
+        center, scale, fill = row[at["center"]], row[at["scale"]], row[at["fill"]]
+        where = f"{file}:{i} ({column!r})"
+        if not column or column in columns:
+            raise DataError(f"{where}: every row needs a column name, each named once")
+        try:
+            if kind == "numeric":
+                if fill != "":
+                    _reference_float("fill", fill)
+                entry = ColumnReference(
+                    kind, _reference_float("center", center), _reference_float("scale", scale), fill
+                )
+            elif kind == "categorical":
+                if center or scale:
+                    raise DataError("a categorical column has no center or scale: leave them empty")
+                entry = ColumnReference(kind, fill=fill)
+            else:
+                raise DataError(f"kind {kind!r}: use numeric or categorical")
+        except DataError as error:
+            raise DataError(f"{where}: {error}") from None
+        columns[column] = entry
+    if not columns:
+        raise DataError(f"{file} has a header but no columns listed")
+    return columns
+
+
+def _reference_float(field: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise DataError(f"{field} {value!r} is not a finite number")
+    return number
+
+
+def _check_reference_columns(
+    path: Path, columns: tuple[str, ...], reference: dict[str, ColumnReference]
+) -> None:
+    missing, extra = sorted(set(columns) - set(reference)), sorted(set(reference) - set(columns))
+    if missing or extra:
+        raise DataError(
+            f"the reference does not match the feature columns of {path}: "
+            f"not in the reference {missing}, not in the data {extra}; fix: list exactly the "
+            "data's feature columns (every column but the label and site) in the reference"
+        )
 
 
 def _most_common(values: list[str]) -> str:

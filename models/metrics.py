@@ -16,6 +16,10 @@ MetricValue = float | int | None
 
 # The per-hospital clinical metrics that report.json carries (docs/report.md), for the nodes
 # and for the baselines alike.
+DP_DEFAULT_THRESHOLD = 0.5
+"""The decision threshold under DP unless the study fixes another ([evaluation] threshold):
+Youden's J on the training rows would publish one training patient's score."""
+
 REPORTED_METRICS: tuple[str, ...] = (
     "auc",
     "sensitivity",

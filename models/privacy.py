@@ -13,6 +13,9 @@ All of murmur's privacy arithmetic lives here, in one place (as in Opacus's engi
   gradients, each clipped to L2 norm C, summed, plus Gaussian noise N(0, (sigma C)^2 I),
   divided by the expected batch size (what Opacus does). Everything the node later shares is
   computed from these gradients only, so it is post-processing of the DP-SGD output.
+- `private_generator` is where every DP random draw (Poisson sampling and noise) comes from: a
+  generator whose whole state is fresh OS entropy, made anew for each use and never saved, so
+  no checkpoint, restart or seed can replay or rebuild a step's batch or noise.
 
 docs/privacy.md explains the mechanism, the guarantee and its limits.
 """
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -372,6 +377,73 @@ class PrivacyLedger:
         return cls(**values)
 
 
+# --------------------------------------------------------------------------- randomness
+
+# torch's CPU generator is a Mersenne Twister (mt19937). Its `manual_seed` keeps only the low
+# 32 bits of the seed (tested), so a generator seeded that way has 2^32 possible streams: few
+# enough to search. `private_generator` therefore writes all 624 state words (19,968 bits) from
+# the OS's CSPRNG, through torch's own state layout, which it checks before trusting it.
+_MT_WORDS = 624
+_MT_STATE_BYTES = 5056  # torch's CPUGeneratorImplState: a legacy header, the words, normal caches
+_MT_WORDS_AT = 24  # after the_initial_seed (u64), left (i32), seeded (i32), next (u64)
+_LAYOUT_CHECKED = False
+
+
+def _check_mt_layout() -> None:
+    """Confirm, once, that torch stores mt19937's words where `private_generator` writes them.
+
+    A seeded generator's first word is the seed's low 32 bits (mt19937's initialisation), its
+    `left` and `seeded` fields are 1, and each word is a u64 holding a u32. If a torch release
+    changes the layout this raises instead of seeding the noise weakly.
+    """
+    global _LAYOUT_CHECKED
+    if _LAYOUT_CHECKED:
+        return
+    state = torch.Generator().manual_seed(0x5EED_1234).get_state().numpy()
+    header = np.frombuffer(state[:_MT_WORDS_AT].tobytes(), dtype="<u4")
+    words = np.frombuffer(state[_MT_WORDS_AT : _MT_WORDS_AT + 8 * _MT_WORDS].tobytes(), dtype="<u8")
+    if not (
+        state.size == _MT_STATE_BYTES
+        and int(words[0]) == 0x5EED_1234
+        and header[2] == 1  # left
+        and header[3] == 1  # seeded
+        and int(words.max()) < 2**32
+    ):
+        raise RuntimeError(
+            f"torch {torch.__version__} stores its CPU generator's state in a layout murmur does "
+            "not know, so it cannot seed DP noise with full entropy; fix: run the torch version "
+            "in pyproject.toml, or update models/privacy.py's private_generator for this one"
+        )
+    _LAYOUT_CHECKED = True
+
+
+def private_generator() -> torch.Generator:
+    """A new generator for one DP step's Poisson sampling or noise, seeded from OS entropy.
+
+    Why a new one each time, and never saved: a generator restored from a checkpoint replays
+    the batches and noise it drew after that checkpoint (a node restarted after releasing a
+    round would release the same noise again, and the two releases together cancel it), and a
+    saved state lets whoever reads the file rebuild every draw before and after it. A fresh
+    state per call, from `secrets`, makes each step's randomness independent of every other
+    step's and of anything on disk.
+
+    All 624 mt19937 words come from `secrets` (see `_check_mt_layout`); the generator is still
+    a Mersenne Twister, not a cryptographic generator (docs/privacy.md, "Randomness").
+
+    Callers look this function up when they draw (`privacy.private_generator()`), so a test can
+    replace it, e.g. with a deliberately replaying double to check that an audit catches it.
+    """
+    _check_mt_layout()
+    generator = torch.Generator()
+    state = generator.get_state().numpy().copy()
+    entropy = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4").astype("<u8")
+    state[_MT_WORDS_AT : _MT_WORDS_AT + 8 * _MT_WORDS] = np.frombuffer(
+        entropy.tobytes(), dtype=np.uint8
+    )
+    generator.set_state(torch.from_numpy(state))
+    return generator
+
+
 # --------------------------------------------------------------------------- DP-SGD
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -390,6 +462,9 @@ class DPSGDGradient:
     gradient = (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q n), where g_i is patient i's
     gradient and q n the expected batch size (public, unlike the sampled batch's size).
 
+    The noise of every call comes from a fresh `private_generator()`, never from a generator
+    held here, so nothing this object keeps can replay it.
+
     Per-sample gradients come from one of two engines that compute the same thing
     (`engine="auto"` picks hooks when the model allows them):
     - layer hooks (fast path) when every trainable parameter belongs to an nn.Linear or
@@ -407,7 +482,6 @@ class DPSGDGradient:
         max_grad_norm: float,
         noise_multiplier: float,
         expected_batch_size: float,
-        generator: torch.Generator,
         engine: str = "auto",
     ) -> None:
         if engine not in ("auto", "hooks", "vmap"):
@@ -421,7 +495,6 @@ class DPSGDGradient:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
-        self.generator = generator
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise ValueError("the model has no trainable parameters")
@@ -460,9 +533,10 @@ class DPSGDGradient:
         sampling can draw one) still yields a noise-only gradient, as the accountant assumes.
         """
         noise_scale = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+        generator = private_generator()  # looked up now: tests may replace it
         if len(x) == 0:
             for _, param in self.named_params:
-                noise = torch.randn(param.shape, generator=self.generator, dtype=param.dtype)
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                 param.grad = noise.mul_(noise_scale)
             return torch.zeros(0)
         parts, losses = self._parts(x, y)
@@ -471,7 +545,7 @@ class DPSGDGradient:
         weights = clip_factors(squared_norms.sqrt(), self.max_grad_norm) / self.expected_batch_size
         for (_, param), part in zip(self.named_params, parts, strict=True):
             gradient = part.weighted_sum(weights)
-            noise = torch.randn(gradient.shape, generator=self.generator, dtype=gradient.dtype)
+            noise = torch.randn(gradient.shape, generator=generator, dtype=gradient.dtype)
             param.grad = gradient.add_(noise, alpha=noise_scale)
         return losses
 

@@ -7,14 +7,15 @@ without DP, so the learning rate means the same thing either way and the DP and 
 differ only in how the gradient is made (benchmarked in bench/dp.py).
 
 With a `PrivacyLedger` the trainer takes DP-SGD steps (models/privacy.py), charges the ledger
-before each one, and stops rather than exceed the budget. See docs/privacy.md.
+before each one, and stops rather than exceed the budget. Each DP step draws its batch from a
+fresh `privacy.private_generator()`, and nothing about that randomness is saved. Under DP the
+loss uses no statistic of the training rows (`loss_weights`). See docs/privacy.md.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -25,10 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.sgd import sgd as sgd_update
 
+from models import privacy
 from models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("bce", "focal")
+CLASS_WEIGHTING = ("auto", "balanced", "none")
+"""auto: balanced without DP, none under DP. balanced: n / (2 n_class) from the training labels,
+refused under DP. none: every patient weighs 1. Fixed weights are `class_weights`."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,12 @@ class TrainingSettings:
     momentum: float = 0.0
     loss: str = "bce"  # "bce" or "focal" (Lin et al. 2017)
     focal_gamma: float = 2.0
-    class_weighting: bool = True  # weight each class by n / (2 n_class)
+    class_weighting: str = "auto"  # one of CLASS_WEIGHTING; see `loss_weights`
+    # Fixed (negative, positive) loss weights, e.g. from a published prevalence: data-independent,
+    # so allowed under DP. Needs class_weighting "auto".
+    class_weights: tuple[float, float] | None = None
     fedprox_mu: float = 0.0  # FedProx proximal term (mu / 2) ||w - w_ref||^2; 0 turns it off
-    seed: int = 0  # batch sampling without DP
-    dp_seed: int | None = None  # DP sampling and noise; None = OS entropy (see docs/privacy.md)
+    seed: int = 0  # batch sampling without DP (DP draws from privacy.private_generator())
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -64,6 +71,23 @@ class TrainingSettings:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if not (math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0):
             raise ValueError(f"fedprox_mu must be a finite number >= 0, got {self.fedprox_mu}")
+        if self.class_weighting not in CLASS_WEIGHTING:
+            raise ValueError(
+                f"unknown class_weighting {self.class_weighting!r}: use one of {CLASS_WEIGHTING}"
+            )
+        if self.class_weights is not None:
+            if len(self.class_weights) != 2 or not all(
+                math.isfinite(w) and w > 0 for w in self.class_weights
+            ):
+                raise ValueError(
+                    f"class_weights must be two finite numbers > 0 (negative, positive), got "
+                    f"{self.class_weights}"
+                )
+            if self.class_weighting != "auto":
+                raise ValueError(
+                    f"class_weights {self.class_weights} conflict with class_weighting "
+                    f"{self.class_weighting!r}; fix: give one of the two"
+                )
 
 
 @dataclass(frozen=True)
@@ -90,8 +114,10 @@ def poisson_sample_rate(n_samples: int, batch_size: int) -> float:
 def class_weights(y: np.ndarray | torch.Tensor) -> tuple[float, float]:
     """(negative, positive) weights n / (2 n_class), so both classes weigh the same in total.
 
-    A class with no rows gets weight 1 (there is nothing to balance). Under DP these weights
-    depend on the hospital's class counts, which murmur treats as public (docs/privacy.md).
+    A class with no rows gets weight 1 (there is nothing to balance). These weights are a
+    statistic of the training labels: adding or removing one patient changes every other
+    patient's weighted gradient, so DP-SGD's sensitivity would no longer be C. `loss_weights`
+    never uses them under DP.
     """
     labels = torch.as_tensor(y).flatten()
     n = labels.numel()
@@ -102,9 +128,38 @@ def class_weights(y: np.ndarray | torch.Tensor) -> tuple[float, float]:
     return n / (2 * negatives), n / (2 * positives)
 
 
-def make_loss(settings: TrainingSettings, y_train: torch.Tensor) -> PerSampleLoss:
-    """The per-sample loss the settings ask for: BCE or focal, optionally class-weighted."""
-    weight_neg, weight_pos = class_weights(y_train) if settings.class_weighting else (1.0, 1.0)
+def loss_weights(
+    settings: TrainingSettings, y_train: np.ndarray | torch.Tensor, *, private: bool
+) -> tuple[float, float]:
+    """The (negative, positive) loss weights training uses; under DP, never from the labels.
+
+    Fixed `class_weights` are used as given (they are data-independent). "balanced" is refused
+    under DP: its weights n / (2 n_class) make each patient's clipped gradient depend on the
+    others' labels (docs/privacy.md, "What training computes from the data").
+    """
+    if settings.class_weights is not None:
+        return float(settings.class_weights[0]), float(settings.class_weights[1])
+    if settings.class_weighting == "none" or (settings.class_weighting == "auto" and private):
+        return 1.0, 1.0
+    if private:
+        raise ValueError(
+            "class_weighting 'balanced' computes loss weights from the training labels, so one "
+            "patient would change every other patient's gradient and DP-SGD's sensitivity would "
+            "exceed max_grad_norm; fix: use 'auto' or 'none', or fixed class_weights "
+            "(e.g. from a published prevalence)"
+        )
+    return class_weights(y_train)
+
+
+def make_loss(
+    settings: TrainingSettings, y_train: np.ndarray | torch.Tensor, *, private: bool
+) -> PerSampleLoss:
+    """The per-sample loss the settings ask for: BCE or focal, weighted by `loss_weights`.
+
+    `private` says whether the loss is for DP-SGD. Each sample's loss depends on its own logit
+    and label only, so per-sample clipping bounds each patient's influence.
+    """
+    weight_neg, weight_pos = loss_weights(settings, y_train, private=private)
     focal, gamma = settings.loss == "focal", settings.focal_gamma
 
     def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,13 +195,12 @@ class LocalTrainer:
         self.x, self.y = _as_training_tensors(x_train, y_train)
         self.model = model
         self.settings = settings
-        self.loss_fn = make_loss(settings, self.y)
+        self.loss_fn: PerSampleLoss  # built by the ledger setter: it depends on DP
         self.optimizer: Optimizer = _make_optimizer(model, settings)
+        # Batches without DP only. DP's sampling and noise come from a fresh
+        # privacy.private_generator() per step: a seed peers know (the config's) would let them
+        # regenerate the noise, and a saved generator would replay it after a restart.
         self.sampling_rng = torch.Generator().manual_seed(settings.seed)
-        # DP's sampling and noise must be unpredictable to peers: a seed they could know (the
-        # config's) would let them regenerate and subtract the noise.
-        private_seed = settings.dp_seed if settings.dp_seed is not None else secrets.randbits(63)
-        self.private_rng = torch.Generator().manual_seed(private_seed)
         self.rounds_trained = 0
         self._ledger: PrivacyLedger | None = None
         self._dp: DPSGDGradient | None = None
@@ -177,6 +231,8 @@ class LocalTrainer:
                 f"trainer samples at {self.sample_rate():.6g} ({len(self.y)} rows, batch_size "
                 f"{self.settings.batch_size}); fix: plan the ledger with trainer.sample_rate()"
             )
+        # "auto" class weighting depends on whether training is private: rebuild the loss.
+        self.loss_fn = make_loss(self.settings, self.y, private=ledger is not None)
         self._ledger = ledger
         if self._dp is not None:
             self._dp.close()
@@ -188,7 +244,6 @@ class LocalTrainer:
                 max_grad_norm=ledger.max_grad_norm,
                 noise_multiplier=ledger.noise_multiplier,
                 expected_batch_size=self.expected_batch_size(),
-                generator=self.private_rng,
                 engine=self.dp_engine,
             )
 
@@ -224,7 +279,6 @@ class LocalTrainer:
                 f"{ledger.epsilon_budget} after {ledger.steps_taken} steps; no step is left"
             )
         anchor = self._fedprox_anchor(reference_state)
-        rng = self.private_rng if self._dp is not None else self.sampling_rng
         self.model.train()
         taken = samples = 0
         loss_total = torch.zeros(())
@@ -236,6 +290,9 @@ class LocalTrainer:
                 except BudgetExhausted:
                     exhausted = True
                     break
+            # Under DP a new OS-seeded generator per step (looked up now, so tests may replace
+            # it): no step's batch can be replayed or rebuilt from anything saved.
+            rng = privacy.private_generator() if self._dp is not None else self.sampling_rng
             batch = self._poisson_batch(rng)
             x, y = self.x[batch], self.y[batch]
             self.optimizer.zero_grad(set_to_none=True)
@@ -298,22 +355,24 @@ class LocalTrainer:
     # ----------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and random-number state (the model and ledger are saved by their owners)."""
+        """Optimizer state and the non-DP sampler's state (the model and ledger are saved by
+        their owners). No DP randomness is saved: there is none to save (`private_generator`)."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "sampling_rng": self.sampling_rng.get_state(),
-            "private_rng": self.private_rng.get_state(),
             "rounds_trained": self.rounds_trained,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = {"optimizer", "sampling_rng", "private_rng", "rounds_trained"} - set(state)
+        """Restore `state_dict()`. A checkpoint written before DP draws moved to
+        `private_generator` also holds "private_rng", the old DP generator's state: it is
+        ignored on purpose, because restoring it would replay that generator's noise."""
+        missing = {"optimizer", "sampling_rng", "rounds_trained"} - set(state)
         if missing:
             raise ValueError(f"trainer state lacks {sorted(missing)}; the checkpoint is damaged")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampling_rng.set_state(state["sampling_rng"])
-            self.private_rng.set_state(state["private_rng"])
         except (ValueError, RuntimeError, KeyError, TypeError) as err:
             raise ValueError(f"trainer state does not fit this model/optimizer: {err}") from err
         self.rounds_trained = int(state["rounds_trained"])
@@ -353,6 +412,37 @@ def predict_proba(
     if not chunks:
         return np.zeros(0, dtype=np.float64)
     return torch.cat(chunks).numpy().astype(np.float64)
+
+
+def evaluate(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    fixed_threshold: float | None,
+) -> dict[str, Any]:
+    """Clinical metrics on the held-out rows, at a threshold that never looks at them.
+
+    With `fixed_threshold` None (no DP) the threshold is Youden's J on the training rows and
+    the majority baseline is the training labels' majority. With a fixed threshold (DP's
+    default, 0.5) nothing returned is computed from training rows: Youden's threshold would be
+    one training patient's score, so the majority baseline is the test split's own
+    (docs/privacy.md). Every node and every baseline evaluates through this one function.
+    """
+    from models.metrics import clinical_metrics  # metrics imports no torch; kept local
+
+    threshold = fixed_threshold
+    if threshold is None:
+        threshold = choose_threshold(y_train, predict_proba(model, x_train))
+    metrics = clinical_metrics(
+        y_test,
+        predict_proba(model, x_test),
+        threshold,
+        y_train=None if fixed_threshold is not None else y_train,
+    )
+    metrics["threshold"] = float(threshold)
+    return metrics
 
 
 def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:

@@ -397,6 +397,7 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     app[UPLOADS_KEY] = UploadSlots(node.config.peer_listener.max_uploads_per_address)
     app.router.add_post("/gossip", gossip, expect_handler=expect_peer_body)
     app.router.add_post("/receipts", receipts_route, expect_handler=expect_peer_body)
+    app.router.add_post("/probe", probe, expect_handler=expect_peer_body)
     app.router.add_get("/health", health)
     return app
 
@@ -484,6 +485,16 @@ async def gossip(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     status_code, reason, _detail = request.app[NODE_KEY].receive(body, source=_source(request))
+    return web.json_response({"reason": reason}, status=status_code)
+
+
+async def probe(request: web.Request) -> web.Response:
+    """POST /probe: does this node take the asking neighbour's envelopes (gossip/probe.py)?
+    The answer carries only the verdict's reason code, as /gossip's does."""
+    body = await read_peer_body(request)
+    if isinstance(body, web.Response):
+        return body
+    status_code, reason = request.app[NODE_KEY].answer_probe(body)
     return web.json_response({"reason": reason}, status=status_code)
 
 

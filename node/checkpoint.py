@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import msgpack
 import numpy as np
 
 from node.audit import AuditError, audit_db_path, prior_activity
+from node.binding import binding_problem
 from node.durable import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.murmur"
@@ -51,9 +53,13 @@ class CheckpointError(Exception):
 class NodeCheckpoint:
     """Everything a node needs to continue exactly where it stopped.
 
-    `trainer_state` is opaque bytes (torch.save of optimizer and RNG state into a BytesIO);
+    `trainer_state` is opaque bytes (torch.save of optimizer and non-DP sampler state; no DP
+    randomness is ever saved, docs/privacy.md "Randomness");
     `privacy` and `replay` are the plain-data states of the privacy ledger and replay guard.
-    Those dicts round-trip through msgpack: tuples come back as lists.
+    `binding` holds the configuration fields the checkpoint may only resume under
+    (node/binding.py); checkpoints written before it existed have none and are bound to
+    `config_sha256`, the config file's raw bytes. Those dicts round-trip through msgpack:
+    tuples come back as lists.
     """
 
     round: int
@@ -63,6 +69,7 @@ class NodeCheckpoint:
     replay: dict[str, Any]
     config_sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
+    binding: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_path(state_dir: Path | str) -> Path:
@@ -106,6 +113,7 @@ def encode_checkpoint(ckpt: NodeCheckpoint) -> bytes:
         "replay": ckpt.replay,
         "config_sha256": ckpt.config_sha256,
         "extra": ckpt.extra,
+        "binding": ckpt.binding,
     }
     try:
         packed = msgpack.packb(body, use_bin_type=True, default=_plain)
@@ -163,11 +171,13 @@ def _from_body(body: dict[str, Any]) -> NodeCheckpoint:
         replay=body["replay"],
         config_sha256=body["config_sha256"],
         extra=body["extra"],
+        binding=body.get("binding", {}),  # absent in checkpoints from before node/binding.py
     )
     if not isinstance(ckpt.round, int) or not isinstance(ckpt.trainer_state, bytes):
         raise ValueError("round or trainer_state has the wrong type")
-    if not all(isinstance(d, dict) for d in (ckpt.privacy, ckpt.replay, ckpt.extra)):
-        raise ValueError("privacy, replay and extra must be maps")
+    maps = (ckpt.privacy, ckpt.replay, ckpt.extra, ckpt.binding)
+    if not all(isinstance(d, dict) for d in maps):
+        raise ValueError("privacy, replay, extra and binding must be maps")
     return ckpt
 
 
@@ -190,13 +200,22 @@ def save_checkpoint(state_dir: Path | str, ckpt: NodeCheckpoint) -> str:
 
 
 def load_checkpoint(
-    state_dir: Path | str, *, expected_config_sha256: str | None = None
+    state_dir: Path | str,
+    *,
+    expected_config_sha256: str | None = None,
+    binding: Mapping[str, Any] | None = None,
+    config_file: str = "the config file",
 ) -> NodeCheckpoint | None:
     """The last checkpoint, or None when this state directory never had one.
 
     Raises CheckpointError, naming the file and the fix, when the file is damaged, belongs to
     another configuration, is missing although the audit log shows earlier rounds, or is older
     than the last checkpoint the audit log recorded (restored from a stale copy).
+
+    "Another configuration": with `binding` (node/binding.py), a checkpoint that records its
+    own binding may resume unless a bound field changed; one from before bindings existed
+    may resume only under the config file whose raw SHA-256 it recorded. Without `binding`,
+    only `expected_config_sha256` is compared.
     """
     state_dir = Path(state_dir)
     path = checkpoint_path(state_dir)
@@ -225,7 +244,24 @@ def load_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}. Check its permissions.") from exc
     ckpt = decode_checkpoint(data, source=str(path))
-    if expected_config_sha256 is not None and ckpt.config_sha256 != expected_config_sha256:
+    if binding is not None and ckpt.binding:
+        problem = binding_problem(ckpt.binding, binding, config_file)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}")
+    elif (
+        binding is not None
+        and expected_config_sha256 is not None
+        and ckpt.config_sha256 != expected_config_sha256
+    ):
+        raise CheckpointError(
+            f"{path} was written by an earlier murmur, which bound a checkpoint to the config "
+            f"file's exact bytes (SHA-256 {ckpt.config_sha256}); {config_file} now hashes to "
+            f"{expected_config_sha256}. Fix: put back the config file exactly as it was when "
+            "this node last ran (comments included) and start the node once: its next "
+            "checkpoint records the fields it is bound to, and from then on only those must "
+            "stay (docs/config.md)."
+        )
+    elif expected_config_sha256 is not None and ckpt.config_sha256 != expected_config_sha256:
         raise CheckpointError(
             f"{path} was written under configuration {ckpt.config_sha256}, but the node now runs "
             f"configuration {expected_config_sha256}. Its privacy budget belongs to that "

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from gossip.trust import TrustSettings
+from models.metrics import DP_DEFAULT_THRESHOLD
+
+# Kept here, not imported from models/, so reading a config does not import torch.
+CLASS_WEIGHTING = ("auto", "balanced", "none")
+PREPROCESSING = ("auto", "fitted", "reference")
 
 
 class ConfigError(ValueError):
@@ -161,6 +167,17 @@ class DataSection:
     label: str | None = None
     site: str | None = None
     test_fraction: float = 0.25
+    # How features are scaled and imputed: "fitted" on this hospital's training rows, or from
+    # public "reference" constants (built in, or the csv `reference` file). "auto": fitted
+    # without DP, reference under DP, where fitted statistics are refused (docs/privacy.md).
+    preprocessing: str = "auto"
+    reference: Path | None = None  # csv only: column,kind,center,scale,fill (docs/data.md)
+
+    def resolved_preprocessing(self, private: bool) -> str:
+        """ "fitted" or "reference": what "auto" means with or without DP."""
+        if self.preprocessing == "auto":
+            return "reference" if private else "fitted"
+        return self.preprocessing
 
     def validate(self) -> None:
         known = ("breast-cancer", "heart-disease", "medmnist", "csv")
@@ -198,6 +215,26 @@ class DataSection:
                 "is required for dataset = 'csv'",
                 'label = "outcome"',
             )
+        _require(
+            self.preprocessing in PREPROCESSING,
+            "data.preprocessing",
+            f"unknown preprocessing {self.preprocessing!r}",
+            f"use one of {', '.join(PREPROCESSING)}",
+        )
+        if self.reference is not None:
+            _require(
+                self.dataset == "csv",
+                "data.reference",
+                f"only applies to dataset = 'csv' ({self.dataset!r} ships its own constants)",
+                "remove reference",
+            )
+        if self.dataset == "csv" and self.preprocessing == "reference":
+            _require(
+                self.reference is not None,
+                "data.reference",
+                "is required for preprocessing = \"reference\" with dataset = 'csv'",
+                'reference = "reference.csv" (columns column,kind,center,scale,fill)',
+            )
 
 
 @dataclass(frozen=True)
@@ -231,9 +268,18 @@ class TrainingSection:
     momentum: float = 0.0
     loss: str = "bce"
     focal_gamma: float = 2.0
-    class_weighting: bool = True
+    # "auto": balanced n / (2 n_class) without DP, none under DP; "balanced" (refused under
+    # DP); "none". Older configs' true / false mean "balanced" / "none".
+    class_weighting: str | bool = "auto"
+    class_weights: list[float] | None = None  # fixed [w_neg, w_pos]: data-independent, DP-safe
     fedprox_mu: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.class_weighting, bool):
+            object.__setattr__(
+                self, "class_weighting", "balanced" if self.class_weighting else "none"
+            )
 
     def validate(self) -> None:
         _require(self.rounds >= 1, "training.rounds", "must be >= 1", "rounds = 20")
@@ -255,6 +301,26 @@ class TrainingSection:
             self.loss in ("bce", "focal"), "training.loss", "unknown loss", 'use "bce" or "focal"'
         )
         _require(self.fedprox_mu >= 0, "training.fedprox_mu", "must be >= 0", "fedprox_mu = 0.01")
+        _require(
+            self.class_weighting in CLASS_WEIGHTING,
+            "training.class_weighting",
+            f"unknown class weighting {self.class_weighting!r}",
+            'use "auto", "balanced" or "none", or fixed class_weights = [1.0, 2.0]',
+        )
+        if self.class_weights is not None:
+            _require(
+                len(self.class_weights) == 2
+                and all(math.isfinite(w) and w > 0 for w in self.class_weights),
+                "training.class_weights",
+                f"must be two numbers > 0, [negative, positive] (got {self.class_weights})",
+                "class_weights = [1.0, 2.0]",
+            )
+            _require(
+                self.class_weighting == "auto",
+                "training.class_weights",
+                f"conflicts with class_weighting = {self.class_weighting!r}",
+                "remove class_weighting (fixed weights replace it) or remove class_weights",
+            )
 
 
 @dataclass(frozen=True)
@@ -287,6 +353,30 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class EvaluationSection:
+    """How the node evaluates its model on its held-out split (the metrics it reports)."""
+
+    # The decision threshold. Omitted: Youden's J on the training rows without DP; under DP 0.5,
+    # because Youden's threshold is one training patient's score and metrics are published.
+    threshold: float | None = None
+
+    def resolved_threshold(self, private: bool) -> float | None:
+        """The fixed threshold to use, or None for Youden's J on the training rows."""
+        if self.threshold is not None:
+            return self.threshold
+        return DP_DEFAULT_THRESHOLD if private else None
+
+    def validate(self) -> None:
+        if self.threshold is not None:
+            _require(
+                0 <= self.threshold <= 1,
+                "evaluation.threshold",
+                "must be in [0, 1]",
+                "threshold = 0.5, or omit it",
+            )
+
+
+@dataclass(frozen=True)
 class AggregationSection:
     rule: str = "clipping"
     f: int = 0
@@ -311,6 +401,11 @@ class GossipSection:
     send_timeout_s: float = 5.0
     max_message_bytes: int = 0
     timestamp_window_s: float = 300.0
+    # Neighbours that must be up and admitting this node before it trains a round (None:
+    # what the aggregation rule needs to be robust, at least 1); 0 lets a node train alone.
+    min_neighbours: int | None = None
+    # Rounds in a row a neighbour may stay silent before rounds stop waiting for it.
+    down_after_rounds: int = 3
 
     def validate(self) -> None:
         _require(
@@ -339,6 +434,19 @@ class GossipSection:
             "gossip.timestamp_window_s",
             "must be > 0",
             "timestamp_window_s = 300",
+        )
+        if self.min_neighbours is not None:
+            _require(
+                self.min_neighbours >= 0,
+                "gossip.min_neighbours",
+                "must be >= 0",
+                "min_neighbours = 1, or omit it for what the aggregation rule needs",
+            )
+        _require(
+            self.down_after_rounds >= 1,
+            "gossip.down_after_rounds",
+            "must be >= 1",
+            "down_after_rounds = 3",
         )
 
 
@@ -448,6 +556,7 @@ class NodeConfig:
     aggregation: AggregationSection
     gossip: GossipSection
     audit: AuditSection
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     trust: TrustSection = field(default_factory=TrustSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
     operator: OperatorSection = field(default_factory=OperatorSection)
@@ -482,6 +591,7 @@ class NodeConfig:
             self.aggregation,
             self.gossip,
             self.audit,
+            self.evaluation,
             self.trust,
             self.adversary,
             self.operator,
@@ -497,6 +607,37 @@ class NodeConfig:
             f"uses port {operator_port}, which node.listen (the peer listener) already uses",
             'give the operator listener a port of its own, e.g. listen = "127.0.0.1:9700"',
         )
+        if self.privacy.enabled:
+            self._check_data_independent_training()
+
+    def _check_data_independent_training(self) -> None:
+        """Under DP, refuse every setting that makes training use a statistic of the training
+        rows: such a statistic lets one patient move every other patient's clipped gradient,
+        so the noise calibrated for max_grad_norm no longer covers them (docs/privacy.md)."""
+        _require(
+            self.training.class_weighting != "balanced",
+            "training.class_weighting",
+            '= "balanced" computes loss weights from this hospital\'s training labels, which '
+            "DP-SGD's sensitivity does not cover",
+            'omit it ("auto": no weighting under DP), or fix the weights from a published '
+            "prevalence: class_weights = [w_neg, w_pos], or set privacy.enabled = false",
+        )
+        _require(
+            self.data.preprocessing != "fitted",
+            "data.preprocessing",
+            '= "fitted" scales and imputes with this hospital\'s training means, standard '
+            "deviations, medians and modes, which DP-SGD's sensitivity does not cover",
+            'omit it ("auto": public reference constants under DP), or set privacy.enabled = false',
+        )
+        if self.data.dataset == "csv":
+            _require(
+                self.data.reference is not None,
+                "data.reference",
+                "is required under DP for dataset = 'csv': without it features would be scaled "
+                "and imputed with statistics of the training rows",
+                'reference = "reference.csv" with columns column,kind,center,scale,fill taken '
+                "from a public source (docs/data.md), or set privacy.enabled = false",
+            )
 
 
 _SECTIONS: dict[str, type] = {
@@ -508,6 +649,7 @@ _SECTIONS: dict[str, type] = {
     "aggregation": AggregationSection,
     "gossip": GossipSection,
     "audit": AuditSection,
+    "evaluation": EvaluationSection,
     "trust": TrustSection,
     "adversary": AdversarySection,
     "operator": OperatorSection,
@@ -610,7 +752,15 @@ def _coerce(value: Any, hint: Any, where: str, base_dir: Path) -> Any:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where, base_dir)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, base_dir)
+        for candidate in inner:  # e.g. str | bool: the first type the value is
+            try:
+                return _coerce(value, candidate, where, base_dir)
+            except ConfigError:
+                continue
+        wanted = " or ".join(_WANTED.get(c, str(c)) for c in inner)
+        _expect(False, where, value, wanted)
     if hint is Path:
         _expect(isinstance(value, str), where, value, "a path string")
         p = Path(value).expanduser()
@@ -641,6 +791,9 @@ def _coerce(value: Any, hint: Any, where: str, base_dir: Path) -> Any:
     raise TypeError(
         f"unsupported config type {hint} at {where}"
     )  # a bug in this module, not in the file
+
+
+_WANTED: dict[Any, str] = {str: "a string in quotes", bool: "true or false"}
 
 
 def _expect(ok: bool, where: str, value: Any, wanted: str) -> None:

@@ -63,6 +63,22 @@ class NodeMetrics:
             ["outcome"],
             registry=r,
         )
+        self.peer_up = Gauge(
+            "murmur_peer_up",
+            "1 while rounds wait for the peer, 0 once it is marked down for staying silent",
+            ["peer"],
+            registry=r,
+        )
+        self.neighbours_counted = Gauge(
+            "murmur_neighbours_counted",
+            "Neighbours up and admitting this node (compare with gossip.min_neighbours)",
+            registry=r,
+        )
+        self.waiting_for_neighbours = Gauge(
+            "murmur_waiting_for_neighbours",
+            "1 while a round waits because too few neighbours can take it, else 0",
+            registry=r,
+        )
         self.invalid_evidence = Counter(
             "murmur_invalid_evidence",
             "Piggybacked receipts or proofs whose signatures do not verify (ignored)",

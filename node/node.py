@@ -26,9 +26,11 @@ from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, load_identity, load_public_key
 from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
 from gossip.attacks import Adversary, attack_rng, flip_labels
-from gossip.feasibility import check_node
+from gossip.feasibility import check_min_neighbours, check_node, default_min_neighbours
+from gossip.liveness import LivenessChange, PeerLiveness
+from gossip.probe import Contact, Reach, build_probe, check_probe
 from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
-from gossip.rounds import InboxVerdict, RoundInbox
+from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
 from gossip.wire import (
@@ -44,13 +46,13 @@ from gossip.wire import (
     default_max_message_bytes,
 )
 from models.data import HospitalSplit, load_dataset, resolved_data_path
-from models.metrics import clinical_metrics
 from models.nets import build_model
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from models.privacy import BudgetExhausted, PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, choose_threshold, predict_proba
+from models.training import LocalTrainer, TrainingSettings, evaluate
 from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
+from node.binding import config_binding, data_fingerprint
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
 from node.durable import atomic_write
@@ -65,6 +67,12 @@ VERSION = __version__
 SIGNED_ROUND_FILE = "signed_round.json"
 MAX_PENDING_PROOFS = 64
 MAX_REMEMBERED_PROOFS = 1024
+# Waiting for neighbours before a round: probes back off from the first delay to the
+# longest, and the wait is logged whenever its reasons change and at least every reminder.
+PROBE_FIRST_DELAY_S = 0.25
+PROBE_MAX_DELAY_S = 5.0
+PROBE_TIMEOUT_S = 2.0
+WAIT_REMINDER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,8 @@ class NodeState:
     # What this node trains and tests on (operator-only, like every field here): the data set,
     # where it was read from, and the split sizes the report's "n train" / "n test" show.
     data: dict[str, Any] = field(default_factory=dict)
+    # min_neighbours, who counts toward it now, and (while the node waits) why the rest don't
+    neighbours: dict[str, Any] = field(default_factory=dict)
 
 
 class HospitalNode:
@@ -169,7 +179,8 @@ class HospitalNode:
             momentum=config.training.momentum,
             loss=config.training.loss,
             focal_gamma=config.training.focal_gamma,
-            class_weighting=config.training.class_weighting,
+            class_weighting=str(config.training.class_weighting),
+            class_weights=_pair(config.training.class_weights),
             fedprox_mu=config.training.fedprox_mu,
             seed=config.training.seed + _stable_int(config.node.name),
         )
@@ -248,6 +259,20 @@ class HospitalNode:
         )
         self.next_round = 1
         self.stop = asyncio.Event()
+        gossip = config.gossip
+        self.min_neighbours = (
+            gossip.min_neighbours
+            if gossip.min_neighbours is not None
+            else default_min_neighbours(config.aggregation.rule, config.aggregation.f)
+        )
+        self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self.peers))
+        self.liveness = PeerLiveness(
+            [p.name for p in self.peers], down_after=gossip.down_after_rounds
+        )
+        # Set whenever a neighbour's envelope is accepted, so a node waiting for neighbours
+        # looks again at once instead of at its next probe.
+        self._neighbour_news = asyncio.Event()
+        self._refresh_liveness_status()
         self._refresh_privacy_status()
         self._refresh_trust_status()
         self._restore()
@@ -271,6 +296,8 @@ class HospitalNode:
             label=d.label,
             site=d.site,
             test_fraction=d.test_fraction,
+            preprocessing=d.resolved_preprocessing(self.config.privacy.enabled),
+            reference=d.reference,
         )
         names = [s.name for s in splits]
         if d.hospital in names:
@@ -294,8 +321,20 @@ class HospitalNode:
         }
 
     def _restore(self) -> None:
-        """Continue from the last checkpoint, never from scratch while claiming an old budget."""
-        ckpt = load_checkpoint(self.state_dir, expected_config_sha256=self.config.sha256)
+        """Continue from the last checkpoint, never from scratch while claiming an old budget,
+        and never under changed privacy or model fields (node/binding.py)."""
+        self.binding = config_binding(
+            self.config,
+            public_key=self.identity.public_key,
+            fingerprint=data_fingerprint(self.data.x_train, self.data.y_train),
+            delta=self.ledger.delta if self.ledger is not None else None,
+        )
+        ckpt = load_checkpoint(
+            self.state_dir,
+            expected_config_sha256=self.config.sha256,
+            binding=self.binding,
+            config_file=str(self.config.source or "the config file"),
+        )
         if ckpt is None:
             # A fresh node: checkpoint round 0 before any training, so a node killed in its
             # first round restarts from here with its write-ahead privacy spend intact.
@@ -333,6 +372,11 @@ class HospitalNode:
         log.info(
             "restored checkpoint of round %d; continuing at round %d", ckpt.round, self.next_round
         )
+        if not ckpt.binding:
+            # Written by an earlier murmur and resumed under its exact config file: bind it
+            # now, so that from here on only the bound fields must stay (node/binding.py).
+            self._checkpoint(ckpt.round)
+            log.info("checkpoint of round %d now records the fields it is bound to", ckpt.round)
 
     def check_feasibility(self) -> None:
         problem = check_node(
@@ -340,6 +384,11 @@ class HospitalNode:
             len(self.peers),
             self.config.aggregation.rule,
             self.config.aggregation.f,
+        ) or check_min_neighbours(
+            self.config.node.name,
+            len(self.peers),
+            self.min_neighbours,
+            explicit=self.config.gossip.min_neighbours is not None,
         )
         if problem:
             raise StartupError(problem)
@@ -365,6 +414,8 @@ class HospitalNode:
             return 409, "rollback", refused
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self.inbox.offer(sender, opened.round, received)
+        if verdict is not InboxVerdict.OLD_ROUND or opened.round >= self.inbox.current_round - 1:
+            self._spoke(sender, opened.round)  # up again if it was down (gossip/liveness.py)
         peer = self.state.peers[sender]
         peer["last_round"] = max(peer["last_round"], opened.round)
         peer["last_seen"] = time.time()
@@ -601,20 +652,26 @@ class HospitalNode:
     # ---------------------------------------------------------------- the round loop
 
     async def run_rounds(self, transport: PeerTransport) -> None:
-        """Run every planned round that is left, then return."""
-        await self._wait_for_peers(transport)
+        """Run every planned round that is left, then return.
+
+        Before each round: jump ahead if a quorum of trusted peers is there, then hold the
+        round until enough neighbours can take it (`_wait_for_peers`), so no privacy budget
+        is spent on a round nobody receives.
+        """
         planned = self.config.training.rounds
-        quorum = self.config.aggregation.f + 1
         r = self.next_round
+        starting = True
         while r <= planned and not self.stop.is_set():
-            target = self.inbox.catch_up_round(quorum)
-            if target is not None and target > r:
-                log.info(
-                    "behind: %d peers are at round %d; jumping from round %d", quorum, target, r
-                )
-                self.audit.append("catch_up", r, to_round=target, quorum=quorum)
-                r = target
+            jump = self._catch_up_target()
+            if jump is not None and jump.round > r:
+                self._jump(r, jump)
+                r = jump.round
             self.inbox.advance_to(r)
+            if not await self._wait_for_peers(transport, r, starting=starting):
+                break
+            starting = False
+            if self._catch_up_target() is not None:
+                continue  # the network moved on while this node waited: jump first
             try:
                 await self._one_round(r, transport)
             except BudgetExhausted as exc:
@@ -624,6 +681,46 @@ class HospitalNode:
                 return
             r += 1
         self.state.phase = "stopped" if self.stop.is_set() else "done"
+
+    def _catch_up_target(self) -> CatchUp | None:
+        """The round a quorum of trusted peers has reached, if ahead of ours.
+
+        Claims of quarantined peers and of proven equivocators never count (a proof is a fact
+        even with trust off, and a liar's round claims are worth nothing); the quorum is
+        `catch_up_quorum`, so one far-ahead peer alone cannot make this node skip rounds.
+        """
+        distrusted = self.trust.quarantined() | set(self.trust.proven())
+        return self.inbox.catch_up_round(self.catch_up_quorum, exclude=distrusted)
+
+    def _jump(self, r: int, jump: CatchUp) -> None:
+        """Log and audit a catch-up; a jump over more than one round loudly, with who vouched."""
+        skipped = jump.round - r
+        if skipped > 1:
+            log.warning(
+                "\n%s\nCATCH-UP: jumping from round %d to round %d, skipping %d rounds (no "
+                "privacy budget is spent on them); vouched for by %s (quorum %d of %d "
+                "neighbours)\n%s",
+                "=" * 78,
+                r,
+                jump.round,
+                skipped,
+                ", ".join(jump.vouchers),
+                self.catch_up_quorum,
+                len(self.peers),
+                "=" * 78,
+            )
+        else:
+            log.info(
+                "behind: %s are at round %d; moving on from round %d", jump.vouchers, jump.round, r
+            )
+        self.audit.append(
+            "catch_up",
+            r,
+            to_round=jump.round,
+            skipped=skipped,
+            quorum=self.catch_up_quorum,
+            vouched_by=list(jump.vouchers),
+        )
 
     async def _one_round(self, r: int, transport: PeerTransport) -> None:
         started = time.monotonic()
@@ -645,8 +742,14 @@ class HospitalNode:
 
         self.state.phase = "collecting"
         collected = await self.inbox.collect(
-            r, [p.name for p in self.peers], self.config.gossip.round_timeout_s, self.stop
+            r,
+            [p.name for p in self.peers],
+            self.config.gossip.round_timeout_s,
+            self.stop,
+            wait_for=self.liveness.live(),  # not the neighbours marked down
         )
+        for change in self.liveness.round_finished(r, collected.messages):
+            self._liveness_changed(change)
         self.state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregate, r, own_state, own_sha, collected.messages
@@ -729,6 +832,11 @@ class HospitalNode:
         model_sha256: str,
     ) -> None:
         results = await transport.send_all(peers, envelope)
+        for result in results:
+            self._record_contact(
+                result.peer,
+                Contact.from_answer(result.status, result.reason, "", source="send"),
+            )
         self.state.bytes_sent += len(envelope) * len(peers)
         self.metrics.bytes_sent.inc(len(envelope) * len(peers))
         self.audit.append(
@@ -950,16 +1058,13 @@ class HospitalNode:
         return np.concatenate([[1.0 - w.sum()], w])
 
     def _evaluate(self) -> dict[str, Any]:
-        """Clinical metrics on the held-out split, at a threshold chosen on training data only."""
-        self.model.eval()
-        train_prob = predict_proba(self.model, self.data.x_train)
-        threshold = choose_threshold(self.data.y_train, train_prob)
-        test_prob = predict_proba(self.model, self.data.x_test)
-        metrics = clinical_metrics(
-            self.data.y_test, test_prob, threshold, y_train=self.data.y_train
-        )
-        metrics["threshold"] = float(threshold)
-        return metrics
+        """Clinical metrics on the held-out split, at a threshold that never looks at the test
+        rows. Under DP nothing published here is computed from training rows (docs/privacy.md):
+        the threshold is fixed (Youden's J would be one training patient's score) and the
+        majority baseline is the test split's own majority, not the training labels'."""
+        d = self.data
+        threshold = self.config.evaluation.resolved_threshold(self.config.privacy.enabled)
+        return evaluate(self.model, d.x_train, d.y_train, d.x_test, d.y_test, threshold)
 
     # ---------------------------------------------------------------- persistence
 
@@ -971,6 +1076,7 @@ class HospitalNode:
             privacy=self.ledger.to_state() if self.ledger else {},
             replay=self.replay.to_state(),
             config_sha256=self.config.sha256,
+            binding=self.binding,
             extra={
                 "history": self.state.history,
                 "bytes_sent": self.state.bytes_sent,
@@ -1038,23 +1144,225 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def _wait_for_peers(self, transport: PeerTransport) -> None:
-        """Give peers that start at the same time a bounded chance to come up."""
-        deadline = time.monotonic() + self.config.gossip.startup_timeout_s
-        self.state.phase = "waiting_for_peers"
+    async def _wait_for_peers(self, transport: PeerTransport, r: int, *, starting: bool) -> bool:
+        """Hold round r until at least `min_neighbours` neighbours can take its update; False
+        when the node was stopped first.
+
+        Why: a round trained but received by nobody spends privacy budget for nothing. A
+        neighbour counts when it is up (gossip/liveness.py) and its last probe answer or send
+        result says it admits us. While too few count, the node probes them with backoff,
+        says whom it waits for and why (unreachable, or the peer's refusal reason), and spends
+        nothing; it looks again at once when a neighbour's envelope is accepted. When this
+        process starts, it also gives every neighbour up to `startup_timeout_s` to come up,
+        so that the first round includes everyone who is starting at the same time.
+        """
+        grace_end = time.monotonic() + (self.config.gossip.startup_timeout_s if starting else 0)
+        delay, next_probe = PROBE_FIRST_DELAY_S, 0.0
+        waiting_since: float | None = None
+        said, said_at = "", 0.0
         while not self.stop.is_set():
-            up = await asyncio.gather(*(transport.is_up(p) for p in self.peers))
-            if all(up) or time.monotonic() >= deadline:
-                if not all(up):
-                    down = [p.name for p, ok in zip(self.peers, up, strict=True) if not ok]
-                    log.warning(
-                        "starting without %s (not answering after %.0fs)",
-                        down,
-                        self.config.gossip.startup_timeout_s,
+            self._neighbour_news.clear()  # before looking, so news after the look wakes us
+            excluded = self._excluded_from_count()
+            need = self._needed_neighbours(len(excluded))
+            counted = self.liveness.counted(excluded)
+            candidates = [p for p in self.peers if p.name not in excluded]
+            everyone = len(counted) == len(candidates)
+            in_grace = time.monotonic() < grace_end
+            if (len(counted) < need or (in_grace and not everyone)) and (
+                time.monotonic() >= next_probe
+            ):
+                up = set(self.liveness.live())
+                await self._probe([p for p in candidates if p.name in up], transport)
+                next_probe = time.monotonic() + delay
+                delay = min(delay * 2, PROBE_MAX_DELAY_S)
+                counted = self.liveness.counted(excluded)
+                everyone = len(counted) == len(candidates)
+            ready = len(counted) >= need
+            if ready and (everyone or time.monotonic() >= grace_end):
+                self._ready_to_train(
+                    r, counted, excluded, waited_since=waiting_since, starting=starting
+                )
+                return True
+            reasons = self.liveness.not_counted(excluded)
+            self.state.phase = "waiting_for_neighbours" if not ready else "waiting_for_peers"
+            self._refresh_liveness_status(waiting_for=reasons)
+            if not ready:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    self.audit.append(
+                        "waiting_for_neighbours",
+                        r,
+                        min_neighbours=need,
+                        counted=counted,
+                        reasons=reasons,
                     )
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=0.2)
+                message = "; ".join(f"{n}: {why}" for n, why in sorted(reasons.items()))
+                if message != said or time.monotonic() - said_at >= WAIT_REMINDER_S:
+                    log.warning(
+                        "round %d waits for neighbours: it is shared only when at least %d can "
+                        "take it (gossip.min_neighbours), and %d can (%s). Waiting for %s. No "
+                        "privacy budget is spent meanwhile.",
+                        r,
+                        need,
+                        len(counted),
+                        ", ".join(counted) or "none",
+                        message,
+                    )
+                    said, said_at = message, time.monotonic()
+            wake = max(0.0, next_probe - time.monotonic())
+            if in_grace:
+                wake = min(wake, max(0.0, grace_end - time.monotonic()))
+            await _first_of(self.stop, self._neighbour_news, timeout_s=max(wake, 0.01))
+        return False
+
+    def _ready_to_train(
+        self,
+        r: int,
+        counted: list[str],
+        excluded: dict[str, str],
+        *,
+        waited_since: float | None,
+        starting: bool,
+    ) -> None:
+        """Say (once) that round r goes ahead, and with whom if not with everyone."""
+        missing = self.liveness.not_counted(excluded)
+        self.state.phase = "starting_round"
+        self._refresh_liveness_status()
+        if waited_since is not None:
+            waited = time.monotonic() - waited_since
+            log.warning(
+                "round %d goes ahead after waiting %.1fs for neighbours: %s can take it%s",
+                r,
+                waited,
+                ", ".join(counted) or "none needed",
+                f" (still without {', '.join(sorted(missing))})" if missing else "",
+            )
+            self.audit.append(
+                "neighbours_ready", r, waited_s=round(waited, 3), counted=counted, missing=missing
+            )
+        elif missing and starting:
+            log.warning(
+                "starting round %d without %s",
+                r,
+                "; ".join(f"{n} ({why})" for n, why in sorted(missing.items())),
+            )
+
+    def _needed_neighbours(self, excluded: int) -> int:
+        """min_neighbours now. When the config leaves it to the rule, each neighbour left out
+        for good uses up one of the f Byzantine neighbours the rule must tolerate (as in
+        aggregation), so proven equivocators do not leave the honest ones waiting forever."""
+        if self.config.gossip.min_neighbours is not None:
+            return self.min_neighbours
+        cfg = self.config.aggregation
+        return default_min_neighbours(cfg.rule, max(0, cfg.f - excluded))
+
+    def _excluded_from_count(self) -> dict[str, str]:
+        """Neighbours that never count toward min_neighbours, with why: proven equivocators
+        (left out of aggregation for good while trust is on)."""
+        if not self.trust.settings.enabled:
+            return {}
+        return {
+            name: f"proven equivocator (round {round_}): left out for good"
+            for name, round_ in self.trust.proven().items()
+        }
+
+    async def _probe(self, peers: list[Peer], transport: PeerTransport) -> None:
+        """Ask each of `peers` at once whether it takes our envelopes (gossip/probe.py)."""
+        if not peers:
+            return
+        timeout = min(PROBE_TIMEOUT_S, self.config.gossip.send_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            asks = {
+                p.name: group.create_task(
+                    transport.probe(p, build_probe(self.identity, p.public_key), timeout)
+                )
+                for p in peers
+            }
+        for name, task in asks.items():
+            self._record_contact(name, task.result())
+
+    def _record_contact(self, peer: str, contact: Contact) -> None:
+        """Keep the latest evidence about a neighbour; log when it starts or stops taking our
+        envelopes (once per change, not every round). Unknown names are not neighbours."""
+        if peer not in self.liveness.peers:
+            return
+        before = self.liveness.peers[peer].contact.reach
+        self.liveness.record_contact(peer, contact)
+        if contact.reach is not before and before is not Reach.UNKNOWN:
+            if contact.reach is Reach.ADMITTED:
+                log.info("neighbour %s takes our envelopes again", peer)
+            else:
+                log.warning("neighbour %s is %s", peer, contact.describe())
+        elif before is Reach.UNKNOWN and contact.reach is Reach.REFUSED:
+            log.warning("neighbour %s is %s", peer, contact.describe())
+        self.state.peers[peer].update(self.liveness.status(peer))
+
+    def answer_probe(self, body: bytes) -> tuple[int, str]:
+        """Answer a neighbour's POST /probe: (HTTP status, reason code). Never raises.
+
+        The verdict is the one the envelope opener would reach on that sender, and like the
+        answer to an envelope it is only the reason code: the detail stays in this node's log.
+        A refused probe is logged at most once per reason per interval (node/rejections.py), so
+        an operator sees who is knocking without a line every few seconds; it is not audited,
+        as it changes nothing here.
+        """
+        try:
+            check_probe(
+                body,
+                self.identity.public_key,
+                self.allowlist,
+                timestamp_window_s=self.config.gossip.timestamp_window_s,
+            )
+        except WireError as err:
+            self.rejection_log.warning(
+                f"probe:{err.reason.value}", "refused a probe (%s): %s", err.reason, err.detail
+            )
+            return HTTP_STATUS[err.reason], err.reason.value
+        return 200, "admitted"
+
+    def _spoke(self, peer: str, round_: int) -> None:
+        """`peer` sent a recent authentic envelope: it is up, and a waiting round may go ahead."""
+        change = self.liveness.spoke(peer, round_)
+        if change is not None:
+            self._liveness_changed(change)
+        self._neighbour_news.set()
+
+    def _liveness_changed(self, change: LivenessChange) -> None:
+        if change.up:
+            log.warning(
+                "neighbour %s is UP again at round %d: %s", change.peer, change.round, change.why
+            )
+        else:
+            log.warning(
+                "neighbour %s is DOWN at round %d: %s; rounds no longer wait for it, and it "
+                "still gets our envelopes so it can come back",
+                change.peer,
+                change.round,
+                change.why,
+            )
+        self.audit.append(
+            "peer_up" if change.up else "peer_down", change.round, peer=change.peer, why=change.why
+        )
+        self._refresh_liveness_status()
+
+    def _refresh_liveness_status(self, waiting_for: dict[str, str] | None = None) -> None:
+        """/status: each neighbour's state, and who counts toward min_neighbours now."""
+        for name in self.state.peers:
+            self.state.peers[name].update(self.liveness.status(name))
+        excluded = self._excluded_from_count()
+        self.state.neighbours = {
+            "min_neighbours": self._needed_neighbours(len(excluded)),
+            "counted": self.liveness.counted(excluded),
+            "live": self.liveness.live(),
+            "down_after_rounds": self.liveness.down_after,
+            "waiting_for": waiting_for or {},
+        }
+        for name, health in self.liveness.peers.items():
+            self.metrics.peer_up.labels(peer=name).set(1 if health.up else 0)
+        self.metrics.neighbours_counted.set(len(self.state.neighbours["counted"]))
+        self.metrics.waiting_for_neighbours.set(
+            1 if self.state.phase == "waiting_for_neighbours" else 0
+        )
 
     async def _watch_parent(self, finished: asyncio.Event) -> None:
         """Stop when the launching process (run_cluster) disappears, so no node is orphaned."""
@@ -1194,11 +1502,26 @@ class HospitalNode:
         return 0
 
 
+async def _first_of(*events: asyncio.Event, timeout_s: float) -> None:
+    """Return when any of `events` is set or `timeout_s` has passed, whichever comes first."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) -> str:
     """Why a heard peer's model is not aggregated this round (the audit record's reason)."""
     if peer in proven:
         return "proven_equivocation"
     return "quarantined" if peer in quarantined else "too_far_from_own"
+
+
+def _pair(values: list[float] | None) -> tuple[float, float] | None:
+    """A validated two-number config list as the (negative, positive) tuple training takes."""
+    return None if values is None else (float(values[0]), float(values[1]))
 
 
 def _stable_int(text: str) -> int:

@@ -53,6 +53,8 @@ _METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
 # ranks too few pairs for its AUC, sensitivity or specificity to mean much: one patient more
 # or less moves them by tenths. The report says so instead of letting the figure stand alone.
 _MIN_TEST_PATIENTS = 30
+FINISHED_PHASES = ("done", "budget_exhausted")
+"""A node's last phase when it stopped by itself: every round trained, or no budget left."""
 _MIN_TEST_CLASS = 5
 
 
@@ -80,14 +82,15 @@ def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> l
                 f"{n_test - positives} negative; its AUC, sensitivity and specificity can move "
                 "by tenths with one patient"
             )
-    completed = hospital.get("rounds_completed")
-    if (
-        isinstance(planned_rounds, int)
-        and isinstance(completed, int)
-        and completed < planned_rounds
-        and hospital.get("phase") != "budget_exhausted"
-    ):
-        warnings.append(f"stopped after {completed} of {planned_rounds} planned rounds")
+    completed, phase = hospital.get("rounds_completed"), hospital.get("phase")
+    if isinstance(planned_rounds, int) and isinstance(completed, int):
+        if phase is not None and phase not in FINISHED_PHASES:
+            warnings.append(f"stopped after {completed} of {planned_rounds} planned rounds")
+        elif phase == "done" and completed < planned_rounds:
+            warnings.append(
+                f"took part in {completed} of {planned_rounds} rounds: after a restart or a "
+                "catch-up it skipped the others"
+            )
     return warnings
 
 
@@ -512,8 +515,9 @@ def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -
     )
     return (
         "<h2>Baselines</h2><p>Local only: each hospital trains alone. Pooled: one model "
-        "trained on all hospitals' training rows together. Same splits, model and rounds, "
-        f"evaluated on each hospital's own test split.{dp_note}</p>" + table
+        "trained on all hospitals' training rows together. Same splits and model, "
+        f"{html.escape(format_value(baselines.get('rounds')))} rounds (as many as the network "
+        f"trained), evaluated on each hospital's own test split.{dp_note}</p>" + table
     )
 
 

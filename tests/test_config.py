@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from node import config as config_module
 from node.config import ConfigError, load_config, parse_config
 
 MINIMAL = {
@@ -51,7 +52,17 @@ def test_unknown_section_is_refused() -> None:
         ("node", {"listen": "localhost"}, r"node.listen .* must be HOST:PORT"),
         ("data", {"dataset": "mnist"}, r"data.dataset unknown dataset 'mnist'"),
         ("model", {"hidden": [64, "x"]}, r"model.hidden\[1\] must be an integer"),
-        ("training", {"class_weighting": 1}, r"training.class_weighting must be true or false"),
+        (
+            "training",
+            {"class_weighting": 1},
+            r"training.class_weighting must be a string in quotes or true or false",
+        ),
+        ("training", {"class_weighting": "inverse"}, r"training.class_weighting unknown .*fix:"),
+        ("training", {"class_weights": [1.0]}, r"training.class_weights must be two numbers"),
+        ("training", {"class_weights": [1.0, -2.0]}, r"training.class_weights must be two numbers"),
+        ("data", {"preprocessing": "zscore"}, r"data.preprocessing unknown preprocessing"),
+        ("data", {"reference": "ref.csv"}, r"data.reference only applies to dataset = 'csv'"),
+        ("evaluation", {"threshold": 1.5}, r"evaluation.threshold must be in \[0, 1\]"),
     ],
 )
 def test_bad_values_name_field_and_fix(section: str, values: dict, pattern: str) -> None:
@@ -89,6 +100,95 @@ def test_load_config_reports_toml_syntax_and_hashes_the_file(tmp_path: Path) -> 
     assert len(config.sha256) == 64 and config.source == good
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_class_weighting_accepts_the_modes_fixed_weights_and_old_booleans() -> None:
+    from models import training
+
+    assert config_module.CLASS_WEIGHTING == training.CLASS_WEIGHTING  # no drift, no torch import
+    assert parse_config(MINIMAL).training.class_weighting == "auto"
+    no_dp = {"privacy": {"enabled": False}}
+    assert (
+        parse_config({**with_("training", class_weighting=True), **no_dp}).training.class_weighting
+        == "balanced"
+    )
+    assert parse_config(with_("training", class_weighting=False)).training.class_weighting == "none"
+    fixed = parse_config(with_("training", class_weights=[1, 2.5])).training
+    assert fixed.class_weights == [1.0, 2.5]
+    with pytest.raises(ConfigError, match=r"class_weights conflicts with class_weighting = 'none'"):
+        parse_config(with_("training", class_weighting="none", class_weights=[1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "pattern"),
+    [
+        (
+            "training",
+            {"class_weighting": "balanced"},
+            r"training.class_weighting = \"balanced\" computes loss weights .*fix: .*"
+            r"class_weights = \[w_neg, w_pos\]",
+        ),
+        (
+            "training",
+            {"class_weighting": True},  # an old config's explicit default
+            r"training.class_weighting = \"balanced\"",
+        ),
+        ("data", {"preprocessing": "fitted"}, r"data.preprocessing = \"fitted\" .*fix: omit it"),
+        (
+            "data",
+            {"dataset": "csv", "path": "x.csv", "label": "y"},
+            r"data.reference is required under DP for dataset = 'csv'.*fix: reference = ",
+        ),
+    ],
+)
+def test_dp_refuses_statistics_of_the_training_rows(
+    section: str, values: dict, pattern: str
+) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(with_(section, **values))
+    # The same settings are fine without DP.
+    parse_config({**with_(section, **values), "privacy": {"enabled": False}})
+
+
+def test_dp_resolves_auto_to_data_independent_choices(tmp_path: Path) -> None:
+    private = parse_config(MINIMAL)
+    plain = parse_config({**MINIMAL, "privacy": {"enabled": False}})
+    assert private.data.resolved_preprocessing(True) == "reference"
+    assert plain.data.resolved_preprocessing(False) == "fitted"
+    assert private.evaluation.resolved_threshold(True) == 0.5
+    assert plain.evaluation.resolved_threshold(False) is None  # Youden's J on training rows
+    fixed = parse_config(with_("evaluation", threshold=0.3))
+    assert (
+        fixed.evaluation.resolved_threshold(True)
+        == fixed.evaluation.resolved_threshold(False)
+        == 0.3
+    )
+    csv = parse_config(
+        with_("data", dataset="csv", path="x.csv", label="y", reference="ref.csv"),
+        base_dir=tmp_path,
+    )
+    assert csv.data.reference == tmp_path / "ref.csv"
+
+
+def test_run_cluster_writes_fixed_class_weights_and_a_csv_reference(tmp_path: Path) -> None:
+    import run_cluster
+    from tests.test_data import clinic_rows, write_csv, write_reference
+
+    table = write_csv(
+        tmp_path / "all.csv", clinic_rows("north", 30, 1) + clinic_rows("south", 30, 2)
+    )
+    csv_args = ["--dataset", "csv", "--data", str(table), "--label", "outcome", "--site", "site"]
+    with pytest.raises(SystemExit):  # DP without a reference: refused before anything starts
+        run_cluster.parse_args(csv_args)
+    reference = write_reference(tmp_path / "reference.csv")
+    args = run_cluster.parse_args(
+        [*csv_args, "--reference", str(reference), "--class-weights", "1", "2.5",
+         "--aggregator", "mean", "--out", str(tmp_path / "run")]
+    )  # fmt: skip
+    nodes, _ = run_cluster.write_network(args, tmp_path / "run")
+    config = load_config(nodes[0].config_path)
+    assert config.privacy.enabled and config.data.reference == reference.resolve()
+    assert config.training.class_weights == [1.0, 2.5]
 
 
 def test_the_operator_listener_is_loopback_by_default_on_a_port_of_its_own() -> None:

@@ -470,3 +470,139 @@ def test_heart_values_outside_the_uci_codes_are_rejected(tmp_path: Path) -> None
     (tmp_path / "hd" / "processed.va.data").write_text(row.format(cp="inf") * 4)
     with pytest.raises(DataError, match="not a finite number"):
         load_dataset("heart-disease", path=tmp_path / "hd")
+
+
+# --- preprocessing="reference": public constants, nothing fitted (what DP needs) ------------
+
+REFERENCE_ROWS = [
+    ["column", "kind", "center", "scale", "fill"],
+    ["patient_age", "numeric", "60", "10", ""],
+    ["smoker", "categorical", "", "", "no"],
+    ["ward", "categorical", "", "", ""],
+]
+
+
+def write_reference(path: Path, rows: list[list[str]] = REFERENCE_ROWS) -> Path:
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return path
+
+
+def test_csv_reference_scales_and_imputes_with_its_constants_only(tmp_path: Path) -> None:
+    rows = clinic_rows("north", 40, 1)
+    file = write_csv(tmp_path / "all.csv", rows)
+    reference = write_reference(tmp_path / "reference.csv")
+    (split,) = load_dataset(
+        "csv", path=file, label="outcome", site="site", preprocessing="reference",
+        reference=reference,
+    )  # fmt: skip
+    train, test = data.row_split_positions(
+        "north", [r[:3] for r in rows], np.array([float(r[3]) for r in rows]),
+        test_fraction=0.25, seed=0,
+    )  # fmt: skip
+    ages = np.array([float(r[0]) if r[0] else 60.0 for r in rows])  # missing -> the center
+    np.testing.assert_array_equal(split.x_train[:, 0], ((ages[train] - 60) / 10).astype(np.float32))
+    np.testing.assert_array_equal(split.x_test[:, 0], ((ages[test] - 60) / 10).astype(np.float32))
+    smoker_no = 1 + category_bucket("smoker", "no")
+    for position, row in zip(train, split.x_train, strict=True):
+        if rows[position][1] == "NA":
+            assert row[smoker_no] == 1.0  # the reference's fill, not the train mode
+    assert split.feature_names[0] == "patient_age"
+
+
+def test_row_split_places_each_row_by_itself() -> None:
+    rng = np.random.default_rng(0)
+    rows = [[f"{v:.3f}", "a"] for v in rng.random(400)]
+    y = (rng.random(400) < 0.3).astype(np.float32)
+    train, test = data.row_split_positions("h", rows, y, test_fraction=0.25, seed=0)
+    assert 60 < len(test) < 140 and len(train) + len(test) == 400
+    # One more patient, anywhere: every other row stays on its side.
+    more = [*rows[:200], ["9.999", "b"], *rows[200:]]
+    y_more = np.r_[y[:200], 1.0, y[200:]].astype(np.float32)
+    train_more, _ = data.row_split_positions("h", more, y_more, test_fraction=0.25, seed=0)
+    others = [p if p < 200 else p - 1 for p in train_more if p != 200]
+    np.testing.assert_array_equal(others, train)
+    other_seed, _ = data.row_split_positions("h", rows, y, test_fraction=0.25, seed=1)
+    assert not np.array_equal(other_seed, train)
+    with pytest.raises(DataError, match="put all 1 rows"):
+        data.row_split_positions("h", rows[:1], y[:1], test_fraction=0.25, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([["column", "kind", "center"]], "exactly the columns"),
+        ([*REFERENCE_ROWS, ["bmi", "numeric", "25", "0", ""]], "scale > 0"),
+        ([*REFERENCE_ROWS, ["bmi", "numeric", "x", "1", ""]], "center 'x' is not a finite"),
+        ([*REFERENCE_ROWS, ["bmi", "ordinal", "", "", ""]], "use numeric or categorical"),
+        ([*REFERENCE_ROWS, ["bmi", "categorical", "1", "", ""]], "has no center or scale"),
+        ([*REFERENCE_ROWS, ["smoker", "categorical", "", "", ""]], "each named once"),
+    ],
+)
+def test_bad_reference_files_are_refused_by_row(tmp_path: Path, rows, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        data.read_reference(write_reference(tmp_path / "ref.csv", rows))
+
+
+def test_reference_must_name_exactly_the_data_columns(tmp_path: Path) -> None:
+    file = write_csv(tmp_path / "all.csv", clinic_rows("north", 40, 1))
+    kwargs = {"label": "outcome", "site": "site", "preprocessing": "reference"}
+    short = write_reference(tmp_path / "short.csv", REFERENCE_ROWS[:3])
+    with pytest.raises(DataError, match=r"not in the reference \['ward'\]"):
+        load_dataset("csv", path=file, reference=short, **kwargs)
+    text = write_reference(
+        tmp_path / "text.csv",
+        [*REFERENCE_ROWS[:2], ["smoker", "numeric", "0", "1", ""], REFERENCE_ROWS[3]],
+    )
+    with pytest.raises(DataError, match="'smoker' is numeric but holds"):
+        load_dataset("csv", path=file, reference=text, **kwargs)
+    with pytest.raises(DataError, match="needs a reference file"):
+        load_dataset("csv", path=file, **kwargs)
+    with pytest.raises(DataError, match="only applies to dataset 'csv'"):
+        load_dataset("breast-cancer", reference=short)
+    with pytest.raises(DataError, match="unknown preprocessing"):
+        load_dataset("breast-cancer", preprocessing="zscore")
+
+
+def test_breast_cancer_reference_is_the_documented_range_per_row() -> None:
+    fitted = load_dataset("breast-cancer", num_hospitals=4, seed=0)
+    reference = load_dataset("breast-cancer", num_hospitals=4, seed=0, preprocessing="reference")
+    x, y, _ = data._breast_cancer_arrays()
+    parts = split_across_hospitals(y, 4, np.random.default_rng(0))
+    centers, scales = data.breast_cancer_reference()
+    assert centers[3] == pytest.approx((143.5 + 2501.0) / 2)  # mean area, from the documentation
+    assert scales[3] == pytest.approx((2501.0 - 143.5) / 6)
+    for rows, a, b in zip(parts, fitted, reference, strict=True):
+        train, _ = data.train_test_positions(a.name, y[rows], test_fraction=0.25, seed=0)
+        np.testing.assert_array_equal(a.y_train, b.y_train)  # the same patients, split alike
+        expected = ((x[rows][train] - centers) / scales).astype(np.float32)
+        np.testing.assert_array_equal(b.x_train, expected)
+        assert 0.2 < b.x_train.std() < 3  # on roughly the z-score scale
+
+
+@needs_heart
+def test_heart_disease_reference_keeps_each_patients_features_when_one_joins(
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(HEART_DIR, tmp_path / "hd", dirs_exist_ok=True)
+    before = {p: load_dataset("heart-disease", path=tmp_path / "hd", preprocessing=p)
+              for p in ("fitted", "reference")}  # fmt: skip
+    cleveland = tmp_path / "hd" / "processed.cleveland.data"
+    cleveland.chmod(0o644)
+    with cleveland.open("a") as handle:  # one more patient at Cleveland
+        handle.write("47.5,0.0,3.0,131.0,247.0,0.0,0.0,163.0,0.0,0.7,1.0,0.0,3.0,1\n")
+    after = {p: load_dataset("heart-disease", path=tmp_path / "hd", preprocessing=p)
+             for p in ("fitted", "reference")}  # fmt: skip
+
+    def rows(split: HospitalSplit) -> set[bytes]:
+        return {r.tobytes() for r in np.concatenate([split.x_train, split.x_test])}
+
+    # FLamby's split re-deals Cleveland's patients, but with reference constants each one's
+    # features are bit-identical wherever it lands; with fitted statistics none of them is.
+    assert rows(before["reference"][0]) < rows(after["reference"][0])
+    assert not rows(before["fitted"][0]) & rows(after["fitted"][0])
+    centers, scales = data.heart_disease_reference(before["reference"][0].feature_names)
+    assert dict(zip(before["reference"][0].feature_names[:3], centers[:3], strict=True)) == {
+        "age": 50.0, "sex": 0.5, "trestbps": 120.0,
+    }  # fmt: skip
+    assert scales.min() > 0

@@ -40,7 +40,9 @@ def hospital_with_noisy_labels(seed: int):
 
 def loss_attack_auc(model, x_members, y_members, x_others, y_others) -> float:
     """Yeom et al.'s loss-threshold attack, scored over every threshold (ROC AUC)."""
-    loss = make_loss(TrainingSettings(class_weighting=False), torch.as_tensor(y_members))
+    loss = make_loss(
+        TrainingSettings(class_weighting="none"), torch.as_tensor(y_members), private=False
+    )
     model.eval()
     with torch.no_grad():
         members = loss(model(torch.as_tensor(x_members)), torch.as_tensor(y_members))
@@ -57,9 +59,8 @@ def attack_after_training(seed: int, epsilon: float | None) -> float:
         learning_rate=0.01,
         optimizer="adam",
         local_epochs=100,
-        class_weighting=False,
+        class_weighting="none",
         seed=seed,
-        dp_seed=seed,
     )
     trainer = LocalTrainer(model, x_train, y_train, settings)
     if epsilon is not None:

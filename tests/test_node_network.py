@@ -142,6 +142,10 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
         "5",
     )
     a, b = net.nodes[0], net.nodes[1]
+    # The forged round-1 envelope below and B's own round-1 envelope are two envelopes B
+    # "signed" for one round: A proves B an equivocator and leaves it out for good. A then
+    # has no neighbour to share with, so it trains alone, which it must be told explicitly.
+    net.edit_config(a.name, "gossip", min_neighbours=0)
     # Only A runs at first: it serves its API while it waits for B, so every attack below
     # lands on a live node before B joins and the two train together.
     net.start(a.name)
@@ -232,3 +236,30 @@ def test_sigterm_ends_cleanly_and_persists_state(network_factory) -> None:
     assert (state_dir / "checkpoint.bin").exists() or any(state_dir.glob("checkpoint*"))
     final = net.final_status(a)
     assert final["phase"] == "stopped" and len(final["history"]) >= 2
+
+
+def test_a_node_started_alone_waits_says_why_and_spends_nothing(network_factory) -> None:
+    """The operator's case: a hospital started before its peer, as `murmur node` runs."""
+    import signal
+
+    net = network_factory("--nodes", "2", "--rounds", "4", "--aggregator", "clipping:0")
+    a, b = net.nodes[0].name, net.nodes[1].name
+    net.edit_config(a, "gossip", startup_timeout_s=0.5)
+    net.start(a)
+    wait_for_api(net, a)
+    end = time.monotonic() + 60
+    status = net.status(a)
+    while status["phase"] != "waiting_for_neighbours" and time.monotonic() < end:
+        time.sleep(0.2)
+        status = net.status(a)
+    time.sleep(3)  # long enough for several rounds, were it training alone
+    status = net.status(a)
+    assert status["phase"] == "waiting_for_neighbours", net.log(a)
+    assert status["privacy"]["enabled"] and status["privacy"]["epsilon_spent"] == 0
+    assert status["history"] == [] and status["privacy"]["steps_taken"] == 0
+    assert "unreachable" in status["neighbours"]["waiting_for"][b]
+    net.procs[a].send_signal(signal.SIGTERM)
+    assert net.procs[a].wait(timeout=30) == 0, net.log(a)
+    log = net.log(a)
+    assert f"Waiting for {b}: unreachable" in log and "No privacy budget is spent" in log
+    assert net.final_status(a)["phase"] == "stopped"

@@ -15,6 +15,7 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
+from models import privacy
 from models.data import load_dataset
 from models.nets import build_model
 from models.privacy import (
@@ -26,6 +27,7 @@ from models.privacy import (
     clip_factors,
     default_delta,
     epsilon_for,
+    private_generator,
 )
 from models.training import LocalTrainer, TrainingSettings, make_loss
 
@@ -41,7 +43,6 @@ def engine_for(model: nn.Module, sigma: float = 0.0, clip: float = 1.0, engine: 
         max_grad_norm=clip,
         noise_multiplier=sigma,
         expected_batch_size=10.0,
-        generator=torch.Generator().manual_seed(0),
         engine=engine,
     )
 
@@ -263,7 +264,6 @@ def test_noise_has_the_configured_standard_deviation() -> None:
         max_grad_norm=clip,
         noise_multiplier=sigma,
         expected_batch_size=expected,
-        generator=torch.Generator().manual_seed(5),
     )
     clean = DPSGDGradient(
         model,
@@ -271,7 +271,6 @@ def test_noise_has_the_configured_standard_deviation() -> None:
         max_grad_norm=clip,
         noise_multiplier=0.0,
         expected_batch_size=expected,
-        generator=torch.Generator(),
     )
     residuals = []
     for _ in range(5):
@@ -290,6 +289,50 @@ def test_noise_has_the_configured_standard_deviation() -> None:
     noisy.compute(x[:0], y[:0])
     empty = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
     assert empty.std().item() == pytest.approx(target, rel=0.05)
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def test_torch_manual_seed_keeps_only_32_bits_so_private_generators_fill_the_whole_state() -> None:
+    # Why private_generator does not just call manual_seed(secrets.randbits(64)): torch would
+    # keep 2^32 possible noise streams, few enough to search.
+    low, high = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7 + 2**32)
+    assert torch.equal(torch.rand(8, generator=low), torch.rand(8, generator=high))
+    words = [private_generator().get_state()[24 : 24 + 8 * 624].numpy() for _ in range(4)]
+    as_u32 = [np.frombuffer(w.tobytes(), dtype="<u8") for w in words]
+    assert all(int(w.max()) < 2**32 for w in as_u32)  # mt19937's 32-bit words, as torch keeps
+    # Every word is fresh: two generators agree on a word only by chance (2^-32 each).
+    assert all((a != b).mean() > 0.99 for i, a in enumerate(as_u32) for b in as_u32[i + 1 :])
+
+
+def test_private_generators_never_repeat_and_draw_the_right_distributions() -> None:
+    firsts = {tuple(torch.rand(4, generator=private_generator()).tolist()) for _ in range(500)}
+    assert len(firsts) == 500
+    normal = torch.cat([torch.randn(20_000, generator=private_generator()) for _ in range(5)])
+    assert abs(normal.mean().item()) < 4 / math.sqrt(normal.numel())
+    assert normal.std().item() == pytest.approx(1.0, rel=0.01)
+    uniform = torch.rand(100_000, generator=private_generator())
+    assert uniform.min() >= 0 and uniform.max() < 1
+    assert uniform.mean().item() == pytest.approx(0.5, abs=0.005)
+
+
+def test_dp_noise_is_drawn_from_private_generator_at_call_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The privacy audit replaces privacy.private_generator with a replaying double; that must
+    # reach the noise, and the real one must never replay.
+    model = nn.Sequential(nn.Linear(30, 1), nn.Flatten(0))
+    x, y = torch.randn(6, 30), (torch.rand(6) < 0.5).float()
+    dp = engine_for(model, sigma=1.0)
+
+    def noisy_gradient() -> torch.Tensor:
+        dp.compute(x, y)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    assert not torch.equal(noisy_gradient(), noisy_gradient())
+    monkeypatch.setattr(privacy, "private_generator", lambda: torch.Generator().manual_seed(1))
+    assert torch.equal(noisy_gradient(), noisy_gradient())
 
 
 class GroupedConvSequence(nn.Module):
@@ -391,7 +434,7 @@ def test_reused_bypassed_or_in_place_layers_fall_back_to_correct_gradients(make_
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_reported_epsilon_of_a_real_run_matches_an_independent_accountant(accountant: str) -> None:
     hospital = load_dataset("breast-cancer", num_hospitals=2, seed=0)[0]
-    settings = TrainingSettings(batch_size=16, learning_rate=0.1, dp_seed=0)
+    settings = TrainingSettings(batch_size=16, learning_rate=0.1)
     model = build_model("mlp", hospital.input_shape, seed=0)
     planner = LocalTrainer(model, hospital.x_train, hospital.y_train, settings)
     ledger = PrivacyLedger.plan(
@@ -427,6 +470,6 @@ def test_reported_epsilon_of_a_real_run_matches_an_independent_accountant(accoun
 
 def test_trainer_loss_function_is_usable_for_dp() -> None:
     # make_loss must give one loss per sample, or clipping would not bound each patient.
-    loss = make_loss(TrainingSettings(loss="focal"), torch.tensor([0.0, 1.0, 1.0]))
+    loss = make_loss(TrainingSettings(loss="focal"), torch.tensor([0.0, 1.0, 1.0]), private=True)
     values = loss(torch.tensor([0.3, -2.0, 4.0]), torch.tensor([0.0, 1.0, 1.0]))
     assert values.shape == (3,)

@@ -10,7 +10,6 @@ the planned noise, or replays its randomness, while the ledger reports the same 
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import pytest
@@ -193,15 +192,15 @@ def test_replayed_randomness_is_caught_by_an_attack_on_the_round_models(audits) 
     assert honest.epsilon_lower_bound <= honest.epsilon_reported
 
 
-def test_replay_double_fixes_the_per_step_generator_once_murmur_has_one(monkeypatch) -> None:
-    # After the randomness change, DP-SGD draws from models.privacy.private_generator() at
-    # every step; the double must then make every call return the same stream, and undo it.
-    def fresh() -> torch.Generator:
-        return torch.Generator().manual_seed(secrets.randbits(63))
-
-    monkeypatch.setattr(privacy, "private_generator", fresh, raising=False)
-    with replayed_randomness(trainer=None, seed=5) as before_step:  # type: ignore[arg-type]
-        before_step()
+def test_replay_double_fixes_the_per_step_generator_and_undoes_it() -> None:
+    # DP-SGD draws from models.privacy.private_generator() at every step; the double must make
+    # every call return the same stream, and put the real one back.
+    real = privacy.private_generator
+    with replayed_randomness(seed=5):
         draws = [torch.randn(4, generator=privacy.private_generator()) for _ in range(3)]
     assert all(torch.equal(draws[0], d) for d in draws[1:])
-    assert privacy.private_generator is fresh
+    assert privacy.private_generator is real
+    assert not torch.equal(
+        torch.randn(4, generator=privacy.private_generator()),
+        torch.randn(4, generator=privacy.private_generator()),
+    )

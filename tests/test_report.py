@@ -366,6 +366,10 @@ def test_a_node_that_stopped_early_is_flagged_unless_its_budget_ran_out():
     assert "stopped after 2 of 3 planned rounds" in hospital_warnings(stopped, 3)
     spent = _hospital("h", rounds_completed=2, phase="budget_exhausted", n_test_positives=15)
     assert hospital_warnings(spent, 3) == []
+    skipped = _hospital("h", rounds_completed=2, phase="done", n_test_positives=15)
+    assert any("took part in 2 of 3 rounds" in w for w in hospital_warnings(skipped, 3))
+    complete = _hospital("h", rounds_completed=3, phase="done", n_test_positives=15)
+    assert hospital_warnings(complete, 3) == []
 
 
 def test_an_interrupted_run_says_so_with_its_warnings_and_dp_baselines(tmp_path: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gossip.rounds import InboxVerdict, RoundInbox
+from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
 
 
 async def test_collect_returns_as_soon_as_everyone_arrived() -> None:
@@ -69,12 +69,42 @@ def test_advancing_forgets_older_rounds() -> None:
     assert 1 not in inbox._by_round and inbox._by_round[2] == {"b": "r2"}
 
 
-def test_catch_up_needs_a_quorum_of_f_plus_one_peers() -> None:
+def test_catch_up_needs_a_quorum_and_names_who_vouched() -> None:
     inbox: RoundInbox[str] = RoundInbox(max_round=20, rounds_ahead=2)
     inbox.offer("liar", 19, "claims the end")  # refused as too far ahead, but its round is noted
-    assert inbox.catch_up_round(quorum=2) is None  # one peer alone cannot move us (f = 1)
-    assert inbox.catch_up_round(quorum=1) == 19
+    assert inbox.catch_up_round(quorum=2) is None  # one peer alone cannot move us
     inbox.offer("honest", 7, "x")
-    assert inbox.catch_up_round(quorum=2) == 7  # the second-highest claim is the safe target
+    assert inbox.catch_up_round(quorum=2) == CatchUp(7, ("honest", "liar"))  # second-highest
     inbox.advance_to(7)
     assert inbox.catch_up_round(quorum=2) is None
+
+
+def test_distrusted_peers_and_rounds_beyond_the_plan_never_vouch() -> None:
+    inbox: RoundInbox[str] = RoundInbox(max_round=20, rounds_ahead=2)
+    assert inbox.offer("dreamer", 21, "past the plan") is InboxVerdict.TOO_FAR_AHEAD
+    inbox.offer("quarantined", 15, "x")
+    inbox.offer("honest", 15, "y")
+    assert inbox.catch_up_round(quorum=2, exclude={"quarantined"}) is None
+    assert inbox.catch_up_round(quorum=2) == CatchUp(15, ("honest", "quarantined"))
+    assert "dreamer" not in inbox.highest_round_seen
+
+
+def test_the_catch_up_quorum_is_never_one_peer_unless_there_is_only_one() -> None:
+    assert catch_up_quorum(f=0, neighbours=1) == 1  # a lone neighbour is the only witness
+    assert catch_up_quorum(f=0, neighbours=2) == 2
+    assert catch_up_quorum(f=0, neighbours=3) == 2
+    assert catch_up_quorum(f=0, neighbours=8) == 5  # a majority of eight
+    assert catch_up_quorum(f=1, neighbours=3) == 2
+    assert catch_up_quorum(f=3, neighbours=4) == 4  # f + 1, bounded by the neighbours
+    assert catch_up_quorum(f=2, neighbours=10) == 6
+
+
+async def test_collect_waits_only_for_live_senders_but_keeps_every_arrival() -> None:
+    inbox: RoundInbox[str] = RoundInbox(max_round=10)
+    inbox.offer("b", 1, "mb")
+    start = time.monotonic()
+    got = await inbox.collect(1, ["b", "down"], deadline_s=5, stop=asyncio.Event(), wait_for=["b"])
+    assert time.monotonic() - start < 1 and got.missing == ["down"]
+    inbox.offer("down", 1, "back")
+    got = await inbox.collect(1, ["b", "down"], deadline_s=5, stop=asyncio.Event(), wait_for=[])
+    assert got.messages == {"b": "mb", "down": "back"} and got.missing == []

@@ -67,11 +67,15 @@ def test_weighted_bce_and_focal_losses() -> None:
     y = torch.tensor([0.0, 0.0, 0.0, 1.0])
     logits = torch.tensor([-3.0, 0.2, -0.1, 2.5])
     plain = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    weighted = make_loss(TrainingSettings(class_weighting=True), y)(logits, y)
+    weighted = make_loss(TrainingSettings(class_weighting="balanced"), y, private=False)(logits, y)
     torch.testing.assert_close(weighted, plain * torch.tensor([4 / 6, 4 / 6, 4 / 6, 2.0]))
-    focal_zero = make_loss(TrainingSettings(loss="focal", focal_gamma=0, class_weighting=False), y)
+    focal_zero = make_loss(
+        TrainingSettings(loss="focal", focal_gamma=0, class_weighting="none"), y, private=False
+    )
     torch.testing.assert_close(focal_zero(logits, y), plain)
-    focal = make_loss(TrainingSettings(loss="focal", focal_gamma=2, class_weighting=False), y)
+    focal = make_loss(
+        TrainingSettings(loss="focal", focal_gamma=2, class_weighting="none"), y, private=False
+    )
     ratio = focal(logits, y) / plain
     # Focal loss shrinks well-classified examples (index 0, 3) far more than uncertain ones.
     assert ratio[0] < 0.01 and ratio[3] < 0.01 and ratio[1] > 0.25
@@ -133,7 +137,7 @@ def test_plain_training_learns_a_useful_model(hospital, loss: str) -> None:
 
 
 def test_dp_training_still_learns_at_a_moderate_budget(hospital) -> None:
-    settings = TrainingSettings(learning_rate=0.5, local_epochs=2, dp_seed=1)
+    settings = TrainingSettings(learning_rate=0.5, local_epochs=2)
     trainer = dp_trainer(hospital, settings, epsilon=4.0, rounds=5)
     assert trainer._dp is not None and trainer._dp.engine == "hooks"
     for _ in range(5):
@@ -170,7 +174,7 @@ def test_fedprox_rejects_a_reference_that_does_not_fit(hospital) -> None:
 
 
 def test_trainer_refuses_to_train_past_its_budget(hospital) -> None:
-    model, settings = mlp(hospital), TrainingSettings(dp_seed=0)
+    model, settings = mlp(hospital), TrainingSettings()
     planner = LocalTrainer(model, hospital.x_train, hospital.y_train, settings)
     per_round = planner.steps_per_round()
     ledger = PrivacyLedger.plan(  # a budget for one and a half rounds
@@ -217,28 +221,65 @@ def test_dp_randomness_does_not_come_from_the_shared_seed(hospital) -> None:
 
 
 def test_trainer_state_round_trip_resumes_the_same_trajectory(hospital) -> None:
-    settings = TrainingSettings(optimizer="adam", learning_rate=0.01, dp_seed=3)
-    original = dp_trainer(hospital, settings, epsilon=3.0, rounds=3)
+    # Without DP the batches come from the config-seeded sampler, which the state holds, so a
+    # resumed trainer retraces the original exactly (Adam's moments included).
+    settings = TrainingSettings(optimizer="adam", learning_rate=0.01, seed=3)
+    original = LocalTrainer(mlp(hospital), hospital.x_train, hospital.y_train, settings)
     original.train_round()
     saved_model = copy.deepcopy(original.model.state_dict())
     saved_trainer = original.state_dict_bytes()
-    saved_ledger = original.ledger.to_state()
     original.train_round()
 
     resumed_model = mlp(hospital, seed=99)
     resumed_model.load_state_dict(saved_model)
-    resumed = LocalTrainer(
-        resumed_model,
-        hospital.x_train,
-        hospital.y_train,
-        settings,
-        PrivacyLedger.from_state(saved_ledger),
-    )
+    resumed = LocalTrainer(resumed_model, hospital.x_train, hospital.y_train, settings)
     resumed.load_state_dict_bytes(saved_trainer)
     assert resumed.rounds_trained == 1
     resumed.train_round()
     torch.testing.assert_close(parameters(resumed.model), parameters(original.model))
-    assert resumed.ledger.steps_taken == original.ledger.steps_taken
+
+
+def test_dp_trainer_state_holds_no_private_randomness_and_restores_draw_fresh_noise(
+    hospital,
+) -> None:
+    # The failure this guards against (issue #15): the checkpoint held the DP generator, so a
+    # node restarted from it trained the next round with the very batches and noise it had
+    # already released.
+    settings = TrainingSettings(optimizer="adam", learning_rate=0.01)
+    original = dp_trainer(hospital, settings, epsilon=3.0, rounds=3)
+    original.train_round()
+    state = original.state_dict()
+    assert set(state) == {"optimizer", "sampling_rng", "rounds_trained"}
+    saved_model = copy.deepcopy(original.model.state_dict())
+    saved_trainer, saved_ledger = original.state_dict_bytes(), original.ledger.to_state()
+
+    def restored() -> torch.Tensor:
+        model = mlp(hospital, seed=99)
+        model.load_state_dict(saved_model)
+        trainer = LocalTrainer(
+            model,
+            hospital.x_train,
+            hospital.y_train,
+            settings,
+            PrivacyLedger.from_state(saved_ledger),
+        )
+        trainer.load_state_dict_bytes(saved_trainer)
+        start = parameters(model)
+        trainer.train_round()
+        assert trainer.ledger.steps_taken == 2 * trainer.steps_per_round()
+        return parameters(model) - start
+
+    first, second = restored(), restored()
+    cosine = torch.nn.functional.cosine_similarity(first, second, dim=0).item()
+    assert not torch.equal(first, second)
+    assert cosine < 0.9  # the same start and data, independent batches and noise
+
+
+def test_a_checkpoint_with_the_old_private_generator_state_still_loads(hospital) -> None:
+    trainer = dp_trainer(hospital, TrainingSettings(), epsilon=2.0, rounds=1)
+    old_format = {**trainer.state_dict(), "private_rng": torch.Generator().get_state()}
+    trainer.load_state_dict(old_format)  # the old field is ignored, not restored
+    assert "private_rng" not in trainer.state_dict()
 
 
 def test_damaged_trainer_state_is_refused(hospital) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from crypto.allowlist import Peer
 from crypto.identity import generate_identity
+from gossip.probe import Reach
 from gossip.transport import MAX_REPLY_BYTES, PeerTransport
 from tests.netutil import build_node
 
@@ -114,7 +115,7 @@ class RedirectingPeer:
         self.received: list[bytes] = []
         self.app = web.Application()
         self.app.router.add_post("/gossip", self.redirect)
-        self.app.router.add_get("/health", self.redirect)
+        self.app.router.add_post("/probe", self.redirect)
         self.app.router.add_post("/internal", self.internal)
         self.app.router.add_get("/internal", self.internal)
 
@@ -135,9 +136,9 @@ async def test_a_307_redirect_is_a_failed_send_and_never_followed() -> None:
             PeerTransport(send_timeout_s=10) as transport,
         ):
             result = await transport.send(peer_at(address), b"envelope")
-            up = await transport.is_up(peer_at(address))
+            asked = await transport.probe(peer_at(address), b"probe", timeout_s=5)
     assert (result.ok, result.status, result.reason) == (False, 307, "redirect")
-    assert not up  # /health redirects are not followed either
+    assert asked.reach is Reach.REFUSED and asked.detail == "HTTP 307 redirect"  # not followed
     assert internal.received == [] and redirector.received == []
 
 
