@@ -12,9 +12,11 @@ The checks (docs/console.md):
   with what is left), or differential privacy off altogether;
 * **trust**: a neighbour quarantined, proven to equivocate, rolled back, or trusted less
   than `[trust] downweight_below`;
-* **silence**: a neighbour missing from the last `SILENT_ROUNDS` rounds (or marked down by
-  the node, where /status says so);
-* **deadline**: the last round waited the full `gossip.round_timeout_s` for someone;
+* **silence**: a neighbour missing from the last `SILENT_ROUNDS` rounds or marked down by the
+  node's liveness (gossip/liveness.py), one that refuses this node's envelopes, or the node
+  waiting for enough neighbours before it trains;
+* **deadline**: the last round lasted at least `gossip.round_timeout_s` with someone missing,
+  i.e. it waited the full deadline (a neighbour marked down is not waited for);
 * **clock**: most neighbours refused this node's last envelope as `stale`: its timestamp is
   outside their window, so this node's clock is probably off. This is derived from the
   neighbours' answers; the skew itself is not measured.
@@ -264,41 +266,83 @@ def _trust(
 def _silence(
     status: dict[str, Any], s: AlertSettings, alerts: list[Alert], peers: dict[str, PeerStanding]
 ) -> Check:
+    """Silent and unreachable neighbours. Uses /status's per-peer liveness (`state`, `why`,
+    `silent_rounds`, `contact`, `contact_detail`) and `neighbours`, and counts the trailing
+    rounds each peer is missing from `history` itself."""
     history: list[dict[str, Any]] = status.get("history") or []
     info: dict[str, dict[str, Any]] = status.get("peers") or {}
-    silent = []
+    flagged: list[str] = []
+    if status.get("phase") == "waiting_for_neighbours":
+        neighbours = status.get("neighbours") or {}
+        waiting = neighbours.get("waiting_for") or {}
+        flagged.extend(waiting)
+        alerts.append(
+            Alert(
+                "warning",
+                "waiting_for_neighbours",
+                "Waiting for neighbours",
+                f"the node needs {number(neighbours.get('min_neighbours'))} neighbours that take "
+                "its envelopes before it trains; "
+                + ("; ".join(f"{p}: {why}" for p, why in waiting.items()) or "none counts yet"),
+            )
+        )
     for peer in peers:
+        v = info.get(peer, {})
         run = 0
         for record in reversed(history):
             if peer not in (record.get("missing") or []):
                 break
             run += 1
-        reported = info.get(peer, {}).get("silent_rounds")
+        reported = v.get("silent_rounds")
         if isinstance(reported, int) and not isinstance(reported, bool):
             run = max(run, reported)
         peers[peer].silent_rounds = run
-        down = info.get(peer, {}).get("state") == "down"
+        down = v.get("state") == "down"
         if run >= s.silent_rounds or down:
-            silent.append(peer)
-            last = info.get(peer, {}).get("last_round")
+            flagged.append(peer)
+            last = v.get("last_round")
             heard = f"last heard in round {last}" if last else "never heard from"
-            why = info.get(peer, {}).get("why")
+            why = f"; the node marks it down: {v['why']}" if down and v.get("why") else ""
             alerts.append(
                 Alert(
                     "warning",
                     "silent",
                     f"{peer} silent for {run} rounds" if run else f"{peer} is down",
-                    f"no model from {peer} in the last {run} rounds ({heard})"
-                    + (f"; the node marks it down: {why}" if down and why else ""),
+                    f"no model from {peer} in the last {run} rounds ({heard}){why}",
                     peer,
                 )
             )
-    label = "silent neighbours"
-    if silent:
-        return Check("silence", label, "alert", f"silent: {names(silent)}")
+        if v.get("contact") == "refused":
+            flagged.append(peer)
+            detail = v.get("contact_detail") or "it refuses this node's envelopes"
+            alerts.append(
+                Alert(
+                    "warning",
+                    "refused",
+                    f"{peer} refuses this node's envelopes",
+                    f"{detail}: check that each lists the other's current key and address",
+                    peer,
+                )
+            )
+    label = "neighbours' reachability"
+    if flagged:
+        return Check("silence", label, "alert", names(list(dict.fromkeys(flagged))))
     if not history:
         return Check("silence", label, "unavailable", "no round finished yet")
+    missing = history[-1].get("missing") or []
+    if missing:
+        return Check("silence", label, "ok", f"missing from the last round: {names(missing)}")
     return Check("silence", label, "ok", "every neighbour sent a model in the last round")
+
+
+def _waited_for(round_: dict[str, Any], s: AlertSettings) -> list[str]:
+    """Who a finished round waited for until its deadline: the neighbours missing from it, in
+    a round that lasted at least the deadline. A round that ended early (everyone it waited
+    for came, and a neighbour marked down is not waited for) lasted less."""
+    seconds = round_.get("seconds")
+    if s.round_timeout_s and isinstance(seconds, int | float) and seconds < s.round_timeout_s:
+        return []
+    return list(round_.get("missing") or [])
 
 
 def _deadline(status: dict[str, Any], s: AlertSettings, alerts: list[Alert]) -> Check:
@@ -307,18 +351,18 @@ def _deadline(status: dict[str, Any], s: AlertSettings, alerts: list[Alert]) -> 
     if not history:
         return Check("deadline", label, "unavailable", "no round finished yet")
     recent = history[-DEADLINE_WINDOW:]
-    waited = [h for h in recent if h.get("missing")]
+    waited = [h for h in recent if _waited_for(h, s)]
     last = history[-1]
-    limit = f"{number(s.round_timeout_s, 0)} s" if s.round_timeout_s else "the deadline"
+    limit = f"{_seconds(s.round_timeout_s)} s" if s.round_timeout_s else "the deadline"
     tally = f"{len(waited)} of the last {len(recent)} rounds waited the full {limit}"
-    if last.get("missing"):
+    if _waited_for(last, s):
         alerts.append(
             Alert(
                 "warning",
                 "deadline",
                 f"Round {last.get('round')} finished at the deadline",
                 f"it waited {number(last.get('seconds'), 1)} s ({limit}) for "
-                f"{names(last.get('missing'))}; {tally}",
+                f"{names(_waited_for(last, s))}; {tally}",
             )
         )
         return Check("deadline", label, "alert", tally)
@@ -338,7 +382,7 @@ def _clock(s: AlertSettings, alerts: list[Alert], last_sent: AuditRecord | None)
     recipients = last_sent.fields.get("recipients") or []
     failed = last_sent.fields.get("failed") or {}
     stale = sorted(p for p, reason in failed.items() if reason == "stale")
-    window = f"±{number(s.timestamp_window_s, 0)} s" if s.timestamp_window_s else "their window"
+    window = f"±{_seconds(s.timestamp_window_s)} s" if s.timestamp_window_s else "their window"
     if stale and 2 * len(stale) >= len(recipients):
         alerts.append(
             Alert(
@@ -369,3 +413,8 @@ def _clock(s: AlertSettings, alerts: list[Alert], last_sent: AuditRecord | None)
 
 def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _seconds(value: float | None) -> str:
+    """10.0 -> '10', 1.5 -> '1.5' (a deadline read back as configured)."""
+    return f"{value:g}"

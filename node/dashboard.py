@@ -178,11 +178,16 @@ function showPlots(st){
 function showPeers(st,a){
   const rows=Object.entries(st.peers||{}).map(([name,v])=>{
     const standing=(a.peers||{})[name]||{standing:"",silent_rounds:0,left_out:[]};
-    let reach=v.state?(v.state+(v.why?": "+v.why:"")):!v.last_round?"not heard yet":
-      standing.silent_rounds>0?`silent for ${standing.silent_rounds} round(s)`:"sending";
+    // The node's own liveness fields where /status has them (state, why, contact), else
+    // what the rounds show.
+    const heard=!v.last_round?"not heard yet":standing.silent_rounds>0?`silent for ${standing.silent_rounds} round(s)`:"sending";
+    let reach=heard;
+    if(v.state==="down")reach="down"+(v.why?": "+v.why:"");
+    else if(v.state)reach="up · "+heard;
+    if(v.contact==="refused"||v.contact==="unreachable")reach+=` · ${v.contact}`+(v.contact_detail?": "+v.contact_detail:"");
     const trust=(st.trust||{})[name];
     const bad=["quarantined","proven equivocation","rolled back"].includes(standing.standing);
-    return {cls:bad?"bad":(standing.standing==="low trust"||standing.silent_rounds>0||v.state==="down")?"warn":"",
+    return {cls:bad?"bad":(standing.standing==="low trust"||standing.silent_rounds>0||v.state==="down"||v.contact==="refused")?"warn":"",
       cells:[name,reach,num(v.last_round),ago(v.last_seen),dec(trust,2),
         standing.standing,standing.left_out.join("; ")||"-"]}});
   table("peers",[["neighbour","l"],["reachability","l"],["last round"],["last heard"],["trust"],["standing","l"],["left out of aggregation","l"]],rows,"no neighbours configured");

@@ -142,14 +142,41 @@ def test_a_neighbour_missing_for_three_rounds_is_silent_and_the_round_hit_its_de
     assert check(report, "deadline").detail.startswith("3 of the last 5 rounds")
 
 
-def test_a_peer_the_node_marks_down_is_an_alert_from_its_status_fields() -> None:
-    """Where /status carries per-peer liveness (state, silent_rounds, why), it is used."""
+def test_the_node_s_liveness_fields_raise_down_refused_and_waiting_alerts() -> None:
+    """/status's per-peer liveness (gossip/liveness.py: state, silent_rounds, why, contact) and
+    `neighbours` are used as they are."""
     peers = status()["peers"]
-    peers["hospital_b"].update(state="down", silent_rounds=4, why="no answer to probes")
+    peers["hospital_b"].update(state="down", silent_rounds=4, why="silent for 3 rounds")
+    peers["hospital_c"].update(
+        state="up", contact="refused", contact_detail="HTTP 403 unknown_sender"
+    )
     report = evaluate(status(peers=peers), SETTINGS)
+    by_code = {a.code: a for a in report.alerts}
+    assert set(by_code) == {"silent", "refused"}
+    assert (
+        by_code["silent"].peer == "hospital_b" and "silent for 3 rounds" in by_code["silent"].detail
+    )
+    assert report.peers["hospital_b"].silent_rounds == 4
+    assert by_code["refused"].title == "hospital_c refuses this node's envelopes"
+    assert by_code["refused"].detail.startswith("HTTP 403 unknown_sender")
+    assert check(report, "silence").detail == "hospital_b and hospital_c"
+    waiting = {"min_neighbours": 2, "waiting_for": {"hospital_b": "down", "hospital_c": "refused"}}
+    report = evaluate(status(phase="waiting_for_neighbours", neighbours=waiting), SETTINGS)
     (alert,) = report.alerts
-    assert alert.code == "silent" and alert.peer == "hospital_b"
-    assert "no answer to probes" in alert.detail and report.peers["hospital_b"].silent_rounds == 4
+    assert alert.code == "waiting_for_neighbours"
+    assert alert.detail == (
+        "the node needs 2 neighbours that take its envelopes before it trains; "
+        "hospital_b: down; hospital_c: refused"
+    )
+
+
+def test_a_round_that_did_not_wait_for_a_neighbour_marked_down_is_not_at_the_deadline() -> None:
+    """A neighbour marked down is missing from every round but no longer waited for: those
+    rounds end early, and only their length says so."""
+    history = [{"round": r, "missing": ["hospital_b"], "seconds": 0.3} for r in (1, 2, 3)]
+    report = evaluate(status(history=history), SETTINGS)
+    assert "deadline" not in codes(report)
+    assert check(report, "deadline").detail == "0 of the last 3 rounds waited the full 10 s"
 
 
 def test_the_clock_check_reads_the_neighbours_answers_or_says_it_cannot_yet() -> None:

@@ -4,8 +4,9 @@ The network is run_cluster's, with its nodes' real round loops in this process (
 handed over by direct calls, as bench/byzantine.py does) and hospital_0's two listeners on
 real loopback ports: four hospitals and one equivocating attacker, DP at ε = 1 (so the budget
 is spent by the last round), and hospital_3 configured but never started (a dead neighbour of
-hospital_0 and hospital_1, so their rounds end at the deadline). The page is opened before
-round 1 with the operator token in the URL fragment and must then fill in by itself.
+hospital_0 and hospital_1: their first three rounds end at the deadline, then they mark it
+down and stop waiting for it). The page is opened before round 1 with the operator token in
+the URL fragment and must then fill in by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 from bench.byzantine import MemoryTransport
 from crypto.allowlist import Peer
+from gossip.probe import Contact
 from gossip.transport import SendResult
 from node.api import operator_token, start_api
 from node.config import load_config
@@ -30,6 +32,8 @@ from tests.browser import browser, console_errors, require_browser, save_screens
 from tests.netutil import make_network
 
 ROUNDS = 5
+ROUND_TIMEOUT_S = 1.5  # rounds 1-3 wait this long for hospital_3: longer than a page refresh
+DOWN_AFTER = 3  # [gossip] down_after_rounds, the default
 TOKEN = "console-test-token-" + "y" * 32
 # hospital_3 (index 3) neighbours hospital_0 and hospital_1 only, so the attacker (index 4)
 # never waits for the dead node and its round-r models arrive within every deadline.
@@ -37,13 +41,21 @@ EDGES = "0 1\n0 2\n0 4\n1 2\n1 4\n2 4\n3 0\n3 1\n"
 WAIT_S = 90.0
 
 
+REFUSED = "unreachable: ConnectionRefusedError"
+
+
 class DeadPeerTransport(MemoryTransport):
     """MemoryTransport where a node that is not running cannot be reached."""
 
     async def send(self, peer: Peer, envelope: bytes) -> SendResult:
         if peer.address not in self.nodes:
-            return SendResult(peer.name, False, None, "unreachable: ConnectionRefusedError", 0.0)
+            return SendResult(peer.name, False, None, REFUSED, 0.0)
         return await super().send(peer, envelope)
+
+    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
+        if peer.address not in self.nodes:
+            return Contact.from_answer(None, REFUSED, "", source="probe")
+        return await super().probe(peer, probe, timeout_s)
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
@@ -69,7 +81,15 @@ def dashboard_checks(url: str, started: threading.Event, finished: threading.Eve
         assert js(d, "return location.hash") == ""
         assert "no rounds yet" in d.find_element("id", "plot-auc").text
         started.set()
-        finished.wait(WAIT_S)
+        # While rounds 1-3 wait for the dead neighbour, the page says they end at the deadline.
+        seen: set[str] = set()
+        end = time.monotonic() + WAIT_S
+        while not finished.is_set() and time.monotonic() < end:
+            seen.update(
+                js(d, "return [...document.querySelectorAll('#alerts li')].map(x=>x.dataset.code)")
+            )
+            time.sleep(0.2)
+        assert "deadline" in seen, seen
         wait_until(
             lambda: f"round {ROUNDS} of {ROUNDS}" in d.find_element("id", "summary").text,
             "the page to show the last round without a reload",
@@ -89,14 +109,19 @@ def dashboard_checks(url: str, started: threading.Event, finished: threading.Eve
         assert set(trust_lines) >= {"hospital_1", "hospital_2", "byzantine_0"}
         # The ε plot draws the budget and the 80% line.
         assert "budget" in d.find_element("id", "plot-eps").text
-        # Alerts, provoked: proven equivocation, budget spent, a silent neighbour, deadline.
+        # Alerts, provoked: proven equivocation, budget spent, a silent neighbour that the
+        # node's liveness marked down; rounds 4-5 no longer waited for it.
         codes = js(d, "return [...document.querySelectorAll('#alerts li')].map(x=>x.dataset.code)")
-        assert {"equivocation", "budget_spent", "silent", "deadline"} <= set(codes), codes
+        assert {"equivocation", "budget_spent", "silent"} <= set(codes), codes
+        assert "deadline" not in codes
         alerts_text = d.find_element("id", "alerts").text
         assert "byzantine_0 proven to equivocate" in alerts_text
-        assert "hospital_3 silent for" in alerts_text
+        assert f"hospital_3 silent for {ROUNDS} rounds" in alerts_text
+        assert "the node marks it down" in alerts_text
         assert d.find_element("css selector", "#alerts li.critical").text.startswith("byzantine_0")
         checks = d.find_element("id", "checks").text
+        tally = f"{DOWN_AFTER} of the last {ROUNDS} rounds waited the full {ROUND_TIMEOUT_S:g} s"
+        assert tally in checks
         assert "clock: neighbours accepted" in checks  # derivable here: envelopes were sent
         # Neighbours: trust, standing and reachability per peer.
         rows = {
@@ -108,8 +133,9 @@ def dashboard_checks(url: str, started: threading.Event, finished: threading.Eve
             )
         }
         assert rows["byzantine_0"][5] == "proven equivocation" and rows["byzantine_0"][4] == "0.00"
-        assert rows["hospital_2"][1] == "sending" and rows["hospital_2"][2] == str(ROUNDS)
-        assert rows["hospital_3"][1] == "not heard yet" and rows["hospital_3"][2] == "0"
+        assert rows["hospital_2"][1] == "up · sending" and rows["hospital_2"][2] == str(ROUNDS)
+        assert rows["hospital_3"][1].startswith("down: ") and rows["hospital_3"][2] == "0"
+        assert "unreachable: ConnectionRefusedError" in rows["hospital_3"][1]
         # Rejected messages by reason, with a meaning and a rate; counts are integers.
         rejected = d.find_element("id", "rejected").text
         assert "malformed not a well-formed murmur message 2 0.4" in rejected, rejected
@@ -142,7 +168,8 @@ async def test_dashboard_shows_a_live_network_with_plots_and_alerts(tmp_path: Pa
     edges = tmp_path / "edges.txt"
     edges.write_text(EDGES)
     args = ["--nodes", "4", "--rounds", str(ROUNDS), "--topology", f"edges:{edges}"]
-    args += ["--byzantine", "1", "--attack", "equivocation", "--round-timeout", "1"]
+    args += ["--byzantine", "1", "--attack", "equivocation"]
+    args += ["--round-timeout", str(ROUND_TIMEOUT_S)]
     net = make_network(tmp_path / "run", *args)
     token_file = tmp_path / "operator.token"
     token_file.write_text(TOKEN)
@@ -150,6 +177,8 @@ async def test_dashboard_shows_a_live_network_with_plots_and_alerts(tmp_path: Pa
     net.edit_config("hospital_0", "node", listen="127.0.0.1:0")
     net.edit_config("hospital_0", "operator", listen="127.0.0.1:0", token_file=str(token_file))
     running = [n for n in net.nodes if n.name != "hospital_3"]
+    for n in running:  # do not give the dead node the usual minute to come up
+        net.edit_config(n.name, "gossip", startup_timeout_s=2.0)
     hospitals = {n.name: HospitalNode(load_config(n.config_path)) for n in running}
     transport = DeadPeerTransport({n.address: hospitals[n.name] for n in running})
     watched = hospitals["hospital_0"]
