@@ -73,6 +73,7 @@ _SERIOUS = {
     "attack_abuse_sent",
     "training_diverged",
     "peer_down",
+    "waiting_for_neighbours",
 }
 
 

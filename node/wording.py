@@ -192,6 +192,17 @@ def describe_record(record: AuditRecord) -> str:
     if kind == "receipts_request":
         requester = f.get("requester") or "an unknown sender"
         return f"receipts request from {requester}: {f.get('outcome')}"
+    if kind == "waiting_for_neighbours":
+        reasons = f.get("reasons") if isinstance(f.get("reasons"), dict) else {}
+        why = "; ".join(f"{p}: {r}" for p, r in reasons.items())
+        return f"waiting for {f.get('min_neighbours')} neighbours before training" + (
+            f" ({why})" if why else ""
+        )
+    if kind == "neighbours_ready":
+        waited = f.get("waited_s")
+        return f"ready to train with {names(f.get('counted'))}" + (
+            f" after waiting {number(waited, 1)} s" if isinstance(waited, int | float) else ""
+        )
     if kind in ("peer_down", "peer_up"):
         state = "DOWN" if kind == "peer_down" else "up again"
         return f"neighbour {f.get('peer')} {state}" + (f": {f.get('why')}" if f.get("why") else "")

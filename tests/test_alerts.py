@@ -228,6 +228,12 @@ def test_records_in_words() -> None:
     assert describe_record(record("something_new", 1, a=1, b="x" * 50)).startswith(
         "something new: a=1, b=xxx"
     )
+    waiting = record(
+        "waiting_for_neighbours", 1, min_neighbours=2, counted=[], reasons={"b": "unreachable"}
+    )
+    assert describe_record(waiting) == "waiting for 2 neighbours before training (b: unreachable)"
+    ready = record("neighbours_ready", 1, waited_s=3.21, counted=["b", "c"], missing={})
+    assert describe_record(ready) == "ready to train with b and c after waiting 3.2 s"
     assert reason_meaning("unreachable: OSError") == "the neighbour could not be reached: OSError"
     assert (number(36), number(0.5), number(None), number(1e-5)) == (
         "36",
