@@ -151,6 +151,29 @@ class _ServerLog(logging.LoggerAdapter):
             super().log(level, msg, *args, **kwargs)
 
 
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler with one change: a request that does not parse is
+    answered like every other refusal, `400 {"reason": "bad_http"}` with `Server: murmur`.
+    aiohttp's own answer is text that quotes the sender's bytes back and names aiohttp's and
+    Python's versions. aiohttp still logs the error first (so `_ServerLog` counts it)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            response = web.json_response({"reason": HttpReason.BAD_HTTP.value}, status=status)
+            response.force_close()
+        response.headers[hdrs.SERVER] = "murmur"
+        return response
+
+
 _BUSY_BODY = json.dumps({"reason": HttpReason.TOO_MANY_CONNECTIONS.value}).encode()
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -246,7 +269,10 @@ class Listener:
         ):
             detail = f"{self.limits.max_connections_per_address} connections open from {source}"
         else:
-            return server()
+            handler = server()
+            # web.Server has no hook for its handler class; same slots, so the swap is safe.
+            handler.__class__ = _RequestHandler
+            return handler
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
         self._on_refused(HttpReason.TOO_MANY_CONNECTIONS, detail, source)
