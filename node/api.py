@@ -365,10 +365,23 @@ async def _plain_errors(
     try:
         return await handler(request)
     except web.HTTPNotFound:
+        _count_routing_refusal(request, "not_found")
         return web.json_response({"reason": "not_found"}, status=404)
     except web.HTTPMethodNotAllowed as exc:
+        _count_routing_refusal(request, "method_not_allowed")
         return web.json_response(
             {"reason": "method_not_allowed"}, status=405, headers={"Allow": exc.headers["Allow"]}
+        )
+
+
+def _count_routing_refusal(request: web.Request, reason: str) -> None:
+    """On the peer listener (the only app with upload slots), a request for a path or method
+    it does not serve is counted like any other refusal, so a stranger's probing shows in
+    /status and /metrics. The operator listener's clients are the hospital's own."""
+    if UPLOADS_KEY in request.app:
+        detail = f"{printable(request.method, 16)} {printable(request.path, 80)}"
+        request.app[NODE_KEY].record_rejection(
+            reason, detail, sender=None, round_=None, source=_source(request)
         )
 
 

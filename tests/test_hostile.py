@@ -1,6 +1,6 @@
 """Hostile inputs against the peer listener (issue #25 item 6).
 
-The fast tests here pin down refusals the hostile-input suite found untyped or uncounted;
+The fast tests here pin down two refusals the hostile-input suite found untyped or uncounted;
 one node in this process, real listeners on loopback.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_http import raw_exchange, running
+import aiohttp
+
+from tests.test_http import get, raw_exchange, running
 
 
 async def test_an_unparseable_request_gets_a_typed_answer_that_echoes_nothing(
@@ -29,3 +31,24 @@ async def test_an_unparseable_request_gets_a_typed_answer_that_echoes_nothing(
             assert b"\r\nServer: murmur" in head and b"aiohttp" not in received
             assert b"SENDERBYTES" not in received
         assert node.rejected["bad_http"] == len(requests)
+
+
+async def test_paths_and_methods_the_peer_listener_does_not_serve_are_counted(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as (node, api):
+        for path in ("/status", "/metrics", "/gossip/", "/../status"):
+            code, _, _ = await get(api.peer.address + path)
+            assert code == 404, path
+        async with aiohttp.ClientSession() as session:
+            for method in ("PUT", "DELETE", "PATCH"):
+                async with session.request(method, api.peer.address + "/gossip") as r:
+                    assert r.status == 405
+        assert node.rejected["not_found"] == 4
+        assert node.rejected["method_not_allowed"] == 3
+        _, _, body = await get(api.operator.address + "/metrics")
+        assert b'murmur_messages_rejected_total{reason="not_found"} 4.0' in body
+        # The operator listener's clients are the hospital's own: not counted as rejections.
+        code, _, _ = await get(api.operator.address + "/nowhere")
+        assert code == 404
+        assert node.rejected["not_found"] == 4
