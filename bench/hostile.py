@@ -219,8 +219,10 @@ def print_table(run: AttackedRun, insiders: dict[str, InsiderResult]) -> None:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     counts = QUICK if args.quick else FULL
+    # The attack takes about 10 s (quick) or 30 s (full), the slowloris connections 15 s: the
+    # rounds, each as long as its deadline (one hospital is offline), outlast it.
     settings = NetworkSettings(
-        rounds=6 if args.quick else 10, round_timeout_s=3.0 if args.quick else 9.0, seed=args.seed
+        rounds=5 if args.quick else 6, round_timeout_s=3.0 if args.quick else 6.0, seed=args.seed
     )
     out = Path(args.out or tempfile.mkdtemp(prefix="murmur-hostile-"))
     print(f"run directory: {out}")

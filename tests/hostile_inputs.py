@@ -145,8 +145,8 @@ def request(
     version: bytes = b"HTTP/1.1",
     close: bool = True,
 ) -> bytes:
-    """A request's bytes, with `Content-Length: length` (default: the body's, None to omit
-    it by passing length=-1) and `Connection: close` unless `close` is False."""
+    """A request's bytes: `Content-Length: length` (default: the body's length; -1 leaves the
+    header out, true or not) and `Connection: close` unless `close` is False."""
     lines = [method + b" " + path + b" " + version + b"\r\n", HOST, *headers]
     if length is None:
         length = len(body)
@@ -311,8 +311,10 @@ def gen_empty(rng: np.random.Generator, n: int, ctx: InputContext) -> list[Hosti
 
 
 def gen_length_short(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Content-Length shorter than the body: the node reads that many bytes as the envelope
-    and the rest as the next request on the connection (both refused, two answers)."""
+    """Content-Length shorter than the body: whatever follows the declared bytes is the next
+    request on the connection. It arrives in the same buffer, so the parser refuses the
+    whole connection (400 bad_http, one answer); arriving later, the declared bytes would be
+    refused as an envelope first (malformed), then the rest."""
     inputs = []
     for _ in range(n):
         body = rng.bytes(int(rng.integers(64, 2048)))
