@@ -1216,9 +1216,10 @@ class ClassResult:
 
     def note_rounds(self, at_start: list[int], at_end: list[int], training: bool) -> None:
         low, high = min(at_start, default=0), max(at_end, default=0)
+        if self.first_round is None:  # the class's first batch: did it begin while training?
+            self.after_training = not training
         self.first_round = low if self.first_round is None else min(self.first_round, low)
         self.last_round = high if self.last_round is None else max(self.last_round, high)
-        self.after_training = not training if self.first_round == low else self.after_training
 
     def surprises(self) -> dict[str, int]:
         """Reasons this class got that `EXPECTED` does not list for it."""

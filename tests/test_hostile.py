@@ -106,7 +106,7 @@ async def test_a_training_network_takes_every_hostile_input_class(tmp_path: Path
     # 3 training hospitals and an offline 4th: each round lasts its 2.5 s deadline, so the
     # network is still training while the inputs arrive (tests/hostile_inputs.NetworkSettings).
     settings = NetworkSettings(
-        rounds=5,
+        rounds=6,
         round_timeout_s=2.5,
         startup_timeout_s=6.0,
         body_timeout_s=1.5,
@@ -123,6 +123,10 @@ async def test_a_training_network_takes_every_hostile_input_class(tmp_path: Path
     logs = net.logs()
 
     assert set(classes) == set(CI_COUNTS)
+    # It trained all along: every class began before the last node finished its rounds.
+    assert not any(c.after_training for c in classes.values()), {
+        k: c.rounds for k, c in classes.items()
+    }
     assert result.inputs >= 300
     assert all(c.sent >= CI_COUNTS[k] for k, c in classes.items()), {
         k: c.sent for k, c in classes.items()
@@ -152,7 +156,9 @@ async def test_a_training_network_takes_every_hostile_input_class(tmp_path: Path
     assert result.mismatches() == {}
     assert result.untyped_counted == []
     assert all(set(c) <= KNOWN_REASONS for c in result.counted.values())
-    assert sum(sum(c.values()) for c in result.counted.values()) >= result.inputs - 10
+    # (Each input is at least one count; only slowloris connections never form a request.)
+    uncounted = CI_COUNTS["trickle_headers"]
+    assert sum(sum(c.values()) for c in result.counted.values()) >= result.inputs - uncounted
     # Bounded memory and audit: no audit row per junk request, one summary per round at most.
     assert result.rss_growth_mb < 100, (result.rss_before, result.rss_after)
     neighbours = len(net.names) - 1
