@@ -154,6 +154,29 @@ class _ServerLog(logging.LoggerAdapter):
             super().log(level, msg, *args, **kwargs)
 
 
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler with one change: a request that does not parse is
+    answered like every other refusal, `400 {"reason": "bad_http"}` with `Server: murmur`.
+    aiohttp's own answer is text that quotes the sender's bytes back and names aiohttp's and
+    Python's versions. aiohttp still logs the error first (so `_ServerLog` counts it)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            response = web.json_response({"reason": HttpReason.BAD_HTTP.value}, status=status)
+            response.force_close()
+        response.headers[hdrs.SERVER] = "murmur"
+        return response
+
+
 _BUSY_BODY = json.dumps({"reason": HttpReason.TOO_MANY_CONNECTIONS.value}).encode()
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -249,7 +272,10 @@ class Listener:
         ):
             detail = f"{self.limits.max_connections_per_address} connections open from {source}"
         else:
-            return server()
+            handler = server()
+            # web.Server has no hook for its handler class; same slots, so the swap is safe.
+            handler.__class__ = _RequestHandler
+            return handler
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
         self._on_refused(HttpReason.TOO_MANY_CONNECTIONS, detail, source)
@@ -342,10 +368,23 @@ async def _plain_errors(
     try:
         return await handler(request)
     except web.HTTPNotFound:
+        _count_routing_refusal(request, "not_found")
         return web.json_response({"reason": "not_found"}, status=404)
     except web.HTTPMethodNotAllowed as exc:
+        _count_routing_refusal(request, "method_not_allowed")
         return web.json_response(
             {"reason": "method_not_allowed"}, status=405, headers={"Allow": exc.headers["Allow"]}
+        )
+
+
+def _count_routing_refusal(request: web.Request, reason: str) -> None:
+    """On the peer listener (the only app with upload slots), a request for a path or method
+    it does not serve is counted like any other refusal, so a stranger's probing shows in
+    /status and /metrics. The operator listener's clients are the hospital's own."""
+    if UPLOADS_KEY in request.app:
+        detail = f"{printable(request.method, 16)} {printable(request.path, 80)}"
+        request.app[NODE_KEY].record_rejection(
+            reason, detail, sender=None, round_=None, source=_source(request)
         )
 
 
