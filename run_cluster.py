@@ -28,9 +28,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from node.progress import Progress
 
 DEFAULT_MODEL = {
     "breast-cancer": "logreg",
@@ -497,17 +500,27 @@ def progress_line(nodes: list[NodeProcess], rounds: int, width: int | None = Non
     return summary[:width]
 
 
+def live_progress(args: argparse.Namespace) -> Progress:
+    """A table per hospital redrawn in place when stdout is a terminal; otherwise
+    `progress_line` once per change, so logs and CI stay line-based (node/progress.py)."""
+    from node.alerts import AlertSettings
+    from node.progress import Progress
+
+    settings = AlertSettings(round_timeout_s=args.round_timeout)
+    return Progress(sys.stdout, args.rounds, settings, lambda ns: progress_line(ns, args.rounds))
+
+
 async def follow(
-    nodes: list[NodeProcess], rounds: int, quiet: bool, deadline_s: float, max_restarts: int
+    nodes: list[NodeProcess], progress: Progress | None, deadline_s: float, max_restarts: int
 ) -> str | None:
-    """Poll /status until every node process has exited (or the deadline passes); return why
-    the run was cut short (None when every node exited by itself).
+    """Poll /status until every node process has exited (or the deadline passes), showing it
+    on `progress` (node/progress.py, or None for --quiet); return why the run was cut short
+    (None when every node exited by itself).
 
     A node killed by a signal (SIGKILL, the OOM killer) is restarted from its last checkpoint,
     as a service manager would restart a hospital's node; one that exits with an error is not.
     """
     end = time.monotonic() + deadline_s
-    last = ""
     async with aiohttp.ClientSession() as session:
         while any(n.exit_code is None for n in nodes):
             for n in nodes:
@@ -516,6 +529,8 @@ async def follow(
                 code = n.process.returncode
                 if code < 0 and n.restarts < max_restarts:
                     n.restarts += 1
+                    if progress is not None:
+                        progress.interrupt()
                     print(
                         f"run_cluster: {n.name} was killed by signal {-code}; restarting it from "
                         f"its last checkpoint ({n.restarts}/{max_restarts})",
@@ -525,11 +540,11 @@ async def follow(
                 else:
                     n.exit_code = code
             await asyncio.gather(*(poll_status(session, n) for n in nodes if n.exit_code is None))
-            line = progress_line(nodes, rounds)
-            if not quiet and line != last:
-                print(line, flush=True)
-                last = line
+            if progress is not None:
+                progress.update(nodes)
             if time.monotonic() > end:
+                if progress is not None:
+                    progress.interrupt()
                 print(
                     f"run_cluster: deadline of {deadline_s:.0f}s passed; stopping", file=sys.stderr
                 )
@@ -694,16 +709,17 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
     cut_short: str | None = None
+    progress = None if args.quiet else live_progress(args)
     try:
         for n in nodes:
             await start_node(n)
         deadline = 120 + args.rounds * (args.round_timeout + 30)
-        follower = asyncio.ensure_future(
-            follow(nodes, args.rounds, args.quiet, deadline, args.restarts)
-        )
+        follower = asyncio.ensure_future(follow(nodes, progress, deadline, args.restarts))
         stopper = asyncio.ensure_future(stop_requested.wait())
         await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if stop_requested.is_set():
+            if progress is not None:
+                progress.interrupt()
             print("\nrun_cluster: stopping every node", file=sys.stderr)
             cut_short = "stopped by a signal (Ctrl-C or SIGTERM)"
         elif follower.done() and not follower.cancelled():
@@ -715,8 +731,8 @@ async def run(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - started
     for n in nodes:  # the last word of each node is its status.json, written as it stopped
         n.status = final_status(n)
-    if not args.quiet:
-        print(progress_line(nodes, args.rounds), flush=True)
+    if progress is not None:
+        progress.final(nodes)
     report = build_report(args, nodes, topology, seconds, cut_short)
     if want_baselines(args):
         from models.baselines import run_baselines

@@ -16,10 +16,11 @@ logged at most once per reason per interval (node/rejections.py), and answered w
 alone. Nothing computed from training data is served here; /health says only that the node
 is up.
 
-**Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`
-and `/` (the dashboard). They show per-round test metrics with exact counts and the decision
-threshold chosen on training rows, which are the hospital's own business. A non-loopback bind
-needs `allow_remote` and a bearer token (node/config.py refuses it otherwise).
+**Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`,
+`/` (the dashboard) and the dashboard's `/alerts` and `/audit/recent` (node/dashboard.py).
+They show per-round test metrics with exact counts and the decision threshold chosen on
+training rows, which are the hospital's own business. A non-loopback bind needs
+`allow_remote` and a bearer token (node/config.py refuses it otherwise).
 
 Both route tables are in `build_peer_app` and `build_operator_app`, one line per route; a
 peer route that takes a body is added with `add_peer_route`, which gives it all of the above.
@@ -58,6 +59,7 @@ from gossip.auth import (
 from gossip.heads import REQUEST_BYTES
 from gossip.probe import PROBE_BYTES
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
+from node.dashboard import alerts, audit_recent, dashboard
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
 
@@ -192,6 +194,29 @@ class _ServerLog(logging.LoggerAdapter):
             super().log(level, msg, *args, **kwargs)
 
 
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler with one change: a request that does not parse is
+    answered like every other refusal, `400 {"reason": "bad_http"}` with `Server: murmur`.
+    aiohttp's own answer is text that quotes the sender's bytes back and names aiohttp's and
+    Python's versions. aiohttp still logs the error first (so `_ServerLog` counts it)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            response = web.json_response({"reason": HttpReason.BAD_HTTP.value}, status=status)
+            response.force_close()
+        response.headers[hdrs.SERVER] = "murmur"
+        return response
+
+
 _BUSY_BODY = json.dumps({"reason": HttpReason.TOO_MANY_CONNECTIONS.value}).encode()
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -287,7 +312,10 @@ class Listener:
         ):
             detail = f"{self.limits.max_connections_per_address} connections open from {source}"
         else:
-            return server()
+            handler = server()
+            # web.Server has no hook for its handler class; same slots, so the swap is safe.
+            handler.__class__ = _RequestHandler
+            return handler
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
         self._on_refused(HttpReason.TOO_MANY_CONNECTIONS, detail, source)
@@ -380,10 +408,23 @@ async def _plain_errors(
     try:
         return await handler(request)
     except web.HTTPNotFound:
+        _count_routing_refusal(request, "not_found")
         return web.json_response({"reason": "not_found"}, status=404)
     except web.HTTPMethodNotAllowed as exc:
+        _count_routing_refusal(request, "method_not_allowed")
         return web.json_response(
             {"reason": "method_not_allowed"}, status=405, headers={"Allow": exc.headers["Allow"]}
+        )
+
+
+def _count_routing_refusal(request: web.Request, reason: str) -> None:
+    """On the peer listener (the only app with upload slots), a request for a path or method
+    it does not serve is counted like any other refusal, so a stranger's probing shows in
+    /status and /metrics. The operator listener's clients are the hospital's own."""
+    if UPLOADS_KEY in request.app:
+        detail = f"{printable(request.method, 16)} {printable(request.path, 80)}"
+        request.app[NODE_KEY].record_rejection(
+            reason, detail, sender=None, round_=None, source=_source(request)
         )
 
 
@@ -736,6 +777,8 @@ def build_operator_app(
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", dashboard)
+    app.router.add_get("/alerts", alerts)
+    app.router.add_get("/audit/recent", audit_recent)
     return app
 
 
@@ -795,58 +838,5 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(text=DASHBOARD_HTML, content_type="text/html")
-
-
 def _dumps(obj: object) -> str:
     return json.dumps(obj, default=str)
-
-
-# A self-contained page (no network access needed) that polls /status every two seconds. With
-# a token, open it as http://HOST:PORT/#token=TOKEN: the fragment never leaves the browser;
-# the page keeps it in sessionStorage, drops it from the address bar and sends it as a bearer
-# header. Values are inserted as text, never as HTML.
-DASHBOARD_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>murmur node</title>
-<meta name="referrer" content="no-referrer">
-<style>
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.warn{color:#b00}
-</style></head><body>
-<h1 id="title">murmur node</h1>
-<p id="summary">loading…</p>
-<h2>Last evaluation</h2><table id="metrics"></table>
-<h2>Peers</h2><table id="peers"></table>
-<h2>Rejected messages</h2><table id="rejected"></table>
-<script>
-const m=location.hash.match(/token=([^&]+)/);
-if(m){sessionStorage.setItem("murmur_token",decodeURIComponent(m[1]));history.replaceState(null,"",location.pathname)}
-const token=sessionStorage.getItem("murmur_token");
-function fmt(v){return v===null||v===undefined?"undefined":(typeof v==="number"?v.toFixed(4):String(v))}
-function cell(tag,text){const c=document.createElement(tag);c.textContent=text;return c}
-function rows(el,head,data){el.replaceChildren();const h=document.createElement("tr");
-  head.forEach(x=>h.appendChild(cell("th",x)));el.appendChild(h);
-  data.forEach(r=>{const tr=document.createElement("tr");r.forEach(c=>tr.appendChild(cell("td",fmt(c))));el.appendChild(tr)})}
-function text(id,parts){const el=document.getElementById(id);el.replaceChildren();
-  parts.forEach(([t,bold])=>el.appendChild(bold?cell("b",t):document.createTextNode(t)))}
-async function refresh(){
-  try{
-    const r=await fetch("/status",{headers:token?{"Authorization":"Bearer "+token}:{}});
-    if(r.status===401){text("summary",[["unauthorized: open this page as /#token=TOKEN",true]]);return}
-    const s=await r.json();
-    document.getElementById("title").textContent="murmur node "+s.name;
-    const p=s.privacy||{};
-    text("summary",[["round "],[String(s.round),true],[" of "+s.planned_rounds+" · phase "],[String(s.phase),true],
-      [" · ε spent "],[fmt(p.epsilon_spent),true],[(p.epsilon_budget?" of "+fmt(p.epsilon_budget):"")+
-      " · model "+(s.model_sha256||"").slice(0,12)]]);
-    rows(document.getElementById("metrics"),["metric","value"],Object.entries(s.last_metrics||{}));
-    rows(document.getElementById("peers"),["peer","last round","address"],
-      Object.entries(s.peers).map(([n,v])=>[n,v.last_round,v.address]));
-    rows(document.getElementById("rejected"),["reason","count"],Object.entries(s.rejected||{}));
-  }catch(e){text("summary",[["node not answering",true]])}
-}
-refresh();setInterval(refresh,2000);
-</script></body></html>
-"""

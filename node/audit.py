@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -914,11 +914,14 @@ def counts_by_kind(state: Path | str) -> dict[str, int]:
     return dict(rows)
 
 
-def last_records(state: Path | str, n: int = 10) -> list[AuditRecord]:
-    """The newest `n` records, oldest first (for /status)."""
+def last_records(state: Path | str, n: int = 10, kinds: Sequence[str] = ()) -> list[AuditRecord]:
+    """The newest `n` records (of `kinds`, when given), oldest first. Walks back from the end
+    of the log, so it stays cheap for the dashboard's polls however long the log grows."""
+    where = f"WHERE kind IN ({', '.join('?' for _ in kinds)}) " if kinds else ""
     with _read_only(state) as conn:
         rows = conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records ORDER BY seq DESC LIMIT ?", (max(0, n),)
+            f"SELECT {_RECORD_COLUMNS} FROM records {where}ORDER BY seq DESC LIMIT ?",
+            (*kinds, max(0, n)),
         ).fetchall()
     return [_to_record(r) for r in reversed(rows)]
 
@@ -933,6 +936,13 @@ def records_of_kind(state: Path | str, *kinds: str, after_seq: int = 0) -> list[
             (*kinds, after_seq),
         ).fetchall()
     return [_to_record(r) for r in rows]
+
+
+def stored_meta(state: Path | str) -> dict[str, str]:
+    """What a log says about itself: `node_name`, `public_key` (hex), `created_utc`,
+    `schema_version`. Written by the node, so check the key against the published one."""
+    with _read_only(state) as conn:
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
 
 
 def stored_public_key(state: Path | str) -> bytes | None:
@@ -1291,18 +1301,29 @@ def verify_command(
     also fails, naming the head, when the log does not contain one of them: the log was cut
     back to an earlier point, or replaced, after the node had signed that head.
     """
-    out = out or sys.stdout
+    return verify_and_report(state_dir, public_key, out or sys.stdout, peer_heads=peer_heads)[0]
+
+
+def verify_and_report(
+    state_dir: Path | str,
+    public_key: bytes | None,
+    out: TextIO,
+    *,
+    peer_heads: list[PeerHead] | None = None,
+) -> tuple[int, VerifyResult | None]:
+    """`verify_command`'s exit status and printed lines, with the result they came from (None
+    without a readable log), so `murmur audit report` shows exactly what verify prints."""
     try:
         result = verify(state_dir, public_key)
         positions = check_peer_heads(state_dir, peer_heads) if peer_heads else []
     except AuditError as exc:
         print(f"audit verify: {exc}", file=out)
-        return 2
+        return 2, None
     if not result.ok:
         where = f"record {result.first_bad_seq}" if result.first_bad_seq is not None else "log"
         print(f"audit log FAILED at {where}: {result.problem}", file=out)
         print(f"({result.records} records before it verified)", file=out)
-        return 1
+        return 1, result
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(result.counts.items())) or "none"
     span = f"records {result.first_seq}..{result.last_seq}" if result.records else "no records"
     print(
@@ -1314,7 +1335,8 @@ def verify_command(
     print(f"kinds: {kinds}", file=out)
     for warning in result.warnings:
         print(f"warning: {warning}", file=out)
-    return _report_peer_heads(result, positions, out) if peer_heads is not None else 0
+    code = _report_peer_heads(result, positions, out) if peer_heads is not None else 0
+    return code, result
 
 
 def _report_peer_heads(

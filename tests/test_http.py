@@ -146,7 +146,9 @@ async def test_operator_listener_on_loopback_serves_status_metrics_and_dashboard
         assert code == 200 and b"murmur_round_completed" in body
         code, headers, body = await get(base + "/")
         assert code == 200 and headers["Content-Type"].startswith("text/html")
-        assert b'fetch("/status"' in body
+        for route in (b'get("/status")', b'get("/alerts")', b'get("/audit/recent?limit='):
+            assert route in body
+        assert "script-src 'sha256-" in headers["Content-Security-Policy"]
         code, _, _ = await get(base + "/gossip")
         assert code == 404  # peers' routes are not here either
         # No token on loopback: a page that points its own domain at 127.0.0.1 (DNS
