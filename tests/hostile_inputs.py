@@ -21,8 +21,16 @@ Why each piece is here:
   transparent relay on one link, as an on-path eavesdropper would capture them: nothing is
   injected into training, so the attacked run learns exactly what a clean run learns.
 - Envelopes are built only with gossip.wire's public `build_envelope` and `peek_envelope` (and
-  tests.test_wire's `resign`, which the wire's own tests keep in step with the format), so a
-  protocol change does not have to be repeated here.
+  tests.test_wire's `resign`, which the wire's own tests keep in step with the format), and
+  signed requests only with `gossip.auth.request_headers`, the function every node uses, so
+  a protocol change does not have to be repeated here.
+- Since protocol v4 every POST needs a `Murmur-Auth` header of an admitted member, checked
+  before the body is read (docs/protocol.md, "Request authentication"): a stranger's bytes,
+  whatever they are, get `401 unauthenticated`, and the connection is closed. To still reach
+  the checks behind it (body timeout, envelope decoding, replay, ...), those classes are sent
+  by an **insider**: the network's offline member, admitted by everyone, whose key the harness
+  holds and whose own traffic it cannot starve (its per-peer allowance is raised for this
+  network, so that the allowance is not what refuses the inputs; tests/test_http.py tests it).
 
 Every loop is bounded in count and in time, every wait has a timeout, and the network is
 stopped (SIGTERM, then SIGKILL) whatever happens.
@@ -55,10 +63,11 @@ from aiohttp import web
 
 import run_cluster
 from crypto.identity import Identity, generate_identity, load_identity
+from gossip.auth import AUTH_HEADER, request_headers
 from gossip.rounds import InboxVerdict
 from gossip.wire import ModelUpdate, RejectReason, build_envelope, peek_envelope
 from node.api import TOO_LARGE, HttpReason
-from node.audit import counts_by_kind
+from node.audit import counts_by_kind, records_of_kind
 from tests.netutil import Network, make_network
 from tests.test_wire import resign
 
@@ -161,6 +170,33 @@ def gossip_post(body: bytes, *headers: bytes, close: bool = True) -> bytes:
     return request(b"POST", b"/gossip", body, *headers, close=close)
 
 
+def auth_line(sender: Identity, recipient: bytes, body: bytes, path: str = "/gossip") -> bytes:
+    """The `Murmur-Auth` header line `sender` would send with `body` to `recipient`."""
+    value = request_headers(sender, recipient, path, body, "application/x-murmur-envelope")
+    return f"{AUTH_HEADER}: {value[AUTH_HEADER]}\r\n".encode()
+
+
+def signed_post(
+    body: bytes, sender: Identity, recipient: bytes, *headers: bytes, close: bool = True
+) -> bytes:
+    """POST /gossip of `body` as the member `sender` sends it: authenticated, so the node
+    reads the body and its own checks apply."""
+    return gossip_post(body, auth_line(sender, recipient, body), *headers, close=close)
+
+
+def signed_head(sender: Identity, recipient: bytes, declared: bytes, *headers: bytes) -> bytes:
+    """A signed request head for a body of `len(declared)` bytes hashing like `declared`,
+    without the body: for senders that then send less, slower, or nothing."""
+    return request(
+        b"POST",
+        b"/gossip",
+        b"",
+        auth_line(sender, recipient, declared),
+        *headers,
+        length=len(declared),
+    )
+
+
 def chunked(body: bytes, size: int = 16 * 1024) -> list[bytes]:
     """`body` in HTTP/1.1 chunked framing (without the request head), ending with 0."""
     parts = [
@@ -247,9 +283,21 @@ class InputContext:
     body_timeout_s: float
     members: dict[str, Identity]  # node name -> its key (the harness holds every key)
     captured: list[bytes] = field(default_factory=list)  # valid envelopes seen on the wire
+    # the Murmur-Auth header each of them was posted with (an eavesdropper sees both)
+    captured_auth: list[str] = field(default_factory=list)
     capture_target: str = ""  # the node that accepted the captured envelopes
     capture_author: str = ""  # the node that signed them
     outsider: Identity = field(default_factory=lambda: generate_identity("mallory"))
+    insider: str = ""  # an admitted member that sends nothing of its own (the offline one)
+
+    def key(self, name: str) -> bytes:
+        return self.members[name].public_key
+
+    def as_insider(self, body: bytes, target: str, *headers: bytes, close: bool = True) -> bytes:
+        """`body` posted to `target` by the insider (an authenticated request)."""
+        return signed_post(
+            body, self.members[self.insider], self.key(target), *headers, close=close
+        )
 
 
 Generator = Callable[[np.random.Generator, int, InputContext], list[HostileInput]]
@@ -260,9 +308,10 @@ def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
 
 
 def gen_random_bytes(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Random bodies of 1 B to 4 KiB, many per keep-alive connection: the bulk of the junk
-    (cheap for the sender, and the input the audit-row and log-line budgets are about)."""
-    per_connection = 50
+    """Random bodies of 1 B to 4 KiB from strangers: the bulk of the junk (the input the
+    audit-row and log-line budgets are about). One per connection: a node closes a stranger's
+    connection after refusing it (`unauthenticated`), so keep-alive buys a stranger nothing."""
+    per_connection = 1
     inputs = []
     for start in range(0, n, per_connection):
         count = min(per_connection, n - start)
@@ -273,26 +322,30 @@ def gen_random_bytes(rng: np.random.Generator, n: int, ctx: InputContext) -> lis
 
 
 def gen_truncated(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Prefixes of a valid captured envelope, cut anywhere (including 0 and length - 1)."""
+    """Prefixes of a valid captured envelope, cut anywhere (including 0 and length - 1),
+    posted by the insider: the envelope decoder must refuse every one."""
     envelope = ctx.captured[0]
     cuts = [0, 1, len(envelope) - 1, *(int(c) for c in rng.integers(2, len(envelope) - 1, n))]
     return [
-        HostileInput("truncated", ctx.capture_target, (gossip_post(envelope[:cut]),))
+        HostileInput(
+            "truncated", ctx.capture_target, (ctx.as_insider(envelope[:cut], ctx.capture_target),)
+        )
         for cut in cuts[:n]
     ]
 
 
 def gen_bit_flips(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
     """A valid captured envelope with 1 to 8 random bits flipped, to the node that accepted
-    it: whatever a flip hits (structure, sender, timestamp, signature, body) must be refused
-    with a code, never accepted and never a crash."""
+    it, posted by the insider: whatever a flip hits (structure, sender, timestamp,
+    signature, body) must be refused with a code, never accepted and never a crash."""
     inputs = []
     for _ in range(n):
         data = bytearray(_pick(rng, ctx.captured))
         for _ in range(int(rng.integers(1, 9))):
             bit = int(rng.integers(len(data) * 8))
             data[bit // 8] ^= 1 << (bit % 8)
-        inputs.append(HostileInput("bit_flips", ctx.capture_target, (gossip_post(bytes(data)),)))
+        post = ctx.as_insider(bytes(data), ctx.capture_target)
+        inputs.append(HostileInput("bit_flips", ctx.capture_target, (post,)))
     return inputs
 
 
@@ -330,13 +383,15 @@ def gen_length_short(rng: np.random.Generator, n: int, ctx: InputContext) -> lis
 
 
 def gen_length_long(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Content-Length longer than the body: half wait (the node gives up at its body
-    timeout, 408), half hang up (the node counts an aborted upload no one hears about)."""
+    """Content-Length longer than the body, from the insider (a stranger's is refused from
+    its headers): half wait (the node gives up at its body timeout, 408), half hang up (the
+    node counts an aborted upload no one hears about)."""
     inputs = []
     for i in range(n):
         body = rng.bytes(int(rng.integers(16, 1024)))
-        head = request(b"POST", b"/gossip", length=len(body) + int(rng.integers(1, 10_000)))
         target = _pick(rng, ctx.targets)
+        declared = body + bytes(int(rng.integers(1, 10_000)))
+        head = signed_head(ctx.members[ctx.insider], ctx.key(target), declared)
         if i % 2 == 0:
             inputs.append(
                 HostileInput(
@@ -373,10 +428,11 @@ def gen_oversize(rng: np.random.Generator, n: int, ctx: InputContext) -> list[Ho
             chunks: tuple[bytes, ...] = (head, rng.bytes(64 * 1024))
             on_reset: tuple[str, ...] = (TOO_LARGE,)
         elif variant == 1:
+            # Chunked: no Content-Length to sign, so refused from its headers (401).
             head = request(b"POST", b"/gossip", b"", b"Transfer-Encoding: chunked\r\n", length=-1)
             block = b"%x\r\n%s\r\n" % (MiB, b"\xa5" * MiB)
             chunks = (head, *[block] * (limit // MiB + 2), b"0\r\n\r\n")
-            on_reset = (TOO_LARGE,)
+            on_reset = (HttpReason.UNAUTHENTICATED.value,)
         else:
             # One write, so that the parser meets the head and the bytes after it together.
             head = request(b"POST", b"/gossip", version=b"HTTP/1.0", length=-1, close=False)
@@ -387,17 +443,19 @@ def gen_oversize(rng: np.random.Generator, n: int, ctx: InputContext) -> list[Ho
 
 
 def gen_trickle(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """A body trickled one byte at a time, 10 per second: it cannot arrive within the body
-    timeout and is cut there (408), however long the sender would have kept it up."""
+    """A body trickled one byte at a time, 10 per second, by the insider: it cannot arrive
+    within the body timeout and is cut there (408), however long the sender would have kept
+    it up."""
     inputs = []
     for _ in range(n):
         body = rng.bytes(10_000)
-        head = request(b"POST", b"/gossip", length=len(body))
+        target = _pick(rng, ctx.targets)
+        head = signed_head(ctx.members[ctx.insider], ctx.key(target), body)
         parts = (head, *(body[i : i + 1] for i in range(int(ctx.body_timeout_s * 10) + 50)))
         inputs.append(
             HostileInput(
                 "trickle",
-                _pick(rng, ctx.targets),
+                target,
                 parts,
                 pause_s=0.1,
                 read_timeout_s=ctx.body_timeout_s + 10,
@@ -470,7 +528,7 @@ def gen_expect(rng: np.random.Generator, n: int, ctx: InputContext) -> list[Host
             huge = ctx.limits[target] + 1 + int(rng.integers(10**12))
             head = request(b"POST", b"/gossip", b"", b"Expect: 100-continue\r\n", length=huge)
         else:
-            head = request(b"POST", b"/gossip", b"abcd", b"Expect: 200-ok\r\n")
+            head = ctx.as_insider(b"abcd", target, b"Expect: 200-ok\r\n")
         inputs.append(HostileInput("expect", target, (head,)))
     return inputs
 
@@ -501,44 +559,57 @@ def gen_content_encoding(rng: np.random.Generator, n: int, ctx: InputContext) ->
 
 
 def gen_msgpack_bombs(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
+    """The bombs, posted by the insider, so that the envelope decoder meets them."""
     bombs = msgpack_bombs()
-    return [
-        HostileInput(
-            "msgpack_bombs",
-            ctx.targets[i % len(ctx.targets)],
-            (gossip_post(bombs[i % len(bombs)]),),
-        )
-        for i in range(n)
-    ]
-
-
-def gen_outsider(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Envelopes signed by a key that is not on the allowlist: as itself (unknown_sender,
-    refused before any signature check), and naming a member as the sender with the
-    outsider's signature (bad_signature)."""
     inputs = []
     for i in range(n):
         target = ctx.targets[i % len(ctx.targets)]
-        me = ctx.members[target].public_key
+        post = ctx.as_insider(bombs[i % len(bombs)], target)
+        inputs.append(HostileInput("msgpack_bombs", target, (post,)))
+    return inputs
+
+
+def gen_outsider(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
+    """Envelopes signed by a key that is not on the allowlist: posted by the outsider itself
+    (its request signature is not admitted: unauthenticated, before the body), handed on by
+    the insider (unknown_sender, before any envelope signature check), and naming the insider
+    as the sender with the outsider's signature, posted by the insider (bad_signature)."""
+    inputs = []
+    for i in range(n):
+        target = ctx.targets[i % len(ctx.targets)]
+        me = ctx.key(target)
         envelope = filler_envelope(ctx.outsider, [me], 2048, round_=1)
-        if i % 2 == 1:
-            member = next(name for name in ctx.members if name != target)
-            envelope = resign(envelope, signer=ctx.outsider, sender=ctx.members[member].public_key)
-        inputs.append(HostileInput("outsider", target, (gossip_post(envelope),)))
+        if i % 3 == 0:
+            post = signed_post(envelope, ctx.outsider, me)
+        elif i % 3 == 1:
+            post = ctx.as_insider(envelope, target)
+        else:
+            forged = resign(envelope, signer=ctx.outsider, sender=ctx.key(ctx.insider))
+            post = ctx.as_insider(forged, target)
+        inputs.append(HostileInput("outsider", target, (post,)))
     return inputs
 
 
 def gen_replay(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """Captured envelopes sent again: to the node that accepted them (replay), and to their
-    own author (which is not on its own allowlist: unknown_sender)."""
-    return [
-        HostileInput(
-            "replay",
-            ctx.capture_target if i % 4 else ctx.capture_author,
-            (gossip_post(_pick(rng, ctx.captured)),),
-        )
-        for i in range(n)
-    ]
+    """Captured envelopes sent again. An eavesdropper has the request too: played again as
+    captured, to the node that accepted it or to the envelope's author, it is refused from
+    its headers (the request's nonce is spent; it is addressed to another node). Handed on
+    by the insider it is not the insider's (sender_mismatch). (Only its author could make it
+    reach the envelope's own replay guard: tests/test_http.py.)"""
+    inputs = []
+    for i in range(n):
+        k = int(rng.integers(len(ctx.captured)))
+        envelope, auth = ctx.captured[k], ctx.captured_auth[k]
+        target = ctx.capture_target
+        if i % 3 == 0:
+            target = ctx.capture_author
+            post = gossip_post(envelope, f"{AUTH_HEADER}: {auth}\r\n".encode())
+        elif i % 3 == 1:
+            post = gossip_post(envelope, f"{AUTH_HEADER}: {auth}\r\n".encode())
+        else:
+            post = ctx.as_insider(envelope, target)
+        inputs.append(HostileInput("replay", target, (post,)))
+    return inputs
 
 
 def gen_wrong_route(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
@@ -593,15 +664,16 @@ def gen_concurrent(rng: np.random.Generator, n: int, ctx: InputContext) -> list[
 
 
 def gen_upload_cap(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
-    """`n` uploads at once from ONE address, each a body that never finishes: past
-    `max_uploads_per_address` they are refused before their body is read (429), the others
-    run into the body timeout (408)."""
+    """`n` uploads at once from ONE address, each a body that never finishes, by the insider
+    (only an authenticated upload is read at all): past `max_uploads_per_address` they are
+    refused before their body is read (429), the others run into the body timeout (408)."""
     target = ctx.targets[-1]
+    insider = ctx.members[ctx.insider]
     return [
         HostileInput(
             "upload_cap",
             target,
-            (request(b"POST", b"/gossip", b"partial", length=4096),),
+            (signed_head(insider, ctx.key(target), b"partial" + bytes(4089)) + b"partial",),
             read_timeout_s=ctx.body_timeout_s + 10,
         )
         for _ in range(n)
@@ -610,7 +682,8 @@ def gen_upload_cap(rng: np.random.Generator, n: int, ctx: InputContext) -> list[
 
 def gen_unauth_16mb(rng: np.random.Generator, n: int, ctx: InputContext) -> list[HostileInput]:
     """A 16 MB envelope naming an allowlisted sender, with a bad signature, to the node whose
-    limit admits it: what an unauthenticated stranger can make a node read, decode and hash."""
+    limit admits it: what an unauthenticated stranger could make a v3 node read, decode and
+    hash. Since v4 it is refused from its headers (no `Murmur-Auth`) before a byte is read."""
     target = max(ctx.limits, key=ctx.limits.__getitem__)
     envelope = unauth_16mb_envelope(ctx, target)
     return [HostileInput("unauth_16mb", target, (gossip_post(envelope),)) for _ in range(n)]
@@ -626,27 +699,43 @@ def unauth_16mb_envelope(ctx: InputContext, target: str) -> bytes:
 # else is a surprise worth a look even when typed; bit flips may hit any check at all.
 ANY = frozenset({"*"})
 EXPECTED: dict[str, frozenset[str]] = {
-    "random_bytes": frozenset({"malformed"}),
+    "random_bytes": frozenset({"unauthenticated"}),
     "truncated": frozenset({"malformed"}),
     "bit_flips": ANY,
-    "empty": frozenset({"malformed"}),
-    "length_short": frozenset({"bad_http", "malformed"}),
+    "empty": frozenset({"unauthenticated"}),
+    "length_short": frozenset({"bad_http", "unauthenticated"}),
     "length_long": frozenset({"body_timeout", "aborted_upload (silent)"}),
-    "oversize": frozenset({"too_large", "bad_http"}),
+    "oversize": frozenset({"too_large", "bad_http", "unauthenticated"}),
     "trickle": frozenset({"body_timeout"}),
     "trickle_headers": frozenset(),
     "bad_framing": frozenset({"bad_http"}),
     "expect": frozenset({"too_large", "unsupported_expect"}),
-    "content_encoding": frozenset({"unsupported_encoding", "malformed"}),
+    "content_encoding": frozenset({"unsupported_encoding", "unauthenticated"}),
     "msgpack_bombs": frozenset({"malformed"}),
-    "outsider": frozenset({"unknown_sender", "bad_signature"}),
-    "replay": frozenset({"replay", "unknown_sender"}),
+    "outsider": frozenset({"unauthenticated", "unknown_sender", "bad_signature"}),
+    "replay": frozenset({"unauthenticated", "sender_mismatch"}),
     "wrong_route": frozenset({"not_found", "method_not_allowed"}),
-    "concurrent": frozenset({"too_many_connections", "malformed"}),
+    "concurrent": frozenset({"too_many_connections", "unauthenticated"}),
     "upload_cap": frozenset({"too_many_uploads", "body_timeout"}),
-    "unauth_16mb": frozenset({"bad_signature"}),
+    "unauth_16mb": frozenset({"unauthenticated"}),
 }
 
+
+# The classes whose inputs are (some or all) posted by the insider, an admitted member: their
+# refusals are audited one record each, under its name.
+INSIDER_CLASSES = frozenset(
+    {
+        "truncated",
+        "bit_flips",
+        "length_long",
+        "trickle",
+        "expect",
+        "msgpack_bombs",
+        "outsider",
+        "replay",
+        "upload_cap",
+    }
+)
 
 # name -> (generator, whether it needs captured envelopes)
 GENERATORS: dict[str, tuple[Generator, bool]] = {
@@ -889,6 +978,7 @@ class Captured:
     envelope: bytes
     round: int
     status: int
+    auth: str  # the request's Murmur-Auth header, as relayed
 
 
 class CaptureProxy:
@@ -898,6 +988,7 @@ class CaptureProxy:
     proxy, a tapped link) obtains valid envelopes to replay; training sees no difference."""
 
     def __init__(self, upstream: str, keep: int = 32) -> None:
+        # The request signature is relayed unchanged, as any transparent relay would.
         self.upstream = upstream.rstrip("/")
         self.keep = keep
         self.captured: list[Captured] = []
@@ -932,16 +1023,17 @@ class CaptureProxy:
     async def _gossip(self, request: web.Request) -> web.Response:
         body = await request.read()
         assert self._session is not None
+        auth = request.headers.get(AUTH_HEADER, "")
         async with self._session.post(
             self.upstream + "/gossip",
             data=body,
-            headers={"Content-Type": "application/x-murmur-envelope"},
+            headers={"Content-Type": "application/x-murmur-envelope", AUTH_HEADER: auth},
         ) as reply:
             answer = await reply.read()
             status = reply.status
         self.relayed += 1
         if status == 202 and len(self.captured) < self.keep:
-            self.captured.append(Captured(body, peek_envelope(body).round, status))
+            self.captured.append(Captured(body, peek_envelope(body).round, status, auth))
         return web.Response(status=status, body=answer, content_type="application/json")
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -980,6 +1072,19 @@ def cpu_s(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def audit_rows_from(state_dir: Path, sender: str) -> int:
+    """`message_received` records of one sender in a node's audit log: an authenticated
+    member's refused requests are audited one record each, a stranger's never."""
+    try:
+        return sum(
+            1
+            for r in records_of_kind(state_dir, "message_received")
+            if r.fields.get("sender") == sender
+        )
+    except Exception:  # the file may not exist yet
+        return 0
 
 
 def audit_rows(state_dir: Path) -> dict[str, int]:
@@ -1071,11 +1176,16 @@ class HostileNetwork:
         s = self.settings
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for name in self.names:
+            # The insider (the offline member) sends hundreds of requests: a per-peer allowance
+            # this network's attack does not exhaust, so that what refuses each input is the
+            # check the input is about (the allowance itself: tests/test_http.py).
             self.net.edit_config(
                 name,
                 "peer_listener",
                 body_timeout_s=s.body_timeout_s,
                 idle_timeout_s=s.idle_timeout_s,
+                peer_burst=1e6,
+                peer_max_bodies=64,
             )
             limit = s.big_limit_bytes if name == self.big else s.limit_bytes
             self.net.edit_config(
@@ -1349,6 +1459,7 @@ async def attack(
     )
     if net.proxy is not None:
         ctx.capture_author, ctx.capture_target = net.names[0], net.names[1]
+    ctx.insider = net.fake[0] if net.fake else net.names[-1]
     before = await net.statuses()
     rss_before = net.rss()
     audit_before = net.audit()
@@ -1448,6 +1559,7 @@ async def _wait_for_capture(net: HostileNetwork, ctx: InputContext, timeout_s: f
     if not net.proxy.captured:
         raise TimeoutError("the capture proxy saw no accepted envelope")
     ctx.captured = [c.envelope for c in net.proxy.captured]
+    ctx.captured_auth = [c.auth for c in net.proxy.captured]
 
 
 # ---------------------------------------------------------------------------- the insider
@@ -1455,8 +1567,10 @@ async def _wait_for_capture(net: HostileNetwork, ctx: InputContext, timeout_s: f
 
 def resigned_as(envelope: bytes, insider: Identity) -> bytes:
     """Another member's envelope with the insider named as its sender and signed by the
-    insider; nonce, recipients, wrapped keys and ciphertext untouched. Nothing binds the body
-    to its sender (issue #25 item 1), so a recipient decrypts it as the insider's update."""
+    insider; nonce, recipients, wrapped keys and ciphertext untouched. Before protocol v4
+    nothing bound the body to its sender (issue #25 item 1), so a recipient decrypted it as
+    the insider's update; since v4 the key wraps and the body are bound to the real sender,
+    and it is refused as decrypt_failed."""
     return resign(envelope, signer=insider, sender=insider.public_key)
 
 
@@ -1529,8 +1643,13 @@ class FreeRider:
                 continue
             name, address = self.peers[key]
             status, reason = None, None
+            headers = request_headers(
+                self.identity, key, "/gossip", forged, "application/x-murmur-envelope"
+            )
             try:
-                async with self._session.post(address + "/gossip", data=forged) as reply:
+                async with self._session.post(
+                    address + "/gossip", data=forged, headers=headers
+                ) as reply:
                     status = reply.status
                     with contextlib.suppress(ValueError, aiohttp.ContentTypeError):
                         reason = (await reply.json()).get("reason")

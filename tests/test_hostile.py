@@ -4,7 +4,7 @@
 throws a few hundred inputs of every class of tests/hostile_inputs.py at them while they train
 (bench/hostile.py is the long version, with the measurements). The other tests run one node
 in this process: the two refusals the suite found untyped or uncounted, and the re-signed
-envelope of issue #25 item 1, which is still accepted.
+envelope of issue #25 item 1, refused since protocol v4.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gossip.auth import request_headers
 from gossip.wire import build_envelope
 from models.params import get_state
 from node.api import operator_token, start_api
@@ -22,10 +23,12 @@ from node.config import load_config
 from node.node import HospitalNode
 from tests.hostile_inputs import (
     EXPECTED,
+    INSIDER_CLASSES,
     KNOWN_REASONS,
     HostileNetwork,
     NetworkSettings,
     attack,
+    audit_rows_from,
     gossip_post,
     model_update,
     resigned_as,
@@ -159,12 +162,21 @@ async def test_a_training_network_takes_every_hostile_input_class(tmp_path: Path
     # (Each input is at least one count; only slowloris connections never form a request.)
     uncounted = CI_COUNTS["trickle_headers"]
     assert sum(sum(c.values()) for c in result.counted.values()) >= result.inputs - uncounted
-    # Bounded memory and audit: no audit row per junk request, one summary per round at most.
+    # Bounded memory and audit: no audit row per stranger's junk request, one summary per
+    # round at most; the insider's refused requests, authenticated, are audited one row each.
     assert result.rss_growth_mb < 100, (result.rss_before, result.rss_after)
     neighbours = len(net.names) - 1
+    insider = net.fake[0]
     for name, kinds in net.audit().items():
         before = result.audit_before[name]
-        assert kinds.get("message_received", 0) <= settings.rounds * neighbours, (name, kinds)
+        state_dir = net.net.node(name).state_dir
+        from_insider = audit_rows_from(state_dir, insider)
+        sent_by_insider = sum(
+            1 for a in result.answers if a.target == name and a.kind in INSIDER_CLASSES
+        )
+        assert from_insider <= sent_by_insider, (name, from_insider, sent_by_insider)
+        honest_rows = kinds.get("message_received", 0) - from_insider
+        assert honest_rows <= settings.rounds * neighbours, (name, kinds)
         added = kinds.get("rejections", 0) - before.get("rejections", 0)
         assert 1 <= added <= settings.rounds + 1, (name, kinds)
 
@@ -185,13 +197,10 @@ def in_process_node(tmp_path: Path) -> tuple[HospitalNode, dict[str, Any]]:
     return HospitalNode(load_config(net.node(name).config_path)), keys
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue #25 item 1: the body is not bound to its sender, so a member can re-sign "
-    "another member's envelope as its own and it is accepted (remove this mark once fixed)",
-)
 async def test_an_envelope_re_signed_by_another_member_is_refused(tmp_path: Path) -> None:
+    """Issue #25 item 1, fixed in protocol v4: a member that re-signs another member's envelope
+    as its own (and signs its request as itself, as it can) is refused, typed, because the key
+    wraps and the body are bound to the real sender (docs/protocol.md, "Encryption")."""
     node, keys = in_process_node(tmp_path)
     api = await start_api(node, operator_token(node.config))
     try:
@@ -200,19 +209,18 @@ async def test_an_envelope_re_signed_by_another_member_is_refused(tmp_path: Path
         original = build_envelope(update, author, [me.public_key, insider.public_key], 1)
         async with aiohttp.ClientSession() as session:
 
-            async def post(body: bytes) -> tuple[int, str]:
-                async with session.post(api.peer.address + "/gossip", data=body) as r:
+            async def post(body: bytes, sender: Any) -> tuple[int, str]:
+                headers = request_headers(sender, me.public_key, "/gossip", body, "x")
+                async with session.post(
+                    api.peer.address + "/gossip", data=body, headers=headers
+                ) as r:
                     return r.status, (await r.json())["reason"]
 
-            # The author's own envelope is fine (a failure here is a real failure, not xfail).
-            if await post(original) != (202, "accepted"):
-                pytest.fail("the untouched envelope was not accepted")
             forged = resigned_as(original, insider)
-            code, reason = await post(forged)
-        # Today: (202, "accepted"), and hospital_1's model is aggregated twice, once under
-        # hospital_2's name.
-        assert code != 202, "a re-signed envelope was accepted as the insider's update"
-        assert reason in KNOWN_REASONS
+            assert await post(forged, insider) == (400, "decrypt_failed")
+            assert await post(original, author) == (202, "accepted")  # the genuine one is fine
+        assert node.rejected["decrypt_failed"] == 1
+        assert node.state.peers["hospital_2"]["last_round"] == 0
     finally:
         await api.close()
         node.audit.close()
