@@ -18,6 +18,7 @@ from node.audit import AuditRecord
 REASON_MEANINGS: dict[str, str] = {
     "accepted": "accepted",
     "malformed": "not a well-formed murmur message",
+    "unauthenticated": "no valid request signature from an admitted peer (refused unread)",
     "too_large": "larger than this node accepts",
     "unsupported_version": "an unsupported protocol version",
     "unsupported_kind": "an unknown kind of message",
