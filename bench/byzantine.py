@@ -60,6 +60,7 @@ from gossip.aggregation import min_inputs  # noqa: E402
 from gossip.probe import Contact  # noqa: E402
 from gossip.transport import SendResult  # noqa: E402
 from gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
+from node.audit import AuditError  # noqa: E402
 
 TARGET_GAP = 0.03
 DEFAULT_RULE = "clipping"
@@ -277,7 +278,12 @@ class MemoryTransport:
                 "unauthenticated", "not admitted", sender=None, round_=None, why="unknown_sender"
             )
             return SendResult(peer.name, False, 401, "unauthenticated", 0.0)
-        status, reason, _ = await node.receive(envelope, sender=sender)
+        try:
+            status, reason, _ = await node.receive(envelope, sender=sender)
+        except AuditError:
+            # The receiver stopped (its audit log closed) while this delivery was in flight,
+            # as a test's crashed node does: to the sender that is a dropped connection.
+            return SendResult(peer.name, False, None, "unreachable: receiver stopped", 0.0)
         await asyncio.sleep(0)  # let the receiver's collect() see it, as a real POST would
         return SendResult(peer.name, status == 202, status, reason, 0.0)
 
