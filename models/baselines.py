@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from models.data import HospitalSplit, load_dataset
-from models.metrics import DP_DEFAULT_THRESHOLD, REPORTED_METRICS
+from models.metrics import DP_DEFAULT_THRESHOLD, REPORTED_METRICS, SURVIVAL_METRICS
 from models.nets import build_model
 from models.privacy import DPConfig, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, evaluate
@@ -166,16 +166,18 @@ def _evaluate(
         split.y_test,
         DP_DEFAULT_THRESHOLD if private else None,
     )
-    return {
-        "name": split.name,
-        **{field: metrics[field] for field in REPORTED_METRICS},
-        "threshold": metrics["threshold"],
-        "n_train": int(n_train),
-        "n_test": len(split.y_test),
-    }
+    if split.task == "survival":
+        scores = {field: metrics[field] for field in SURVIVAL_METRICS}
+    else:
+        scores = {field: metrics[field] for field in (*REPORTED_METRICS, "threshold")}
+    return {"name": split.name, **scores, "n_train": int(n_train), "n_test": len(split.y_test)}
 
 
 def _baseline(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean AUC over the hospitals where it is defined (None if nowhere), as for the nodes."""
-    aucs = [e["auc"] for e in entries if e["auc"] is not None]
+    """Mean AUC (survival: mean C-index) over the hospitals where it is defined (None if
+    nowhere), as for the nodes."""
+    if entries and "c_index" in entries[0]:
+        values = [e["c_index"] for e in entries if e["c_index"] is not None]
+        return {"mean_c_index": float(np.mean(values)) if values else None, "hospitals": entries}
+    aucs = [e.get("auc") for e in entries if e.get("auc") is not None]
     return {"mean_auc": float(np.mean(aucs)) if aucs else None, "hospitals": entries}

@@ -46,7 +46,7 @@ from models.splitting import train_test_rows
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("breast-cancer", "heart-disease", "medmnist", "csv")
+DATASETS: tuple[str, ...] = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")
 PREPROCESSING: tuple[str, ...] = ("fitted", "reference")
 """fitted: scale and impute with the hospital's own training statistics. reference: with public
 constants only, so that no patient's features depend on another patient (required under DP)."""
@@ -57,6 +57,7 @@ _DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "dat
 _DEFAULT_PATHS = {
     "heart-disease": Path("heart_disease"),
     "medmnist": Path("medmnist") / "pneumoniamnist.npz",
+    "tcga-brca": Path("tcga_brca"),
 }
 
 # A simulated hospital never gets fewer rows than this (before its train/test split), so that
@@ -134,9 +135,11 @@ class ColumnReference:
 
 @dataclass
 class HospitalSplit:
-    """One hospital's data: float32 features, float32 0/1 labels, already preprocessed.
+    """One hospital's data: float32 features, float32 labels, already preprocessed.
 
-    ``feature_names`` names the columns of a tabular ``x`` (empty for images).
+    Labels are 0/1 per patient (classification) or, for survival, two columns per patient,
+    (days, event) (`models.survival`). ``feature_names`` names the columns of a tabular
+    ``x`` (empty for images).
     """
 
     name: str
@@ -155,12 +158,19 @@ class HospitalSplit:
             (self.x_train, self.y_train, "train"),
             (self.x_test, self.y_test, "test"),
         ):
-            if y.ndim != 1 or len(x) != len(y):
+            if y.ndim not in (1, 2) or len(x) != len(y):
                 raise DataError(f"{self.name}: {part} has {len(x)} rows but labels {y.shape}")
-            if not np.isin(y, (0.0, 1.0)).all():
+            if y.ndim == 2:
+                _check_survival(self.name, part, y)
+            elif not np.isin(y, (0.0, 1.0)).all():
                 raise DataError(f"{self.name}: {part} labels must be 0 or 1")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(f"{self.name}: train and test rows have different shapes")
+
+    @property
+    def task(self) -> str:
+        """ "survival" when the labels are (days, event), else "classification"."""
+        return "survival" if self.y_train.ndim == 2 else "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -169,6 +179,14 @@ class HospitalSplit:
 
     def summary(self) -> dict[str, int | str]:
         """Sizes and class balance, for logs and docs (no patient-level data)."""
+        if self.task == "survival":
+            return {
+                "name": self.name,
+                "train": len(self.y_train),
+                "train_events": int(self.y_train[:, 1].sum()),
+                "test": len(self.y_test),
+                "test_events": int(self.y_test[:, 1].sum()),
+            }
         return {
             "name": self.name,
             "train": len(self.y_train),
@@ -176,6 +194,15 @@ class HospitalSplit:
             "test": len(self.y_test),
             "test_positives": int(self.y_test.sum()),
         }
+
+
+def _check_survival(name: str, part: str, y: np.ndarray) -> None:
+    from models.survival import check_survival_labels
+
+    try:
+        check_survival_labels(y, f"{part} labels")
+    except ValueError as error:
+        raise DataError(f"{name}: {error}") from None
 
 
 def load_dataset(
@@ -197,6 +224,10 @@ def load_dataset(
     constants of breast-cancer and heart-disease, nothing for medmnist (whose scaling is a
     constant anyway), and for csv the ``reference`` file (`read_reference`).
 
+    tcga-brca (survival: labels are (days, event)) keeps FLamby's six regions and static
+    split and scales by public constants only, so it ignores the partition arguments and
+    ``preprocessing``.
+
     ``num_hospitals``, ``alpha`` (Dirichlet label skew; None = IID) and ``test_fraction`` apply
     to the simulated partitions (breast-cancer, medmnist). Datasets with real hospitals
     (heart-disease, csv) take their hospitals from the data and ignore ``num_hospitals``;
@@ -214,7 +245,7 @@ def load_dataset(
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     if name != "csv" and (label is not None or site is not None):
         raise DataError(f"label/site columns only apply to dataset 'csv', not {name!r}")
-    if alpha is not None and name in ("heart-disease", "csv"):
+    if alpha is not None and name in ("heart-disease", "csv", "tcga-brca"):
         raise DataError(
             f"{name!r} has real hospitals; alpha (label skew) only applies to "
             "simulated partitions (breast-cancer, medmnist): remove alpha"
@@ -235,6 +266,10 @@ def load_dataset(
         return load_heart_disease(
             path if path is not None else default_data_path(name), preprocessing=preprocessing
         )
+    if name == "tcga-brca":
+        from models.tcga import load_tcga_brca
+
+        return load_tcga_brca(path if path is not None else default_data_path(name))
     if name == "medmnist":
         npz = path if path is not None else default_data_path(name)
         return load_medmnist(npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha)

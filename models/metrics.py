@@ -31,6 +31,9 @@ REPORTED_METRICS: tuple[str, ...] = (
     "majority_accuracy",
 )
 
+SURVIVAL_METRICS: tuple[str, ...] = ("c_index", "c_index_low", "c_index_high", "events")
+"""What a survival node reports instead (models/survival.py `survival_metrics`)."""
+
 
 def clinical_metrics(
     y_true: np.ndarray,

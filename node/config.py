@@ -25,6 +25,9 @@ from models.metrics import DP_DEFAULT_THRESHOLD
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
 PREPROCESSING = ("auto", "fitted", "reference")
+DATASETS = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")  # models.data
+MODEL_NAMES = ("logreg", "mlp", "cnn", "multimodal", "cox")  # models.nets
+SURVIVAL_LOSSES = ("auto", "cox", "exponential")  # models.survival
 
 
 class ConfigError(ValueError):
@@ -209,7 +212,7 @@ class DataSection:
         return self.preprocessing
 
     def validate(self) -> None:
-        known = ("breast-cancer", "heart-disease", "medmnist", "csv")
+        known = DATASETS
         _require(
             self.dataset in known,
             "data.dataset",
@@ -272,7 +275,7 @@ class ModelSection:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
 
     def validate(self) -> None:
-        known = ("logreg", "mlp", "cnn", "multimodal")
+        known = MODEL_NAMES
         _require(
             self.name in known,
             "model.name",
@@ -302,6 +305,9 @@ class TrainingSection:
     class_weighting: str | bool = "auto"
     class_weights: list[float] | None = None  # fixed [w_neg, w_pos]: data-independent, DP-safe
     fedprox_mu: float = 0.0
+    # Survival data only: "auto" (Cox partial likelihood without DP, the per-patient
+    # exponential likelihood under DP), "cox" (refused under DP) or "exponential".
+    survival_loss: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -330,6 +336,12 @@ class TrainingSection:
             self.loss in ("bce", "focal"), "training.loss", "unknown loss", 'use "bce" or "focal"'
         )
         _require(self.fedprox_mu >= 0, "training.fedprox_mu", "must be >= 0", "fedprox_mu = 0.01")
+        _require(
+            self.survival_loss in SURVIVAL_LOSSES,
+            "training.survival_loss",
+            f"unknown survival loss {self.survival_loss!r}",
+            f"use one of {', '.join(SURVIVAL_LOSSES)}",
+        )
         _require(
             self.class_weighting in CLASS_WEIGHTING,
             "training.class_weighting",

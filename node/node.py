@@ -186,6 +186,7 @@ class HospitalNode:
             class_weighting=str(config.training.class_weighting),
             class_weights=_pair(config.training.class_weights),
             fedprox_mu=config.training.fedprox_mu,
+            survival_loss=config.training.survival_loss,
             seed=config.training.seed + _stable_int(config.node.name),
         )
         self.trainer = LocalTrainer(self.model, self.data.x_train, self.data.y_train, settings)

@@ -23,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from node.report_sections import is_survival, survival_section, survival_summary_lines
+
 UNDEFINED = "undefined"
 
 AUC_PLOT = "auc.png"
@@ -166,7 +168,7 @@ def _check_report(report: Any) -> list[dict[str, Any]]:
 def _baseline_mean(report: dict[str, Any], kind: str) -> float | None:
     baselines = report.get("baselines") or {}
     entry = baselines.get(kind) or {}
-    value = entry.get("mean_auc")
+    value = entry.get("mean_c_index" if is_survival(report) else "mean_auc")
     return None if value is None else float(value)
 
 
@@ -208,8 +210,10 @@ def _plot_hospital_lines(ax: Any, series: list[tuple[dict[str, Any], list, list]
 
 
 def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Path) -> bool:
-    """AUC per round per hospital, honest solid and Byzantine dashed, with baseline lines."""
-    series = [(h, *_rounds_and(h.get("history", []), "auc")) for h in hospitals]
+    """AUC (survival: C-index) per round per hospital, honest solid and Byzantine dashed,
+    with baseline lines."""
+    field, name = ("c_index", "C-index") if is_survival(report) else ("auc", "AUC")
+    series = [(h, *_rounds_and(h.get("history", []), field)) for h in hospitals]
     if not any(_has_finite(values) for _, _, values in series):
         return False
     figure = _new_figure()
@@ -220,10 +224,10 @@ def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Pat
     for kind, title in _BASELINE_KINDS:
         mean = _baseline_mean(report, kind)
         if mean is not None:
-            ax.axhline(mean, color=colours[kind], linestyle=":", label=f"{title}: mean AUC")
+            ax.axhline(mean, color=colours[kind], linestyle=":", label=f"{title}: mean {name}")
     ax.set_xlabel("round")
-    ax.set_ylabel("test AUC")
-    ax.set_title("Held-out AUC per round")
+    ax.set_ylabel(f"test {name}")
+    ax.set_title(f"Held-out {name} per round")
     _legend(ax)
     _save(figure, path)
     return True
@@ -423,14 +427,19 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
         ("seed", report.get("seed")),
         ("seconds", report.get("seconds")),
         ("bytes sent", report.get("bytes_sent")),
-        ("mean AUC (honest nodes)", report.get("mean_auc")),
     ]
+    name = "C-index" if is_survival(report) else "AUC"
+    rows.append((f"mean {name} (honest nodes)", report.get(_mean_field(report))))
     for kind, title in _BASELINE_KINDS:
         if (report.get("baselines") or {}).get(kind):
-            rows.append((f"baseline mean AUC, {title}", _baseline_mean(report, kind)))
+            rows.append((f"baseline mean {name}, {title}", _baseline_mean(report, kind)))
     failed = report.get("failed") or []
     rows.append(("failed nodes", ", ".join(failed) if failed else "none"))
     return rows
+
+
+def _mean_field(report: dict[str, Any]) -> str:
+    return "mean_c_index" if is_survival(report) else "mean_auc"
 
 
 def _run_state_text(report: dict[str, Any]) -> str:
@@ -467,7 +476,7 @@ _BASELINE_KINDS: tuple[tuple[str, str], ...] = (
 
 def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> str:
     baselines = report.get("baselines")
-    if not baselines:
+    if not baselines or is_survival(report):  # survival: in the C-index table
         return ""
     kinds = [(kind, title) for kind, title in _BASELINE_KINDS if baselines.get(kind)]
     by_kind = {
@@ -670,6 +679,15 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
                 f'<h3>{html.escape(title)}</h3><p class="note">No values were recorded.</p>'
             )
 
+    if is_survival(report):
+        clinical = survival_section(report, hospitals, _table, format_value)
+    else:
+        clinical = f"""<h2>Clinical metrics per hospital</h2>
+<p class="note">On each hospital's held-out split, at a threshold chosen on its own training
+data. Majority accuracy is the accuracy of always predicting the training split's majority
+class: a model that does not beat it has learned nothing useful. "undefined" means the metric
+does not exist for that split (e.g. AUC with one class), not zero.</p>
+{metrics}"""
     title = f"murmur run report: {format_value(report.get('dataset'))}"
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -684,12 +702,7 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
 <h2>Summary</h2>
 {summary}
 {_warnings_section(report)}
-<h2>Clinical metrics per hospital</h2>
-<p class="note">On each hospital's held-out split, at a threshold chosen on its own training
-data. Majority accuracy is the accuracy of always predicting the training split's majority
-class: a model that does not beat it has learned nothing useful. "undefined" means the metric
-does not exist for that split (e.g. AUC with one class), not zero.</p>
-{metrics}
+{clinical}
 <h2>Privacy</h2>
 <p class="note">What each node's accountant was given (σ, q, steps, δ) and the ε it reported;
 anyone can recompute ε from these.</p>
@@ -713,6 +726,8 @@ anyone can recompute ε from these.</p>
 def summary_table(report: dict[str, Any]) -> str:
     """The per-hospital results as a fixed-width text table, for the end of a run's output."""
     hospitals = _check_report(report)
+    if is_survival(report):
+        return "\n".join(survival_summary_lines(report, format_value) + _closing_lines(report))
     headings = (
         "hospital",
         "AUC",
@@ -752,6 +767,12 @@ def summary_table(report: dict[str, Any]) -> str:
         if (report.get("baselines") or {}).get(kind):
             mean = format_value(_baseline_mean(report, kind))
             lines.append(f"baseline mean AUC, {title}: {mean}")
+    return "\n".join(lines + _closing_lines(report))
+
+
+def _closing_lines(report: dict[str, Any]) -> list[str]:
+    """Failures, interruption, warnings and the adversary notice, for any task."""
+    lines = []
     failed = report.get("failed") or []
     if failed:
         lines.append(f"failed nodes: {', '.join(failed)}")
@@ -760,4 +781,4 @@ def summary_table(report: dict[str, Any]) -> str:
     lines += [f"warning: {w}" for w in report_warnings(report)]
     if adversary_text(report):
         lines.append(adversary_text(report))
-    return "\n".join(lines)
+    return lines
