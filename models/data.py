@@ -43,6 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from models.splitting import train_test_rows
+from models.vocabulary import (
+    VocabularyError,
+    indicator_names,
+    one_hot,
+    parse_categories,
+    shared_vocabulary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +90,8 @@ _HEART_NUMERIC = ("age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "
 _HEART_CATEGORIES = {"cp": (1.0, 2.0, 3.0, 4.0), "restecg": (0.0, 1.0, 2.0)}
 _HEART_ONE_HOT = {column: codes[1:] for column, codes in _HEART_CATEGORIES.items()}
 
-# CSV: categorical values are hashed into this many indicator columns per categorical column.
-# Hashing gives every hospital the same feature layout without anyone sharing a vocabulary.
-CATEGORY_BUCKETS = 16
-_MISSING_TOKENS = frozenset({"", "?", "na", "n/a", "nan", "null", "none"})
+# CSV: what reads as a missing value. "." is SAS's, Stata's and R's (haven) missing code.
+_MISSING_TOKENS = frozenset({"", "?", ".", "na", "n/a", "nan", "null", "none"})
 _LABEL_WORDS = {
     "0": 0, "1": 1, "false": 0, "true": 1, "no": 0, "yes": 1,
     "negative": 0, "positive": 1, "neg": 0, "pos": 1,
@@ -98,8 +103,8 @@ class DataError(ValueError):
 
 
 COLUMN_KINDS = ("numeric", "categorical")
-MISSING_CATEGORY = "<missing>"  # what a missing categorical value becomes when nothing says else
 REFERENCE_FIELDS = ("column", "kind", "center", "scale", "fill")
+REFERENCE_CATEGORIES = "categories"  # the agreed values of a categorical column: yes|no|former
 
 
 @dataclass(frozen=True)
@@ -107,15 +112,16 @@ class ColumnReference:
     """Public constants for one feature column: how it is read, scaled and imputed.
 
     A numeric value v becomes (v - center) / scale, a missing one `fill` (default: center,
-    i.e. 0 after scaling). A categorical value is hashed into indicator columns, a missing one
-    replaced by `fill` (default `MISSING_CATEGORY`). None of it is computed from patients, so
-    one patient's features never depend on another's.
+    i.e. 0 after scaling). A categorical value becomes one indicator per value of
+    `categories` (models/vocabulary.py), a missing one `fill` (default: no indicator). None of
+    it is computed from patients, so one patient's features never depend on another's.
     """
 
     kind: str
     center: float = 0.0
     scale: float = 1.0
     fill: str = ""
+    categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in COLUMN_KINDS:
@@ -129,8 +135,8 @@ class ColumnReference:
     def numeric_fill(self) -> float:
         return self.center if self.fill == "" else float(self.fill)
 
-    def category_fill(self) -> str:
-        return self.fill or MISSING_CATEGORY
+    def category_fill(self) -> str | None:
+        return self.fill or None
 
 
 @dataclass
@@ -773,12 +779,13 @@ def load_csv(
     layout does not depend on how each hospital ordered its columns. A column whose values all
     parse as numbers is numeric (missing -> the hospital's train median, then z-scored with
     its train mean and std); any other column is categorical (missing -> the hospital's train
-    mode, then hashed into `CATEGORY_BUCKETS` indicator columns, the same layout everywhere).
-    Everything fitted comes from that hospital's own training rows.
+    mode, then one indicator per value of the column's vocabulary: the values the loaded
+    sites use, the same layout everywhere, models/vocabulary.py). Everything fitted comes from
+    that hospital's own training rows. ``.``, blank, ``NA``, ``?`` and the like are missing.
 
     With a ``reference`` (`read_reference`; what DP needs) nothing is fitted or inferred: the
-    reference names every feature column with its kind, center, scale and fill, and each row
-    goes to train or test by itself (`row_split_positions`).
+    reference names every feature column with its kind, center, scale, fill and (categorical)
+    categories, and each row goes to train or test by itself (`row_split_positions`).
     """
     path = Path(path)
     if path.is_dir():
@@ -810,6 +817,7 @@ def load_csv(
     else:
         _check_reference_columns(path, tables[0].columns, reference)
         kinds = {column: reference[column].kind for column in tables[0].columns}
+    vocabularies = _vocabularies(tables, kinds, reference)
     splits = []
     for table in tables:
         x, y = (
@@ -825,7 +833,7 @@ def load_csv(
                 table.name, table.cells, y, test_fraction=test_fraction, seed=seed
             )
         x_train, x_test, names = _encode_features(
-            x[train], x[test], table.columns, kinds, table.name, reference
+            x[train], x[test], table.columns, kinds, table.name, reference, vocabularies
         )
         split = HospitalSplit(table.name, x_train, y[train], x_test, y[test], names)
         _warn_missing_classes(split)
@@ -852,7 +860,8 @@ def _parse_number(file: Path, line_number: int, value: str) -> float:
     return number
 
 
-def _read_rows(file: Path) -> tuple[list[str], list[list[str]]]:
+def _read_rows(file: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows (cells stripped; blank rows skipped) and each row's line number."""
     lines = _csv_lines(file)
     if not lines:
         raise DataError(f"{file} is empty: it needs a header row and data rows")
@@ -860,14 +869,15 @@ def _read_rows(file: Path) -> tuple[list[str], list[list[str]]]:
     duplicated = sorted(h for h, n in Counter(header).items() if n > 1)
     if duplicated:
         raise DataError(f"{file}: duplicated column names {duplicated}")
-    rows = []
+    rows, numbers = [], []
     for line_number, row in lines[1:]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
             raise DataError(f"{file}:{line_number}: {len(row)} values for {len(header)} columns")
         rows.append([cell.strip() for cell in row])
-    return header, rows
+        numbers.append(line_number)
+    return header, rows, numbers
 
 
 def _require_columns(file: Path, header: list[str], wanted: dict[str, str]) -> None:
@@ -878,7 +888,10 @@ def _require_columns(file: Path, header: list[str], wanted: dict[str, str]) -> N
             )
 
 
-def _parse_labels(file: Path, column: str, values: list[str]) -> np.ndarray:
+def _parse_labels(
+    file: Path, column: str, values: list[str], lines: list[int], site: str
+) -> np.ndarray:
+    """0/1 labels; a bad one is named by its line in the file (and its place in its site)."""
     parsed = []
     for i, value in enumerate(values):
         key = value.lower()
@@ -892,16 +905,16 @@ def _parse_labels(file: Path, column: str, values: list[str]) -> np.ndarray:
         if number not in (0.0, 1.0):
             what = "missing" if key in _MISSING_TOKENS else f"{value!r}"
             raise DataError(
-                f"{file}: label column {column!r} is {what} in data row {i + 1}; "
-                "labels must be 0/1 (or yes/no, true/false, positive/negative): "
-                "recode or remove the row"
+                f"{file}:{lines[i]}: label column {column!r} is {what} (line {lines[i]} of the "
+                f"file, data row {i + 1} of site {site!r}); labels must be 0/1 (or yes/no, "
+                "true/false, positive/negative): recode or remove the row"
             )
         parsed.append(int(number))
     return np.asarray(parsed, dtype=np.float32)
 
 
 def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
-    header, rows = _read_rows(file)
+    header, rows, numbers = _read_rows(file)
     _require_columns(file, header, {"label": label, "site": site})
     if label == site:
         raise DataError(f"{file}: label and site must be different columns, both are {label!r}")
@@ -909,19 +922,20 @@ def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
     features = tuple(sorted(h for h in header if h not in (label, site)))
     keep = [header.index(h) for h in features]
     by_site: dict[str, list[list[str]]] = {}
-    for i, row in enumerate(rows):
+    lines_of: dict[str, list[int]] = {}
+    for row, line in zip(rows, numbers, strict=True):
         if row[site_at].lower() in _MISSING_TOKENS:
             raise DataError(
-                f"{file}: data row {i + 1} has no value in site column {site!r}; "
-                "every row must name its hospital"
+                f"{file}:{line}: no value in site column {site!r}; every row must name its hospital"
             )
         by_site.setdefault(row[site_at], []).append(row)
+        lines_of.setdefault(row[site_at], []).append(line)
     if not by_site:
         raise DataError(f"{file} has a header but no data rows")
     tables = []
     for name in sorted(by_site):
         site_rows = by_site[name]
-        y = _parse_labels(file, label, [r[label_at] for r in site_rows])
+        y = _parse_labels(file, label, [r[label_at] for r in site_rows], lines_of[name], name)
         tables.append(_CsvTable(name, features, [[r[j] for j in keep] for r in site_rows], y))
     return tables
 
@@ -933,7 +947,7 @@ def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
     tables: list[_CsvTable] = []
     features: tuple[str, ...] = ()
     for file in files:
-        header, rows = _read_rows(file)
+        header, rows, numbers = _read_rows(file)
         _require_columns(file, header, {"label": label})
         if not rows:
             raise DataError(
@@ -949,7 +963,8 @@ def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
                 f"{sorted(set(these) - set(features))}"
             )
         keep = [header.index(h) for h in features]
-        y = _parse_labels(file, label, [r[header.index(label)] for r in rows])
+        labels = [r[header.index(label)] for r in rows]
+        y = _parse_labels(file, label, labels, numbers, file.stem)
         tables.append(_CsvTable(file.stem, features, [[r[j] for j in keep] for r in rows], y))
     return tables
 
@@ -989,10 +1004,27 @@ def _column_kinds(tables: list[_CsvTable]) -> dict[str, str]:
     return kinds
 
 
-def category_bucket(column: str, value: str) -> int:
-    """The indicator column a categorical value lands in (stable across machines and runs)."""
-    digest = hashlib.blake2b(f"{column}\x00{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % CATEGORY_BUCKETS
+def _vocabularies(
+    tables: list[_CsvTable], kinds: dict[str, str], reference: dict[str, ColumnReference] | None
+) -> dict[str, tuple[str, ...]]:
+    """Each categorical column's agreed values: the reference's categories, else the sorted
+    values the loaded sites use (the schema, shared like the kinds; models/vocabulary.py)."""
+    vocabularies = {}
+    for j, column in enumerate(tables[0].columns):
+        if kinds[column] != "categorical":
+            continue
+        if reference is not None:
+            if not reference[column].categories:
+                raise DataError(
+                    f"the reference lists no categories for categorical column {column!r}; "
+                    f"fix: add a {REFERENCE_CATEGORIES!r} column to the reference file with "
+                    "its values, e.g. yes|no (docs/data.md)"
+                )
+            vocabularies[column] = reference[column].categories
+        else:
+            seen = [{row[j] for row in t.cells if not _is_missing(row[j])} for t in tables]
+            vocabularies[column] = shared_vocabulary(seen)
+    return vocabularies
 
 
 def _encode_features(
@@ -1002,9 +1034,13 @@ def _encode_features(
     kinds: dict[str, str],
     hospital: str,
     reference: dict[str, ColumnReference] | None = None,
+    vocabularies: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Impute, scale and one-hot one hospital's features: fitted on its own train rows only,
-    or, given a reference, with its constants only (then each row depends on itself alone)."""
+    or, given a reference, with its constants only (then each row depends on itself alone).
+
+    ``vocabularies`` are the agreed categories per categorical column (`_vocabularies`);
+    without them, the reference's categories, else the values in these rows."""
     train_blocks, test_blocks, names = [], [], []
     for j, column in enumerate(columns):
         if kinds[column] == "numeric":
@@ -1030,12 +1066,18 @@ def _encode_features(
         else:
             observed = [v for v in train[:, j] if not _is_missing(v)]
             if reference is None:
-                fill = _most_common(observed) if observed else MISSING_CATEGORY
+                fill = _most_common(observed) if observed else None
             else:
                 fill = reference[column].category_fill()
-            _warn_bucket_collisions(hospital, column, set(observed))
-            a, b = (_one_hot_buckets(column, part[:, j], fill) for part in (train, test))
-            names.extend(f"{column}#{k}" for k in range(CATEGORY_BUCKETS))
+            vocabulary = _vocabulary_for(column, train[:, j], test[:, j], reference, vocabularies)
+            try:
+                a, b = (
+                    one_hot(column, part[:, j], vocabulary, fill, _is_missing, hospital)
+                    for part in (train, test)
+                )
+            except VocabularyError as error:
+                raise DataError(str(error)) from None
+            names.extend(indicator_names(column, vocabulary))
         train_blocks.append(a)
         test_blocks.append(b)
     return (
@@ -1043,6 +1085,20 @@ def _encode_features(
         np.hstack(test_blocks).astype(np.float32),
         tuple(names),
     )
+
+
+def _vocabulary_for(
+    column: str,
+    train: np.ndarray,
+    test: np.ndarray,
+    reference: dict[str, ColumnReference] | None,
+    vocabularies: dict[str, tuple[str, ...]] | None,
+) -> tuple[str, ...]:
+    if vocabularies is not None:
+        return vocabularies[column]
+    if reference is not None and reference[column].categories:
+        return reference[column].categories
+    return shared_vocabulary([{v for v in (*train, *test) if not _is_missing(v)}])
 
 
 def _cell_number(hospital: str, column: str, value: str) -> float:
@@ -1064,8 +1120,10 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
     ``column,kind,center,scale,fill`` (`ColumnReference`).
 
     kind is numeric or categorical. A numeric row needs center and scale (> 0); its fill is
-    empty (use center) or a number. A categorical row leaves center and scale empty; its fill
-    is the category for a missing value (empty: `MISSING_CATEGORY`). The constants must come
+    empty (use center) or a number. A categorical row leaves center and scale empty, lists its
+    agreed values in the ``categories`` column (``yes|no|former``; needed for every
+    categorical column) and its fill is the category for a missing value (empty: no
+    indicator set). The constants must come
     from a public source (guidelines, literature, a consortium's published data dictionary),
     never from the patients the node trains on: then they are the same with or without any
     one patient, which DP needs.
@@ -1073,13 +1131,14 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"reference file {file} not found (columns {','.join(REFERENCE_FIELDS)})")
-    header, rows = _read_rows(file)
-    if sorted(header) != sorted(REFERENCE_FIELDS):
+    header, rows, _ = _read_rows(file)
+    if sorted(set(header) - {REFERENCE_CATEGORIES}) != sorted(REFERENCE_FIELDS):
         raise DataError(
-            f"{file}: a reference file has exactly the columns {','.join(REFERENCE_FIELDS)}; "
-            f"it has {','.join(header)}"
+            f"{file}: a reference file has exactly the columns {','.join(REFERENCE_FIELDS)} "
+            f"(and {REFERENCE_CATEGORIES} for categorical columns); it has {','.join(header)}"
         )
     at = {name: header.index(name) for name in REFERENCE_FIELDS}
+    cats_given = REFERENCE_CATEGORIES in header
     columns: dict[str, ColumnReference] = {}
     for i, row in enumerate(rows, start=2):
         column, kind = row[at["column"]], row[at["kind"]].lower()
@@ -1097,10 +1156,14 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
             elif kind == "categorical":
                 if center or scale:
                     raise DataError("a categorical column has no center or scale: leave them empty")
-                entry = ColumnReference(kind, fill=fill)
+                text = row[header.index(REFERENCE_CATEGORIES)] if cats_given else ""
+                categories = parse_categories(text, column)
+                if fill and categories and fill not in categories:
+                    raise DataError(f"fill {fill!r} is not one of its categories {categories}")
+                entry = ColumnReference(kind, fill=fill, categories=categories)
             else:
                 raise DataError(f"kind {kind!r}: use numeric or categorical")
-        except DataError as error:
+        except (DataError, VocabularyError) as error:
             raise DataError(f"{where}: {error}") from None
         columns[column] = entry
     if not columns:
@@ -1134,23 +1197,3 @@ def _most_common(values: list[str]) -> str:
     """The train mode; ties go to the alphabetically first value so the result is stable."""
     counts = Counter(values)
     return min(counts, key=lambda value: (-counts[value], value))
-
-
-def _one_hot_buckets(column: str, values: np.ndarray, fill: str) -> np.ndarray:
-    out = np.zeros((len(values), CATEGORY_BUCKETS), dtype=np.float32)
-    for i, value in enumerate(values):
-        out[i, category_bucket(column, fill if _is_missing(value) else value)] = 1.0
-    return out
-
-
-def _warn_bucket_collisions(hospital: str, column: str, values: set[str]) -> None:
-    buckets: dict[int, list[str]] = {}
-    for value in sorted(values):
-        buckets.setdefault(category_bucket(column, value), []).append(value)
-    for shared in (v for v in buckets.values() if len(v) > 1):
-        log.warning(
-            "hospital %s: column %r values %s share one hashed indicator column",
-            hospital,
-            column,
-            shared,
-        )
