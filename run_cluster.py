@@ -100,6 +100,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--site", help="site column, one hospital per value (csv)")
     p.add_argument(
+        "--positive",
+        metavar="VALUE",
+        help="the label value that means disease: e.g. 1_yes for an R factor (csv), or 0 for a "
+        "MedMNIST set whose 1 means benign (default: 1 / yes / true / positive)",
+    )
+    p.add_argument(
+        "--not-identifying",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="csv: a column that looks like a direct identifier but identifies no one "
+        "(repeatable); without it such columns are refused",
+    )
+    p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
     )
     p.add_argument(
@@ -262,6 +276,10 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["site"] = args.site
     if args.reference is not None:
         kw["reference"] = str(args.reference.resolve())
+    if args.positive is not None:
+        kw["positive"] = args.positive
+    if args.not_identifying:
+        kw["not_identifying"] = tuple(args.not_identifying)
     return kw
 
 
@@ -338,6 +356,8 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"label": args.label} if args.label else {}),
                 **({"site": args.site} if args.site else {}),
                 **({"reference": str(args.reference.resolve())} if args.reference else {}),
+                **({"positive": args.positive} if args.positive is not None else {}),
+                **({"not_identifying": args.not_identifying} if args.not_identifying else {}),
             },
             "model": {"name": model},
             "training": {
@@ -836,8 +856,15 @@ def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the network; a data set that cannot be loaded ends it with one line, exit 2."""
+    from models.data import DataError
+
     args = parse_args(argv)
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except DataError as error:
+        print(f"run_cluster: data error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

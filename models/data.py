@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.identifiers import identifier_columns
 from models.splitting import train_test_rows
 from models.vocabulary import (
     VocabularyError,
@@ -223,6 +224,8 @@ def load_dataset(
     test_fraction: float = 0.25,
     preprocessing: str = "fitted",
     reference: str | os.PathLike[str] | None = None,
+    positive: str | None = None,
+    not_identifying: tuple[str, ...] = (),
 ) -> list[HospitalSplit]:
     """Load ``name`` and return one `HospitalSplit` per hospital, deterministic given ``seed``.
 
@@ -249,6 +252,13 @@ def load_dataset(
         raise DataError(f"alpha must be > 0 (or None for an IID split), got {alpha!r}")
     if not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if positive is not None and name not in ("csv", "medmnist"):
+        raise DataError(
+            f"positive (which label value means disease) only applies to csv and medmnist; "
+            f"{name!r} defines its own labels: remove positive"
+        )
+    if not_identifying and name != "csv":
+        raise DataError(f"not_identifying only applies to dataset 'csv', not {name!r}")
     if name != "csv" and (label is not None or site is not None):
         raise DataError(f"label/site columns only apply to dataset 'csv', not {name!r}")
     if alpha is not None and name in ("heart-disease", "csv", "tcga-brca"):
@@ -278,7 +288,9 @@ def load_dataset(
         return load_tcga_brca(path if path is not None else default_data_path(name))
     if name == "medmnist":
         npz = path if path is not None else default_data_path(name)
-        return load_medmnist(npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha)
+        return load_medmnist(
+            npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha, positive=positive
+        )
     if path is None or label is None:
         raise DataError("dataset 'csv' needs path (a CSV file or a directory of CSVs) and label")
     if preprocessing == "reference" and reference is None:
@@ -288,7 +300,14 @@ def load_dataset(
         )
     columns = read_reference(reference) if preprocessing == "reference" else None
     return load_csv(
-        path, label=label, site=site, seed=seed, test_fraction=test_fraction, reference=columns
+        path,
+        label=label,
+        site=site,
+        seed=seed,
+        test_fraction=test_fraction,
+        reference=columns,
+        positive=positive,
+        not_identifying=tuple(not_identifying),
     )
 
 
@@ -690,8 +709,13 @@ def load_medmnist(
     num_hospitals: int = 4,
     seed: int = 0,
     alpha: float | None = None,
+    positive: str | None = None,
 ) -> list[HospitalSplit]:
     """A binary MedMNIST ``.npz`` split across hospitals: images in [0, 1], shape (N, C, H, W).
+
+    ``positive`` is the label code that means disease, "1" by default; give "0" for a set
+    whose 1 means benign or normal (BreastMNIST: 0 = malignant), so that sensitivity and PPV
+    describe the disease class.
 
     The official train images are partitioned into the hospitals' train rows and the official
     test images into their test rows, with the same Dirichlet draw for both so each hospital's
@@ -709,8 +733,12 @@ def load_medmnist(
     absent = [key for key in needed if key not in parts]
     if absent:
         raise DataError(f"{npz_path} lacks {', '.join(absent)}: not a MedMNIST file")
+    if positive not in (None, "0", "1"):
+        raise DataError(f"MedMNIST positive must be the label code 0 or 1, got {positive!r}")
     x_train, y_train = _medmnist_images(parts["train_images"]), _medmnist_labels(parts, "train")
     x_test, y_test = _medmnist_images(parts["test_images"]), _medmnist_labels(parts, "test")
+    if positive == "0":  # the set's 0 is the disease: make it murmur's class 1
+        y_train, y_test = 1.0 - y_train, 1.0 - y_test
     rng = np.random.default_rng(seed)
     shares = None if alpha is None else dirichlet_proportions(2, num_hospitals, alpha, rng)
     train_parts = split_across_hospitals(y_train, num_hospitals, rng, proportions=shares)
@@ -772,6 +800,8 @@ def load_csv(
     seed: int = 0,
     test_fraction: float = 0.25,
     reference: dict[str, ColumnReference] | None = None,
+    positive: str | None = None,
+    not_identifying: tuple[str, ...] = (),
 ) -> list[HospitalSplit]:
     """Hospitals from CSV: one file with a ``site`` column, or a directory of one CSV each.
 
@@ -782,6 +812,10 @@ def load_csv(
     mode, then one indicator per value of the column's vocabulary: the values the loaded
     sites use, the same layout everywhere, models/vocabulary.py). Everything fitted comes from
     that hospital's own training rows. ``.``, blank, ``NA``, ``?`` and the like are missing.
+
+    ``positive`` names the label value that means disease (e.g. ``1_yes`` for an R factor);
+    every other value is 0. Columns that look like direct identifiers (models/identifiers.py)
+    are refused unless listed in ``not_identifying``.
 
     With a ``reference`` (`read_reference`; what DP needs) nothing is fitted or inferred: the
     reference names every feature column with its kind, center, scale, fill and (categorical)
@@ -794,16 +828,22 @@ def load_csv(
                 f"{path} is a directory (one CSV per hospital): drop site=, "
                 "the file names are the hospitals"
             )
-        tables = _read_csv_directory(path, label)
+        tables = _read_csv_directory(path, label, positive)
     elif path.is_file():
         if site is None:
             raise DataError(
                 f"{path} is one CSV file: pass site=<column naming each row's "
                 "hospital>, or point path at a directory with one CSV per hospital"
             )
-        tables = _read_csv_with_site(path, label, site)
+        tables = _read_csv_with_site(path, label, site, positive)
     else:
         raise DataError(f"CSV path {path} does not exist")
+    _refuse_identifiers(path, tables, not_identifying)
+    if positive is not None and not any(t.y.any() for t in tables):
+        raise DataError(
+            f"positive value {positive!r} never appears in label column {label!r}; fix: "
+            "give the value that means disease exactly as the file writes it"
+        )
 
     if len({v for t in tables for v in np.unique(t.y)}) < 2:
         raise DataError(
@@ -837,6 +877,7 @@ def load_csv(
         )
         split = HospitalSplit(table.name, x_train, y[train], x_test, y[test], names)
         _warn_missing_classes(split)
+        warn_small_site(split)
         splits.append(split)
     return splits
 
@@ -889,9 +930,17 @@ def _require_columns(file: Path, header: list[str], wanted: dict[str, str]) -> N
 
 
 def _parse_labels(
-    file: Path, column: str, values: list[str], lines: list[int], site: str
+    file: Path,
+    column: str,
+    values: list[str],
+    lines: list[int],
+    site: str,
+    positive: str | None = None,
 ) -> np.ndarray:
-    """0/1 labels; a bad one is named by its line in the file (and its place in its site)."""
+    """0/1 labels; a bad one is named by its line in the file (and its place in its site).
+    With ``positive``, that value is 1 and any other present value 0 (two values at most)."""
+    if positive is not None:
+        return _parse_positive(file, column, values, lines, site, positive)
     parsed = []
     for i, value in enumerate(values):
         key = value.lower()
@@ -908,12 +957,80 @@ def _parse_labels(
                 f"{file}:{lines[i]}: label column {column!r} is {what} (line {lines[i]} of the "
                 f"file, data row {i + 1} of site {site!r}); labels must be 0/1 (or yes/no, "
                 "true/false, positive/negative): recode or remove the row"
+                + (
+                    ""
+                    if key in _MISSING_TOKENS
+                    else ", or name the value that means disease (an R factor's 1_yes, say): "
+                    "--positive VALUE (data.positive)"
+                )
             )
         parsed.append(int(number))
     return np.asarray(parsed, dtype=np.float32)
 
 
-def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
+def _parse_positive(
+    file: Path, column: str, values: list[str], lines: list[int], site: str, positive: str
+) -> np.ndarray:
+    for i, value in enumerate(values):
+        if _is_missing(value):
+            raise DataError(
+                f"{file}:{lines[i]}: label column {column!r} is missing (line {lines[i]} of the "
+                f"file, data row {i + 1} of site {site!r}): recode or remove the row"
+            )
+    distinct = sorted(set(values))
+    if len(distinct) > 2:
+        raise DataError(
+            f"{file}: label column {column!r} has {len(distinct)} values at site {site!r} "
+            f"({', '.join(distinct[:5])}); murmur's models are binary: recode it to two values"
+        )
+    return np.asarray([value == positive for value in values], dtype=np.float32)
+
+
+def _refuse_identifiers(
+    path: Path, tables: list[_CsvTable], not_identifying: tuple[str, ...]
+) -> None:
+    """Refuse to train on columns that look like direct identifiers (models/identifiers.py)."""
+    rows = [row for table in tables for row in table.cells]
+    found = identifier_columns(tables[0].columns, rows, not_identifying)
+    if not found:
+        return
+    column, reason = next(iter(found.items()))
+    others = sorted(found)[1:] if len(found) > 1 else []
+    raise DataError(
+        f"{path}: column {column!r} looks like a direct identifier ({reason}); a model must "
+        "not train on identifiers (HIPAA Safe Harbor). Fix: remove the column, or, if it "
+        f"identifies no one, declare it: data.not_identifying = [{column!r}] "
+        f"(run_cluster.py --not-identifying {column})"
+        + (f"; also flagged: {', '.join(others)}" if others else "")
+    )
+
+
+SMALL_TEST_SPLIT = 10
+"""Fewer test patients than this (or a test split with one class) and a site's metrics
+describe a handful of patients, not the model: the loader says so."""
+
+
+def warn_small_site(split: HospitalSplit) -> str | None:
+    """Log (and return) a warning when a site's test split is too small to mean anything."""
+    n = len(split.y_test)
+    positives = int(split.y_test.sum())
+    if n >= SMALL_TEST_SPLIT and 0 < positives < n:
+        return None
+    message = (
+        f"hospital {split.name!r} is too small to split well: {len(split.y_train)} training "
+        f"patients ({int(split.y_train.sum())} positive) and {n} test patient(s) ({positives} "
+        f"positive). Its test metrics describe those {n} patient(s), not the model: AUC is "
+        "undefined without both classes, and accuracy, sensitivity and specificity move by "
+        f"{1 / n:.0%} per patient. Read the federation's result at the other sites, or add "
+        "patients"
+    )
+    log.warning(message)
+    return message
+
+
+def _read_csv_with_site(
+    file: Path, label: str, site: str, positive: str | None = None
+) -> list[_CsvTable]:
     header, rows, numbers = _read_rows(file)
     _require_columns(file, header, {"label": label, "site": site})
     if label == site:
@@ -935,12 +1052,15 @@ def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
     tables = []
     for name in sorted(by_site):
         site_rows = by_site[name]
-        y = _parse_labels(file, label, [r[label_at] for r in site_rows], lines_of[name], name)
+        labels = [r[label_at] for r in site_rows]
+        y = _parse_labels(file, label, labels, lines_of[name], name, positive)
         tables.append(_CsvTable(name, features, [[r[j] for j in keep] for r in site_rows], y))
     return tables
 
 
-def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
+def _read_csv_directory(
+    directory: Path, label: str, positive: str | None = None
+) -> list[_CsvTable]:
     files = sorted(directory.glob("*.csv"))
     if not files:
         raise DataError(f"{directory} has no *.csv files (one per hospital expected)")
@@ -964,7 +1084,7 @@ def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
             )
         keep = [header.index(h) for h in features]
         labels = [r[header.index(label)] for r in rows]
-        y = _parse_labels(file, label, labels, numbers, file.stem)
+        y = _parse_labels(file, label, labels, numbers, file.stem, positive)
         tables.append(_CsvTable(file.stem, features, [[r[j] for j in keep] for r in rows], y))
     return tables
 

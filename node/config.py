@@ -204,6 +204,11 @@ class DataSection:
     # without DP, reference under DP, where fitted statistics are refused (docs/privacy.md).
     preprocessing: str = "auto"
     reference: Path | None = None  # csv only: column,kind,center,scale,fill (docs/data.md)
+    # The label value that means disease: an R factor's "1_yes" (csv), or "0" for a MedMNIST
+    # set whose 1 means benign. Default: 1 / yes / true / positive.
+    positive: str | None = None
+    # csv columns that look like identifiers (models/identifiers.py) but identify no one.
+    not_identifying: list[str] = field(default_factory=list)
 
     def resolved_preprocessing(self, private: bool) -> str:
         """ "fitted" or "reference": what "auto" means with or without DP."""
@@ -252,6 +257,25 @@ class DataSection:
             "data.preprocessing",
             f"unknown preprocessing {self.preprocessing!r}",
             f"use one of {', '.join(PREPROCESSING)}",
+        )
+        if self.positive is not None:
+            _require(
+                self.dataset in ("csv", "medmnist"),
+                "data.positive",
+                f"only applies to csv and medmnist ({self.dataset!r} defines its own labels)",
+                "remove positive",
+            )
+            _require(
+                self.dataset != "medmnist" or self.positive in ("0", "1"),
+                "data.positive",
+                "must be the MedMNIST label code \"0\" or \"1\"",
+                'positive = "0"',
+            )
+        _require(
+            not self.not_identifying or self.dataset == "csv",
+            "data.not_identifying",
+            f"only applies to dataset = 'csv', not {self.dataset!r}",
+            "remove not_identifying",
         )
         if self.reference is not None:
             _require(

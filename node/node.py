@@ -303,6 +303,8 @@ class HospitalNode:
             test_fraction=d.test_fraction,
             preprocessing=d.resolved_preprocessing(self.config.privacy.enabled),
             reference=d.reference,
+            positive=d.positive,
+            not_identifying=tuple(d.not_identifying),
         )
         names = [s.name for s in splits]
         if d.hospital in names:
