@@ -31,7 +31,15 @@ class LogisticRegression(nn.Module):
 class CoxRegression(LogisticRegression):
     """A linear Cox model (FLamby Fed-TCGA-BRCA's ``nn.Linear(39, 1)``): the output is the
     log relative hazard. The bias cancels out of the partial likelihood (its gradient there
-    is 0); under DP's exponential likelihood it is the log baseline hazard (models/survival.py)."""
+    is 0); under DP's exponential likelihood it is the log baseline hazard (models/survival.py).
+
+    It starts from the null model, beta = 0 (as Newton fits of the Cox model do): a random
+    start is a random risk score, which a few noisy DP steps would not wash out."""
+
+    def __init__(self, input_shape: Sequence[int]) -> None:
+        super().__init__(input_shape)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
 
 class MLP(nn.Module):
