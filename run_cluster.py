@@ -621,7 +621,7 @@ def build_report(
 ) -> dict[str, Any]:
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
-    from models.metrics import REPORTED_METRICS, SURVIVAL_METRICS
+    from models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
     from node.report import FINISHED_PHASES, hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
@@ -636,7 +636,7 @@ def build_report(
                 "name": n.name,
                 "byzantine": n.byzantine,
                 **{k: m.get(k) for k in (*REPORTED_METRICS, "threshold")},
-                **{k: m[k] for k in SURVIVAL_METRICS if k in m},
+                **{k: m[k] for k in (*SURVIVAL_METRICS, *UNCERTAINTY_METRICS) if k in m},
                 "n_train": data.get("n_train"),
                 "n_test": m.get("n", data.get("n_test")),
                 "n_test_positives": m.get("positives"),

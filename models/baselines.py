@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from models.data import HospitalSplit, load_dataset
-from models.metrics import DP_DEFAULT_THRESHOLD, REPORTED_METRICS, SURVIVAL_METRICS
+from models.metrics import (
+    DP_DEFAULT_THRESHOLD,
+    REPORTED_METRICS,
+    SURVIVAL_METRICS,
+    UNCERTAINTY_METRICS,
+)
 from models.nets import build_model
 from models.privacy import DPConfig, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, evaluate
@@ -169,7 +174,8 @@ def _evaluate(
     if split.task == "survival":
         scores = {field: metrics[field] for field in SURVIVAL_METRICS}
     else:
-        scores = {field: metrics[field] for field in (*REPORTED_METRICS, "threshold")}
+        fields = (*REPORTED_METRICS, *UNCERTAINTY_METRICS, "threshold")
+        scores = {field: metrics[field] for field in fields}
     return {"name": split.name, **scores, "n_train": int(n_train), "n_test": len(split.y_test)}
 
 

@@ -268,7 +268,7 @@ class DataSection:
             _require(
                 self.dataset != "medmnist" or self.positive in ("0", "1"),
                 "data.positive",
-                "must be the MedMNIST label code \"0\" or \"1\"",
+                'must be the MedMNIST label code "0" or "1"',
                 'positive = "0"',
             )
         _require(

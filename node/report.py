@@ -23,7 +23,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from node.report_sections import is_survival, survival_section, survival_summary_lines
+from node.report_sections import (
+    RELIABILITY_PLOT,
+    is_survival,
+    plot_reliability,
+    survival_section,
+    survival_summary_lines,
+    survival_warnings,
+    uncertainty_section,
+)
 
 UNDEFINED = "undefined"
 
@@ -58,6 +66,8 @@ _MIN_TEST_PATIENTS = 30
 FINISHED_PHASES = ("done", "budget_exhausted")
 """A node's last phase when it stopped by itself: every round trained, or no budget left."""
 _MIN_TEST_CLASS = 5
+MIN_CASES_PER_CLASS = 10
+"""Fewer test cases of a class than this and the AUC is not informative (issue #24)."""
 
 
 def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> list[str]:
@@ -84,6 +94,14 @@ def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> l
                 f"{n_test - positives} negative; its AUC, sensitivity and specificity can move "
                 "by tenths with one patient"
             )
+        elif smaller < MIN_CASES_PER_CLASS:
+            which = "positive" if positives <= n_test - positives else "negative"
+            warnings.append(
+                f"only {smaller} {which} patients in the test split (fewer than "
+                f"{MIN_CASES_PER_CLASS}): its AUC is not informative; read it with its 95% "
+                "interval"
+            )
+    warnings += survival_warnings(hospital)
     completed, phase = hospital.get("rounds_completed"), hospital.get("phase")
     if isinstance(planned_rounds, int) and isinstance(completed, int):
         if phase is not None and phase not in FINISHED_PHASES:
@@ -630,6 +648,11 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
             _plot_disagreement(hospitals, run_dir / DISAGREEMENT_PLOT),
         ),
         (TRUST_PLOT, "trust per peer", _plot_trust(hospitals, run_dir / TRUST_PLOT)),
+        (
+            RELIABILITY_PLOT,
+            "reliability (calibration)",
+            plot_reliability(hospitals, run_dir / RELIABILITY_PLOT),
+        ),
     ]
 
     summary = _table(("item", "value"), _summary_rows(report, hospitals))
@@ -674,7 +697,7 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
                 f'<h3>{html.escape(title)}</h3><p class="note">Differential privacy was off: '
                 "there is no privacy guarantee to plot.</p>"
             )
-        elif filename != TRUST_PLOT:
+        elif filename not in (TRUST_PLOT, RELIABILITY_PLOT):
             figures.append(
                 f'<h3>{html.escape(title)}</h3><p class="note">No values were recorded.</p>'
             )
@@ -687,7 +710,8 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
 data. Majority accuracy is the accuracy of always predicting the training split's majority
 class: a model that does not beat it has learned nothing useful. "undefined" means the metric
 does not exist for that split (e.g. AUC with one class), not zero.</p>
-{metrics}"""
+{metrics}
+{uncertainty_section(report, hospitals, _table, format_value)}"""
     title = f"murmur run report: {format_value(report.get('dataset'))}"
     page = f"""<!DOCTYPE html>
 <html lang="en">

@@ -22,8 +22,23 @@ BASELINE_TITLES: tuple[tuple[str, str], ...] = (
 )
 
 
+MIN_DEATHS = 10
+"""Fewer deaths than this in a test split and its C-index ranks too few pairs to inform."""
+
+
 def is_survival(report: dict[str, Any]) -> bool:
     return report.get("task") == "survival"
+
+
+def survival_warnings(hospital: dict[str, Any]) -> list[str]:
+    """A survival hospital whose test split holds fewer than `MIN_DEATHS` deaths."""
+    events = hospital.get("events")
+    if "c_index" not in hospital or not isinstance(events, int) or events >= MIN_DEATHS:
+        return []
+    return [
+        f"only {events} death(s) in its test split (fewer than {MIN_DEATHS}): its C-index "
+        "ranks few patient pairs and is not informative; read it with its 95% interval"
+    ]
 
 
 def _interval(low: Any, high: Any, fmt: FormatFn) -> str:
@@ -100,3 +115,70 @@ def survival_summary_lines(report: dict[str, Any], fmt: FormatFn) -> list[str]:
         if entry:
             lines.append(f"baseline mean C-index, {title}: {fmt(entry.get('mean_c_index'))}")
     return lines
+
+
+# ---------------------------------------------------------------- uncertainty (classification)
+
+RELIABILITY_PLOT = "reliability.png"
+
+
+def uncertainty_section(
+    report: dict[str, Any], hospitals: list[dict[str, Any]], table: TableFn, fmt: FormatFn
+) -> str:
+    """Each hospital's AUC with its 95% DeLong interval, test class counts and ECE."""
+    if is_survival(report) or not any("auc_low" in h or "ece" in h for h in hospitals):
+        return ""
+    rows = []
+    for h in hospitals:
+        n, positives = h.get("n_test"), h.get("n_test_positives")
+        negatives = n - positives if isinstance(n, int) and isinstance(positives, int) else None
+        rows.append(
+            (
+                h["name"] + (" (Byzantine)" if h.get("byzantine") else ""),
+                h.get("auc"),
+                _interval(h.get("auc_low"), h.get("auc_high"), fmt),
+                positives,
+                negatives,
+                h.get("ece"),
+            )
+        )
+    headings = ("hospital", "AUC", "95% interval (DeLong)", "test positives", "test negatives")
+    return (
+        "<h2>Uncertainty and calibration</h2>"
+        '<p class="note">The interval is AUC ± 1.96 DeLong standard errors (DeLong et al. '
+        "1988), from the hospital's own test patients: with fewer than 10 of a class it is "
+        "wide and the AUC is not informative (see the warnings). ECE, the expected "
+        "calibration error, is the patient-weighted gap between predicted risk and observed "
+        "rate over 10 risk bins; the reliability plot below draws those bins (on the "
+        "diagonal = calibrated).</p>" + table((*headings, "ECE"), rows)
+    )
+
+
+def plot_reliability(hospitals: list[dict[str, Any]], path: Any) -> bool:
+    """The reliability diagram: observed rate against mean predicted risk, per hospital."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = [(h, h.get("reliability")) for h in hospitals if not h.get("byzantine")]
+    series = [(h, bins) for h, bins in series if isinstance(bins, list) and bins]
+    if not series:
+        return False
+    figure = Figure(figsize=(5.5, 5.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
+    for hospital, bins in series[:12]:
+        ece = hospital.get("ece")
+        label = hospital["name"] + ("" if ece is None else f" (ECE {ece:.3f})")
+        ax.plot(
+            [b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o", label=label
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted risk (bin)")
+    ax.set_ylabel("observed rate")
+    ax.set_title("Reliability on each hospital's test split")
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return True
