@@ -798,6 +798,7 @@ async def run(args: argparse.Namespace) -> int:
                 dataset_kwargs_for(args), model, {}, settings, rounds, args.seed, dp=dp
             )
             report["baselines"]["rounds"] = rounds
+            report["federation_margin"] = margin_over_local(report, dp is not None)
     if stop_requested.is_set():
         report["exit_code"] = 130
     elif report["failed"] or report["interrupted"]:
@@ -844,6 +845,17 @@ def run_warnings(args: argparse.Namespace, hospitals: list[dict[str, Any]]) -> l
             "'Rounds under a fixed ε'"
         )
     return warnings
+
+
+def margin_over_local(report: dict[str, Any], private: bool) -> dict[str, Any] | None:
+    """murmur's mean AUC margin over local-only training (at the same ε under DP), with and
+    without hospitals that have no local model (models/uncertainty.py)."""
+    from models.uncertainty import federation_margins
+
+    kind = "local_dp" if private and "local_dp" in report["baselines"] else "local"
+    honest = [h for h in report["hospitals"] if not h["byzantine"]]
+    margins = federation_margins(honest, report["baselines"][kind]["hospitals"])
+    return None if margins is None else {"against": kind, **margins}
 
 
 def want_baselines(args: argparse.Namespace) -> bool:

@@ -68,6 +68,10 @@ def run_baselines(
         "local": local_baseline(splits, model_name, model_params, training, rounds, seed),
         "pooled": pooled_baseline(splits, model_name, model_params, training, rounds, seed),
     }
+    if splits[0].task == "classification":
+        from models.reference import reference_baseline  # imports scikit-learn
+
+        result["reference"] = reference_baseline(splits, seed)
     if dp is not None:
         # Trained as a DP node trains: on data scaled by the reference constants, never by
         # statistics of the training rows (docs/privacy.md, "What training computes from the
@@ -89,13 +93,36 @@ def local_baseline(
     dp: DPConfig | None = None,
 ) -> dict[str, Any]:
     """Each hospital trains its own model on its own training rows only (with DP-SGD at
-    `dp`'s budget when given, as its node would)."""
+    `dp`'s budget when given, as its node would).
+
+    A hospital whose training split holds one class has no local model: a classifier cannot
+    be fitted to one class, and an AUC from whatever the optimiser left (measured: 0.33 to
+    0.93 with the seed, Fed-Heart-Disease's Switzerland) would be noise. Its entry says so
+    (`no_model`) and carries no metrics."""
     entries = []
     for split in splits:
+        reason = no_local_model(split)
+        if reason is not None:
+            entries.append({"name": split.name, "auc": None, "no_model": reason})
+            continue
         model = build_model(model_name, split.input_shape, seed, **model_params)
         _train(model, split.x_train, split.y_train, training, rounds, dp)
         entries.append(_evaluate(model, split, len(split.y_train), private=dp is not None))
     return _baseline(entries)
+
+
+def no_local_model(split: HospitalSplit) -> str | None:
+    """Why `split` cannot have a local classifier (one class in its training rows), or None."""
+    if split.task != "classification":
+        return None
+    positives, n = int(split.y_train.sum()), len(split.y_train)
+    if 0 < positives < n:
+        return None
+    which = "positive" if positives else "negative"
+    return (
+        f"its training split has one class ({n} patients, all {which}): no local model can "
+        "be trained, so there is no local AUC to report"
+    )
 
 
 def pooled_baseline(

@@ -106,3 +106,37 @@ def margin(
     half = Z_95 * math.sqrt(variance)
     return {"mean": mean, "low": mean - half, "high": mean + half, "hospitals": len(pairs)}
 
+
+def federation_margins(
+    hospitals: Sequence[dict], local_entries: Sequence[dict]
+) -> dict[str, object] | None:
+    """The federation's AUC minus local-only's, mean over hospitals, with 95% intervals.
+
+    ``hospitals`` are the honest nodes' report entries (``auc``, ``auc_se``), ``local_entries``
+    the local-only baseline's. Two figures: *without* hospitals that have no local model
+    (one class in their training split), and *with* them, where the local alternative is a
+    constant prediction (AUC 0.5, no variance): what such a hospital could deploy alone.
+    """
+    local = {entry.get("name"): entry for entry in local_entries}
+    without: list[tuple[float, float, float, float]] = []
+    with_sites = list(without)
+    one_class = []
+    for hospital in hospitals:
+        entry = local.get(hospital.get("name"))
+        auc, se = hospital.get("auc"), hospital.get("auc_se")
+        if entry is None or auc is None or se is None:
+            continue
+        if entry.get("no_model"):
+            one_class.append(hospital["name"])
+            with_sites.append((auc, se**2, 0.5, 0.0))
+        elif entry.get("auc") is not None and entry.get("auc_se") is not None:
+            pair = (auc, se**2, entry["auc"], entry["auc_se"] ** 2)
+            without.append(pair)
+            with_sites.append(pair)
+    if not with_sites:
+        return None
+    return {
+        "without_one_class_sites": margin(without),
+        "with_one_class_sites": margin(with_sites),
+        "one_class_sites": one_class,
+    }

@@ -25,7 +25,9 @@ from matplotlib.ticker import MaxNLocator
 
 from node.report_sections import (
     RELIABILITY_PLOT,
+    baseline_cell,
     is_survival,
+    margin_text,
     plot_reliability,
     survival_section,
     survival_summary_lines,
@@ -238,6 +240,7 @@ def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Pat
     ax = figure.add_subplot()
     _plot_hospital_lines(ax, series)
     colours = {"local": "tab:gray", "pooled": "black", "local_dp": "tab:orange"}
+    colours["reference"] = "tab:green"
     colours["pooled_dp"] = "tab:brown"
     for kind, title in _BASELINE_KINDS:
         mean = _baseline_mean(report, kind)
@@ -489,6 +492,7 @@ _BASELINE_KINDS: tuple[tuple[str, str], ...] = (
     ("pooled_dp", "pooled, DP"),
     ("local", "local only, no DP"),
     ("pooled", "pooled, no DP"),
+    ("reference", "tuned L2 logistic regression, pooled, no DP"),
 )
 
 
@@ -510,9 +514,9 @@ def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -
             (
                 name,
                 hospital.get("auc"),
-                *[by_kind[kind].get(name, {}).get("auc") for kind, _ in kinds],
+                *[baseline_cell(by_kind[kind].get(name, {}), "auc") for kind, _ in kinds],
                 hospital.get("accuracy"),
-                *[by_kind[kind].get(name, {}).get("accuracy") for kind, _ in kinds],
+                *[baseline_cell(by_kind[kind].get(name, {}), "accuracy") for kind, _ in kinds],
             )
         )
     rows.append(
@@ -544,7 +548,11 @@ def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -
         "<h2>Baselines</h2><p>Local only: each hospital trains alone. Pooled: one model "
         "trained on all hospitals' training rows together. Same splits and model, "
         f"{html.escape(format_value(baselines.get('rounds')))} rounds (as many as the network "
-        f"trained), evaluated on each hospital's own test split.{dp_note}</p>" + table
+        f"trained), evaluated on each hospital's own test split. The tuned reference is "
+        "scikit-learn's L2 logistic regression on the pooled training rows, its C chosen by "
+        f"5-fold cross-validation on those rows (C = "
+        f"{html.escape(format_value((baselines.get('reference') or {}).get('C')))}).{dp_note}"
+        "</p>" + table + margin_text(report, format_value)
     )
 
 

@@ -8,6 +8,7 @@ every value comes from the report dict and "undefined" means the value does not 
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -182,3 +183,46 @@ def plot_reliability(hospitals: list[dict[str, Any]], path: Any) -> bool:
     figure.tight_layout()
     figure.savefig(path, format="png")
     return True
+
+
+# ---------------------------------------------------------------- baselines: margin, no model
+
+NO_LOCAL_MODEL = "no local model (one class)"
+
+
+def baseline_cell(entry: dict[str, Any], field: str) -> Any:
+    """A baseline's value for the table, or why it has none (a one-class training split)."""
+    return NO_LOCAL_MODEL if entry.get("no_model") else entry.get(field)
+
+
+def margin_text(report: dict[str, Any], fmt: FormatFn) -> str:
+    """The federation's margin over local-only, with and without one-class sites, as HTML."""
+    margins = report.get("federation_margin")
+    if not isinstance(margins, dict):
+        return ""
+    parts = []
+    for key, title in (
+        ("without_one_class_sites", "over hospitals with a local model"),
+        ("with_one_class_sites", "counting one-class hospitals against a constant (AUC 0.5)"),
+    ):
+        m = margins.get(key)
+        if isinstance(m, dict):
+            parts.append(
+                f"{title}: {fmt(m.get('mean'))} (95% {fmt(m.get('low'))} to {fmt(m.get('high'))},"
+                f" {fmt(m.get('hospitals'))} hospitals)"
+            )
+    sites = margins.get("one_class_sites") or []
+    note = (
+        f" {', '.join(sites)} had one class in training and so no local model."
+        if sites
+        else " Every hospital had a local model."
+    )
+    return (
+        f"<p>Federation margin, mean AUC of murmur minus {fmt(margins.get('against'))}: "
+        + html.escape("; ".join(parts))
+        + "."
+        + html.escape(note)
+        + " The interval adds each hospital's DeLong variances as if the two AUCs were "
+        "independent; they are measured on the same patients, so it is conservative. One run "
+        "is one seed: bench/margin.py repeats it over seeds.</p>"
+    )
