@@ -30,17 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"tcga_c_index": 0.815, "tcga_dp1_c_index": 0.78}
 
 # setting -> run_cluster.py arguments (besides --dataset, --seed, --out).
+# The plain mean, as the validation simulations averaged (and as FLamby's FedAvg does): the
+# default robust rule (self-centred clipping) keeps each node nearer its own model, which
+# under DP keeps its own noise (measured: mean C-index 0.672 +- 0.112 at eps = 1 with it).
+MEAN = ["--aggregator", "mean"]
 RECIPES: dict[str, list[str]] = {
-    "tcga_c_index": ["--no-dp", "--rounds", "20", "--local-epochs", "5", "--lr", "1.0"],
+    "tcga_c_index": [*MEAN, "--no-dp", "--rounds", "20", "--local-epochs", "5", "--lr", "1.0"],
     "tcga_dp1_c_index": [
+        *MEAN,
         "--dp-epsilon",
         "1",
         "--rounds",
-        "5",
+        "20",
         "--local-epochs",
         "1",
         "--lr",
-        "0.5",
+        "0.25",
     ],
 }
 

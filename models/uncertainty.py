@@ -15,7 +15,8 @@ model's probabilities with their calibration:
 - `margin`: the mean per-hospital difference between two models' AUCs, with a 95% interval
   from the per-hospital DeLong variances, treating the two AUCs as independent (they are
   measured on the same patients and positively correlated, so this over-states the variance:
-  the interval is conservative).
+  the interval is conservative). Where DeLong is undefined (one case of a class) the bound
+  AUC (1 - AUC) / min(positives, negatives) stands in (`auc_variance`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def _midranks(values: np.ndarray) -> np.ndarray:
 
 
 def delong_variance(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float, float] | None:
-    """(AUC, its DeLong variance), or None when a class is missing."""
+    """(AUC, its DeLong variance), or None with fewer than 2 cases of a class."""
     y = np.asarray(y_true, dtype=np.float64).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
     positives, negatives = s[y == 1], s[y == 0]
     m, n = len(positives), len(negatives)
-    if m == 0 or n == 0:
+    if m < 2 or n < 2:  # one case of a class: its component's variance cannot be estimated
         return None
     all_ranks = _midranks(np.concatenate([positives, negatives]))
     rank_pos, rank_neg = all_ranks[:m], all_ranks[m:]
@@ -107,6 +108,20 @@ def margin(
     return {"mean": mean, "low": mean - half, "high": mean + half, "hospitals": len(pairs)}
 
 
+def auc_variance(entry: dict) -> float | None:
+    """An entry's AUC variance: DeLong's, else (a class with one case) the upper bound
+    AUC (1 - AUC) / min(positives, negatives) (Birnbaum & Klose 1957), else None."""
+    if entry.get("auc_se") is not None:
+        return float(entry["auc_se"]) ** 2
+    auc = entry.get("auc")
+    n = entry.get("n_test", entry.get("n"))
+    positives = entry.get("n_test_positives", entry.get("positives"))
+    if auc is None or not isinstance(n, int) or not isinstance(positives, int):
+        return None
+    smaller = min(positives, n - positives)
+    return auc * (1 - auc) / smaller if smaller > 0 else None
+
+
 def federation_margins(
     hospitals: Sequence[dict], local_entries: Sequence[dict]
 ) -> dict[str, object] | None:
@@ -123,14 +138,14 @@ def federation_margins(
     one_class = []
     for hospital in hospitals:
         entry = local.get(hospital.get("name"))
-        auc, se = hospital.get("auc"), hospital.get("auc_se")
-        if entry is None or auc is None or se is None:
+        auc, variance = hospital.get("auc"), auc_variance(hospital)
+        if entry is None or auc is None or variance is None:
             continue
         if entry.get("no_model"):
             one_class.append(hospital["name"])
-            with_sites.append((auc, se**2, 0.5, 0.0))
-        elif entry.get("auc") is not None and entry.get("auc_se") is not None:
-            pair = (auc, se**2, entry["auc"], entry["auc_se"] ** 2)
+            with_sites.append((auc, variance, 0.5, 0.0))
+        elif entry.get("auc") is not None and (local_variance := auc_variance(entry)) is not None:
+            pair = (auc, variance, entry["auc"], local_variance)
             without.append(pair)
             with_sites.append(pair)
     if not with_sites:

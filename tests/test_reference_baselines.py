@@ -71,6 +71,13 @@ def test_margin_with_and_without_one_class_sites() -> None:
     assert with_sites["mean"] == pytest.approx((0.05 + 0.10 + 0.20) / 3)
     assert with_sites["hospitals"] == 3 and margins["one_class_sites"] == ["swiss"]
     assert without["low"] < without["mean"] < without["high"]
+    # One negative test patient (Switzerland): DeLong is undefined, the bound stands in.
+    hospitals[2] = {"name": "swiss", "auc": 0.9, "auc_se": None, "n_test": 16}
+    hospitals[2]["n_test_positives"] = 15
+    bounded = federation_margins(hospitals, local)["with_one_class_sites"]
+    assert bounded["hospitals"] == 3
+    expected = (0.05**2 * 2 + 0.02**2 * 2 + 0.9 * 0.1 / 1) / 9
+    assert bounded["high"] - bounded["mean"] == pytest.approx(1.959963984540054 * expected**0.5)
 
 
 def test_report_says_no_local_model_and_quotes_the_margin(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def test_delong_interval_holds_the_auc_narrows_and_needs_both_classes() -> None:
         widths.append(high - low)
     assert widths[1] < widths[0] / 2.5  # about 1/sqrt(10)
     assert delong_interval(np.ones(5), np.arange(5.0)) is None
+    # One case of a class: its DeLong component has no variance estimate; no interval.
+    assert delong_interval(np.r_[np.ones(15), 0.0], np.arange(16.0)) is None
 
 
 def test_delong_interval_covers_the_true_auc_about_95_percent_of_the_time() -> None:
