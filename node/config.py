@@ -688,6 +688,14 @@ class NodeConfig:
             "prevalence: class_weights = [w_neg, w_pos], or set privacy.enabled = false",
         )
         _require(
+            self.training.survival_loss != "cox",
+            "training.survival_loss",
+            '= "cox" (the partial likelihood) puts every patient in other patients\' risk '
+            "sets, which DP-SGD's per-patient clipping does not cover",
+            'omit it ("auto": the per-patient exponential likelihood under DP), or set '
+            "privacy.enabled = false",
+        )
+        _require(
             self.data.preprocessing != "fitted",
             "data.preprocessing",
             '= "fitted" scales and imputes with this hospital\'s training means, standard '

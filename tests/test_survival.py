@@ -122,6 +122,22 @@ def test_dp_refuses_the_partial_likelihood_and_auto_picks_by_privacy() -> None:
     assert make_survival_loss("auto", private=False) is cox_breslow_losses
 
 
+def test_config_refuses_the_partial_likelihood_under_dp() -> None:
+    from node.config import ConfigError, parse_config
+
+    raw = {
+        "node": {"name": "a", "key_file": "a.key", "state_dir": "s"},
+        "data": {"hospital": "region_0", "dataset": "tcga-brca"},
+        "training": {"survival_loss": "cox"},
+    }
+    with pytest.raises(ConfigError, match=r"training.survival_loss .*risk sets"):
+        parse_config(raw)
+    parse_config({**raw, "privacy": {"enabled": False}})  # fine without DP
+    raw["training"] = {"survival_loss": "weibull"}
+    with pytest.raises(ConfigError, match="unknown survival loss 'weibull'"):
+        parse_config(raw)
+
+
 def survival_split(n: int = 200, seed: int = 5) -> HospitalSplit:
     x, times, events, _ = synthetic(n, seed)
     y = np.c_[times, events].astype(np.float32)
