@@ -23,6 +23,8 @@ Datasets (`DATASETS`), all through `load_dataset(name, ...)`:
 - ``medmnist``: a MedMNIST ``.npz`` (PneumoniaMNIST by default) partitioned across N hospitals.
 - ``csv``: any CSV file with a label column and a site column, or a directory with one CSV per
   hospital.
+- ``tcga-brca``: FLamby's Fed-TCGA-BRCA, six real regions, survival labels (days, event)
+  (models/tcga.py, models/survival.py).
 
 docs/data.md lists the preprocessing, sizes and class balance of each.
 """
