@@ -40,9 +40,10 @@ DEFAULT_MODEL = {
     "heart-disease": "logreg",
     "medmnist": "cnn",
     "csv": "logreg",
+    "tcga-brca": "cox",
 }
 # Learning rates that suit each default model with DP-SGD's clipped, noisy gradients.
-DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "multimodal": 0.2}
+DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "multimodal": 0.2, "cox": 0.5}
 
 
 @dataclass
@@ -83,9 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dataset",
         default="breast-cancer",
-        choices=["breast-cancer", "heart-disease", "medmnist", "csv"],
-        help="breast-cancer is embedded (needs nothing beside the repo); heart-disease and "
-        "medmnist read ../shared/data; csv reads --data with --label (docs/data.md)",
+        choices=["breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca"],
+        help="breast-cancer is embedded (needs nothing beside the repo); heart-disease, "
+        "medmnist and tcga-brca (survival, six regions) read ../shared/data; csv reads --data "
+        "with --label (docs/data.md)",
     )
     p.add_argument(
         "--data", type=Path, help="data file or directory (default: the embedded or ../shared data)"
@@ -98,10 +100,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--site", help="site column, one hospital per value (csv)")
     p.add_argument(
+        "--positive",
+        metavar="VALUE",
+        help="the label value that means disease: e.g. 1_yes for an R factor (csv), or 0 for a "
+        "MedMNIST set whose 1 means benign (default: 1 / yes / true / positive)",
+    )
+    p.add_argument(
+        "--not-identifying",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="csv: a column that looks like a direct identifier but identifies no one "
+        "(repeatable); without it such columns are refused",
+    )
+    p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
     )
     p.add_argument(
-        "--model", choices=["logreg", "mlp", "cnn", "multimodal"], help="default: per dataset"
+        "--model",
+        choices=["logreg", "mlp", "cnn", "multimodal", "cox"],
+        help="default: per dataset",
     )
     p.add_argument(
         "--topology",
@@ -258,6 +276,10 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["site"] = args.site
     if args.reference is not None:
         kw["reference"] = str(args.reference.resolve())
+    if args.positive is not None:
+        kw["positive"] = args.positive
+    if args.not_identifying:
+        kw["not_identifying"] = tuple(args.not_identifying)
     return kw
 
 
@@ -334,6 +356,8 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"label": args.label} if args.label else {}),
                 **({"site": args.site} if args.site else {}),
                 **({"reference": str(args.reference.resolve())} if args.reference else {}),
+                **({"positive": args.positive} if args.positive is not None else {}),
+                **({"not_identifying": args.not_identifying} if args.not_identifying else {}),
             },
             "model": {"name": model},
             "training": {
@@ -475,29 +499,38 @@ def progress_line(nodes: list[NodeProcess], rounds: int, width: int | None = Non
     parts = []
     for n in nodes:
         s = n.status
-        auc = s.get("last_metrics", {}).get("auc")
+        metric, auc = headline(s.get("last_metrics", {}))
         eps = s.get("privacy", {}).get("epsilon_spent")
         done = "✓" if n.exit_code == 0 else ("✗" if n.exit_code not in (None, 0) else "")
         parts.append(
-            f"{n.name} r{s.get('round', 0)}/{rounds} auc={'-' if auc is None else f'{auc:.3f}'}"
+            f"{n.name} r{s.get('round', 0)}/{rounds} "
+            f"{metric}={'-' if auc is None else f'{auc:.3f}'}"
             f"{'' if eps is None else f' ε={eps:.2f}'}{done}"
         )
     line = " | ".join(parts)
     if len(line) <= width:
         return line
     reached = [n.status.get("round", 0) for n in nodes]
-    aucs = [a for n in nodes if (a := n.status.get("last_metrics", {}).get("auc")) is not None]
+    aucs = [a for n in nodes if (a := headline(n.status.get("last_metrics", {}))[1]) is not None]
     epsilons = [
         e for n in nodes if (e := n.status.get("privacy", {}).get("epsilon_spent")) is not None
     ]
     finished = sum(1 for n in nodes if n.exit_code is not None)
     summary = f"{len(nodes)} hospitals: round {min(reached)}-{max(reached)}/{rounds}"
     if aucs:
-        summary += f", auc {min(aucs):.3f}-{max(aucs):.3f}"
+        metric = headline(nodes[0].status.get("last_metrics", {}))[0]
+        summary += f", {metric} {min(aucs):.3f}-{max(aucs):.3f}"
     if epsilons:
         summary += f", ε ≤ {max(epsilons):.2f}"
     summary += f", {finished} finished"
     return summary[:width]
+
+
+def headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
+    """The one figure progress shows: ("c", C-index) for survival, else ("auc", AUC)."""
+    if "c_index" in metrics:
+        return "c", metrics["c_index"]
+    return "auc", metrics.get("auc")
 
 
 def live_progress(args: argparse.Namespace) -> Progress:
@@ -588,7 +621,7 @@ def build_report(
 ) -> dict[str, Any]:
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
-    from models.metrics import REPORTED_METRICS
+    from models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
     from node.report import FINISHED_PHASES, hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
@@ -603,6 +636,7 @@ def build_report(
                 "name": n.name,
                 "byzantine": n.byzantine,
                 **{k: m.get(k) for k in (*REPORTED_METRICS, "threshold")},
+                **{k: m[k] for k in (*SURVIVAL_METRICS, *UNCERTAINTY_METRICS) if k in m},
                 "n_train": data.get("n_train"),
                 "n_test": m.get("n", data.get("n_test")),
                 "n_test_positives": m.get("positives"),
@@ -630,6 +664,11 @@ def build_report(
                         k: h.get(k)
                         for k in ("round", "auc", "epsilon", "neighbour_distance", "seconds")
                     }
+                    | (
+                        {"c_index": h["metrics"].get("c_index")}
+                        if "c_index" in h.get("metrics", {})
+                        else {}
+                    )
                     for h in s.get("history", [])
                 ],
             }
@@ -637,6 +676,7 @@ def build_report(
         hospitals[-1]["warnings"] = hospital_warnings(hospitals[-1], args.rounds)
     honest = [h for h in hospitals if not h["byzantine"]]
     aucs = [h["auc"] for h in honest if h["auc"] is not None]
+    c_indices = [h["c_index"] for h in honest if h.get("c_index") is not None]
     failed = [h["name"] for h in honest if h["exit_code"] != 0 or h["rounds_completed"] == 0]
     # An honest node that stopped before its planned rounds for any reason but its budget.
     incomplete = [h["name"] for h in honest if h["phase"] not in FINISHED_PHASES]
@@ -647,6 +687,7 @@ def build_report(
     data_path = next((d["path"] for d in statuses if d.get("path")), None)
     return {
         "dataset": args.dataset,
+        "task": "survival" if any("c_index" in h for h in honest) else "classification",
         "data_path": data_path or (str(args.data) if args.data else None),
         "model": args.model or DEFAULT_MODEL[args.dataset],
         "nodes": len(nodes),
@@ -677,6 +718,7 @@ def build_report(
         "seconds": round(seconds, 2),
         "bytes_sent": sum(final_status(n).get("bytes_sent", 0) for n in nodes),
         "mean_auc": sum(aucs) / len(aucs) if aucs else None,
+        **({"mean_c_index": sum(c_indices) / len(c_indices)} if c_indices else {}),
         "failed": failed,
         "hospitals": hospitals,
     }
@@ -756,6 +798,7 @@ async def run(args: argparse.Namespace) -> int:
                 dataset_kwargs_for(args), model, {}, settings, rounds, args.seed, dp=dp
             )
             report["baselines"]["rounds"] = rounds
+            report["federation_margin"] = margin_over_local(report, dp is not None)
     if stop_requested.is_set():
         report["exit_code"] = 130
     elif report["failed"] or report["interrupted"]:
@@ -804,6 +847,17 @@ def run_warnings(args: argparse.Namespace, hospitals: list[dict[str, Any]]) -> l
     return warnings
 
 
+def margin_over_local(report: dict[str, Any], private: bool) -> dict[str, Any] | None:
+    """murmur's mean AUC margin over local-only training (at the same ε under DP), with and
+    without hospitals that have no local model (models/uncertainty.py)."""
+    from models.uncertainty import federation_margins
+
+    kind = "local_dp" if private and "local_dp" in report["baselines"] else "local"
+    honest = [h for h in report["hospitals"] if not h["byzantine"]]
+    margins = federation_margins(honest, report["baselines"][kind]["hospitals"])
+    return None if margins is None else {"against": kind, **margins}
+
+
 def want_baselines(args: argparse.Namespace) -> bool:
     """--baselines / --no-baselines, else on wherever they are cheap (not the CNN on images)."""
     return args.baselines if args.baselines is not None else args.dataset != "medmnist"
@@ -814,8 +868,15 @@ def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the network; a data set that cannot be loaded ends it with one line, exit 2."""
+    from models.data import DataError
+
     args = parse_args(argv)
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except DataError as error:
+        print(f"run_cluster: data error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

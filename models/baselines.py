@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from models.data import HospitalSplit, load_dataset
-from models.metrics import DP_DEFAULT_THRESHOLD, REPORTED_METRICS
+from models.metrics import (
+    DP_DEFAULT_THRESHOLD,
+    REPORTED_METRICS,
+    SURVIVAL_METRICS,
+    UNCERTAINTY_METRICS,
+)
 from models.nets import build_model
 from models.privacy import DPConfig, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, evaluate
@@ -63,6 +68,10 @@ def run_baselines(
         "local": local_baseline(splits, model_name, model_params, training, rounds, seed),
         "pooled": pooled_baseline(splits, model_name, model_params, training, rounds, seed),
     }
+    if splits[0].task == "classification":
+        from models.reference import reference_baseline  # imports scikit-learn
+
+        result["reference"] = reference_baseline(splits, seed)
     if dp is not None:
         # Trained as a DP node trains: on data scaled by the reference constants, never by
         # statistics of the training rows (docs/privacy.md, "What training computes from the
@@ -84,13 +93,36 @@ def local_baseline(
     dp: DPConfig | None = None,
 ) -> dict[str, Any]:
     """Each hospital trains its own model on its own training rows only (with DP-SGD at
-    `dp`'s budget when given, as its node would)."""
+    `dp`'s budget when given, as its node would).
+
+    A hospital whose training split holds one class has no local model: a classifier cannot
+    be fitted to one class, and an AUC from whatever the optimiser left (measured: 0.33 to
+    0.93 with the seed, Fed-Heart-Disease's Switzerland) would be noise. Its entry says so
+    (`no_model`) and carries no metrics."""
     entries = []
     for split in splits:
+        reason = no_local_model(split)
+        if reason is not None:
+            entries.append({"name": split.name, "auc": None, "no_model": reason})
+            continue
         model = build_model(model_name, split.input_shape, seed, **model_params)
         _train(model, split.x_train, split.y_train, training, rounds, dp)
         entries.append(_evaluate(model, split, len(split.y_train), private=dp is not None))
     return _baseline(entries)
+
+
+def no_local_model(split: HospitalSplit) -> str | None:
+    """Why `split` cannot have a local classifier (one class in its training rows), or None."""
+    if split.task != "classification":
+        return None
+    positives, n = int(split.y_train.sum()), len(split.y_train)
+    if 0 < positives < n:
+        return None
+    which = "positive" if positives else "negative"
+    return (
+        f"its training split has one class ({n} patients, all {which}): no local model can "
+        "be trained, so there is no local AUC to report"
+    )
 
 
 def pooled_baseline(
@@ -166,16 +198,19 @@ def _evaluate(
         split.y_test,
         DP_DEFAULT_THRESHOLD if private else None,
     )
-    return {
-        "name": split.name,
-        **{field: metrics[field] for field in REPORTED_METRICS},
-        "threshold": metrics["threshold"],
-        "n_train": int(n_train),
-        "n_test": len(split.y_test),
-    }
+    if split.task == "survival":
+        scores = {field: metrics[field] for field in SURVIVAL_METRICS}
+    else:
+        fields = (*REPORTED_METRICS, *UNCERTAINTY_METRICS, "threshold")
+        scores = {field: metrics[field] for field in fields}
+    return {"name": split.name, **scores, "n_train": int(n_train), "n_test": len(split.y_test)}
 
 
 def _baseline(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean AUC over the hospitals where it is defined (None if nowhere), as for the nodes."""
-    aucs = [e["auc"] for e in entries if e["auc"] is not None]
+    """Mean AUC (survival: mean C-index) over the hospitals where it is defined (None if
+    nowhere), as for the nodes."""
+    if entries and "c_index" in entries[0]:
+        values = [e["c_index"] for e in entries if e["c_index"] is not None]
+        return {"mean_c_index": float(np.mean(values)) if values else None, "hospitals": entries}
+    aucs = [e.get("auc") for e in entries if e.get("auc") is not None]
     return {"mean_auc": float(np.mean(aucs)) if aucs else None, "hospitals": entries}

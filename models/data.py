@@ -23,6 +23,8 @@ Datasets (`DATASETS`), all through `load_dataset(name, ...)`:
 - ``medmnist``: a MedMNIST ``.npz`` (PneumoniaMNIST by default) partitioned across N hospitals.
 - ``csv``: any CSV file with a label column and a site column, or a directory with one CSV per
   hospital.
+- ``tcga-brca``: FLamby's Fed-TCGA-BRCA, six real regions, survival labels (days, event)
+  (models/tcga.py, models/survival.py).
 
 docs/data.md lists the preprocessing, sizes and class balance of each.
 """
@@ -42,11 +44,19 @@ from pathlib import Path
 
 import numpy as np
 
+from models.identifiers import identifier_columns
 from models.splitting import train_test_rows
+from models.vocabulary import (
+    VocabularyError,
+    indicator_names,
+    one_hot,
+    parse_categories,
+    shared_vocabulary,
+)
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("breast-cancer", "heart-disease", "medmnist", "csv")
+DATASETS: tuple[str, ...] = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")
 PREPROCESSING: tuple[str, ...] = ("fitted", "reference")
 """fitted: scale and impute with the hospital's own training statistics. reference: with public
 constants only, so that no patient's features depend on another patient (required under DP)."""
@@ -57,6 +67,7 @@ _DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "dat
 _DEFAULT_PATHS = {
     "heart-disease": Path("heart_disease"),
     "medmnist": Path("medmnist") / "pneumoniamnist.npz",
+    "tcga-brca": Path("tcga_brca"),
 }
 
 # A simulated hospital never gets fewer rows than this (before its train/test split), so that
@@ -82,10 +93,8 @@ _HEART_NUMERIC = ("age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "
 _HEART_CATEGORIES = {"cp": (1.0, 2.0, 3.0, 4.0), "restecg": (0.0, 1.0, 2.0)}
 _HEART_ONE_HOT = {column: codes[1:] for column, codes in _HEART_CATEGORIES.items()}
 
-# CSV: categorical values are hashed into this many indicator columns per categorical column.
-# Hashing gives every hospital the same feature layout without anyone sharing a vocabulary.
-CATEGORY_BUCKETS = 16
-_MISSING_TOKENS = frozenset({"", "?", "na", "n/a", "nan", "null", "none"})
+# CSV: what reads as a missing value. "." is SAS's, Stata's and R's (haven) missing code.
+_MISSING_TOKENS = frozenset({"", "?", ".", "na", "n/a", "nan", "null", "none"})
 _LABEL_WORDS = {
     "0": 0, "1": 1, "false": 0, "true": 1, "no": 0, "yes": 1,
     "negative": 0, "positive": 1, "neg": 0, "pos": 1,
@@ -97,8 +106,8 @@ class DataError(ValueError):
 
 
 COLUMN_KINDS = ("numeric", "categorical")
-MISSING_CATEGORY = "<missing>"  # what a missing categorical value becomes when nothing says else
 REFERENCE_FIELDS = ("column", "kind", "center", "scale", "fill")
+REFERENCE_CATEGORIES = "categories"  # the agreed values of a categorical column: yes|no|former
 
 
 @dataclass(frozen=True)
@@ -106,15 +115,16 @@ class ColumnReference:
     """Public constants for one feature column: how it is read, scaled and imputed.
 
     A numeric value v becomes (v - center) / scale, a missing one `fill` (default: center,
-    i.e. 0 after scaling). A categorical value is hashed into indicator columns, a missing one
-    replaced by `fill` (default `MISSING_CATEGORY`). None of it is computed from patients, so
-    one patient's features never depend on another's.
+    i.e. 0 after scaling). A categorical value becomes one indicator per value of
+    `categories` (models/vocabulary.py), a missing one `fill` (default: no indicator). None of
+    it is computed from patients, so one patient's features never depend on another's.
     """
 
     kind: str
     center: float = 0.0
     scale: float = 1.0
     fill: str = ""
+    categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in COLUMN_KINDS:
@@ -128,15 +138,17 @@ class ColumnReference:
     def numeric_fill(self) -> float:
         return self.center if self.fill == "" else float(self.fill)
 
-    def category_fill(self) -> str:
-        return self.fill or MISSING_CATEGORY
+    def category_fill(self) -> str | None:
+        return self.fill or None
 
 
 @dataclass
 class HospitalSplit:
-    """One hospital's data: float32 features, float32 0/1 labels, already preprocessed.
+    """One hospital's data: float32 features, float32 labels, already preprocessed.
 
-    ``feature_names`` names the columns of a tabular ``x`` (empty for images).
+    Labels are 0/1 per patient (classification) or, for survival, two columns per patient,
+    (days, event) (`models.survival`). ``feature_names`` names the columns of a tabular
+    ``x`` (empty for images).
     """
 
     name: str
@@ -155,12 +167,19 @@ class HospitalSplit:
             (self.x_train, self.y_train, "train"),
             (self.x_test, self.y_test, "test"),
         ):
-            if y.ndim != 1 or len(x) != len(y):
+            if y.ndim not in (1, 2) or len(x) != len(y):
                 raise DataError(f"{self.name}: {part} has {len(x)} rows but labels {y.shape}")
-            if not np.isin(y, (0.0, 1.0)).all():
+            if y.ndim == 2:
+                _check_survival(self.name, part, y)
+            elif not np.isin(y, (0.0, 1.0)).all():
                 raise DataError(f"{self.name}: {part} labels must be 0 or 1")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(f"{self.name}: train and test rows have different shapes")
+
+    @property
+    def task(self) -> str:
+        """ "survival" when the labels are (days, event), else "classification"."""
+        return "survival" if self.y_train.ndim == 2 else "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -169,6 +188,14 @@ class HospitalSplit:
 
     def summary(self) -> dict[str, int | str]:
         """Sizes and class balance, for logs and docs (no patient-level data)."""
+        if self.task == "survival":
+            return {
+                "name": self.name,
+                "train": len(self.y_train),
+                "train_events": int(self.y_train[:, 1].sum()),
+                "test": len(self.y_test),
+                "test_events": int(self.y_test[:, 1].sum()),
+            }
         return {
             "name": self.name,
             "train": len(self.y_train),
@@ -176,6 +203,15 @@ class HospitalSplit:
             "test": len(self.y_test),
             "test_positives": int(self.y_test.sum()),
         }
+
+
+def _check_survival(name: str, part: str, y: np.ndarray) -> None:
+    from models.survival import check_survival_labels
+
+    try:
+        check_survival_labels(y, f"{part} labels")
+    except ValueError as error:
+        raise DataError(f"{name}: {error}") from None
 
 
 def load_dataset(
@@ -190,12 +226,18 @@ def load_dataset(
     test_fraction: float = 0.25,
     preprocessing: str = "fitted",
     reference: str | os.PathLike[str] | None = None,
+    positive: str | None = None,
+    not_identifying: tuple[str, ...] = (),
 ) -> list[HospitalSplit]:
     """Load ``name`` and return one `HospitalSplit` per hospital, deterministic given ``seed``.
 
     ``preprocessing`` is one of `PREPROCESSING`; "reference" (what DP needs) uses the built-in
     constants of breast-cancer and heart-disease, nothing for medmnist (whose scaling is a
     constant anyway), and for csv the ``reference`` file (`read_reference`).
+
+    tcga-brca (survival: labels are (days, event)) keeps FLamby's six regions and static
+    split and scales by public constants only, so it ignores the partition arguments and
+    ``preprocessing``.
 
     ``num_hospitals``, ``alpha`` (Dirichlet label skew; None = IID) and ``test_fraction`` apply
     to the simulated partitions (breast-cancer, medmnist). Datasets with real hospitals
@@ -212,9 +254,16 @@ def load_dataset(
         raise DataError(f"alpha must be > 0 (or None for an IID split), got {alpha!r}")
     if not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if positive is not None and name not in ("csv", "medmnist"):
+        raise DataError(
+            f"positive (which label value means disease) only applies to csv and medmnist; "
+            f"{name!r} defines its own labels: remove positive"
+        )
+    if not_identifying and name != "csv":
+        raise DataError(f"not_identifying only applies to dataset 'csv', not {name!r}")
     if name != "csv" and (label is not None or site is not None):
         raise DataError(f"label/site columns only apply to dataset 'csv', not {name!r}")
-    if alpha is not None and name in ("heart-disease", "csv"):
+    if alpha is not None and name in ("heart-disease", "csv", "tcga-brca"):
         raise DataError(
             f"{name!r} has real hospitals; alpha (label skew) only applies to "
             "simulated partitions (breast-cancer, medmnist): remove alpha"
@@ -235,9 +284,15 @@ def load_dataset(
         return load_heart_disease(
             path if path is not None else default_data_path(name), preprocessing=preprocessing
         )
+    if name == "tcga-brca":
+        from models.tcga import load_tcga_brca
+
+        return load_tcga_brca(path if path is not None else default_data_path(name))
     if name == "medmnist":
         npz = path if path is not None else default_data_path(name)
-        return load_medmnist(npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha)
+        return load_medmnist(
+            npz, num_hospitals=num_hospitals, seed=seed, alpha=alpha, positive=positive
+        )
     if path is None or label is None:
         raise DataError("dataset 'csv' needs path (a CSV file or a directory of CSVs) and label")
     if preprocessing == "reference" and reference is None:
@@ -247,7 +302,14 @@ def load_dataset(
         )
     columns = read_reference(reference) if preprocessing == "reference" else None
     return load_csv(
-        path, label=label, site=site, seed=seed, test_fraction=test_fraction, reference=columns
+        path,
+        label=label,
+        site=site,
+        seed=seed,
+        test_fraction=test_fraction,
+        reference=columns,
+        positive=positive,
+        not_identifying=tuple(not_identifying),
     )
 
 
@@ -649,8 +711,13 @@ def load_medmnist(
     num_hospitals: int = 4,
     seed: int = 0,
     alpha: float | None = None,
+    positive: str | None = None,
 ) -> list[HospitalSplit]:
     """A binary MedMNIST ``.npz`` split across hospitals: images in [0, 1], shape (N, C, H, W).
+
+    ``positive`` is the label code that means disease, "1" by default; give "0" for a set
+    whose 1 means benign or normal (BreastMNIST: 0 = malignant), so that sensitivity and PPV
+    describe the disease class.
 
     The official train images are partitioned into the hospitals' train rows and the official
     test images into their test rows, with the same Dirichlet draw for both so each hospital's
@@ -668,8 +735,12 @@ def load_medmnist(
     absent = [key for key in needed if key not in parts]
     if absent:
         raise DataError(f"{npz_path} lacks {', '.join(absent)}: not a MedMNIST file")
+    if positive not in (None, "0", "1"):
+        raise DataError(f"MedMNIST positive must be the label code 0 or 1, got {positive!r}")
     x_train, y_train = _medmnist_images(parts["train_images"]), _medmnist_labels(parts, "train")
     x_test, y_test = _medmnist_images(parts["test_images"]), _medmnist_labels(parts, "test")
+    if positive == "0":  # the set's 0 is the disease: make it murmur's class 1
+        y_train, y_test = 1.0 - y_train, 1.0 - y_test
     rng = np.random.default_rng(seed)
     shares = None if alpha is None else dirichlet_proportions(2, num_hospitals, alpha, rng)
     train_parts = split_across_hospitals(y_train, num_hospitals, rng, proportions=shares)
@@ -731,6 +802,8 @@ def load_csv(
     seed: int = 0,
     test_fraction: float = 0.25,
     reference: dict[str, ColumnReference] | None = None,
+    positive: str | None = None,
+    not_identifying: tuple[str, ...] = (),
 ) -> list[HospitalSplit]:
     """Hospitals from CSV: one file with a ``site`` column, or a directory of one CSV each.
 
@@ -738,12 +811,17 @@ def load_csv(
     layout does not depend on how each hospital ordered its columns. A column whose values all
     parse as numbers is numeric (missing -> the hospital's train median, then z-scored with
     its train mean and std); any other column is categorical (missing -> the hospital's train
-    mode, then hashed into `CATEGORY_BUCKETS` indicator columns, the same layout everywhere).
-    Everything fitted comes from that hospital's own training rows.
+    mode, then one indicator per value of the column's vocabulary: the values the loaded
+    sites use, the same layout everywhere, models/vocabulary.py). Everything fitted comes from
+    that hospital's own training rows. ``.``, blank, ``NA``, ``?`` and the like are missing.
+
+    ``positive`` names the label value that means disease (e.g. ``1_yes`` for an R factor);
+    every other value is 0. Columns that look like direct identifiers (models/identifiers.py)
+    are refused unless listed in ``not_identifying``.
 
     With a ``reference`` (`read_reference`; what DP needs) nothing is fitted or inferred: the
-    reference names every feature column with its kind, center, scale and fill, and each row
-    goes to train or test by itself (`row_split_positions`).
+    reference names every feature column with its kind, center, scale, fill and (categorical)
+    categories, and each row goes to train or test by itself (`row_split_positions`).
     """
     path = Path(path)
     if path.is_dir():
@@ -752,16 +830,22 @@ def load_csv(
                 f"{path} is a directory (one CSV per hospital): drop site=, "
                 "the file names are the hospitals"
             )
-        tables = _read_csv_directory(path, label)
+        tables = _read_csv_directory(path, label, positive)
     elif path.is_file():
         if site is None:
             raise DataError(
                 f"{path} is one CSV file: pass site=<column naming each row's "
                 "hospital>, or point path at a directory with one CSV per hospital"
             )
-        tables = _read_csv_with_site(path, label, site)
+        tables = _read_csv_with_site(path, label, site, positive)
     else:
         raise DataError(f"CSV path {path} does not exist")
+    _refuse_identifiers(path, tables, not_identifying)
+    if positive is not None and not any(t.y.any() for t in tables):
+        raise DataError(
+            f"positive value {positive!r} never appears in label column {label!r}; fix: "
+            "give the value that means disease exactly as the file writes it"
+        )
 
     if len({v for t in tables for v in np.unique(t.y)}) < 2:
         raise DataError(
@@ -775,6 +859,7 @@ def load_csv(
     else:
         _check_reference_columns(path, tables[0].columns, reference)
         kinds = {column: reference[column].kind for column in tables[0].columns}
+    vocabularies = _vocabularies(tables, kinds, reference)
     splits = []
     for table in tables:
         x, y = (
@@ -790,10 +875,11 @@ def load_csv(
                 table.name, table.cells, y, test_fraction=test_fraction, seed=seed
             )
         x_train, x_test, names = _encode_features(
-            x[train], x[test], table.columns, kinds, table.name, reference
+            x[train], x[test], table.columns, kinds, table.name, reference, vocabularies
         )
         split = HospitalSplit(table.name, x_train, y[train], x_test, y[test], names)
         _warn_missing_classes(split)
+        warn_small_site(split)
         splits.append(split)
     return splits
 
@@ -817,7 +903,8 @@ def _parse_number(file: Path, line_number: int, value: str) -> float:
     return number
 
 
-def _read_rows(file: Path) -> tuple[list[str], list[list[str]]]:
+def _read_rows(file: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows (cells stripped; blank rows skipped) and each row's line number."""
     lines = _csv_lines(file)
     if not lines:
         raise DataError(f"{file} is empty: it needs a header row and data rows")
@@ -825,14 +912,15 @@ def _read_rows(file: Path) -> tuple[list[str], list[list[str]]]:
     duplicated = sorted(h for h, n in Counter(header).items() if n > 1)
     if duplicated:
         raise DataError(f"{file}: duplicated column names {duplicated}")
-    rows = []
+    rows, numbers = [], []
     for line_number, row in lines[1:]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
             raise DataError(f"{file}:{line_number}: {len(row)} values for {len(header)} columns")
         rows.append([cell.strip() for cell in row])
-    return header, rows
+        numbers.append(line_number)
+    return header, rows, numbers
 
 
 def _require_columns(file: Path, header: list[str], wanted: dict[str, str]) -> None:
@@ -843,7 +931,18 @@ def _require_columns(file: Path, header: list[str], wanted: dict[str, str]) -> N
             )
 
 
-def _parse_labels(file: Path, column: str, values: list[str]) -> np.ndarray:
+def _parse_labels(
+    file: Path,
+    column: str,
+    values: list[str],
+    lines: list[int],
+    site: str,
+    positive: str | None = None,
+) -> np.ndarray:
+    """0/1 labels; a bad one is named by its line in the file (and its place in its site).
+    With ``positive``, that value is 1 and any other present value 0 (two values at most)."""
+    if positive is not None:
+        return _parse_positive(file, column, values, lines, site, positive)
     parsed = []
     for i, value in enumerate(values):
         key = value.lower()
@@ -857,16 +956,84 @@ def _parse_labels(file: Path, column: str, values: list[str]) -> np.ndarray:
         if number not in (0.0, 1.0):
             what = "missing" if key in _MISSING_TOKENS else f"{value!r}"
             raise DataError(
-                f"{file}: label column {column!r} is {what} in data row {i + 1}; "
-                "labels must be 0/1 (or yes/no, true/false, positive/negative): "
-                "recode or remove the row"
+                f"{file}:{lines[i]}: label column {column!r} is {what} (line {lines[i]} of the "
+                f"file, data row {i + 1} of site {site!r}); labels must be 0/1 (or yes/no, "
+                "true/false, positive/negative): recode or remove the row"
+                + (
+                    ""
+                    if key in _MISSING_TOKENS
+                    else ", or name the value that means disease (an R factor's 1_yes, say): "
+                    "--positive VALUE (data.positive)"
+                )
             )
         parsed.append(int(number))
     return np.asarray(parsed, dtype=np.float32)
 
 
-def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
-    header, rows = _read_rows(file)
+def _parse_positive(
+    file: Path, column: str, values: list[str], lines: list[int], site: str, positive: str
+) -> np.ndarray:
+    for i, value in enumerate(values):
+        if _is_missing(value):
+            raise DataError(
+                f"{file}:{lines[i]}: label column {column!r} is missing (line {lines[i]} of the "
+                f"file, data row {i + 1} of site {site!r}): recode or remove the row"
+            )
+    distinct = sorted(set(values))
+    if len(distinct) > 2:
+        raise DataError(
+            f"{file}: label column {column!r} has {len(distinct)} values at site {site!r} "
+            f"({', '.join(distinct[:5])}); murmur's models are binary: recode it to two values"
+        )
+    return np.asarray([value == positive for value in values], dtype=np.float32)
+
+
+def _refuse_identifiers(
+    path: Path, tables: list[_CsvTable], not_identifying: tuple[str, ...]
+) -> None:
+    """Refuse to train on columns that look like direct identifiers (models/identifiers.py)."""
+    rows = [row for table in tables for row in table.cells]
+    found = identifier_columns(tables[0].columns, rows, not_identifying)
+    if not found:
+        return
+    column, reason = next(iter(found.items()))
+    others = sorted(found)[1:] if len(found) > 1 else []
+    raise DataError(
+        f"{path}: column {column!r} looks like a direct identifier ({reason}); a model must "
+        "not train on identifiers (HIPAA Safe Harbor). Fix: remove the column, or, if it "
+        f"identifies no one, declare it: data.not_identifying = [{column!r}] "
+        f"(run_cluster.py --not-identifying {column})"
+        + (f"; also flagged: {', '.join(others)}" if others else "")
+    )
+
+
+SMALL_TEST_SPLIT = 10
+"""Fewer test patients than this (or a test split with one class) and a site's metrics
+describe a handful of patients, not the model: the loader says so."""
+
+
+def warn_small_site(split: HospitalSplit) -> str | None:
+    """Log (and return) a warning when a site's test split is too small to mean anything."""
+    n = len(split.y_test)
+    positives = int(split.y_test.sum())
+    if n >= SMALL_TEST_SPLIT and 0 < positives < n:
+        return None
+    message = (
+        f"hospital {split.name!r} is too small to split well: {len(split.y_train)} training "
+        f"patients ({int(split.y_train.sum())} positive) and {n} test patient(s) ({positives} "
+        f"positive). Its test metrics describe those {n} patient(s), not the model: AUC is "
+        "undefined without both classes, and accuracy, sensitivity and specificity move by "
+        f"{1 / n:.0%} per patient. Read the federation's result at the other sites, or add "
+        "patients"
+    )
+    log.warning(message)
+    return message
+
+
+def _read_csv_with_site(
+    file: Path, label: str, site: str, positive: str | None = None
+) -> list[_CsvTable]:
+    header, rows, numbers = _read_rows(file)
     _require_columns(file, header, {"label": label, "site": site})
     if label == site:
         raise DataError(f"{file}: label and site must be different columns, both are {label!r}")
@@ -874,31 +1041,35 @@ def _read_csv_with_site(file: Path, label: str, site: str) -> list[_CsvTable]:
     features = tuple(sorted(h for h in header if h not in (label, site)))
     keep = [header.index(h) for h in features]
     by_site: dict[str, list[list[str]]] = {}
-    for i, row in enumerate(rows):
+    lines_of: dict[str, list[int]] = {}
+    for row, line in zip(rows, numbers, strict=True):
         if row[site_at].lower() in _MISSING_TOKENS:
             raise DataError(
-                f"{file}: data row {i + 1} has no value in site column {site!r}; "
-                "every row must name its hospital"
+                f"{file}:{line}: no value in site column {site!r}; every row must name its hospital"
             )
         by_site.setdefault(row[site_at], []).append(row)
+        lines_of.setdefault(row[site_at], []).append(line)
     if not by_site:
         raise DataError(f"{file} has a header but no data rows")
     tables = []
     for name in sorted(by_site):
         site_rows = by_site[name]
-        y = _parse_labels(file, label, [r[label_at] for r in site_rows])
+        labels = [r[label_at] for r in site_rows]
+        y = _parse_labels(file, label, labels, lines_of[name], name, positive)
         tables.append(_CsvTable(name, features, [[r[j] for j in keep] for r in site_rows], y))
     return tables
 
 
-def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
+def _read_csv_directory(
+    directory: Path, label: str, positive: str | None = None
+) -> list[_CsvTable]:
     files = sorted(directory.glob("*.csv"))
     if not files:
         raise DataError(f"{directory} has no *.csv files (one per hospital expected)")
     tables: list[_CsvTable] = []
     features: tuple[str, ...] = ()
     for file in files:
-        header, rows = _read_rows(file)
+        header, rows, numbers = _read_rows(file)
         _require_columns(file, header, {"label": label})
         if not rows:
             raise DataError(
@@ -914,7 +1085,8 @@ def _read_csv_directory(directory: Path, label: str) -> list[_CsvTable]:
                 f"{sorted(set(these) - set(features))}"
             )
         keep = [header.index(h) for h in features]
-        y = _parse_labels(file, label, [r[header.index(label)] for r in rows])
+        labels = [r[header.index(label)] for r in rows]
+        y = _parse_labels(file, label, labels, numbers, file.stem, positive)
         tables.append(_CsvTable(file.stem, features, [[r[j] for j in keep] for r in rows], y))
     return tables
 
@@ -954,10 +1126,27 @@ def _column_kinds(tables: list[_CsvTable]) -> dict[str, str]:
     return kinds
 
 
-def category_bucket(column: str, value: str) -> int:
-    """The indicator column a categorical value lands in (stable across machines and runs)."""
-    digest = hashlib.blake2b(f"{column}\x00{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % CATEGORY_BUCKETS
+def _vocabularies(
+    tables: list[_CsvTable], kinds: dict[str, str], reference: dict[str, ColumnReference] | None
+) -> dict[str, tuple[str, ...]]:
+    """Each categorical column's agreed values: the reference's categories, else the sorted
+    values the loaded sites use (the schema, shared like the kinds; models/vocabulary.py)."""
+    vocabularies = {}
+    for j, column in enumerate(tables[0].columns):
+        if kinds[column] != "categorical":
+            continue
+        if reference is not None:
+            if not reference[column].categories:
+                raise DataError(
+                    f"the reference lists no categories for categorical column {column!r}; "
+                    f"fix: add a {REFERENCE_CATEGORIES!r} column to the reference file with "
+                    "its values, e.g. yes|no (docs/data.md)"
+                )
+            vocabularies[column] = reference[column].categories
+        else:
+            seen = [{row[j] for row in t.cells if not _is_missing(row[j])} for t in tables]
+            vocabularies[column] = shared_vocabulary(seen)
+    return vocabularies
 
 
 def _encode_features(
@@ -967,9 +1156,13 @@ def _encode_features(
     kinds: dict[str, str],
     hospital: str,
     reference: dict[str, ColumnReference] | None = None,
+    vocabularies: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Impute, scale and one-hot one hospital's features: fitted on its own train rows only,
-    or, given a reference, with its constants only (then each row depends on itself alone)."""
+    or, given a reference, with its constants only (then each row depends on itself alone).
+
+    ``vocabularies`` are the agreed categories per categorical column (`_vocabularies`);
+    without them, the reference's categories, else the values in these rows."""
     train_blocks, test_blocks, names = [], [], []
     for j, column in enumerate(columns):
         if kinds[column] == "numeric":
@@ -995,12 +1188,18 @@ def _encode_features(
         else:
             observed = [v for v in train[:, j] if not _is_missing(v)]
             if reference is None:
-                fill = _most_common(observed) if observed else MISSING_CATEGORY
+                fill = _most_common(observed) if observed else None
             else:
                 fill = reference[column].category_fill()
-            _warn_bucket_collisions(hospital, column, set(observed))
-            a, b = (_one_hot_buckets(column, part[:, j], fill) for part in (train, test))
-            names.extend(f"{column}#{k}" for k in range(CATEGORY_BUCKETS))
+            vocabulary = _vocabulary_for(column, train[:, j], test[:, j], reference, vocabularies)
+            try:
+                a, b = (
+                    one_hot(column, part[:, j], vocabulary, fill, _is_missing, hospital)
+                    for part in (train, test)
+                )
+            except VocabularyError as error:
+                raise DataError(str(error)) from None
+            names.extend(indicator_names(column, vocabulary))
         train_blocks.append(a)
         test_blocks.append(b)
     return (
@@ -1008,6 +1207,20 @@ def _encode_features(
         np.hstack(test_blocks).astype(np.float32),
         tuple(names),
     )
+
+
+def _vocabulary_for(
+    column: str,
+    train: np.ndarray,
+    test: np.ndarray,
+    reference: dict[str, ColumnReference] | None,
+    vocabularies: dict[str, tuple[str, ...]] | None,
+) -> tuple[str, ...]:
+    if vocabularies is not None:
+        return vocabularies[column]
+    if reference is not None and reference[column].categories:
+        return reference[column].categories
+    return shared_vocabulary([{v for v in (*train, *test) if not _is_missing(v)}])
 
 
 def _cell_number(hospital: str, column: str, value: str) -> float:
@@ -1029,8 +1242,10 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
     ``column,kind,center,scale,fill`` (`ColumnReference`).
 
     kind is numeric or categorical. A numeric row needs center and scale (> 0); its fill is
-    empty (use center) or a number. A categorical row leaves center and scale empty; its fill
-    is the category for a missing value (empty: `MISSING_CATEGORY`). The constants must come
+    empty (use center) or a number. A categorical row leaves center and scale empty, lists its
+    agreed values in the ``categories`` column (``yes|no|former``; needed for every
+    categorical column) and its fill is the category for a missing value (empty: no
+    indicator set). The constants must come
     from a public source (guidelines, literature, a consortium's published data dictionary),
     never from the patients the node trains on: then they are the same with or without any
     one patient, which DP needs.
@@ -1038,13 +1253,14 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"reference file {file} not found (columns {','.join(REFERENCE_FIELDS)})")
-    header, rows = _read_rows(file)
-    if sorted(header) != sorted(REFERENCE_FIELDS):
+    header, rows, _ = _read_rows(file)
+    if sorted(set(header) - {REFERENCE_CATEGORIES}) != sorted(REFERENCE_FIELDS):
         raise DataError(
-            f"{file}: a reference file has exactly the columns {','.join(REFERENCE_FIELDS)}; "
-            f"it has {','.join(header)}"
+            f"{file}: a reference file has exactly the columns {','.join(REFERENCE_FIELDS)} "
+            f"(and {REFERENCE_CATEGORIES} for categorical columns); it has {','.join(header)}"
         )
     at = {name: header.index(name) for name in REFERENCE_FIELDS}
+    cats_given = REFERENCE_CATEGORIES in header
     columns: dict[str, ColumnReference] = {}
     for i, row in enumerate(rows, start=2):
         column, kind = row[at["column"]], row[at["kind"]].lower()
@@ -1062,10 +1278,14 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, ColumnReference]:
             elif kind == "categorical":
                 if center or scale:
                     raise DataError("a categorical column has no center or scale: leave them empty")
-                entry = ColumnReference(kind, fill=fill)
+                text = row[header.index(REFERENCE_CATEGORIES)] if cats_given else ""
+                categories = parse_categories(text, column)
+                if fill and categories and fill not in categories:
+                    raise DataError(f"fill {fill!r} is not one of its categories {categories}")
+                entry = ColumnReference(kind, fill=fill, categories=categories)
             else:
                 raise DataError(f"kind {kind!r}: use numeric or categorical")
-        except DataError as error:
+        except (DataError, VocabularyError) as error:
             raise DataError(f"{where}: {error}") from None
         columns[column] = entry
     if not columns:
@@ -1099,23 +1319,3 @@ def _most_common(values: list[str]) -> str:
     """The train mode; ties go to the alphabetically first value so the result is stable."""
     counts = Counter(values)
     return min(counts, key=lambda value: (-counts[value], value))
-
-
-def _one_hot_buckets(column: str, values: np.ndarray, fill: str) -> np.ndarray:
-    out = np.zeros((len(values), CATEGORY_BUCKETS), dtype=np.float32)
-    for i, value in enumerate(values):
-        out[i, category_bucket(column, fill if _is_missing(value) else value)] = 1.0
-    return out
-
-
-def _warn_bucket_collisions(hospital: str, column: str, values: set[str]) -> None:
-    buckets: dict[int, list[str]] = {}
-    for value in sorted(values):
-        buckets.setdefault(category_bucket(column, value), []).append(value)
-    for shared in (v for v in buckets.values() if len(v) > 1):
-        log.warning(
-            "hospital %s: column %r values %s share one hashed indicator column",
-            hospital,
-            column,
-            shared,
-        )

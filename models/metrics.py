@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.uncertainty import calibration, delong_interval, delong_variance
+
 MetricValue = float | int | None
 
 
@@ -31,6 +33,13 @@ REPORTED_METRICS: tuple[str, ...] = (
     "majority_accuracy",
 )
 
+UNCERTAINTY_METRICS: tuple[str, ...] = ("auc_low", "auc_high", "auc_se", "ece", "reliability")
+"""95% DeLong interval and standard error of the AUC, expected calibration error, and the
+reliability diagram's bins (models/uncertainty.py)."""
+
+SURVIVAL_METRICS: tuple[str, ...] = ("c_index", "c_index_low", "c_index_high", "events")
+"""What a survival node reports instead (models/survival.py `survival_metrics`)."""
+
 
 def clinical_metrics(
     y_true: np.ndarray,
@@ -49,7 +58,7 @@ def clinical_metrics(
     bound, so the comparison is conservative). Ties go to class 1.
 
     Keys: n, positives, threshold, auc, sensitivity, specificity, ppv, npv, brier, accuracy,
-    majority_class, majority_accuracy.
+    majority_class, majority_accuracy, and `UNCERTAINTY_METRICS`.
     """
     y, p = _check_inputs(y_true, y_prob, threshold)
     predicted = p >= threshold
@@ -73,6 +82,20 @@ def clinical_metrics(
         "accuracy": (tp + tn) / len(y),
         "majority_class": majority,
         "majority_accuracy": float(np.mean(y == majority)),
+        **_uncertainty(y, p),
+    }
+
+
+def _uncertainty(y: np.ndarray, p: np.ndarray) -> dict[str, object]:
+    """The AUC's 95% DeLong interval and SE, the ECE and the reliability bins."""
+    interval, variance = delong_interval(y, p), delong_variance(y, p)
+    calibrated = calibration(y, p)
+    return {
+        "auc_low": interval[0] if interval else None,
+        "auc_high": interval[1] if interval else None,
+        "auc_se": float(np.sqrt(variance[1])) if variance else None,
+        "ece": calibrated["ece"],
+        "reliability": calibrated["bins"],
     }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-MODEL_NAMES: tuple[str, ...] = ("logreg", "mlp", "cnn", "multimodal")
+MODEL_NAMES: tuple[str, ...] = ("logreg", "mlp", "cnn", "multimodal", "cox")
 
 
 class LogisticRegression(nn.Module):
@@ -26,6 +26,20 @@ class LogisticRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1)).squeeze(-1)
+
+
+class CoxRegression(LogisticRegression):
+    """A linear Cox model (FLamby Fed-TCGA-BRCA's ``nn.Linear(39, 1)``): the output is the
+    log relative hazard. The bias cancels out of the partial likelihood (its gradient there
+    is 0); under DP's exponential likelihood it is the log baseline hazard (models/survival.py).
+
+    It starts from the null model, beta = 0 (as Newton fits of the Cox model do): a random
+    start is a random risk score, which a few noisy DP steps would not wash out."""
+
+    def __init__(self, input_shape: Sequence[int]) -> None:
+        super().__init__(input_shape)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
 
 class MLP(nn.Module):
@@ -164,9 +178,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
     "multimodal": MultimodalNet,
+    "cox": CoxRegression,
 }
 _PARAMETERS: dict[str, tuple[str, ...]] = {
     "logreg": (),
+    "cox": (),
     "mlp": ("hidden",),
     "cnn": ("hidden",),
     "multimodal": ("clinical_features", "image_embedding", "clinical_embedding", "fusion_hidden"),

@@ -447,8 +447,9 @@ def private_generator() -> torch.Generator:
 # --------------------------------------------------------------------------- DP-SGD
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(logits (B,), labels (B,)) -> one loss per sample (B,). Sample i's loss may depend on
-sample i only (no batch statistics), or per-sample clipping would not bound its influence."""
+"""(logits (B,), labels (B,), or (B, 2) for survival) -> one loss per sample (B,). Sample i's
+loss may depend on sample i only (no batch statistics), or per-sample clipping would not bound
+its influence."""
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -569,7 +570,7 @@ class DPSGDGradient:
 
             def one_sample(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
                 logits = functional_call(model, params, (xi.unsqueeze(0),)).reshape(1)
-                loss = loss_fn(logits, yi.reshape(1)).sum()
+                loss = loss_fn(logits, yi.unsqueeze(0)).sum()  # yi: a label, or (time, event)
                 return loss, loss.detach()
 
             self._vmapped = vmap(

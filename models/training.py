@@ -28,6 +28,14 @@ from torch.optim.sgd import sgd as sgd_update
 
 from models import privacy
 from models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
+from models.survival import (
+    SURVIVAL_LOSSES,
+    check_survival_labels,
+    is_survival_labels,
+    make_survival_loss,
+    predict_risk,
+    survival_metrics,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("bce", "focal")
@@ -52,6 +60,7 @@ class TrainingSettings:
     # so allowed under DP. Needs class_weighting "auto".
     class_weights: tuple[float, float] | None = None
     fedprox_mu: float = 0.0  # FedProx proximal term (mu / 2) ||w - w_ref||^2; 0 turns it off
+    survival_loss: str = "auto"  # survival labels only: models/survival.py SURVIVAL_LOSSES
     seed: int = 0  # batch sampling without DP (DP draws from privacy.private_generator())
 
     def __post_init__(self) -> None:
@@ -71,6 +80,10 @@ class TrainingSettings:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if not (math.isfinite(self.fedprox_mu) and self.fedprox_mu >= 0):
             raise ValueError(f"fedprox_mu must be a finite number >= 0, got {self.fedprox_mu}")
+        if self.survival_loss not in SURVIVAL_LOSSES:
+            raise ValueError(
+                f"unknown survival_loss {self.survival_loss!r}: use one of {SURVIVAL_LOSSES}"
+            )
         if self.class_weighting not in CLASS_WEIGHTING:
             raise ValueError(
                 f"unknown class_weighting {self.class_weighting!r}: use one of {CLASS_WEIGHTING}"
@@ -159,6 +172,8 @@ def make_loss(
     `private` says whether the loss is for DP-SGD. Each sample's loss depends on its own logit
     and label only, so per-sample clipping bounds each patient's influence.
     """
+    if is_survival_labels(y_train):
+        return make_survival_loss(settings.survival_loss, private=private)
     weight_neg, weight_pos = loss_weights(settings, y_train, private=private)
     focal, gamma = settings.loss == "focal", settings.focal_gamma
 
@@ -432,6 +447,8 @@ def evaluate(
     """
     from models.metrics import clinical_metrics  # metrics imports no torch; kept local
 
+    if is_survival_labels(y_test):  # survival: Harrell's C of the risk score, no threshold
+        return survival_metrics(y_test, predict_risk(model, x_test))
     threshold = fixed_threshold
     if threshold is None:
         threshold = choose_threshold(y_train, predict_proba(model, x_train))
@@ -481,14 +498,18 @@ def _as_training_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     ys = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    xs, ys = xs.detach().to(torch.float32), ys.detach().to(torch.float32).reshape(-1)
+    survival = is_survival_labels(ys)
+    xs, ys = xs.detach().to(torch.float32), ys.detach().to(torch.float32)
+    ys = ys if survival else ys.reshape(-1)
     if len(xs) == 0:
         raise ValueError("no training rows: a hospital needs at least one patient to train")
     if len(xs) != len(ys):
         raise ValueError(f"{len(xs)} training rows but {len(ys)} labels")
     if not torch.isfinite(xs).all():
         raise ValueError("training features contain NaN or infinite values; impute them first")
-    if not ((ys == 0) | (ys == 1)).all():
+    if survival:
+        check_survival_labels(ys, "training labels")
+    elif not ((ys == 0) | (ys == 1)).all():
         raise ValueError("training labels must be 0 or 1")
     return xs, ys
 

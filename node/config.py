@@ -25,6 +25,9 @@ from models.metrics import DP_DEFAULT_THRESHOLD
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
 PREPROCESSING = ("auto", "fitted", "reference")
+DATASETS = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")  # models.data
+MODEL_NAMES = ("logreg", "mlp", "cnn", "multimodal", "cox")  # models.nets
+SURVIVAL_LOSSES = ("auto", "cox", "exponential")  # models.survival
 
 
 class ConfigError(ValueError):
@@ -201,6 +204,11 @@ class DataSection:
     # without DP, reference under DP, where fitted statistics are refused (docs/privacy.md).
     preprocessing: str = "auto"
     reference: Path | None = None  # csv only: column,kind,center,scale,fill (docs/data.md)
+    # The label value that means disease: an R factor's "1_yes" (csv), or "0" for a MedMNIST
+    # set whose 1 means benign. Default: 1 / yes / true / positive.
+    positive: str | None = None
+    # csv columns that look like identifiers (models/identifiers.py) but identify no one.
+    not_identifying: list[str] = field(default_factory=list)
 
     def resolved_preprocessing(self, private: bool) -> str:
         """ "fitted" or "reference": what "auto" means with or without DP."""
@@ -209,7 +217,7 @@ class DataSection:
         return self.preprocessing
 
     def validate(self) -> None:
-        known = ("breast-cancer", "heart-disease", "medmnist", "csv")
+        known = DATASETS
         _require(
             self.dataset in known,
             "data.dataset",
@@ -250,6 +258,25 @@ class DataSection:
             f"unknown preprocessing {self.preprocessing!r}",
             f"use one of {', '.join(PREPROCESSING)}",
         )
+        if self.positive is not None:
+            _require(
+                self.dataset in ("csv", "medmnist"),
+                "data.positive",
+                f"only applies to csv and medmnist ({self.dataset!r} defines its own labels)",
+                "remove positive",
+            )
+            _require(
+                self.dataset != "medmnist" or self.positive in ("0", "1"),
+                "data.positive",
+                'must be the MedMNIST label code "0" or "1"',
+                'positive = "0"',
+            )
+        _require(
+            not self.not_identifying or self.dataset == "csv",
+            "data.not_identifying",
+            f"only applies to dataset = 'csv', not {self.dataset!r}",
+            "remove not_identifying",
+        )
         if self.reference is not None:
             _require(
                 self.dataset == "csv",
@@ -272,7 +299,7 @@ class ModelSection:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
 
     def validate(self) -> None:
-        known = ("logreg", "mlp", "cnn", "multimodal")
+        known = MODEL_NAMES
         _require(
             self.name in known,
             "model.name",
@@ -302,6 +329,9 @@ class TrainingSection:
     class_weighting: str | bool = "auto"
     class_weights: list[float] | None = None  # fixed [w_neg, w_pos]: data-independent, DP-safe
     fedprox_mu: float = 0.0
+    # Survival data only: "auto" (Cox partial likelihood without DP, the per-patient
+    # exponential likelihood under DP), "cox" (refused under DP) or "exponential".
+    survival_loss: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -330,6 +360,12 @@ class TrainingSection:
             self.loss in ("bce", "focal"), "training.loss", "unknown loss", 'use "bce" or "focal"'
         )
         _require(self.fedprox_mu >= 0, "training.fedprox_mu", "must be >= 0", "fedprox_mu = 0.01")
+        _require(
+            self.survival_loss in SURVIVAL_LOSSES,
+            "training.survival_loss",
+            f"unknown survival loss {self.survival_loss!r}",
+            f"use one of {', '.join(SURVIVAL_LOSSES)}",
+        )
         _require(
             self.class_weighting in CLASS_WEIGHTING,
             "training.class_weighting",
@@ -650,6 +686,14 @@ class NodeConfig:
             "DP-SGD's sensitivity does not cover",
             'omit it ("auto": no weighting under DP), or fix the weights from a published '
             "prevalence: class_weights = [w_neg, w_pos], or set privacy.enabled = false",
+        )
+        _require(
+            self.training.survival_loss != "cox",
+            "training.survival_loss",
+            '= "cox" (the partial likelihood) puts every patient in other patients\' risk '
+            "sets, which DP-SGD's per-patient clipping does not cover",
+            'omit it ("auto": the per-patient exponential likelihood under DP), or set '
+            "privacy.enabled = false",
         )
         _require(
             self.data.preprocessing != "fitted",

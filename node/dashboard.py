@@ -70,7 +70,7 @@ _SCRIPT = r"""
 const NS="http://www.w3.org/2000/svg";
 const WORDS=JSON.parse(document.getElementById("words").textContent);
 const PALETTE=["#1f77b4","#d62728","#2ca02c","#9467bd","#ff7f0e","#8c564b","#e377c2","#17becf","#7f7f7f","#bcbd22"];
-const RATES=new Set(["auc","sensitivity","specificity","ppv","npv","brier","accuracy","majority_accuracy","threshold"]);
+const RATES=new Set(["auc","sensitivity","specificity","ppv","npv","brier","accuracy","majority_accuracy","threshold","auc_low","auc_high","auc_se","ece","c_index","c_index_low","c_index_high"]);
 const m=location.hash.match(/token=([^&]+)/);
 if(m){sessionStorage.setItem("murmur_token",decodeURIComponent(m[1]));history.replaceState(null,"",location.pathname)}
 const token=sessionStorage.getItem("murmur_token");
@@ -201,7 +201,7 @@ function showRejected(st){
   table("rejected",[["reason","l"],["meaning","l"],["count"],["per round"],["per minute, recent"]],rows,"none so far");
 }
 function showMetrics(st){
-  table("metrics",[["metric","l"],["value"]],Object.entries(st.last_metrics||{}).map(([k,v])=>({cells:[k,metric(k,v)]})),"no evaluation yet");
+  table("metrics",[["metric","l"],["value"]],Object.entries(st.last_metrics||{}).filter(([k,v])=>v===null||typeof v!=="object").map(([k,v])=>({cells:[k,metric(k,v)]})),"no evaluation yet");
 }
 function showAudit(r){
   const loud=new Set(["quarantine","equivocation_proof","rollback_detected","startup_refused","adversary_mode","peer_down"]);

@@ -186,6 +186,7 @@ class HospitalNode:
             class_weighting=str(config.training.class_weighting),
             class_weights=_pair(config.training.class_weights),
             fedprox_mu=config.training.fedprox_mu,
+            survival_loss=config.training.survival_loss,
             seed=config.training.seed + _stable_int(config.node.name),
         )
         self.trainer = LocalTrainer(self.model, self.data.x_train, self.data.y_train, settings)
@@ -302,6 +303,8 @@ class HospitalNode:
             test_fraction=d.test_fraction,
             preprocessing=d.resolved_preprocessing(self.config.privacy.enabled),
             reference=d.reference,
+            positive=d.positive,
+            not_identifying=tuple(d.not_identifying),
         )
         names = [s.name for s in splits]
         if d.hospital in names:

@@ -23,6 +23,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from node.report_sections import (
+    RELIABILITY_PLOT,
+    baseline_cell,
+    is_survival,
+    margin_text,
+    plot_reliability,
+    survival_section,
+    survival_summary_lines,
+    survival_warnings,
+    uncertainty_section,
+)
+
 UNDEFINED = "undefined"
 
 AUC_PLOT = "auc.png"
@@ -56,6 +68,8 @@ _MIN_TEST_PATIENTS = 30
 FINISHED_PHASES = ("done", "budget_exhausted")
 """A node's last phase when it stopped by itself: every round trained, or no budget left."""
 _MIN_TEST_CLASS = 5
+MIN_CASES_PER_CLASS = 10
+"""Fewer test cases of a class than this and the AUC is not informative (issue #24)."""
 
 
 def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> list[str]:
@@ -82,6 +96,14 @@ def hospital_warnings(hospital: dict[str, Any], planned_rounds: int | None) -> l
                 f"{n_test - positives} negative; its AUC, sensitivity and specificity can move "
                 "by tenths with one patient"
             )
+        elif smaller < MIN_CASES_PER_CLASS:
+            which = "positive" if positives <= n_test - positives else "negative"
+            warnings.append(
+                f"only {smaller} {which} patients in the test split (fewer than "
+                f"{MIN_CASES_PER_CLASS}): its AUC is not informative; read it with its 95% "
+                "interval"
+            )
+    warnings += survival_warnings(hospital)
     completed, phase = hospital.get("rounds_completed"), hospital.get("phase")
     if isinstance(planned_rounds, int) and isinstance(completed, int):
         if phase is not None and phase not in FINISHED_PHASES:
@@ -166,7 +188,7 @@ def _check_report(report: Any) -> list[dict[str, Any]]:
 def _baseline_mean(report: dict[str, Any], kind: str) -> float | None:
     baselines = report.get("baselines") or {}
     entry = baselines.get(kind) or {}
-    value = entry.get("mean_auc")
+    value = entry.get("mean_c_index" if is_survival(report) else "mean_auc")
     return None if value is None else float(value)
 
 
@@ -208,22 +230,25 @@ def _plot_hospital_lines(ax: Any, series: list[tuple[dict[str, Any], list, list]
 
 
 def _plot_auc(report: dict[str, Any], hospitals: list[dict[str, Any]], path: Path) -> bool:
-    """AUC per round per hospital, honest solid and Byzantine dashed, with baseline lines."""
-    series = [(h, *_rounds_and(h.get("history", []), "auc")) for h in hospitals]
+    """AUC (survival: C-index) per round per hospital, honest solid and Byzantine dashed,
+    with baseline lines."""
+    field, name = ("c_index", "C-index") if is_survival(report) else ("auc", "AUC")
+    series = [(h, *_rounds_and(h.get("history", []), field)) for h in hospitals]
     if not any(_has_finite(values) for _, _, values in series):
         return False
     figure = _new_figure()
     ax = figure.add_subplot()
     _plot_hospital_lines(ax, series)
     colours = {"local": "tab:gray", "pooled": "black", "local_dp": "tab:orange"}
+    colours["reference"] = "tab:green"
     colours["pooled_dp"] = "tab:brown"
     for kind, title in _BASELINE_KINDS:
         mean = _baseline_mean(report, kind)
         if mean is not None:
-            ax.axhline(mean, color=colours[kind], linestyle=":", label=f"{title}: mean AUC")
+            ax.axhline(mean, color=colours[kind], linestyle=":", label=f"{title}: mean {name}")
     ax.set_xlabel("round")
-    ax.set_ylabel("test AUC")
-    ax.set_title("Held-out AUC per round")
+    ax.set_ylabel(f"test {name}")
+    ax.set_title(f"Held-out {name} per round")
     _legend(ax)
     _save(figure, path)
     return True
@@ -423,14 +448,19 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
         ("seed", report.get("seed")),
         ("seconds", report.get("seconds")),
         ("bytes sent", report.get("bytes_sent")),
-        ("mean AUC (honest nodes)", report.get("mean_auc")),
     ]
+    name = "C-index" if is_survival(report) else "AUC"
+    rows.append((f"mean {name} (honest nodes)", report.get(_mean_field(report))))
     for kind, title in _BASELINE_KINDS:
         if (report.get("baselines") or {}).get(kind):
-            rows.append((f"baseline mean AUC, {title}", _baseline_mean(report, kind)))
+            rows.append((f"baseline mean {name}, {title}", _baseline_mean(report, kind)))
     failed = report.get("failed") or []
     rows.append(("failed nodes", ", ".join(failed) if failed else "none"))
     return rows
+
+
+def _mean_field(report: dict[str, Any]) -> str:
+    return "mean_c_index" if is_survival(report) else "mean_auc"
 
 
 def _run_state_text(report: dict[str, Any]) -> str:
@@ -462,12 +492,13 @@ _BASELINE_KINDS: tuple[tuple[str, str], ...] = (
     ("pooled_dp", "pooled, DP"),
     ("local", "local only, no DP"),
     ("pooled", "pooled, no DP"),
+    ("reference", "tuned L2 logistic regression, pooled, no DP"),
 )
 
 
 def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> str:
     baselines = report.get("baselines")
-    if not baselines:
+    if not baselines or is_survival(report):  # survival: in the C-index table
         return ""
     kinds = [(kind, title) for kind, title in _BASELINE_KINDS if baselines.get(kind)]
     by_kind = {
@@ -483,9 +514,9 @@ def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -
             (
                 name,
                 hospital.get("auc"),
-                *[by_kind[kind].get(name, {}).get("auc") for kind, _ in kinds],
+                *[baseline_cell(by_kind[kind].get(name, {}), "auc") for kind, _ in kinds],
                 hospital.get("accuracy"),
-                *[by_kind[kind].get(name, {}).get("accuracy") for kind, _ in kinds],
+                *[baseline_cell(by_kind[kind].get(name, {}), "accuracy") for kind, _ in kinds],
             )
         )
     rows.append(
@@ -517,7 +548,11 @@ def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -
         "<h2>Baselines</h2><p>Local only: each hospital trains alone. Pooled: one model "
         "trained on all hospitals' training rows together. Same splits and model, "
         f"{html.escape(format_value(baselines.get('rounds')))} rounds (as many as the network "
-        f"trained), evaluated on each hospital's own test split.{dp_note}</p>" + table
+        f"trained), evaluated on each hospital's own test split. The tuned reference is "
+        "scikit-learn's L2 logistic regression on the pooled training rows, its C chosen by "
+        f"5-fold cross-validation on those rows (C = "
+        f"{html.escape(format_value((baselines.get('reference') or {}).get('C')))}).{dp_note}"
+        "</p>" + table + margin_text(report, format_value)
     )
 
 
@@ -621,6 +656,11 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
             _plot_disagreement(hospitals, run_dir / DISAGREEMENT_PLOT),
         ),
         (TRUST_PLOT, "trust per peer", _plot_trust(hospitals, run_dir / TRUST_PLOT)),
+        (
+            RELIABILITY_PLOT,
+            "reliability (calibration)",
+            plot_reliability(hospitals, run_dir / RELIABILITY_PLOT),
+        ),
     ]
 
     summary = _table(("item", "value"), _summary_rows(report, hospitals))
@@ -665,11 +705,21 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
                 f'<h3>{html.escape(title)}</h3><p class="note">Differential privacy was off: '
                 "there is no privacy guarantee to plot.</p>"
             )
-        elif filename != TRUST_PLOT:
+        elif filename not in (TRUST_PLOT, RELIABILITY_PLOT):
             figures.append(
                 f'<h3>{html.escape(title)}</h3><p class="note">No values were recorded.</p>'
             )
 
+    if is_survival(report):
+        clinical = survival_section(report, hospitals, _table, format_value)
+    else:
+        clinical = f"""<h2>Clinical metrics per hospital</h2>
+<p class="note">On each hospital's held-out split, at a threshold chosen on its own training
+data. Majority accuracy is the accuracy of always predicting the training split's majority
+class: a model that does not beat it has learned nothing useful. "undefined" means the metric
+does not exist for that split (e.g. AUC with one class), not zero.</p>
+{metrics}
+{uncertainty_section(report, hospitals, _table, format_value)}"""
     title = f"murmur run report: {format_value(report.get('dataset'))}"
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -684,12 +734,7 @@ def write_html_report(report: dict[str, Any], run_dir: Path) -> Path:
 <h2>Summary</h2>
 {summary}
 {_warnings_section(report)}
-<h2>Clinical metrics per hospital</h2>
-<p class="note">On each hospital's held-out split, at a threshold chosen on its own training
-data. Majority accuracy is the accuracy of always predicting the training split's majority
-class: a model that does not beat it has learned nothing useful. "undefined" means the metric
-does not exist for that split (e.g. AUC with one class), not zero.</p>
-{metrics}
+{clinical}
 <h2>Privacy</h2>
 <p class="note">What each node's accountant was given (σ, q, steps, δ) and the ε it reported;
 anyone can recompute ε from these.</p>
@@ -713,6 +758,8 @@ anyone can recompute ε from these.</p>
 def summary_table(report: dict[str, Any]) -> str:
     """The per-hospital results as a fixed-width text table, for the end of a run's output."""
     hospitals = _check_report(report)
+    if is_survival(report):
+        return "\n".join(survival_summary_lines(report, format_value) + _closing_lines(report))
     headings = (
         "hospital",
         "AUC",
@@ -752,6 +799,12 @@ def summary_table(report: dict[str, Any]) -> str:
         if (report.get("baselines") or {}).get(kind):
             mean = format_value(_baseline_mean(report, kind))
             lines.append(f"baseline mean AUC, {title}: {mean}")
+    return "\n".join(lines + _closing_lines(report))
+
+
+def _closing_lines(report: dict[str, Any]) -> list[str]:
+    """Failures, interruption, warnings and the adversary notice, for any task."""
+    lines = []
     failed = report.get("failed") or []
     if failed:
         lines.append(f"failed nodes: {', '.join(failed)}")
@@ -760,4 +813,4 @@ def summary_table(report: dict[str, Any]) -> str:
     lines += [f"warning: {w}" for w in report_warnings(report)]
     if adversary_text(report):
         lines.append(adversary_text(report))
-    return "\n".join(lines)
+    return lines

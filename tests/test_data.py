@@ -14,11 +14,9 @@ from hypothesis import strategies as st
 
 from models import data
 from models.data import (
-    CATEGORY_BUCKETS,
     MIN_ROWS_PER_HOSPITAL,
     DataError,
     HospitalSplit,
-    category_bucket,
     load_dataset,
     split_across_hospitals,
 )
@@ -266,19 +264,17 @@ def test_csv_single_file_encodes_numeric_and_categorical(tmp_path: Path) -> None
     )
     splits = load_dataset("csv", path=file, label="outcome", site="site", seed=3)
     assert [s.name for s in splits] == ["north", "south"]  # sorted site values
-    width = 1 + 2 * CATEGORY_BUCKETS
+    names = ("patient_age", "smoker=former", "smoker=no", "smoker=yes", "ward=A", "ward=B")
     for s, n in zip(splits, (40, 30), strict=True):
         assert len(s.y_train) + len(s.y_test) == n
-        assert s.input_shape == (width,) and len(s.feature_names) == width
-        assert s.feature_names[0] == "patient_age"
+        assert s.feature_names == names and s.input_shape == (len(names),)
         assert not np.isnan(s.x_train).any() and not np.isnan(s.x_test).any()
         age = s.x_train[:, 0]
         assert abs(age.mean()) < 1e-5 and abs(age.std() - 1) < 1e-4
-        # Each categorical column is one indicator per row, in its hashed bucket.
-        for block in (slice(1, 1 + CATEGORY_BUCKETS), slice(1 + CATEGORY_BUCKETS, width)):
+        # Each categorical column is one indicator per row, one column per agreed value.
+        for block in (slice(1, 4), slice(4, 6)):
             np.testing.assert_array_equal(s.x_train[:, block].sum(axis=1), 1.0)
-        smoker_yes = 1 + category_bucket("smoker", "yes")
-        assert s.x_train[:, smoker_yes].any()
+        assert s.x_train[:, names.index("smoker=yes")].any()
 
 
 def test_csv_imputes_with_own_train_median_and_mode(tmp_path: Path) -> None:
@@ -297,7 +293,7 @@ def test_csv_imputes_with_own_train_median_and_mode(tmp_path: Path) -> None:
     np.testing.assert_allclose(split.x_train[:, 0], (filled[train] - mean) / std, rtol=1e-5)
     np.testing.assert_allclose(split.x_test[:, 0], (filled[test] - mean) / std, rtol=1e-5)
     # A missing smoker value becomes the train mode ("yes", 6 of 8 known values).
-    yes = 1 + category_bucket("smoker", "yes")
+    yes = split.feature_names.index("smoker=yes")
     blank_rows = [
         k for k, row in enumerate(np.concatenate([train, test])) if rows[row][1] in ("", "NA")
     ]
@@ -315,9 +311,17 @@ def test_csv_statistics_stay_inside_each_site(tmp_path: Path) -> None:
         row[1], row[2] = "heavy", "ICU"
     write_csv(file, north + south)
     after = load_dataset("csv", path=file, label="outcome", site="site")
-    assert_same_split(before[0], after[0])
-    assert not np.array_equal(before[1].x_train, after[1].x_train)
-    assert before[0].input_shape == after[1].input_shape  # same layout with no shared vocabulary
+    # The vocabulary is schema shared by all (which values exist, never how often): North
+    # gains two all-zero indicators and every number it had stays as it was.
+    new = {"smoker=heavy", "ward=ICU"}
+    assert set(after[0].feature_names) - set(before[0].feature_names) == new
+    old = [after[0].feature_names.index(n) for n in before[0].feature_names]
+    np.testing.assert_array_equal(after[0].x_train[:, old], before[0].x_train)
+    np.testing.assert_array_equal(after[0].x_test[:, old], before[0].x_test)
+    added = [after[0].feature_names.index(n) for n in new]
+    assert not after[0].x_train[:, added].any()
+    assert not np.array_equal(before[1].x_train, after[1].x_train[:, old])
+    assert after[0].feature_names == after[1].feature_names  # one layout everywhere
 
 
 def test_csv_directory_equals_single_file(tmp_path: Path) -> None:
@@ -475,10 +479,10 @@ def test_heart_values_outside_the_uci_codes_are_rejected(tmp_path: Path) -> None
 # --- preprocessing="reference": public constants, nothing fitted (what DP needs) ------------
 
 REFERENCE_ROWS = [
-    ["column", "kind", "center", "scale", "fill"],
-    ["patient_age", "numeric", "60", "10", ""],
-    ["smoker", "categorical", "", "", "no"],
-    ["ward", "categorical", "", "", ""],
+    ["column", "kind", "center", "scale", "fill", "categories"],
+    ["patient_age", "numeric", "60", "10", "", ""],
+    ["smoker", "categorical", "", "", "no", "yes|no|former"],
+    ["ward", "categorical", "", "", "", "A|B"],
 ]
 
 
@@ -503,7 +507,7 @@ def test_csv_reference_scales_and_imputes_with_its_constants_only(tmp_path: Path
     ages = np.array([float(r[0]) if r[0] else 60.0 for r in rows])  # missing -> the center
     np.testing.assert_array_equal(split.x_train[:, 0], ((ages[train] - 60) / 10).astype(np.float32))
     np.testing.assert_array_equal(split.x_test[:, 0], ((ages[test] - 60) / 10).astype(np.float32))
-    smoker_no = 1 + category_bucket("smoker", "no")
+    smoker_no = split.feature_names.index("smoker=no")
     for position, row in zip(train, split.x_train, strict=True):
         if rows[position][1] == "NA":
             assert row[smoker_no] == 1.0  # the reference's fill, not the train mode
@@ -532,11 +536,13 @@ def test_row_split_places_each_row_by_itself() -> None:
     ("rows", "message"),
     [
         ([["column", "kind", "center"]], "exactly the columns"),
-        ([*REFERENCE_ROWS, ["bmi", "numeric", "25", "0", ""]], "scale > 0"),
-        ([*REFERENCE_ROWS, ["bmi", "numeric", "x", "1", ""]], "center 'x' is not a finite"),
-        ([*REFERENCE_ROWS, ["bmi", "ordinal", "", "", ""]], "use numeric or categorical"),
-        ([*REFERENCE_ROWS, ["bmi", "categorical", "1", "", ""]], "has no center or scale"),
-        ([*REFERENCE_ROWS, ["smoker", "categorical", "", "", ""]], "each named once"),
+        ([*REFERENCE_ROWS, ["bmi", "numeric", "25", "0", "", ""]], "scale > 0"),
+        ([*REFERENCE_ROWS, ["bmi", "numeric", "x", "1", "", ""]], "center 'x' is not a finite"),
+        ([*REFERENCE_ROWS, ["bmi", "ordinal", "", "", "", ""]], "use numeric or categorical"),
+        ([*REFERENCE_ROWS, ["bmi", "categorical", "1", "", "", ""]], "has no center or scale"),
+        ([*REFERENCE_ROWS, ["smoker", "categorical", "", "", "", "a"]], "each named once"),
+        ([*REFERENCE_ROWS, ["bmi", "categorical", "", "", "", "a||b"]], "list each value once"),
+        ([*REFERENCE_ROWS, ["bmi", "categorical", "", "", "c", "a|b"]], "not one of its"),
     ],
 )
 def test_bad_reference_files_are_refused_by_row(tmp_path: Path, rows, message: str) -> None:
@@ -552,7 +558,7 @@ def test_reference_must_name_exactly_the_data_columns(tmp_path: Path) -> None:
         load_dataset("csv", path=file, reference=short, **kwargs)
     text = write_reference(
         tmp_path / "text.csv",
-        [*REFERENCE_ROWS[:2], ["smoker", "numeric", "0", "1", ""], REFERENCE_ROWS[3]],
+        [*REFERENCE_ROWS[:2], ["smoker", "numeric", "0", "1", "", ""], REFERENCE_ROWS[3]],
     )
     with pytest.raises(DataError, match="'smoker' is numeric but holds"):
         load_dataset("csv", path=file, reference=text, **kwargs)

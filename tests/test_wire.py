@@ -605,6 +605,7 @@ def test_default_clock_is_used_when_now_is_omitted():
 MODEL_INPUTS = {
     "logreg": ((30,), {}),
     "mlp": ((13,), {"hidden": (64, 32)}),
+    "cox": ((39,), {}),
     "cnn": ((1, 28, 28), {}),
     "multimodal": ((1, 28, 28), {"clinical_features": 13}),
 }
