@@ -160,7 +160,7 @@ def _check_edge(
             )
         )
     host, port = split_listen(other.node.listen)
-    if not peer.address.rstrip("/").endswith(f":{port}") and port != 0:
+    if peer.address and not peer.address.rstrip("/").endswith(f":{port}") and port != 0:
         findings.append(
             Finding(
                 "warning",
