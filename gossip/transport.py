@@ -299,7 +299,7 @@ class PeerTransport:
                     response.close()  # drop the connection rather than read the rest
                     return SendResult(peer.name, False, response.status, "oversize_reply", seconds)
                 ok = response.status == 202
-                reason = _reason(body, ok, response.status)
+                reason = reply_reason(body, ok, response.status)
                 self._observe(peer, response, reason)
                 return SendResult(peer.name, ok, response.status, reason, time.monotonic() - start)
         except TimeoutError:
@@ -355,7 +355,7 @@ class PeerTransport:
                     if not chunk:
                         break
                     data += chunk
-                reason = "accepted" if response.status == 200 else _reason(data, False, 0)
+                reason = "accepted" if response.status == 200 else reply_reason(data, False, 0)
                 self._observe(peer, response, reason)
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
@@ -395,7 +395,7 @@ class PeerTransport:
             return Contact.from_answer(None, type(exc).__name__, "", source="probe")
 
 
-def _reason(body: bytes, ok: bool, status: int) -> str:
+def reply_reason(body: bytes, ok: bool, status: int) -> str:
     """The receiver's reason code from its reply, if it is one; never free text from a peer
     (it goes into this node's audit record of the send)."""
     try:

@@ -1,0 +1,269 @@
+"""Relays: NATS nkeys from the murmur key, the receiver's checks on whatever a broker hands
+over, a broker that misbehaves, and a real nats-server's permissions and store-and-forward."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nkeys
+
+from crypto.allowlist import Allowlist, Peer
+from crypto.identity import Identity, generate_identity, verify_signature
+from gossip.nats_link import NatsLink
+from gossip.relay import (
+    RelayTransport,
+    frames,
+    nkey_of,
+    nkey_seed,
+    relay_permissions,
+    stored_subject,
+)
+from gossip.relay_broker import BrokerPlan, broker_config, new_admin_seed
+from node import relay_inbox
+from node.relay_inbox import RelayInbox
+from tests.relayutil import Broker, FaultyBroker, needs_nats
+
+
+class FakeNode:
+    """What RelayInbox needs of a HospitalNode, recording what it is handed."""
+
+    def __init__(self, identity: Identity, peers: list[Identity], max_bytes: int = 1_000_000):
+        self.identity = identity
+        self.allowlist = Allowlist(Peer(p.name, "", p.public_key, ("r",)) for p in peers)
+        self.limits = SimpleNamespace(max_message_bytes=max_bytes, timestamp_window_s=300.0)
+        self.received: list[tuple[str, bytes]] = []
+        self.rejections: list[tuple[str, str | None]] = []
+
+    async def receive(self, body: bytes, source: str | None = None, sender: Peer | None = None):
+        assert sender is not None
+        self.received.append((sender.name, body))
+        return 202, "accepted", ""
+
+    def answer_probe(self, body: bytes, sender: bytes | None = None) -> tuple[int, str]:
+        return 200, "admitted"
+
+    def answer_receipts_request(self, body: bytes, sender: bytes | None = None):
+        return 200, "application/octet-stream", b""
+
+    def record_rejection(self, reason, detail, *, sender, round_, source=None, why=None, **_):
+        self.rejections.append((str(reason), why))
+
+
+A, B, C = (generate_identity(n) for n in ("hospital_a", "hospital_b", "hospital_c"))
+
+
+def peer(identity: Identity) -> Peer:
+    return Peer(identity.name, "", identity.public_key, ("r",))
+
+
+def test_the_nats_nkey_is_the_murmur_key() -> None:
+    pair = nkeys.from_seed(bytearray(nkey_seed(A)))
+    assert pair.public_key.decode() == nkey_of(A.public_key)
+    # What the broker verifies (the nonce signed with the nkey) verifies under the murmur key.
+    signature = pair.sign(b"server nonce")
+    assert verify_signature(A.public_key, b"server nonce", signature)
+    assert nkey_of(A.public_key) != nkey_of(B.public_key)
+
+
+def test_broker_config_admits_each_hospital_by_its_key_with_its_own_permissions() -> None:
+    plan = BrokerPlan({"hospital_a": A.public_key, "hospital_b": B.public_key})
+    config = broker_config(plan, new_admin_seed())
+    users = config["accounts"]["MURMUR"]["users"]
+    by_key = {u["nkey"]: u["permissions"] for u in users}
+    own = nkey_of(A.public_key)
+    assert by_key[own] == relay_permissions(own)
+    # A publishes only with itself as sender, and subscribes only under its own name.
+    assert all(own in subject for subject in by_key[own]["publish"]["allow"])
+    assert all(own in subject for subject in by_key[own]["subscribe"]["allow"])
+    assert config["accounts"]["MURMUR"]["jetstream"]["max_file"] == 2 * plan.per_hospital_bytes
+    assert "password" not in str(config)  # nkeys only
+
+
+def _run(broker: FaultyBroker, sends) -> list:  # type: ignore[no-untyped-def]
+    async def go() -> list:
+        async with broker.running():
+            return list(await asyncio.gather(*sends()))
+
+    return asyncio.run(go())
+
+
+def test_duplicated_messages_are_handed_over_once_and_the_copies_refused_as_replays() -> None:
+    node = FakeNode(B, [A])
+    broker = FaultyBroker(duplicate=1.0)
+    sender = broker.attach(SimpleNamespace(identity=A, **_no_inbox()))
+    broker._inboxes[nkey_of(B.public_key)] = RelayInbox(node)
+    body = os.urandom(30_000)  # several chunks
+    results = _run(broker, lambda: [sender.send(peer(B), body)])
+    assert results[0].ok and results[0].reason == "accepted"
+    assert node.received == [("hospital_a", body)]
+    assert ("unauthenticated", "replay") in node.rejections
+    assert broker.counts["duplicated"] > 0
+
+
+def _no_inbox() -> dict:
+    """A sender-only node for FaultyBroker.attach (its own inbox is never used)."""
+    return {
+        "allowlist": Allowlist([]),
+        "limits": SimpleNamespace(max_message_bytes=1, timestamp_window_s=300.0),
+    }
+
+
+def _pair(broker: FaultyBroker, node: FakeNode) -> RelayTransport:
+    sender = broker.attach(SimpleNamespace(identity=A, **_no_inbox()))
+    broker._inboxes[nkey_of(B.public_key)] = RelayInbox(node)
+    return sender
+
+
+def test_reordered_and_delayed_chunks_are_reassembled_and_checked() -> None:
+    node = FakeNode(B, [A])
+    broker = FaultyBroker(seed=3, delay_s=0.3)
+    sender = _pair(broker, node)
+    bodies = [os.urandom(25_000 + i) for i in range(4)]
+    results = _run(broker, lambda: [sender.send(peer(B), b) for b in bodies])
+    assert all(r.ok for r in results), results
+    assert sorted(node.received) == sorted(("hospital_a", b) for b in bodies)
+    assert node.rejections == []
+
+
+def test_dropped_chunks_cost_the_message_never_the_receiver(monkeypatch) -> None:
+    monkeypatch.setattr(relay_inbox, "ASSEMBLY_TIMEOUT_S", 0.0)
+    node = FakeNode(B, [A])
+    broker = FaultyBroker(seed=5, drop=0.3)
+    sender = _pair(broker, node)
+    sender.send_timeout_s = 0.5
+    bodies = [os.urandom(20_000) for _ in range(6)]
+    results = _run(broker, lambda: [sender.send(peer(B), b) for b in bodies])
+    received = [b for _, b in node.received]
+    assert all(b in bodies for b in received)  # whatever arrived is exactly what was sent
+    assert len(received) < len(bodies) and broker.counts["dropped"] > 0
+    assert {r.ok for r in results if r.status is None} <= {False}
+    assert sum(r.ok for r in results) == len(received)
+    node_inbox = broker._inboxes[nkey_of(B.public_key)]
+    node_inbox._expire("faulty")
+    assert ("incomplete", None) in node.rejections
+    assert node_inbox._assemblies == {}
+
+
+def test_a_broker_that_holds_messages_too_long_gets_them_refused_as_stale() -> None:
+    node = FakeNode(B, [A])
+    broker = FaultyBroker()
+    sender = _pair(broker, node)
+    sender.clock = lambda: time.time() - 400  # as if held 400 s, beyond the 300 s window
+    sender.send_timeout_s = 0.5
+    results = _run(broker, lambda: [sender.send(peer(B), b"x" * 100)])
+    assert not results[0].ok
+    assert node.received == []
+    assert node.rejections == [("unauthenticated", "stale")]
+
+
+def test_a_request_signed_by_one_peer_but_published_by_another_is_refused() -> None:
+    node = FakeNode(B, [A, C])
+    inbox = RelayInbox(node)
+    from gossip.auth import request_headers
+
+    body = b"envelope"
+    auth = request_headers(C, B.public_key, "/gossip", body, "x", time.time())["Murmur-Auth"]
+    (frame,) = frames("/gossip", auth, "x", body, 1_000_000)
+    # The broker's permissions say A published it; the signature says C.
+    result = asyncio.run(inbox.handle("r", nkey_of(A.public_key), frame.headers(), body))
+    assert result is None and node.received == []
+    assert node.rejections == [("unauthenticated", "sender_mismatch")]
+
+
+def test_oversize_and_malformed_frames_are_refused_before_anything_is_kept() -> None:
+    node = FakeNode(B, [A], max_bytes=10_000)
+    inbox = RelayInbox(node)
+    from gossip.auth import request_headers
+
+    body = os.urandom(50_000)
+    auth = request_headers(A, B.public_key, "/gossip", body, "x", time.time())["Murmur-Auth"]
+    first = frames("/gossip", auth, "x", body, 8_000)[0]
+    sender = nkey_of(A.public_key)
+    assert asyncio.run(inbox.handle("r", sender, first.headers(), first.payload)) is None
+    assert asyncio.run(inbox.handle("r", sender, {"Murmur-Path": "/status"}, b"")) is None
+    assert node.rejections == [("too_large", None), ("bad_frame", None)]
+    assert inbox._assemblies == {}
+
+
+# ------------------------------------------------------------------ a real nats-server
+
+
+@needs_nats
+def test_a_hospital_cannot_publish_as_another_nor_read_anothers_messages(tmp_path: Path) -> None:
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B, C)})
+    broker.start()
+    try:
+        asyncio.run(_forgery(broker))
+    finally:
+        broker.kill()
+
+
+async def _forgery(broker: Broker) -> None:
+    node_b = FakeNode(B, [A, C])
+    async with NatsLink("r", broker.url, A) as link_a, NatsLink("r", broker.url, B) as link_b:
+        ta = RelayTransport("r", A, link_a, 3)
+        tb = RelayTransport("r", B, link_b, 3)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            group.create_task(link_b.serve(RelayInbox(node_b), tb))
+            await _until(lambda: link_a.connected and link_b.connected)
+            # A publishes into B's stream claiming to be C: the broker refuses it.
+            forged = stored_subject(nkey_of(B.public_key), nkey_of(C.public_key))
+            await link_a.nc.publish(forged, b"forged", headers={"Murmur-Path": "/gossip"})
+            # A tries to read what is sent to B.
+            await link_a.nc.subscribe(f"murmur.live.{nkey_of(B.public_key)}.>")
+            await _until(lambda: len(link_a.errors) >= 2)
+            # A's own, honest request still goes through.
+            result = await ta.send(peer(B), b"hello")
+            link_a.stop()
+            link_b.stop()
+    assert any("permissions violation for publish" in e.lower() for e in link_a.errors)
+    assert any("permissions violation for subscription" in e.lower() for e in link_a.errors)
+    assert result.ok, result
+    assert node_b.received == [("hospital_a", b"hello")]
+
+
+@needs_nats
+def test_an_offline_hospital_gets_what_was_sent_while_it_was_away(tmp_path: Path) -> None:
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
+    broker.start()
+    try:
+        results, received = asyncio.run(_offline_then_back(broker))
+    finally:
+        broker.kill()
+    # While B was away, A's sends were stored but unanswered.
+    assert [r.ok for r in results] == [False, False, False]
+    assert all("stored at relay" in r.reason for r in results)
+    assert sorted(received) == sorted(("hospital_a", b) for b in BODIES)
+
+
+BODIES = [os.urandom(1_500_000), b"small", os.urandom(3_000)]  # the first one is chunked
+
+
+async def _offline_then_back(broker: Broker):  # type: ignore[no-untyped-def]
+    async with NatsLink("r", broker.url, A) as link_a:
+        ta = RelayTransport("r", A, link_a, 1.0)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            await _until(lambda: link_a.connected)
+            results = [await ta.send(peer(B), body) for body in BODIES]
+            node_b = FakeNode(B, [A], max_bytes=2_000_000)
+            async with NatsLink("r", broker.url, B) as link_b:
+                tb = RelayTransport("r", B, link_b, 3)
+                group.create_task(link_b.serve(RelayInbox(node_b), tb))
+                await _until(lambda: len(node_b.received) >= len(BODIES), timeout_s=20)
+                link_b.stop()
+            link_a.stop()
+    return results, node_b.received
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
