@@ -157,3 +157,48 @@ class FaultyBroker:
                 answer_headers(answer.status),
                 answer.body,
             )
+
+
+def use_relay(net: Any, url: str, relay_only: set[str], everyone_via_relay: bool = False) -> None:
+    """Give every node of ``net`` (tests/netutil.py Network) the relay at ``url``; the nodes
+    in ``relay_only`` open no peer port (`inbound = false`) and are reached, and reach
+    everyone, only through it. With ``everyone_via_relay`` no node uses addresses at all."""
+    import tomllib
+
+    import run_cluster
+
+    for node in net.nodes:
+        doc = tomllib.loads(node.config_path.read_text())
+        doc["relays"] = [{"name": "r", "url": url}]
+        for peer in doc["peers"]:
+            if everyone_via_relay or node.name in relay_only or peer["name"] in relay_only:
+                peer.pop("address", None)
+                peer["relays"] = ["r"]
+        if node.name in relay_only:
+            doc["node"]["inbound"] = False
+        node.config_path.write_text(run_cluster.to_toml(doc))
+
+
+def start_relay_cli(tmp: Path, pubs: list[Path], port: int) -> subprocess.Popen:
+    """`murmur relay run` for these hospitals, as an operator would start it; returns once it
+    says its streams are ready."""
+    import sys
+
+    from tests.netutil import REPO
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "node.cli", "relay", "run", "--listen", f"127.0.0.1:{port}"]
+    args += ["--store", str(tmp / "store"), "--out", str(tmp / "broker.conf")]
+    for pub in pubs:
+        args += ["--pub", str(pub)]
+    log_path = tmp / "relay.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - Popen keeps its own copy
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log.close()
+    deadline = time.monotonic() + 30
+    while "streams ready" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"murmur relay run did not come up:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    return proc

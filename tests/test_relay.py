@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import nkeys
+import pytest
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, generate_identity, verify_signature
@@ -267,3 +268,113 @@ async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no
         if time.monotonic() > end:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------- whole nodes, bad broker
+
+
+def _in_process_run(tmp_path: Path, broker: FaultyBroker | None) -> dict[str, dict]:
+    """Three real HospitalNodes in this process, relayed by ``broker`` (or handed over
+    directly, as bench/byzantine.py does, when None); each node's final state."""
+    from bench.byzantine import MemoryTransport
+    from node.config import load_config
+    from node.node import HospitalNode
+    from tests.netutil import make_network
+
+    net = make_network(
+        tmp_path,
+        "--nodes",
+        "3",
+        "--rounds",
+        "3",
+        "--no-dp",
+        "--aggregator",
+        "mean",
+        "--round-timeout",
+        "30",
+    )
+    hospitals = [HospitalNode(load_config(n.config_path)) for n in net.nodes]
+    by_address = {n.address: h for n, h in zip(net.nodes, hospitals, strict=True)}
+
+    async def go() -> None:
+        if broker is None:
+            await asyncio.gather(
+                *(h.run_rounds(MemoryTransport(by_address, h.identity)) for h in hospitals)
+            )
+            return
+        transports = [broker.attach(h) for h in hospitals]
+        async with broker.running():
+            await asyncio.gather(*(h.run_rounds(t) for h, t in zip(hospitals, transports)))
+
+    try:
+        asyncio.run(go())
+    finally:
+        for h in hospitals:
+            h.audit.close()
+    return {
+        h.config.node.name: {
+            "model": h.state.model_sha256,
+            "rounds": [r["round"] for r in h.state.history],
+            "missing": [r["missing"] for r in h.state.history],
+            "rejected": dict(h.rejected),
+            "unauthenticated": dict(h.state.unauthenticated),
+        }
+        for h in hospitals
+    }
+
+
+def test_a_broker_that_duplicates_reorders_and_delays_changes_no_model(tmp_path: Path) -> None:
+    clean = _in_process_run(tmp_path / "clean", None)
+    faulty = _in_process_run(tmp_path / "faulty", FaultyBroker(seed=1, duplicate=0.5, delay_s=0.2))
+    for name, state in faulty.items():
+        assert state["rounds"] == [1, 2, 3]
+        assert state["model"] == clean[name]["model"], (name, state, clean[name])
+    # The copies were refused by the replay guard, not learnt from twice.
+    assert sum(s["unauthenticated"].get("replay", 0) for s in faulty.values()) > 0
+
+
+def test_a_broker_that_drops_messages_costs_contributions_never_a_round(tmp_path: Path) -> None:
+    faulty = _in_process_run(tmp_path, FaultyBroker(seed=2, drop=0.05, delay_s=0.05))
+    for state in faulty.values():
+        assert state["rounds"] == [1, 2, 3], state
+
+
+# ------------------------------------------------------ processes, one relay-only node
+
+
+@needs_nats
+@pytest.mark.slow
+def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
+    from tests.netutil import make_network
+    from tests.relayutil import free_port, start_relay_cli, use_relay
+
+    net = make_network(
+        tmp_path,
+        "--nodes",
+        "3",
+        "--rounds",
+        "3",
+        "--no-dp",
+        "--aggregator",
+        "mean",
+        "--round-timeout",
+        "20",
+    )
+    port = free_port()
+    relay = start_relay_cli(tmp_path / "relay", sorted((tmp_path / "keys").glob("*.pub")), port)
+    outbound_only = net.nodes[2].name
+    use_relay(net, f"nats://127.0.0.1:{port}", {outbound_only})
+    try:
+        net.start_all()
+        codes = net.wait_all(timeout_s=150)
+        logs = {n.name: net.log(n.name) for n in net.nodes}
+        assert codes == {n.name: 0 for n in net.nodes}, logs
+        for node in net.nodes:
+            history = net.final_status(node.name)["history"]
+            assert [h["round"] for h in history] == [1, 2, 3]
+            assert all(not h["missing"] for h in history), (node.name, history)
+        assert "peer listener on none (inbound = false" in logs[outbound_only]
+    finally:
+        net.kill_all()
+        relay.terminate()
+        relay.wait(timeout=15)
