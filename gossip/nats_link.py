@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ FETCH_BATCH = 8
 FETCH_WAIT_S = 1.0
 RETRY_MAX_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
+ERROR_LOG_INTERVAL_S = 60.0
 
 
 class NatsLink:
@@ -76,6 +78,7 @@ class NatsLink:
         self.nc: Any = None  # nats.aio.client.Client once connected
         self.errors: list[str] = []  # the broker's refusals (permissions), newest last
         self._stopped = asyncio.Event()
+        self._logged: dict[str, float] = {}
 
     async def __aenter__(self) -> NatsLink:
         return self
@@ -113,7 +116,10 @@ class NatsLink:
             text = str(exc)
             self.errors.append(text)
             del self.errors[:-20]
-            log.warning("relay %s: the broker says: %s", self.name, text)
+            now = time.monotonic()
+            if now - self._logged.get(text, -ERROR_LOG_INTERVAL_S) >= ERROR_LOG_INTERVAL_S:
+                self._logged[text] = now  # once a minute per message: a dead broker repeats
+                log.warning("relay %s: the broker says: %s", self.name, text)
 
         async def on_disconnect() -> None:
             if not self._stopped.is_set():

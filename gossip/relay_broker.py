@@ -139,7 +139,7 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
         StorageType,
         StreamConfig,
     )
-    from nats.js.errors import BadRequestError
+    from nats.js.errors import NotFoundError
 
     nc = await nats.connect(url, nkeys_seed_str=admin_seed.decode(), connect_timeout=timeout_s)
     try:
@@ -157,9 +157,17 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
                 num_replicas=1,
             )
             try:
+                info = await js.stream_info(config.name)
+            except NotFoundError:
                 await js.add_stream(config)
-            except BadRequestError:
-                await js.update_stream(config)
+            else:  # a restarted broker restored it: change it only if the plan did
+                current = info.config
+                if (current.max_bytes, current.max_age, current.max_msg_size) != (
+                    config.max_bytes,
+                    config.max_age,
+                    config.max_msg_size,
+                ):
+                    await js.update_stream(config)
             await js.add_consumer(
                 stream_name(own),
                 ConsumerConfig(

@@ -7,6 +7,7 @@ Every wait is bounded; `Broker` kills its process when the test ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import subprocess
@@ -179,26 +180,43 @@ def use_relay(net: Any, url: str, relay_only: set[str], everyone_via_relay: bool
         node.config_path.write_text(run_cluster.to_toml(doc))
 
 
-def start_relay_cli(tmp: Path, pubs: list[Path], port: int) -> subprocess.Popen:
-    """`murmur relay run` for these hospitals, as an operator would start it; returns once it
-    says its streams are ready."""
+def start_relay_cli(
+    tmp: Path, pubs: list[Path], listen: str, prefix: list[str] | None = None
+) -> subprocess.Popen:
+    """`murmur relay run` for these hospitals, as an operator would start it (run through
+    ``prefix``, e.g. `ip netns exec NS`), in a process group of its own so that killing the
+    group also kills its nats-server; returns once it says its streams are ready."""
     import sys
 
     from tests.netutil import REPO
 
     tmp.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "node.cli", "relay", "run", "--listen", f"127.0.0.1:{port}"]
+    args = [*(prefix or []), sys.executable, "-m", "node.cli", "relay", "run", "--listen", listen]
     args += ["--store", str(tmp / "store"), "--out", str(tmp / "broker.conf")]
     for pub in pubs:
         args += ["--pub", str(pub)]
     log_path = tmp / "relay.log"
     log = open(log_path, "ab")  # noqa: SIM115 - Popen keeps its own copy
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    seen = log_path.read_text().count("streams ready") if log_path.exists() else 0
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
     log.close()
     deadline = time.monotonic() + 30
-    while "streams ready" not in log_path.read_text():
+    while log_path.read_text().count("streams ready") <= seen:
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            kill_group(proc)
             raise RuntimeError(f"murmur relay run did not come up:\n{log_path.read_text()}")
         time.sleep(0.2)
     return proc
+
+
+def kill_group(proc: subprocess.Popen, sig: int = 9) -> None:
+    """Signal ``proc``'s whole process group (it was started in a session of its own)."""
+    import os
+
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -304,7 +305,9 @@ def _in_process_run(tmp_path: Path, broker: FaultyBroker | None) -> dict[str, di
             return
         transports = [broker.attach(h) for h in hospitals]
         async with broker.running():
-            await asyncio.gather(*(h.run_rounds(t) for h, t in zip(hospitals, transports)))
+            await asyncio.gather(
+                *(h.run_rounds(t) for h, t in zip(hospitals, transports, strict=True))
+            )
 
     try:
         asyncio.run(go())
@@ -346,7 +349,7 @@ def test_a_broker_that_drops_messages_costs_contributions_never_a_round(tmp_path
 @pytest.mark.slow
 def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
     from tests.netutil import make_network
-    from tests.relayutil import free_port, start_relay_cli, use_relay
+    from tests.relayutil import free_port, kill_group, start_relay_cli, use_relay
 
     net = make_network(
         tmp_path,
@@ -361,7 +364,8 @@ def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
         "20",
     )
     port = free_port()
-    relay = start_relay_cli(tmp_path / "relay", sorted((tmp_path / "keys").glob("*.pub")), port)
+    pubs = sorted((tmp_path / "keys").glob("*.pub"))
+    relay = start_relay_cli(tmp_path / "relay", pubs, f"127.0.0.1:{port}")
     outbound_only = net.nodes[2].name
     use_relay(net, f"nats://127.0.0.1:{port}", {outbound_only})
     try:
@@ -376,5 +380,4 @@ def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
         assert "peer listener on none (inbound = false" in logs[outbound_only]
     finally:
         net.kill_all()
-        relay.terminate()
-        relay.wait(timeout=15)
+        kill_group(relay, signal.SIGTERM)
