@@ -187,8 +187,10 @@ class NatsLink:
                 delay = 0.5
                 await self._deliver(inbox, transport)
             except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+                if self._stopped.is_set():
+                    break  # closed on purpose
                 log.warning(
-                    "relay %s: %s (%s); retrying in %.0f s",
+                    "relay %s: %s (%s); retrying in %.1f s",
                     self.name,
                     "cannot reach the broker" if self.nc is None else "broker trouble",
                     type(exc).__name__,

@@ -141,7 +141,16 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
     )
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(url, nkeys_seed_str=admin_seed.decode(), connect_timeout=timeout_s)
+    async def quiet(exc: Exception) -> None:
+        """A failed connection raises below; nats-py's default would also print it."""
+
+    nc = await nats.connect(
+        url,
+        nkeys_seed_str=admin_seed.decode(),
+        connect_timeout=timeout_s,
+        allow_reconnect=False,
+        error_cb=quiet,
+    )
     try:
         js = nc.jetstream(timeout=timeout_s)
         for _, key in sorted(plan.hospitals.items()):

@@ -12,11 +12,18 @@ says why a lab cannot be made here (no `ip`, no privileges), for a clear skip.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import secrets
 import shutil
 import subprocess
+import sys
+import time
+import tomllib
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def why_not() -> str | None:
@@ -102,3 +109,85 @@ class Lab:
         for host in list(self.hosts):
             subprocess.run(["ip", "netns", "del", self.ns(host)], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
+
+
+# ------------------------------------------------ a run_cluster network placed on hosts
+
+
+def status_of(net: Any, name: str) -> dict:
+    try:
+        return json.loads((net.node(name).state_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_round(net: Any, name: str, round_: int, timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    while status_of(net, name).get("round", 0) < round_:
+        if time.monotonic() > end:
+            raise TimeoutError(f"{name} not at round {round_}:\n{net.log(name)}")
+        time.sleep(0.2)
+
+
+def _murmur(argv: list[str]) -> int:
+    from node.cli import main
+
+    return main(argv)
+
+
+def place_on_hosts(net: Any, lab: Lab) -> None:
+    """Each node listens on its host's address over HTTPS; peers use those addresses."""
+    addresses = {n.name: lab.add_host(n.name) for n in net.nodes}
+    ports = {}
+    for node in net.nodes:
+        doc = tomllib.loads(node.config_path.read_text())
+        ports[node.name] = doc["node"]["listen"].rpartition(":")[2]
+    for node in net.nodes:
+        key = net.run_dir / "keys" / f"{node.name}.key"
+        tls_dir = net.run_dir / "tls"
+        host = addresses[node.name]
+        with contextlib.redirect_stdout(io.StringIO()):
+            made = _murmur(
+                ["tls-selfsigned", "--key", str(key), "--out", str(tls_dir), "--host", host]
+            )
+        assert made == 0
+        doc = tomllib.loads(node.config_path.read_text())
+        doc["node"]["listen"] = f"{host}:{ports[node.name]}"
+        doc["tls"] = {
+            "cert": str(tls_dir / f"{node.name}.crt"),
+            "key": str(tls_dir / f"{node.name}.tls.key"),
+        }
+        for peer in doc["peers"]:
+            peer["address"] = f"https://{addresses[peer['name']]}:{ports[peer['name']]}"
+        node.config_path.write_text(_toml(doc))
+
+
+def start_on_host(net: Any, lab: Lab, name: str) -> subprocess.Popen:
+    from tests.netutil import REPO
+
+    node = net.node(name)
+    node.log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(node.log_path, "ab")  # noqa: SIM115 - Popen keeps its own copy
+    proc = subprocess.Popen(
+        [
+            *lab.prefix(name),
+            sys.executable,
+            "-m",
+            "node.cli",
+            "node",
+            "--config",
+            str(node.config_path),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    log.close()
+    net.procs[name] = proc
+    return proc
+
+
+def _toml(doc: dict[str, Any]) -> str:
+    import run_cluster
+
+    return run_cluster.to_toml(doc)

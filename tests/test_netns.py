@@ -12,7 +12,6 @@ every planned round. docs/deployment.md shows the same steps for real hosts.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -23,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import run_cluster
-from node.cli import main as murmur
 from tests import netns
-from tests.netutil import REPO, Network, make_network
+from tests.netns import place_on_hosts, start_on_host, status_of, wait_round
+from tests.netutil import REPO, make_network
 from tests.relayutil import kill_group, needs_nats, start_relay_cli, use_relay
 
 pytestmark = [pytest.mark.slow, needs_nats]
@@ -33,69 +32,6 @@ pytestmark = [pytest.mark.slow, needs_nats]
 ROUNDS = 8
 RELAY_PORT = 4222
 PROXY_PORT = 4223
-
-
-def _status(net: Network, name: str) -> dict:
-    try:
-        return json.loads((net.node(name).state_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _wait_round(net: Network, name: str, round_: int, timeout_s: float = 120) -> None:
-    end = time.monotonic() + timeout_s
-    while _status(net, name).get("round", 0) < round_:
-        if time.monotonic() > end:
-            raise TimeoutError(f"{name} not at round {round_}:\n{net.log(name)}")
-        time.sleep(0.2)
-
-
-def _place_on_hosts(net: Network, lab: netns.Lab) -> None:
-    """Each node listens on its host's address over HTTPS; peers use those addresses."""
-    addresses = {n.name: lab.add_host(n.name) for n in net.nodes}
-    ports = {}
-    for node in net.nodes:
-        doc = tomllib.loads(node.config_path.read_text())
-        ports[node.name] = doc["node"]["listen"].rpartition(":")[2]
-    for node in net.nodes:
-        key = net.run_dir / "keys" / f"{node.name}.key"
-        tls_dir = net.run_dir / "tls"
-        host = addresses[node.name]
-        assert (
-            murmur(["tls-selfsigned", "--key", str(key), "--out", str(tls_dir), "--host", host])
-            == 0
-        )
-        doc = tomllib.loads(node.config_path.read_text())
-        doc["node"]["listen"] = f"{host}:{ports[node.name]}"
-        doc["tls"] = {
-            "cert": str(tls_dir / f"{node.name}.crt"),
-            "key": str(tls_dir / f"{node.name}.tls.key"),
-        }
-        for peer in doc["peers"]:
-            peer["address"] = f"https://{addresses[peer['name']]}:{ports[peer['name']]}"
-        node.config_path.write_text(run_cluster.to_toml(doc))
-
-
-def _start(net: Network, lab: netns.Lab, name: str) -> subprocess.Popen:
-    node = net.node(name)
-    log = open(node.log_path, "ab")  # noqa: SIM115 - Popen keeps its own copy
-    proc = subprocess.Popen(
-        [
-            *lab.prefix(name),
-            sys.executable,
-            "-m",
-            "node.cli",
-            "node",
-            "--config",
-            str(node.config_path),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    log.close()
-    net.procs[name] = proc
-    return proc
 
 
 def _connect_times_out(lab: netns.Lab, source: str, address: str, port: int) -> bool:
@@ -138,7 +74,7 @@ def test_hospitals_on_separate_hosts_survive_relay_node_and_link_faults(tmp_path
     proxy = relay = None
     with netns.Lab() as lab:
         try:
-            _place_on_hosts(net, lab)
+            place_on_hosts(net, lab)
             relay_host = lab.add_host("relay")
             lab.firewall_inbound(hidden)
             pubs = sorted((tmp_path / "keys").glob("*.pub"))
@@ -170,21 +106,21 @@ def test_hospitals_on_separate_hosts_survive_relay_node_and_link_faults(tmp_path
             net.nodes[0].config_path.write_text(run_cluster.to_toml(doc))
             for node in net.nodes:
                 node.log_path.parent.mkdir(parents=True, exist_ok=True)
-                _start(net, lab, node.name)
+                start_on_host(net, lab, node.name)
             # The firewall drops inbound connections to the hidden hospital's host.
             assert _connect_times_out(lab, net.nodes[0].name, lab.hosts[hidden], 8700)
 
             first, second = net.nodes[0].name, net.nodes[1].name
-            _wait_round(net, first, 2)
+            wait_round(net, first, 2)
             kill_group(relay)  # the relay dies ...
             time.sleep(4)
             relay = start_relay_cli(tmp_path / "relay", pubs, relay_listen, lab.prefix("relay"))
-            _wait_round(net, first, 4)
+            wait_round(net, first, 4)
             net.procs[second].send_signal(signal.SIGKILL)  # a node dies ...
             net.procs[second].wait(timeout=10)
             time.sleep(2)
-            _start(net, lab, second)  # ... and comes back from its checkpoint
-            _wait_round(net, first, 5)
+            start_on_host(net, lab, second)  # ... and comes back from its checkpoint
+            wait_round(net, first, 5)
             lab.cut(first)  # a link goes down for several rounds' worth of time
             time.sleep(8)
             lab.restore(first)
@@ -193,7 +129,7 @@ def test_hospitals_on_separate_hosts_survive_relay_node_and_link_faults(tmp_path
             logs = {n.name: net.log(n.name) for n in net.nodes}
             assert codes == {n.name: 0 for n in net.nodes}, logs
             for node in net.nodes:
-                status = _status(net, node.name)
+                status = status_of(net, node.name)
                 assert status["round"] == ROUNDS, (node.name, status.get("phase"), logs)
                 assert status["phase"] == "done"
             assert "peer listener on none (inbound = false" in logs[hidden]
