@@ -227,7 +227,7 @@ class NatsLink:
             while not self._stopped.is_set():
                 try:
                     messages = await pull.fetch(FETCH_BATCH, timeout=FETCH_WAIT_S)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nothing waiting (nats-py raises either kind)
                     continue
                 for msg in messages:
                     sender = sender_of(msg.subject)

@@ -50,11 +50,17 @@ from crypto.identity import Identity
 from gossip.auth import request_headers
 from gossip.heads import REQUEST_CONTENT_TYPE
 from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
-from gossip.transport import ENVELOPE_CONTENT_TYPE, MAX_REPLY_BYTES, SendResult, reply_reason
+from gossip.transport import (
+    ENVELOPE_CONTENT_TYPE,
+    MAX_REPLY_BYTES,
+    RECORDS_CONTENT_TYPE,
+    SendResult,
+    reply_reason,
+)
 
 log = logging.getLogger("murmur.relay")
 
-PATHS = ("/gossip", "/probe", "/receipts")
+PATHS = ("/gossip", "/probe", "/receipts", "/records")
 STORED_PATHS = ("/gossip",)  # kept by JetStream for a recipient that is offline
 CONSUMER = "inbox"
 # Room left in each NATS message for the headers (auth, path, id, chunk).
@@ -341,6 +347,14 @@ class RelayTransport:
             return Contact.from_answer(None, failure, "", source="probe")
         reason, detail = parse_answer(status, answer.decode("utf-8", "replace"))
         return Contact.from_answer(status, reason, detail, source="probe")
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        status, answer, failure = await self._request(
+            peer, "/records", body, RECORDS_CONTENT_TYPE, self.send_timeout_s
+        )
+        if status is None:
+            return None, failure
+        return status, reply_reason(answer, status == 202, status)
 
     async def request_receipts(
         self, peer: Peer, request: bytes, max_bytes: int

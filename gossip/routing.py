@@ -17,11 +17,13 @@ own duplicate check that drops it, counted as `duplicate`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from crypto.allowlist import Peer
 from crypto.identity import Identity
+from gossip.peer_records import RecordBook
 from gossip.probe import Contact, Reach
 from gossip.transport import SendResult, Transport
 
@@ -31,14 +33,25 @@ T = TypeVar("T")
 class RoutedTransport:
     """Direct when the peer has an address, else (or when that fails) through its relays."""
 
-    def __init__(self, direct: Transport | None, relays: Mapping[str, Transport]) -> None:
+    def __init__(
+        self,
+        direct: Transport | None,
+        relays: Mapping[str, Transport],
+        book: RecordBook | None = None,
+    ) -> None:
         self.direct = direct
         self.relays = dict(relays)
+        # Signed peer records (gossip/peer_records.py): where a peer says it is now.
+        self.book = book
+
+    def _where(self, peer: Peer) -> Peer:
+        return self.book.current(peer, time.time()) if self.book is not None else peer
 
     def _relays_of(self, peer: Peer) -> list[Transport]:
         return [self.relays[name] for name in peer.relays if name in self.relays]
 
     async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
+        peer = self._where(peer)
         first: SendResult | None = None
         if peer.address and self.direct is not None:
             first = await self.direct.send(peer, envelope, signer)
@@ -58,6 +71,7 @@ class RoutedTransport:
     async def request_receipts(
         self, peer: Peer, request: bytes, max_bytes: int
     ) -> tuple[int | None, bytes]:
+        peer = self._where(peer)
         if peer.address and self.direct is not None:
             status, body = await self.direct.request_receipts(peer, request, max_bytes)
             if status is not None:
@@ -70,6 +84,7 @@ class RoutedTransport:
         )
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
+        peer = self._where(peer)
         first: Contact | None = None
         if peer.address and self.direct is not None:
             first = await self.direct.probe(peer, probe, timeout_s)
@@ -82,6 +97,15 @@ class RoutedTransport:
         return next((c for c in contacts if c.reach is Reach.ADMITTED), None) or next(
             (c for c in contacts if c.reach is not Reach.UNREACHABLE), contacts[0]
         )
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        peer = self._where(peer)
+        if peer.address and self.direct is not None:
+            status, reason = await self.direct.post_records(peer, body)
+            if status is not None:
+                return status, reason
+        answers = await _all(r.post_records(peer, body) for r in self._relays_of(peer))
+        return next((a for a in answers if a[0] is not None), (None, "no route"))
 
 
 async def _all(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

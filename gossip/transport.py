@@ -42,6 +42,7 @@ from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 log = logging.getLogger("murmur.transport")
 
 ENVELOPE_CONTENT_TYPE = "application/x-murmur-envelope"
+RECORDS_CONTENT_TYPE = "application/json"
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -81,6 +82,8 @@ class Transport(Protocol):
     ) -> tuple[int | None, bytes]: ...
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact: ...
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]: ...
 
 
 class TlsKeyMismatch(aiohttp.ClientConnectionError):
@@ -360,6 +363,23 @@ class PeerTransport:
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        """POST signed peer records (gossip/peer_records.py) to a peer's /records: (status,
+        reason code), (None, why) without an answer. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                self._url(peer, "/records"),
+                data=body,
+                headers=self.headers(peer, "/records", body, RECORDS_CONTENT_TYPE),
+                allow_redirects=False,
+            ) as response:
+                reply = await self._read_reply(response)
+                return response.status, reply_reason(reply, response.status == 202, response.status)
+        except OversizeReply:
+            return None, "oversize_reply"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, type(exc).__name__
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our

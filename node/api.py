@@ -58,9 +58,11 @@ from gossip.auth import (
     RequestAuthenticator,
 )
 from gossip.heads import REQUEST_BYTES
+from gossip.peer_records import MAX_RECORDS_BYTES
 from gossip.probe import PROBE_BYTES
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
 from node.dashboard import alerts, audit_recent, dashboard
+from node.records import records_route
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
 from node.tls import peer_listener_tls
@@ -504,6 +506,7 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     add_peer_route(app, "/gossip", gossip, node.limits.max_message_bytes)
     add_peer_route(app, "/receipts", receipts_route, REQUEST_BYTES)
     add_peer_route(app, "/probe", probe, PROBE_BYTES)
+    add_peer_route(app, "/records", records_route, MAX_RECORDS_BYTES)
     app.router.add_get("/health", health)
     return app
 

@@ -43,6 +43,9 @@ class NodeSection:
     after_training: str = "exit"
     # False: open no port for peers at all; they reach this node through its [[relays]].
     inbound: bool = True
+    # Addresses announced in this node's signed peer record (node/records.py), e.g.
+    # ["https://10.0.0.1:8700"]; peers then reach it there without editing their configs.
+    advertise: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(
@@ -52,6 +55,13 @@ class NodeSection:
             'after_training = "serve" to stay up for a service manager',
         )
         _require(self.name.strip() != "", "node.name", "must not be empty", 'name = "hospital_a"')
+        for i, address in enumerate(self.advertise):
+            _require(
+                address.startswith(("http://", "https://")),
+                f"node.advertise[{i}]",
+                f"must be an http(s) URL (got {address!r})",
+                'advertise = ["https://10.0.0.1:8700"]',
+            )
         _check_listen(self.listen, "node.listen", "127.0.0.1:8700")
 
 

@@ -28,6 +28,7 @@ from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_input
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_min_neighbours, check_node, default_min_neighbours
 from gossip.liveness import LivenessChange, PeerLiveness
+from gossip.peer_records import RecordBook
 from gossip.probe import Contact, Reach, build_probe, check_probe
 from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
@@ -160,6 +161,7 @@ class HospitalNode:
         ]
         self.peer_degree = {p.name: (p.degree or len(config.peers)) for p in config.peers}
         self.allowlist = Allowlist(self.peers)
+        self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         self.state_dir = config.node.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
 

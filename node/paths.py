@@ -4,17 +4,20 @@ One function, ``open_transport``, builds them from the config: HTTP(S) for peers
 address (client TLS from node/tls.py), a NATS connection per `[[relays]]` entry
 (gossip/relay.py) that also delivers what peers send this node through that relay, and the
 ``RoutedTransport`` (gossip/routing.py) the round loop sees. Everything is closed when the
-`async with` ends.
+`async with` ends. Meanwhile the node's signed peer record and those it holds are sent
+to every neighbour (node/records.py), and sends follow the newest records (gossip/routing.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gossip.routing import RoutedTransport
 from gossip.transport import PeerTransport
+from node.records import exchange_records
 from node.tls import client_tls
 
 if TYPE_CHECKING:
@@ -39,4 +42,11 @@ async def open_transport(node: HospitalNode) -> AsyncIterator[RoutedTransport]:
             from node.relay_inbox import open_relays  # imports nats only when used
 
             relays = await stack.enter_async_context(open_relays(node))
-        yield RoutedTransport(direct, relays)
+        transport = RoutedTransport(direct, relays, node.record_book)
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(exchange_records(node, transport, stop))
+            try:
+                yield transport
+            finally:
+                stop.set()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from crypto.allowlist import Peer
 from gossip.auth import AuthError, RequestAuth, RequestAuthenticator
 from gossip.heads import REQUEST_BYTES
+from gossip.peer_records import MAX_RECORDS_BYTES
 from gossip.probe import PROBE_BYTES
 from gossip.relay import Frame, FrameError, RelayTransport, nkey_of
 
@@ -73,6 +74,7 @@ class RelayInbox:
             "/gossip": node.limits.max_message_bytes,
             "/probe": PROBE_BYTES,
             "/receipts": REQUEST_BYTES,
+            "/records": MAX_RECORDS_BYTES,
         }
         self._tokens = {nkey_of(p.public_key): p for p in node.allowlist}
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
@@ -167,6 +169,11 @@ class RelayInbox:
             return Answer(status, json.dumps({"reason": reason}).encode())
         if path == "/probe":
             status, reason = node.answer_probe(body, peer.public_key)
+            return Answer(status, json.dumps({"reason": reason}).encode())
+        if path == "/records":
+            from node.records import answer_records
+
+            status, reason = answer_records(node, body, peer)
             return Answer(status, json.dumps({"reason": reason}).encode())
         status, _, payload = node.answer_receipts_request(body, peer.public_key)
         return Answer(status, payload)
