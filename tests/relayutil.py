@@ -46,6 +46,7 @@ class Broker:
     hospitals: dict[str, bytes]
     per_hospital_bytes: int = 64 * 1024 * 1024
     port: int = field(default_factory=free_port)
+    websocket_port: int | None = None  # also serve NATS over WebSocket (ws://, no TLS)
     proc: subprocess.Popen | None = None
 
     @property
@@ -59,6 +60,9 @@ class Broker:
             listen=f"127.0.0.1:{self.port}",
             store_dir=self.tmp / "store",
             per_hospital_bytes=self.per_hospital_bytes,
+            websocket_listen=(
+                f"127.0.0.1:{self.websocket_port}" if self.websocket_port is not None else None
+            ),
         )
 
     def start(self) -> None:

@@ -4,6 +4,7 @@ over, a broker that misbehaves, and a real nats-server's permissions and store-a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -381,3 +382,60 @@ def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
     finally:
         net.kill_all()
         kill_group(relay, signal.SIGTERM)
+
+
+@needs_nats
+def test_a_hospital_that_may_only_speak_http_reaches_the_relay_over_websocket(
+    tmp_path: Path,
+) -> None:
+    from tests.relayutil import free_port
+
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, websocket_port=free_port())
+    broker.start()
+    try:
+        result, received = asyncio.run(_over_websocket(broker))
+    finally:
+        broker.kill()
+    assert result.ok, result
+    assert received == [("hospital_a", b"through a websocket")]
+
+
+async def _over_websocket(broker: Broker):  # type: ignore[no-untyped-def]
+    node_b = FakeNode(B, [A])
+    ws_url = f"ws://127.0.0.1:{broker.websocket_port}"
+    async with NatsLink("r", ws_url, A) as link_a, NatsLink("r", broker.url, B) as link_b:
+        ta, tb = RelayTransport("r", A, link_a, 5), RelayTransport("r", B, link_b, 5)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            group.create_task(link_b.serve(RelayInbox(node_b), tb))
+            await _until(lambda: link_a.connected and link_b.connected)
+            await asyncio.sleep(0.3)
+            result = await ta.send(peer(B), b"through a websocket")
+            link_a.stop()
+            link_b.stop()
+    return result, node_b.received
+
+
+def test_murmur_relay_config_writes_the_broker_config_and_a_private_admin_seed(
+    tmp_path: Path, capsys
+) -> None:
+    from crypto.identity import save_identity
+    from node.cli import main
+
+    pubs = [save_identity(i, tmp_path / "keys")[1] for i in (A, B)]
+    args = ["relay", "config", "--pub", str(pubs[0]), "--pub", str(pubs[1])]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {u["nkey"] for u in printed["accounts"]["MURMUR"]["users"]} >= {
+        nkey_of(A.public_key),
+        nkey_of(B.public_key),
+    }
+    out = tmp_path / "relay" / "broker.conf"
+    out.parent.mkdir()
+    assert main([*args, "--out", str(out), "--per-hospital-mb", "64"]) == 0
+    written = json.loads(out.read_text())
+    assert written["accounts"]["MURMUR"]["jetstream"]["max_file"] == 2 * 64 * 2**20
+    seed = out.with_name("broker.conf.admin.nk")
+    assert os.stat(seed).st_mode & 0o777 == 0o600
+    # A second hospital file with the same name is refused, naming it.
+    assert main(["relay", "config", "--pub", str(pubs[0]), "--pub", str(pubs[0])]) == 2
