@@ -208,7 +208,17 @@ async def open_relays(node: HospitalNode) -> AsyncIterator[dict[str, RelayTransp
             for link in links:
                 group.create_task(link.serve(inbox, transports[link.name]))
             try:
+                await _first_connection(links, max(r.connect_timeout_s for r in config.relays))
                 yield transports
             finally:
                 for link in links:
                     link.stop()
+
+
+async def _first_connection(links: list[NatsLink], timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) until every relay is connected, so that the first
+    requests of the run (the rollback check, the first probes) can go through them; a relay
+    still down by then is retried in the background and logged by its link."""
+    end = time.monotonic() + timeout_s
+    while not all(link.connected for link in links) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
