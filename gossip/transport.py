@@ -83,6 +83,11 @@ class Transport(Protocol):
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact: ...
 
+
+class RecordsTransport(Transport, Protocol):
+    """A transport that also carries signed peer records (node/records.py), as the three
+    above do; the round loop itself never needs it."""
+
     async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]: ...
 
 

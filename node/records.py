@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from crypto.allowlist import Peer
 from gossip.peer_records import PeerRecord, RecordError, decode_records, encode_records
+from gossip.transport import RecordsTransport
 
 if TYPE_CHECKING:
     from node.node import HospitalNode
@@ -70,7 +71,9 @@ def own_record(node: HospitalNode, now: float) -> PeerRecord | None:
     return PeerRecord.make(node.identity, list(config.node.advertise), relays, now, RECORD_TTL_S)
 
 
-async def exchange_records(node: HospitalNode, transport: Any, stop: asyncio.Event) -> None:
+async def exchange_records(
+    node: HospitalNode, transport: RecordsTransport, stop: asyncio.Event
+) -> None:
     """Until ``stop``: send the own record and every held one to each neighbour."""
     while not stop.is_set():
         now = time.time()
