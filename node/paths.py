@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from gossip.routing import RoutedTransport
 from gossip.transport import PeerTransport
+from node.background import running
 from node.records import exchange_records
 from node.tls import client_tls
 
@@ -44,8 +45,7 @@ async def open_transport(node: HospitalNode) -> AsyncIterator[RoutedTransport]:
             relays = await stack.enter_async_context(open_relays(node))
         transport = RoutedTransport(direct, relays, node.record_book)
         stop = asyncio.Event()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(exchange_records(node, transport, stop))
+        async with running(exchange_records(node, transport, stop)):
             try:
                 yield transport
             finally:

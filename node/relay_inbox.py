@@ -35,6 +35,7 @@ from gossip.heads import REQUEST_BYTES
 from gossip.peer_records import MAX_RECORDS_BYTES
 from gossip.probe import PROBE_BYTES
 from gossip.relay import Frame, FrameError, RelayTransport, nkey_of
+from node.background import running
 
 if TYPE_CHECKING:
     from gossip.nats_link import NatsLink
@@ -204,9 +205,7 @@ async def open_relays(node: HospitalNode) -> AsyncIterator[dict[str, RelayTransp
             )
             links.append(await stack.enter_async_context(link))
             transports[relay.name] = transport
-        async with asyncio.TaskGroup() as group:
-            for link in links:
-                group.create_task(link.serve(inbox, transports[link.name]))
+        async with running(*(link.serve(inbox, transports[link.name]) for link in links)):
             try:
                 await _first_connection(links, max(r.connect_timeout_s for r in config.relays))
                 yield transports
