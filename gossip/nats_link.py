@@ -93,6 +93,13 @@ class NatsLink:
                 pass
             self.nc = None
 
+    async def _drop_connection(self) -> None:
+        """Forget a connection that never came up or was closed (closing it, bounded)."""
+        nc, self.nc = self.nc, None
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            async with asyncio.timeout(5):
+                await nc.close()
+
     def stop(self) -> None:
         self._stopped.set()
 
@@ -183,7 +190,10 @@ class NatsLink:
         while not self._stopped.is_set():
             try:
                 if self.nc is None:
-                    await self.connect()
+                    # nats-py may retry a failing first connection without end (a TLS
+                    # handshake that fails, say): bound it, and retry here with backoff.
+                    async with asyncio.timeout(2 * self.connect_timeout_s + 5):
+                        await self.connect()
                 delay = 0.5
                 await self._deliver(inbox, transport)
             except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
@@ -196,8 +206,8 @@ class NatsLink:
                     type(exc).__name__,
                     delay,
                 )
-                if self.nc is not None and self.nc.is_closed:
-                    self.nc = None
+                if self.nc is not None and (self.nc.is_closed or not self.nc.is_connected):
+                    await self._drop_connection()
                 try:
                     async with asyncio.timeout(delay):
                         await self._stopped.wait()

@@ -16,6 +16,7 @@ NATS docs) so that no single host is needed, and every node lists each of them a
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,22 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
     async def quiet(exc: Exception) -> None:
         """A failed connection raises below; nats-py's default would also print it."""
 
+    tls = None
+    if plan.tls_cert is not None:
+        # The broker's own host, just started: its certificate may name only the public
+        # host name, so it is not verified here. The admin proves itself by signing the
+        # broker's fresh nonce, which nobody on the path can reuse.
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        url = url.replace("nats://", "tls://", 1)
     nc = await nats.connect(
         url,
         nkeys_seed_str=admin_seed.decode(),
         connect_timeout=timeout_s,
         allow_reconnect=False,
         error_cb=quiet,
+        tls=tls,
     )
     try:
         js = nc.jetstream(timeout=timeout_s)

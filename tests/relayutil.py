@@ -47,6 +47,7 @@ class Broker:
     per_hospital_bytes: int = 64 * 1024 * 1024
     port: int = field(default_factory=free_port)
     websocket_port: int | None = None  # also serve NATS over WebSocket (ws://, no TLS)
+    tls: tuple[Path, Path] | None = None  # (cert, key): clients must use tls://
     proc: subprocess.Popen | None = None
 
     @property
@@ -63,6 +64,8 @@ class Broker:
             websocket_listen=(
                 f"127.0.0.1:{self.websocket_port}" if self.websocket_port is not None else None
             ),
+            tls_cert=self.tls[0] if self.tls else None,
+            tls_key=self.tls[1] if self.tls else None,
         )
 
     def start(self) -> None:

@@ -439,3 +439,45 @@ def test_murmur_relay_config_writes_the_broker_config_and_a_private_admin_seed(
     assert os.stat(seed).st_mode & 0o777 == 0o600
     # A second hospital file with the same name is refused, naming it.
     assert main(["relay", "config", "--pub", str(pubs[0]), "--pub", str(pubs[0])]) == 2
+
+
+@needs_nats
+def test_hospitals_reach_a_relay_over_tls(tmp_path: Path) -> None:
+    """The broker serves TLS only; a node verifies it against `ca_file` and gets through."""
+    from node.tls import private_key_pem, selfsigned
+
+    relay_id = generate_identity("relay")
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    cert.write_bytes(selfsigned(relay_id, ["127.0.0.1"]))
+    key.write_bytes(private_key_pem(relay_id))
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, tls=(cert, key))
+    broker.start()
+    try:
+        result, received, plain = asyncio.run(_over_tls(broker, cert))
+    finally:
+        broker.kill()
+    assert result.ok, result
+    assert received == [("hospital_a", b"over tls")]
+    assert not plain  # a plain nats:// connection to a TLS-only broker does not get through
+
+
+async def _over_tls(broker: Broker, ca: Path):  # type: ignore[no-untyped-def]
+    node_b = FakeNode(B, [A])
+    url = f"tls://127.0.0.1:{broker.port}"
+    async with (
+        NatsLink("r", url, A, ca_file=ca) as link_a,
+        NatsLink("r", url, B, ca_file=ca) as link_b,
+        NatsLink("r", broker.url, B, connect_timeout_s=1) as plain,
+    ):
+        ta, tb = RelayTransport("r", A, link_a, 5), RelayTransport("r", B, link_b, 5)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            group.create_task(link_b.serve(RelayInbox(node_b), tb))
+            group.create_task(plain.serve(RelayInbox(FakeNode(B, [A])), tb))
+            await _until(lambda: link_a.connected and link_b.connected)
+            await asyncio.sleep(0.5)
+            result = await ta.send(peer(B), b"over tls")
+            plain_connected = plain.connected
+            for link in (link_a, link_b, plain):
+                link.stop()
+    return result, node_b.received, plain_connected
