@@ -14,7 +14,8 @@ possibly reordered or duplicated; they are reassembled per (sender, id), a bound
 a time per sender, and dropped when incomplete after `ASSEMBLY_TIMEOUT_S` (counted as
 `incomplete`). A duplicated request, or a chunk of one already handled, is refused by the
 nonce check (`unauthenticated`, why `replay`). One ``RelayInbox`` serves every relay of the
-node, so a copy that came through a second relay is caught the same way.
+node, so a copy that came through a second relay is caught the same way, and each peer's
+requests draw on the same per-peer allowance as on the peer listener (`peer_rate_limited`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from crypto.allowlist import Peer
-from gossip.auth import AuthError, RequestAuth, RequestAuthenticator
+from gossip.auth import AuthError, PeerAllowance, PeerLimiter, RequestAuth, RequestAuthenticator
 from gossip.heads import REQUEST_BYTES
 from gossip.peer_records import MAX_RECORDS_BYTES
 from gossip.probe import PROBE_BYTES
@@ -66,8 +67,11 @@ class Answer:
 class RelayInbox:
     """Checks and hands over what relays deliver to one node."""
 
-    def __init__(self, node: HospitalNode) -> None:
+    def __init__(self, node: HospitalNode, allowance: PeerAllowance | None = None) -> None:
+        """``allowance``: each peer's request rate, as on the peer listener (the node's
+        `[peer_listener]`); None only for tests of the checks alone."""
         self.node = node
+        self.limiter = PeerLimiter(allowance) if allowance is not None else None
         self.authenticator = RequestAuthenticator(
             node.identity.public_key, node.allowlist, node.limits.timestamp_window_s
         )
@@ -149,6 +153,11 @@ class RelayInbox:
                 why="sender_mismatch",
             )
             return None
+        if self.limiter is not None and not self.limiter.take(
+            peer.name, time.monotonic(), self.node.inbox.current_round
+        ):
+            self._refuse(relay, "peer_rate_limited", f"{peer.name} is over its request allowance")
+            return None
         return _Assembly(frame.auth, peer, request, frame.count, time.monotonic())
 
     def _expire(self, relay: str) -> None:
@@ -187,8 +196,17 @@ async def open_relays(node: HospitalNode) -> AsyncIterator[dict[str, RelayTransp
     per relay name for sending."""
     from gossip.nats_link import NatsLink  # nats is imported only by nodes with relays
 
-    inbox = RelayInbox(node)
     config = node.config
+    listener = config.peer_listener
+    inbox = RelayInbox(
+        node,
+        PeerAllowance(
+            max_bodies=listener.peer_max_bodies,
+            burst=listener.peer_burst,
+            per_round=listener.peer_requests_per_round,
+            per_second=listener.peer_requests_per_s,
+        ),
+    )
     async with contextlib.AsyncExitStack() as stack:
         links: list[NatsLink] = []
         transports: dict[str, RelayTransport] = {}

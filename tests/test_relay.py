@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -371,6 +372,14 @@ def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
     use_relay(net, f"nats://127.0.0.1:{port}", {outbound_only})
     try:
         net.start_all()
+        # While it runs, nothing listens on the port its config would have given peers.
+        end = time.monotonic() + 60
+        while "peer listener on none" not in net.log(outbound_only):
+            assert time.monotonic() < end, net.log(outbound_only)
+            time.sleep(0.1)
+        port_of_hidden = int(net.node(outbound_only).address.rpartition(":")[2])
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_of_hidden), timeout=2).close()
         codes = net.wait_all(timeout_s=150)
         logs = {n.name: net.log(n.name) for n in net.nodes}
         assert codes == {n.name: 0 for n in net.nodes}, logs
@@ -481,3 +490,23 @@ async def _over_tls(broker: Broker, ca: Path):  # type: ignore[no-untyped-def]
             for link in (link_a, link_b, plain):
                 link.stop()
     return result, node_b.received, plain_connected
+
+
+def test_a_peer_flooding_through_the_relay_is_held_to_its_allowance() -> None:
+    from gossip.auth import PeerAllowance, request_headers
+
+    node = FakeNode(B, [A])
+    node.inbox = SimpleNamespace(current_round=1)  # type: ignore[attr-defined]
+    inbox = RelayInbox(node, PeerAllowance(burst=3, per_round=0, per_second=0))  # type: ignore[arg-type]
+    sender = nkey_of(A.public_key)
+
+    async def flood() -> None:
+        for i in range(5):
+            body = f"envelope {i}".encode()
+            auth = request_headers(A, B.public_key, "/gossip", body, "x", time.time())
+            (frame,) = frames("/gossip", auth["Murmur-Auth"], "x", body, 1_000_000)
+            await inbox.handle("r", sender, frame.headers(), body)
+
+    asyncio.run(flood())
+    assert len(node.received) == 3
+    assert node.rejections == [("peer_rate_limited", None)] * 2
