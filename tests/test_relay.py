@@ -510,3 +510,30 @@ def test_a_peer_flooding_through_the_relay_is_held_to_its_allowance() -> None:
     asyncio.run(flood())
     assert len(node.received) == 3
     assert node.rejections == [("peer_rate_limited", None)] * 2
+
+
+def test_config_check_finds_a_peer_that_cannot_be_reached_the_way_it_is_listed(
+    tmp_path: Path,
+) -> None:
+    import tomllib
+
+    import run_cluster
+    from node.config_check import check_configs
+    from tests.netutil import make_network
+    from tests.relayutil import use_relay
+
+    net = make_network(tmp_path, "--nodes", "3", "--no-dp", "--aggregator", "mean")
+    hidden = net.nodes[2]
+    use_relay(net, "nats://127.0.0.1:4222", {hidden.name})
+    paths = [n.config_path for n in net.nodes]
+    _, findings = check_configs(paths)
+    assert not [f for f in findings if f.level == "error"], findings
+    # hospital_0 goes back to the hidden node's address, which can never answer.
+    doc = tomllib.loads(net.nodes[0].config_path.read_text())
+    entry = next(p for p in doc["peers"] if p["name"] == hidden.name)
+    entry.pop("relays")
+    entry["address"] = hidden.address
+    net.nodes[0].config_path.write_text(run_cluster.to_toml(doc))
+    _, findings = check_configs(paths)
+    errors = [f.message for f in findings if f.level == "error"]
+    assert any("inbound = false" in m and "relays = [...]" in m for m in errors), errors
