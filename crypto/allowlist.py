@@ -23,11 +23,14 @@ from crypto.identity import (
 
 @dataclass(frozen=True)
 class Peer:
-    """One admitted hospital: its node name, its HTTP base address and its Ed25519 key."""
+    """One admitted hospital: its node name, its HTTP base address (empty when it is reached
+    only through relays), its Ed25519 key, and the names of the relays it is reachable
+    through (gossip/relay.py)."""
 
     name: str
     address: str
     public_key: bytes
+    relays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -35,10 +38,10 @@ class Peer:
             check_public_key(self.public_key)
         except IdentityError as exc:
             raise ValueError(f"peer {self.name!r}: {exc}") from None
-        if not isinstance(self.address, str) or not self.address.strip():
+        if not isinstance(self.address, str) or (not self.address.strip() and not self.relays):
             raise ValueError(
                 f"peer {self.name!r}: address must be a non-empty string such as "
-                "http://10.0.0.2:8470"
+                "http://10.0.0.2:8470, unless the peer is reached through relays"
             )
 
     @property

@@ -23,13 +23,17 @@ import email.utils
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import aiohttp
+import yarl
 
 from crypto.allowlist import Peer
+from crypto.certs import server_key_matches
 from crypto.identity import Identity
 from gossip.auth import request_headers
 from gossip.heads import REQUEST_CONTENT_TYPE
@@ -38,6 +42,7 @@ from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 log = logging.getLogger("murmur.transport")
 
 ENVELOPE_CONTENT_TYPE = "application/x-murmur-envelope"
+RECORDS_CONTENT_TYPE = "application/json"
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -52,6 +57,68 @@ class SendResult:
     status: int | None  # HTTP status, None when no answer came
     reason: str  # "accepted", the receiver's reason code, or the local failure
     seconds: float
+
+
+class Transport(Protocol):
+    """What the round loop needs from whatever carries its bytes to a neighbour.
+
+    ``PeerTransport`` (HTTP(S) to the peer's address, below), ``RelayTransport`` (through a
+    NATS broker, gossip/relay.py) and ``RoutedTransport`` (picks between them per peer,
+    gossip/routing.py) all have this shape; the round loop and aggregation see only it, so a
+    further transport (QUIC keyed by the Ed25519 key, say) is one more class like these.
+    Every method reports failure in its result and never raises for network trouble.
+    """
+
+    async def send(
+        self, peer: Peer, envelope: bytes, signer: Identity | None = None
+    ) -> SendResult: ...
+
+    async def send_all(
+        self, peers: list[Peer], envelope: bytes, signer: Identity | None = None
+    ) -> list[SendResult]: ...
+
+    async def request_receipts(
+        self, peer: Peer, request: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]: ...
+
+    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact: ...
+
+
+class RecordsTransport(Transport, Protocol):
+    """A transport that also carries signed peer records (node/records.py), as the three
+    above do; the round loop itself never needs it."""
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]: ...
+
+
+class TlsKeyMismatch(aiohttp.ClientConnectionError):
+    """The TLS server's certificate is not for the allowlisted key of the peer at that
+    address (or not an Ed25519 certificate at all)."""
+
+
+class PinningConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, checking each new TLS connection's certificate key against the
+    allowlisted key for its address before a byte of the request is sent on it."""
+
+    def __init__(self, pins: dict[tuple[str, int], bytes], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pins = pins
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        protocol = await super()._create_connection(req, traces, timeout)
+        if req.url.scheme == "https":
+            expected = self._pins.get((req.url.host or "", req.url.port or 443))
+            transport = protocol.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            if expected is None or not server_key_matches(ssl_object, expected):
+                protocol.close()
+                log.error(
+                    "TLS: the server at %s does not hold the allowlisted key for that address "
+                    "(certificate key mismatch); nothing was sent to it",
+                    req.url.origin(),
+                )
+                raise TlsKeyMismatch("tls_key_mismatch")
+        return protocol
 
 
 class OversizeReply(Exception):
@@ -162,8 +229,13 @@ class PeerTransport:
         timestamp_window_s: float = 300.0,
         max_reply_bytes: int = MAX_REPLY_BYTES,
         clock: Callable[[], float] = time.time,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.identity = identity
+        # For https:// peers: presents this node's certificate; the server's is pinned to
+        # the peer's allowlisted key (`PinningConnector`), not checked against a CA.
+        self.tls = tls
+        self._pins: dict[tuple[str, int], bytes] = {}
         self.clock_now = clock  # this node's clock: it signs requests and reads peers' Date
         self.send_timeout_s = send_timeout_s
         self.max_reply_bytes = max_reply_bytes
@@ -172,7 +244,9 @@ class PeerTransport:
 
     async def __aenter__(self) -> PeerTransport:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=KEEPALIVE_S),
+            connector=PinningConnector(
+                self._pins, limit=64, keepalive_timeout=KEEPALIVE_S, ssl=self.tls or True
+            ),
             timeout=aiohttp.ClientTimeout(total=self.send_timeout_s),
             # Replies are small JSON: nothing to inflate, and no inflating a peer's bytes.
             auto_decompress=False,
@@ -192,6 +266,14 @@ class PeerTransport:
             raise RuntimeError("PeerTransport used outside 'async with'")
         return self._session
 
+    def _url(self, peer: Peer, path: str) -> str:
+        """The peer's URL for ``path``; for https, its key is what the server must hold."""
+        url = f"{peer.address.rstrip('/')}{path}"
+        if url.startswith("https://"):
+            parsed = yarl.URL(url)
+            self._pins[(parsed.host or "", parsed.port or 443)] = peer.public_key
+        return url
+
     def headers(
         self, peer: Peer, path: str, body: bytes, content_type: str, signer: Identity | None = None
     ) -> dict[str, str]:
@@ -210,7 +292,7 @@ class PeerTransport:
         start = time.monotonic()
         try:
             async with self.session.post(
-                f"{peer.address.rstrip('/')}/gossip",
+                self._url(peer, "/gossip"),
                 data=envelope,
                 headers=self.headers(peer, "/gossip", envelope, ENVELOPE_CONTENT_TYPE, signer),
                 allow_redirects=False,
@@ -225,11 +307,13 @@ class PeerTransport:
                     response.close()  # drop the connection rather than read the rest
                     return SendResult(peer.name, False, response.status, "oversize_reply", seconds)
                 ok = response.status == 202
-                reason = _reason(body, ok, response.status)
+                reason = reply_reason(body, ok, response.status)
                 self._observe(peer, response, reason)
                 return SendResult(peer.name, ok, response.status, reason, time.monotonic() - start)
         except TimeoutError:
             return SendResult(peer.name, False, None, "timeout", time.monotonic() - start)
+        except TlsKeyMismatch:
+            return SendResult(peer.name, False, None, "tls_key_mismatch", time.monotonic() - start)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return SendResult(
                 peer.name,
@@ -268,7 +352,7 @@ class PeerTransport:
         ``send_timeout_s``. Never raises for network trouble."""
         try:
             async with self.session.post(
-                f"{peer.address.rstrip('/')}/receipts",
+                self._url(peer, "/receipts"),
                 data=request,
                 headers=self.headers(peer, "/receipts", request, REQUEST_CONTENT_TYPE),
                 allow_redirects=False,
@@ -279,11 +363,28 @@ class PeerTransport:
                     if not chunk:
                         break
                     data += chunk
-                reason = "accepted" if response.status == 200 else _reason(data, False, 0)
+                reason = "accepted" if response.status == 200 else reply_reason(data, False, 0)
                 self._observe(peer, response, reason)
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
+
+    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        """POST signed peer records (gossip/peer_records.py) to a peer's /records: (status,
+        reason code), (None, why) without an answer. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                self._url(peer, "/records"),
+                data=body,
+                headers=self.headers(peer, "/records", body, RECORDS_CONTENT_TYPE),
+                allow_redirects=False,
+            ) as response:
+                reply = await self._read_reply(response)
+                return response.status, reply_reason(reply, response.status == 202, response.status)
+        except OversizeReply:
+            return None, "oversize_reply"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, type(exc).__name__
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our
@@ -291,7 +392,7 @@ class PeerTransport:
         bound as a send's reply, and a redirect is a refusal, never followed."""
         try:
             async with self.session.post(
-                f"{peer.address.rstrip('/')}/probe",
+                self._url(peer, "/probe"),
                 data=probe,
                 headers=self.headers(peer, "/probe", probe, PROBE_CONTENT_TYPE),
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -313,11 +414,13 @@ class PeerTransport:
                 return Contact.from_answer(response.status, reason, detail, source="probe")
         except TimeoutError:
             return Contact.from_answer(None, f"no answer in {timeout_s:g} s", "", source="probe")
+        except TlsKeyMismatch:
+            return Contact.from_answer(None, "tls_key_mismatch", "", source="probe")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return Contact.from_answer(None, type(exc).__name__, "", source="probe")
 
 
-def _reason(body: bytes, ok: bool, status: int) -> str:
+def reply_reason(body: bytes, ok: bool, status: int) -> str:
     """The receiver's reason code from its reply, if it is one; never free text from a peer
     (it goes into this node's audit record of the send)."""
     try:

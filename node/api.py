@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
@@ -57,11 +58,14 @@ from gossip.auth import (
     RequestAuthenticator,
 )
 from gossip.heads import REQUEST_BYTES
+from gossip.peer_records import MAX_RECORDS_BYTES
 from gossip.probe import PROBE_BYTES
 from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
 from node.dashboard import alerts, audit_recent, dashboard
+from node.records import records_route
 from node.rejections import RateLimitedLog, printable
 from node.rollback import receipts_route
+from node.tls import peer_listener_tls
 
 if TYPE_CHECKING:
     from node.node import HospitalNode
@@ -254,8 +258,10 @@ class Listener:
         listen: str,
         limits: ConnectionLimits,
         on_refused: Callable[[str, str, str | None], None],
+        ssl: SSLContext | None = None,
     ) -> None:
         self.name = name
+        self.ssl = ssl
         self.app = app
         self.host, self._requested_port = split_listen(listen)
         self.limits = limits
@@ -281,6 +287,8 @@ class Listener:
                 self.host,
                 self._requested_port,
                 backlog=self.limits.backlog,
+                ssl=self.ssl,
+                ssl_handshake_timeout=self.limits.idle_timeout_s if self.ssl else None,
             )
         except BaseException:
             await self._runner.cleanup()
@@ -295,7 +303,7 @@ class Listener:
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://{host}:{self.port}"
 
     def admit(self, transport: asyncio.BaseTransport) -> asyncio.Protocol | None:
         """aiohttp's protocol for a new connection, or None after refusing it (503)."""
@@ -342,14 +350,15 @@ def _peer_host(transport: asyncio.BaseTransport | None) -> str | None:
 
 @dataclass
 class NodeApi:
-    """The node's two running listeners."""
+    """The node's running listeners: no peer listener with `[node] inbound = false`."""
 
-    peer: Listener
+    peer: Listener | None
     operator: Listener
 
     async def close(self) -> None:
         try:
-            await self.peer.close()
+            if self.peer is not None:
+                await self.peer.close()
         finally:
             await self.operator.close()
 
@@ -373,12 +382,17 @@ async def start_api(node: HospitalNode, token: str | None) -> NodeApi:
             f"operator:{reason}", "operator listener refused a request (%s): %s", reason, detail
         )
 
-    peer = Listener(
-        "peer",
-        build_peer_app(node),
-        config.node.listen,
-        ConnectionLimits.for_peers(config),
-        refused,
+    peer = (
+        Listener(
+            "peer",
+            build_peer_app(node),
+            config.node.listen,
+            ConnectionLimits.for_peers(config),
+            refused,
+            ssl=peer_listener_tls(config),
+        )
+        if config.node.inbound
+        else None
     )
     operator = Listener(
         "operator",
@@ -387,13 +401,19 @@ async def start_api(node: HospitalNode, token: str | None) -> NodeApi:
         OPERATOR_LIMITS,
         refused_operator,
     )
-    await peer.start()
+    if peer is not None:
+        await peer.start()
     try:
         await operator.start()
     except BaseException:
-        await peer.close()
+        if peer is not None:
+            await peer.close()
         raise
-    log.info("peer listener on %s, operator listener on %s", peer.address, operator.address)
+    log.info(
+        "peer listener on %s, operator listener on %s",
+        peer.address if peer is not None else "none (inbound = false: reached through relays)",
+        operator.address,
+    )
     return NodeApi(peer=peer, operator=operator)
 
 
@@ -486,6 +506,7 @@ def build_peer_app(node: HospitalNode) -> web.Application:
     add_peer_route(app, "/gossip", gossip, node.limits.max_message_bytes)
     add_peer_route(app, "/receipts", receipts_route, REQUEST_BYTES)
     add_peer_route(app, "/probe", probe, PROBE_BYTES)
+    add_peer_route(app, "/records", records_route, MAX_RECORDS_BYTES)
     app.router.add_get("/health", health)
     return app
 

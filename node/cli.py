@@ -1,4 +1,4 @@
-"""The `murmur` command: keygen, key show, config check, node, audit.
+"""The `murmur` command: keygen, key show, config check, node, tls-selfsigned, relay, audit.
 
 Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
 line saying what is wrong and exit status 2, never a traceback.
@@ -57,6 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="overrides [logging] level (default INFO)",
     )
+
+    tls = sub.add_parser(
+        "tls-selfsigned",
+        help="write a TLS certificate for a node's own Ed25519 key (for [tls] and peer_certs)",
+    )
+    tls.add_argument("--key", required=True, type=Path, help="the node's NAME.key")
+    tls.add_argument("--out", required=True, type=Path, help="directory for NAME.crt, NAME.tls.key")
+    tls.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP address the node is reached at; repeatable (default localhost)",
+    )
+    tls.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    from node.relay_cli import add_relay_parser
+
+    add_relay_parser(sub)
 
     audit = sub.add_parser("audit", help="verify, export, trace or report a node's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -138,6 +156,14 @@ def dispatch(args: argparse.Namespace) -> int:
         return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
+    if args.command == "tls-selfsigned":
+        from node.tls import tls_selfsigned_command
+
+        return tls_selfsigned_command(args.key, args.out, args.host, args.force)
+    if args.command == "relay":
+        from node.relay_cli import relay_command
+
+        return relay_command(args)
     return run_audit(args)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from gossip.trust import TrustSettings
 from models.metrics import DP_DEFAULT_THRESHOLD
+from node.net_config import RelaySection, TlsSection, check_network
 
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
@@ -43,6 +44,11 @@ class NodeSection:
     # After the planned rounds: "exit" (status 0; a service manager should then restart the
     # node only on failure), or "serve" (keep answering until SIGTERM, as `murmur node --serve`).
     after_training: str = "exit"
+    # False: open no port for peers at all; they reach this node through its [[relays]].
+    inbound: bool = True
+    # Addresses announced in this node's signed peer record (node/records.py), e.g.
+    # ["https://10.0.0.1:8700"]; peers then reach it there without editing their configs.
+    advertise: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(
@@ -52,6 +58,13 @@ class NodeSection:
             'after_training = "serve" to stay up for a service manager',
         )
         _require(self.name.strip() != "", "node.name", "must not be empty", 'name = "hospital_a"')
+        for i, address in enumerate(self.advertise):
+            _require(
+                address.startswith(("http://", "https://")),
+                f"node.advertise[{i}]",
+                f"must be an http(s) URL (got {address!r})",
+                'advertise = ["https://10.0.0.1:8700"]',
+            )
         _check_listen(self.listen, "node.listen", "127.0.0.1:8700")
 
 
@@ -166,14 +179,16 @@ class PeerListenerSection:
 @dataclass(frozen=True)
 class PeerSection:
     name: str
-    address: str
+    # Where it listens (empty: reached only through `relays`, names of [[relays]] entries).
+    address: str = ""
     public_key: str = ""
     public_key_file: Path | None = None
     degree: int | None = None
+    relays: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         _require(
-            self.address.startswith(("http://", "https://")),
+            not self.address or self.address.startswith(("http://", "https://")),
             f"{where}.address",
             f"must be an http(s) URL (got {self.address!r})",
             'address = "http://127.0.0.1:8701"',
@@ -627,6 +642,8 @@ class NodeConfig:
     operator: OperatorSection = field(default_factory=OperatorSection)
     peer_listener: PeerListenerSection = field(default_factory=PeerListenerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    relays: list[RelaySection] = field(default_factory=list)
     source: Path | None = None
     sha256: str = ""
 
@@ -674,6 +691,15 @@ class NodeConfig:
         )
         if self.privacy.enabled:
             self._check_data_independent_training()
+        host, _ = split_listen(self.node.listen)
+        check_network(
+            listen_host=host,
+            loopback=is_loopback(host),
+            inbound=self.node.inbound,
+            tls=self.tls,
+            relays=self.relays,
+            peers=[(p.name, p.address, p.relays) for p in self.peers],
+        )
 
     def _check_data_independent_training(self) -> None:
         """Under DP, refuse every setting that makes training use a statistic of the training
@@ -728,6 +754,7 @@ _SECTIONS: dict[str, type] = {
     "operator": OperatorSection,
     "peer_listener": PeerListenerSection,
     "logging": LoggingSection,
+    "tls": TlsSection,
 }
 
 
@@ -748,7 +775,7 @@ def load_config(path: str | Path) -> NodeConfig:
 
 def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:
     """Build a NodeConfig from a parsed TOML document (also used by tests and run_cluster)."""
-    allowed = [*_SECTIONS, "peers"]
+    allowed = [*_SECTIONS, "peers", "relays"]
     for key in raw:
         if key not in allowed:
             raise ConfigError(
@@ -765,7 +792,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:
     if not isinstance(peers_raw, list):
         raise ConfigError("peers must be an array of tables: write each peer as [[peers]]")
     peers = [_build(PeerSection, p, f"peers[{i}]", base_dir) for i, p in enumerate(peers_raw)]
-    config = NodeConfig(peers=peers, **sections)
+    relays_raw = raw.get("relays", [])
+    if not isinstance(relays_raw, list):
+        raise ConfigError("relays must be an array of tables: write each relay as [[relays]]")
+    relays = [_build(RelaySection, r, f"relays[{i}]", base_dir) for i, r in enumerate(relays_raw)]
+    config = NodeConfig(peers=peers, relays=relays, **sections)
     config.validate()
     return config
 

@@ -159,8 +159,9 @@ def _check_edge(
                 f"{config.node.name}'s envelopes (unknown_sender)",
             )
         )
+    findings += _check_path(config, peer, other, where)
     host, port = split_listen(other.node.listen)
-    if not peer.address.rstrip("/").endswith(f":{port}") and port != 0:
+    if peer.address and not peer.address.rstrip("/").endswith(f":{port}") and port != 0:
         findings.append(
             Finding(
                 "warning",
@@ -169,6 +170,51 @@ def _check_edge(
                 f"({host}:{port}); fine behind a proxy, wrong otherwise",
             )
         )
+    return findings
+
+
+def _check_path(config: NodeConfig, peer: Any, other: NodeConfig, where: str) -> list[Finding]:
+    """Whether the way `config` reaches `other` (address, relays) can work at all."""
+    findings = []
+    if peer.address and not other.node.inbound and not peer.relays:
+        findings.append(
+            Finding(
+                "error",
+                where,
+                f"{peer.name} has inbound = false (no peer port), so its address can never "
+                f"answer; fix: relays = [...] naming a relay {peer.name} connects to",
+            )
+        )
+    if peer.address.startswith("http://") and other.tls.enabled:
+        findings.append(
+            Finding(
+                "error",
+                where,
+                f"address is http:// but {peer.name} serves HTTPS ([tls]); fix: https://",
+            )
+        )
+    own_urls = {r.name: r.url for r in config.relays}
+    theirs = {r.name: r.url for r in other.relays}
+    for relay in peer.relays:
+        if relay not in theirs:
+            findings.append(
+                Finding(
+                    "error",
+                    where,
+                    f"reaches {peer.name} through relay {relay!r}, which {peer.name}'s config "
+                    f"does not connect to; fix: add [[relays]] name = {relay!r} there",
+                )
+            )
+        elif own_urls.get(relay) != theirs[relay]:
+            findings.append(
+                Finding(
+                    "warning",
+                    where,
+                    f"relay {relay!r} is {own_urls.get(relay)} here but {theirs[relay]} for "
+                    f"{peer.name}: fine for two listeners of one broker or cluster, wrong "
+                    "otherwise",
+                )
+            )
     return findings
 
 

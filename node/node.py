@@ -28,10 +28,11 @@ from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_input
 from gossip.attacks import Adversary, attack_rng, flip_labels
 from gossip.feasibility import check_min_neighbours, check_node, default_min_neighbours
 from gossip.liveness import LivenessChange, PeerLiveness
+from gossip.peer_records import RecordBook
 from gossip.probe import Contact, Reach, build_probe, check_probe
 from gossip.receipts import AuditHead, EquivocationProof, Receipt, ReceiptBook
 from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
-from gossip.transport import PeerTransport
+from gossip.transport import Transport
 from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
 from gossip.wire import (
     DEFAULT_MAX_PROOFS,
@@ -150,11 +151,17 @@ class HospitalNode:
                 "key file names %r but config names %r", self.identity.name, config.node.name
             )
         self.peers = [
-            Peer(p.name, p.address, load_public_key(p.public_key or str(p.public_key_file)))
+            Peer(
+                p.name,
+                p.address,
+                load_public_key(p.public_key or str(p.public_key_file)),
+                tuple(p.relays),
+            )
             for p in config.peers
         ]
         self.peer_degree = {p.name: (p.degree or len(config.peers)) for p in config.peers}
         self.allowlist = Allowlist(self.peers)
+        self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         self.state_dir = config.node.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -684,7 +691,7 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- the round loop
 
-    async def run_rounds(self, transport: PeerTransport) -> None:
+    async def run_rounds(self, transport: Transport) -> None:
         """Run every planned round that is left, then return.
 
         Before each round: jump ahead if a quorum of trusted peers is there, then hold the
@@ -755,7 +762,7 @@ class HospitalNode:
             vouched_by=list(jump.vouchers),
         )
 
-    async def _one_round(self, r: int, transport: PeerTransport) -> None:
+    async def _one_round(self, r: int, transport: Transport) -> None:
         started = time.monotonic()
         self.state.round = r
         self.receipts.advance(r)
@@ -821,7 +828,7 @@ class HospitalNode:
         )
 
     async def _train_and_share(
-        self, r: int, transport: PeerTransport
+        self, r: int, transport: Transport
     ) -> tuple[dict[str, np.ndarray], str]:
         """Train round r, durably record that round r is being signed, then share it."""
         self.state.phase = "training"
@@ -859,7 +866,7 @@ class HospitalNode:
     async def _send(
         self,
         r: int,
-        transport: PeerTransport,
+        transport: Transport,
         peers: list[Peer],
         envelope: bytes,
         model_sha256: str,
@@ -886,7 +893,7 @@ class HospitalNode:
     async def _attack(
         self,
         r: int,
-        transport: PeerTransport,
+        transport: Transport,
         own_state: dict[str, np.ndarray],
         anchor: dict[str, np.ndarray],
     ) -> None:
@@ -1177,7 +1184,7 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def _wait_for_peers(self, transport: PeerTransport, r: int, *, starting: bool) -> bool:
+    async def _wait_for_peers(self, transport: Transport, r: int, *, starting: bool) -> bool:
         """Hold round r until at least `min_neighbours` neighbours can take its update; False
         when the node was stopped first.
 
@@ -1299,7 +1306,7 @@ class HospitalNode:
             for name, round_ in self.trust.proven().items()
         }
 
-    async def _probe(self, peers: list[Peer], transport: PeerTransport) -> None:
+    async def _probe(self, peers: list[Peer], transport: Transport) -> None:
         """Ask each of `peers` at once whether it takes our envelopes (gossip/probe.py)."""
         if not peers:
             return
@@ -1463,6 +1470,7 @@ class HospitalNode:
         """Serve the peer and operator listeners and run the planned rounds; returns the
         process exit status."""
         from node.api import operator_token, start_api
+        from node.paths import open_transport
 
         self.check_feasibility()
         token = operator_token(self.config)  # a readable token file stops the node here
@@ -1507,22 +1515,20 @@ class HospitalNode:
         api = await start_api(self, token)
         finished = asyncio.Event()
         try:
-            await self.check_own_receipts()
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._watch_parent(finished))
-                try:
-                    async with PeerTransport(
-                        identity=self.identity,
-                        send_timeout_s=self.config.gossip.send_timeout_s,
-                        timestamp_window_s=self.config.gossip.timestamp_window_s,
-                    ) as transport:
+            # Open for the whole run, serving included: through a relay, this node is
+            # reached only while its relay connections are up.
+            async with open_transport(self) as transport:
+                await self.check_own_receipts(transport)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._watch_parent(finished))
+                    try:
                         await self.run_rounds(transport)
-                    self._write_status()
-                    if serve_forever and not self.stop.is_set():
-                        log.info("planned rounds done; serving until SIGTERM")
-                        await self.stop.wait()
-                finally:
-                    finished.set()
+                        self._write_status()
+                        if serve_forever and not self.stop.is_set():
+                            log.info("planned rounds done; serving until SIGTERM")
+                            await self.stop.wait()
+                    finally:
+                        finished.set()
         finally:
             self.summarise_rejections(self.state.round)
             self.audit.append("node_stop", self.state.round, reason=self.state.phase)

@@ -1,0 +1,202 @@
+"""A NATS broker for a consortium: its configuration from the allowlist, and its streams.
+
+`murmur relay config` writes what `nats-server -c` reads (NATS's configuration format accepts
+JSON, so the file is plain JSON from `json.dumps`): one account `MURMUR` with JetStream
+limits sized for the consortium, one user per hospital identified by the public nkey of its
+murmur key (gossip/relay.py, nkey_of) and allowed exactly `relay_permissions`, and one admin
+user (a fresh nkey whose seed is written 0600 beside the config) that `provision` uses to
+create each hospital's stream (`IN_<nkey>`, its own `max_bytes`, file storage) and durable
+consumer. Hospitals cannot create or change streams, so one cannot raise its own limits or
+read another's.
+
+Any member can host a broker; several can be joined into a NATS cluster (`cluster` in the
+NATS docs) so that no single host is needed, and every node lists each of them as a relay.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nkeys
+from nacl.signing import SigningKey
+
+from gossip.relay import CONSUMER, nkey_of, relay_permissions, stream_name
+
+ACCOUNT = "MURMUR"
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BrokerPlan:
+    """What the broker is for: who may connect and how much it keeps for each."""
+
+    hospitals: dict[str, bytes]  # name -> Ed25519 public key
+    listen: str = "127.0.0.1:4222"
+    store_dir: Path = Path("relay-store")
+    per_hospital_bytes: int = 1024 * MB  # pending envelopes kept for one hospital
+    max_age_s: float = 24 * 3600.0  # an envelope older than this is useless anyway
+    max_payload: int = 1 * MB  # NATS's default; larger envelopes travel in chunks
+    websocket_listen: str | None = None  # e.g. "0.0.0.0:8443", for buildings with HTTPS only
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def validate(self) -> None:
+        if not self.hospitals:
+            raise ValueError("no hospitals: pass each hospital's .pub file")
+        if self.per_hospital_bytes < self.max_payload:
+            raise ValueError("per_hospital_bytes must hold at least one message (max_payload)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+
+def new_admin_seed() -> bytes:
+    """A fresh NATS user seed for the broker's admin (only `provision` uses it)."""
+    return bytes(nkeys.encode_seed(SigningKey.generate().encode(), nkeys.PREFIX_BYTE_USER))
+
+
+def admin_public(seed: bytes) -> str:
+    return nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
+    """The nats-server configuration (a JSON-compatible dict)."""
+    plan.validate()
+    host, _, port = plan.listen.rpartition(":")
+    n = len(plan.hospitals)
+    users: list[dict[str, Any]] = [
+        {"nkey": nkey_of(key), "permissions": relay_permissions(nkey_of(key))}
+        for _, key in sorted(plan.hospitals.items())
+    ]
+    users.append(
+        {
+            "nkey": admin_public(admin_seed),
+            "permissions": {
+                "publish": {"allow": ["$JS.API.>"]},
+                "subscribe": {"allow": ["_INBOX.>"]},
+            },
+        }
+    )
+    total = n * plan.per_hospital_bytes
+    config: dict[str, Any] = {
+        "host": host or "127.0.0.1",
+        "port": int(port),
+        "max_payload": plan.max_payload,
+        "jetstream": {
+            "store_dir": str(plan.store_dir),
+            "max_file_store": total,
+            "max_memory_store": 64 * MB,  # streams are on disk; this is for nothing else
+        },
+        "accounts": {
+            ACCOUNT: {
+                "jetstream": {
+                    "max_file": total,
+                    "max_mem": 0,
+                    "max_streams": n,
+                    "max_consumers": n,
+                },
+                "users": users,
+            }
+        },
+    }
+    if plan.tls_cert is not None:
+        config["tls"] = {"cert_file": str(plan.tls_cert), "key_file": str(plan.tls_key)}
+    if plan.websocket_listen is not None:
+        ws_host, _, ws_port = plan.websocket_listen.rpartition(":")
+        websocket: dict[str, Any] = {"host": ws_host, "port": int(ws_port)}
+        if plan.tls_cert is not None:
+            websocket["tls"] = {"cert_file": str(plan.tls_cert), "key_file": str(plan.tls_key)}
+        else:
+            websocket["no_tls"] = True
+        config["websocket"] = websocket
+    return config
+
+
+def write_broker_config(plan: BrokerPlan, out: Path) -> tuple[Path, Path]:
+    """Write OUT (the broker config) and OUT.admin.nk (0600, the admin seed); returns both."""
+    from crypto.identity import _write_file
+
+    seed_path = out.with_name(out.name + ".admin.nk")
+    if seed_path.exists():
+        seed = seed_path.read_bytes().strip()
+    else:
+        seed = new_admin_seed()
+        _write_file(seed_path, seed.decode() + "\n", 0o600, False)
+    out.write_text(json.dumps(broker_config(plan, seed), indent=2) + "\n")
+    return out, seed_path
+
+
+async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: float = 10) -> None:
+    """Create (or update) every hospital's stream and durable pull consumer."""
+    import nats
+    from nats.js.api import (
+        AckPolicy,
+        ConsumerConfig,
+        DeliverPolicy,
+        DiscardPolicy,
+        StorageType,
+        StreamConfig,
+    )
+    from nats.js.errors import NotFoundError
+
+    async def quiet(exc: Exception) -> None:
+        """A failed connection raises below; nats-py's default would also print it."""
+
+    tls = None
+    if plan.tls_cert is not None:
+        # The broker's own host, just started: its certificate may name only the public
+        # host name, so it is not verified here. The admin proves itself by signing the
+        # broker's fresh nonce, which nobody on the path can reuse.
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        url = url.replace("nats://", "tls://", 1)
+    nc = await nats.connect(
+        url,
+        nkeys_seed_str=admin_seed.decode(),
+        connect_timeout=timeout_s,
+        allow_reconnect=False,
+        error_cb=quiet,
+        tls=tls,
+    )
+    try:
+        js = nc.jetstream(timeout=timeout_s)
+        for _, key in sorted(plan.hospitals.items()):
+            own = nkey_of(key)
+            config = StreamConfig(
+                name=stream_name(own),
+                subjects=[f"murmur.to.{own}.>"],
+                storage=StorageType.FILE,
+                max_bytes=plan.per_hospital_bytes,
+                max_age=plan.max_age_s,
+                max_msg_size=plan.max_payload,
+                discard=DiscardPolicy.OLD,
+                num_replicas=1,
+            )
+            try:
+                info = await js.stream_info(config.name)
+            except NotFoundError:
+                await js.add_stream(config)
+            else:  # a restarted broker restored it: change it only if the plan did
+                current = info.config
+                if (current.max_bytes, current.max_age, current.max_msg_size) != (
+                    config.max_bytes,
+                    config.max_age,
+                    config.max_msg_size,
+                ):
+                    await js.update_stream(config)
+            await js.add_consumer(
+                stream_name(own),
+                ConsumerConfig(
+                    durable_name=CONSUMER,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=60.0,
+                    max_ack_pending=256,
+                ),
+            )
+    finally:
+        await nc.close()
