@@ -55,6 +55,7 @@ from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.binding import config_binding, data_fingerprint
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
+from node.clock import ClockReport
 from node.config import NodeConfig
 from node.durable import atomic_write
 from node.metrics import NodeMetrics
@@ -260,6 +261,13 @@ class HospitalNode:
             },
             adversary=self.adversary.status() if self.adversary else None,
             data=self._data_description(),
+        )
+        self.clock_report = ClockReport(
+            self.state.peers,
+            window_s=config.gossip.timestamp_window_s,
+            gauge=self.metrics.peer_clock_skew,
+            audit=self.audit.append,
+            current_round=lambda: self.state.round,
         )
         self.next_round = 1
         self.stop = asyncio.Event()
@@ -1512,6 +1520,7 @@ class HospitalNode:
                         identity=self.identity,
                         send_timeout_s=self.config.gossip.send_timeout_s,
                         timestamp_window_s=self.config.gossip.timestamp_window_s,
+                        on_clock=self.clock_report,
                     ) as transport:
                         await self.run_rounds(transport)
                     self._write_status()
