@@ -130,24 +130,38 @@ LINGER_BYTES = 256 * 1024
 # timeout; a node that is stopping should not wait for strangers).
 SHUTDOWN_TIMEOUT_S = 2.0
 OPERATOR_MAX_BODY = 1024  # the operator routes are all GETs
+FIRST_READ_BYTES = 16 * 1024  # ConnectionLimits.first_read_bytes of the peer listener
 MAX_TOKEN_FILE_BYTES = 4096
 MIN_TOKEN_CHARS = 32
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """How many connections one listener keeps, and for how long an idle one."""
+    """How many connections one listener keeps, and for how long an idle one.
+
+    `first_read_bytes`: the most one read takes from a connection until a request on it has
+    been authenticated (`_refusal_before_body` lifts it), instead of asyncio's 256 KiB. A
+    request's headers fit in one such read; a stranger's body does not get read with them.
+    Every byte read opens the TCP window for more of the stranger's body, which the kernel
+    then receives, all for nothing: with 16 KiB first reads a refused 16 MB POST costs about
+    a third less (bench/wire.py --refusal, bench/hostile.py)."""
 
     idle_timeout_s: float
     max_connections: int
     max_connections_per_address: int
     backlog: int = 128
+    first_read_bytes: int | None = None
 
     @classmethod
     def for_peers(cls, config: NodeConfig) -> ConnectionLimits:
         """`[peer_listener]` in docs/config.md."""
         s = config.peer_listener
-        return cls(s.idle_timeout_s, s.max_connections, s.max_connections_per_address)
+        return cls(
+            s.idle_timeout_s,
+            s.max_connections,
+            s.max_connections_per_address,
+            first_read_bytes=FIRST_READ_BYTES,
+        )
 
 
 # The operator listener serves a few local clients (a browser, a scraper, run_cluster).
@@ -316,6 +330,10 @@ class Listener:
             handler = server()
             # web.Server has no hook for its handler class; same slots, so the swap is safe.
             handler.__class__ = _RequestHandler
+            if self.limits.first_read_bytes is not None and hasattr(transport, "max_size"):
+                # asyncio's selector transport reads `max_size` bytes at a time (a class
+                # attribute); this instance's reads are smaller until `_lift_read_cap`.
+                transport.max_size = self.limits.first_read_bytes  # type: ignore[attr-defined]
             return handler
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
@@ -587,7 +605,15 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
             request, HttpReason.PEER_RATE_LIMITED, f"{peer.name} is over its request allowance"
         )
     request[_AUTHENTICATED] = AuthenticatedRequest(peer, auth)
+    _lift_read_cap(request.transport)
     return None
+
+
+def _lift_read_cap(transport: asyncio.BaseTransport | None) -> None:
+    """An authenticated peer's connection reads at asyncio's usual size again
+    (`ConnectionLimits.first_read_bytes`)."""
+    if transport is not None:
+        vars(transport).pop("max_size", None)
 
 
 async def expect_peer_body(request: web.Request) -> web.StreamResponse | None:
