@@ -120,9 +120,9 @@ HTTP_STATUS: dict[str, int] = {
     TOO_LARGE: 413,
 }
 
-# After refusing a request whose body is still coming, read and discard the rest if it is at
-# most this long, for at most this long, so the client sees the refusal rather than a
-# connection reset, then close the connection; a longer rest is not read at all (the
+# After refusing a request whose body is still coming, read and discard at most this much of
+# it, for at most this long, so the client sees the refusal rather than a connection reset,
+# then close the connection; a rest declared longer (Content-Length) is not read at all (the
 # connection is closed at once): a stranger's 16 MB upload is never read.
 LINGER_S = 2.0
 LINGER_BYTES = 256 * 1024
@@ -656,9 +656,9 @@ async def _peer_request(
 
 
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
-    """Send the refusal now; if the rest of the body is short, read and drop it (so a client
-    that reads its answer only once it has sent everything sees it rather than a reset);
-    then close.
+    """Send the refusal now; unless the rest of the body is declared longer than
+    `LINGER_BYTES`, read and drop up to that much of it (so a client that reads its answer
+    only once it has sent everything sees it rather than a reset); then close.
 
     aiohttp's own lingering would read the whole body, whatever its size, and reading costs
     the event loop about half a millisecond per megabyte: that, not the refusal, was what a
@@ -668,8 +668,8 @@ async def _answer_and_close(request: web.Request, response: web.StreamResponse) 
     refusing a 16 MB stranger cost)."""
     await response.prepare(request)
     await response.write_eof()
-    declared = request.content_length
-    if declared is None or declared - request.content.total_bytes > LINGER_BYTES:
+    declared = request.content_length  # None when chunked: the rest may be short, so linger
+    if declared is not None and declared - request.content.total_bytes > LINGER_BYTES:
         request.protocol.force_close()  # type: ignore[attr-defined]
         return
     left = LINGER_BYTES
