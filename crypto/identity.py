@@ -157,6 +157,13 @@ def _write_file(path: Path, text: str, mode: int, force: bool) -> None:
         os.close(fd)
     if force:
         os.replace(path, target)
+    # The new name (created or renamed) survives a power cut only once its directory is
+    # fsynced: otherwise the old key, or none, could come back (node/durable.py does the same).
+    dir_fd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def save_identity(

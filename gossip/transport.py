@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 import aiohttp
@@ -129,6 +130,26 @@ class OversizeReply(Exception):
 _AUTH_REFUSALS = frozenset({"unauthenticated", "stale"})
 
 
+class ClockState(StrEnum):
+    """How a peer's clock stands against this node's, as far as this node can tell."""
+
+    OK = "ok"  # within half the timestamp window
+    DRIFTING = "drifting"  # past half the window: still accepted, not for long
+    REFUSED = "refused"  # the peer refuses this node's requests, and the skew is the cause
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """One reply's verdict on a peer's clock: `skew_s` is the peer's clock minus this
+    node's; `changed` says whether `state` differs from this peer's previous one (a peer
+    not heard from yet counts as `ok`), which is when an operator should be told."""
+
+    peer: str
+    skew_s: float
+    state: ClockState
+    changed: bool
+
+
 @dataclass
 class ClockWatch:
     """This node's clock against its peers', from the `Date` header of their replies.
@@ -136,25 +157,35 @@ class ClockWatch:
     A peer's `Date` has one-second resolution and the reply takes a moment to arrive, so the
     skew is known to about a second, plenty against a window of minutes. When a peer refuses
     a request as `unauthenticated` (or `stale`) while its clock is beyond the window from
-    ours, that is the cause, and it is logged as an ERROR naming the skew; a skew past half
-    the window is a WARNING before anything fails. Each at most once per `interval_s` per
-    peer, so a node that stays skewed does not flood its log.
+    ours, that is the cause (`ClockState.REFUSED`), and it is logged as an ERROR naming the
+    skew; a skew past half the window (`DRIFTING`) is a WARNING before anything fails. Each at
+    most once per `interval_s` per peer, so a node that stays skewed does not flood its log.
+    Every reading goes to `on_reading` (the node shows it in /status and audits each change
+    of state, node/clock.py). A peer leaves `DRIFTING` only once its skew is back below half
+    the window by a margin, so a skew that hovers at the threshold is not a change per reply.
     """
 
     window_s: float
     interval_s: float = 60.0
+    on_reading: Callable[[ClockReading], None] | None = None
     skews: dict[str, float] = field(default_factory=dict)
+    states: dict[str, ClockState] = field(default_factory=dict)
     _last_logged: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def observe(self, peer: str, date: str | None, reason: str, received_at: float) -> None:
+    def observe(
+        self, peer: str, date: str | None, reason: str, received_at: float
+    ) -> ClockReading | None:
         """Note one reply of ``peer`` (its `Date` header, its reason code), received at
-        ``received_at`` (this node's Unix time)."""
+        ``received_at`` (this node's Unix time); None when the reply had no usable `Date`."""
         skew = _date_skew(date, received_at)
         if skew is None:
-            return
+            return None
         self.skews[peer] = skew
         refused = reason in _AUTH_REFUSALS
-        if refused and abs(skew) > self.window_s - 1.0:
+        state = self._state(peer, skew, refused)
+        reading = ClockReading(peer, skew, state, state is not self.states.get(peer, ClockState.OK))
+        self.states[peer] = state
+        if state is ClockState.REFUSED:
             self._log(
                 peer,
                 "error",
@@ -180,7 +211,7 @@ class ClockWatch:
                 skew,
                 self.window_s,
             )
-        elif abs(skew) > self.window_s / 2:
+        elif state is ClockState.DRIFTING:
             self._log(
                 peer,
                 "warning",
@@ -190,6 +221,17 @@ class ClockWatch:
                 skew,
                 self.window_s,
             )
+        if self.on_reading is not None:
+            self.on_reading(reading)
+        return reading
+
+    def _state(self, peer: str, skew: float, refused: bool) -> ClockState:
+        if refused and abs(skew) > self.window_s - 1.0:
+            return ClockState.REFUSED
+        half = self.window_s / 2
+        if self.states.get(peer) is ClockState.DRIFTING:
+            half -= max(1.0, 0.05 * self.window_s)  # hysteresis: leave it only clearly back
+        return ClockState.DRIFTING if abs(skew) > half else ClockState.OK
 
     def _summary(self) -> str:
         return ", ".join(f"{name} {skew:+.0f} s" for name, skew in sorted(self.skews.items()))
@@ -230,6 +272,7 @@ class PeerTransport:
         max_reply_bytes: int = MAX_REPLY_BYTES,
         clock: Callable[[], float] = time.time,
         tls: ssl.SSLContext | None = None,
+        on_clock: Callable[[ClockReading], None] | None = None,
     ) -> None:
         self.identity = identity
         # For https:// peers: presents this node's certificate; the server's is pinned to
@@ -239,7 +282,7 @@ class PeerTransport:
         self.clock_now = clock  # this node's clock: it signs requests and reads peers' Date
         self.send_timeout_s = send_timeout_s
         self.max_reply_bytes = max_reply_bytes
-        self.clock = ClockWatch(timestamp_window_s)
+        self.clock = ClockWatch(timestamp_window_s, on_reading=on_clock)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PeerTransport:

@@ -17,9 +17,11 @@ The checks (docs/console.md):
   waiting for enough neighbours before it trains;
 * **deadline**: the last round lasted at least `gossip.round_timeout_s` with someone missing,
   i.e. it waited the full deadline (a neighbour marked down is not waited for);
-* **clock**: most neighbours refused this node's last envelope as `stale`: its timestamp is
-  outside their window, so this node's clock is probably off. This is derived from the
-  neighbours' answers; the skew itself is not measured.
+* **clock**: a neighbour refuses this node's requests because their clocks are further apart
+  than the timestamp window (critical), or a neighbour's clock is past half the window from
+  this node's (warning). Measured from the `Date` of the neighbours' replies (node/clock.py,
+  /status `peers.<name>.clock` and `clock_skew_s`); before any reply, from v3 neighbours'
+  `stale` answers to the last envelope.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def evaluate(
         _trust(status, settings, alerts, peers, last_aggregation),
         _silence(status, settings, alerts, peers),
         _deadline(status, settings, alerts),
-        _clock(settings, alerts, last_sent),
+        _clock(status, settings, alerts, last_sent),
     ]
     alerts.sort(key=lambda a: a.level != "critical")  # stable: critical first
     return AlertReport(alerts, checks, peers)
@@ -369,20 +371,74 @@ def _deadline(status: dict[str, Any], s: AlertSettings, alerts: list[Alert]) -> 
     return Check("deadline", label, "ok", tally)
 
 
-def _clock(s: AlertSettings, alerts: list[Alert], last_sent: AuditRecord | None) -> Check:
+def _clock(
+    status: dict[str, Any], s: AlertSettings, alerts: list[Alert], last_sent: AuditRecord | None
+) -> Check:
+    """From each neighbour's measured clock (/status `peers.<name>.clock`, node/clock.py);
+    without a reading yet, from the neighbours' answers to the last envelope."""
+    label = "clock"
+    window = f"±{_seconds(s.timestamp_window_s)} s" if s.timestamp_window_s else "their window"
+    peers = {n: i for n, i in (status.get("peers") or {}).items() if isinstance(i, dict)}
+    read = {n: i for n, i in peers.items() if i.get("clock") in ("ok", "drifting", "refused")}
+    refused = sorted(n for n, i in read.items() if i["clock"] == "refused")
+    drifting = sorted(n for n, i in read.items() if i["clock"] == "drifting")
+
+    def skews(who: list[str]) -> str:
+        return names([f"{n} {_signed(peers[n].get('clock_skew_s'))} s" for n in who])
+
+    if refused:
+        alerts.append(
+            Alert(
+                "critical",
+                "clock",
+                f"Clock skew: {len(refused)} of {len(peers)} neighbours refuse this node's "
+                "requests",
+                f"their clocks are {skews(refused)} from this node's, beyond the {window} "
+                "timestamp window, so every envelope to them is refused: if most neighbours "
+                "are off by about the same, this node's clock is wrong; check the system "
+                "clock (NTP)",
+                peer=refused[0] if len(refused) == 1 else None,
+            )
+        )
+    if drifting:
+        alerts.append(
+            Alert(
+                "warning",
+                "clock_drift",
+                f"Clock drifting: {names(drifting)}",
+                f"clocks {skews(drifting)} from this node's, past half the {window} window; "
+                "beyond it every request between them and this node is refused: check the "
+                "system clocks (NTP)",
+                peer=drifting[0] if len(drifting) == 1 else None,
+            )
+        )
+    if refused or drifting:
+        return Check("clock", label, "alert", f"clock skew: {skews(refused + drifting)}")
+    if read:
+        worst = max(read, key=lambda n: abs(read[n].get("clock_skew_s") or 0.0))
+        return Check(
+            "clock",
+            label,
+            "ok",
+            f"neighbours' clocks within half the {window} window (largest: {skews([worst])})",
+        )
+    return _clock_from_answers(window, alerts, last_sent)
+
+
+def _clock_from_answers(window: str, alerts: list[Alert], last_sent: AuditRecord | None) -> Check:
+    """No clock reading yet (no reply had a `Date`): a v3 neighbour's `stale` answers."""
     label = "clock"
     if last_sent is None:
         return Check(
             "clock",
             label,
             "unavailable",
-            "not yet available: derived from the neighbours' answers to this node's "
-            "envelopes, and none has been sent yet",
+            "not yet available: measured from the neighbours' replies to this node's "
+            "requests, and none has come yet",
         )
     recipients = last_sent.fields.get("recipients") or []
     failed = last_sent.fields.get("failed") or {}
     stale = sorted(p for p, reason in failed.items() if reason == "stale")
-    window = f"±{_seconds(s.timestamp_window_s)} s" if s.timestamp_window_s else "their window"
     if stale and 2 * len(stale) >= len(recipients):
         alerts.append(
             Alert(
@@ -409,6 +465,11 @@ def _clock(s: AlertSettings, alerts: list[Alert], last_sent: AuditRecord | None)
         "ok",
         f"neighbours accepted this node's round {last_sent.round} timestamps (within {window})",
     )
+
+
+def _signed(value: Any) -> str:
+    """-412.3 -> '-412', 3 -> '+3' (a skew in whole seconds, with its sign)."""
+    return f"{value:+.0f}" if isinstance(value, int | float) else "?"
 
 
 def _positive(value: Any) -> bool:

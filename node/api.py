@@ -126,31 +126,46 @@ HTTP_STATUS: dict[str, int] = {
 
 # After refusing a request whose body is still coming, read and discard at most this much of
 # it, for at most this long, so the client sees the refusal rather than a connection reset,
-# then close the connection: a stranger's 16 MB upload costs reading 256 KiB, not 16 MB.
+# then close the connection; a rest declared longer (Content-Length) is not read at all (the
+# connection is closed at once): a stranger's 16 MB upload is never read.
 LINGER_S = 2.0
 LINGER_BYTES = 256 * 1024
 # How long closing a listener waits for requests in flight (bodies are bounded by the body
 # timeout; a node that is stopping should not wait for strangers).
 SHUTDOWN_TIMEOUT_S = 2.0
 OPERATOR_MAX_BODY = 1024  # the operator routes are all GETs
+FIRST_READ_BYTES = 16 * 1024  # ConnectionLimits.first_read_bytes of the peer listener
 MAX_TOKEN_FILE_BYTES = 4096
 MIN_TOKEN_CHARS = 32
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """How many connections one listener keeps, and for how long an idle one."""
+    """How many connections one listener keeps, and for how long an idle one.
+
+    `first_read_bytes`: the most one read takes from a connection until a request on it has
+    been authenticated (`_refusal_before_body` lifts it), instead of asyncio's 256 KiB. A
+    request's headers fit in one such read; a stranger's body does not get read with them.
+    Every byte read opens the TCP window for more of the stranger's body, which the kernel
+    then receives, all for nothing: with 16 KiB first reads a refused 16 MB POST costs about
+    a third less (bench/wire.py --refusal, bench/hostile.py)."""
 
     idle_timeout_s: float
     max_connections: int
     max_connections_per_address: int
     backlog: int = 128
+    first_read_bytes: int | None = None
 
     @classmethod
     def for_peers(cls, config: NodeConfig) -> ConnectionLimits:
         """`[peer_listener]` in docs/config.md."""
         s = config.peer_listener
-        return cls(s.idle_timeout_s, s.max_connections, s.max_connections_per_address)
+        return cls(
+            s.idle_timeout_s,
+            s.max_connections,
+            s.max_connections_per_address,
+            first_read_bytes=FIRST_READ_BYTES,
+        )
 
 
 # The operator listener serves a few local clients (a browser, a scraper, run_cluster).
@@ -323,6 +338,10 @@ class Listener:
             handler = server()
             # web.Server has no hook for its handler class; same slots, so the swap is safe.
             handler.__class__ = _RequestHandler
+            if self.limits.first_read_bytes is not None and hasattr(transport, "max_size"):
+                # asyncio's selector transport reads `max_size` bytes at a time (a class
+                # attribute); this instance's reads are smaller until `_lift_read_cap`.
+                transport.max_size = self.limits.first_read_bytes  # type: ignore[attr-defined]
             return handler
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
@@ -607,7 +626,15 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
             request, HttpReason.PEER_RATE_LIMITED, f"{peer.name} is over its request allowance"
         )
     request[_AUTHENTICATED] = AuthenticatedRequest(peer, auth)
+    _lift_read_cap(request.transport)
     return None
+
+
+def _lift_read_cap(transport: asyncio.BaseTransport | None) -> None:
+    """An authenticated peer's connection reads at asyncio's usual size again
+    (`ConnectionLimits.first_read_bytes`)."""
+    if transport is not None:
+        vars(transport).pop("max_size", None)
 
 
 async def expect_peer_body(request: web.Request) -> web.StreamResponse | None:
@@ -650,14 +677,22 @@ async def _peer_request(
 
 
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
-    """Send the refusal now, read and drop a bounded part of the unread body (so a client
-    that reads its answer only while it sends sees it rather than a reset), then close.
+    """Send the refusal now; unless the rest of the body is declared longer than
+    `LINGER_BYTES`, read and drop up to that much of it (so a client that reads its answer
+    only once it has sent everything sees it rather than a reset); then close.
 
     aiohttp's own lingering would read the whole body, whatever its size, and reading costs
     the event loop about half a millisecond per megabyte: that, not the refusal, was what a
-    large unauthenticated POST cost."""
+    large unauthenticated POST cost. Lingering over a rest longer than `LINGER_BYTES` would
+    not help that client (it is reset anyway), so such a connection is closed at once: the
+    kernel drops what is buffered and resets it (bench/wire.py --refusal: a third of what
+    refusing a 16 MB stranger cost)."""
     await response.prepare(request)
     await response.write_eof()
+    declared = request.content_length  # None when chunked: the rest may be short, so linger
+    if declared is not None and declared - request.content.total_bytes > LINGER_BYTES:
+        request.protocol.force_close()  # type: ignore[attr-defined]
+        return
     left = LINGER_BYTES
     with contextlib.suppress(TimeoutError, ConnectionError, web.RequestPayloadError):
         async with asyncio.timeout(LINGER_S):

@@ -75,6 +75,12 @@ class NodeMetrics:
             ["peer"],
             registry=r,
         )
+        self.peer_clock_skew = Gauge(
+            "murmur_peer_clock_skew_seconds",
+            "The peer's clock minus this node's, from the Date of its last reply (node/clock.py)",
+            ["peer"],
+            registry=r,
+        )
         self.neighbours_counted = Gauge(
             "murmur_neighbours_counted",
             "Neighbours up and admitting this node (compare with gossip.min_neighbours)",

@@ -56,6 +56,7 @@ from node import __version__
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.binding import config_binding, data_fingerprint
 from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
+from node.clock import ClockReport
 from node.config import NodeConfig
 from node.durable import atomic_write
 from node.metrics import NodeMetrics
@@ -268,6 +269,13 @@ class HospitalNode:
             },
             adversary=self.adversary.status() if self.adversary else None,
             data=self._data_description(),
+        )
+        self.clock_report = ClockReport(
+            self.state.peers,
+            window_s=config.gossip.timestamp_window_s,
+            gauge=self.metrics.peer_clock_skew,
+            audit=self.audit.append,
+            current_round=lambda: self.state.round,
         )
         self.next_round = 1
         self.stop = asyncio.Event()

@@ -36,6 +36,7 @@ async def open_transport(node: HospitalNode) -> AsyncIterator[RoutedTransport]:
                 send_timeout_s=config.gossip.send_timeout_s,
                 timestamp_window_s=config.gossip.timestamp_window_s,
                 tls=client_tls(config),
+                on_clock=node.clock_report,
             )
         )
         relays = {}

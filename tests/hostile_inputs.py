@@ -1067,11 +1067,40 @@ def rss_mb(pid: int) -> float:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), seconds."""
+@dataclass(frozen=True)
+class CpuSample:
+    """A process's CPU time so far, two ways. `ns`: the scheduler's run time of each live
+    thread (/proc/PID/task/*/schedstat), to the nanosecond, user and kernel together. `user_s`
+    and `system_s`: /proc/PID/stat, every thread that ever ran, in 10 ms clock ticks. `tasks`:
+    the live threads (one that exits between two samples takes its schedstat with it)."""
+
+    ns: int
+    user_s: float
+    system_s: float
+    tasks: frozenset[int]
+
+    def __sub__(self, earlier: CpuSample) -> CpuSample:
+        """The CPU between two samples; its `tasks` are the threads of `earlier` that
+        exited meanwhile (then `ns` misses their time)."""
+        return CpuSample(
+            self.ns - earlier.ns,
+            self.user_s - earlier.user_s,
+            self.system_s - earlier.system_s,
+            earlier.tasks - self.tasks,
+        )
+
+
+def cpu_sample(pid: int) -> CpuSample:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    ns, tasks = 0, set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ns += int((task / "schedstat").read_text().split()[0])
+            tasks.add(int(task.name))
+    return CpuSample(
+        ns, int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS, frozenset(tasks)
+    )
 
 
 def audit_rows_from(state_dir: Path, sender: str) -> int:
@@ -1723,12 +1752,29 @@ async def insider_run(
 # ---------------------------------------------------------------------------- measurements
 
 
+@dataclass(frozen=True)
+class CpuCost:
+    """What a quiet node process spent per request (ms): `ms`, user and kernel time of all
+    its threads less its idle CPU over the same wall time; `user_ms` and `system_ms`, the
+    same split from /proc/PID/stat (clock ticks, idle not subtracted); `idle_ms_per_s`;
+    `precise`: whether `ms` is the scheduler's nanosecond count (False: a thread exited
+    meanwhile, so it is the clock-tick total, to 20 ms / `requests`)."""
+
+    ms: float
+    user_ms: float
+    system_ms: float
+    idle_ms_per_s: float
+    requests: int
+    precise: bool
+
+
 async def unauth_cpu_ms(
     net: HostileNetwork, requests: int, *, idle_s: float = 2.0
-) -> tuple[float, ClassResult]:
-    """CPU (ms) a quiet node spends to refuse one 16 MB envelope that names an allowlisted
-    sender but is not signed by it: the node process's user + system time over `requests`
-    such requests, minus its idle CPU over the same wall time, divided by `requests`.
+) -> tuple[CpuCost, ClassResult]:
+    """CPU a quiet node spends to refuse one 16 MB envelope that names an allowlisted sender
+    but is not signed by it (`CpuCost`): the node process's CPU time over `requests` such
+    requests, each on a new connection without `Expect`, minus its idle CPU (measured for
+    `idle_s` before and after) over the same wall time, divided by `requests`.
 
     The node must be idle (its rounds done): run this after `wait_done`."""
     ctx = InputContext(
@@ -1742,15 +1788,35 @@ async def unauth_cpu_ms(
     data = gossip_post(envelope)
     pid = net.pid(target)
     sources = Sources()
-    idle_start, t0 = cpu_s(pid), time.monotonic()
-    await asyncio.sleep(idle_s)
-    idle_rate = (cpu_s(pid) - idle_start) / (time.monotonic() - t0)
     inp = HostileInput("unauth_16mb", target, (data,))
     result = ClassResult("unauth_16mb")
-    busy_start, t0 = cpu_s(pid), time.monotonic()
+
+    async def idle() -> tuple[CpuSample, float]:
+        start, t0 = cpu_sample(pid), time.monotonic()
+        await asyncio.sleep(idle_s)
+        return cpu_sample(pid) - start, time.monotonic() - t0
+
+    idle_before, idle_wall = await idle()
+    start, t0 = cpu_sample(pid), time.monotonic()
     for _ in range(requests):
         result.add(await exchange(inp, net.ports[target], sources.take()))
-    wall = time.monotonic() - t0
-    spent = cpu_s(pid) - busy_start - idle_rate * wall
+    busy, wall = cpu_sample(pid) - start, time.monotonic() - t0
+    idle_after, idle_wall_after = await idle()
+    precise = not (busy.tasks or idle_before.tasks or idle_after.tasks)  # no thread exited
+    if precise:
+        idle_rate = (idle_before.ns + idle_after.ns) / 1e9 / (idle_wall + idle_wall_after)
+        spent = busy.ns / 1e9
+    else:
+        total = lambda c: c.user_s + c.system_s  # noqa: E731
+        idle_rate = (total(idle_before) + total(idle_after)) / (idle_wall + idle_wall_after)
+        spent = total(busy)
     result.seconds = wall
-    return max(0.0, spent) / requests * 1000, result
+    cost = CpuCost(
+        ms=max(0.0, spent - idle_rate * wall) / requests * 1000,
+        user_ms=busy.user_s / requests * 1000,
+        system_ms=busy.system_s / requests * 1000,
+        idle_ms_per_s=idle_rate * 1000,
+        requests=requests,
+        precise=precise,
+    )
+    return cost, result

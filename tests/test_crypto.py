@@ -320,3 +320,15 @@ def test_body_is_encrypted_once_whatever_the_number_of_recipients(monkeypatch):
     recipients = [generate_identity(f"r{i}").public_key for i in range(8)]
     seal(b"x" * 10_000, generate_identity("s"), recipients, os.urandom(sealing.NONCE_BYTES), AD)
     assert calls == [10_000]
+
+
+def test_a_replaced_key_is_fsynced_then_renamed_then_its_directory_fsynced(tmp_path, monkeypatch):
+    """Issue #25 item 6: a key written with force replaces the old one durably: after a
+    power cut the directory holds the new key, never the old one back or none."""
+    from tests.test_rollback import assert_durable_replace, record_syscalls
+
+    save_identity(generate_identity("hospital_a"), tmp_path)
+    events = record_syscalls(monkeypatch)
+    private_path, public_path = save_identity(generate_identity("hospital_a"), tmp_path, force=True)
+    assert_durable_replace(events, private_path)
+    assert_durable_replace(events, public_path)

@@ -457,6 +457,38 @@ async def test_a_16_mb_stranger_is_refused_without_reading_its_body(tmp_path: Pa
         assert node.rejected["unauthenticated"] == 1
 
 
+async def test_a_connection_reads_little_until_a_request_on_it_is_authenticated(
+    tmp_path: Path,
+) -> None:
+    """Issue #25 item 4: a peer-listener connection reads at most FIRST_READ_BYTES at a time
+    until a request on it authenticates, so a stranger's body is not pulled in with its
+    headers (and the TCP window not opened for more of it); an authenticated peer's
+    connection reads at asyncio's usual size for the rest of its life."""
+    from node.api import FIRST_READ_BYTES
+
+    async with running(tmp_path) as (node, api):
+        peer = peer_identity(tmp_path)
+        body = b"x" * 1000
+        head = b"POST /gossip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+        stranger = await asyncio.open_connection("127.0.0.1", api.peer.port)
+        member = await asyncio.open_connection("127.0.0.1", api.peer.port)
+        try:
+            stranger[1].write(head)  # headers not finished: nothing decided yet
+            member[1].write(head + auth_line(node, peer, body) + b"\r\n" + body)
+            async with asyncio.timeout(5):
+                answer = await member[0].readuntil(b"}")
+            assert b'{"reason": "malformed"}' in answer  # authenticated, read, then opened
+            sizes = sorted(
+                h.transport.max_size  # type: ignore[union-attr]
+                for h in api.peer._runner.server.connections  # type: ignore[union-attr]
+            )
+            assert sizes == [FIRST_READ_BYTES, 256 * 1024]
+            assert FIRST_READ_BYTES < 256 * 1024
+        finally:
+            for _, writer in (stranger, member):
+                writer.close()
+
+
 async def test_a_chunked_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
     """A request signature states the exact body length, which must be the Content-Length:
     a chunked body (no length) is refused from the headers, before a chunk is read."""
