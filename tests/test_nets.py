@@ -25,6 +25,7 @@ CASES = {  # name -> (input_shape, params, a function making a batch of B inputs
     "logreg": ((13,), {}, lambda g, b: torch.randn(b, 13, generator=g)),
     "mlp": ((13,), {}, lambda g, b: torch.randn(b, 13, generator=g)),
     "cnn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
+    "cnn_gn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
     "multimodal": (
         (1, 28, 28),
         {"clinical_features": CLINICAL},

@@ -1,0 +1,63 @@
+"""The default training recipe of each data set: model, optimizer, schedule, rounds.
+
+run_cluster.py fills every option the user left out from here, for the network and for the
+pooled and local-only baselines alike, so a comparison always uses one recipe. The tabular
+recipes are the ones murmur always had (logistic regression, SGD at lr 0.5, 20 rounds of one
+epoch). The image recipe was chosen by measurement on PneumoniaMNIST's official validation
+split, which MedMNIST cut from the source training set, never on its test split
+(`bench/image_recipe.py`; the runs are in docs/models.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    learning_rate: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    augment: str = "none"
+    lr_schedule: str = "constant"
+    rounds: int = 20
+    local_epochs: int = 1
+
+
+_TABULAR = Recipe(model="logreg", learning_rate=0.5)
+
+RECIPES: dict[str, Recipe] = {
+    "breast-cancer": _TABULAR,
+    "heart-disease": _TABULAR,
+    "csv": _TABULAR,
+    # GroupNorm CNN, Adam, random shifts of up to 2 pixels, cosine decay over the rounds.
+    "medmnist": Recipe(
+        model="cnn_gn",
+        learning_rate=0.003,
+        optimizer="adam",
+        augment="shift",
+        lr_schedule="cosine",
+        rounds=10,
+        local_epochs=2,
+    ),
+}
+
+# Learning rates for a model named explicitly with a recipe built for another (e.g. --model
+# mlp on images): the rates murmur used before recipes existed.
+MODEL_LEARNING_RATES: dict[str, float] = {
+    "logreg": 0.5,
+    "mlp": 0.2,
+    "cnn": 0.2,
+    "cnn_gn": 0.003,
+    "multimodal": 0.2,
+}
+
+
+def recipe_for(dataset: str, model: str | None = None) -> Recipe:
+    """The data set's recipe; with another ``model`` than its own, that model's learning rate
+    with plain SGD, no augmentation, 20 rounds of one epoch (murmur's defaults before recipes)."""
+    recipe = RECIPES.get(dataset, _TABULAR)
+    if model is None or model == recipe.model:
+        return recipe
+    return Recipe(model=model, learning_rate=MODEL_LEARNING_RATES.get(model, 0.05))
