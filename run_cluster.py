@@ -42,7 +42,7 @@ DEFAULT_MODEL = {
     "csv": "logreg",
 }
 # Learning rates that suit each model with DP-SGD's clipped, noisy gradients (models/recipes.py).
-DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "cnn_gn": 0.003, "multimodal": 0.2}
+DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "cnn_gn": 0.005, "multimodal": 0.2}
 
 
 @dataclass
@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--site", help="site column, one hospital per value (csv)")
     p.add_argument(
+        "--preprocessing",
+        choices=["auto", "fitted", "reference"],
+        help="feature scaling: fitted on each hospital's rows, or public reference constants "
+        "(default auto: fitted without DP, reference with DP; docs/data.md)",
+    )
+    p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
     )
     p.add_argument(
@@ -146,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--personal-mu", type=float, default=0.1, help="Ditto's pull towards the shared model"
     )
     p.add_argument(
-        "--batch-size", type=int, default=32, help="expected (Poisson) batch size per step"
+        "--batch-size",
+        type=int,
+        help="expected (Poisson) batch size per step (default: recipe, 32)",
     )
     p.add_argument("--lr", type=float, help="learning rate (default: per model)")
     p.add_argument(
@@ -238,9 +246,10 @@ def apply_recipe(args: argparse.Namespace) -> None:
     """Fill every training option left out from the dataset's recipe (models/recipes.py)."""
     from models.recipes import recipe_for
 
-    recipe = recipe_for(args.dataset, args.model)
+    recipe = recipe_for(args.dataset, args.model, private=not args.no_dp)
     args.model = recipe.model
-    for name in ("rounds", "local_epochs", "optimizer", "momentum", "augment", "lr_schedule"):
+    fields = ("rounds", "local_epochs", "batch_size", "optimizer", "momentum", "augment")
+    for name in (*fields, "lr_schedule"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(recipe, name))
     if args.lr is None:
@@ -383,6 +392,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"label": args.label} if args.label else {}),
                 **({"site": args.site} if args.site else {}),
                 **({"reference": str(args.reference.resolve())} if args.reference else {}),
+                **({"preprocessing": args.preprocessing} if args.preprocessing else {}),
             },
             "model": {"name": model},
             "training": {
@@ -902,7 +912,13 @@ def want_baselines(args: argparse.Namespace) -> bool:
 
 
 def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:
-    return {"name": args.dataset, **dataset_kwargs(args)}
+    """load_dataset's arguments for the baselines (their non-DP rows scaled as the nodes')."""
+    chosen = args.preprocessing if args.preprocessing in ("fitted", "reference") else None
+    return {
+        "name": args.dataset,
+        **dataset_kwargs(args),
+        **({"preprocessing": chosen} if chosen else {}),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> list[float]:
     else:
         parts = [(s.x_train, s.y_train) for s in splits]
     x_val, y_val = validation_split()
-    model = build_model(args.model, (1, 28, 28), args.seed)
-    models = [build_model(args.model, (1, 28, 28), args.seed) for _ in parts]
+    params = {"width": args.width} if args.width else {}
+    model = build_model(args.model, (1, 28, 28), args.seed, **params)
+    models = [build_model(args.model, (1, 28, 28), args.seed, **params) for _ in parts]
     trainers = []
     for i, ((x, y), m) in enumerate(zip(parts, models, strict=True)):
         trainer = LocalTrainer(m, x, y, settings_from(args, args.seed + i))
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="cnn_gn")
+    p.add_argument("--width", type=int, help="cnn_gn's first-stage channels (default 16)")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--momentum", type=float, default=0.0)

@@ -72,8 +72,9 @@ def test_the_trainer_applies_the_schedule_each_round(optimizer: str) -> None:
 def test_tabular_defaults_are_unchanged_and_images_get_the_image_recipe() -> None:
     heart = run_cluster.parse_args(["--dataset", "heart-disease"])
     assert (heart.model, heart.lr, heart.rounds, heart.local_epochs) == ("logreg", 0.5, 20, 1)
+    assert heart.batch_size == 32
     assert (heart.optimizer, heart.augment, heart.lr_schedule) == ("sgd", "none", "constant")
-    images = run_cluster.parse_args(["--dataset", "medmnist"])
+    images = run_cluster.parse_args(["--dataset", "medmnist", "--no-dp"])
     recipe = RECIPES["medmnist"]
     assert images.model == recipe.model == "cnn_gn"
     assert (images.lr, images.rounds, images.optimizer) == (
@@ -81,6 +82,9 @@ def test_tabular_defaults_are_unchanged_and_images_get_the_image_recipe() -> Non
         recipe.rounds,
         recipe.optimizer,
     )
+    private = run_cluster.parse_args(["--dataset", "medmnist", "--dp-epsilon", "3"])
+    assert private.lr == recipe_for("medmnist", private=True).learning_rate
+    assert run_cluster.parse_args(["--dp-epsilon", "3"]).lr == 0.5  # tabular: one recipe
     # an explicit option wins over the recipe; another model gets its own rate
     assert run_cluster.parse_args(["--dataset", "medmnist", "--rounds", "3"]).rounds == 3
     assert recipe_for("medmnist", "cnn").learning_rate == 0.2
