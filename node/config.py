@@ -273,7 +273,7 @@ class ModelSection:
     hidden: list[int] = field(default_factory=lambda: [64, 32])
 
     def validate(self) -> None:
-        known = ("logreg", "mlp", "cnn", "multimodal")
+        known = ("logreg", "mlp", "cnn", "cnn_gn", "multimodal")
         _require(
             self.name in known,
             "model.name",
