@@ -16,7 +16,7 @@ gossip, the dataset's default recipe from models/recipes.py), one run per seed:
 - **tcga**: survival on Fed-TCGA-BRCA is issue #24 item 2 (bench/survival.py, another
   change); until it is wired in, its figures are null and the table says so.
 
-    python bench/quality.py            # 5 seeds (about an hour on 2 shared cores)
+    python bench/quality.py            # 5 seeds (a pneumonia seed takes 10-30 min on 2 cores)
     python bench/quality.py --quick    # 1 seed each
     python bench/quality.py --only heart
 
