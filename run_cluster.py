@@ -38,12 +38,12 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = {
     "breast-cancer": "logreg",
     "heart-disease": "logreg",
-    "medmnist": "cnn",
+    "medmnist": "cnn_gn",
     "csv": "logreg",
     "tcga-brca": "cox",
 }
-# Learning rates that suit each default model with DP-SGD's clipped, noisy gradients.
-DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "multimodal": 0.2, "cox": 0.5}
+# Learning rates that suit each model with DP-SGD's clipped, noisy gradients (models/recipes.py).
+DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "cnn_gn": 0.005, "multimodal": 0.2, "cox": 0.5}
 
 
 @dataclass
@@ -114,12 +114,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(repeatable); without it such columns are refused",
     )
     p.add_argument(
+        "--preprocessing",
+        choices=["auto", "fitted", "reference"],
+        help="feature scaling: fitted on each hospital's rows, or public reference constants "
+        "(default auto: fitted without DP, reference with DP; docs/data.md)",
+    )
+    p.add_argument(
         "--alpha", type=float, help="Dirichlet label skew across hospitals (omit for IID)"
     )
     p.add_argument(
         "--model",
-        choices=["logreg", "mlp", "cnn", "multimodal", "cox"],
-        help="default: per dataset",
+        choices=["logreg", "mlp", "cnn", "cnn_gn", "multimodal", "cox"],
+        help="default: per dataset (models/recipes.py)",
     )
     p.add_argument(
         "--topology",
@@ -129,13 +135,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=20,
-        help="rounds of train-share-aggregate; under DP the budget covers all of them, so "
-        "more rounds mean more noise per round (docs/results.md, 'Rounds under a fixed ε')",
+        help="rounds of train-share-aggregate (default: the dataset's recipe, 20 for tabular "
+        "data); under DP the budget covers all of them, so more rounds mean more noise per "
+        "round (docs/results.md, 'Rounds under a fixed ε')",
     )
-    p.add_argument("--local-epochs", type=int, default=1, help="passes over local data per round")
     p.add_argument(
-        "--batch-size", type=int, default=32, help="expected (Poisson) batch size per step"
+        "--local-epochs", type=int, help="passes over local data per round (default: recipe)"
+    )
+    p.add_argument("--optimizer", choices=["sgd", "adam"], help="local optimizer (default: recipe)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default: recipe)")
+    p.add_argument(
+        "--augment", choices=["none", "shift"], help="image augmentation (default: recipe)"
+    )
+    p.add_argument(
+        "--lr-schedule", choices=["constant", "cosine"], help="over the rounds (default: recipe)"
+    )
+    p.add_argument(
+        "--server-optimizer",
+        choices=["none", "adam", "yogi", "adagrad"],
+        default="none",
+        help="each node steps its model by FedAdam/FedYogi/FedAdagrad on (robust aggregate - "
+        "previous model); post-processing, no privacy cost (models/optimizers.py)",
+    )
+    p.add_argument("--server-lr", type=float, default=0.01, help="the server optimizer's rate")
+    p.add_argument(
+        "--personalize",
+        choices=["none", "ditto"],
+        default="none",
+        help="also keep a Ditto personalized model per hospital, never sent (models/personal.py)",
+    )
+    p.add_argument(
+        "--personal-mu", type=float, default=0.1, help="Ditto's pull towards the shared model"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="expected (Poisson) batch size per step (default: recipe, 32)",
     )
     p.add_argument("--lr", type=float, help="learning rate (default: per model)")
     p.add_argument(
@@ -165,6 +200,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="also train local-only and pooled references, with DP at the same ε when DP is "
         "on (default: on, except for medmnist, whose CNN baselines take minutes)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="fixed decision threshold for the reported metrics, e.g. 0.5 as FLamby reports "
+        "accuracy (default: Youden's J on training rows without DP, 0.5 with DP)",
     )
     p.add_argument(
         "--round-timeout",
@@ -207,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attack parameter, repeatable, e.g. --attack-param epsilon=100",
     )
     args = p.parse_args(argv)
+    apply_recipe(args)
     check_adversary_args(p, args)
     if args.dataset == "csv" and not args.no_dp and args.reference is None:
         p.error(
@@ -214,6 +256,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "modes would make one patient move every other patient's features (docs/data.md)"
         )
     return args
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill every training option left out from the dataset's recipe (models/recipes.py)."""
+    from models.recipes import recipe_for
+
+    recipe = recipe_for(args.dataset, args.model, private=not args.no_dp)
+    args.model = recipe.model
+    fields = ("rounds", "local_epochs", "batch_size", "optimizer", "momentum", "augment")
+    for name in (*fields, "lr_schedule"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, name))
+    if args.lr is None:
+        args.lr = recipe.learning_rate
 
 
 def check_adversary_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -358,6 +414,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 **({"reference": str(args.reference.resolve())} if args.reference else {}),
                 **({"positive": args.positive} if args.positive is not None else {}),
                 **({"not_identifying": args.not_identifying} if args.not_identifying else {}),
+                **({"preprocessing": args.preprocessing} if args.preprocessing else {}),
             },
             "model": {"name": model},
             "training": {
@@ -365,6 +422,10 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "local_epochs": args.local_epochs,
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr or DEFAULT_LR[model],
+                "optimizer": args.optimizer,
+                "momentum": args.momentum,
+                "augment": args.augment,
+                "lr_schedule": args.lr_schedule,
                 "seed": args.seed,
                 **({"class_weights": list(args.class_weights)} if args.class_weights else {}),
             },
@@ -378,7 +439,23 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 }
             ),
             "aggregation": {"rule": rule, "f": f},
+            **(
+                {
+                    "server_optimizer": {
+                        "name": args.server_optimizer,
+                        "learning_rate": args.server_lr,
+                    }
+                }
+                if args.server_optimizer != "none"
+                else {}
+            ),
+            **(
+                {"personalization": {"method": args.personalize, "mu": args.personal_mu}}
+                if args.personalize != "none"
+                else {}
+            ),
             "gossip": {"round_timeout_s": args.round_timeout, "startup_timeout_s": 60.0},
+            **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
             **(
                 {"adversary": adversary_section(args, i, names, attackers, topology)}
@@ -623,12 +700,14 @@ def build_report(
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
     from models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
     from node.report import FINISHED_PHASES, hospital_warnings
+    from node.report_extras import PERSONAL_FIELDS
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []
     for n in nodes:
         s = final_status(n)
         m = s.get("last_metrics", {})
+        personal = s.get("personal") or {}
         priv = s.get("privacy", {})
         data = s.get("data", {})
         hospitals.append(
@@ -659,6 +738,8 @@ def build_report(
                 "proven_equivocation": (s.get("equivocation") or {}).get("proven", {}),
                 "adversary": s.get("adversary"),
                 "model_sha256": s.get("model_sha256"),
+                # the personalized model's metrics (--personalize); the model is never sent
+                "personal": {k: personal.get(k) for k in PERSONAL_FIELDS} if personal else None,
                 "history": [
                     {
                         k: h.get(k)
@@ -776,6 +857,7 @@ async def run(args: argparse.Namespace) -> int:
     if progress is not None:
         progress.final(nodes)
     report = build_report(args, nodes, topology, seconds, cut_short)
+    report["whole_test"] = whole_test_section(nodes)
     if want_baselines(args):
         from models.baselines import run_baselines
         from models.privacy import DPConfig
@@ -786,6 +868,11 @@ async def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
+            optimizer=args.optimizer,
+            momentum=args.momentum,
+            augment=args.augment,
+            lr_schedule=args.lr_schedule,
+            schedule_rounds=args.rounds,
             seed=args.seed,
             class_weights=tuple(args.class_weights) if args.class_weights else None,
         )
@@ -858,13 +945,32 @@ def margin_over_local(report: dict[str, Any], private: bool) -> dict[str, Any] |
     return None if margins is None else {"against": kind, **margins}
 
 
+def whole_test_section(nodes: list[NodeProcess]) -> dict[str, Any]:
+    """Each honest hospital's final model scored on every hospital's test rows together (for
+    medmnist: the whole official test split); node/report_extras.py."""
+    from node.report_extras import whole_test_auc
+
+    try:
+        per_node = whole_test_auc([n.config_path for n in nodes if not n.byzantine])
+    except Exception as exc:  # a damaged checkpoint must not cost the rest of the report
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    aucs = [a for a in per_node.values() if a is not None]
+    return {"auc": per_node, "mean_auc": sum(aucs) / len(aucs) if aucs else None}
+
+
 def want_baselines(args: argparse.Namespace) -> bool:
     """--baselines / --no-baselines, else on wherever they are cheap (not the CNN on images)."""
     return args.baselines if args.baselines is not None else args.dataset != "medmnist"
 
 
 def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:
-    return {"name": args.dataset, **dataset_kwargs(args)}
+    """load_dataset's arguments for the baselines (their non-DP rows scaled as the nodes')."""
+    chosen = args.preprocessing if args.preprocessing in ("fitted", "reference") else None
+    return {
+        "name": args.dataset,
+        **dataset_kwargs(args),
+        **({"preprocessing": chosen} if chosen else {}),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-MODEL_NAMES: tuple[str, ...] = ("logreg", "mlp", "cnn", "multimodal", "cox")
+MODEL_NAMES: tuple[str, ...] = ("logreg", "mlp", "cnn", "cnn_gn", "multimodal", "cox")
 
 
 class LogisticRegression(nn.Module):
@@ -99,6 +99,40 @@ class SmallCNN(nn.Module):
         return self.head(self.encoder(x)).squeeze(-1)
 
 
+class GroupNormCNN(nn.Module):
+    """The default image model: three 3x3 conv stages with GroupNorm, global average pooling.
+
+    GroupNorm normalises each sample on its own (BatchNorm mixes the samples of a batch, which
+    per-sample clipping cannot allow), and without affine parameters, so every trainable
+    parameter belongs to an nn.Conv2d or nn.Linear and DP-SGD's fast per-sample gradient hooks
+    apply. 1x28x28 -> 16x14x14 -> 32x7x7 -> 64x7x7 -> 64 -> 1: about 23k parameters, chosen by
+    measurement (docs/models.md).
+    """
+
+    def __init__(self, input_shape: Sequence[int], width: int = 16, groups: int = 4) -> None:
+        super().__init__()
+        channels, _, _ = _check_image_shape("cnn_gn", input_shape)
+        if width < groups or width % groups:
+            raise ValueError(f"cnn_gn width {width} must be a multiple of groups {groups}")
+        widths = (width, 2 * width, 4 * width)
+        layers: list[nn.Module] = []
+        previous = channels
+        for stage, out in enumerate(widths):
+            layers += [
+                nn.Conv2d(previous, out, kernel_size=3, padding=1),
+                nn.GroupNorm(groups, out, affine=False),
+                nn.ReLU(),
+            ]
+            if stage < 2:
+                layers.append(nn.MaxPool2d(2))
+            previous = out
+        self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(previous, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)).squeeze(-1)
+
+
 class MultimodalNet(nn.Module):
     """Image encoder + clinical-feature encoder + fusion head (late fusion by concatenation).
 
@@ -177,6 +211,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
     "cnn": SmallCNN,
+    "cnn_gn": GroupNormCNN,
     "multimodal": MultimodalNet,
     "cox": CoxRegression,
 }
@@ -185,6 +220,7 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "cox": (),
     "mlp": ("hidden",),
     "cnn": ("hidden",),
+    "cnn_gn": ("width", "groups"),
     "multimodal": ("clinical_features", "image_embedding", "clinical_embedding", "fusion_hidden"),
 }
 
@@ -193,8 +229,9 @@ def build_model(name: str, input_shape: Sequence[int], seed: int, **params: obje
     """Build model ``name`` for samples of ``input_shape``, initialised from ``seed``.
 
     ``params`` per model: mlp ``hidden`` (sizes, default (64, 32)); cnn ``hidden`` (head width,
-    default 24); multimodal ``clinical_features`` (required) and the embedding widths. An
-    unknown name or parameter raises ValueError listing what is accepted.
+    default 24); cnn_gn ``width`` (first stage's channels, default 16) and ``groups``
+    (GroupNorm groups, default 4); multimodal ``clinical_features`` (required) and the
+    embedding widths. An unknown name or parameter raises ValueError listing what is accepted.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}")

@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.sgd import sgd as sgd_update
 
 from models import privacy
+from models.augment import AUGMENTATIONS, augment_batch
 from models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
 from models.survival import (
     SURVIVAL_LOSSES,
@@ -38,6 +39,7 @@ from models.survival import (
 )
 
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 LOSSES = ("bce", "focal")
 CLASS_WEIGHTING = ("auto", "balanced", "none")
 """auto: balanced without DP, none under DP. balanced: n / (2 n_class) from the training labels,
@@ -62,6 +64,11 @@ class TrainingSettings:
     fedprox_mu: float = 0.0  # FedProx proximal term (mu / 2) ||w - w_ref||^2; 0 turns it off
     survival_loss: str = "auto"  # survival labels only: models/survival.py SURVIVAL_LOSSES
     seed: int = 0  # batch sampling without DP (DP draws from privacy.private_generator())
+    augment: str = "none"  # one of models.augment.AUGMENTATIONS (images only)
+    # "cosine": round t of `schedule_rounds` trains at lr (1 + cos(pi t / schedule_rounds)) / 2.
+    # It depends on the round number only, so it costs no privacy.
+    lr_schedule: str = "constant"
+    schedule_rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -74,6 +81,14 @@ class TrainingSettings:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment {self.augment!r}: use one of {AUGMENTATIONS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}: use one of {LR_SCHEDULES}")
+        if self.lr_schedule != "constant" and self.schedule_rounds < 1:
+            raise ValueError(
+                f"lr_schedule {self.lr_schedule!r} needs schedule_rounds >= 1 (the planned rounds)"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: use one of {LOSSES}")
         if not self.focal_gamma >= 0:
@@ -113,6 +128,14 @@ class RoundStats:
     mean_loss: float
     epsilon_spent: float | None  # None without DP
     budget_exhausted: bool = False  # True if the round stopped early at the budget
+
+
+def learning_rate_at(settings: TrainingSettings, round_index: int) -> float:
+    """The learning rate of round ``round_index`` (0-based) under the settings' schedule."""
+    if settings.lr_schedule == "constant":
+        return settings.learning_rate
+    progress = min(max(round_index, 0), settings.schedule_rounds) / settings.schedule_rounds
+    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def steps_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -273,11 +296,20 @@ class LocalTrainer:
         aggregate); None means "the model as it is now". Raises BudgetExhausted before touching
         the data if the ledger cannot afford a single step.
         """
+        self.set_learning_rate(learning_rate_at(self.settings, self.rounds_trained))
         stats = self.train_steps(self.steps_per_round(), reference_state)
         self.rounds_trained += 1
         if self.ledger is None:
             return stats
         return replace(stats, epsilon_spent=self.ledger.epsilon_spent())
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Used by the schedule before each round (Adam's and SGDStep's rate alike)."""
+        if isinstance(self.optimizer, SGDStep):
+            self.optimizer.lr = lr
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
     def train_steps(
         self, steps: int, reference_state: Mapping[str, np.ndarray | torch.Tensor] | None = None
@@ -309,7 +341,7 @@ class LocalTrainer:
             # it): no step's batch can be replayed or rebuilt from anything saved.
             rng = privacy.private_generator() if self._dp is not None else self.sampling_rng
             batch = self._poisson_batch(rng)
-            x, y = self.x[batch], self.y[batch]
+            x, y = augment_batch(self.x[batch], self.settings.augment, rng), self.y[batch]
             self.optimizer.zero_grad(set_to_none=True)
             if self._dp is not None:
                 losses = self._dp.compute(x, y)

@@ -21,6 +21,7 @@ from typing import Any
 
 from gossip.trust import TrustSettings
 from models.metrics import DP_DEFAULT_THRESHOLD
+from models.optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
 from node.net_config import RelaySection, TlsSection, check_network
 
 # Kept here, not imported from models/, so reading a config does not import torch.
@@ -348,6 +349,8 @@ class TrainingSection:
     # exponential likelihood under DP), "cox" (refused under DP) or "exponential".
     survival_loss: str = "auto"
     seed: int = 0
+    augment: str = "none"  # "shift": random translation by up to 2 pixels (images)
+    lr_schedule: str = "constant"  # "cosine": decays over the planned rounds (no privacy cost)
 
     def __post_init__(self) -> None:
         if isinstance(self.class_weighting, bool):
@@ -472,6 +475,64 @@ class AggregationSection:
             f"use one of {', '.join(sorted(AGGREGATORS))}",
         )
         _require(self.f >= 0, "aggregation.f", "must be >= 0", "f = 1")
+
+
+@dataclass(frozen=True)
+class ServerOptimizerSection:
+    """An optional FedAdam/FedYogi/FedAdagrad step each node applies to (its robust aggregate
+    - its previous model); models/optimizers.py. Post-processing of DP outputs: no privacy cost."""
+
+    name: str = "none"  # none | adam | yogi | adagrad
+    learning_rate: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def validate(self) -> None:
+        _require(
+            self.name in SERVER_OPTIMIZERS,
+            "server_optimizer.name",
+            f"unknown server optimizer {self.name!r}",
+            f"use one of {', '.join(SERVER_OPTIMIZERS)}",
+        )
+        try:
+            self.settings()
+        except ValueError as exc:
+            raise ConfigError(
+                f"[server_optimizer] {exc}; fix: e.g. learning_rate = 0.01, beta1 = 0.9, "
+                "beta2 = 0.99, tau = 0.001"
+            ) from None
+
+    def settings(self) -> ServerOptimizerSettings:
+        return ServerOptimizerSettings(
+            self.name, self.learning_rate, self.beta1, self.beta2, self.tau
+        )
+
+
+@dataclass(frozen=True)
+class PersonalizationSection:
+    """An optional personalized model per hospital that never leaves the node
+    (models/personal.py): "ditto" trains it on local rows pulled towards the shared model."""
+
+    method: str = "none"  # none | ditto
+    mu: float = 0.1  # Ditto's lambda: (mu / 2) ||v - w_shared||^2
+    learning_rate: float | None = None  # default: training.learning_rate
+
+    def validate(self) -> None:
+        _require(
+            self.method in ("none", "ditto"),
+            "personalization.method",
+            f"unknown method {self.method!r}",
+            'use "none" or "ditto"',
+        )
+        _require(self.mu >= 0, "personalization.mu", "must be >= 0", "mu = 0.1")
+        if self.learning_rate is not None:
+            _require(
+                self.learning_rate > 0,
+                "personalization.learning_rate",
+                "must be > 0",
+                "learning_rate = 0.05, or omit it to use training.learning_rate",
+            )
 
 
 @dataclass(frozen=True)
@@ -644,6 +705,8 @@ class NodeConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     tls: TlsSection = field(default_factory=TlsSection)
     relays: list[RelaySection] = field(default_factory=list)
+    server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
+    personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -679,6 +742,8 @@ class NodeConfig:
             self.operator,
             self.peer_listener,
             self.logging,
+            self.server_optimizer,
+            self.personalization,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -755,6 +820,8 @@ _SECTIONS: dict[str, type] = {
     "peer_listener": PeerListenerSection,
     "logging": LoggingSection,
     "tls": TlsSection,
+    "server_optimizer": ServerOptimizerSection,
+    "personalization": PersonalizationSection,
 }
 
 

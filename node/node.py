@@ -49,7 +49,9 @@ from gossip.wire import (
 )
 from models.data import HospitalSplit, load_dataset, resolved_data_path
 from models.nets import build_model
+from models.optimizers import ServerOptimizer
 from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
+from models.personal import PersonalModel
 from models.privacy import BudgetExhausted, PrivacyLedger
 from models.training import LocalTrainer, TrainingSettings, evaluate
 from node import __version__
@@ -138,6 +140,8 @@ class NodeState:
     data: dict[str, Any] = field(default_factory=dict)
     # min_neighbours, who counts toward it now, and (while the node waits) why the rest don't
     neighbours: dict[str, Any] = field(default_factory=dict)
+    # the personalized model's metrics (models/personal.py); the model itself is never shown
+    personal: dict[str, Any] = field(default_factory=dict)
 
 
 class HospitalNode:
@@ -196,8 +200,26 @@ class HospitalNode:
             fedprox_mu=config.training.fedprox_mu,
             survival_loss=config.training.survival_loss,
             seed=config.training.seed + _stable_int(config.node.name),
+            augment=config.training.augment,
+            lr_schedule=config.training.lr_schedule,
+            schedule_rounds=config.training.rounds,
         )
         self.trainer = LocalTrainer(self.model, self.data.x_train, self.data.y_train, settings)
+        # FedAdam/FedYogi/FedAdagrad on (aggregate - previous model), state kept here only.
+        opt = config.server_optimizer
+        self.server_optimizer = ServerOptimizer(opt.settings()) if opt.name != "none" else None
+        # Ditto's personal model (models/personal.py): trained here, evaluated here, never sent.
+        pers = config.personalization
+        self.personal: PersonalModel | None = None
+        if pers.method == "ditto":
+            self.personal = PersonalModel(
+                self.model,
+                self.data.x_train,
+                self.data.y_train,
+                settings,
+                mu=pers.mu,
+                learning_rate=pers.learning_rate,
+            )
         self.ledger: PrivacyLedger | None = None
         if config.privacy.enabled:
             self.ledger = PrivacyLedger.plan(
@@ -205,11 +227,11 @@ class HospitalNode:
                 delta=config.privacy.delta,
                 n_patients=len(self.data.y_train),
                 sample_rate=self.trainer.sample_rate(),
-                planned_steps=self.trainer.steps_per_round() * config.training.rounds,
+                planned_steps=self._dp_steps_per_round() * config.training.rounds,
                 max_grad_norm=config.privacy.max_grad_norm,
                 accountant=config.privacy.accountant,
             )
-            self.trainer.ledger = self.ledger
+            self._use_ledger(self.ledger)
 
         max_bytes = config.gossip.max_message_bytes or default_max_message_bytes(self.spec)
         self.replay = ReplayGuard()
@@ -305,6 +327,17 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- setup
 
+    def _dp_steps_per_round(self) -> int:
+        """DP-SGD steps a round takes: the shared model's, plus the personal model's if any
+        (both are charged to the one ledger, so one ε covers both)."""
+        personal = self.personal.steps_per_round() if self.personal is not None else 0
+        return self.trainer.steps_per_round() + personal
+
+    def _use_ledger(self, ledger: PrivacyLedger) -> None:
+        self.trainer.ledger = ledger
+        if self.personal is not None:
+            self.personal.ledger = ledger
+
     def _load_own_data(self) -> HospitalSplit:
         d = self.config.data
         splits = load_dataset(
@@ -366,7 +399,7 @@ class HospitalNode:
         self.trainer.load_state_dict_bytes(ckpt.trainer_state)
         if self.ledger is not None and ckpt.privacy:
             self.ledger = PrivacyLedger.from_state(ckpt.privacy)
-            self.trainer.ledger = self.ledger
+            self._use_ledger(self.ledger)
         intent = self._read_privacy_intent()
         if self.ledger is not None and intent > self.ledger.steps_taken:
             # Killed mid-training: the steps of that round may have touched the data, so
@@ -389,6 +422,10 @@ class HospitalNode:
                 ckpt.extra["receipts"], [p.public_key for p in self.peers]
             )
         self.rollback.restore(ckpt.extra.get("heads"))
+        if self.server_optimizer is not None and "server_optimizer" in ckpt.extra:
+            self.server_optimizer.load_state(ckpt.extra["server_optimizer"])
+        if self.personal is not None and "personal" in ckpt.extra:
+            self.personal.load_state(ckpt.extra["personal"])
         self._refresh_trust_status()
         self.inbox.advance_to(self.next_round)
         log.info(
@@ -785,7 +822,8 @@ class HospitalNode:
             self.audit.append("round_resumed", r, last_signed_round=self.last_signed_round)
             own_state = get_state(self.model)
             own_sha = state_sha256(own_state)
-        else:
+        previous_state = get_state(self.model)  # the model round r starts from
+        if r > self.last_signed_round:
             own_state, own_sha = await self._train_and_share(r, transport)
 
         self.state.phase = "collecting"
@@ -800,7 +838,7 @@ class HospitalNode:
             self._liveness_changed(change)
         self.state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
-            self._aggregate, r, own_state, own_sha, collected.messages
+            self._aggregate, r, own_state, own_sha, collected.messages, previous_state
         )
         set_state(self.model, new_state)
 
@@ -843,6 +881,8 @@ class HospitalNode:
         reference = get_state(self.model)
         self._write_privacy_intent()
         await asyncio.to_thread(self.trainer.train_round, reference)
+        if self.personal is not None:  # Ditto: pulled towards the shared model of round start
+            await asyncio.to_thread(self.personal.train_round, reference)
         own_state = get_state(self.model)
         if not all(np.isfinite(a).all() for a in own_state.values()):
             # Training diverged (e.g. from a model that poisoned neighbours blew up): share and
@@ -947,6 +987,7 @@ class HospitalNode:
         own_state: dict[str, np.ndarray],
         own_sha: str,
         received: dict[str, ReceivedUpdate],
+        previous_state: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], str, float | None]:
         """Combine our model with the neighbours' by the configured rule, leaving out
         quarantined peers and down-weighting distrusted ones; then update trust. Returns the
@@ -1033,7 +1074,10 @@ class HospitalNode:
             )
             self._observe_trust(r, own, own, vectors)
             return own_state, own_sha, distance
-        new_state = unflatten(result.astype(own.dtype, copy=False), own_state)
+        result = result.astype(own.dtype, copy=False)
+        if self.server_optimizer is not None and previous_state is not None:
+            result = self._server_step(previous_state, result, record)
+        new_state = unflatten(result, own_state)
         new_sha = state_sha256(new_state)
         self.audit.append(
             "aggregation",
@@ -1046,6 +1090,21 @@ class HospitalNode:
         self.state.aggregation = {"rule": cfg.rule, "f": f, "inputs": len(names) + 1}
         self._observe_trust(r, own, result, vectors)
         return new_state, new_sha, distance
+
+    def _server_step(
+        self, previous: dict[str, np.ndarray], aggregate: np.ndarray, record: dict[str, Any]
+    ) -> np.ndarray:
+        """The server optimizer's step on (aggregate - previous model): post-processing of DP
+        outputs only (models/optimizers.py). The aggregation record names the optimizer and
+        the robust aggregate's hash; its result_sha256 is then the stepped model's."""
+        assert self.server_optimizer is not None
+        stepped = self.server_optimizer.step(flatten(previous), aggregate)
+        if not np.isfinite(stepped).all():
+            log.warning("server optimizer step not finite; keeping the robust aggregate")
+            return aggregate
+        record["server_optimizer"] = self.server_optimizer.settings.name
+        record["aggregate_sha256"] = state_sha256(unflatten(aggregate, previous))
+        return stepped
 
     def _observe_trust(
         self, r: int, own: np.ndarray, aggregate: np.ndarray, vectors: dict[str, np.ndarray]
@@ -1112,6 +1171,10 @@ class HospitalNode:
         majority baseline is the test split's own majority, not the training labels'."""
         d = self.data
         threshold = self.config.evaluation.resolved_threshold(self.config.privacy.enabled)
+        if self.personal is not None:  # the personal model's metrics, beside the shared one's
+            self.state.personal = self.personal.evaluate(
+                d.x_train, d.y_train, d.x_test, d.y_test, threshold
+            )
         return evaluate(self.model, d.x_train, d.y_train, d.x_test, d.y_test, threshold)
 
     # ---------------------------------------------------------------- persistence
@@ -1131,6 +1194,12 @@ class HospitalNode:
                 "trust": self.trust.to_state(),
                 "receipts": self.receipts.to_state(),
                 "heads": self.rollback.to_state(),
+                **(
+                    {"server_optimizer": self.server_optimizer.to_state()}
+                    if self.server_optimizer is not None
+                    else {}
+                ),
+                **({"personal": self.personal.state()} if self.personal is not None else {}),
             },
         )
         digest = save_checkpoint(self.state_dir, ckpt)
@@ -1143,7 +1212,7 @@ class HospitalNode:
         """Before training, durably record the steps this round may spend (write-ahead)."""
         if self.ledger is None:
             return
-        planned = self.ledger.steps_taken + self.trainer.steps_per_round()
+        planned = self.ledger.steps_taken + self._dp_steps_per_round()
         atomic_write(
             self.state_dir / "privacy_intent.json", json.dumps({"steps": planned}).encode()
         )

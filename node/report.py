@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from node.report_extras import PERSONAL_HEADINGS, personal_rows
 from node.report_sections import (
     RELIABILITY_PLOT,
     baseline_cell,
@@ -448,6 +449,8 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
         ("seed", report.get("seed")),
         ("seconds", report.get("seconds")),
         ("bytes sent", report.get("bytes_sent")),
+        ("mean AUC (honest nodes)", report.get("mean_auc")),
+        ("mean AUC on all hospitals' test rows", (report.get("whole_test") or {}).get("mean_auc")),
     ]
     name = "C-index" if is_survival(report) else "AUC"
     rows.append((f"mean {name} (honest nodes)", report.get(_mean_field(report))))
@@ -494,6 +497,17 @@ _BASELINE_KINDS: tuple[tuple[str, str], ...] = (
     ("pooled", "pooled, no DP"),
     ("reference", "tuned L2 logistic regression, pooled, no DP"),
 )
+
+
+def _personal_section(hospitals: list[dict[str, Any]]) -> str:
+    rows = personal_rows(hospitals)
+    if not rows:
+        return ""
+    return (
+        '<h2>Personalized models</h2>\n<p class="note">Each hospital\'s Ditto model, trained on '
+        "its own rows pulled towards the shared model; it never left the hospital. Same "
+        "test split and threshold rule as the shared model.</p>\n" + _table(PERSONAL_HEADINGS, rows)
+    )
 
 
 def _baseline_section(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> str:
@@ -739,6 +753,7 @@ does not exist for that split (e.g. AUC with one class), not zero.</p>
 <p class="note">What each node's accountant was given (σ, q, steps, δ) and the ε it reported;
 anyone can recompute ε from these.</p>
 {privacy}
+{_personal_section(hospitals)}
 {_baseline_section(report, hospitals)}
 {_trust_section(hospitals)}
 {_rejected_section(hospitals)}
@@ -795,6 +810,14 @@ def summary_table(report: dict[str, Any]) -> str:
     lines += [line(r) for r in rows]
     lines.append("")
     lines.append(f"mean AUC (honest nodes): {format_value(report.get('mean_auc'))}")
+    whole = (report.get("whole_test") or {}).get("mean_auc")
+    if whole is not None:
+        lines.append(f"mean AUC on all hospitals' test rows: {format_value(whole)}")
+    for row in personal_rows(hospitals):
+        lines.append(
+            f"personalized {row[0]}: AUC {format_value(row[2])} (shared {format_value(row[1])}), "
+            f"accuracy {format_value(row[4])} (shared {format_value(row[3])})"
+        )
     for kind, title in _BASELINE_KINDS:
         if (report.get("baselines") or {}).get(kind):
             mean = format_value(_baseline_mean(report, kind))

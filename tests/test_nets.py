@@ -26,6 +26,7 @@ CASES = {  # name -> (input_shape, params, a function making a batch of B inputs
     "mlp": ((13,), {}, lambda g, b: torch.randn(b, 13, generator=g)),
     "cox": ((39,), {}, lambda g, b: torch.randn(b, 39, generator=g)),
     "cnn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
+    "cnn_gn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
     "multimodal": (
         (1, 28, 28),
         {"clinical_features": CLINICAL},

@@ -364,6 +364,8 @@ class ReusedLayer(nn.Module):
     [
         (lambda: build_model("mlp", (13,), seed=0), (13,)),
         (lambda: build_model("cnn", (1, 16, 16), seed=0), (1, 16, 16)),
+        # GroupNorm without affine parameters mixes no samples and has nothing to train
+        (lambda: build_model("cnn_gn", (1, 16, 16), seed=0), (1, 16, 16)),
         (GroupedConvSequence, (2, 9, 8)),
         # packed rows: an 8x8 image and 3 clinical features
         (lambda: build_model("multimodal", (1, 8, 8), seed=0, clinical_features=3), (67,)),

@@ -1,0 +1,123 @@
+"""Choose the image recipe by measurement, on a validation split of the training data only.
+
+An in-process stand-in for the gossip network (no processes, no crypto): N hospitals hold
+murmur's IID or Dirichlet split of PneumoniaMNIST's official *train* images and train with
+`models.training.LocalTrainer` exactly as a node does; each round every hospital starts from
+the plain mean of the models (what the complete graph's Metropolis-Hastings weights give).
+The score is the AUC on PneumoniaMNIST's official *val* split, which MedMNIST cut from the
+source training set (9:1); the official test split is never read. `--pooled` trains one model
+on all training images for the same number of epochs instead.
+
+    python bench/image_recipe.py --model cnn_gn --optimizer adam --lr 0.002 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.data import load_dataset, resolved_data_path
+from models.metrics import roc_auc
+from models.nets import build_model
+from models.params import get_state, set_state
+from models.privacy import PrivacyLedger
+from models.training import LocalTrainer, TrainingSettings, predict_proba
+
+
+def validation_split() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(resolved_data_path("medmnist", None)) as archive:
+        x = archive["val_images"][:, None].astype(np.float32) / 255.0
+        y = archive["val_labels"].reshape(-1).astype(np.float32)
+    return x, y
+
+
+def settings_from(args: argparse.Namespace, seed: int) -> TrainingSettings:
+    return TrainingSettings(
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        local_epochs=args.local_epochs,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        augment=args.augment,
+        lr_schedule=args.schedule,
+        schedule_rounds=args.rounds,
+        class_weighting="none" if args.dp_epsilon else "auto",
+        seed=seed,
+    )
+
+
+def run(args: argparse.Namespace) -> list[float]:
+    torch.set_num_threads(1)
+    splits = load_dataset("medmnist", num_hospitals=args.nodes, seed=args.seed, alpha=args.alpha)
+    if args.pooled:
+        x = np.concatenate([s.x_train for s in splits])
+        y = np.concatenate([s.y_train for s in splits])
+        parts = [(x, y)]
+    else:
+        parts = [(s.x_train, s.y_train) for s in splits]
+    x_val, y_val = validation_split()
+    params = {"width": args.width} if args.width else {}
+    model = build_model(args.model, (1, 28, 28), args.seed, **params)
+    models = [build_model(args.model, (1, 28, 28), args.seed, **params) for _ in parts]
+    trainers = []
+    for i, ((x, y), m) in enumerate(zip(parts, models, strict=True)):
+        trainer = LocalTrainer(m, x, y, settings_from(args, args.seed + i))
+        if args.dp_epsilon:
+            trainer.ledger = PrivacyLedger.plan(
+                epsilon=args.dp_epsilon,
+                delta=None,
+                n_patients=len(y),
+                sample_rate=trainer.sample_rate(),
+                planned_steps=trainer.steps_per_round() * args.rounds,
+                max_grad_norm=args.clip,
+            )
+        trainers.append(trainer)
+    aucs = []
+    start = time.monotonic()
+    for r in range(1, args.rounds + 1):
+        shared = get_state(model)
+        states = []
+        for trainer in trainers:
+            set_state(trainer.model, shared)
+            trainer.train_round(shared)
+            states.append(get_state(trainer.model))
+        set_state(model, {k: np.mean([s[k] for s in states], axis=0) for k in shared})
+        auc = roc_auc(y_val, predict_proba(model, x_val))
+        aucs.append(float(auc))
+        print(f"round {r:3d}  val AUC {auc:.4f}  {time.monotonic() - start:6.1f}s", flush=True)
+    return aucs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="cnn_gn")
+    p.add_argument("--width", type=int, help="cnn_gn's first-stage channels (default 16)")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", default="shift")
+    p.add_argument("--schedule", default="cosine")
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dp-epsilon", type=float, default=0.0, help="0: no DP")
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--pooled", action="store_true")
+    args = p.parse_args()
+    aucs = run(args)
+    print(json.dumps({"args": vars(args), "val_auc": aucs, "last": aucs[-1], "best": max(aucs)}))
+
+
+if __name__ == "__main__":
+    main()
