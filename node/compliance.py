@@ -2,8 +2,8 @@
 
 Why: a compliance officer has to answer, for one hospital, what left it, to whom, when, under
 which study and at what privacy cost, and whether the record of it can be trusted. The answer
-is already in the node's signed audit log (node/audit.py), but as hundreds of JSON records;
-this module reads them through node/audit.py's public readers and writes one self-contained
+is already in the node's signed audit log (node/audit/), but as hundreds of JSON records;
+this module reads them through node/audit/'s public readers and writes one self-contained
 HTML page (and a PDF where headless Chromium is installed) in plain language:
 
 1. a one-paragraph summary: who the node is (name, key fingerprint), the study, the rounds,
