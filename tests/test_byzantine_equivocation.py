@@ -139,14 +139,14 @@ def test_a_node_restarted_after_sending_is_never_proven_to_equivocate(
         return MemoryTransport(by_address, node.identity)
 
     victim = nodes[0]
-    original_send = victim._send
+    original_send = victim.sender.send
 
     async def send_then_crash(r, transport_, peers, envelope, sha) -> None:
         await original_send(r, transport_, peers, envelope, sha)
         if r == CRASH_ROUND:
             raise Crash
 
-    victim._send = send_then_crash  # type: ignore[method-assign]
+    victim.sender.send = send_then_crash  # type: ignore[method-assign]
 
     async def scenario() -> HospitalNode:
         others = [asyncio.create_task(n.run_rounds(transport(n))) for n in nodes[1:]]

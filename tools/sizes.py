@@ -45,8 +45,10 @@ def main(argv: list[str]) -> int:
     found = over_limits(folders)
     for line in found:
         print(line)
-    print(f"{len(found)} over the limits ({MAX_MODULE_LINES} lines a module, "
-          f"{MAX_FUNCTION_LINES} a function) in {', '.join(folders)}")
+    print(
+        f"{len(found)} over the limits ({MAX_MODULE_LINES} lines a module, "
+        f"{MAX_FUNCTION_LINES} a function) in {', '.join(folders)}"
+    )
     return 1 if found else 0
 
 
