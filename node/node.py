@@ -29,7 +29,7 @@ from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, load_identity, load_public_key
 from gossip.attacks import Adversary
 from gossip.feasibility import check_min_neighbours, check_node
-from gossip.receipts import AuditHead, Receipt, ReceiptBook
+from gossip.receipts import AuditHead, ReceiptBook
 from gossip.rounds import CatchUp, RoundInbox
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker
@@ -367,21 +367,10 @@ class HospitalNode:
         `sender`: the key the request was authenticated with, which must be the requester's."""
         return self.rollback.answer(body, self.inbox.current_round, sender)
 
-    def record_rejection(
-        self,
-        reason: str,
-        detail: str,
-        *,
-        sender: str | None,
-        round_: int | None,
-        source: str | None = None,
-        receipt: Receipt | None = None,
-        why: str | None = None,
-    ) -> None:
-        """Count, log and (for admitted senders) audit a refusal (node/receiver.py)."""
-        self.receiver.record_rejection(
-            reason, detail, sender=sender, round_=round_, source=source, receipt=receipt, why=why
-        )
+    def record_rejection(self, reason: str, detail: str, **where: Any) -> None:
+        """Count, log and (for admitted senders) audit a refusal; `where`: the keywords of
+        node/receiver.py's `Receiver.record_rejection` (sender, round_, source, ...)."""
+        self.receiver.record_rejection(reason, detail, **where)
 
     def summarise_rejections(self, round_: int | None) -> None:
         self.receiver.summarise_rejections(round_)

@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity
-from gossip.receipts import Receipt
 from gossip.wire import WireLimits
 from node.config import NodeConfig
 from node.metrics import NodeMetrics
@@ -68,11 +67,10 @@ class ServedNode(Protocol):
         reason: str,
         detail: str,
         *,
-        sender: str | None,
         round_: int | None,
-        source: str | None = None,
-        receipt: Receipt | None = None,
+        sender: str | None,
         why: str | None = None,
+        source: str | None = None,
     ) -> None:
         """Count, log (rate-limited) and, for admitted senders, audit a refused request."""
         ...
