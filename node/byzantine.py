@@ -142,6 +142,7 @@ def arm(node: HospitalNode) -> Adversary:
     node.receiver.accepted_listeners.append(adversary.remember)
     node.aggregator.ignored = adversary.colluders  # it never averages in their poison
     node.state.adversary = adversary.status()
+    node.on_start.append(lambda: announce(node, adversary))
     return adversary
 
 

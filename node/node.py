@@ -8,6 +8,7 @@
     sharing.py     the outgoing path (honest: one envelope for every neighbour)
     persistence.py checkpoint, write-ahead privacy intent, signed-round record
     rounds.py      the round protocol, calling the parts above in order
+    lifecycle.py   the process: start checks, listeners, signals, the orderly stop
 
 `HospitalNode` builds them from a validated config, restores them from the checkpoint, and
 serves them through node/api.py, which sees only the narrow `ServedNode` protocol
@@ -18,17 +19,14 @@ node/byzantine.py, which replaces its outgoing path (and, for label flipping, it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import Identity, load_identity, load_public_key
 from gossip.attacks import Adversary
-from gossip.feasibility import check_min_neighbours, check_node
 from gossip.receipts import AuditHead, ReceiptBook
 from gossip.rounds import CatchUp, RoundInbox
 from gossip.transport import PeerTransport
@@ -37,7 +35,7 @@ from gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_max_mes
 from models.data import HospitalSplit
 from models.params import state_sha256
 from models.privacy import PrivacyLedger
-from node import __version__, byzantine
+from node import byzantine, lifecycle
 from node.aggregator import RoundAggregator
 from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from node.binding import config_binding, data_fingerprint
@@ -66,8 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("murmur.node")
-
-VERSION = __version__
 
 
 class HospitalNode:
@@ -123,6 +119,8 @@ class HospitalNode:
             data=self.study.describe_data(),
         )
         self.stop = asyncio.Event()
+        # called once the node is about to serve, after its node_start audit record
+        self.on_start: list[Callable[[], None]] = []
         ckpt = self._open_checkpoint()
         self._compose(ckpt)
         self.adversary: Adversary | None = None
@@ -270,9 +268,10 @@ class HospitalNode:
         if self.study.ledger is not None:
             self.state.privacy = self.study.privacy_status()
             self.audit.append("privacy", r, **self.state.privacy)
-        self._write_status()
+        self.write_status()
 
-    def _write_status(self) -> None:
+    def write_status(self) -> None:
+        """Replace status.json with the current status (node/persistence.py)."""
         self.store.write_status(self.status())
 
     # ---------------------------------------------------------------- what the parts hold
@@ -377,21 +376,6 @@ class HospitalNode:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def check_feasibility(self) -> None:
-        problem = check_node(
-            self.config.node.name,
-            len(self.peers),
-            self.config.aggregation.rule,
-            self.config.aggregation.f,
-        ) or check_min_neighbours(
-            self.config.node.name,
-            len(self.peers),
-            self.neighbours.min_neighbours,
-            explicit=self.config.gossip.min_neighbours is not None,
-        )
-        if problem:
-            raise StartupError(problem)
-
     async def check_own_receipts(self, transport: Any = None) -> None:
         """Before signing anything, ask the neighbours for the newest receipt they hold of this
         node; refuse to start if its state is older than what it signed (docs/privacy.md)."""
@@ -411,137 +395,10 @@ class HospitalNode:
         """Run every planned round that is left (node/rounds.py), then return."""
         await self.rounds.run_rounds(transport)
 
-    async def _watch_parent(self, finished: asyncio.Event) -> None:
-        """Stop when the launching process (run_cluster) disappears, so no node is orphaned."""
-        parent = os.environ.get("MURMUR_PARENT_PID")
-        if not parent:
-            return
-        while not finished.is_set():
-            if os.getppid() != int(parent):
-                log.warning("parent process %s is gone; stopping", parent)
-                self.stop.set()
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished.wait(), timeout=0.5)
-
-    def start_line(self) -> str:
-        """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
-        cfg = self.config
-        peers = ", ".join(f"{p.name} ({p.address})" for p in self.peers) or "none"
-        planned = cfg.training.rounds
-        where = (
-            f"continuing at round {self.next_round}"
-            if self.next_round > 1
-            else "starting at round 1"
-        )
-        return (
-            f"murmur {VERSION} node {cfg.node.name} (key {self.identity.fingerprint}) "
-            f"listening on {cfg.node.listen} for peers and {cfg.operator.listen} for operators; "
-            f"peers: {peers}; study: {cfg.data.dataset} "
-            f"({self.data.name}, {len(self.data.y_train)} training patients), model "
-            f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
-            f"f={cfg.aggregation.f}; privacy: {self.study.privacy_line()}; {where} of {planned}"
-        )
-
-    def stop_reason(self) -> str:
-        """Why the node is stopping, from its last phase, in words for the log."""
-        phase = self.state.phase
-        if phase == "done":
-            return f"all {self.config.training.rounds} planned rounds done"
-        if phase == "budget_exhausted":
-            return "the privacy budget is spent (no further round could be trained within it)"
-        if phase == "stopped":
-            return "asked to stop (SIGTERM or SIGINT)"
-        return f"stopped while {phase}"
-
-    def finished_already(self) -> str | None:
-        """The phase a previous run of this state directory ended in, if it left nothing to
-        do: every planned round trained ("done"), or no DP step left in the budget."""
-        if self.next_round > self.config.training.rounds:
-            return "done"
-        if self.study.budget_spent():
-            return "budget_exhausted"
-        return None
-
     async def run(self, *, serve_forever: bool = False) -> int:
-        """Serve the peer and operator listeners and run the planned rounds; returns the
-        process exit status."""
-        from node.api import operator_token, start_api
-
-        self.check_feasibility()
-        token = operator_token(self.config)  # a readable token file stops the node here
-        log.info("%s", self.start_line())
-        ended = self.finished_already()
-        if ended is not None and not serve_forever:
-            self._say_finished(ended)
-            return 0
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
-        self.audit.append(
-            "node_start",
-            self.next_round,
-            config_sha256=self.config.sha256,
-            public_key=self.identity.public_key.hex(),
-            version=VERSION,
-            pid=os.getpid(),
-        )
-        if self.adversary is not None:
-            byzantine.announce(self, self.adversary)
-        api = await start_api(self, token)
-        try:
-            await self.check_own_receipts()
-            await self._serve_rounds(serve_forever)
-        finally:
-            self.summarise_rejections(self.state.round)
-            self.audit.append("node_stop", self.state.round, reason=self.state.phase)
-            self.audit.sign_head()
-            self._write_status()
-            await api.close()
-            self.audit.close()
-            log.info(
-                "node %s stopping at round %d: %s; ε spent %.3f",
-                self.config.node.name,
-                self.state.round,
-                self.stop_reason(),
-                self.state.privacy.get("epsilon_spent", 0.0),
-            )
-        return 0
-
-    async def _serve_rounds(self, serve_forever: bool) -> None:
-        """Run the rounds over a peer transport, watching the parent process meanwhile."""
-        finished = asyncio.Event()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._watch_parent(finished))
-            try:
-                async with PeerTransport(
-                    identity=self.identity,
-                    send_timeout_s=self.config.gossip.send_timeout_s,
-                    timestamp_window_s=self.config.gossip.timestamp_window_s,
-                ) as transport:
-                    await self.run_rounds(transport)
-                self._write_status()
-                if serve_forever and not self.stop.is_set():
-                    log.info("planned rounds done; serving until SIGTERM")
-                    await self.stop.wait()
-            finally:
-                finished.set()
-
-    def _say_finished(self, ended: str) -> None:
-        """A previous run left nothing to do: say so, and leave the state as it is."""
-        self.state.phase = ended
-        log.info(
-            "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
-            "nothing to do, exiting. Start it with --serve (or [node] after_training = "
-            '"serve") to keep its API up.',
-            self.config.node.name,
-            self.stop_reason(),
-            self.state.round,
-            self.state.model_sha256[:12],
-            self.state.privacy.get("epsilon_spent", 0.0),
-        )
-        self._write_status()
-        self.audit.close()
+        """Serve the peer and operator listeners and run the planned rounds (node/lifecycle.py);
+        returns the process exit status."""
+        return await lifecycle.run(self, serve_forever=serve_forever)
 
 
 def _books(

@@ -221,6 +221,7 @@ def test_an_attacker_is_an_honest_node_with_its_outgoing_path_replaced(tmp_path:
         assert isinstance(attacker.rounds.sharing, AttackSharing)
         assert attacker.state.adversary == attacker.adversary.status()
         assert attacker.receiver.accepted_listeners == [attacker.adversary.remember]
+        assert honest.on_start == [] and len(attacker.on_start) == 1  # its loud warning
         # label flipping: the same rows, every training label flipped
         np.testing.assert_array_equal(attacker.data.x_train, honest.data.x_train)
         np.testing.assert_array_equal(attacker.data.y_train, 1 - honest.data.y_train)
