@@ -13,7 +13,7 @@ HTML page (and a PDF where headless Chromium is installed) in plain language:
    budget with the accountant's inputs (σ, q, steps, δ), and any quarantine, equivocation
    proof or rollback;
 3. the verification, exactly as `murmur audit verify` prints it (`verify_and_report`, with the
-   peers' heads of `--peer-heads` read by node/rollback.py's `load_peer_heads`).
+   peers' heads of `--peer-heads` read by node/peer_heads.py's `load_peer_heads`).
 
 The page has no external assets and no script (its Content-Security-Policy allows none), and
 every string from the log is HTML-escaped: node names and reasons come from config files and

@@ -151,6 +151,11 @@ def describe_record(record: AuditRecord) -> str:
             f"privacy: ε {number(f.get('epsilon_spent'))} of {number(f.get('epsilon_budget'))} "
             f"spent after {number(f.get('steps_taken'))} DP steps"
         )
+    return _describe_event(kind, f)
+
+
+def _describe_event(kind: str, f: dict[str, Any]) -> str:
+    """`describe_record` for the kinds about trust, evidence and the node's own life."""
     if kind == "quarantine":
         evidence = f.get("evidence") or {}
         return f"QUARANTINED {f.get('peer')} (trust {number(evidence.get('score'), 2)})"

@@ -22,7 +22,7 @@ from node.audit import AUDIT_FILE, AuditLog, records_of_kind
 from node.cli import main
 from node.compliance import build_report, find_chromium, render_html, summary_paragraph
 from node.config import load_config
-from node.rollback import heads_command
+from node.peer_heads import heads_command
 from tests.browser import browser, console_errors, require_browser, save_screenshot
 from tests.netutil import run_in_process
 
