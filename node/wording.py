@@ -13,7 +13,7 @@ from typing import Any
 
 from node.audit import AuditRecord
 
-# Why a message was refused: the wire's reason codes (gossip/wire.py RejectReason), the
+# Why a message was refused: the wire's reason codes (gossip/wire/format.py RejectReason), the
 # inbox's verdicts (gossip/rounds.py), the HTTP layer's (node/api.py HttpReason), rollback.
 REASON_MEANINGS: dict[str, str] = {
     "accepted": "accepted",
