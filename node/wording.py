@@ -1,7 +1,7 @@
 """Plain words for what the node records: reason codes, exclusions and audit records.
 
 Why a module of its own: the dashboard (node/dashboard.py), its alerts (node/alerts.py) and
-the compliance report (node/compliance.py) are read by hospital staff and compliance officers,
+the compliance report (node/compliance/) are read by hospital staff and compliance officers,
 not by engineers, and must say the same thing about the same event. Every function here is
 pure text from plain data; callers escape or insert the text as text.
 """

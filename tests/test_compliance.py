@@ -1,4 +1,4 @@
-"""`murmur audit report` (node/compliance.py): one plain-language document per hospital.
+"""`murmur audit report` (node/compliance/): one plain-language document per hospital.
 
 The logs are real: run_cluster's network with its nodes' round loops in this process (three
 hospitals and an equivocating attacker, DP at ε = 1), so every record was written by
