@@ -28,16 +28,6 @@ from __future__ import annotations
 from node.compliance.command import (
     report_command,
 )
-from node.compliance.model import (
-    ComplianceReport,
-    Event,
-    Ledger,
-    Received,
-    RoundSection,
-    Sent,
-    Study,
-    Verification,
-)
 from node.compliance.pdf import (
     CHROMIUM_NAMES,
     PDF_TIMEOUT_S,
@@ -55,14 +45,6 @@ from node.compliance.render import (
 __all__ = [
     "CHROMIUM_NAMES",
     "PDF_TIMEOUT_S",
-    "ComplianceReport",
-    "Event",
-    "Ledger",
-    "Received",
-    "RoundSection",
-    "Sent",
-    "Study",
-    "Verification",
     "build_report",
     "find_chromium",
     "render_html",
