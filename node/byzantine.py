@@ -137,7 +137,7 @@ def arm(node: HospitalNode) -> Adversary:
         round_timeout_s=config.gossip.round_timeout_s,
         state=node.state,
         audit=node.audit,
-        own_head=node.rounds.own_head,
+        own_head=node.own_head,
     )
     node.receiver.accepted_listeners.append(adversary.remember)
     node.aggregator.ignored = adversary.colluders  # it never averages in their poison

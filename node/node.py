@@ -175,6 +175,13 @@ class HospitalNode:
             **parts,
         )
         self.sender = Sender(record_contact=self.neighbours.record_contact, **parts)
+        sharing = HonestSharing(
+            identity=self.identity,
+            peers=self.peers,
+            evidence=self.evidence,
+            sender=self.sender,
+            own_head=self.own_head,
+        )
         self.rounds = RoundCoordinator(
             config,
             study=self.study,
@@ -185,18 +192,11 @@ class HospitalNode:
             neighbours=self.neighbours,
             aggregator=self.aggregator,
             receiver=self.receiver,
-            sharing=None,  # type: ignore[arg-type]  # set just below: it needs own_head
+            sharing=sharing,
             stop=self.stop,
             checkpoint=self._checkpoint,
             next_round=1,
             **parts,
-        )
-        self.rounds.sharing = HonestSharing(
-            identity=self.identity,
-            peers=self.peers,
-            evidence=self.evidence,
-            sender=self.sender,
-            own_head=self.rounds.own_head,
         )
         self._refresh_trust_status()
 
@@ -318,7 +318,11 @@ class HospitalNode:
         return self.receiver.rejection_log
 
     def own_head(self) -> AuditHead:
-        return self.rounds.own_head()
+        """What this node's envelopes claim (gossip/receipts.py, AuditHead): its newest durable
+        signed audit head and its ledger's spend. Both only grow, which neighbours check."""
+        seq, digest = self.audit.durable_head
+        steps, epsilon = self.study.spend()
+        return AuditHead(seq, digest, steps, epsilon)
 
     def catch_up_target(self) -> CatchUp | None:
         return self.rounds.catch_up_target()

@@ -23,7 +23,6 @@ from dataclasses import asdict
 
 import numpy as np
 
-from gossip.receipts import AuditHead
 from gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
 from gossip.transport import PeerTransport
 from gossip.trust import TrustTracker
@@ -245,13 +244,6 @@ class RoundCoordinator:
         planned = self._study.steps_after_round()
         if planned is not None:
             self._store.write_privacy_intent(planned)
-
-    def own_head(self) -> AuditHead:
-        """What this node's envelopes claim (gossip/receipts.py, AuditHead): its newest durable
-        signed audit head and its ledger's spend. Both only grow, which neighbours check."""
-        seq, digest = self._audit.durable_head
-        steps, epsilon = self._study.spend()
-        return AuditHead(seq, digest, steps, epsilon)
 
     async def _settle_head(self) -> None:
         """Let the audit head signed at the end of the last round reach the disk before this

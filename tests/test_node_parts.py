@@ -4,6 +4,7 @@ shape rules between them (the API sees only `ServedNode`; no honest part knows o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import subprocess
@@ -269,3 +270,42 @@ def test_the_api_imports_no_node_and_the_node_serves_its_protocol(tmp_path: Path
         assert node.audit.path == node.state_dir / "audit.sqlite"
     finally:
         node.audit.close()
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+
+class ProbeAnswers:
+    """A transport whose probes get fixed answers (HTTP status, reason) by peer name."""
+
+    def __init__(self, answers: dict[str, tuple[int | None, str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def probe(self, peer: Any, probe: bytes, timeout_s: float) -> Any:
+        from gossip.probe import Contact
+
+        self.asked.append(peer.name)
+        status, reason = self.answers[peer.name]
+        return Contact.from_answer(status, reason, "", source="probe")
+
+
+async def test_a_round_waits_until_enough_neighbours_admit_the_node(tmp_path: Path) -> None:
+    node = build_node(tmp_path, nodes=3, gossip={"min_neighbours": 2, "startup_timeout_s": 0.0})
+    watch = node.neighbours
+    try:
+        refused = ProbeAnswers({"hospital_1": (200, "admitted"), "hospital_2": (None, "down")})
+        waiting = asyncio.create_task(watch.wait_for_peers(refused, 1, starting=True))
+        await asyncio.sleep(0.5)
+        assert not waiting.done() and node.state.phase == "waiting_for_neighbours"
+        assert set(refused.asked) == {"hospital_1", "hospital_2"}
+        assert list(node.state.neighbours["waiting_for"]) == ["hospital_2"]
+        refused.answers["hospital_2"] = (200, "admitted")  # it comes up
+        assert await asyncio.wait_for(waiting, timeout=10) is True
+        assert node.state.neighbours["counted"] == ["hospital_1", "hospital_2"]
+        node.stop.set()
+        assert await watch.wait_for_peers(refused, 2, starting=False) is False
+    finally:
+        node.audit.close()
+    kinds = [r.kind for r in records_of_kind(node.state_dir, "waiting_for_neighbours")]
+    assert kinds == ["waiting_for_neighbours"]  # audited once, however long it waited
