@@ -331,7 +331,7 @@ async def run_nodes_in_process(
         )
     finally:
         for h in hospitals:
-            h._write_status()
+            h.write_status()
             h.audit.close()
     for n in nodes:
         n.exit_code = 0

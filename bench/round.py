@@ -12,7 +12,7 @@ XChaCha20-Poly1305 pass and one memory copy (as in bench/wire.py).
 
 Aggregation. Each rule runs on own + k distinct neighbour models (own plus small noise) with
 f = 1, the largest f Krum allows at 4 neighbours, and is compared with a plain mean over the
-same inputs. Everything runs as in a node: torch and BLAS on one thread (node/node.py), Krum's
+same inputs. Everything runs as in a node: torch and BLAS on one thread (node/threads.py), Krum's
 distance pass on its own worker threads. The mean is also timed with BLAS on every core, the
 fastest mean this machine has, and the two headline rules are reported against it too: the
 strictest baseline. It is timed in a loop of its own because OpenBLAS's idle workers

@@ -16,7 +16,7 @@ Three bindings make the ciphertext belong to one sender and one header (protocol
   The inner, ephemeral layer keeps what the sender sent unreadable to someone who steals the
   sender's long-term key later (the ephemeral secret is discarded after sealing).
 * **The header is the body's associated data.** The caller passes the bytes of the header
-  (sender, round, recipients, ...: gossip/wire.py lays them out), so the body only decrypts
+  (sender, round, recipients, ...: gossip/wire/format.py lays them out), so the body only decrypts
   under the header it was sealed with.
 * **The key is committed.** ``key_commitment(K)`` = SHA-256 of a domain tag and ``K`` goes into
   what the sender signs; a recipient checks it before decrypting. XChaCha20-Poly1305 alone is
@@ -27,7 +27,7 @@ The caller supplies a 24-byte random nonce (the envelope nonce). Reusing it for 
 for every wrap layer is safe because each key it is used with meets it once: the body key is
 fresh, each inner wrap key comes from a fresh ephemeral key and a distinct recipient, and the
 outer key (sender-recipient, static) is used once per envelope with that envelope's random
-192-bit nonce. Authenticity of the whole envelope is the signature's job (gossip/wire.py);
+192-bit nonce. Authenticity of the whole envelope is the signature's job (gossip/wire/);
 nothing here is hand-rolled: libsodium through PyNaCl, one SHA-256.
 """
 

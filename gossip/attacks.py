@@ -20,7 +20,7 @@ honest statistics of the very round they attack. The view holds:
 * ``stale``: the model it had ``age`` rounds ago, before training (for free riding; the
   shared starting model if that is before round 1).
 
-Protocol-abuse attacks do not craft models: the builders at the end of this module produce the
+Protocol-abuse attacks do not craft models: the builders in gossip/abuse.py produce the
 abusive messages (replays, outsider-signed and impersonated envelopes, oversize and malformed
 bytes) that a receiver must reject with a reason code. They are sent as the attacker would
 send them: with a request signature (gossip/auth.py) of the attacker's own key, or, for an
@@ -47,13 +47,17 @@ import numpy as np
 
 from crypto.allowlist import Peer
 from crypto.identity import Identity, generate_identity
-from gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
+from gossip.abuse import (
+    forged_evidence,
+    impersonated_envelope,
+    malformed_messages,
+    outsider_envelope,
+    oversize_message,
+)
+from gossip.receipts import AuditHead, no_audit_head
 from gossip.wire import (
-    DEFAULT_MAX_PROOFS,
-    PROTOCOL_VERSION,
     ModelUpdate,
     build_envelope,
-    peek_envelope,
 )
 from models.params import ModelState, flatten, state_sha256, unflatten
 
@@ -334,28 +338,6 @@ def _dissensus_for(recipient: str, view: AttackView, epsilon: float) -> np.ndarr
     return _as_model(vector, view.own)
 
 
-def forged_evidence(
-    victims: Sequence[bytes], round_: int, rng: np.random.Generator
-) -> tuple[list[Receipt], list[EquivocationProof]]:
-    """Framing attempts: for each victim key, a receipt and a proof claiming it equivocated in
-    round ``round_``, with made-up digests and signatures (no key can make them verify)."""
-
-    def fake(victim: bytes) -> Receipt:
-        return Receipt(
-            PROTOCOL_VERSION,
-            "update",
-            victim,
-            round_,
-            AuditHead(int(rng.integers(1, 2**31)), rng.bytes(32), 0, 0.0),
-            rng.bytes(32),
-            rng.bytes(64),
-        )
-
-    receipts = [fake(v) for v in victims]
-    proofs = [EquivocationProof.of(fake(v), fake(v)) for v in victims[:DEFAULT_MAX_PROOFS]]
-    return receipts, proofs
-
-
 def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Data poisoning: a copy of the 0/1 labels with ``fraction`` of them flipped at random."""
     if not 0.0 <= fraction <= 1.0:
@@ -378,54 +360,6 @@ def _as_model(vector: np.ndarray, own: np.ndarray) -> np.ndarray:
     # Keep the payload finite: a non-finite model would only test the wire's non_finite check.
     out = np.clip(np.nan_to_num(out, nan=0.0), -1e30, 1e30)
     return out.astype(own.dtype)
-
-
-# --------------------------------------------------------------------------- protocol abuse
-
-
-def outsider_envelope(
-    update: ModelUpdate,
-    recipients: Sequence[bytes],
-    round_: int,
-    *,
-    outsider: Identity | None = None,
-) -> bytes:
-    """A well-formed, correctly signed envelope from a key nobody admitted (``unknown_sender``)."""
-    return build_envelope(update, outsider or generate_identity("outsider"), recipients, round_)
-
-
-def impersonated_envelope(envelope: bytes, own_key: bytes, victim_key: bytes) -> bytes:
-    """The attacker's own envelope with an admitted neighbour's key as the sender.
-
-    The sender field is the first occurrence of the attacker's key in the envelope (it comes
-    before the recipients), so swapping it keeps the encoding canonical. Posted with the
-    attacker's own request signature it is refused as ``sender_mismatch``; handed over
-    directly, as ``bad_signature`` (the envelope was signed by the attacker's key).
-    """
-    if len(own_key) != 32 or len(victim_key) != 32:
-        raise ValueError("public keys are 32 bytes")
-    if peek_envelope(envelope).sender != own_key:
-        raise ValueError("the envelope does not carry the attacker's key as its sender")
-    at = envelope.find(own_key)
-    return envelope[:at] + victim_key + envelope[at + len(own_key) :]
-
-
-def oversize_message(limit: int) -> bytes:
-    """One byte over the receiver's message limit (``too_large`` before it is read)."""
-    return b"\x00" * (limit + 1)
-
-
-def malformed_messages(envelope: bytes, rng: np.random.Generator) -> list[bytes]:
-    """Bytes that must be refused as ``malformed`` (not an envelope) or ``bad_signature``.
-
-    Random garbage, a truncated envelope, and an envelope with one body bit flipped (it still
-    decodes, but its body no longer matches what was signed).
-    """
-    garbage = rng.integers(0, 256, size=200, dtype=np.uint8).tobytes()
-    truncated = envelope[: max(1, len(envelope) // 2)]
-    flipped = bytearray(envelope)
-    flipped[-1] ^= 0x01
-    return [garbage, truncated, bytes(flipped)]
 
 
 # --------------------------------------------------------------------------- the attacker

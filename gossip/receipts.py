@@ -64,7 +64,7 @@ class AuditHead:
     """Where the sender's audit log and privacy ledger stood when it signed an envelope.
 
     ``audit_seq`` and ``audit_hash`` are the sequence number and chain hash of the newest
-    *signed head* of its audit log (node/audit.py; seq 0 with the genesis hash before the
+    *signed head* of its audit log (node/audit/; seq 0 with the genesis hash before the
     first one); ``dp_steps`` and ``epsilon`` are its privacy ledger's steps taken and epsilon
     spent (0 without DP). All four only ever grow for an honest node, so a later envelope whose
     head is behind an earlier one proves the sender's state was rolled back. The head's bytes

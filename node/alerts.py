@@ -193,16 +193,7 @@ def _trust(
         if peer in rolled_back:
             standing.standing = "rolled back"
             flagged += 1
-            alerts.append(
-                Alert(
-                    "critical",
-                    "rollback",
-                    f"{peer} rolled back its audit log",
-                    f"{peer} signed an audit head behind one it had signed before: its state "
-                    "was restored from an older copy (docs/protocol.md, 'Rollback detection')",
-                    peer,
-                )
-            )
+            alerts.append(_rolled_back(peer))
         if peer in proven:
             standing.standing = "proven equivocation"
             standing.left_out.append(EXCLUSION_MEANINGS["proven_equivocation"])
@@ -250,19 +241,35 @@ def _trust(
                 f"{EXCLUSION_MEANINGS['too_far_from_own']} ({too_far[peer]} rounds)"
             )
     if last_aggregation is not None:
-        for entry in last_aggregation.fields.get("excluded") or []:
-            peer = entry.get("peer") if isinstance(entry, dict) else None
-            reason = entry.get("reason") if isinstance(entry, dict) else None
-            if peer in peers and reason in ("too_few_inputs", "not_selected"):
-                peers[peer].left_out.append(
-                    f"round {last_aggregation.round}: {EXCLUSION_MEANINGS[reason]}"
-                )
+        _note_left_out(peers, last_aggregation)
     if flagged:
         return Check("trust", "neighbours' trust", "alert", f"{flagged} neighbour(s) flagged")
     if not trust:
         return Check("trust", "neighbours' trust", "unavailable", "no round aggregated yet")
     lowest = min(trust.values())
     return Check("trust", "neighbours' trust", "ok", f"lowest trust {number(lowest, 2)}")
+
+
+def _rolled_back(peer: str) -> Alert:
+    return Alert(
+        "critical",
+        "rollback",
+        f"{peer} rolled back its audit log",
+        f"{peer} signed an audit head behind one it had signed before: its state "
+        "was restored from an older copy (docs/protocol.md, 'Rollback detection')",
+        peer,
+    )
+
+
+def _note_left_out(peers: dict[str, PeerStanding], last_aggregation: AuditRecord) -> None:
+    """Say which neighbours the last aggregation did not use for lack of inputs or choice."""
+    for entry in last_aggregation.fields.get("excluded") or []:
+        peer = entry.get("peer") if isinstance(entry, dict) else None
+        reason = entry.get("reason") if isinstance(entry, dict) else None
+        if peer in peers and reason in ("too_few_inputs", "not_selected"):
+            peers[peer].left_out.append(
+                f"round {last_aggregation.round}: {EXCLUSION_MEANINGS[reason]}"
+            )
 
 
 def _silence(

@@ -68,11 +68,11 @@ from node.rollback import receipts_route
 from node.tls import peer_listener_tls
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from node.served import ServedNode
 
 log = logging.getLogger("murmur.api")
 
-NODE_KEY = web.AppKey("node", "HospitalNode")
+NODE_KEY = web.AppKey("node", "ServedNode")
 UPLOADS_KEY = web.AppKey("uploads", "UploadSlots")
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 AUTH_KEY = web.AppKey("auth", "OperatorAuth")
@@ -389,7 +389,7 @@ def operator_token(config: NodeConfig) -> str | None:
     return load_operator_token(path) if path is not None else None
 
 
-async def start_api(node: HospitalNode, token: str | None) -> NodeApi:
+async def start_api(node: ServedNode, token: str | None) -> NodeApi:
     """Bind the peer listener and the operator listener (which needs `token`, if any)."""
     config = node.config
 
@@ -503,7 +503,7 @@ class UploadSlots:
                 del self.active[source]
 
 
-def build_peer_app(node: HospitalNode) -> web.Application:
+def build_peer_app(node: ServedNode) -> web.Application:
     """The peer listener's application; its whole route table is here."""
     listener = node.config.peer_listener
     app = _new_app([_plain_errors, _peer_request], node.limits.max_message_bytes)
@@ -621,7 +621,7 @@ def _refusal_before_body(request: web.Request) -> web.Response | None:
             f"{peer.name} already has {limiter.allowance.max_bodies} requests in progress",
         )
     node = request.app[NODE_KEY]
-    if not limiter.take(peer.name, time.monotonic(), node.inbox.current_round):
+    if not limiter.take(peer.name, time.monotonic(), node.current_round):
         return _refuse(
             request, HttpReason.PEER_RATE_LIMITED, f"{peer.name} is over its request allowance"
         )
@@ -823,7 +823,7 @@ def load_operator_token(path: Path) -> str:
 
 
 def build_operator_app(
-    node: HospitalNode, settings: OperatorSection, token: str | None
+    node: ServedNode, settings: OperatorSection, token: str | None
 ) -> web.Application:
     """The operator listener's application; its whole route table is here."""
     app = _new_app([_plain_errors, _operator_guard], OPERATOR_MAX_BODY)

@@ -14,6 +14,16 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except (OSError, ValueError) as exc:  # IdentityError, ConfigError, AuditError, a bad path
+        print(f"murmur: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every `murmur` command and its options (the audit ones in `_add_audit_commands`)."""
     parser = argparse.ArgumentParser(
         prog="murmur", description="Peer-to-peer federated learning for hospitals."
     )
@@ -76,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_relay_parser(sub)
 
+    _add_audit_commands(sub)
+    return parser
+
+
+def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="verify, export, trace or report a node's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain and every signature")
@@ -134,13 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument(
         "--model", required=True, help="the model's SHA-256 (as in /status or report.json)"
     )
-
-    args = parser.parse_args(argv)
-    try:
-        return dispatch(args)
-    except (OSError, ValueError) as exc:  # IdentityError, ConfigError, AuditError, a bad path
-        print(f"murmur: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -222,7 +230,7 @@ def run_audit(args: argparse.Namespace) -> int:
             key = load_public_key(args.public_key)
         peer_heads, warnings = None, []
         if args.peer_heads:
-            from node.rollback import load_peer_heads
+            from node.peer_heads import load_peer_heads
 
             try:
                 peer_heads, warnings = load_peer_heads(args.peer_heads, key, args.state)
@@ -245,7 +253,7 @@ def run_audit(args: argparse.Namespace) -> int:
             print(f"warning: {warning}")
         return audit.verify_command(args.state, key, peer_heads=peer_heads)
     if args.audit_command == "heads":
-        from node.rollback import heads_command
+        from node.peer_heads import heads_command
 
         if args.out:
             with open(args.out, "w") as fh:

@@ -34,7 +34,7 @@ from node.audit import AuditRecord, last_records
 from node.wording import REASON_MEANINGS, describe_record
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from node.served import ServedNode
 
 DEFAULT_RECENT = 20
 MAX_RECENT = 200
@@ -265,7 +265,7 @@ DASHBOARD_CSP = (
 )
 
 
-def _node(request: web.Request) -> HospitalNode:
+def _node(request: web.Request) -> ServedNode:
     from node.api import NODE_KEY  # node.api imports this module for its route table
 
     return request.app[NODE_KEY]

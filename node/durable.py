@@ -38,13 +38,16 @@ def fsync_directory(directory: Path | str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path | str, data: bytes, *, temp_prefix: str | None = None) -> None:
+def atomic_write(
+    path: Path | str, data: bytes, *, temp_prefix: str | None = None, durable: bool = True
+) -> None:
     """Replace `path` with `data` atomically and durably: temporary file in the same
     directory, write, fsync, rename over `path`, fsync the directory.
 
     A crash at any moment leaves either the old or the new file, never half of one; a
     temporary file left by a crash starts with `temp_prefix` (default `.NAME.`) and ends in
-    `.tmp`, so the caller can clear it.
+    `.tmp`, so the caller can clear it. `durable=False` skips both fsyncs: still atomic, but
+    a power cut may bring back the old file (for views rebuilt from durable state anyway).
     """
     path = Path(path)
     prefix = temp_prefix if temp_prefix is not None else f".{path.name}."
@@ -53,13 +56,15 @@ def atomic_write(path: Path | str, data: bytes, *, temp_prefix: str | None = Non
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 class StateLockError(RuntimeError):

@@ -36,6 +36,10 @@ class NodeMetrics:
             registry=r,
         )
         self.bytes_sent = Counter("murmur_bytes_sent", "Envelope bytes sent to peers", registry=r)
+        self._peer_metrics(r)
+
+    def _peer_metrics(self, r: CollectorRegistry) -> None:
+        """The per-peer trust, evidence and liveness metrics, and the neighbour count."""
         self.trust = Gauge(
             "murmur_peer_trust", "Trust score per peer (1 = trusted)", ["peer"], registry=r
         )

@@ -13,8 +13,9 @@ newest one (gossip/heads.py, HeadBook). This module is the node's side of that:
   neighbours for their newest receipt of it and refuses to start when its state is older than
   what it signed; with no answer within a bounded wait it starts with a loud warning (the
   neighbours then catch a rollback on its first envelope);
-* ``murmur audit heads`` (:func:`heads_command`) exports the receipts a node holds of a peer,
-  and ``murmur audit verify --peer-heads`` (:func:`load_peer_heads`) checks a log against them.
+* the node's memory of its peers' heads is rebuilt from its audit log after a crash
+  (:func:`received_heads_since`); ``murmur audit heads`` and ``--peer-heads`` are in
+  node/peer_heads.py.
 """
 
 from __future__ import annotations
@@ -23,15 +24,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
@@ -50,26 +48,20 @@ from gossip.heads import (
     open_receipts_answer,
     seal_receipts_answer,
 )
-from gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt, ReceiptError
+from gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt
 from gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason
 from node.audit import (
     HEAD_BEYOND_END,
     HEAD_MISMATCH,
-    AuditError,
     AuditLog,
-    PeerHead,
     last_seq_of_kind,
     records_of_kind,
-    stored_public_key,
 )
 from node.config import GossipSection
 from node.metrics import NodeMetrics
 from node.rejections import RateLimitedLog, printable
 
 log = logging.getLogger("murmur.rollback")
-
-HEADS_FORMAT = "murmur-peer-heads/1"
-_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ReceiptsTransport(Protocol):
@@ -258,118 +250,6 @@ def replay_into(book: HeadBook, receipts: Sequence[Receipt]) -> int:
         else:
             bad += 1
     return bad
-
-
-# --------------------------------------------------------------------------- murmur audit heads
-
-
-def _read_checkpoint_heads(state_dir: Path) -> list[Receipt]:
-    from node.checkpoint import CheckpointError, checkpoint_path, decode_checkpoint
-
-    path = checkpoint_path(state_dir)
-    if not path.is_file():
-        return []
-    try:
-        ckpt = decode_checkpoint(path.read_bytes(), source=str(path))
-    except (CheckpointError, OSError) as exc:
-        print(f"audit heads: warning: {exc}", file=sys.stderr)
-        return []
-    out = []
-    state = ckpt.extra.get("heads") or {}
-    for text in state.get("latest", []) if isinstance(state, dict) else []:
-        with contextlib.suppress(ValueError, TypeError):
-            out.append(Receipt.decode(bytes.fromhex(text)))
-    return out
-
-
-def collect_peer_receipts(
-    state_dir: Path, of: str
-) -> tuple[str | None, bytes | None, list[Receipt]]:
-    """Every verified receipt the node of ``state_dir`` holds of peer ``of`` (a name from its
-    config or a 64-hex public key): (name, key, receipts oldest first, de-duplicated)."""
-    name = None if _HEX_KEY.match(of) else of
-    key = bytes.fromhex(of) if name is None else None
-    found: list[Receipt] = []
-    for record in records_of_kind(state_dir, "message_received"):
-        text = record.fields.get("receipt")
-        if not isinstance(text, str):
-            continue
-        try:
-            receipt = Receipt.decode(bytes.fromhex(text))
-        except ValueError:
-            continue
-        by_name = name is not None and record.fields.get("sender") == name
-        if by_name or receipt.sender == key:
-            key = key or receipt.sender
-            name = name or record.fields.get("sender")
-            found.append(receipt)
-    if key is not None:
-        found += [r for r in _read_checkpoint_heads(state_dir) if r.sender == key]
-    unique: dict[bytes, Receipt] = {}
-    for receipt in found:
-        if receipt.sender == key and receipt.verify():
-            unique.setdefault(receipt.encode(), receipt)
-    ordered = sorted(unique.values(), key=lambda r: (r.round, r.head.audit_seq))
-    return name, key, ordered
-
-
-def heads_command(state_dir: Path, of: str, out: TextIO, *, limit: int = 100) -> int:
-    """``murmur audit heads``: the signed receipts the node of ``state_dir`` holds of ``of``,
-    as JSON (the newest ``limit``). Exit 0 with receipts, 1 with none, 2 without a log."""
-    try:
-        meta_key = stored_public_key(state_dir)
-        name, key, receipts = collect_peer_receipts(state_dir, of)
-    except AuditError as exc:
-        print(f"audit heads: {exc}", file=sys.stderr)
-        return 2
-    receipts = receipts[-limit:] if limit > 0 else receipts
-    doc = {
-        "format": HEADS_FORMAT,
-        "holder": {"state_dir": str(state_dir), "public_key": meta_key.hex() if meta_key else None},
-        "of": {"name": name, "public_key": key.hex() if key else None},
-        "exported_utc": datetime.now(tz=UTC).isoformat(timespec="seconds"),
-        "receipts": [
-            {"round": r.round, **r.head.to_json(), "receipt": r.to_hex()} for r in receipts
-        ],
-    }
-    out.write(json.dumps(doc, indent=1) + "\n")
-    print(f"audit heads: {len(receipts)} signed receipt(s) of {of}", file=sys.stderr)
-    return 0 if receipts else 1
-
-
-def load_peer_heads(
-    paths: Sequence[Path], expected_key: bytes | None, state_dir: Path
-) -> tuple[list[PeerHead], list[str]]:
-    """The heads in ``murmur audit heads`` files that the log's node really signed, and
-    warnings for entries that are not evidence (bad signature, another node's key).
-
-    Only the ``receipt`` of each entry counts: the readable fields beside it are ignored, so
-    an edited file cannot claim a head the node never signed.
-    """
-    key = expected_key if expected_key is not None else stored_public_key(state_dir)
-    heads, warnings = [], []
-    for path in paths:
-        try:
-            doc = json.loads(Path(path).read_text())
-            entries = doc["receipts"]
-            holder = (doc.get("holder") or {}).get("state_dir") or str(path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.append(f"{path}: not a murmur audit heads file ({exc!r})")
-            continue
-        for index, entry in enumerate(entries if isinstance(entries, list) else []):
-            try:
-                receipt = Receipt.decode(bytes.fromhex(entry["receipt"]))
-            except (KeyError, TypeError, ValueError, ReceiptError) as exc:
-                warnings.append(f"{path} entry {index}: not a receipt ({exc})")
-                continue
-            if key is not None and receipt.sender != key:
-                warnings.append(f"{path} entry {index}: a receipt of another node; ignored")
-            elif not receipt.verify():
-                warnings.append(f"{path} entry {index}: its signature does not verify; ignored")
-            else:
-                label = f"signed in the round-{receipt.round} envelope, held by {holder}"
-                heads.append(PeerHead(receipt.head.audit_seq, receipt.head.audit_hash, label))
-    return heads, warnings
 
 
 # --------------------------------------------------------------------------- the node's guard
@@ -624,28 +504,38 @@ class RollbackGuard:
         self.on_change()
         self.audit.append("rollback_check", next_round, **self.startup_check)
         if findings:
-            holder, receipt, problems = findings[0]
-            self.audit.append(
-                "startup_refused",
-                next_round,
-                holder=holder,
-                receipt=receipt.to_hex(),
-                problems=problems,
-            )
-            more = len(findings) - 1
-            raise RolledBackError(
-                f"this node's state is older than what it already signed: "
-                f"{describe_receipt(holder, receipt)}, but {'; '.join(problems)} (state "
-                f"directory {self.state_dir}"
-                + (f"; {more} more neighbour receipt(s) show the same" if more else "")
-                + "). The state directory was put back to an older copy, or is a new one for a "
-                "key that already took part: starting would spend privacy budget already spent "
-                "and sign envelopes that contradict earlier ones. Fix: put back the newest copy "
-                "of this state directory (its audit log must contain the head above; "
-                "`murmur audit verify --peer-heads` checks a copy); if there is none, this key's "
-                "budget is gone: retire the key and start a new deployment with a new key, with "
-                "your data protection officer's approval"
-            )
+            self._refuse_start(findings, next_round)
+        self._say_checked(poll)
+
+    def _refuse_start(
+        self, findings: list[tuple[str, Receipt, list[str]]], next_round: int
+    ) -> NoReturn:
+        """Audit and raise the refusal to start, naming the first neighbour's evidence."""
+        holder, receipt, problems = findings[0]
+        self.audit.append(
+            "startup_refused",
+            next_round,
+            holder=holder,
+            receipt=receipt.to_hex(),
+            problems=problems,
+        )
+        more = len(findings) - 1
+        raise RolledBackError(
+            f"this node's state is older than what it already signed: "
+            f"{describe_receipt(holder, receipt)}, but {'; '.join(problems)} (state "
+            f"directory {self.state_dir}"
+            + (f"; {more} more neighbour receipt(s) show the same" if more else "")
+            + "). The state directory was put back to an older copy, or is a new one for a "
+            "key that already took part: starting would spend privacy budget already spent "
+            "and sign envelopes that contradict earlier ones. Fix: put back the newest copy "
+            "of this state directory (its audit log must contain the head above; "
+            "`murmur audit verify --peer-heads` checks a copy); if there is none, this key's "
+            "budget is gone: retire the key and start a new deployment with a new key, with "
+            "your data protection officer's approval"
+        )
+
+    def _say_checked(self, poll: ReceiptsPoll) -> None:
+        """Log the check's outcome: loudly when no neighbour answered in time."""
         if not poll.answered:
             log.warning(
                 "\n%s\nROLLBACK CHECK INCOMPLETE: no neighbour answered POST /receipts within "

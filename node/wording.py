@@ -1,7 +1,7 @@
 """Plain words for what the node records: reason codes, exclusions and audit records.
 
 Why a module of its own: the dashboard (node/dashboard.py), its alerts (node/alerts.py) and
-the compliance report (node/compliance.py) are read by hospital staff and compliance officers,
+the compliance report (node/compliance/) are read by hospital staff and compliance officers,
 not by engineers, and must say the same thing about the same event. Every function here is
 pure text from plain data; callers escape or insert the text as text.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from node.audit import AuditRecord
 
-# Why a message was refused: the wire's reason codes (gossip/wire.py RejectReason), the
+# Why a message was refused: the wire's reason codes (gossip/wire/format.py RejectReason), the
 # inbox's verdicts (gossip/rounds.py), the HTTP layer's (node/api.py HttpReason), rollback.
 REASON_MEANINGS: dict[str, str] = {
     "accepted": "accepted",
@@ -151,6 +151,11 @@ def describe_record(record: AuditRecord) -> str:
             f"privacy: ε {number(f.get('epsilon_spent'))} of {number(f.get('epsilon_budget'))} "
             f"spent after {number(f.get('steps_taken'))} DP steps"
         )
+    return _describe_event(kind, f)
+
+
+def _describe_event(kind: str, f: dict[str, Any]) -> str:
+    """`describe_record` for the kinds about trust, evidence and the node's own life."""
     if kind == "quarantine":
         evidence = f.get("evidence") or {}
         return f"QUARANTINED {f.get('peer')} (trust {number(evidence.get('score'), 2)})"

@@ -1230,7 +1230,7 @@ class HostileNetwork:
                 for a in (n.address, n.operator_address)
             ]
             self._set_peer_address(sender, receiver, await self.proxy.start(avoid=taken))
-        # The nodes stop by themselves if this process dies (node.node._watch_parent).
+        # The nodes stop by themselves if this process dies (node.lifecycle._watch_parent).
         with mock.patch.dict(os.environ, {"MURMUR_PARENT_PID": str(os.getpid())}):
             for name in self.names:
                 self.net.start(name, "--serve")

@@ -11,6 +11,12 @@ import pytest
 
 from crypto.allowlist import Allowlist, Peer
 from crypto.identity import generate_identity
+from gossip.abuse import (
+    impersonated_envelope,
+    malformed_messages,
+    outsider_envelope,
+    oversize_message,
+)
 from gossip.aggregation import mean as gossip_mean
 from gossip.attacks import (
     ATTACKS,
@@ -26,11 +32,7 @@ from gossip.attacks import (
     dissensus,
     flip_labels,
     gaussian,
-    impersonated_envelope,
     ipm,
-    malformed_messages,
-    outsider_envelope,
-    oversize_message,
     scaled_boost,
     sign_flip,
 )

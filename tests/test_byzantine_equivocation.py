@@ -139,20 +139,38 @@ def test_a_node_restarted_after_sending_is_never_proven_to_equivocate(
         return MemoryTransport(by_address, node.identity)
 
     victim = nodes[0]
-    original_send = victim._send
+    original_send = victim.sender.send
 
     async def send_then_crash(r, transport_, peers, envelope, sha) -> None:
         await original_send(r, transport_, peers, envelope, sha)
         if r == CRASH_ROUND:
             raise Crash
 
-    victim._send = send_then_crash  # type: ignore[method-assign]
+    victim.sender.send = send_then_crash  # type: ignore[method-assign]
+    # Envelopes the other nodes are handing to the victim when it "crashes": a killed process
+    # would drop them; here they finish before its audit log closes (else they write to it).
+    receiving = 0
+    original_receive = victim.receive
+
+    async def counted_receive(*args: Any, **kwargs: Any) -> tuple[int, str, str]:
+        nonlocal receiving
+        receiving += 1
+        try:
+            return await original_receive(*args, **kwargs)
+        finally:
+            receiving -= 1
+
+    victim.receive = counted_receive  # type: ignore[method-assign]
 
     async def scenario() -> HospitalNode:
         others = [asyncio.create_task(n.run_rounds(transport(n))) for n in nodes[1:]]
         with pytest.raises(Crash):
             await victim.run_rounds(transport(victim))
-        victim.audit.close()
+        for _ in range(500):  # bounded: at most 5 s
+            if not receiving:
+                break
+            await asyncio.sleep(0.01)
+        victim.audit.close()  # no await from here until the restarted node takes its address
         if not keep_signed_round:
             (victim.state_dir / SIGNED_ROUND_FILE).unlink()
         restarted = HospitalNode(load_config(specs[0].config_path))

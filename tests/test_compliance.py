@@ -1,4 +1,4 @@
-"""`murmur audit report` (node/compliance.py): one plain-language document per hospital.
+"""`murmur audit report` (node/compliance/): one plain-language document per hospital.
 
 The logs are real: run_cluster's network with its nodes' round loops in this process (three
 hospitals and an equivocating attacker, DP at ε = 1), so every record was written by
@@ -22,7 +22,7 @@ from node.audit import AUDIT_FILE, AuditLog, records_of_kind
 from node.cli import main
 from node.compliance import build_report, find_chromium, render_html, summary_paragraph
 from node.config import load_config
-from node.rollback import heads_command
+from node.peer_heads import heads_command
 from tests.browser import browser, console_errors, require_browser, save_screenshot
 from tests.netutil import run_in_process
 

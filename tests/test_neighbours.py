@@ -258,16 +258,16 @@ async def test_one_far_ahead_or_distrusted_peer_cannot_make_a_node_jump(
     nodes = {n.name: HospitalNode(load_config(n.config_path)) for n in net.nodes}
     a = nodes[a_name]
     try:
-        assert a.catch_up_quorum == 2
+        assert a.rounds.catch_up_quorum == 2
         code, reason, _ = await a.receive(forge(net, b_name, a, 15))
         assert (code, reason) == (409, "too_far_ahead")
-        assert a._catch_up_target() is None  # one peer alone
+        assert a.catch_up_target() is None  # one peer alone
         # C equivocates (two different round-2 envelopes): proven, so its claims never count.
         assert (await a.receive(forge(net, c_name, a, 2, seed=1)))[1] == "accepted"
         assert (await a.receive(forge(net, c_name, a, 2, seed=2)))[1] == "duplicate"
         assert c_name in a.trust.proven()
         await a.receive(forge(net, c_name, a, 15, seed=3))
-        assert a._catch_up_target() is None  # B and a proven liar are not two peers
+        assert a.catch_up_target() is None  # B and a proven liar are not two peers
         await a.receive(forge(net, d_name, a, 15))
         transport = MemoryTransport({n.address: nodes[n.name] for n in net.nodes}, a.identity)
         await a.run_rounds(transport)  # only A runs: it jumps, then trains rounds 15 and 16

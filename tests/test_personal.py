@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import node.node as node_module
+import node.sharing as sharing_module
 from models.params import flatten, get_state, state_sha256
 from models.personal import PersonalModel
 from models.training import TrainingSettings
@@ -61,13 +61,13 @@ def test_personal_models_never_leave_their_node_and_are_reported_beside_the_shar
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[tuple[str, dict[str, np.ndarray]]] = []
-    original = node_module.build_envelope
+    original = sharing_module.build_envelope
 
     def recording(update: Any, identity: Any, *args: Any, **kwargs: Any) -> bytes:
         sent.append((identity.name, {k: np.array(v) for k, v in update.tensors.items()}))
         return original(update, identity, *args, **kwargs)
 
-    monkeypatch.setattr(node_module, "build_envelope", recording)
+    monkeypatch.setattr(sharing_module, "build_envelope", recording)
     personal_states: dict[str, list[str]] = {}
     original_train = PersonalModel.train_round
 
@@ -88,8 +88,8 @@ def test_personal_models_never_leave_their_node_and_are_reported_beside_the_shar
     assert len(sent) == 4 * 3 and len(every_personal) == 4 * 3
     assert not sent_hashes & every_personal  # no envelope ever carried a personal model
     for h in hospitals:
-        assert h.personal is not None
-        final_personal = state_sha256(get_state(h.personal.model))
+        assert h.study.personal is not None
+        final_personal = state_sha256(get_state(h.study.personal.model))
         assert final_personal != state_sha256(get_state(h.model))
     for entry in report["hospitals"]:
         assert set(entry["personal"]) >= {"auc", "accuracy"}
@@ -104,7 +104,7 @@ def test_under_dp_the_personal_steps_share_the_one_budget(tmp_path: Path) -> Non
     argv += ["--personalize", "ditto"]
     _, hospitals = run_in_process(argv, tmp_path)
     for h in hospitals:
-        per_round = h.trainer.steps_per_round() + h.personal.steps_per_round()
+        per_round = h.study.trainer.steps_per_round() + h.study.personal.steps_per_round()
         assert h.ledger.planned_steps == per_round * 2
         assert h.ledger.steps_taken == per_round * 2
         assert h.ledger.epsilon_spent() <= 1.0 + 1e-9

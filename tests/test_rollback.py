@@ -141,7 +141,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     saved = run_dir / "saved_at_cut"
     saved.mkdir()
     cut: dict[str, Any] = {}
-    original_checkpoint = victim._checkpoint
+    original_checkpoint = victim.rounds.checkpoint
 
     def checkpoint_and_copy(r: int) -> None:
         original_checkpoint(r)
@@ -151,7 +151,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             cut["seq"] = victim.audit.head[0]  # signed right after, at the end of the round
             cut["epsilon"] = victim.ledger.epsilon_spent()
 
-    victim._checkpoint = checkpoint_and_copy  # type: ignore[method-assign]
+    victim.rounds.checkpoint = checkpoint_and_copy  # type: ignore[method-assign]
 
     async def run_all() -> None:
         await asyncio.gather(
@@ -312,7 +312,7 @@ async def test_a_neighbour_refuses_an_envelope_whose_head_went_back(scenario: Sc
     node = scenario.restart(scenario.rolled_back)
     receiver, other = scenario.neighbours
     try:
-        stale_head = node._own_head()
+        stale_head = node.own_head()
         assert stale_head.audit_seq == scenario.cut_seq
         update = ModelUpdate(get_state(node.model))
         key = [receiver.identity.public_key]
@@ -488,8 +488,8 @@ def test_node_state_files_are_fsynced_with_their_directory(
     node = scenario.restart(scenario.intact)
     try:
         events = record_syscalls(monkeypatch)
-        node._write_signed_round(node.last_signed_round)
-        node._write_privacy_intent()
+        node.store.write_signed_round(node.last_signed_round)
+        node.rounds.write_privacy_intent()
         node._checkpoint(node.next_round - 1)
     finally:
         monkeypatch.undo()

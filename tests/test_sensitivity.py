@@ -243,15 +243,15 @@ def test_dp_metrics_use_nothing_from_the_training_rows(tmp_path: Path, private: 
     )
     node = HospitalNode(load_config(network.nodes[0].config_path))
     try:
-        metrics = node._evaluate()
+        metrics = node.study.evaluate()
         train_scores = predict_proba(node.model, node.data.x_train)
         # Other training rows (labels flipped, features shuffled), the same model.
-        node.data = dataclasses.replace(
+        node.study.data = dataclasses.replace(
             node.data,
             x_train=node.data.x_train[::-1].copy(),
             y_train=(1 - node.data.y_train).astype(np.float32),
         )
-        changed = node._evaluate()
+        changed = node.study.evaluate()
     finally:
         node.audit.close()
     if private:

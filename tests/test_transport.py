@@ -166,7 +166,7 @@ async def test_the_node_audits_redirects_and_oversize_replies_as_failed_sends(
                     Peer("moved", moved, generate_identity("moved").public_key),
                     Peer("big", big, generate_identity("big").public_key),
                 ]
-                await node._send(1, transport, peers, b"envelope", "0" * 64)
+                await node.sender.send(1, transport, peers, b"envelope", "0" * 64)
         record = node.audit.last(1)[0]
         assert record.kind == "update_sent"
         assert record.fields["delivered"] == []

@@ -1,4 +1,4 @@
-"""The envelope: round trip, and every rejection with its reason code (gossip/wire.py)."""
+"""The envelope: round trip, and every rejection with its reason code (gossip/wire/)."""
 
 from __future__ import annotations
 

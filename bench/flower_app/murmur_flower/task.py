@@ -32,7 +32,7 @@ def build_mlp(split: HospitalSplit, seed: int) -> torch.nn.Module:
 
 
 def stable_int(text: str) -> int:
-    """The per-node seed offset murmur's node uses (node.node._stable_int)."""
+    """The per-node seed offset murmur's node uses (node.study.stable_int)."""
     return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % 10_000
 
 

@@ -1,0 +1,199 @@
+"""Building an envelope: the update encoded once, encrypted once for all recipients, signed
+over its canonical header and the sender's audit head."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import time
+from collections.abc import Sequence
+
+import msgpack
+import numpy as np
+
+from crypto.identity import Identity
+from crypto.sealing import (
+    NONCE_BYTES,
+    SealingError,
+    encrypt_body,
+    wrap_new_key,
+    x25519_public_key,
+)
+from gossip.receipts import (
+    DIGEST_BYTES,
+    KEY_BYTES,
+    AuditHead,
+    no_audit_head,
+)
+from gossip.wire.format import (
+    _BODY_HEADER_LENGTH,
+    DEFAULT_MAX_PROOFS,
+    DEFAULT_MAX_RECEIPTS,
+    DEFAULT_MAX_RECIPIENTS,
+    DEFAULT_MAX_STRING_BYTES,
+    KINDS,
+    MAX_UINT63,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    ModelUpdate,
+    _body_associated_data,
+    _envelope_prefix,
+    _RawEnvelope,
+    _signed_digest,
+)
+
+
+def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """The wire dtype name and a C-contiguous little-endian version of ``array``."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"tensor {name!r} must be a numpy array, not {type(array).__name__}")
+    dtype_name = array.dtype.name
+    if dtype_name not in WIRE_DTYPES:
+        raise ValueError(
+            f"tensor {name!r} has dtype {array.dtype}; the wire carries {sorted(WIRE_DTYPES)}"
+        )
+    return dtype_name, np.require(array, dtype=WIRE_DTYPES[dtype_name], requirements="C")
+
+
+def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
+    """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
+
+    Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
+    body without another copy; the sender still assembles the body in one copy (one join).
+    ``head`` (default: no audit log) is the sender's audit head, whose digest it signs.
+    """
+    if not isinstance(update, ModelUpdate):
+        raise TypeError("build_envelope needs a ModelUpdate")
+    head = no_audit_head() if head is None else head
+    if not isinstance(head, AuditHead):
+        raise TypeError("the audit head must be a gossip.receipts.AuditHead")
+    metrics = {}
+    for key, value in update.metrics.items():
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+        ):
+            raise TypeError(f"metrics must map str to a number, got {key!r}: {value!r}")
+        metrics[key] = float(value)
+    if len(update.receipts) > DEFAULT_MAX_RECEIPTS or len(update.proofs) > DEFAULT_MAX_PROOFS:
+        raise ValueError(
+            f"an update carries at most {DEFAULT_MAX_RECEIPTS} receipts and "
+            f"{DEFAULT_MAX_PROOFS} proofs"
+        )
+    tensors, data = [], []
+    for name, array in update.tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if len(name.encode("utf-8")) > DEFAULT_MAX_STRING_BYTES:
+            raise ValueError(
+                f"tensor name {name[:40]!r}... is over {DEFAULT_MAX_STRING_BYTES} bytes"
+            )
+        dtype_name, array = _wire_array(name, array)
+        tensors.append([name, dtype_name, list(array.shape)])
+        data.append(array.reshape(-1).view(np.uint8).data)
+    header = msgpack.packb(
+        {
+            "tensors": tensors,
+            "metrics": metrics,
+            "receipts": [receipt.encode() for receipt in update.receipts],
+            "proofs": [proof.encode() for proof in update.proofs],
+            "audit_head": head.encode(),
+        }
+    )
+    return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
+
+
+def _check_recipients(recipients: Sequence[bytes]) -> tuple[bytes, ...]:
+    recipients = tuple(recipients)
+    if not 1 <= len(recipients) <= DEFAULT_MAX_RECIPIENTS:
+        raise ValueError(f"an envelope needs 1 to {DEFAULT_MAX_RECIPIENTS} recipients")
+    for key in recipients:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError("recipients are 32-byte Ed25519 public keys (Peer.public_key)")
+        try:
+            x25519_public_key(key)
+        except SealingError as exc:
+            raise ValueError(str(exc)) from None
+    if len(set(recipients)) != len(recipients):
+        raise ValueError("recipients must be distinct")
+    return recipients
+
+
+def _seal_envelope(
+    body: bytes,
+    sender: Identity,
+    recipients: Sequence[bytes],
+    round: int,
+    *,
+    head_digest: bytes | None = None,
+    kind: str = "update",
+    now: float | None = None,
+) -> bytes:
+    """Encrypt an already encoded body and sign the envelope around it.
+
+    ``head_digest`` must be the digest of the audit head inside ``body`` (default: that of
+    ``no_audit_head()``); receivers refuse an envelope whose body head does not match it.
+    """
+    head_digest = no_audit_head().digest() if head_digest is None else head_digest
+    if type(head_digest) is not bytes or len(head_digest) != DIGEST_BYTES:
+        raise ValueError(f"head_digest must be {DIGEST_BYTES} bytes")
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}; kinds are {sorted(KINDS)}")
+    if type(round) is not int or not 0 <= round <= MAX_UINT63:
+        raise ValueError(f"round must be an int in [0, 2**63), got {round!r}")
+    recipients = _check_recipients(recipients)
+    timestamp_ms = int((time.time() if now is None else now) * 1000)
+    if not 0 <= timestamp_ms <= MAX_UINT63:
+        raise ValueError(f"timestamp {now!r} is out of range")
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    key = wrap_new_key(sender, recipients, nonce)
+    unsigned = _RawEnvelope(
+        version=PROTOCOL_VERSION,
+        kind=kind,
+        sender=sender.public_key,
+        round=round,
+        head_digest=head_digest,
+        timestamp_ms=timestamp_ms,
+        nonce=nonce,
+        ephemeral_key=key.ephemeral_public_key,
+        key_commitment=key.commitment,
+        recipients=tuple(zip(recipients, key.wrapped_keys, strict=True)),
+        signature=b"",
+        body=b"",
+    )
+    ciphertext = encrypt_body(body, key.body_key, nonce, _body_associated_data(unsigned))
+    digest = _signed_digest(unsigned, hashlib.sha256(ciphertext).digest())
+    signed = dataclasses.replace(unsigned, signature=sender.sign(digest), body=ciphertext)
+    return b"".join((_envelope_prefix(signed), ciphertext))
+
+
+def build_envelope(
+    update: ModelUpdate,
+    sender: Identity,
+    recipients: Sequence[bytes],
+    round: int,
+    *,
+    head: AuditHead | None = None,
+    kind: str = "update",
+    now: float | None = None,
+) -> bytes:
+    """One envelope carrying ``update`` to every key in ``recipients``.
+
+    The body is serialized, encrypted and hashed once whatever the number of recipients; send
+    the same bytes to each of them. ``head`` is the sender's signed audit head (a node passes
+    its own; ``None`` means a sender without audit log or ledger: all zero). ``now`` is Unix
+    time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
+    that cannot be sent.
+    """
+    head = no_audit_head() if head is None else head
+    return _seal_envelope(
+        _encode_body(update, head),
+        sender,
+        recipients,
+        round,
+        head_digest=head.digest(),
+        kind=kind,
+        now=now,
+    )

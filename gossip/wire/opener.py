@@ -1,0 +1,238 @@
+"""Opening envelopes: every check from cheap to expensive (`EnvelopeOpener`), and reading an
+envelope's header unverified (`peek_envelope`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+
+from crypto.allowlist import Allowlist, Peer
+from crypto.identity import Identity, verify_signature
+from crypto.sealing import (
+    SealingError,
+    decrypt_body,
+    unwrap_key,
+)
+from gossip.receipts import (
+    AuditHead,
+    Receipt,
+    signed_digest,
+)
+from gossip.wire.format import (
+    _MAX_BIN_BYTES,
+    KINDS,
+    EnvelopeInfo,
+    ModelSpec,
+    ModelUpdate,
+    OpenedEnvelope,
+    RejectReason,
+    WireError,
+    WireLimits,
+    _body_associated_data,
+    _normalize_spec,
+    _RawEnvelope,
+    _rest_digest,
+    default_max_message_bytes,
+)
+from gossip.wire.parse import (
+    _parse_body,
+    _parse_envelope,
+)
+from gossip.wire.replay import (
+    ReplayGuard,
+)
+
+
+class EnvelopeOpener:
+    """Verifies, decrypts and validates envelopes addressed to one node.
+
+    ``spec`` is the receiver's model (name -> (shape, dtype)); updates that do not match it
+    are refused. The opener keeps the replay guard, so use one opener per node.
+
+    ``open`` does everything in one call. A node that opens envelopes off its event loop
+    splits it: ``verify`` (pure: it reads the replay guard but changes nothing, so it may run
+    in a worker thread) and then, back on the loop, ``accept`` for the result or
+    ``note_failure`` for the ``WireError`` (each records the envelope in the replay guard if
+    its signature verified; ``accept`` re-checks it, so of two concurrent copies one wins).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        allowlist: Allowlist,
+        spec: ModelSpec,
+        limits: WireLimits | None = None,
+        replay: ReplayGuard | None = None,
+    ) -> None:
+        self.identity = identity
+        self.allowlist = allowlist
+        self.limits = limits if limits is not None else WireLimits()
+        self.replay = replay if replay is not None else ReplayGuard()
+        self._spec = _normalize_spec(spec)
+        for name, (_, dtype) in self._spec.items():
+            if dtype not in self.limits.allowed_dtypes:
+                raise ValueError(
+                    f"the model's tensor {name!r} is {dtype}, which WireLimits.allowed_dtypes "
+                    f"({sorted(self.limits.allowed_dtypes)}) refuses"
+                )
+        self.max_message_bytes = self.limits.max_message_bytes or default_max_message_bytes(
+            spec, self.limits.max_recipients
+        )
+
+    def open(
+        self, data: bytes, now: float | None = None, sender: bytes | None = None
+    ) -> OpenedEnvelope:
+        """The verified update in ``data``, or ``WireError``; ``now`` is Unix time in seconds.
+
+        ``sender``: the public key the transport authenticated the request with (the HTTP
+        request signature, gossip/auth.py); the envelope must be that sender's own
+        (``sender_mismatch`` otherwise). None when the caller delivers envelopes itself.
+        """
+        try:
+            opened = self.verify(data, now, sender)
+        except WireError as error:
+            self.note_failure(error)
+            raise
+        return self.accept(opened)
+
+    def accept(self, opened: OpenedEnvelope) -> OpenedEnvelope:
+        """Record a verified envelope in the replay guard (``WireError`` if, meanwhile, the
+        same envelope or too many of its sender's were recorded)."""
+        self.replay.record(opened.receipt.sender, opened.round, opened.nonce)
+        return opened
+
+    def note_failure(self, error: WireError) -> None:
+        """Record a refused envelope whose signature had verified, so that it counts against
+        its sender's replay and rate limits as an accepted one does."""
+        if error.signed is not None:
+            with contextlib.suppress(WireError):
+                self.replay.record(*error.signed)
+
+    def verify(
+        self, data: bytes, now: float | None = None, sender: bytes | None = None
+    ) -> OpenedEnvelope:
+        """``open`` without recording anything: the verified update, or ``WireError``."""
+        envelope = _parse_envelope(data, self.limits, self.max_message_bytes)
+        peer, wrapped_key = self._check_header(envelope, now, sender)
+        self.replay.check(envelope.sender, envelope.round, envelope.nonce)
+
+        body_sha256 = hashlib.sha256(envelope.body).digest()
+        rest_digest = _rest_digest(envelope, body_sha256)
+        digest = signed_digest(
+            envelope.version,
+            envelope.kind,
+            envelope.sender,
+            envelope.round,
+            envelope.head_digest,
+            rest_digest,
+        )
+        if not verify_signature(envelope.sender, digest, envelope.signature):
+            raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {peer.name}")
+        signed = (envelope.sender, envelope.round, envelope.nonce)
+        update, head = self._open_body(envelope, wrapped_key, signed)
+        if head.digest() != envelope.head_digest:
+            raise WireError(
+                RejectReason.MALFORMED,
+                f"the audit head in the body is not the one {peer.name} signed "
+                "(its digest differs from head_digest)",
+                signed,
+            )
+        return OpenedEnvelope(
+            sender=peer,
+            round=envelope.round,
+            kind=envelope.kind,
+            timestamp=envelope.timestamp_ms / 1000,
+            nonce=envelope.nonce,
+            update=update,
+            body_sha256=body_sha256.hex(),
+            receipt=Receipt(
+                version=envelope.version,
+                kind=envelope.kind,
+                sender=envelope.sender,
+                round=envelope.round,
+                head=head,
+                rest_digest=rest_digest,
+                signature=envelope.signature,
+            ),
+        )
+
+    def _check_header(
+        self, envelope: _RawEnvelope, now: float | None, sender: bytes | None
+    ) -> tuple[Peer, bytes]:
+        """The cheap checks, before anything is hashed: kind, allowlist, the authenticated
+        sender, this node among the recipients, the timestamp window. Returns the sender's
+        peer entry and this node's wrapped key."""
+        if envelope.kind not in KINDS:
+            raise WireError(
+                RejectReason.UNSUPPORTED_KIND, f"unknown message kind {envelope.kind!r}"
+            )
+        peer = self.allowlist.by_key(envelope.sender)
+        if peer is None:
+            raise WireError(
+                RejectReason.UNKNOWN_SENDER,
+                f"sender key {envelope.sender.hex()[:16]}... is not on the allowlist",
+            )
+        if sender is not None and sender != envelope.sender:
+            posted_by = self.allowlist.by_key(sender)
+            raise WireError(
+                RejectReason.SENDER_MISMATCH,
+                f"{posted_by.name if posted_by else sender.hex()[:16]} posted an envelope "
+                f"signed as {peer.name}",
+            )
+        wrapped_key = dict(envelope.recipients).get(self.identity.public_key)
+        if wrapped_key is None:
+            raise WireError(RejectReason.WRONG_RECIPIENT, "this node is not among the recipients")
+        now = time.time() if now is None else now
+        skew = envelope.timestamp_ms / 1000 - now
+        if abs(skew) > self.limits.timestamp_window_s:
+            raise WireError(
+                RejectReason.STALE,
+                f"timestamp is {skew:+.0f} s from this node's clock "
+                f"(window ±{self.limits.timestamp_window_s:.0f} s)",
+            )
+        return peer, wrapped_key
+
+    def _open_body(
+        self, envelope: _RawEnvelope, wrapped_key: bytes, signed: tuple[bytes, int, bytes]
+    ) -> tuple[ModelUpdate, AuditHead]:
+        """Decrypt the body of an envelope whose signature verified, and parse its update."""
+        try:
+            body_key = unwrap_key(
+                self.identity,
+                envelope.sender,
+                envelope.ephemeral_key,
+                wrapped_key,
+                envelope.nonce,
+                envelope.key_commitment,
+            )
+            plaintext = decrypt_body(
+                envelope.body, body_key, envelope.nonce, _body_associated_data(envelope)
+            )
+        except SealingError as exc:
+            raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
+        try:
+            update, head = _parse_body(plaintext, self._spec, self.limits)
+        except WireError as error:
+            error.signed = signed
+            raise
+        return update, head
+
+
+def peek_envelope(data: bytes, limits: WireLimits | None = None) -> EnvelopeInfo:
+    """Read an envelope's header WITHOUT verifying it (logs, the sender's own audit record).
+
+    Raises ``WireError`` if the bytes are not a well-formed envelope. Nothing returned here
+    is authenticated; use ``EnvelopeOpener.open`` to accept an update.
+    """
+    limits = limits if limits is not None else WireLimits()
+    envelope = _parse_envelope(data, limits, limits.max_message_bytes or _MAX_BIN_BYTES)
+    return EnvelopeInfo(
+        kind=envelope.kind,
+        sender=envelope.sender,
+        recipients=tuple(key for key, _ in envelope.recipients),
+        round=envelope.round,
+        timestamp=envelope.timestamp_ms / 1000,
+        nonce=envelope.nonce,
+        body_sha256=hashlib.sha256(envelope.body).hexdigest(),
+    )

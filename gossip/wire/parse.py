@@ -1,0 +1,303 @@
+"""Parsing untrusted bytes into an envelope's fields and a body's update: strict, bounded,
+and refusing anything not in the one canonical encoding, before any signature is checked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from crypto.sealing import (
+    COMMITMENT_BYTES,
+    EPHEMERAL_KEY_BYTES,
+    NONCE_BYTES,
+    TAG_BYTES,
+    WRAPPED_KEY_BYTES,
+)
+from gossip.receipts import (
+    DIGEST_BYTES,
+    KEY_BYTES,
+    MAX_PROOF_BYTES,
+    SIGNATURE_BYTES,
+    AuditHead,
+    EquivocationProof,
+    Receipt,
+    ReceiptError,
+)
+from gossip.wire.format import (
+    _BODY_HEADER_LENGTH,
+    _DECODE_GUARD_ITEMS,
+    BODY_FIELDS,
+    ENVELOPE_FIELDS,
+    MAX_UINT63,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    ModelUpdate,
+    RejectReason,
+    WireError,
+    WireLimits,
+    _envelope_prefix,
+    _RawEnvelope,
+)
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack map hook that refuses duplicate keys instead of keeping the last one."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in a msgpack map")
+    return result
+
+
+def _unpack(data: Any, what: str, limits: WireLimits, max_bin_len: int) -> Any:
+    """msgpack.unpackb with explicit limits; any decoding failure becomes ``malformed``.
+
+    msgpack's item limits only keep decoding memory small (a few thousand items of at least
+    one byte each); the WireLimits checks after decoding give the precise reasons.
+    """
+    items = max(_DECODE_GUARD_ITEMS, limits.max_recipients, limits.max_tensors, limits.max_metrics)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            object_pairs_hook=_unique_map,
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=max_bin_len,
+            max_array_len=items,
+            max_map_len=items,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise WireError(RejectReason.MALFORMED, f"{what} is not valid msgpack: {exc}") from None
+
+
+def _malformed(detail: str) -> WireError:
+    return WireError(RejectReason.MALFORMED, detail)
+
+
+def _require_bin(value: Any, name: str, size: int) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise _malformed(f"'{name}' must be {size} bytes of msgpack bin")
+    return value
+
+
+def _require_uint63(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_UINT63:
+        raise _malformed(f"'{name}' must be an integer in [0, 2**63)")
+    return value
+
+
+def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _RawEnvelope:
+    """Decode and check the structure and canonical encoding of an envelope; nothing else."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise _malformed(f"an envelope is bytes, not {type(data).__name__}") from None
+    size = view.nbytes
+    if size > max_message_bytes:
+        raise WireError(
+            RejectReason.TOO_LARGE, f"{size} bytes is over the limit of {max_message_bytes}"
+        )
+    obj = _unpack(view, "the envelope", limits, max_bin_len=max_message_bytes)
+    if not isinstance(obj, dict):
+        raise _malformed("an envelope is a msgpack map")
+    version = obj.get("version")
+    if type(version) is int and version != PROTOCOL_VERSION:
+        raise WireError(
+            RejectReason.UNSUPPORTED_VERSION,
+            f"protocol version {version}; this node speaks version {PROTOCOL_VERSION}",
+        )
+    if set(obj) != set(ENVELOPE_FIELDS):
+        missing = sorted(set(ENVELOPE_FIELDS) - set(obj))
+        extra = sorted(map(str, set(obj) - set(ENVELOPE_FIELDS)))
+        raise _malformed(f"envelope fields missing {missing}, unexpected {extra}")
+    if type(version) is not int:
+        raise _malformed("'version' must be an integer")
+    if type(obj["kind"]) is not str:
+        raise _malformed("'kind' must be a string")
+    recipients = obj["recipients"]
+    if type(recipients) is not list or not recipients:
+        raise _malformed("'recipients' must be a non-empty array")
+    if len(recipients) > limits.max_recipients:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(recipients)} recipients is over the limit of {limits.max_recipients}",
+        )
+    pairs = []
+    for entry in recipients:
+        if type(entry) is not list or len(entry) != 2:
+            raise _malformed("each recipient is an array [public_key, wrapped_key]")
+        pairs.append(
+            (
+                _require_bin(entry[0], "recipients[].public_key", KEY_BYTES),
+                _require_bin(entry[1], "recipients[].wrapped_key", WRAPPED_KEY_BYTES),
+            )
+        )
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise _malformed("a recipient appears twice")
+    body = obj["body"]
+    if type(body) is not bytes or len(body) < TAG_BYTES:
+        raise _malformed(f"'body' must be msgpack bin of at least {TAG_BYTES} bytes")
+    envelope = _RawEnvelope(
+        version=version,
+        kind=obj["kind"],
+        sender=_require_bin(obj["sender"], "sender", KEY_BYTES),
+        round=_require_uint63(obj["round"], "round"),
+        head_digest=_require_bin(obj["head_digest"], "head_digest", DIGEST_BYTES),
+        timestamp_ms=_require_uint63(obj["timestamp_ms"], "timestamp_ms"),
+        nonce=_require_bin(obj["nonce"], "nonce", NONCE_BYTES),
+        ephemeral_key=_require_bin(obj["ephemeral_key"], "ephemeral_key", EPHEMERAL_KEY_BYTES),
+        key_commitment=_require_bin(obj["key_commitment"], "key_commitment", COMMITMENT_BYTES),
+        recipients=tuple(pairs),
+        signature=_require_bin(obj["signature"], "signature", SIGNATURE_BYTES),
+        body=body,
+    )
+    if len(envelope.kind.encode("utf-8")) > 255:
+        raise _malformed("'kind' is longer than 255 bytes")
+    prefix = _envelope_prefix(envelope)
+    if size != len(prefix) + len(body) or view[: len(prefix)] != prefix:
+        raise _malformed(
+            "the envelope is not in canonical encoding (field order, shortest integer and "
+            "length forms; see docs/protocol.md)"
+        )
+    return envelope
+
+
+def _parse_body(
+    plaintext: bytes, spec: dict[str, tuple[tuple[int, ...], str]], limits: WireLimits
+) -> tuple[ModelUpdate, AuditHead]:
+    """Decode the decrypted body and check it against the receiver's model.
+
+    The tensors become read-only numpy views of ``plaintext``: no copy of the model is made.
+    Returns the update and the sender's audit head (not yet checked against the signature).
+    """
+    if len(plaintext) < _BODY_HEADER_LENGTH.size:
+        raise _malformed("the body is shorter than its header length field")
+    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
+    data_start = _BODY_HEADER_LENGTH.size + header_length
+    if data_start > len(plaintext):
+        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
+    header = _unpack(
+        memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
+        "the body header",
+        limits,
+        max_bin_len=MAX_PROOF_BYTES,
+    )
+    if not isinstance(header, dict) or set(header) != set(BODY_FIELDS):
+        raise _malformed(f"the body header must be a map with exactly {list(BODY_FIELDS)}")
+    entries = header["tensors"]
+    if type(entries) is not list:
+        raise _malformed("'tensors' must be an array")
+    if len(entries) > limits.max_tensors:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(entries)} tensors is over the limit of {limits.max_tensors}",
+        )
+    layout: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+    offset = data_start
+    for entry in entries:
+        name, dtype, shape = _check_tensor_entry(entry, spec, limits)
+        if name in layout:
+            raise _malformed(f"tensor {name!r} appears twice")
+        layout[name] = (dtype, shape, offset)
+        offset += math.prod(shape) * dtype.itemsize
+    missing = [name for name in spec if name not in layout]
+    if missing:
+        raise WireError(RejectReason.SHAPE_MISMATCH, f"the update lacks tensors {missing[:5]}")
+    if offset != len(plaintext):
+        raise _malformed(
+            f"the body carries {len(plaintext) - data_start} tensor bytes; "
+            f"the shapes in its header need {offset - data_start}"
+        )
+    try:
+        head = AuditHead.decode(header["audit_head"])
+    except ReceiptError as exc:
+        raise _malformed(f"'audit_head': {exc}") from None
+    metrics = header["metrics"]
+    if type(metrics) is not dict:
+        raise _malformed("'metrics' must be a map")
+    if len(metrics) > limits.max_metrics:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(metrics)} metrics is over the limit of {limits.max_metrics}",
+        )
+    for key, value in metrics.items():
+        if type(key) is not str or type(value) not in (float, int):
+            raise _malformed("'metrics' must map strings to numbers")
+        if not math.isfinite(value):
+            raise WireError(RejectReason.NON_FINITE, f"metric {key!r} is {value}")
+    receipts = _parse_list(header["receipts"], "receipts", limits.max_receipts, Receipt.decode)
+    proofs = _parse_list(header["proofs"], "proofs", limits.max_proofs, EquivocationProof.decode)
+    tensors = {}
+    for name in spec:
+        dtype, shape, start = layout[name]
+        array = np.frombuffer(plaintext, dtype, math.prod(shape), start).reshape(shape)
+        if not np.isfinite(array).all():
+            raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+        tensors[name] = array
+    update = ModelUpdate(
+        tensors=tensors,
+        metrics={key: float(value) for key, value in metrics.items()},
+        receipts=receipts,
+        proofs=proofs,
+    )
+    return update, head
+
+
+def _parse_list(value: Any, name: str, limit: int, decode: Any) -> list[Any]:
+    """Decode the body's ``receipts`` or ``proofs``: an array of bin, each one well-formed.
+
+    Only the structure is checked here (``bad_receipt`` otherwise); whether the signatures
+    inside are valid is the node's business: an invalid receipt is evidence against nobody.
+    """
+    if type(value) is not list:
+        raise WireError(RejectReason.BAD_RECEIPT, f"'{name}' must be an array of msgpack bin")
+    if len(value) > limit:
+        raise WireError(RejectReason.TOO_LARGE, f"{len(value)} {name} is over the limit of {limit}")
+    decoded = []
+    for index, item in enumerate(value):
+        if type(item) is not bytes:
+            raise WireError(RejectReason.BAD_RECEIPT, f"{name}[{index}] is not msgpack bin")
+        try:
+            decoded.append(decode(item))
+        except ReceiptError as exc:
+            raise WireError(RejectReason.BAD_RECEIPT, f"{name}[{index}]: {exc}") from None
+    return decoded
+
+
+def _check_tensor_entry(
+    entry: Any, spec: dict[str, tuple[tuple[int, ...], str]], limits: WireLimits
+) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """Check one ``[name, dtype, shape]`` header entry against the receiver's model."""
+    if type(entry) is not list or len(entry) != 3:
+        raise _malformed("each tensor in the body header is an array [name, dtype, shape]")
+    name, dtype_name, shape = entry
+    if type(name) is not str or type(dtype_name) is not str:
+        raise _malformed("a tensor's name and dtype are strings")
+    if type(shape) is not list or len(shape) > limits.max_dims:
+        raise _malformed(f"tensor {name!r}: shape must be an array of at most {limits.max_dims}")
+    if any(type(d) is not int or not 0 <= d <= MAX_UINT63 for d in shape):
+        raise _malformed(f"tensor {name!r}: shape entries must be non-negative integers")
+    if dtype_name not in limits.allowed_dtypes:
+        raise WireError(
+            RejectReason.UNSUPPORTED_DTYPE,
+            f"tensor {name!r} has dtype {dtype_name!r}; allowed: {sorted(limits.allowed_dtypes)}",
+        )
+    if name not in spec:
+        raise WireError(RejectReason.SHAPE_MISMATCH, f"the model has no tensor {name!r}")
+    expected_shape, expected_dtype = spec[name]
+    if dtype_name != expected_dtype:
+        raise WireError(
+            RejectReason.UNSUPPORTED_DTYPE,
+            f"tensor {name!r} is {dtype_name}; this model expects {expected_dtype}",
+        )
+    if tuple(shape) != expected_shape:
+        raise WireError(
+            RejectReason.SHAPE_MISMATCH,
+            f"tensor {name!r} has shape {tuple(shape)}; this model expects {expected_shape}",
+        )
+    return name, WIRE_DTYPES[dtype_name], expected_shape

@@ -1,0 +1,273 @@
+"""Combining this node's model with its neighbours' by the configured robust rule, and
+scoring every neighbour for trust from the result.
+
+Why its own part: the rules themselves are pure functions (gossip/aggregation.py); what this
+adds is the node's policy around them, which is what the audit log must explain for every
+round: who is left out and why (quarantined, proven equivocator, too far from our own model),
+how many of the f tolerated Byzantine inputs those exclusions use up, the Metropolis-Hastings
+mixing weights scaled by trust, and the fallback to our own model when too few inputs arrived
+or the combination overflowed. It runs in a worker thread (node/rounds.py), so it touches
+only the trust tracker, the audit log, the metrics and its corner of the node's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
+from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
+from models.params import flatten, state_sha256, unflatten
+from node.audit import AuditLog
+from node.config import NodeConfig
+from node.metrics import NodeMetrics
+from node.receiver import ReceivedUpdate
+from node.state import NodeState
+
+log = logging.getLogger("murmur.node")
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The heard neighbours, split into those aggregated and those left out (with why)."""
+
+    names: list[str]  # aggregated, in order
+    inputs: list[dict[str, Any]]  # {peer, model_sha256} of each aggregated one
+    left_out: list[dict[str, Any]]  # {peer, model_sha256, reason}
+    f: int  # the Byzantine inputs the rule must still tolerate among `names`
+
+
+class RoundAggregator:
+    """One round's aggregation and trust update (`aggregate`).
+
+    `ignored` names peers whose models are never aggregated at all (not even scored): empty
+    for an honest node; node/byzantine.py sets it to an attacker's colluders.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        trust: TrustTracker,
+        peer_degree: dict[str, int],
+        audit: AuditLog,
+        metrics: NodeMetrics,
+        state: NodeState,
+        on_trust_change: Callable[[], None],
+        outer_step: Callable[[State, np.ndarray, dict[str, Any]], np.ndarray] | None = None,
+    ) -> None:
+        self._config = config
+        self._trust = trust
+        self._peer_degree = peer_degree
+        self._audit = audit
+        self._metrics = metrics
+        self._state = state
+        self._on_trust_change = on_trust_change
+        # the study's server-optimizer step on the robust aggregate (node/study.py)
+        self._outer_step = outer_step
+        self.ignored: frozenset[str] = frozenset()
+
+    def aggregate(
+        self,
+        r: int,
+        own_state: State,
+        own_sha: str,
+        received: dict[str, ReceivedUpdate],
+        previous_state: State | None = None,
+    ) -> tuple[State, str, float | None]:
+        """Combine our model with the neighbours' by the configured rule, leaving out
+        quarantined peers and down-weighting distrusted ones; then update trust. Returns the
+        new state, its SHA-256 and our mean distance to the neighbours (the disagreement)."""
+        cfg = self._config.aggregation
+        heard = [n for n in sorted(received) if n not in self.ignored]
+        own = flatten(own_state)
+        vectors = {n: flatten(received[n].envelope.update.tensors) for n in heard}
+        distance, to_own = _distances(own, vectors)
+        screened = self._screen(own, heard, to_own, received)
+        names, inputs, left_out, f = screened.names, screened.inputs, screened.left_out, screened.f
+        record = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
+        if len(names) + 1 < min_inputs(cfg.rule, f):
+            # Too few inputs arrived for the rule to be robust: keep our own model this round.
+            return self._keep_own(
+                r, record, inputs, left_out, "too_few_inputs", own, vectors, own_state, distance
+            )
+        stack = (
+            np.stack([vectors[n] for n in names])
+            if names
+            else np.zeros((0, own.size), dtype=own.dtype)
+        )
+        used, excluded = inputs, []
+        if cfg.rule in ("krum", "multi_krum"):
+            # Krum picks whole models: record exactly whose went into the result.
+            m = int(cfg.params.get("m", len(names) + 1 - f)) if cfg.rule == "multi_krum" else 1
+            chosen = {int(i) - 1 for i in krum_select(own, stack, f, m=m)}
+            used = [u for i, u in enumerate(inputs) if i in chosen]
+            excluded = [
+                {**u, "reason": "not_selected"} for i, u in enumerate(inputs) if i not in chosen
+            ]
+        try:
+            result = AGGREGATORS[cfg.rule](own, stack, self.mixing_weights(names), f, **cfg.params)
+        except ValueError as exc:
+            # Finite inputs whose combination overflows (only an undefended rule lets poison
+            # grow that large): keep our own model this round rather than stop.
+            log.warning("round %d: aggregation failed (%s); keeping our own model", r, exc)
+            return self._keep_own(
+                r,
+                record,
+                inputs,
+                left_out,
+                "aggregate_not_finite",
+                own,
+                vectors,
+                own_state,
+                distance,
+            )
+        result = result.astype(own.dtype, copy=False)
+        if self._outer_step is not None and previous_state is not None:
+            result = self._outer_step(previous_state, result, record)
+        new_state = unflatten(result, own_state)
+        new_sha = state_sha256(new_state)
+        self._audit.append(
+            "aggregation",
+            r,
+            **record,
+            used=used,
+            excluded=excluded + left_out,
+            result_sha256=new_sha,
+        )
+        self._state.aggregation = {"rule": cfg.rule, "f": f, "inputs": len(names) + 1}
+        self._observe_trust(r, own, result, vectors)
+        return new_state, new_sha, distance
+
+    def _screen(
+        self,
+        own: np.ndarray,
+        heard: list[str],
+        to_own: dict[str, float],
+        received: dict[str, ReceivedUpdate],
+    ) -> Screened:
+        """Leave out quarantined peers and (trust on) models too far from our own."""
+        quarantined = self._trust.quarantined()
+        proven = self._trust.proven()
+        too_far: set[str] = set()
+        if self._trust.settings.enabled:
+            with np.errstate(over="ignore"):
+                own_norm = float(np.linalg.norm(own))
+            limit = relative_distance_limit(self._trust.settings, self._config.privacy.enabled)
+            candidates = {n: d for n, d in to_own.items() if n not in quarantined}
+            too_far = set(too_far_from_own(own_norm, candidates, limit))
+        for peer in too_far:
+            self._state.too_far[peer] = self._state.too_far.get(peer, 0) + 1
+            self._metrics.too_far.labels(peer=peer).inc()
+        names = [n for n in heard if n not in quarantined and n not in too_far]
+        left_out = [
+            {
+                "peer": n,
+                "model_sha256": received[n].model_sha256,
+                "reason": _exclusion_reason(n, proven, quarantined),
+            }
+            for n in heard
+            if n in quarantined or n in too_far
+        ]
+        # Each peer left out is presumed Byzantine, so it uses up one of the f the rule must
+        # still tolerate among the remaining inputs.
+        f = max(0, self._config.aggregation.f - (len(heard) - len(names)))
+        inputs = [{"peer": n, "model_sha256": received[n].model_sha256} for n in names]
+        return Screened(names, inputs, left_out, f)
+
+    def _keep_own(
+        self,
+        r: int,
+        record: dict[str, Any],
+        inputs: list[dict[str, Any]],
+        left_out: list[dict[str, Any]],
+        reason: str,
+        own: np.ndarray,
+        vectors: dict[str, np.ndarray],
+        own_state: State,
+        distance: float | None,
+    ) -> tuple[State, str, float | None]:
+        """Keep our own model this round, audited with why every input was not used."""
+        own_sha = record["own_model_sha256"]
+        excluded = [{**u, "reason": reason} for u in inputs] + left_out
+        self._audit.append(
+            "aggregation", r, **record, used=[], excluded=excluded, result_sha256=own_sha
+        )
+        self._observe_trust(r, own, own, vectors)
+        return own_state, own_sha, distance
+
+    def mixing_weights(self, received: list[str]) -> np.ndarray:
+        """Metropolis-Hastings weights, each scaled by the peer's trust factor; a missing or
+        distrusted neighbour's share stays with this node."""
+        own_degree = len(self._peer_degree)
+        w = np.array(
+            [self._trust.weight(n) / (1 + max(own_degree, self._peer_degree[n])) for n in received]
+        )
+        return np.concatenate([[1.0 - w.sum()], w])
+
+    def _observe_trust(
+        self, r: int, own: np.ndarray, aggregate: np.ndarray, vectors: dict[str, np.ndarray]
+    ) -> None:
+        """Score every neighbour heard this round (quarantined ones too) by its distance from
+        the robust aggregate; log and audit each quarantine and re-admission with its evidence."""
+        names = list(vectors)
+        rows = (
+            np.stack([vectors[n] for n in names]) if names else np.zeros((0, own.size), own.dtype)
+        )
+        with np.errstate(over="ignore", invalid="ignore"):  # poison may overflow float32
+            distances = np.nan_to_num(distances_to(aggregate, rows), nan=np.inf)
+            own_distance = float(
+                np.nan_to_num(distances_to(aggregate, own[None, :]), nan=np.inf)[0]
+            )
+        events = self._trust.observe(
+            r,
+            own_distance,
+            {n: float(d) for n, d in zip(names, distances, strict=True)},
+            f=self._config.aggregation.f,
+        )
+        for event in events:
+            if event.kind == "quarantine":
+                log.warning(
+                    "QUARANTINE peer %s at round %d: its updates stay far from the robust "
+                    "aggregate (evidence: %s); it is left out of aggregation until it behaves",
+                    event.peer,
+                    r,
+                    json.dumps(event.evidence),
+                )
+            else:
+                log.warning(
+                    "re-admitting peer %s at round %d (evidence: %s)",
+                    event.peer,
+                    r,
+                    json.dumps(event.evidence),
+                )
+            self._audit.append(event.kind, r, peer=event.peer, evidence=event.evidence)
+        self._on_trust_change()
+
+
+def _distances(
+    own: np.ndarray, vectors: dict[str, np.ndarray]
+) -> tuple[float | None, dict[str, float]]:
+    """Our mean distance to the heard models (None when none, or poison overflowed float32),
+    and each one's distance to our own (inf where it overflowed)."""
+    if not vectors:
+        return None, {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        row_distances = distances_to(own, np.stack(list(vectors.values())))
+    to_own = dict(zip(vectors, np.nan_to_num(row_distances, nan=np.inf).tolist(), strict=True))
+    distance = float(np.mean(row_distances))
+    return (distance if np.isfinite(distance) else None), to_own
+
+
+def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) -> str:
+    """Why a heard peer's model is not aggregated this round (the audit record's reason)."""
+    if peer in proven:
+        return "proven_equivocation"
+    return "quarantined" if peer in quarantined else "too_far_from_own"

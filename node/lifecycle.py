@@ -1,0 +1,181 @@
+"""A node's life as a process: the checks before it starts, the start line, the listeners,
+the rounds, and the orderly stop.
+
+Why apart from node/node.py: composing the parts and running a process are two concerns; what
+happens between `murmur node` and exit (signals, the `node_start` and `node_stop` audit
+records, the parent watch that stops a node orphaned by run_cluster, the log lines that say
+why it stops) is all here, and none of it is needed to drive a node's rounds in a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from gossip.feasibility import check_min_neighbours, check_node
+from node import __version__
+from node.state import StartupError
+
+if TYPE_CHECKING:
+    from node.node import HospitalNode
+
+log = logging.getLogger("murmur.node")
+
+VERSION = __version__
+
+
+def check_feasibility(node: HospitalNode) -> None:
+    problem = check_node(
+        node.config.node.name,
+        len(node.peers),
+        node.config.aggregation.rule,
+        node.config.aggregation.f,
+    ) or check_min_neighbours(
+        node.config.node.name,
+        len(node.peers),
+        node.neighbours.min_neighbours,
+        explicit=node.config.gossip.min_neighbours is not None,
+    )
+    if problem:
+        raise StartupError(problem)
+
+
+async def _watch_parent(node: HospitalNode, finished: asyncio.Event) -> None:
+    """Stop when the launching process (run_cluster) disappears, so no node is orphaned."""
+    parent = os.environ.get("MURMUR_PARENT_PID")
+    if not parent:
+        return
+    while not finished.is_set():
+        if os.getppid() != int(parent):
+            log.warning("parent process %s is gone; stopping", parent)
+            node.stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), timeout=0.5)
+
+
+def start_line(node: HospitalNode) -> str:
+    """Who this node is, where it listens, whom it waits for, what it trains, its budget."""
+    cfg = node.config
+    peers = ", ".join(f"{p.name} ({p.address})" for p in node.peers) or "none"
+    planned = cfg.training.rounds
+    where = (
+        f"continuing at round {node.next_round}" if node.next_round > 1 else "starting at round 1"
+    )
+    return (
+        f"murmur {VERSION} node {cfg.node.name} (key {node.identity.fingerprint}) "
+        f"listening on {cfg.node.listen} for peers and {cfg.operator.listen} for operators; "
+        f"peers: {peers}; study: {cfg.data.dataset} "
+        f"({node.data.name}, {len(node.data.y_train)} training patients), model "
+        f"{cfg.model.name}, {planned} rounds, rule {cfg.aggregation.rule} "
+        f"f={cfg.aggregation.f}; privacy: {node.study.privacy_line()}; {where} of {planned}"
+    )
+
+
+def stop_reason(node: HospitalNode) -> str:
+    """Why the node is stopping, from its last phase, in words for the log."""
+    phase = node.state.phase
+    if phase == "done":
+        return f"all {node.config.training.rounds} planned rounds done"
+    if phase == "budget_exhausted":
+        return "the privacy budget is spent (no further round could be trained within it)"
+    if phase == "stopped":
+        return "asked to stop (SIGTERM or SIGINT)"
+    return f"stopped while {phase}"
+
+
+def finished_already(node: HospitalNode) -> str | None:
+    """The phase a previous run of this state directory ended in, if it left nothing to
+    do: every planned round trained ("done"), or no DP step left in the budget."""
+    if node.next_round > node.config.training.rounds:
+        return "done"
+    if node.study.budget_spent():
+        return "budget_exhausted"
+    return None
+
+
+async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
+    """Serve the peer and operator listeners and run the planned rounds; returns the
+    process exit status."""
+    from node.api import operator_token, start_api
+
+    check_feasibility(node)
+    token = operator_token(node.config)  # a readable token file stops the node here
+    log.info("%s", start_line(node))
+    ended = finished_already(node)
+    if ended is not None and not serve_forever:
+        _say_finished(node, ended)
+        return 0
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stop.set)
+    node.audit.append(
+        "node_start",
+        node.next_round,
+        config_sha256=node.config.sha256,
+        public_key=node.identity.public_key.hex(),
+        version=VERSION,
+        pid=os.getpid(),
+    )
+    for starting in node.on_start:  # e.g. node/byzantine.py's loud warning
+        starting()
+    api = await start_api(node, token)
+    try:
+        await _serve_rounds(node, serve_forever)
+    finally:
+        node.summarise_rejections(node.state.round)
+        node.audit.append("node_stop", node.state.round, reason=node.state.phase)
+        node.audit.sign_head()
+        node.write_status()
+        await api.close()
+        node.audit.close()
+        log.info(
+            "node %s stopping at round %d: %s; ε spent %.3f",
+            node.config.node.name,
+            node.state.round,
+            stop_reason(node),
+            node.state.privacy.get("epsilon_spent", 0.0),
+        )
+    return 0
+
+
+async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
+    """Check for a rollback, then run the rounds, watching the parent process meanwhile. The
+    transport stays open for the whole run, serving included: through a relay, this node is
+    reached only while its relay connections are up (node/paths.py)."""
+    from node.paths import open_transport
+
+    finished = asyncio.Event()
+    async with open_transport(node) as transport:
+        await node.check_own_receipts(transport)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_watch_parent(node, finished))
+            try:
+                await node.run_rounds(transport)
+                node.write_status()
+                if serve_forever and not node.stop.is_set():
+                    log.info("planned rounds done; serving until SIGTERM")
+                    await node.stop.wait()
+            finally:
+                finished.set()
+
+
+def _say_finished(node: HospitalNode, ended: str) -> None:
+    """A previous run left nothing to do: say so, and leave the state as it is."""
+    node.state.phase = ended
+    log.info(
+        "node %s has already finished: %s (round %d, model %s, ε spent %.3f); "
+        "nothing to do, exiting. Start it with --serve (or [node] after_training = "
+        '"serve") to keep its API up.',
+        node.config.node.name,
+        stop_reason(node),
+        node.state.round,
+        node.state.model_sha256[:12],
+        node.state.privacy.get("epsilon_spent", 0.0),
+    )
+    node.write_status()
+    node.audit.close()

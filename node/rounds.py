@@ -1,0 +1,260 @@
+"""The round protocol: the coordinator that runs each round by calling the node's parts.
+
+A round is synchronous with a deadline (docs/protocol.md, "Rounds"): a dead or slow neighbour
+costs at most `gossip.round_timeout_s`, never the run. Before each round: jump ahead if a
+quorum of trusted peers is there, then hold the round until enough neighbours can take it
+(node/neighbours.py), so no privacy budget is spent on a round nobody receives. Then:
+
+    train (study) -> mark the round signed (persistence) -> share (sharing) ->
+    collect (round inbox, filled by node/receiver.py) -> aggregate (node/aggregator.py) ->
+    evaluate (study) -> checkpoint, sign the audit head
+
+Everything CPU-heavy (training, aggregation) runs in a worker thread, so the HTTP API keeps
+answering peers and operators while the node trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+
+from gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
+from gossip.transport import Transport
+from gossip.trust import TrustTracker
+from models.params import state_sha256
+from models.privacy import BudgetExhausted
+from node.aggregator import RoundAggregator
+from node.audit import AuditLog
+from node.config import NodeConfig
+from node.evidence import EvidenceBook
+from node.metrics import NodeMetrics
+from node.neighbours import NeighbourWatch
+from node.persistence import NodeStore
+from node.receiver import ReceivedUpdate, Receiver
+from node.sharing import Sharing
+from node.state import NodeState, RoundRecord
+from node.study import Study
+
+log = logging.getLogger("murmur.node")
+
+State = dict[str, np.ndarray]
+
+
+class RoundCoordinator:
+    """Runs the planned rounds (`run_rounds`). `sharing` is the outgoing path (honest unless
+    node/byzantine.py replaced it); `checkpoint(r)` saves everything the node holds."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        study: Study,
+        store: NodeStore,
+        inbox: RoundInbox[ReceivedUpdate],
+        evidence: EvidenceBook,
+        trust: TrustTracker,
+        neighbours: NeighbourWatch,
+        aggregator: RoundAggregator,
+        receiver: Receiver,
+        sharing: Sharing,
+        audit: AuditLog,
+        metrics: NodeMetrics,
+        state: NodeState,
+        stop: asyncio.Event,
+        checkpoint: Callable[[int], None],
+        next_round: int,
+    ) -> None:
+        self._config = config
+        self._study = study
+        self._store = store
+        self._inbox = inbox
+        self._evidence = evidence
+        self._trust = trust
+        self._neighbours = neighbours
+        self._aggregator = aggregator
+        self._receiver = receiver
+        self.sharing = sharing
+        self._audit = audit
+        self._metrics = metrics
+        self._state = state
+        self._stop = stop
+        self.checkpoint = checkpoint
+        self.next_round = next_round
+        self._peer_names = [p.name for p in config.peers]
+        self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self._peer_names))
+
+    async def run_rounds(self, transport: Transport) -> None:
+        """Run every planned round that is left, then return."""
+        planned = self._config.training.rounds
+        r = self.next_round
+        starting = True
+        while r <= planned and not self._stop.is_set():
+            jump = self.catch_up_target()
+            if jump is not None and jump.round > r:
+                self._jump(r, jump)
+                r = jump.round
+            self._inbox.advance_to(r)
+            if not await self._neighbours.wait_for_peers(transport, r, starting=starting):
+                break
+            starting = False
+            if self.catch_up_target() is not None:
+                continue  # the network moved on while this node waited: jump first
+            try:
+                await self._one_round(r, transport)
+            except BudgetExhausted as exc:
+                log.warning("privacy budget spent: %s; this node stops training and sharing", exc)
+                self._state.phase = "budget_exhausted"
+                self._audit.append("privacy", r, event="budget_exhausted", detail=str(exc))
+                return
+            r += 1
+        self._state.phase = "stopped" if self._stop.is_set() else "done"
+
+    def catch_up_target(self) -> CatchUp | None:
+        """The round a quorum of trusted peers has reached, if ahead of ours.
+
+        Claims of quarantined peers and of proven equivocators never count (a proof is a fact
+        even with trust off, and a liar's round claims are worth nothing); the quorum is
+        `catch_up_quorum`, so one far-ahead peer alone cannot make this node skip rounds.
+        """
+        distrusted = self._trust.quarantined() | set(self._trust.proven())
+        return self._inbox.catch_up_round(self.catch_up_quorum, exclude=distrusted)
+
+    def _jump(self, r: int, jump: CatchUp) -> None:
+        """Log and audit a catch-up; a jump over more than one round loudly, with who vouched."""
+        skipped = jump.round - r
+        if skipped > 1:
+            log.warning(
+                "\n%s\nCATCH-UP: jumping from round %d to round %d, skipping %d rounds (no "
+                "privacy budget is spent on them); vouched for by %s (quorum %d of %d "
+                "neighbours)\n%s",
+                "=" * 78,
+                r,
+                jump.round,
+                skipped,
+                ", ".join(jump.vouchers),
+                self.catch_up_quorum,
+                len(self._peer_names),
+                "=" * 78,
+            )
+        else:
+            log.info(
+                "behind: %s are at round %d; moving on from round %d", jump.vouchers, jump.round, r
+            )
+        self._audit.append(
+            "catch_up",
+            r,
+            to_round=jump.round,
+            skipped=skipped,
+            quorum=self.catch_up_quorum,
+            vouched_by=list(jump.vouchers),
+        )
+
+    async def _one_round(self, r: int, transport: Transport) -> None:
+        started = time.monotonic()
+        self._state.round = r
+        self._evidence.receipts.advance(r)
+        if r <= self._store.last_signed_round:
+            # Restarted after signing this round: a second, different round-r envelope would
+            # be equivocation. Share nothing; collect and aggregate from the checkpoint.
+            log.warning(
+                "round %d was already signed before a restart; not training or sending it "
+                "again (collecting and aggregating from the checkpointed model)",
+                r,
+            )
+            self._audit.append("round_resumed", r, last_signed_round=self._store.last_signed_round)
+            own_state = self._study.state()
+            own_sha = state_sha256(own_state)
+        previous_state = self._study.state()  # the model round r starts from
+        if r > self._store.last_signed_round:
+            own_state, own_sha = await self._train_and_share(r, transport)
+
+        self._state.phase = "collecting"
+        collected = await self._inbox.collect(
+            r,
+            self._peer_names,
+            self._config.gossip.round_timeout_s,
+            self._stop,
+            wait_for=self._neighbours.liveness.live(),  # not the neighbours marked down
+        )
+        self._neighbours.round_finished(r, collected.messages)
+        self._state.phase = "aggregating"
+        new_state, new_sha, distance = await asyncio.to_thread(
+            self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
+        )
+        self._study.load(new_state)
+
+        self._state.phase = "evaluating"
+        metrics = self._study.evaluate()
+        self._state.personal = self._study.personal_metrics
+        self._audit.append("evaluation", r, metrics=metrics)
+        epsilon = self._state.privacy.get("epsilon_spent", 0.0)
+        record = RoundRecord(
+            round=r,
+            auc=metrics.get("auc"),
+            epsilon=epsilon,
+            metrics=metrics,
+            received=sorted(collected.messages),
+            missing=collected.missing,
+            neighbour_distance=distance,
+            seconds=time.monotonic() - started,
+        )
+        self._state.history.append(asdict(record))
+        self._state.last_metrics = metrics
+        self._state.model_sha256 = new_sha
+        self._metrics.observe_round(r, metrics, epsilon, record.seconds)
+        self._receiver.summarise_rejections(r)
+        self.checkpoint(r)
+        self._audit.sign_head()
+        log.info(
+            "round %d done in %.2fs: auc=%s eps=%.3f received=%d/%d",
+            r,
+            record.seconds,
+            _fmt(metrics.get("auc")),
+            epsilon,
+            len(collected.messages),
+            len(self._peer_names),
+        )
+
+    async def _train_and_share(self, r: int, transport: Transport) -> tuple[State, str]:
+        """Train round r, durably record that round r is being signed, then share it."""
+        self._state.phase = "training"
+        reference = self._study.state()
+        self.write_privacy_intent()
+        if not await asyncio.to_thread(self._study.train_round, reference):
+            # Share and keep the model the round started from rather than NaN.
+            log.warning(
+                "round %d: local training diverged to NaN/inf; keeping the previous model", r
+            )
+            self._audit.append("training_diverged", r)
+        own_state = self._study.state()
+        own_sha = state_sha256(own_state)
+        self._state.privacy = self._study.privacy_status()
+
+        await self._settle_head()
+        self._state.phase = "sharing"
+        self._store.write_signed_round(r)
+        await self.sharing.share(r, transport, own_state, own_sha, reference)
+        return own_state, own_sha
+
+    def write_privacy_intent(self) -> None:
+        """Before training, durably record the steps this round may spend (write-ahead)."""
+        planned = self._study.steps_after_round()
+        if planned is not None:
+            self._store.write_privacy_intent(planned)
+
+    async def _settle_head(self) -> None:
+        """Let the audit head signed at the end of the last round reach the disk before this
+        round's envelope claims it (the syncer has usually done so long before). Bounded: a
+        slow disk makes the claim lag a round, it never holds the round up."""
+        timeout = self._config.gossip.send_timeout_s
+        if not await asyncio.to_thread(self._audit.wait_durable, timeout):
+            log.warning("the audit log's last head is not on disk after %.0f s", timeout)
+
+
+def _fmt(x: float | None) -> str:
+    return "undefined" if x is None else f"{x:.3f}"

@@ -1,0 +1,115 @@
+"""The outgoing path: what this node sends its neighbours each round, and the sending itself.
+
+Why its own part: the round coordinator (node/rounds.py) only says "share this round's
+model"; *what* is shared is a `Sharing` object. An honest node's is `HonestSharing`: one
+envelope, signed and encrypted for each neighbour, carrying the evidence the node holds. A
+Byzantine test node (node/byzantine.py) replaces it with an attack, and nothing here or in
+the coordinator knows.
+
+Only DP-SGD output leaves the hospital: the training loss is computed from raw patient rows
+without noise, so it is not shared (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from crypto.allowlist import Peer
+from crypto.identity import Identity
+from gossip.probe import Contact
+from gossip.receipts import AuditHead
+from gossip.transport import PeerTransport
+from gossip.wire import ModelUpdate, build_envelope
+from node.audit import AuditLog
+from node.evidence import EvidenceBook
+from node.metrics import NodeMetrics
+from node.state import NodeState
+
+State = dict[str, np.ndarray]
+
+
+class Sharing(Protocol):
+    """What the coordinator calls once per trained round, after the round is durably marked
+    signed: send round r's model (`own_state`, hash `own_sha`, trained from `reference`)."""
+
+    async def share(
+        self, r: int, transport: PeerTransport, own_state: State, own_sha: str, reference: State
+    ) -> None: ...
+
+
+class Sender:
+    """Sends one envelope to some peers and accounts for it: each result is evidence about
+    the peer's reachability, the bytes are counted, and an `update_sent` record is audited."""
+
+    def __init__(
+        self,
+        *,
+        record_contact: Callable[[str, Contact], None],
+        audit: AuditLog,
+        metrics: NodeMetrics,
+        state: NodeState,
+    ) -> None:
+        self._record_contact = record_contact
+        self._audit = audit
+        self._metrics = metrics
+        self._state = state
+
+    async def send(
+        self,
+        r: int,
+        transport: PeerTransport,
+        peers: list[Peer],
+        envelope: bytes,
+        model_sha256: str,
+    ) -> None:
+        results = await transport.send_all(peers, envelope)
+        for result in results:
+            self._record_contact(
+                result.peer,
+                Contact.from_answer(result.status, result.reason, "", source="send"),
+            )
+        self._state.bytes_sent += len(envelope) * len(peers)
+        self._metrics.bytes_sent.inc(len(envelope) * len(peers))
+        self._audit.append(
+            "update_sent",
+            r,
+            recipients=[p.name for p in peers],
+            delivered=[x.peer for x in results if x.ok],
+            failed={x.peer: x.reason for x in results if not x.ok},
+            bytes=len(envelope),
+            model_sha256=model_sha256,
+            epsilon_spent=self._state.privacy.get("epsilon_spent"),
+        )
+
+
+class HonestSharing:
+    """The one envelope an honest node sends every neighbour: its model, the receipts of the
+    envelopes it accepted last round and the proofs it learned since (gossip/receipts.py),
+    and its own signed audit head (`own_head`)."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        peers: list[Peer],
+        evidence: EvidenceBook,
+        sender: Sender,
+        own_head: Callable[[], AuditHead],
+    ) -> None:
+        self._identity = identity
+        self._peers = peers
+        self._evidence = evidence
+        self._sender = sender
+        self._own_head = own_head
+
+    async def share(
+        self, r: int, transport: PeerTransport, own_state: State, own_sha: str, reference: State
+    ) -> None:
+        receipts, proofs = self._evidence.outgoing(r)
+        update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+        keys = [p.public_key for p in self._peers]
+        envelope = build_envelope(update, self._identity, keys, r, head=self._own_head())
+        await self._sender.send(r, transport, self._peers, envelope, own_sha)
