@@ -126,4 +126,6 @@ def test_nodes_step_their_aggregate_and_audit_and_checkpoint_the_optimizer(tmp_p
         assert records[-1].fields["result_sha256"] == state_sha256(ckpt.model_state)
         restored = ServerOptimizer(h.study.server_optimizer.settings)
         restored.load_state(ckpt.extra["server_optimizer"])
-        np.testing.assert_array_equal(restored.second_moment, h.study.server_optimizer.second_moment)
+        np.testing.assert_array_equal(
+            restored.second_moment, h.study.server_optimizer.second_moment
+        )
