@@ -607,6 +607,7 @@ MODEL_INPUTS = {
     "mlp": ((13,), {"hidden": (64, 32)}),
     "cox": ((39,), {}),
     "cnn": ((1, 28, 28), {}),
+    "cnn_gn": ((1, 28, 28), {}),
     "multimodal": ((1, 28, 28), {"clinical_features": 13}),
 }
 
