@@ -27,7 +27,14 @@ direct calls instead of HTTP. Nodes wait for all neighbours every round, so resu
 depend on timing; ``--verify`` re-runs cells with real processes through run_cluster and
 checks the AUCs are identical. ``--engine processes`` runs every cell that way (slow).
 
-Run: python bench/byzantine.py [--quick] [--jobs 2] [--cache FILE] [--verify] [--write-docs].
+With DP (issue 19): ``--dp-epsilon 1`` trains every honest hospital with DP-SGD at that
+epsilon (attackers may ignore it; the clean reference is the DP run without attackers) and runs
+every cell over ``--seeds`` seeds (3 by default with DP, 1 without): a cell shows the mean AUC
+over the seeds and its gap is the mean of the per-seed gaps, with the worst seed's gap beside
+it. ``--rule`` and ``--attack`` narrow the matrix (a smoke run of a few cells).
+
+Run: python bench/byzantine.py [--quick] [--jobs 2] [--cache FILE] [--verify] [--write-docs]
+[--dp-epsilon EPS] [--seeds N] [--rule NAME] [--attack NAME].
 The full matrix (948 networks) takes about 20-25 minutes with --jobs 2 on the 2-core machine;
 --quick is a CI-sized subset (about 30 s). The last line is one JSON object.
 """
@@ -174,7 +181,15 @@ class Options:
     rounds: int = 20
     lr: float = 0.1
     alpha: float = 0.5
-    seed: int = 0
+    seed: int = 0  # the first seed; a cell runs seeds seed, seed + 1, ..., seed + seeds - 1
+    seeds: int = 1
+    dp_epsilon: float | None = None  # None: no DP (the committed matrix)
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
+
+    def at_seed(self, seed: int) -> Options:
+        return Options(self.rounds, self.lr, self.alpha, seed, 1, self.dp_epsilon)
 
 
 def local_f(setting: Setting, seed: int) -> int:
@@ -214,7 +229,7 @@ def cluster_options(
         topology=setting.topology,
         rounds=options.rounds,
         lr=options.lr,
-        no_dp=True,
+        **({"no_dp": True} if options.dp_epsilon is None else {"dp_epsilon": options.dp_epsilon}),
         seed=options.seed,
         aggregator=f"{rule.name}:{f}",
     )
@@ -408,11 +423,23 @@ class Matrix:
 
     def jobs(self) -> list[Job]:
         jobs = []
+        for seed in self.options.seed_list():
+            jobs += self._jobs_at(seed, self.options.at_seed(seed))
+        unique: dict[str, Job] = {}
+        for job in jobs:
+            self.commands[job.key] = command(job.options)
+            unique.setdefault(_key(job.options), job)
+        self._aliases = {job.key: _key(job.options) for job in jobs}
+        return list(unique.values())
+
+    def _jobs_at(self, seed: int, options: Options) -> list[Job]:
+        """One seed's jobs; each key ends with the seed."""
+        jobs = []
         for s in self.settings:
-            f = local_f(s, self.options.seed)
-            self.f_of[s] = f
-            attacked_degree = min_degree(s.topology, s.honest + s.byzantine, self.options.seed)
-            clean_degree = min_degree(s.topology, s.honest, self.options.seed)
+            f = local_f(s, seed)
+            self.f_of[s] = max(f, self.f_of.get(s, 0))
+            attacked_degree = min_degree(s.topology, s.honest + s.byzantine, seed)
+            clean_degree = min_degree(s.topology, s.honest, seed)
             for rule in self.rules:
                 f_attacked = feasible_f(rule.name, attacked_degree, f)
                 if f_attacked is None:
@@ -424,19 +451,12 @@ class Matrix:
                     for x in (feasible_f(rule.name, clean_degree, g) for g in range(f, -1, -1))
                     if x is not None
                 )
-                clean = cluster_options(s, rule, f_clean, None, self.options, clean=True)
-                jobs.append(Job(("clean", s, rule), clean))
+                clean = cluster_options(s, rule, f_clean, None, options, clean=True)
+                jobs.append(Job(("clean", s, rule, seed), clean))
                 for attack in self.attacks:
-                    attacked = cluster_options(
-                        s, rule, f_attacked, attack, self.options, clean=False
-                    )
-                    jobs.append(Job(("attack", s, rule, attack), attacked))
-        unique: dict[str, Job] = {}
-        for job in jobs:
-            self.commands[job.key] = command(job.options)
-            unique.setdefault(_key(job.options), job)
-        self._aliases = {job.key: _key(job.options) for job in jobs}
-        return list(unique.values())
+                    attacked = cluster_options(s, rule, f_attacked, attack, options, clean=False)
+                    jobs.append(Job(("attack", s, rule, attack, seed), attacked))
+        return jobs
 
     def run(self, jobs_count: int, engine: str, cache: Path | None) -> None:
         """Run every job not already in ``cache`` (one JSON line per finished run), so an
@@ -470,21 +490,42 @@ class Matrix:
     # ------------------------------------------------------------------ reading results
 
     def clean(self, s: Setting, rule: Rule) -> dict[str, Any] | None:
-        return self.results.get(("clean", s, rule))
+        return _combine([self.results.get(("clean", s, rule, x)) for x in self._seeds()])
 
     def attacked(self, s: Setting, rule: Rule, attack: Attack) -> dict[str, Any] | None:
-        return self.results.get(("attack", s, rule, attack))
+        return _combine([self.results.get(("attack", s, rule, attack, x)) for x in self._seeds()])
+
+    def seed_gaps(self, s: Setting, rule: Rule, attack: Attack) -> list[float] | None:
+        """Clean minus attacked honest mean AUC, one per seed (None if any is missing)."""
+        gaps = []
+        for x in self._seeds():
+            clean = self.results.get(("clean", s, rule, x))
+            hit = self.results.get(("attack", s, rule, attack, x))
+            if clean is None or hit is None or clean["mean"] is None or hit["mean"] is None:
+                return None
+            gaps.append(clean["mean"] - hit["mean"])
+        return gaps
 
     def gap(self, s: Setting, rule: Rule, attack: Attack) -> float | None:
-        clean, hit = self.clean(s, rule), self.attacked(s, rule, attack)
-        if clean is None or hit is None or clean["mean"] is None or hit["mean"] is None:
-            return None
-        return clean["mean"] - hit["mean"]
+        """The mean over the seeds of the per-seed gap."""
+        gaps = self.seed_gaps(s, rule, attack)
+        return None if gaps is None else sum(gaps) / len(gaps)
 
-    def worst_gap(self, settings: list[Setting], rule: Rule) -> float | None:
-        """The largest clean-minus-attacked gap; infinity if the rule cannot run somewhere
-        (it then meets no target there), None if there are no such settings."""
-        gaps = [self.gap(s, rule, a) for s in settings for a in self.attacks]
+    def worst_seed_gap(self, s: Setting, rule: Rule, attack: Attack) -> float | None:
+        gaps = self.seed_gaps(s, rule, attack)
+        return None if gaps is None else max(gaps)
+
+    def _seeds(self) -> list[int]:
+        return self.options.seed_list()
+
+    def worst_gap(
+        self, settings: list[Setting], rule: Rule, *, worst_seed: bool = False
+    ) -> float | None:
+        """The largest clean-minus-attacked gap (mean over seeds, or with ``worst_seed`` the
+        worst seed's); infinity if the rule cannot run somewhere (it then meets no target
+        there), None if there are no such settings."""
+        of = self.worst_seed_gap if worst_seed else self.gap
+        gaps = [of(s, rule, a) for s in settings for a in self.attacks]
         if not gaps:
             return None
         return math.inf if any(g is None for g in gaps) else max(gaps)
@@ -538,6 +579,8 @@ class Matrix:
             extra += f" p{hit['attackers_proven']}"
         if hit.get("honest_proven"):
             extra += f" FP{hit['honest_proven']}"
+        if self.options.seeds > 1:
+            extra += f" worst seed {_fmt_gap(self.worst_seed_gap(s, rule, attack))}"
         return f"{_fmt(hit['mean'])}/{_fmt(hit['min'])} {mark}{extra}"
 
     def rule_summary(self) -> str:
@@ -567,6 +610,28 @@ class Matrix:
                 f"{_fmt(sum(clean_cost) / len(clean_cost) if clean_cost else None, signed=True)} |"
             )
         return "\n".join(lines)
+
+
+def _combine(runs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One cell's runs over the seeds: the mean of the honest mean AUCs, the lowest honest
+    AUC of any seed, the counts summed (None if any seed is missing)."""
+    if not runs or any(r is None or r["mean"] is None for r in runs):
+        return None if not runs or any(r is None for r in runs) else {**runs[0], "mean": None}
+    if len(runs) == 1:
+        return runs[0]
+    mins = [r["min"] for r in runs if r["min"] is not None]
+    counts = (
+        "attackers_quarantined",
+        "honest_quarantined",
+        "attackers_proven",
+        "honest_proven",
+        "honest_too_far",
+    )
+    return {
+        "mean": sum(r["mean"] for r in runs) / len(runs),
+        "min": min(mins) if mins else None,
+        **{k: sum(r.get(k) or 0 for r in runs) for k in counts},
+    }
 
 
 def _key(options: dict[str, Any]) -> str:
@@ -642,12 +707,29 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="JSON-lines file of finished runs: reused, and appended to (resumable)",
     )
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="train every honest hospital with DP-SGD at this epsilon (default: no DP)",
+    )
+    parser.add_argument("--seeds", type=int, help="seeds per cell (default 3 with DP, else 1)")
+    parser.add_argument("--rule", action="append", help="only this rule label (repeatable)")
+    parser.add_argument("--attack", action="append", help="only this attack label (repeatable)")
     args = parser.parse_args(argv)
-    options = Options(rounds=args.rounds or (10 if args.quick else 20))
+    if args.dp_epsilon is not None and not args.dp_epsilon > 0:
+        parser.error(f"--dp-epsilon must be > 0, got {args.dp_epsilon}")
+    seeds = args.seeds or (3 if args.dp_epsilon is not None else 1)
+    if seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {seeds}")
+    options = Options(
+        rounds=args.rounds or (10 if args.quick else 20), seeds=seeds, dp_epsilon=args.dp_epsilon
+    )
     if args.quick:
         settings, attacks, rules = quick_matrix()
     else:
         settings, attacks, rules = full_settings(), ATTACKS, RULES
+    rules = _only(parser, "--rule", rules, args.rule)
+    attacks = _only(parser, "--attack", attacks, args.attack)
     matrix = Matrix(settings, attacks, rules, options)
     started = time.monotonic()
     matrix.run(args.jobs, args.engine, args.cache)
@@ -670,7 +752,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(verified))
     example = next(iter(matrix.commands.values()))
     print(
-        f"\n{len(matrix.results)} cells from {matrix.runs} network runs ({matrix.computed} run "
+        f"\n{len(matrix.results) // options.seeds} cells ({options.seeds} seed(s) each) from "
+        f"{matrix.runs} network runs ({matrix.computed} run "
         f"now in {seconds:.0f}s, the rest from --cache); each cell is e.g. `{example}`"
     )
 
@@ -683,21 +766,44 @@ def main(argv: list[str] | None = None) -> None:
         == max(t.fraction for t in settings if t.topology == "complete" and t.dataset == s.dataset)
     ]
     regular8 = [s for s in settings if s.topology == "regular:8"]
-    headline = {
+    dp = "" if options.dp_epsilon is None else f"_dp{options.dp_epsilon:g}"
+    headline: dict[str, Any] = {
         "default_rule": DEFAULT_RULE,
-        "worst_gap_complete_45": _round(matrix.worst_gap(complete_45, default)),
-        "worst_gap_regular8_25": _round(matrix.worst_gap(regular8, default)),
+        f"worst_gap_complete_45{dp}": _round(matrix.worst_gap(complete_45, default)),
+        f"worst_gap_regular8_25{dp}": _round(matrix.worst_gap(regular8, default)),
     }
+    if options.seeds > 1:
+        headline["seeds"] = options.seeds
+        headline[f"worst_seed_gap_complete_45{dp}"] = _round(
+            matrix.worst_gap(complete_45, default, worst_seed=True)
+        )
+        headline[f"worst_seed_gap_regular8_25{dp}"] = _round(
+            matrix.worst_gap(regular8, default, worst_seed=True)
+        )
     if args.write_docs:
         body = (
             f"Made by `{invocation}`: {matrix.runs} network runs of {options.rounds} rounds, "
-            f"learning rate {options.lr}, no DP, seed {options.seed}.\n\n"
+            f"learning rate {options.lr}, "
+            + ("no DP" if options.dp_epsilon is None else f"DP epsilon {options.dp_epsilon:g}")
+            + f", seeds {', '.join(map(str, options.seed_list()))}.\n\n"
             f"{summary}\n\n{tables}\n"
             + ("\n" + "\n".join(f"- {line}" for line in verified) + "\n" if verified else "")
             + f"\nHeadline: `{json.dumps(headline)}`\n"
         )
         write_docs(body)
     print(json.dumps(headline))
+
+
+def _only(parser: argparse.ArgumentParser, flag: str, items: tuple, wanted: list[str] | None):
+    """The items whose label is in ``wanted`` (all when not given); an unknown label is an
+    error naming the choices."""
+    if not wanted:
+        return items
+    labels = {item.label: item for item in items}
+    unknown = [w for w in wanted if w not in labels]
+    if unknown:
+        parser.error(f"{flag} {', '.join(unknown)}: choose from {', '.join(labels)}")
+    return tuple(labels[w] for w in wanted)
 
 
 def _round(x: float | None) -> float | str | None:
