@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 if TYPE_CHECKING:
-    from node.progress import Progress
+    from murmur.node.progress import Progress
 
 DEFAULT_MODEL = {
     "breast-cancer": "logreg",
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def apply_recipe(args: argparse.Namespace) -> None:
     """Fill every training option left out from the dataset's recipe (models/recipes.py)."""
-    from models.recipes import recipe_for
+    from murmur.models.recipes import recipe_for
 
     recipe = recipe_for(args.dataset, args.model, private=not args.no_dp)
     args.model = recipe.model
@@ -281,7 +281,7 @@ def check_adversary_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error("--attack and --attack-param need --byzantine K (K >= 1 attackers)")
         args.attack_params = {}
         return
-    from gossip.attacks import ATTACKS, attack_params  # imports torch: only when attacking
+    from murmur.gossip.attacks import ATTACKS, attack_params  # imports torch: only when attacking
 
     if not args.attack:
         parser.error(f"--byzantine needs --attack NAME; attacks: {', '.join(ATTACKS)}")
@@ -316,7 +316,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def hospital_names(args: argparse.Namespace) -> list[str]:
-    from models.data import load_dataset
+    from murmur.models.data import load_dataset
 
     splits = load_dataset(args.dataset, **dataset_kwargs(args))
     return [s.name for s in splits]
@@ -346,9 +346,9 @@ def parse_aggregator(text: str) -> tuple[str, int]:
 
 def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodeProcess], Any]:
     """Keys, topology and one TOML config per hospital."""
-    from crypto.identity import generate_identity, save_identity
-    from gossip.feasibility import check_feasibility
-    from topologies.graphs import build_topology
+    from murmur.crypto.identity import generate_identity, save_identity
+    from murmur.gossip.feasibility import check_feasibility
+    from murmur.topologies.graphs import build_topology
 
     honest_names = hospital_names(args)
     attackers = [f"byzantine_{i}" for i in range(args.byzantine)]
@@ -546,7 +546,7 @@ async def start_node(node: NodeProcess) -> None:
     node.process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "node.cli",
+        "murmur.node.cli",
         "node",
         "--config",
         str(node.config_path),
@@ -613,8 +613,8 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
 def live_progress(args: argparse.Namespace) -> Progress:
     """A table per hospital redrawn in place when stdout is a terminal; otherwise
     `progress_line` once per change, so logs and CI stay line-based (node/progress.py)."""
-    from node.alerts import AlertSettings
-    from node.progress import Progress
+    from murmur.node.alerts import AlertSettings
+    from murmur.node.progress import Progress
 
     settings = AlertSettings(round_timeout_s=args.round_timeout)
     return Progress(sys.stdout, args.rounds, settings, lambda ns: progress_line(ns, args.rounds))
@@ -698,9 +698,9 @@ def build_report(
 ) -> dict[str, Any]:
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
-    from models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
-    from node.report import FINISHED_PHASES, hospital_warnings
-    from node.report_extras import PERSONAL_FIELDS
+    from murmur.models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
+    from murmur.node.report import FINISHED_PHASES, hospital_warnings
+    from murmur.node.report_extras import PERSONAL_FIELDS
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []
@@ -859,9 +859,9 @@ async def run(args: argparse.Namespace) -> int:
     report = build_report(args, nodes, topology, seconds, cut_short)
     report["whole_test"] = whole_test_section(nodes)
     if want_baselines(args):
-        from models.baselines import run_baselines
-        from models.privacy import DPConfig
-        from models.training import TrainingSettings
+        from murmur.models.baselines import run_baselines
+        from murmur.models.privacy import DPConfig
+        from murmur.models.training import TrainingSettings
 
         model = args.model or DEFAULT_MODEL[args.dataset]
         settings = TrainingSettings(
@@ -891,7 +891,7 @@ async def run(args: argparse.Namespace) -> int:
     elif report["failed"] or report["interrupted"]:
         report["exit_code"] = 1
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    from node.report import summary_table, write_html_report
+    from murmur.node.report import summary_table, write_html_report
 
     html = write_html_report(report, run_dir)
     print()
@@ -937,7 +937,7 @@ def run_warnings(args: argparse.Namespace, hospitals: list[dict[str, Any]]) -> l
 def margin_over_local(report: dict[str, Any], private: bool) -> dict[str, Any] | None:
     """murmur's mean AUC margin over local-only training (at the same ε under DP), with and
     without hospitals that have no local model (models/uncertainty.py)."""
-    from models.uncertainty import federation_margins
+    from murmur.models.uncertainty import federation_margins
 
     kind = "local_dp" if private and "local_dp" in report["baselines"] else "local"
     honest = [h for h in report["hospitals"] if not h["byzantine"]]
@@ -948,7 +948,7 @@ def margin_over_local(report: dict[str, Any], private: bool) -> dict[str, Any] |
 def whole_test_section(nodes: list[NodeProcess]) -> dict[str, Any]:
     """Each honest hospital's final model scored on every hospital's test rows together (for
     medmnist: the whole official test split); node/report_extras.py."""
-    from node.report_extras import whole_test_auc
+    from murmur.node.report_extras import whole_test_auc
 
     try:
         per_node = whole_test_auc([n.config_path for n in nodes if not n.byzantine])
@@ -975,7 +975,7 @@ def dataset_kwargs_for(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the network; a data set that cannot be loaded ends it with one line, exit 2."""
-    from models.data import DataError
+    from murmur.models.data import DataError
 
     args = parse_args(argv)
     try:

@@ -25,13 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, generate_identity
-from gossip.wire import EnvelopeOpener, ModelUpdate, ReplayGuard, build_envelope
-from models.params import model_spec, state_sha256
-from node.audit import AUDIT_FILE, AuditLog, verify
-from node.checkpoint import NodeCheckpoint, save_checkpoint
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.gossip.wire import EnvelopeOpener, ModelUpdate, ReplayGuard, build_envelope
+from murmur.models.params import model_spec, state_sha256
+from murmur.node.audit import AUDIT_FILE, AuditLog, verify
+from murmur.node.checkpoint import NodeCheckpoint, save_checkpoint
 
 NEIGHBOURS = 8
 TARGET_FRACTION = 0.02

@@ -60,14 +60,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from murmur.crypto.allowlist import Peer  # noqa: E402
+from murmur.crypto.identity import Identity  # noqa: E402
+from murmur.gossip.aggregation import min_inputs  # noqa: E402
+from murmur.gossip.probe import Contact  # noqa: E402
+from murmur.gossip.transport import SendResult  # noqa: E402
+from murmur.gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
+from murmur.node.audit import AuditError  # noqa: E402
+
 import run_cluster  # noqa: E402
-from crypto.allowlist import Peer  # noqa: E402
-from crypto.identity import Identity  # noqa: E402
-from gossip.aggregation import min_inputs  # noqa: E402
-from gossip.probe import Contact  # noqa: E402
-from gossip.transport import SendResult  # noqa: E402
-from gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
-from node.audit import AuditError  # noqa: E402
 
 TARGET_GAP = 0.03
 DEFAULT_RULE = "clipping"
@@ -194,7 +195,7 @@ class Options:
 
 def local_f(setting: Setting, seed: int) -> int:
     """The most Byzantine neighbours any honest node has (attackers are the last K nodes)."""
-    from topologies.graphs import build_topology
+    from murmur.topologies.graphs import build_topology
 
     n = setting.honest + setting.byzantine
     topology = build_topology(setting.topology, n, seed=seed)
@@ -204,7 +205,7 @@ def local_f(setting: Setting, seed: int) -> int:
 
 
 def min_degree(topology: str, n: int, seed: int) -> int:
-    from topologies.graphs import build_topology
+    from murmur.topologies.graphs import build_topology
 
     built = build_topology(topology, n, seed=seed)
     return min(built.degree(i) for i in range(n))
@@ -333,8 +334,8 @@ async def run_nodes_in_process(
     timing and equals the multi-process run's (``--verify`` checks this). Returns run_cluster's
     report and the nodes (their audit logs closed), for tests that look inside them.
     """
-    from node.config import load_config
-    from node.node import HospitalNode
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
 
     nodes, topology = run_cluster.write_network(args, run_dir)
     started = time.monotonic()

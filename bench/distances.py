@@ -28,12 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from murmur.gossip import aggregation
+from murmur.gossip.aggregation import _BLOCK_COLUMNS as GRAM_BLOCK  # the block the Gram pass used
+from murmur.gossip.aggregation import AGGREGATORS, _column_blocks, _pairwise_squared_distances
+from murmur.node.threads import limit_numeric_threads
 from threadpoolctl import threadpool_limits
-
-from gossip import aggregation
-from gossip.aggregation import _BLOCK_COLUMNS as GRAM_BLOCK  # the block the Gram pass used
-from gossip.aggregation import AGGREGATORS, _column_blocks, _pairwise_squared_distances
-from node.threads import limit_numeric_threads
 
 NEIGHBOURS = 16
 MODEL = 1_000_000

@@ -24,10 +24,9 @@ import statistics
 import time
 
 import torch
-
-from models.nets import build_model, count_parameters
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings
+from murmur.models.nets import build_model, count_parameters
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings
 
 MODELS = {"mlp": (13,), "cnn": (1, 28, 28)}
 

@@ -42,16 +42,16 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiohttp import web
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.gossip.nats_link import NatsLink
+from murmur.gossip.relay import RelayTransport
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.wire import EnvelopeOpener, ModelUpdate, build_envelope
+from murmur.node.relay_inbox import RelayInbox
+from murmur.node.tls import private_key_pem, selfsigned
 
 from bench.round import make_state
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, generate_identity
-from gossip.nats_link import NatsLink
-from gossip.relay import RelayTransport
-from gossip.transport import PeerTransport
-from gossip.wire import EnvelopeOpener, ModelUpdate, build_envelope
-from node.relay_inbox import RelayInbox
-from node.tls import private_key_pem, selfsigned
 from tests.relayutil import NATS_SERVER, Broker
 
 K = 8
@@ -234,7 +234,7 @@ def broker_rss(hospitals: int, megabytes: int) -> float:
 
 
 async def _fill(broker: Broker, sender: Identity, recipients: list[Identity], mb: int) -> None:
-    from gossip.relay import nkey_of, stored_subject
+    from murmur.gossip.relay import nkey_of, stored_subject
 
     async with NatsLink("r", broker.url, sender) as link:
         await link.connect()

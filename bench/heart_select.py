@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.data import load_dataset
-from models.nets import build_model
-from models.optimizers import ServerOptimizer, ServerOptimizerSettings
-from models.params import flatten, get_state, set_state, unflatten
-from models.training import LocalTrainer, TrainingSettings, predict_proba
+from murmur.models.data import load_dataset
+from murmur.models.nets import build_model
+from murmur.models.optimizers import ServerOptimizer, ServerOptimizerSettings
+from murmur.models.params import flatten, get_state, set_state, unflatten
+from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
 
 SEEDS = (42, 43, 44, 45, 46)
 ROUNDS = 20
@@ -114,7 +114,7 @@ def validation_accuracy(candidate: Candidate, seed: int) -> float:
 
 def choose(verbose: bool = True) -> Candidate:
     """The candidate with the best mean validation accuracy (ties: the earlier, simpler one)."""
-    logging.getLogger("models.data").setLevel(logging.ERROR)  # Switzerland's one class, 30x
+    logging.getLogger("murmur.models.data").setLevel(logging.ERROR)  # Switzerland's one class, 30x
     scores = {}
     for candidate in CANDIDATES:
         scores[candidate] = statistics.fmean(validation_accuracy(candidate, s) for s in SEEDS)

@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.data import load_dataset, resolved_data_path
-from models.metrics import roc_auc
-from models.nets import build_model
-from models.params import get_state, set_state
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, predict_proba
+from murmur.models.data import load_dataset, resolved_data_path
+from murmur.models.metrics import roc_auc
+from murmur.models.nets import build_model
+from murmur.models.params import get_state, set_state
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
 
 
 def validation_split() -> tuple[np.ndarray, np.ndarray]:

@@ -107,16 +107,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import murmur.models.privacy as privacy
+import murmur.models.training as training
 import numpy as np
 import torch
+from murmur.models.data import load_dataset
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings
 from scipy import special, stats
 from torch import nn
-
-import models.privacy as privacy
-import models.training as training
-from models.data import load_dataset
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings
 
 SIGNIFICANCE = 0.05
 """1 - confidence of every bound (95%, as in the paper)."""

@@ -38,14 +38,13 @@ from collections.abc import Callable
 import nacl.bindings
 import numpy as np
 from aiohttp import web
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.aggregation import AGGREGATORS
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.wire import EnvelopeOpener, ModelUpdate, _encode_body, build_envelope
+from murmur.node.threads import limit_numeric_threads
 from threadpoolctl import threadpool_limits
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity
-from gossip.aggregation import AGGREGATORS
-from gossip.transport import PeerTransport
-from gossip.wire import EnvelopeOpener, ModelUpdate, _encode_body, build_envelope
-from node.threads import limit_numeric_threads
 
 SIZES = {"100k": 100_000, "1M": 1_000_000}
 NEIGHBOURS = (4, 8, 16)

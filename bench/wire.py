@@ -37,10 +37,15 @@ from typing import Any
 
 import nacl.bindings
 import numpy as np
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity
-from gossip.wire import EnvelopeOpener, ModelUpdate, ReplayGuard, _encode_body, build_envelope
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.wire import (
+    EnvelopeOpener,
+    ModelUpdate,
+    ReplayGuard,
+    _encode_body,
+    build_envelope,
+)
 
 SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
 RECIPIENT_COUNTS = (1, 8)
@@ -197,9 +202,10 @@ def refusal_cpu(size: int = 16 * 2**20, requests: int = 20) -> dict[str, float]:
     with a broken signature (``bad``), without and with ``Expect: 100-continue``; and of a
     ``GET /health`` (``health``), which any request costs. Also ``answers``: the status
     lines seen (all must be 401)."""
-    from crypto.identity import load_identity
-    from gossip.auth import AUTH_HEADER, request_headers
-    from node.api import start_api
+    from murmur.crypto.identity import load_identity
+    from murmur.gossip.auth import AUTH_HEADER, request_headers
+    from murmur.node.api import start_api
+
     from tests.netutil import build_node
 
     tmp = Path(tempfile.mkdtemp(prefix="murmur-refusal-"))

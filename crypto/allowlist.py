@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crypto.identity import (
+from murmur.crypto.identity import (
     IdentityError,
     check_name,
     check_public_key,

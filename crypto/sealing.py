@@ -41,9 +41,8 @@ from functools import lru_cache
 
 import nacl.bindings
 import nacl.exceptions
+from murmur.crypto.identity import Identity
 from nacl.public import Box, PrivateKey, PublicKey
-
-from crypto.identity import Identity
 
 BODY_KEY_BYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_KEYBYTES  # 32
 NONCE_BYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from crypto.identity import Identity, generate_identity
-from gossip.receipts import AuditHead, EquivocationProof, Receipt
-from gossip.wire import (
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.gossip.receipts import AuditHead, EquivocationProof, Receipt
+from murmur.gossip.wire import (
     DEFAULT_MAX_PROOFS,
     PROTOCOL_VERSION,
     ModelUpdate,

@@ -44,22 +44,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from crypto.allowlist import Peer
-from crypto.identity import Identity, generate_identity
-from gossip.abuse import (
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.gossip.abuse import (
     forged_evidence,
     impersonated_envelope,
     malformed_messages,
     outsider_envelope,
     oversize_message,
 )
-from gossip.receipts import AuditHead, no_audit_head
-from gossip.wire import (
+from murmur.gossip.receipts import AuditHead, no_audit_head
+from murmur.gossip.wire import (
     ModelUpdate,
     build_envelope,
 )
-from models.params import ModelState, flatten, state_sha256, unflatten
+from murmur.models.params import ModelState, flatten, state_sha256, unflatten
 
 # --------------------------------------------------------------------------- the attack table
 

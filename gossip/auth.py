@@ -48,9 +48,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, verify_signature
-from gossip.wire import PROTOCOL_VERSION
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, verify_signature
+from murmur.gossip.wire import PROTOCOL_VERSION
 
 AUTH_HEADER = "Murmur-Auth"
 AUTH_VERSION = PROTOCOL_VERSION

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from gossip.aggregation import AGGREGATORS, min_inputs
+from murmur.gossip.aggregation import AGGREGATORS, min_inputs
 
 if TYPE_CHECKING:
-    from topologies.graphs import Topology
+    from murmur.topologies.graphs import Topology
 
 
 def check_node(name: str, degree: int, rule: str, f: int) -> str | None:
@@ -75,7 +75,7 @@ def check_feasibility(
             f"unknown aggregation rule {rule!r}: choose one of {', '.join(AGGREGATORS)}"
         )
     # Imported here so a node, which only calls check_node, never loads networkx.
-    from topologies.graphs import Topology
+    from murmur.topologies.graphs import Topology
 
     if isinstance(topology, Topology):
         neighbours = topology.neighbour_lists()

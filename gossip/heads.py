@@ -34,9 +34,8 @@ from enum import StrEnum
 from typing import Any
 
 import msgpack
-
-from crypto.identity import Identity, verify_signature
-from crypto.sealing import (
+from murmur.crypto.identity import Identity, verify_signature
+from murmur.crypto.sealing import (
     COMMITMENT_BYTES,
     EPHEMERAL_KEY_BYTES,
     NONCE_BYTES,
@@ -46,7 +45,13 @@ from crypto.sealing import (
     seal,
     unseal,
 )
-from gossip.receipts import KEY_BYTES, MAX_RECEIPT_BYTES, SIGNATURE_BYTES, Receipt, ReceiptError
+from murmur.gossip.receipts import (
+    KEY_BYTES,
+    MAX_RECEIPT_BYTES,
+    SIGNATURE_BYTES,
+    Receipt,
+    ReceiptError,
+)
 
 REQUEST_VERSION = 4  # the protocol version this exchange belongs to
 REQUEST_DOMAIN = b"murmur-receipts-request\x00"

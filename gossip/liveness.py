@@ -25,7 +25,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gossip.probe import Contact, Reach
+from murmur.gossip.probe import Contact, Reach
 
 
 @dataclass

@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any
 import nats
 import nats.errors
 import nats.js.errors
-
-from crypto.identity import Identity
-from gossip.relay import (
+from murmur.crypto.identity import Identity
+from murmur.gossip.relay import (
     CONSUMER,
     inbox_prefix,
     live_subject,
@@ -44,8 +43,8 @@ from gossip.relay import (
 )
 
 if TYPE_CHECKING:
-    from gossip.relay import RelayTransport
-    from node.relay_inbox import RelayInbox
+    from murmur.gossip.relay import RelayTransport
+    from murmur.node.relay_inbox import RelayInbox
 
 log = logging.getLogger("murmur.relay")
 
@@ -172,7 +171,7 @@ class NatsLink:
         if result is None or not self.connected:
             return
         message_id, answer = result
-        from gossip.relay import answer_headers
+        from murmur.gossip.relay import answer_headers
 
         try:
             await self.nc.publish(

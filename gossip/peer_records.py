@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, verify_signature
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, verify_signature
 
 DOMAIN = b"murmur-peer-record-v1\x00"
 MAX_TTL_S = 7 * 24 * 3600

@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, verify_signature
-from gossip.wire import RejectReason, WireError
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, verify_signature
+from murmur.gossip.wire import RejectReason, WireError
 
 PROBE_MAGIC = b"MRMPROBE"
 PROBE_VERSION = 1

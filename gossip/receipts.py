@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from crypto.identity import verify_signature
+from murmur.crypto.identity import verify_signature
 
 SIGNATURE_DOMAIN = b"murmur-envelope\x00"
 HEAD_DOMAIN = b"murmur-envelope-head\x00"

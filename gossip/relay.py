@@ -44,13 +44,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import nkeys
-
-from crypto.allowlist import Peer
-from crypto.identity import Identity
-from gossip.auth import request_headers
-from gossip.heads import REQUEST_CONTENT_TYPE
-from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
-from gossip.transport import (
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.auth import request_headers
+from murmur.gossip.heads import REQUEST_CONTENT_TYPE
+from murmur.gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
+from murmur.gossip.transport import (
     ENVELOPE_CONTENT_TYPE,
     MAX_REPLY_BYTES,
     RECORDS_CONTENT_TYPE,

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import nkeys
+from murmur.gossip.relay import CONSUMER, nkey_of, relay_permissions, stream_name
 from nacl.signing import SigningKey
-
-from gossip.relay import CONSUMER, nkey_of, relay_permissions, stream_name
 
 ACCOUNT = "MURMUR"
 MB = 1024 * 1024
@@ -117,7 +116,7 @@ def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
 
 def write_broker_config(plan: BrokerPlan, out: Path) -> tuple[Path, Path]:
     """Write OUT (the broker config) and OUT.admin.nk (0600, the admin seed); returns both."""
-    from crypto.identity import _write_file
+    from murmur.crypto.identity import _write_file
 
     seed_path = out.with_name(out.name + ".admin.nk")
     if seed_path.exists():

@@ -21,11 +21,11 @@ import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
-from crypto.allowlist import Peer
-from crypto.identity import Identity
-from gossip.peer_records import RecordBook
-from gossip.probe import Contact, Reach
-from gossip.transport import SendResult, Transport
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.peer_records import RecordBook
+from murmur.gossip.probe import Contact, Reach
+from murmur.gossip.transport import SendResult, Transport
 
 T = TypeVar("T")
 

@@ -32,13 +32,12 @@ from typing import Any, Protocol
 
 import aiohttp
 import yarl
-
-from crypto.allowlist import Peer
-from crypto.certs import server_key_matches
-from crypto.identity import Identity
-from gossip.auth import request_headers
-from gossip.heads import REQUEST_CONTENT_TYPE
-from gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.certs import server_key_matches
+from murmur.crypto.identity import Identity
+from murmur.gossip.auth import request_headers
+from murmur.gossip.heads import REQUEST_CONTENT_TYPE
+from murmur.gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 
 log = logging.getLogger("murmur.transport")
 

@@ -27,17 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from models.data import HospitalSplit, load_dataset
-from models.metrics import (
+from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.metrics import (
     DP_DEFAULT_THRESHOLD,
     REPORTED_METRICS,
     SURVIVAL_METRICS,
     UNCERTAINTY_METRICS,
 )
-from models.nets import build_model
-from models.privacy import DPConfig, PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, evaluate
+from murmur.models.nets import build_model
+from murmur.models.privacy import DPConfig, PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, evaluate
 
 
 def run_baselines(
@@ -69,7 +68,7 @@ def run_baselines(
         "pooled": pooled_baseline(splits, model_name, model_params, training, rounds, seed),
     }
     if splits[0].task == "classification":
-        from models.reference import reference_baseline  # imports scikit-learn
+        from murmur.models.reference import reference_baseline  # imports scikit-learn
 
         result["reference"] = reference_baseline(splits, seed)
     if dp is not None:

@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from models.identifiers import identifier_columns
-from models.splitting import train_test_rows
-from models.vocabulary import (
+from murmur.models.identifiers import identifier_columns
+from murmur.models.splitting import train_test_rows
+from murmur.models.vocabulary import (
     VocabularyError,
     indicator_names,
     one_hot,
@@ -206,7 +205,7 @@ class HospitalSplit:
 
 
 def _check_survival(name: str, part: str, y: np.ndarray) -> None:
-    from models.survival import check_survival_labels
+    from murmur.models.survival import check_survival_labels
 
     try:
         check_survival_labels(y, f"{part} labels")
@@ -285,7 +284,7 @@ def load_dataset(
             path if path is not None else default_data_path(name), preprocessing=preprocessing
         )
     if name == "tcga-brca":
-        from models.tcga import load_tcga_brca
+        from murmur.models.tcga import load_tcga_brca
 
         return load_tcga_brca(path if path is not None else default_data_path(name))
     if name == "medmnist":

@@ -10,8 +10,7 @@ trained model (on Fed-Heart-Disease it does at two of the four sites; see docs/d
 from __future__ import annotations
 
 import numpy as np
-
-from models.uncertainty import calibration, delong_interval, delong_variance
+from murmur.models.uncertainty import calibration, delong_interval, delong_variance
 
 MetricValue = float | int | None
 

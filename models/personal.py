@@ -26,11 +26,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from murmur.models.params import get_state, set_state
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, evaluate
 from torch import nn
-
-from models.params import get_state, set_state
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, evaluate
 
 PERSONALIZATION_METHODS: tuple[str, ...] = ("none", "ditto")
 

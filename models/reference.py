@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from models.data import HospitalSplit
-from models.metrics import clinical_metrics
-from models.training import choose_threshold
+from murmur.models.data import HospitalSplit
+from murmur.models.metrics import clinical_metrics
+from murmur.models.training import choose_threshold
 
 C_GRID = 20
 FOLDS = 5

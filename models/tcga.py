@@ -20,8 +20,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-
-from models.data import DataError, HospitalSplit
+from murmur.models.data import DataError, HospitalSplit
 
 FEATURES = 39
 AGE_COLUMN = "age_at_index"

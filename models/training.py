@@ -23,13 +23,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.optim.sgd import sgd as sgd_update
-
-from models import privacy
-from models.augment import AUGMENTATIONS, augment_batch
-from models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
-from models.survival import (
+from murmur.models import privacy
+from murmur.models.augment import AUGMENTATIONS, augment_batch
+from murmur.models.privacy import BudgetExhausted, DPSGDGradient, PerSampleLoss, PrivacyLedger
+from murmur.models.survival import (
     SURVIVAL_LOSSES,
     check_survival_labels,
     is_survival_labels,
@@ -37,6 +34,8 @@ from models.survival import (
     predict_risk,
     survival_metrics,
 )
+from torch import nn
+from torch.optim.sgd import sgd as sgd_update
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
@@ -477,7 +476,7 @@ def evaluate(
     one training patient's score, so the majority baseline is the test split's own
     (docs/privacy.md). Every node and every baseline evaluates through this one function.
     """
-    from models.metrics import clinical_metrics  # metrics imports no torch; kept local
+    from murmur.models.metrics import clinical_metrics  # metrics imports no torch; kept local
 
     if is_survival_labels(y_test):  # survival: Harrell's C of the risk score, no threshold
         return survival_metrics(y_test, predict_risk(model, x_test))

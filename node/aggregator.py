@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
-from gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
-from models.params import flatten, state_sha256, unflatten
-from node.audit import AuditLog
-from node.config import NodeConfig
-from node.metrics import NodeMetrics
-from node.receiver import ReceivedUpdate
-from node.state import NodeState
+from murmur.gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
+from murmur.gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
+from murmur.models.params import flatten, state_sha256, unflatten
+from murmur.node.audit import AuditLog
+from murmur.node.config import NodeConfig
+from murmur.node.metrics import NodeMetrics
+from murmur.node.receiver import ReceivedUpdate
+from murmur.node.state import NodeState
 
 log = logging.getLogger("murmur.node")
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from node.audit import AuditRecord
-from node.wording import EXCLUSION_MEANINGS, names, number
+from murmur.node.audit import AuditRecord
+from murmur.node.wording import EXCLUSION_MEANINGS, names, number
 
 BUDGET_WARN_FRACTION = 0.8
 SILENT_ROUNDS = 3

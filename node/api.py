@@ -47,9 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError, HttpVersion11
-
-from crypto.allowlist import Peer
-from gossip.auth import (
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.auth import (
     AUTH_HEADER,
     AuthError,
     PeerAllowance,
@@ -57,18 +56,18 @@ from gossip.auth import (
     RequestAuth,
     RequestAuthenticator,
 )
-from gossip.heads import REQUEST_BYTES
-from gossip.peer_records import MAX_RECORDS_BYTES
-from gossip.probe import PROBE_BYTES
-from node.config import NodeConfig, OperatorSection, is_loopback, split_listen
-from node.dashboard import alerts, audit_recent, dashboard
-from node.records import records_route
-from node.rejections import RateLimitedLog, printable
-from node.rollback import receipts_route
-from node.tls import peer_listener_tls
+from murmur.gossip.heads import REQUEST_BYTES
+from murmur.gossip.peer_records import MAX_RECORDS_BYTES
+from murmur.gossip.probe import PROBE_BYTES
+from murmur.node.config import NodeConfig, OperatorSection, is_loopback, split_listen
+from murmur.node.dashboard import alerts, audit_recent, dashboard
+from murmur.node.records import records_route
+from murmur.node.rejections import RateLimitedLog, printable
+from murmur.node.rollback import receipts_route
+from murmur.node.tls import peer_listener_tls
 
 if TYPE_CHECKING:
-    from node.served import ServedNode
+    from murmur.node.served import ServedNode
 
 log = logging.getLogger("murmur.api")
 

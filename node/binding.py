@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
+    from murmur.node.config import NodeConfig
 
 # Deliberately not bound: peers (addresses, keys, degrees), node.listen, node.key_file's path,
 # data.path and data.reference (the rows, scaled, are bound through the fingerprint, wherever

@@ -22,20 +22,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from gossip.attacks import Adversary, attack_rng, flip_labels
-from gossip.receipts import AuditHead
-from gossip.rounds import RoundInbox
-from gossip.transport import PeerTransport
-from models.data import HospitalSplit
-from node.audit import AuditLog
-from node.config import NodeConfig
-from node.receiver import ReceivedUpdate
-from node.sharing import Sender
-from node.state import NodeState
+from murmur.gossip.attacks import Adversary, attack_rng, flip_labels
+from murmur.gossip.receipts import AuditHead
+from murmur.gossip.rounds import RoundInbox
+from murmur.gossip.transport import PeerTransport
+from murmur.models.data import HospitalSplit
+from murmur.node.audit import AuditLog
+from murmur.node.config import NodeConfig
+from murmur.node.receiver import ReceivedUpdate
+from murmur.node.sharing import Sender
+from murmur.node.state import NodeState
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.node")
 

@@ -24,10 +24,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
-from node.audit import AuditError, audit_db_path, prior_activity
-from node.binding import binding_problem
-from node.durable import atomic_write
+from murmur.node.audit import AuditError, audit_db_path, prior_activity
+from murmur.node.binding import binding_problem
+from murmur.node.durable import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.murmur"
 MAGIC = b"MURMURCK"

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="murmur", description="Peer-to-peer federated learning for hospitals."
     )
-    from node import __version__
+    from murmur.node import __version__
 
     parser.add_argument("--version", action="version", version=f"murmur {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument("--force", action="store_true", help="overwrite existing files")
 
-    from node.relay_cli import add_relay_parser
+    from murmur.node.relay_cli import add_relay_parser
 
     add_relay_parser(sub)
 
@@ -153,23 +153,23 @@ def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "keygen":
-        from crypto.identity import keygen_command
+        from murmur.crypto.identity import keygen_command
 
         return keygen_command(args.name, args.out, force=args.force)
     if args.command == "key":
         return show_key(args.path)
     if args.command == "config":
-        from node.config_check import config_check_command
+        from murmur.node.config_check import config_check_command
 
         return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
     if args.command == "tls-selfsigned":
-        from node.tls import tls_selfsigned_command
+        from murmur.node.tls import tls_selfsigned_command
 
         return tls_selfsigned_command(args.key, args.out, args.host, args.force)
     if args.command == "relay":
-        from node.relay_cli import relay_command
+        from murmur.node.relay_cli import relay_command
 
         return relay_command(args)
     return run_audit(args)
@@ -177,7 +177,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def show_key(path: str) -> int:
     """Name, public key and fingerprint: what operators read to each other to admit a peer."""
-    from crypto.identity import fingerprint, load_identity, load_public_key
+    from murmur.crypto.identity import fingerprint, load_identity, load_public_key
 
     if Path(path).suffix == ".key":
         identity = load_identity(path)
@@ -192,8 +192,8 @@ def show_key(path: str) -> int:
 
 
 def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
-    from node.config import ConfigError, load_config
-    from node.logs import LOG_FORMAT, configure_logging
+    from murmur.node.config import ConfigError, load_config
+    from murmur.node.logs import LOG_FORMAT, configure_logging
 
     try:
         config = load_config(config_path)
@@ -202,9 +202,9 @@ def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging, log_level)
-    from node.checkpoint import CheckpointError
-    from node.durable import StateLock, StateLockError
-    from node.node import HospitalNode, StartupError
+    from murmur.node.checkpoint import CheckpointError
+    from murmur.node.durable import StateLock, StateLockError
+    from murmur.node.node import HospitalNode, StartupError
 
     try:
         # One process per state directory, for the whole life of this one: taken before the
@@ -220,17 +220,17 @@ def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from node import audit
+    from murmur.node import audit
 
     if args.audit_command in ("verify", "report"):
         key = None
         if args.public_key:
-            from crypto.identity import load_public_key
+            from murmur.crypto.identity import load_public_key
 
             key = load_public_key(args.public_key)
         peer_heads, warnings = None, []
         if args.peer_heads:
-            from node.peer_heads import load_peer_heads
+            from murmur.node.peer_heads import load_peer_heads
 
             try:
                 peer_heads, warnings = load_peer_heads(args.peer_heads, key, args.state)
@@ -238,7 +238,7 @@ def run_audit(args: argparse.Namespace) -> int:
                 print(f"audit {args.audit_command}: {exc}")
                 return 2
         if args.audit_command == "report":
-            from node.compliance import report_command
+            from murmur.node.compliance import report_command
 
             return report_command(
                 args.state,
@@ -253,7 +253,7 @@ def run_audit(args: argparse.Namespace) -> int:
             print(f"warning: {warning}")
         return audit.verify_command(args.state, key, peer_heads=peer_heads)
     if args.audit_command == "heads":
-        from node.peer_heads import heads_command
+        from murmur.node.peer_heads import heads_command
 
         if args.out:
             with open(args.out, "w") as fh:

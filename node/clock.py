@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gossip.transport import ClockReading
+from murmur.gossip.transport import ClockReading
 
 UNKNOWN = "unknown"
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gossip.trust import TrustSettings
-from models.metrics import DP_DEFAULT_THRESHOLD
-from models.optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
-from node.net_config import RelaySection, TlsSection, check_network
+from murmur.gossip.trust import TrustSettings
+from murmur.models.metrics import DP_DEFAULT_THRESHOLD
+from murmur.models.optimizers import SERVER_OPTIMIZERS, ServerOptimizerSettings
+from murmur.node.net_config import RelaySection, TlsSection, check_network
 
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
@@ -466,7 +466,7 @@ class AggregationSection:
     params: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from gossip.aggregation import AGGREGATORS
+        from murmur.gossip.aggregation import AGGREGATORS
 
         _require(
             self.rule in AGGREGATORS,
@@ -670,7 +670,7 @@ class AdversarySection:
     def validate(self) -> None:
         if not self.enabled:
             return
-        from gossip.attacks import ATTACKS, attack_params
+        from murmur.gossip.attacks import ATTACKS, attack_params
 
         _require(
             self.attack in ATTACKS,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crypto.identity import IdentityError, fingerprint, load_identity, load_public_key
-from node.config import ConfigError, NodeConfig, load_config, split_listen
+from murmur.crypto.identity import IdentityError, fingerprint, load_identity, load_public_key
+from murmur.node.config import ConfigError, NodeConfig, load_config, split_listen
 
 # Fields every node of one study must share, with why (printed beside a mismatch).
 SHARED_FIELDS: tuple[tuple[str, str], ...] = (

@@ -28,13 +28,12 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-
-from node.alerts import AlertSettings, evaluate
-from node.audit import AuditRecord, last_records
-from node.wording import REASON_MEANINGS, describe_record
+from murmur.node.alerts import AlertSettings, evaluate
+from murmur.node.audit import AuditRecord, last_records
+from murmur.node.wording import REASON_MEANINGS, describe_record
 
 if TYPE_CHECKING:
-    from node.served import ServedNode
+    from murmur.node.served import ServedNode
 
 DEFAULT_RECENT = 20
 MAX_RECENT = 200
@@ -266,7 +265,7 @@ DASHBOARD_CSP = (
 
 
 def _node(request: web.Request) -> ServedNode:
-    from node.api import NODE_KEY  # node.api imports this module for its route table
+    from murmur.node.api import NODE_KEY  # node.api imports this module for its route table
 
     return request.app[NODE_KEY]
 

@@ -15,12 +15,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from crypto.allowlist import Allowlist
-from gossip.receipts import EquivocationProof, Receipt, ReceiptBook
-from gossip.trust import TrustTracker
-from gossip.wire import DEFAULT_MAX_PROOFS, ModelUpdate
-from node.audit import AuditLog
-from node.metrics import NodeMetrics
+from murmur.crypto.allowlist import Allowlist
+from murmur.gossip.receipts import EquivocationProof, Receipt, ReceiptBook
+from murmur.gossip.trust import TrustTracker
+from murmur.gossip.wire import DEFAULT_MAX_PROOFS, ModelUpdate
+from murmur.node.audit import AuditLog
+from murmur.node.metrics import NodeMetrics
 
 log = logging.getLogger("murmur.node")
 

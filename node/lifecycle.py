@@ -16,12 +16,12 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
-from gossip.feasibility import check_min_neighbours, check_node
-from node import __version__
-from node.state import StartupError
+from murmur.gossip.feasibility import check_min_neighbours, check_node
+from murmur.node import __version__
+from murmur.node.state import StartupError
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.node")
 
@@ -101,7 +101,7 @@ def finished_already(node: HospitalNode) -> str | None:
 async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
     """Serve the peer and operator listeners and run the planned rounds; returns the
     process exit status."""
-    from node.api import operator_token, start_api
+    from murmur.node.api import operator_token, start_api
 
     check_feasibility(node)
     token = operator_token(node.config)  # a readable token file stops the node here
@@ -147,7 +147,7 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     """Check for a rollback, then run the rounds, watching the parent process meanwhile. The
     transport stays open for the whole run, serving included: through a relay, this node is
     reached only while its relay connections are up (node/paths.py)."""
-    from node.paths import open_transport
+    from murmur.node.paths import open_transport
 
     finished = asyncio.Event()
     async with open_transport(node) as transport:

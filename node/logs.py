@@ -10,7 +10,7 @@ import logging
 import logging.handlers
 import sys
 
-from node.config import LoggingSection
+from murmur.node.config import LoggingSection
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 

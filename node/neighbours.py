@@ -15,17 +15,17 @@ import logging
 import time
 from collections.abc import Collection
 
-from crypto.allowlist import Peer
-from crypto.identity import Identity
-from gossip.feasibility import default_min_neighbours
-from gossip.liveness import LivenessChange, PeerLiveness
-from gossip.probe import Contact, Reach, build_probe
-from gossip.transport import PeerTransport
-from gossip.trust import TrustTracker
-from node.audit import AuditLog
-from node.config import NodeConfig
-from node.metrics import NodeMetrics
-from node.state import NodeState
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.feasibility import default_min_neighbours
+from murmur.gossip.liveness import LivenessChange, PeerLiveness
+from murmur.gossip.probe import Contact, Reach, build_probe
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.trust import TrustTracker
+from murmur.node.audit import AuditLog
+from murmur.node.config import NodeConfig
+from murmur.node.metrics import NodeMetrics
+from murmur.node.state import NodeState
 
 log = logging.getLogger("murmur.node")
 

@@ -22,7 +22,7 @@ _RELAY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _fail(where: str, problem: str, fix: str) -> NoReturn:
-    from node.config import ConfigError  # node.config imports this module
+    from murmur.node.config import ConfigError  # node.config imports this module
 
     raise ConfigError(f"{where} {problem}; fix: {fix}")
 

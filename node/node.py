@@ -24,37 +24,37 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, load_identity, load_public_key
-from gossip.attacks import Adversary
-from gossip.peer_records import RecordBook
-from gossip.receipts import AuditHead, ReceiptBook
-from gossip.rounds import CatchUp, RoundInbox
-from gossip.transport import Transport
-from gossip.trust import TrustTracker
-from gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_max_message_bytes
-from models.data import HospitalSplit
-from models.params import state_sha256
-from models.privacy import PrivacyLedger
-from node import byzantine, lifecycle
-from node.aggregator import RoundAggregator
-from node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
-from node.binding import config_binding, data_fingerprint
-from node.checkpoint import NodeCheckpoint
-from node.clock import ClockReport
-from node.config import NodeConfig
-from node.evidence import EvidenceBook
-from node.metrics import NodeMetrics
-from node.neighbours import NeighbourWatch
-from node.persistence import SIGNED_ROUND_FILE, NodeStore
-from node.receiver import ReceivedUpdate, Receiver
-from node.rejections import RateLimitedLog
-from node.rollback import RollbackGuard, RolledBackError
-from node.rounds import RoundCoordinator
-from node.sharing import HonestSharing, Sender
-from node.state import NodeState, RoundRecord, StartupError
-from node.study import Study, load_own_data
-from node.threads import limit_numeric_threads
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, load_identity, load_public_key
+from murmur.gossip.attacks import Adversary
+from murmur.gossip.peer_records import RecordBook
+from murmur.gossip.receipts import AuditHead, ReceiptBook
+from murmur.gossip.rounds import CatchUp, RoundInbox
+from murmur.gossip.transport import Transport
+from murmur.gossip.trust import TrustTracker
+from murmur.gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_max_message_bytes
+from murmur.models.data import HospitalSplit
+from murmur.models.params import state_sha256
+from murmur.models.privacy import PrivacyLedger
+from murmur.node import byzantine, lifecycle
+from murmur.node.aggregator import RoundAggregator
+from murmur.node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
+from murmur.node.binding import config_binding, data_fingerprint
+from murmur.node.checkpoint import NodeCheckpoint
+from murmur.node.clock import ClockReport
+from murmur.node.config import NodeConfig
+from murmur.node.evidence import EvidenceBook
+from murmur.node.metrics import NodeMetrics
+from murmur.node.neighbours import NeighbourWatch
+from murmur.node.persistence import SIGNED_ROUND_FILE, NodeStore
+from murmur.node.receiver import ReceivedUpdate, Receiver
+from murmur.node.rejections import RateLimitedLog
+from murmur.node.rollback import RollbackGuard, RolledBackError
+from murmur.node.rounds import RoundCoordinator
+from murmur.node.sharing import HonestSharing, Sender
+from murmur.node.state import NodeState, RoundRecord, StartupError
+from murmur.node.study import Study, load_own_data
+from murmur.node.threads import limit_numeric_threads
 
 __all__ = [
     "SIGNED_ROUND_FILE",

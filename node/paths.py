@@ -15,14 +15,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from gossip.routing import RoutedTransport
-from gossip.transport import PeerTransport
-from node.background import running
-from node.records import exchange_records
-from node.tls import client_tls
+from murmur.gossip.routing import RoutedTransport
+from murmur.gossip.transport import PeerTransport
+from murmur.node.background import running
+from murmur.node.records import exchange_records
+from murmur.node.tls import client_tls
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from murmur.node.node import HospitalNode
 
 
 @contextlib.asynccontextmanager
@@ -41,7 +41,7 @@ async def open_transport(node: HospitalNode) -> AsyncIterator[RoutedTransport]:
         )
         relays = {}
         if config.relays:
-            from node.relay_inbox import open_relays  # imports nats only when used
+            from murmur.node.relay_inbox import open_relays  # imports nats only when used
 
             relays = await stack.enter_async_context(open_relays(node))
         transport = RoutedTransport(direct, relays, node.record_book)

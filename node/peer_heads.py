@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from gossip.receipts import Receipt, ReceiptError
-from node.audit import (
+from murmur.gossip.receipts import Receipt, ReceiptError
+from murmur.node.audit import (
     AuditError,
     PeerHead,
     records_of_kind,
@@ -32,7 +32,7 @@ _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def _read_checkpoint_heads(state_dir: Path) -> list[Receipt]:
-    from node.checkpoint import CheckpointError, checkpoint_path, decode_checkpoint
+    from murmur.node.checkpoint import CheckpointError, checkpoint_path, decode_checkpoint
 
     path = checkpoint_path(state_dir)
     if not path.is_file():

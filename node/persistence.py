@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
-from node.durable import atomic_write
-from node.state import StartupError
+from murmur.node.checkpoint import NodeCheckpoint, load_checkpoint, save_checkpoint
+from murmur.node.durable import atomic_write
+from murmur.node.state import StartupError
 
 SIGNED_ROUND_FILE = "signed_round.json"
 PRIVACY_INTENT_FILE = "privacy_intent.json"

@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
-from node.alerts import AlertSettings, evaluate
-from node.wording import number
+from murmur.node.alerts import AlertSettings, evaluate
+from murmur.node.wording import number
 
 BAR_WIDTH = 20
 _UP = "\x1b[{}F"  # cursor to the start of the line n lines up

@@ -20,19 +20,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity
-from gossip.probe import check_probe
-from gossip.receipts import Receipt
-from gossip.rounds import InboxVerdict, RoundInbox
-from gossip.wire import HTTP_STATUS, EnvelopeOpener, OpenedEnvelope, RejectReason, WireError
-from models.params import state_sha256
-from node.audit import AuditLog
-from node.evidence import EvidenceBook
-from node.metrics import NodeMetrics
-from node.rejections import RateLimitedLog, RejectionTally, printable
-from node.rollback import RollbackGuard
-from node.state import NodeState
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.probe import check_probe
+from murmur.gossip.receipts import Receipt
+from murmur.gossip.rounds import InboxVerdict, RoundInbox
+from murmur.gossip.wire import HTTP_STATUS, EnvelopeOpener, OpenedEnvelope, RejectReason, WireError
+from murmur.models.params import state_sha256
+from murmur.node.audit import AuditLog
+from murmur.node.evidence import EvidenceBook
+from murmur.node.metrics import NodeMetrics
+from murmur.node.rejections import RateLimitedLog, RejectionTally, printable
+from murmur.node.rollback import RollbackGuard
+from murmur.node.state import NodeState
 
 log = logging.getLogger("murmur.node")
 

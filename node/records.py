@@ -15,13 +15,12 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-
-from crypto.allowlist import Peer
-from gossip.peer_records import PeerRecord, RecordError, decode_records, encode_records
-from gossip.transport import RecordsTransport
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.peer_records import PeerRecord, RecordError, decode_records, encode_records
+from murmur.gossip.transport import RecordsTransport
 
 if TYPE_CHECKING:
-    from node.node import HospitalNode
+    from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.records")
 
@@ -52,7 +51,7 @@ def answer_records(node: HospitalNode, body: bytes, sender: Peer) -> tuple[int, 
 
 async def records_route(request: web.Request) -> web.Response:
     """`POST /records`, added with node.api.add_peer_route (authenticated, size-capped)."""
-    from node.api import NODE_KEY, authenticated_peer, read_peer_body
+    from murmur.node.api import NODE_KEY, authenticated_peer, read_peer_body
 
     body = await read_peer_body(request)
     if isinstance(body, web.Response):

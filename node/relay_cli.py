@@ -14,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from gossip.relay_broker import MB, BrokerPlan, broker_config, new_admin_seed, write_broker_config
+from murmur.gossip.relay_broker import (
+    MB,
+    BrokerPlan,
+    broker_config,
+    new_admin_seed,
+    write_broker_config,
+)
 
 
 def add_relay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,7 +60,7 @@ def add_relay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def plan_from(args: argparse.Namespace) -> BrokerPlan:
-    from crypto.identity import load_public_key
+    from murmur.crypto.identity import load_public_key
 
     hospitals: dict[str, bytes] = {}
     for path in args.pub:
@@ -101,7 +107,7 @@ def find_nats_server() -> str | None:
 
 def run_broker(conf: Path, seed: Path, plan: BrokerPlan) -> int:
     """Run nats-server with ``conf`` until SIGTERM or SIGINT, after provisioning streams."""
-    from gossip.relay_broker import provision
+    from murmur.gossip.relay_broker import provision
 
     binary = find_nats_server()
     if binary is None:

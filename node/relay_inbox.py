@@ -30,17 +30,23 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from crypto.allowlist import Peer
-from gossip.auth import AuthError, PeerAllowance, PeerLimiter, RequestAuth, RequestAuthenticator
-from gossip.heads import REQUEST_BYTES
-from gossip.peer_records import MAX_RECORDS_BYTES
-from gossip.probe import PROBE_BYTES
-from gossip.relay import Frame, FrameError, RelayTransport, nkey_of
-from node.background import running
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.auth import (
+    AuthError,
+    PeerAllowance,
+    PeerLimiter,
+    RequestAuth,
+    RequestAuthenticator,
+)
+from murmur.gossip.heads import REQUEST_BYTES
+from murmur.gossip.peer_records import MAX_RECORDS_BYTES
+from murmur.gossip.probe import PROBE_BYTES
+from murmur.gossip.relay import Frame, FrameError, RelayTransport, nkey_of
+from murmur.node.background import running
 
 if TYPE_CHECKING:
-    from gossip.nats_link import NatsLink
-    from node.node import HospitalNode
+    from murmur.gossip.nats_link import NatsLink
+    from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.relay")
 
@@ -184,7 +190,7 @@ class RelayInbox:
             status, reason = node.answer_probe(body, peer.public_key)
             return Answer(status, json.dumps({"reason": reason}).encode())
         if path == "/records":
-            from node.records import answer_records
+            from murmur.node.records import answer_records
 
             status, reason = answer_records(node, body, peer)
             return Answer(status, json.dumps({"reason": reason}).encode())
@@ -197,7 +203,7 @@ async def open_relays(node: HospitalNode) -> AsyncIterator[dict[str, RelayTransp
     """Connect to every `[[relays]]` broker (retrying in the background while one is down),
     deliver what comes through them to one ``RelayInbox``, and yield a ``RelayTransport``
     per relay name for sending."""
-    from gossip.nats_link import NatsLink  # nats is imported only by nodes with relays
+    from murmur.gossip.nats_link import NatsLink  # nats is imported only by nodes with relays
 
     config = node.config
     listener = config.peer_listener

@@ -22,9 +22,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from node.report_extras import PERSONAL_HEADINGS, personal_rows
-from node.report_sections import (
+from murmur.node.report_extras import PERSONAL_HEADINGS, personal_rows
+from murmur.node.report_sections import (
     RELIABILITY_PLOT,
     baseline_cell,
     is_survival,

@@ -24,13 +24,13 @@ PERSONAL_FIELDS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specifici
 
 def whole_test_auc(config_paths: Sequence[Path]) -> dict[str, float | None]:
     """node name -> AUC of its final checkpointed model on all nodes' test rows together."""
-    from models.data import load_dataset
-    from models.metrics import roc_auc
-    from models.nets import build_model
-    from models.params import set_state
-    from models.training import predict_proba
-    from node.checkpoint import checkpoint_path, decode_checkpoint
-    from node.config import load_config
+    from murmur.models.data import load_dataset
+    from murmur.models.metrics import roc_auc
+    from murmur.models.nets import build_model
+    from murmur.models.params import set_state
+    from murmur.models.training import predict_proba
+    from murmur.node.checkpoint import checkpoint_path, decode_checkpoint
+    from murmur.node.config import load_config
 
     results: dict[str, float | None] = {}
     cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}

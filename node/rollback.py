@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity
-from gossip.heads import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.heads import (
     ANSWER_CONTENT_TYPE,
     MAX_ANSWER_BYTES,
     HeadBook,
@@ -48,18 +47,18 @@ from gossip.heads import (
     open_receipts_answer,
     seal_receipts_answer,
 )
-from gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt
-from gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason
-from node.audit import (
+from murmur.gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt
+from murmur.gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason
+from murmur.node.audit import (
     HEAD_BEYOND_END,
     HEAD_MISMATCH,
     AuditLog,
     last_seq_of_kind,
     records_of_kind,
 )
-from node.config import GossipSection
-from node.metrics import NodeMetrics
-from node.rejections import RateLimitedLog, printable
+from murmur.node.config import GossipSection
+from murmur.node.metrics import NodeMetrics
+from murmur.node.rejections import RateLimitedLog, printable
 
 log = logging.getLogger("murmur.rollback")
 
@@ -83,7 +82,7 @@ async def receipts_route(request: web.Request) -> web.Response:
     requester inside must be the peer that signed the request (``sender_mismatch``). Every
     refusal is answered with its reason code.
     """
-    from node.api import NODE_KEY, authenticated_peer, read_peer_body  # node.api imports us
+    from murmur.node.api import NODE_KEY, authenticated_peer, read_peer_body  # node.api imports us
 
     body = await read_peer_body(request)
     if isinstance(body, web.Response):
@@ -453,7 +452,7 @@ class RollbackGuard:
         if not self.peers:
             return
         if transport is None:
-            from gossip.transport import PeerTransport
+            from murmur.gossip.transport import PeerTransport
 
             async with PeerTransport(
                 identity=self.identity,

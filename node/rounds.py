@@ -22,23 +22,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
-
-from gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
-from gossip.transport import Transport
-from gossip.trust import TrustTracker
-from models.params import state_sha256
-from models.privacy import BudgetExhausted
-from node.aggregator import RoundAggregator
-from node.audit import AuditLog
-from node.config import NodeConfig
-from node.evidence import EvidenceBook
-from node.metrics import NodeMetrics
-from node.neighbours import NeighbourWatch
-from node.persistence import NodeStore
-from node.receiver import ReceivedUpdate, Receiver
-from node.sharing import Sharing
-from node.state import NodeState, RoundRecord
-from node.study import Study
+from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
+from murmur.gossip.transport import Transport
+from murmur.gossip.trust import TrustTracker
+from murmur.models.params import state_sha256
+from murmur.models.privacy import BudgetExhausted
+from murmur.node.aggregator import RoundAggregator
+from murmur.node.audit import AuditLog
+from murmur.node.config import NodeConfig
+from murmur.node.evidence import EvidenceBook
+from murmur.node.metrics import NodeMetrics
+from murmur.node.neighbours import NeighbourWatch
+from murmur.node.persistence import NodeStore
+from murmur.node.receiver import ReceivedUpdate, Receiver
+from murmur.node.sharing import Sharing
+from murmur.node.state import NodeState, RoundRecord
+from murmur.node.study import Study
 
 log = logging.getLogger("murmur.node")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity
-from gossip.wire import WireLimits
-from node.config import NodeConfig
-from node.metrics import NodeMetrics
-from node.rejections import RateLimitedLog
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.wire import WireLimits
+from murmur.node.config import NodeConfig
+from murmur.node.metrics import NodeMetrics
+from murmur.node.rejections import RateLimitedLog
 
 
 class AuditFile(Protocol):

@@ -16,17 +16,16 @@ from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
-
-from crypto.allowlist import Peer
-from crypto.identity import Identity
-from gossip.probe import Contact
-from gossip.receipts import AuditHead
-from gossip.transport import PeerTransport
-from gossip.wire import ModelUpdate, build_envelope
-from node.audit import AuditLog
-from node.evidence import EvidenceBook
-from node.metrics import NodeMetrics
-from node.state import NodeState
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.probe import Contact
+from murmur.gossip.receipts import AuditHead
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.node.audit import AuditLog
+from murmur.node.evidence import EvidenceBook
+from murmur.node.metrics import NodeMetrics
+from murmur.node.state import NodeState
 
 State = dict[str, np.ndarray]
 

@@ -12,17 +12,16 @@ import logging
 from typing import Any
 
 import numpy as np
-
-from models.data import HospitalSplit, load_dataset, resolved_data_path
-from models.nets import build_model
-from models.optimizers import ServerOptimizer
-from models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
-from models.personal import PersonalModel
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, evaluate
-from node.checkpoint import NodeCheckpoint
-from node.config import NodeConfig
-from node.state import StartupError
+from murmur.models.data import HospitalSplit, load_dataset, resolved_data_path
+from murmur.models.nets import build_model
+from murmur.models.optimizers import ServerOptimizer
+from murmur.models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
+from murmur.models.personal import PersonalModel
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, evaluate
+from murmur.node.checkpoint import NodeCheckpoint
+from murmur.node.config import NodeConfig
+from murmur.node.state import StartupError
 
 log = logging.getLogger("murmur.node")
 

@@ -28,12 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
-
-from crypto.certs import certificate_key
-from crypto.identity import Identity, _write_file, load_identity
+from murmur.crypto.certs import certificate_key
+from murmur.crypto.identity import Identity, _write_file, load_identity
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
+    from murmur.node.config import NodeConfig
 
 log = logging.getLogger("murmur.tls")
 
@@ -100,7 +99,7 @@ def peer_listener_tls(config: NodeConfig) -> ssl.SSLContext | None:
     """The peer listener's server context, None without `[tls]`; warns about a waiver."""
     tls = config.tls
     if not tls.enabled:
-        from node.config import is_loopback, split_listen
+        from murmur.node.config import is_loopback, split_listen
 
         host, _ = split_listen(config.node.listen)
         if tls.allow_plaintext and not is_loopback(host):
@@ -118,7 +117,7 @@ def peer_listener_tls(config: NodeConfig) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except (ssl.SSLError, OSError) as exc:
-        from node.config import ConfigError
+        from murmur.node.config import ConfigError
 
         raise ConfigError(
             f"tls.cert/tls.key: cannot load {tls.cert} with {tls.key} ({exc}); fix: point them "
@@ -134,8 +133,8 @@ def peer_listener_tls(config: NodeConfig) -> ssl.SSLContext | None:
 
 def _check_peer_cert(path: Path, config: NodeConfig) -> None:
     """A pinned client certificate must be for a key this node admits."""
-    from crypto.identity import load_public_key
-    from node.config import ConfigError
+    from murmur.crypto.identity import load_public_key
+    from murmur.node.config import ConfigError
 
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from node.audit import AuditRecord
+from murmur.node.audit import AuditRecord
 
 # Why a message was refused: the wire's reason codes (gossip/wire/format.py RejectReason), the
 # inbox's verdicts (gossip/rounds.py), the HTTP layer's (node/api.py HttpReason), rollback.

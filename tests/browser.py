@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from node.compliance import find_chromium
+from murmur.node.compliance import find_chromium
 
 # Set to a directory to also save the screenshots docs/ shows (docs/console.md).
 SCREENSHOT_DIR = os.environ.get("MURMUR_SCREENSHOT_DIR")

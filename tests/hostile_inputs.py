@@ -60,14 +60,14 @@ import aiohttp
 import msgpack
 import numpy as np
 from aiohttp import web
+from murmur.crypto.identity import Identity, generate_identity, load_identity
+from murmur.gossip.auth import AUTH_HEADER, request_headers
+from murmur.gossip.rounds import InboxVerdict
+from murmur.gossip.wire import ModelUpdate, RejectReason, build_envelope, peek_envelope
+from murmur.node.api import TOO_LARGE, HttpReason
+from murmur.node.audit import counts_by_kind, records_of_kind
 
 import run_cluster
-from crypto.identity import Identity, generate_identity, load_identity
-from gossip.auth import AUTH_HEADER, request_headers
-from gossip.rounds import InboxVerdict
-from gossip.wire import ModelUpdate, RejectReason, build_envelope, peek_envelope
-from node.api import TOO_LARGE, HttpReason
-from node.audit import counts_by_kind, records_of_kind
 from tests.netutil import Network, make_network
 from tests.test_wire import resign
 

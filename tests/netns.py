@@ -130,7 +130,7 @@ def wait_round(net: Any, name: str, round_: int, timeout_s: float = 120) -> None
 
 
 def _murmur(argv: list[str]) -> int:
-    from node.cli import main
+    from murmur.node.cli import main
 
     return main(argv)
 
@@ -173,7 +173,7 @@ def start_on_host(net: Any, lab: Lab, name: str) -> subprocess.Popen:
             *lab.prefix(name),
             sys.executable,
             "-m",
-            "node.cli",
+            "murmur.node.cli",
             "node",
             "--config",
             str(node.config_path),

@@ -44,7 +44,15 @@ class Network:
         node.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(node.log_path, "ab")  # noqa: SIM115 - closed after Popen duplicates it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "node", "--config", str(node.config_path), *extra],
+            [
+                sys.executable,
+                "-m",
+                "murmur.node.cli",
+                "node",
+                "--config",
+                str(node.config_path),
+                *extra,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -118,8 +126,8 @@ def build_node(tmp_path: Path, nodes: int = 2, **sections: dict[str, Any]) -> An
     process with both listeners on free loopback ports; `sections` edit its config first.
     Start its listeners with `await node.api.start_api(node)`; no round runs. The peers'
     keys are in `tmp_path / "keys"`."""
-    from node.config import load_config
-    from node.node import HospitalNode
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
 
     net = make_network(tmp_path, "--nodes", str(nodes), "--no-dp", "--aggregator", "mean")
     name = net.nodes[0].name

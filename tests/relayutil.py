@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from gossip.relay import RelayTransport, answer_headers, nkey_of, reply_subject
-from gossip.relay_broker import BrokerPlan, provision, write_broker_config
-from node.relay_cli import find_nats_server
-from node.relay_inbox import RelayInbox
+from murmur.gossip.relay import RelayTransport, answer_headers, nkey_of, reply_subject
+from murmur.gossip.relay_broker import BrokerPlan, provision, write_broker_config
+from murmur.node.relay_cli import find_nats_server
+from murmur.node.relay_inbox import RelayInbox
 
 NATS_SERVER = find_nats_server()
 needs_nats = pytest.mark.skipif(
@@ -198,7 +197,16 @@ def start_relay_cli(
     from tests.netutil import REPO
 
     tmp.mkdir(parents=True, exist_ok=True)
-    args = [*(prefix or []), sys.executable, "-m", "node.cli", "relay", "run", "--listen", listen]
+    args = [
+        *(prefix or []),
+        sys.executable,
+        "-m",
+        "murmur.node.cli",
+        "relay",
+        "run",
+        "--listen",
+        listen,
+    ]
     args += ["--store", str(tmp / "store"), "--out", str(tmp / "broker.conf")]
     for pub in pubs:
         args += ["--pub", str(pub)]

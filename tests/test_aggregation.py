@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gossip import aggregation as agg
-from gossip.aggregation import (
+from murmur.gossip import aggregation as agg
+from murmur.gossip.aggregation import (
     AGGREGATORS,
     clipping,
     distances_to,

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.node.alerts import AlertSettings, evaluate
+from murmur.node.audit import AuditRecord
+from murmur.node.wording import describe_record, number, reason_meaning
 
-from node.alerts import AlertSettings, evaluate
-from node.audit import AuditRecord
-from node.wording import describe_record, number, reason_meaning
 from tests.test_http import TOKEN, get, running
 
 SETTINGS = AlertSettings(round_timeout_s=10.0, timestamp_window_s=300.0, low_trust=0.5)

@@ -8,17 +8,16 @@ import statistics
 
 import numpy as np
 import pytest
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity
-from gossip.abuse import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.abuse import (
     impersonated_envelope,
     malformed_messages,
     outsider_envelope,
     oversize_message,
 )
-from gossip.aggregation import mean as gossip_mean
-from gossip.attacks import (
+from murmur.gossip.aggregation import mean as gossip_mean
+from murmur.gossip.attacks import (
     ATTACKS,
     MODEL_ATTACKS,
     PROTOCOL_ATTACKS,
@@ -36,8 +35,8 @@ from gossip.attacks import (
     scaled_boost,
     sign_flip,
 )
-from gossip.receipts import EquivocationProof
-from gossip.wire import (
+from murmur.gossip.receipts import EquivocationProof
+from murmur.gossip.wire import (
     EnvelopeOpener,
     ModelUpdate,
     RejectReason,
@@ -45,8 +44,8 @@ from gossip.wire import (
     build_envelope,
     peek_envelope,
 )
-from models.params import flatten
-from node.config import ConfigError, parse_config
+from murmur.models.params import flatten
+from murmur.node.config import ConfigError, parse_config
 
 ATTACKER = generate_identity("byzantine_0")
 ALICE = generate_identity("alice")

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from crypto.identity import Identity, generate_identity
-from node.audit import (
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.node.audit import (
     AUDIT_FILE,
     RECORD_TAG,
     AuditError,
@@ -422,8 +421,8 @@ def test_status_reads_never_fail_during_heavy_logging(tmp_path: Path, identity: 
 _KILLED_WRITER = """
 import sys
 from nacl.signing import SigningKey
-from crypto.identity import Identity
-from node.audit import AuditLog
+from murmur.crypto.identity import Identity
+from murmur.node.audit import AuditLog
 log = AuditLog(sys.argv[1], Identity("hospital_a", SigningKey(bytes.fromhex(sys.argv[2]))))
 r = 0
 while True:
@@ -565,7 +564,7 @@ def test_an_ambiguous_or_too_short_prefix_is_refused_not_guessed(state: Path) ->
     assert lineage_command(state, sha("agg3")[:5], out) == 2  # five characters: too short
     assert "at least 6 hex characters" in out.getvalue()
     # Two logged hashes sharing a 6-character prefix are rare; build the ambiguity directly.
-    from node.audit import AuditError, _resolve_model_hash
+    from murmur.node.audit import AuditError, _resolve_model_hash
 
     records = [
         type("R", (), {"fields": {"result_sha256": "abcdef" + "0" * 58}})(),

@@ -8,10 +8,9 @@ import hashlib
 import struct
 
 import pytest
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity
-from gossip.auth import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.auth import (
     AUTH_BYTES,
     AUTH_HEADER,
     AUTH_TEXT_CHARS,
@@ -24,7 +23,7 @@ from gossip.auth import (
     RequestAuthenticator,
     request_headers,
 )
-from gossip.wire import PROTOCOL_VERSION
+from murmur.gossip.wire import PROTOCOL_VERSION
 
 ALICE = generate_identity("alice")  # admitted sender
 BOB = generate_identity("bob")  # the receiving node

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import murmur.models.baselines as baselines
 import numpy as np
 import pytest
-
-import models.baselines as baselines
-from models.data import HospitalSplit, load_dataset
-from models.training import LocalTrainer, TrainingSettings
+from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.training import LocalTrainer, TrainingSettings
 
 DATASET: dict[str, Any] = {"name": "breast-cancer", "num_hospitals": 3, "seed": 0}
 ROUNDS = 3

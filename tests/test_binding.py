@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.node.binding import BOUND_FIELDS, binding_problem, config_binding
+from murmur.node.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    decode_checkpoint,
+    save_checkpoint,
+)
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode
 
 import run_cluster
 from bench.byzantine import MemoryTransport
-from node.binding import BOUND_FIELDS, binding_problem, config_binding
-from node.checkpoint import CheckpointError, checkpoint_path, decode_checkpoint, save_checkpoint
-from node.config import load_config
-from node.node import HospitalNode
 from tests.netutil import Network, make_network
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.gossip.receipts import EquivocationProof
+from murmur.node.audit import records_of_kind
+from murmur.node.config import load_config
+from murmur.node.node import SIGNED_ROUND_FILE, HospitalNode
 
 import run_cluster
 from bench.byzantine import MemoryTransport
-from gossip.receipts import EquivocationProof
-from node.audit import records_of_kind
-from node.config import load_config
-from node.node import SIGNED_ROUND_FILE, HospitalNode
 from tests.netutil import run_in_process
 
 COMMON = [

@@ -245,7 +245,7 @@ def _wait_for_phase(net: Network, name: str, phase: str) -> None:
 def _audit_records(state_dir: Path) -> list[dict]:
     """The node's audit log as `murmur audit export --format json` writes it."""
     out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "audit", "export", "--state", str(state_dir)],
+        [sys.executable, "-m", "murmur.node.cli", "audit", "export", "--state", str(state_dir)],
         capture_output=True,
         text=True,
         check=True,

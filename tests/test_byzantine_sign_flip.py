@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.node.audit import records_of_kind
 
-from node.audit import records_of_kind
 from tests.netutil import run_in_process
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from crypto.identity import Identity, generate_identity
-from node.audit import AUDIT_FILE, AuditLog, verify
-from node.checkpoint import (
+from murmur.crypto.identity import Identity, generate_identity
+from murmur.node.audit import AUDIT_FILE, AuditLog, verify
+from murmur.node.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
     NodeCheckpoint,
@@ -179,9 +178,9 @@ import sys
 from pathlib import Path
 import numpy as np
 from nacl.signing import SigningKey
-from crypto.identity import Identity
-from node.audit import AuditLog
-from node.checkpoint import NodeCheckpoint, save_checkpoint
+from murmur.crypto.identity import Identity
+from murmur.node.audit import AuditLog
+from murmur.node.checkpoint import NodeCheckpoint, save_checkpoint
 state = Path(sys.argv[1])
 identity = Identity("hospital_a", SigningKey(bytes.fromhex(sys.argv[2])))
 log = AuditLog(state / "audit.sqlite", identity)

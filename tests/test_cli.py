@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.cli import main
+from murmur.node.cli import main
+
 from tests.netutil import REPO
 
 
@@ -23,7 +24,7 @@ def test_keygen_writes_a_private_key_only_the_owner_can_read(tmp_path: Path, cap
 def run_node(config: Path) -> subprocess.CompletedProcess[str]:
     """`murmur node --config CONFIG` as a separate process, as an operator starts it."""
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "--config", str(config)],
+        [sys.executable, "-m", "murmur.node.cli", "node", "--config", str(config)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -63,8 +64,7 @@ def test_audit_verify_on_a_directory_without_a_log_fails(tmp_path: Path) -> None
 
 def test_version_key_show_and_no_traceback_on_a_missing_key_file(tmp_path: Path, capsys) -> None:
     import pytest
-
-    from node import __version__
+    from murmur.node import __version__
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])
@@ -81,7 +81,7 @@ def test_version_key_show_and_no_traceback_on_a_missing_key_file(tmp_path: Path,
     assert fingerprint in capsys.readouterr().out
     # A missing file is one line and exit 2, not a traceback (issue: audit verify did that).
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "audit", "verify", "--state", str(tmp_path),
+        [sys.executable, "-m", "murmur.node.cli", "audit", "verify", "--state", str(tmp_path),
          "--public-key", str(tmp_path / "missing.pub")],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

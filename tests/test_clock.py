@@ -10,11 +10,12 @@ import re
 import time
 from pathlib import Path
 
-from crypto.allowlist import Peer
-from gossip.transport import ClockState, ClockWatch, PeerTransport
-from gossip.wire import ModelUpdate, build_envelope
-from node.alerts import AlertSettings, evaluate
-from node.audit import records_of_kind
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.transport import ClockState, ClockWatch, PeerTransport
+from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.node.alerts import AlertSettings, evaluate
+from murmur.node.audit import records_of_kind
+
 from tests.test_http import _template, running
 
 WINDOW = 300.0
@@ -63,8 +64,8 @@ async def test_a_neighbour_refusing_a_skewed_node_shows_in_status_alerts_and_aud
     requests as unauthenticated. hospital_1's own /status, metrics, alerts and audit log say
     which neighbour refuses it and by how much; three refused sends make one record; fixing
     the clock makes one more, then a skew past half the window a warning."""
-    from node.config import load_config
-    from node.node import HospitalNode
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
 
     async with running(tmp_path) as (receiver, api):
         node = HospitalNode(load_config(tmp_path / "configs" / "hospital_1.toml"))

@@ -50,7 +50,7 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and "node.cli" in cmdline:
+        if ppid == pid and "murmur.node.cli" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -91,8 +91,7 @@ def status_round(run_dir: Path, name: str) -> int:
 def assert_no_patient_values_in_audit_logs(run_dir: Path, names: list[str]) -> None:
     """Scan every node's audit database, byte for byte, for any feature value of its patients."""
     import numpy as np
-
-    from models.data import load_dataset
+    from murmur.models.data import load_dataset
 
     splits = {s.name: s for s in load_dataset("breast-cancer", num_hospitals=len(names), seed=0)}
     raw = np.concatenate([s.x_train for s in splits.values()]).ravel()
@@ -246,7 +245,7 @@ def test_a_node_killed_mid_run_restarts_without_re_spending_privacy(tmp_path: Pa
     assert rounds == sorted(set(rounds)), rounds  # no round recorded twice
     verify = subprocess.run(
         [
-            sys.executable, "-m", "node.cli", "audit", "verify",
+            sys.executable, "-m", "murmur.node.cli", "audit", "verify",
             "--state", str(tmp_path / "nodes" / victim),
             "--public-key", str(tmp_path / "keys" / f"{victim}.pub"),
         ],

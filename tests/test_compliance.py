@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.crypto.identity import fingerprint, generate_identity, load_identity, load_public_key
+from murmur.node.audit import AUDIT_FILE, AuditLog, records_of_kind
+from murmur.node.cli import main
+from murmur.node.compliance import build_report, find_chromium, render_html, summary_paragraph
+from murmur.node.config import load_config
+from murmur.node.peer_heads import heads_command
 
-from crypto.identity import fingerprint, generate_identity, load_identity, load_public_key
-from node.audit import AUDIT_FILE, AuditLog, records_of_kind
-from node.cli import main
-from node.compliance import build_report, find_chromium, render_html, summary_paragraph
-from node.config import load_config
-from node.peer_heads import heads_command
 from tests.browser import browser, console_errors, require_browser, save_screenshot
 from tests.netutil import run_in_process
 
@@ -191,7 +191,7 @@ def test_the_reports_render_in_a_browser(run: tuple[Path, dict[str, Any]], state
     """The compliance report and run_cluster's report.html load in Chromium with no console
     error (so the compliance report's CSP admits its own style), and report.html's plots load."""
     require_browser()
-    from node.report import write_html_report
+    from murmur.node.report import write_html_report
 
     run_dir, cluster = run
     out = state.parent / "compliance.html"

@@ -21,15 +21,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity
+from murmur.gossip.probe import Contact
+from murmur.gossip.transport import SendResult
+from murmur.node.api import operator_token, start_api
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode
 
 from bench.byzantine import MemoryTransport
-from crypto.allowlist import Peer
-from crypto.identity import Identity
-from gossip.probe import Contact
-from gossip.transport import SendResult
-from node.api import operator_token, start_api
-from node.config import load_config
-from node.node import HospitalNode
 from tests.browser import browser, console_errors, require_browser, save_screenshot
 from tests.netutil import make_network
 

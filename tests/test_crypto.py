@@ -7,12 +7,11 @@ import hashlib
 import os
 import stat
 
+import murmur.crypto.sealing as sealing
 import nacl.bindings
 import pytest
-
-import crypto.sealing as sealing
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import (
     IdentityError,
     fingerprint,
     generate_identity,
@@ -22,7 +21,7 @@ from crypto.identity import (
     save_identity,
     verify_signature,
 )
-from crypto.sealing import SealingError, seal, unseal
+from murmur.crypto.sealing import SealingError, seal, unseal
 
 
 def mode_of(path) -> int:

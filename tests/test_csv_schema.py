@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from murmur.models.data import DataError, load_dataset
 
-from models.data import DataError, load_dataset
 from tests.test_data import REFERENCE_ROWS, clinic_rows, write_csv, write_reference
 
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from models import data
-from models.data import (
+from murmur.models import data
+from murmur.models.data import (
     MIN_ROWS_PER_HOSPITAL,
     DataError,
     HospitalSplit,

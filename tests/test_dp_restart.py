@@ -24,21 +24,21 @@ import signal
 import sys
 from pathlib import Path
 
+import murmur.node as node_package
 import numpy as np
 import pytest
 from aiohttp import ClientSession, ClientTimeout, web
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity, save_identity
+from murmur.gossip.auth import request_headers
+from murmur.gossip.probe import check_probe
+from murmur.gossip.wire import EnvelopeOpener, ModelUpdate, WireLimits, build_envelope
+from murmur.models.data import load_dataset
+from murmur.models.nets import build_model
+from murmur.models.params import flatten, get_state, model_spec
+from murmur.node.checkpoint import load_checkpoint
 
-import node as node_package
 import run_cluster
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity, save_identity
-from gossip.auth import request_headers
-from gossip.probe import check_probe
-from gossip.wire import EnvelopeOpener, ModelUpdate, WireLimits, build_envelope
-from models.data import load_dataset
-from models.nets import build_model
-from models.params import flatten, get_state, model_spec
-from node.checkpoint import load_checkpoint
 
 # The repository whose node is started: the one this test imports (so the test can be pointed
 # at another checkout to show the old behaviour).
@@ -103,7 +103,7 @@ async def start_node(config: Path, log: Path) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "node.cli",
+            "murmur.node.cli",
             "node",
             "--config",
             str(config),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from gossip.feasibility import check_feasibility, check_node
-from topologies.graphs import build_topology
+from murmur.gossip.feasibility import check_feasibility, check_node
+from murmur.topologies.graphs import build_topology
 
 
 def test_krum_on_a_ring_is_refused_for_every_node():

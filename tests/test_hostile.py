@@ -14,13 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from murmur.gossip.auth import request_headers
+from murmur.gossip.wire import build_envelope
+from murmur.models.params import get_state
+from murmur.node.api import operator_token, start_api
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode
 
-from gossip.auth import request_headers
-from gossip.wire import build_envelope
-from models.params import get_state
-from node.api import operator_token, start_api
-from node.config import load_config
-from node.node import HospitalNode
 from tests.hostile_inputs import (
     EXPECTED,
     INSIDER_CLASSES,
@@ -187,7 +187,7 @@ async def test_a_training_network_takes_every_hostile_input_class(tmp_path: Path
 def in_process_node(tmp_path: Path) -> tuple[HospitalNode, dict[str, Any]]:
     """hospital_0 of a 3-hospital network (no DP) in this process, listeners on free ports;
     also returns the other members' identities, which the attacker holds."""
-    from crypto.identity import load_identity
+    from murmur.crypto.identity import load_identity
 
     net = make_network(tmp_path, "--nodes", "3", "--no-dp", "--aggregator", "mean")
     name = net.nodes[0].name

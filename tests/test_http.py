@@ -20,14 +20,20 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity, generate_identity, load_identity
+from murmur.gossip.auth import AUTH_HEADER, request_headers
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.models.params import get_state
+from murmur.node.api import (
+    NodeApi,
+    OperatorTokenError,
+    load_operator_token,
+    operator_token,
+    start_api,
+)
 
-from crypto.allowlist import Peer
-from crypto.identity import Identity, generate_identity, load_identity
-from gossip.auth import AUTH_HEADER, request_headers
-from gossip.transport import PeerTransport
-from gossip.wire import ModelUpdate, build_envelope
-from models.params import get_state
-from node.api import NodeApi, OperatorTokenError, load_operator_token, operator_token, start_api
 from tests.netutil import build_node
 from tests.test_wire import resign
 
@@ -216,7 +222,7 @@ async def test_a_loose_token_file_stops_the_node_before_it_records_anything(
 
 
 def _template() -> dict[str, np.ndarray]:
-    from models.nets import build_model
+    from murmur.models.nets import build_model
 
     return get_state(build_model("logreg", (30,), 0))
 
@@ -464,7 +470,7 @@ async def test_a_connection_reads_little_until_a_request_on_it_is_authenticated(
     until a request on it authenticates, so a stranger's body is not pulled in with its
     headers (and the TCP window not opened for more of it); an authenticated peer's
     connection reads at asyncio's usual size for the rest of its life."""
-    from node.api import FIRST_READ_BYTES
+    from murmur.node.api import FIRST_READ_BYTES
 
     async with running(tmp_path) as (node, api):
         peer = peer_identity(tmp_path)
@@ -747,7 +753,7 @@ async def test_a_replay_across_a_restart_delivers_the_one_signed_update_once(
     it, and the captured request played to it again after the restart is the sender's one
     signed update for the round, taken once, into an inbox that had lost it; a second copy is
     refused, nobody is accused of equivocating, and an old capture is stale."""
-    from node.node import HospitalNode
+    from murmur.node.node import HospitalNode
 
     node = build_node(tmp_path)
     api = await start_api(node, None)
@@ -801,8 +807,7 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
     `add_peer_route` gives it the request authentication, before the body, with its own body
     limit, and the handler learns the authenticated sender from `authenticated_peer`."""
     from aiohttp.test_utils import TestClient, TestServer
-
-    from node.api import add_peer_route, authenticated_peer, build_peer_app, read_peer_body
+    from murmur.node.api import add_peer_route, authenticated_peer, build_peer_app, read_peer_body
 
     node = build_node(tmp_path)
     seen: list[tuple[str, bytes]] = []
@@ -851,7 +856,7 @@ async def test_a_new_peer_route_gets_authentication_and_the_limits_from_add_peer
 async def test_a_probe_is_authenticated_like_every_post(tmp_path: Path) -> None:
     """POST /probe (gossip/probe.py): a stranger's probe is `401 unauthenticated` before it is
     read; an admitted peer's is `200 admitted`; a peer posting another's probe is refused."""
-    from gossip.probe import PROBE_CONTENT_TYPE, build_probe
+    from murmur.gossip.probe import PROBE_CONTENT_TYPE, build_probe
 
     async with running(tmp_path, nodes=3) as (node, api):
         url = api.peer.address + "/probe"

@@ -190,7 +190,7 @@ def open_envelope(data: bytes, me: dict[str, bytes]) -> tuple[dict[str, Any], by
 
 
 async def test_an_independent_encoder_following_the_document_is_accepted(tmp_path: Path) -> None:
-    from node.api import start_api  # the node under test (everything above is independent)
+    from murmur.node.api import start_api  # the node under test (everything above is independent)
 
     node = build_node(tmp_path)
     api = await start_api(node, None)
@@ -231,9 +231,9 @@ async def test_an_independent_encoder_following_the_document_is_accepted(tmp_pat
 def test_an_independent_decoder_opens_what_the_node_builds(tmp_path: Path) -> None:
     """The other direction: the node's build_envelope and request header, read back with the
     document's layouts only (the receipt compared with the node's own, byte for byte)."""
-    from gossip.auth import request_headers  # the code under test
-    from gossip.wire import EnvelopeOpener, ModelUpdate, build_envelope
-    from models.params import get_state
+    from murmur.gossip.auth import request_headers  # the code under test
+    from murmur.gossip.wire import EnvelopeOpener, ModelUpdate, build_envelope
+    from murmur.models.params import get_state
 
     node = build_node(tmp_path)
     try:
@@ -252,8 +252,8 @@ def test_an_independent_decoder_opens_what_the_node_builds(tmp_path: Path) -> No
         np.testing.assert_array_equal(weight, state["linear.weight"])
         assert len(raw) == 4 * (N_FEATURES + 1)
         # The node's opener, as hospital_1, makes the same receipt.
-        from crypto.allowlist import Allowlist, Peer
-        from crypto.identity import load_identity
+        from murmur.crypto.allowlist import Allowlist, Peer
+        from murmur.crypto.identity import load_identity
 
         admits_the_node = Allowlist([Peer("hospital_0", "http://x", node.identity.public_key)])
         as_alice = EnvelopeOpener(
@@ -278,7 +278,7 @@ def test_an_independent_decoder_opens_what_the_node_builds(tmp_path: Path) -> No
 def test_the_x25519_keys_are_the_documented_derivation(tmp_path: Path) -> None:
     """ "From the seed to every key": the X25519 secret is the clamped first half of
     SHA-512(seed), and the node uses exactly these keys."""
-    from crypto.identity import load_identity
+    from murmur.crypto.identity import load_identity
 
     node = build_node(tmp_path)
     node.audit.close()

@@ -4,9 +4,8 @@ neighbours count toward min_neighbours (gossip/liveness.py, gossip/probe.py)."""
 from __future__ import annotations
 
 import pytest
-
-from gossip.liveness import PeerLiveness
-from gossip.probe import Contact, Reach, parse_answer
+from murmur.gossip.liveness import PeerLiveness
+from murmur.gossip.probe import Contact, Reach, parse_answer
 
 
 def admitted(source: str = "probe") -> Contact:

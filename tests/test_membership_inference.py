@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from murmur.models.data import load_dataset
+from murmur.models.nets import build_model
+from murmur.models.privacy import PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, make_loss
 from sklearn.metrics import roc_auc_score
-
-from models.data import load_dataset
-from models.nets import build_model
-from models.privacy import PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, make_loss
 
 SPLITS = (0, 1, 2, 3)
 LABEL_NOISE = 0.2

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from murmur.models.data import load_dataset
+from murmur.models.metrics import clinical_metrics, roc_auc
 from sklearn.metrics import accuracy_score, brier_score_loss, confusion_matrix, roc_auc_score
-
-from models.data import load_dataset
-from models.metrics import clinical_metrics, roc_auc
 
 HEART_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heart_disease"
 

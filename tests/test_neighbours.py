@@ -17,19 +17,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import Identity, generate_identity, load_identity, save_identity
+from murmur.gossip.probe import Contact, build_probe, check_probe
+from murmur.gossip.transport import PeerTransport
+from murmur.gossip.wire import ModelUpdate, RejectReason, WireError, build_envelope
+from murmur.models.params import get_state
+from murmur.node.api import NodeApi, start_api
+from murmur.node.audit import records_of_kind
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode
 
 import run_cluster
 from bench.byzantine import MemoryTransport
-from crypto.allowlist import Peer
-from crypto.identity import Identity, generate_identity, load_identity, save_identity
-from gossip.probe import Contact, build_probe, check_probe
-from gossip.transport import PeerTransport
-from gossip.wire import ModelUpdate, RejectReason, WireError, build_envelope
-from models.params import get_state
-from node.api import NodeApi, start_api
-from node.audit import records_of_kind
-from node.config import load_config
-from node.node import HospitalNode
 from tests.netutil import Network, make_network
 
 PAIR = ("--aggregator", "clipping:0")  # two hospitals: one neighbour each
@@ -284,7 +284,7 @@ async def test_one_far_ahead_or_distrusted_peer_cannot_make_a_node_jump(
 
 def test_a_probe_is_answered_with_the_verdict_an_envelope_would_get(tmp_path: Path) -> None:
     me, peer, stranger = (generate_identity(n) for n in ("me", "peer", "stranger"))
-    from crypto.allowlist import Allowlist
+    from murmur.crypto.allowlist import Allowlist
 
     allowlist = Allowlist([Peer("peer", "http://127.0.0.1:1", peer.public_key)])
     now = time.time()

@@ -7,11 +7,14 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
-from models.nets import MODEL_NAMES, MultimodalNet, build_model, count_parameters, pack_multimodal
-from models.params import (
+from murmur.models.nets import (
+    MODEL_NAMES,
+    MultimodalNet,
+    build_model,
+    count_parameters,
+    pack_multimodal,
+)
+from murmur.models.params import (
     flatten,
     get_state,
     model_spec,
@@ -19,6 +22,8 @@ from models.params import (
     state_sha256,
     unflatten,
 )
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 CLINICAL = 5
 CASES = {  # name -> (input_shape, params, a function making a batch of B inputs)

@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from murmur.crypto.identity import Identity, generate_identity, load_identity
+from murmur.gossip.auth import request_headers
+from murmur.gossip.wire import ModelUpdate, build_envelope
 
-from crypto.identity import Identity, generate_identity, load_identity
-from gossip.auth import request_headers
-from gossip.wire import ModelUpdate, build_envelope
 from tests.netutil import Network, make_network
 
 pytestmark = pytest.mark.slow
@@ -175,8 +175,10 @@ def test_bad_messages_are_refused_with_reasons_and_the_node_keeps_going(network_
 
     b_identity = load_identity(b.config_path.parent.parent / "keys" / f"{b.name}.key")
     a_key = bytes.fromhex(status["public_key"])
-    from models.nets import build_model
-    from models.params import get_state  # the honest model's shapes, to forge a well-formed update
+    from murmur.models.nets import build_model
+    from murmur.models.params import (
+        get_state,  # the honest model's shapes, to forge a well-formed update
+    )
 
     template = get_state(build_model("logreg", (30,), 0))
     good = build_envelope(ModelUpdate(template, metrics={}), b_identity, [a_key], target_round)

@@ -15,19 +15,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from murmur.gossip.receipts import EquivocationProof, ReceiptBook
+from murmur.gossip.trust import TrustTracker
+from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.models.params import state_sha256
+from murmur.node.audit import AuditLog, records_of_kind
+from murmur.node.byzantine import AttackSharing
+from murmur.node.evidence import EvidenceBook
+from murmur.node.metrics import NodeMetrics
+from murmur.node.persistence import PRIVACY_INTENT_FILE, SIGNED_ROUND_FILE, STATUS_FILE, NodeStore
+from murmur.node.served import ServedNode
+from murmur.node.sharing import HonestSharing
+from murmur.node.state import StartupError
 
-from gossip.receipts import EquivocationProof, ReceiptBook
-from gossip.trust import TrustTracker
-from gossip.wire import ModelUpdate, build_envelope
-from models.params import state_sha256
-from node.audit import AuditLog, records_of_kind
-from node.byzantine import AttackSharing
-from node.evidence import EvidenceBook
-from node.metrics import NodeMetrics
-from node.persistence import PRIVACY_INTENT_FILE, SIGNED_ROUND_FILE, STATUS_FILE, NodeStore
-from node.served import ServedNode
-from node.sharing import HonestSharing
-from node.state import StartupError
 from tests.netutil import REPO, build_node
 from tests.test_receipts import conflicting
 from tests.test_wire import ALICE, ALLOWLIST, BOB, small_update
@@ -119,7 +119,7 @@ def test_relayed_evidence_is_checked_before_it_counts(tmp_path: Path) -> None:
 
 
 def peer_envelope(tmp_path: Path, node: Any, round_: int, seed: int) -> bytes:
-    from crypto.identity import load_identity
+    from murmur.crypto.identity import load_identity
 
     peer = load_identity(tmp_path / "keys" / "hospital_1.key")
     state = {k: v + seed for k, v in node.study.state().items()}
@@ -247,14 +247,14 @@ HONEST_PARTS = [
 @pytest.mark.parametrize("module", HONEST_PARTS)
 def test_no_honest_part_knows_of_attacks(module: str) -> None:
     text = (REPO / "node" / module).read_text().lower()
-    assert "adversary" not in text and "gossip.attacks" not in text
+    assert "adversary" not in text and "murmur.gossip.attacks" not in text
 
 
 # ---------------------------------------------------------------------------- the API's view
 
 
 def test_the_api_imports_no_node_and_the_node_serves_its_protocol(tmp_path: Path) -> None:
-    code = "import sys, node.api; print('node.node' in sys.modules)"
+    code = "import sys, node.api; print('murmur.node.node' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
@@ -283,7 +283,7 @@ class ProbeAnswers:
         self.asked: list[str] = []
 
     async def probe(self, peer: Any, probe: bytes, timeout_s: float) -> Any:
-        from gossip.probe import Contact
+        from murmur.gossip.probe import Contact
 
         self.asked.append(peer.name)
         status, reason = self.answers[peer.name]

@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from models.optimizers import ServerOptimizer, ServerOptimizerSettings
-from models.params import state_sha256
+from murmur.models.optimizers import ServerOptimizer, ServerOptimizerSettings
+from murmur.models.params import state_sha256
 
 PREVIOUS = np.array([1.0, 0.0], dtype=np.float32)
 AGGREGATE = np.array([1.5, -0.2], dtype=np.float32)  # delta = [0.5, -0.2]
@@ -111,8 +110,9 @@ def test_a_model_of_another_size_is_refused() -> None:
 def test_nodes_step_their_aggregate_and_audit_and_checkpoint_the_optimizer(tmp_path) -> None:
     """A real in-process network with --server-optimizer yogi: each aggregation record names
     the optimizer and the robust aggregate it stepped from; the checkpoint keeps m and v."""
-    from node.audit import records_of_kind
-    from node.checkpoint import checkpoint_path, decode_checkpoint
+    from murmur.node.audit import records_of_kind
+    from murmur.node.checkpoint import checkpoint_path, decode_checkpoint
+
     from tests.netutil import run_in_process
 
     argv = ["--no-dp", "--rounds", "2", "--aggregator", "mean", "--server-optimizer", "yogi"]

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity, load_identity
+from murmur.gossip.peer_records import PeerRecord, RecordBook, RecordError, encode_records
+from murmur.gossip.routing import RoutedTransport
+from murmur.gossip.transport import PeerTransport
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity, load_identity
-from gossip.peer_records import PeerRecord, RecordBook, RecordError, encode_records
-from gossip.routing import RoutedTransport
-from gossip.transport import PeerTransport
 from tests.netutil import build_node
 
 A, B, STRANGER = (generate_identity(n) for n in ("hospital_a", "hospital_b", "stranger"))
@@ -86,7 +86,7 @@ def test_records_posted_to_a_node_over_http_are_checked_one_by_one(tmp_path: Pat
     strangers = PeerRecord.make(STRANGER, ["http://127.0.0.1:2"], [], now)
 
     async def go() -> tuple[int | None, str]:
-        from node.api import start_api
+        from murmur.node.api import start_api
 
         api = await start_api(node, None)
         try:

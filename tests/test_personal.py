@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import murmur.node.sharing as sharing_module
 import numpy as np
 import pytest
 import torch
+from murmur.models.params import flatten, get_state, state_sha256
+from murmur.models.personal import PersonalModel
+from murmur.models.training import TrainingSettings
 
-import node.sharing as sharing_module
-from models.params import flatten, get_state, state_sha256
-from models.personal import PersonalModel
-from models.training import TrainingSettings
 from tests.netutil import run_in_process
 
 HEART = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heart_disease"

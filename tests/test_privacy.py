@@ -12,13 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-from torch import nn
-
-from models import privacy
-from models.data import load_dataset
-from models.nets import build_model
-from models.privacy import (
+from murmur.models import privacy
+from murmur.models.data import load_dataset
+from murmur.models.nets import build_model
+from murmur.models.privacy import (
     BudgetExhausted,
     DPConfig,
     DPSGDGradient,
@@ -29,7 +26,9 @@ from models.privacy import (
     epsilon_for,
     private_generator,
 )
-from models.training import LocalTrainer, TrainingSettings, make_loss
+from murmur.models.training import LocalTrainer, TrainingSettings, make_loss
+from opacus.accountants import PRVAccountant, RDPAccountant
+from torch import nn
 
 
 def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 
+import murmur.models.privacy as privacy
 import numpy as np
 import pytest
 import torch
 
-import models.privacy as privacy
 from bench.privacy_audit import (
     GUESS_FRACTIONS,
     AuditConfig,

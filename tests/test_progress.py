@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from node.alerts import AlertSettings
-from node.progress import Progress, bar, progress_table
+from murmur.node.alerts import AlertSettings
+from murmur.node.progress import Progress, bar, progress_table
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = AlertSettings(round_timeout_s=15.0)

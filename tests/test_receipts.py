@@ -8,9 +8,8 @@ import dataclasses
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from crypto.identity import generate_identity
-from gossip.receipts import (
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.receipts import (
     MAX_PROOF_BYTES,
     MAX_RECEIPT_BYTES,
     EquivocationProof,
@@ -18,6 +17,7 @@ from gossip.receipts import (
     ReceiptBook,
     ReceiptError,
 )
+
 from tests.test_wire import ALICE, BOB, CAROL, NOW, opener, valid_envelope
 
 

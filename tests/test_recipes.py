@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from murmur.models.augment import augment_batch, random_shift
+from murmur.models.recipes import RECIPES, recipe_for
+from murmur.models.training import LocalTrainer, TrainingSettings, learning_rate_at
 
 import run_cluster
-from models.augment import augment_batch, random_shift
-from models.recipes import RECIPES, recipe_for
-from models.training import LocalTrainer, TrainingSettings, learning_rate_at
 
 
 def test_a_shift_moves_each_image_by_its_own_offset_and_fills_with_zeros() -> None:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from models.baselines import local_baseline, no_local_model, run_baselines
-from models.data import HospitalSplit
-from models.reference import reference_baseline
-from models.training import TrainingSettings
-from models.uncertainty import federation_margins
-from node.report import write_html_report
+from murmur.models.baselines import local_baseline, no_local_model, run_baselines
+from murmur.models.data import HospitalSplit
+from murmur.models.reference import reference_baseline
+from murmur.models.training import TrainingSettings
+from murmur.models.uncertainty import federation_margins
+from murmur.node.report import write_html_report
 
 HEART = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heart_disease"
 

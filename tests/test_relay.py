@@ -14,11 +14,10 @@ from types import SimpleNamespace
 
 import nkeys
 import pytest
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, generate_identity, verify_signature
-from gossip.nats_link import NatsLink
-from gossip.relay import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, generate_identity, verify_signature
+from murmur.gossip.nats_link import NatsLink
+from murmur.gossip.relay import (
     RelayTransport,
     frames,
     nkey_of,
@@ -26,9 +25,10 @@ from gossip.relay import (
     relay_permissions,
     stored_subject,
 )
-from gossip.relay_broker import BrokerPlan, broker_config, new_admin_seed
-from node import relay_inbox
-from node.relay_inbox import RelayInbox
+from murmur.gossip.relay_broker import BrokerPlan, broker_config, new_admin_seed
+from murmur.node import relay_inbox
+from murmur.node.relay_inbox import RelayInbox
+
 from tests.relayutil import Broker, FaultyBroker, needs_nats
 
 
@@ -167,7 +167,7 @@ def test_a_broker_that_holds_messages_too_long_gets_them_refused_as_stale() -> N
 def test_a_request_signed_by_one_peer_but_published_by_another_is_refused() -> None:
     node = FakeNode(B, [A, C])
     inbox = RelayInbox(node)
-    from gossip.auth import request_headers
+    from murmur.gossip.auth import request_headers
 
     body = b"envelope"
     auth = request_headers(C, B.public_key, "/gossip", body, "x", time.time())["Murmur-Auth"]
@@ -181,7 +181,7 @@ def test_a_request_signed_by_one_peer_but_published_by_another_is_refused() -> N
 def test_oversize_and_malformed_frames_are_refused_before_anything_is_kept() -> None:
     node = FakeNode(B, [A], max_bytes=10_000)
     inbox = RelayInbox(node)
-    from gossip.auth import request_headers
+    from murmur.gossip.auth import request_headers
 
     body = os.urandom(50_000)
     auth = request_headers(A, B.public_key, "/gossip", body, "x", time.time())["Murmur-Auth"]
@@ -279,9 +279,10 @@ async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no
 def _in_process_run(tmp_path: Path, broker: FaultyBroker | None) -> dict[str, dict]:
     """Three real HospitalNodes in this process, relayed by ``broker`` (or handed over
     directly, as bench/byzantine.py does, when None); each node's final state."""
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
+
     from bench.byzantine import MemoryTransport
-    from node.config import load_config
-    from node.node import HospitalNode
     from tests.netutil import make_network
 
     net = make_network(
@@ -428,8 +429,8 @@ async def _over_websocket(broker: Broker):  # type: ignore[no-untyped-def]
 def test_murmur_relay_config_writes_the_broker_config_and_a_private_admin_seed(
     tmp_path: Path, capsys
 ) -> None:
-    from crypto.identity import save_identity
-    from node.cli import main
+    from murmur.crypto.identity import save_identity
+    from murmur.node.cli import main
 
     pubs = [save_identity(i, tmp_path / "keys")[1] for i in (A, B)]
     args = ["relay", "config", "--pub", str(pubs[0]), "--pub", str(pubs[1])]
@@ -453,7 +454,7 @@ def test_murmur_relay_config_writes_the_broker_config_and_a_private_admin_seed(
 @needs_nats
 def test_hospitals_reach_a_relay_over_tls(tmp_path: Path) -> None:
     """The broker serves TLS only; a node verifies it against `ca_file` and gets through."""
-    from node.tls import private_key_pem, selfsigned
+    from murmur.node.tls import private_key_pem, selfsigned
 
     relay_id = generate_identity("relay")
     cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
@@ -493,7 +494,7 @@ async def _over_tls(broker: Broker, ca: Path):  # type: ignore[no-untyped-def]
 
 
 def test_a_peer_flooding_through_the_relay_is_held_to_its_allowance() -> None:
-    from gossip.auth import PeerAllowance, request_headers
+    from murmur.gossip.auth import PeerAllowance, request_headers
 
     node = FakeNode(B, [A])
     node.inbox = SimpleNamespace(current_round=1)  # type: ignore[attr-defined]
@@ -517,8 +518,9 @@ def test_config_check_finds_a_peer_that_cannot_be_reached_the_way_it_is_listed(
 ) -> None:
     import tomllib
 
+    from murmur.node.config_check import check_configs
+
     import run_cluster
-    from node.config_check import check_configs
     from tests.netutil import make_network
     from tests.relayutil import use_relay
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 from matplotlib.figure import Figure
-
-from node.report import (
+from murmur.node.report import (
     AUC_PLOT,
     DISAGREEMENT_PLOT,
     EPSILON_PLOT,

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from murmur.models.data import load_dataset
+from murmur.models.metrics import roc_auc
+from murmur.models.training import predict_proba
+from murmur.node.report import summary_table
+from murmur.node.report_extras import personal_rows, whole_test_auc
 
-from models.data import load_dataset
-from models.metrics import roc_auc
-from models.training import predict_proba
-from node.report import summary_table
-from node.report_extras import personal_rows, whole_test_auc
 from tests.netutil import run_in_process
 
 

@@ -41,12 +41,9 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-
-import run_cluster
-from bench.byzantine import MemoryTransport
-from crypto.identity import generate_identity, load_identity
-from gossip.auth import request_headers
-from gossip.heads import (
+from murmur.crypto.identity import generate_identity, load_identity
+from murmur.gossip.auth import request_headers
+from murmur.gossip.heads import (
     REQUEST_BYTES,
     REQUEST_CONTENT_TYPE,
     HeadBook,
@@ -59,7 +56,7 @@ from gossip.heads import (
     open_receipts_answer,
     seal_receipts_answer,
 )
-from gossip.receipts import (
+from murmur.gossip.receipts import (
     AuditHead,
     EquivocationProof,
     Receipt,
@@ -67,15 +64,24 @@ from gossip.receipts import (
     ReceiptError,
     no_audit_head,
 )
-from gossip.wire import ModelUpdate, RejectReason, _encode_body, _seal_envelope, build_envelope
-from models.params import get_state
-from node import durable
-from node.audit import AUDIT_FILE, AuditLog, records_of_kind, verify
-from node.checkpoint import CHECKPOINT_FILE, NodeCheckpoint, save_checkpoint
-from node.cli import main as murmur
-from node.config import load_config
-from node.durable import StateLock, StateLockError, atomic_write
-from node.node import SIGNED_ROUND_FILE, HospitalNode, StartupError
+from murmur.gossip.wire import (
+    ModelUpdate,
+    RejectReason,
+    _encode_body,
+    _seal_envelope,
+    build_envelope,
+)
+from murmur.models.params import get_state
+from murmur.node import durable
+from murmur.node.audit import AUDIT_FILE, AuditLog, records_of_kind, verify
+from murmur.node.checkpoint import CHECKPOINT_FILE, NodeCheckpoint, save_checkpoint
+from murmur.node.cli import main as murmur
+from murmur.node.config import load_config
+from murmur.node.durable import StateLock, StateLockError, atomic_write
+from murmur.node.node import SIGNED_ROUND_FILE, HospitalNode, StartupError
+
+import run_cluster
+from bench.byzantine import MemoryTransport
 from tests.test_wire import ALICE, BOB, CAROL, MALLORY, NOW, opener, small_update
 
 ROUNDS = 4
@@ -364,8 +370,7 @@ async def test_the_receipts_route_answers_only_the_requester_and_refuses_bad_req
     scenario: Scenario,
 ) -> None:
     from aiohttp.test_utils import TestClient, TestServer
-
-    from node.api import build_peer_app
+    from murmur.node.api import build_peer_app
 
     node = scenario.neighbours[1]
     victim = load_identity(scenario.run_dir / "keys" / f"{scenario.victim}.key")
@@ -820,7 +825,7 @@ def test_the_audit_log_claims_only_durable_heads(tmp_path: Path) -> None:
 
 _HOLD_LOCK = """
 import sys, time
-from node.durable import StateLock
+from murmur.node.durable import StateLock
 lock = StateLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)

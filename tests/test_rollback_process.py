@@ -12,9 +12,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from murmur.node.audit import records_of_kind
 
 import run_cluster
-from node.audit import records_of_kind
 from tests.netutil import REPO, make_network
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def murmur_node(config: Path, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "--config", str(config)],
+        [sys.executable, "-m", "murmur.node.cli", "node", "--config", str(config)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -67,7 +67,8 @@ def test_over_http_a_fresh_state_for_a_known_key_is_refused_and_the_real_one_sta
         # it checks, then stays up.
         checks_before = len(records_of_kind(a.state_dir, "rollback_check"))
         again = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "node", "--config", str(a.config_path), "--serve"],
+            [sys.executable, "-m", "murmur.node.cli", "node", "--config", str(a.config_path),
+             "--serve"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

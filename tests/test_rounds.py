@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
+from murmur.gossip.rounds import CatchUp, InboxVerdict, RoundInbox, catch_up_quorum
 
 
 async def test_collect_returns_as_soon_as_everyone_arrived() -> None:

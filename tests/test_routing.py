@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from crypto.allowlist import Peer
-from crypto.identity import generate_identity
-from gossip.probe import Contact, Reach
-from gossip.routing import RoutedTransport
-from gossip.transport import SendResult
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.probe import Contact, Reach
+from murmur.gossip.routing import RoutedTransport
+from murmur.gossip.transport import SendResult
 
 KEY = generate_identity("hospital_b").public_key
 

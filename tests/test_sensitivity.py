@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from murmur.models import data
+from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.nets import build_model
+from murmur.models.privacy import DPSGDGradient, PerSampleLoss, PrivacyLedger
+from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode
 from torch import nn
 
-from models import data
-from models.data import HospitalSplit, load_dataset
-from models.nets import build_model
-from models.privacy import DPSGDGradient, PerSampleLoss, PrivacyLedger
-from models.training import LocalTrainer, TrainingSettings, predict_proba
-from node.config import load_config
-from node.node import HospitalNode
 from tests.netutil import make_network
 from tests.test_data import HEART_DIR, clinic_rows, needs_heart, write_csv, write_reference
 

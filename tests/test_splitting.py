@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from murmur.models.splitting import train_test_rows
 from sklearn.model_selection import train_test_split
-
-from models.splitting import train_test_rows
 
 
 def sklearn_rows(n, *, test_size, seed, train_size=None, stratify=None):

@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from models.data import DataError, HospitalSplit, default_data_path, load_dataset
-from models.nets import build_model
-from models.privacy import DPSGDGradient, PrivacyLedger
-from models.survival import (
+from murmur.models.data import DataError, HospitalSplit, default_data_path, load_dataset
+from murmur.models.nets import build_model
+from murmur.models.privacy import DPSGDGradient, PrivacyLedger
+from murmur.models.survival import (
     concordance_index,
     concordance_interval,
     cox_breslow_losses,
@@ -19,7 +18,7 @@ from models.survival import (
     make_survival_loss,
     survival_metrics,
 )
-from models.training import LocalTrainer, TrainingSettings, evaluate
+from murmur.models.training import LocalTrainer, TrainingSettings, evaluate
 
 lifelines = pytest.importorskip("lifelines", reason="lifelines is a test dependency (pyproject)")
 
@@ -123,7 +122,7 @@ def test_dp_refuses_the_partial_likelihood_and_auto_picks_by_privacy() -> None:
 
 
 def test_config_refuses_the_partial_likelihood_under_dp() -> None:
-    from node.config import ConfigError, parse_config
+    from murmur.node.config import ConfigError, parse_config
 
     raw = {
         "node": {"name": "a", "key_file": "a.key", "state_dir": "s"},
@@ -217,7 +216,7 @@ def test_tcga_brca_loads_flambys_six_regions_and_split() -> None:
 
 
 def test_survival_report_shows_c_index_with_intervals(tmp_path) -> None:
-    from node.report import summary_table, write_html_report
+    from murmur.node.report import summary_table, write_html_report
 
     hospital = {
         "name": "region_0",

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from murmur.crypto.certs import certificate_key
+from murmur.crypto.identity import generate_identity, load_identity, save_identity
+from murmur.gossip.probe import build_probe
+from murmur.gossip.transport import PeerTransport
+from murmur.node.cli import main
+from murmur.node.config import ConfigError, parse_config
+from murmur.node.tls import client_tls
 
-from crypto.certs import certificate_key
-from crypto.identity import generate_identity, load_identity, save_identity
-from gossip.probe import build_probe
-from gossip.transport import PeerTransport
-from node.cli import main
-from node.config import ConfigError, parse_config
-from node.tls import client_tls
 from tests.netutil import Network, build_node, make_network
 
 
@@ -95,7 +95,7 @@ def test_a_server_holding_another_key_is_not_believed(tmp_path: Path) -> None:
     node.config = _with_tls(node.config, cert, key)
 
     async def go() -> tuple[str, str]:
-        from node.api import start_api
+        from murmur.node.api import start_api
 
         api = await start_api(node, None)
         try:
@@ -122,7 +122,7 @@ def test_a_server_holding_another_key_is_not_believed(tmp_path: Path) -> None:
 def _with_tls(config, cert: Path, key: Path):  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from node.net_config import TlsSection
+    from murmur.node.net_config import TlsSection
 
     return dataclasses.replace(config, tls=TlsSection(cert=cert, key=key))
 

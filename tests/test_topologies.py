@@ -7,8 +7,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import pytest
-
-from topologies.graphs import Topology, build_topology
+from murmur.topologies.graphs import Topology, build_topology
 
 SPECS = ["complete", "ring", "regular:4", "erdos:0.3", "smallworld:4,0.1", "torus", "exponential"]
 

@@ -7,13 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-from torch import nn
-
-from models.data import load_dataset
-from models.nets import build_model
-from models.privacy import BudgetExhausted, PrivacyLedger
-from models.training import (
+from murmur.models.data import load_dataset
+from murmur.models.nets import build_model
+from murmur.models.privacy import BudgetExhausted, PrivacyLedger
+from murmur.models.training import (
     LocalTrainer,
     TrainingSettings,
     choose_threshold,
@@ -23,6 +20,8 @@ from models.training import (
     predict_proba,
     steps_per_epoch,
 )
+from sklearn.metrics import roc_auc_score
+from torch import nn
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +353,7 @@ def test_youden_threshold_matches_scikit_learn_roc_curve() -> None:
 def test_sgd_step_gives_torch_optim_sgd_parameters_step_for_step(hospital) -> None:
     """SGDStep runs torch's own SGD update: same parameters as torch.optim.SGD, and each
     loads the other's state (so checkpoints written before the change still restore)."""
-    from models.training import SGDStep
+    from murmur.models.training import SGDStep
 
     ours, theirs = mlp(hospital, seed=3), mlp(hospital, seed=3)
     ours_opt = SGDStep(list(ours.parameters()), lr=0.05, momentum=0.9)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from murmur.crypto.allowlist import Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.probe import Reach
+from murmur.gossip.transport import MAX_REPLY_BYTES, ClockWatch, PeerTransport
 
-from crypto.allowlist import Peer
-from crypto.identity import generate_identity
-from gossip.probe import Reach
-from gossip.transport import MAX_REPLY_BYTES, ClockWatch, PeerTransport
 from tests.netutil import build_node
 
 TEN_MB = 10 * 1024 * 1024

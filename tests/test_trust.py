@@ -9,8 +9,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gossip.trust import (
+from murmur.gossip.trust import (
     TrustSettings,
     TrustTracker,
     distance_ratios,
@@ -182,7 +181,7 @@ def test_honest_peers_within_a_factor_three_are_never_quarantined_by_a_minority(
 
 
 def test_the_trust_config_section_is_validated_with_a_fix() -> None:
-    from node.config import ConfigError, parse_config
+    from murmur.node.config import ConfigError, parse_config
 
     base = {"node": {"name": "a", "key_file": "k", "state_dir": "s"}, "data": {"hospital": "0"}}
     assert parse_config(base).trust.settings() == TrustSettings()  # on by default

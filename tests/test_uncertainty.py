@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from models.metrics import UNCERTAINTY_METRICS, clinical_metrics, roc_auc
-from models.uncertainty import calibration, delong_interval, delong_variance, margin
-from node.report import hospital_warnings, write_html_report
+from murmur.models.metrics import UNCERTAINTY_METRICS, clinical_metrics, roc_auc
+from murmur.models.uncertainty import calibration, delong_interval, delong_variance, margin
+from murmur.node.report import hospital_warnings, write_html_report
 
 
 def brute_force_delong(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:

@@ -11,11 +11,10 @@ import time
 import msgpack
 import numpy as np
 import pytest
-
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import generate_identity
-from gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
-from gossip.wire import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import generate_identity
+from murmur.gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
+from murmur.gossip.wire import (
     HTTP_STATUS,
     PROTOCOL_VERSION,
     EnvelopeOpener,
@@ -33,8 +32,8 @@ from gossip.wire import (
     default_max_message_bytes,
     peek_envelope,
 )
-from models.nets import MODEL_NAMES, build_model
-from models.params import get_state, model_spec, state_sha256
+from murmur.models.nets import MODEL_NAMES, build_model
+from murmur.models.params import get_state, model_spec, state_sha256
 
 ALICE = generate_identity("alice")  # admitted sender
 BOB = generate_identity("bob")  # admitted receiver

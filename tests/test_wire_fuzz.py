@@ -12,8 +12,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from murmur.gossip.wire import ENVELOPE_FIELDS, OpenedEnvelope, WireError, _encode_body
 
-from gossip.wire import ENVELOPE_FIELDS, OpenedEnvelope, WireError, _encode_body
 from tests.test_wire import (
     NOW,
     envelope_with_body,

@@ -26,12 +26,12 @@ opener.py (`EnvelopeOpener`, `peek_envelope`).
 
 from __future__ import annotations
 
-from gossip.wire.build import (
+from murmur.gossip.wire.build import (
     _encode_body,
     _seal_envelope,
     build_envelope,
 )
-from gossip.wire.format import (
+from murmur.gossip.wire.format import (
     BODY_AD_DOMAIN,
     BODY_FIELDS,
     DEFAULT_MAX_PROOFS,
@@ -53,14 +53,14 @@ from gossip.wire.format import (
     _signed_digest,
     default_max_message_bytes,
 )
-from gossip.wire.opener import (
+from murmur.gossip.wire.opener import (
     EnvelopeOpener,
     peek_envelope,
 )
-from gossip.wire.parse import (
+from murmur.gossip.wire.parse import (
     _parse_envelope,
 )
-from gossip.wire.replay import (
+from murmur.gossip.wire.replay import (
     ReplayGuard,
 )
 

@@ -11,22 +11,21 @@ from collections.abc import Sequence
 
 import msgpack
 import numpy as np
-
-from crypto.identity import Identity
-from crypto.sealing import (
+from murmur.crypto.identity import Identity
+from murmur.crypto.sealing import (
     NONCE_BYTES,
     SealingError,
     encrypt_body,
     wrap_new_key,
     x25519_public_key,
 )
-from gossip.receipts import (
+from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,
     AuditHead,
     no_audit_head,
 )
-from gossip.wire.format import (
+from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
     DEFAULT_MAX_PROOFS,
     DEFAULT_MAX_RECEIPTS,

@@ -13,9 +13,8 @@ from enum import StrEnum
 
 import msgpack
 import numpy as np
-
-from crypto.allowlist import Peer
-from gossip.receipts import (
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.receipts import (
     MAX_ROUND,
     AuditHead,
     EquivocationProof,

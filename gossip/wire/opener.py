@@ -7,19 +7,19 @@ import contextlib
 import hashlib
 import time
 
-from crypto.allowlist import Allowlist, Peer
-from crypto.identity import Identity, verify_signature
-from crypto.sealing import (
+from murmur.crypto.allowlist import Allowlist, Peer
+from murmur.crypto.identity import Identity, verify_signature
+from murmur.crypto.sealing import (
     SealingError,
     decrypt_body,
     unwrap_key,
 )
-from gossip.receipts import (
+from murmur.gossip.receipts import (
     AuditHead,
     Receipt,
     signed_digest,
 )
-from gossip.wire.format import (
+from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
     KINDS,
     EnvelopeInfo,
@@ -35,11 +35,11 @@ from gossip.wire.format import (
     _rest_digest,
     default_max_message_bytes,
 )
-from gossip.wire.parse import (
+from murmur.gossip.wire.parse import (
     _parse_body,
     _parse_envelope,
 )
-from gossip.wire.replay import (
+from murmur.gossip.wire.replay import (
     ReplayGuard,
 )
 

@@ -8,15 +8,14 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
-from crypto.sealing import (
+from murmur.crypto.sealing import (
     COMMITMENT_BYTES,
     EPHEMERAL_KEY_BYTES,
     NONCE_BYTES,
     TAG_BYTES,
     WRAPPED_KEY_BYTES,
 )
-from gossip.receipts import (
+from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,
     MAX_PROOF_BYTES,
@@ -26,7 +25,7 @@ from gossip.receipts import (
     Receipt,
     ReceiptError,
 )
-from gossip.wire.format import (
+from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
     _DECODE_GUARD_ITEMS,
     BODY_FIELDS,

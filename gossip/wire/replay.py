@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gossip.wire.format import (
+from murmur.gossip.wire.format import (
     RejectReason,
     WireError,
 )

@@ -32,14 +32,14 @@ The package, one concern a module (the names below are all importable from `node
 
 from __future__ import annotations
 
-from node.audit.chain import (
+from murmur.node.audit.chain import (
     AuditLog,
 )
-from node.audit.export import (
+from murmur.node.audit.export import (
     CSV_COLUMNS,
     export_command,
 )
-from node.audit.lineage import (
+from murmur.node.audit.lineage import (
     MIN_HASH_PREFIX,
     Contribution,
     Finder,
@@ -49,7 +49,7 @@ from node.audit.lineage import (
     lineage,
     lineage_command,
 )
-from node.audit.reading import (
+from murmur.node.audit.reading import (
     HEAD_BEYOND_END,
     HEAD_CONTAINED,
     HEAD_MISMATCH,
@@ -66,7 +66,7 @@ from node.audit.reading import (
     stored_meta,
     stored_public_key,
 )
-from node.audit.records import (
+from murmur.node.audit.records import (
     ANCHOR_TAG,
     AUDIT_FILE,
     GENESIS_TAG,
@@ -93,7 +93,7 @@ from node.audit.records import (
     chain_hash,
     record_body,
 )
-from node.audit.verify import (
+from murmur.node.audit.verify import (
     verify,
     verify_and_report,
     verify_command,

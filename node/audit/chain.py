@@ -18,9 +18,8 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.signing
-
-from node.audit.reading import head_position, last_records
-from node.audit.records import (
+from murmur.node.audit.reading import head_position, last_records
+from murmur.node.audit.records import (
     _RECORD_COLUMNS,
     KIND_PATTERN,
     MAX_FIELDS_BYTES,

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from node.audit.reading import (
+from murmur.node.audit.reading import (
     _read_only,
     _to_record,
 )
-from node.audit.records import (
+from murmur.node.audit.records import (
     _RECORD_COLUMNS,
     AuditError,
     AuditRecord,
@@ -23,7 +23,7 @@ from node.audit.records import (
     _safe_iso,
     canonical_json,
 )
-from node.audit.verify import verify
+from murmur.node.audit.verify import verify
 
 CSV_COLUMNS = [
     "seq",

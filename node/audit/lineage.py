@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from node.audit.reading import (
+from murmur.node.audit.reading import (
     records_of_kind,
 )
-from node.audit.records import (
+from murmur.node.audit.records import (
     SHA256_PATTERN,
     AuditError,
     AuditRecord,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.audit.records import (
+from murmur.node.audit.records import (
     _RECORD_COLUMNS,
     AUDIT_FILE,
     AuditError,

@@ -13,8 +13,7 @@ from typing import Any, TextIO
 
 import nacl.exceptions
 import nacl.signing
-
-from node.audit.reading import (
+from murmur.node.audit.reading import (
     HEAD_BEYOND_END,
     HEAD_CONTAINED,
     HEAD_PRUNED,
@@ -22,7 +21,7 @@ from node.audit.reading import (
     _read_only,
     check_peer_heads,
 )
-from node.audit.records import (
+from murmur.node.audit.records import (
     _RECORD_COLUMNS,
     RECORD_TAG,
     AuditError,

@@ -25,19 +25,19 @@ The package: model.py (the report as data), reading.py (`build_report`), render.
 
 from __future__ import annotations
 
-from node.compliance.command import (
+from murmur.node.compliance.command import (
     report_command,
 )
-from node.compliance.pdf import (
+from murmur.node.compliance.pdf import (
     CHROMIUM_NAMES,
     PDF_TIMEOUT_S,
     find_chromium,
     write_pdf,
 )
-from node.compliance.reading import (
+from murmur.node.compliance.reading import (
     build_report,
 )
-from node.compliance.render import (
+from murmur.node.compliance.render import (
     render_html,
     summary_paragraph,
 )

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.audit import (
+from murmur.node.audit import (
     AuditError,
     PeerHead,
 )
-from node.compliance.pdf import (
+from murmur.node.compliance.pdf import (
     write_pdf,
 )
-from node.compliance.reading import (
+from murmur.node.compliance.reading import (
     build_report,
 )
-from node.compliance.render import (
+from murmur.node.compliance.render import (
     _first_failure,
     render_html,
 )

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from crypto.identity import fingerprint
-from node.audit import (
+from murmur.crypto.identity import fingerprint
+from murmur.node.audit import (
     AuditRecord,
     PeerHead,
     counts_by_kind,
@@ -20,7 +20,7 @@ from node.audit import (
     stored_meta,
     verify_and_report,
 )
-from node.compliance.model import (
+from murmur.node.compliance.model import (
     ComplianceReport,
     Event,
     Ledger,
@@ -30,7 +30,7 @@ from node.compliance.model import (
     Study,
     Verification,
 )
-from node.wording import (
+from murmur.node.wording import (
     describe_record,
 )
 

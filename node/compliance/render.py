@@ -13,13 +13,13 @@ import html
 from collections import Counter
 from typing import Any
 
-from node.compliance.model import (
+from murmur.node.compliance.model import (
     ComplianceReport,
     Event,
     RoundSection,
     Verification,
 )
-from node.wording import (
+from murmur.node.wording import (
     exclusion_meaning,
     names,
     number,

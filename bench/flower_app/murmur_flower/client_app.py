@@ -6,10 +6,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from murmur.models.data import HospitalSplit
+from murmur.models.metrics import clinical_metrics
+from murmur.models.training import choose_threshold, predict_proba
 
-from models.data import HospitalSplit
-from models.metrics import clinical_metrics
-from models.training import choose_threshold, predict_proba
 from murmur_flower.task import build_mlp, hospital, make_trainer
 
 torch.set_num_threads(1)  # as a murmur node does: many clients share two cores

@@ -11,10 +11,9 @@ import functools
 from typing import Any
 
 import torch
-
-from models.data import HospitalSplit, load_dataset
-from models.nets import build_model
-from models.training import LocalTrainer, TrainingSettings
+from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.nets import build_model
+from murmur.models.training import LocalTrainer, TrainingSettings
 
 HIDDEN = (64, 32)  # murmur's default [model] hidden for "mlp" (node/config.py)
 
