@@ -13,8 +13,8 @@ gossip, the dataset's default recipe from models/recipes.py), one run per seed:
   centres (`--threshold 0.5`), without DP and with DP at ε = 1. What the protocol leaves
   open (feature scaling, an adaptive outer step) is chosen first by bench/heart_select.py on
   a validation split of the training rows, and printed.
-- **tcga**: survival on Fed-TCGA-BRCA is issue #24 item 2 (bench/survival.py, another
-  change); until it is wired in, its figures are null and the table says so.
+- **tcga**: survival on Fed-TCGA-BRCA, six regions, the mean per-region Harrell's C-index,
+  without DP and with DP at ε = 1, with bench/survival.py's recipes and runner. Seeds 42..46.
 
     python bench/quality.py            # 5 seeds (a pneumonia seed takes 10-30 min on 2 cores)
     python bench/quality.py --quick    # 1 seed each
@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 PNEUMONIA_SEEDS = (0, 1, 2, 3, 4)
 HEART_SEEDS = (42, 43, 44, 45, 46)  # FLamby's benchmark seeds
+TCGA_SEEDS = (42, 43, 44, 45, 46)  # FLamby's seeds, as bench/survival.py
 TARGETS = {  # key -> (bar, what it is)
     "pneumonia_auc": (0.95, "≥ 0.95 (ResNet-18 reference 0.944)"),
     "pneumonia_dp3_auc": (0.92, "≥ 0.92"),
@@ -112,7 +113,7 @@ def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed per task")
-    p.add_argument("--only", choices=["pneumonia", "heart"], help="run one task only")
+    p.add_argument("--only", choices=["pneumonia", "heart", "tcga"], help="run one task only")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run_cluster run")
     p.add_argument(
         "--heart-extra",
@@ -159,12 +160,30 @@ def main() -> None:
                 f"{s[:5]} {fmt(row.get(s))}|{fmt(row.get('dp1_' + s))}" for s in sites
             )
             print(f"{seed:>4} {fmt(row['acc']):>6} {fmt(row['dp1_acc']):>6}  {centres}", flush=True)
+    tcga: dict[str, list[float]] = {"tcga_c_index": [], "tcga_dp1_c_index": []}
+    if args.only in (None, "tcga"):
+        # bench/survival.py's recipes and runner: FLamby's seeds 42.., six regions.
+        from bench.survival import RECIPES as TCGA_RECIPES
+        from bench.survival import run_once as tcga_run
+
+        print("\nFed-TCGA-BRCA, 6 regions: mean per-region C-index", flush=True)
+        print(f"{'seed':>4} {'no DP':>6} {'DP ε=1':>6}")
+        with tempfile.TemporaryDirectory(prefix="murmur-quality-tcga-") as tmp:
+            for seed in TCGA_SEEDS[:n]:
+                for setting in TCGA_RECIPES:
+                    report = tcga_run(setting, seed, Path(tmp))
+                    tcga[setting].append(report["mean_c_index"])
+                print(
+                    f"{seed:>4} {fmt(tcga['tcga_c_index'][-1]):>6} "
+                    f"{fmt(tcga['tcga_dp1_c_index'][-1]):>6}",
+                    flush=True,
+                )
     figures = {
         "pneumonia_auc": mean_of(pneumonia_rows, "auc"),
         "pneumonia_pooled_auc": mean_of(pneumonia_rows, "pooled_auc"),
         "pneumonia_dp3_auc": mean_of(pneumonia_rows, "dp3_auc"),
-        "tcga_c_index": None,
-        "tcga_dp1_c_index": None,
+        "tcga_c_index": mean_of([{"c": v} for v in tcga["tcga_c_index"]], "c"),
+        "tcga_dp1_c_index": mean_of([{"c": v} for v in tcga["tcga_dp1_c_index"]], "c"),
         "heart_flamby_acc": mean_of(heart_rows, "acc"),
         "heart_flamby_dp1_acc": mean_of(heart_rows, "dp1_acc"),
     }
@@ -180,8 +199,6 @@ def main() -> None:
             if pooled is not None and figures["pneumonia_auc"] is not None:
                 gap = figures["pneumonia_auc"] - (pooled - 0.01)
                 verdict = "met" if gap >= 0 else f"MISSED by {-gap:.3f}"
-        elif key.startswith("tcga"):
-            verdict = "not run here: survival analysis is bench/survival.py (issue #24 item 2)"
         elif value is None:
             verdict = "not run"
         else:
