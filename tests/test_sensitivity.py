@@ -22,8 +22,9 @@ import pytest
 import torch
 from murmur.models import csv_data, data
 from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.dp_sgd import DPSGDGradient, PerSampleLoss
 from murmur.models.nets import build_model
-from murmur.models.privacy import DPSGDGradient, PerSampleLoss, PrivacyLedger
+from murmur.models.privacy import PrivacyLedger
 from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
 from murmur.node.config import load_config
 from murmur.node.node import HospitalNode
