@@ -78,7 +78,7 @@ def breast_cancer_reference() -> tuple[np.ndarray, np.ndarray]:
     return ranges.mean(axis=1), (ranges[:, 1] - ranges[:, 0]) / 6.0
 
 
-def _load_breast_cancer(
+def load_breast_cancer(
     num_hospitals: int, seed: int, alpha: float | None, test_fraction: float, preprocessing: str
 ) -> list[HospitalSplit]:
     x, y, names = _breast_cancer_arrays()

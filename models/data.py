@@ -208,15 +208,16 @@ def load_dataset(
     official test images as the held-out rows, so it ignores ``test_fraction``.
     """
     _check_arguments(
-        name, num_hospitals, alpha, test_fraction, positive, not_identifying, label, site,
-        preprocessing, reference,
+        name, num_hospitals=num_hospitals, alpha=alpha, test_fraction=test_fraction,
+        positive=positive, not_identifying=not_identifying, label=label, site=site,
+        preprocessing=preprocessing, reference=reference,
     )  # fmt: skip
     # Each data set's loader lives in its own module, which imports the shared types from
     # here; importing them on use keeps that one-way.
     if name == "breast-cancer":
-        from murmur.models.breast_cancer import _load_breast_cancer
+        from murmur.models.breast_cancer import load_breast_cancer
 
-        return _load_breast_cancer(num_hospitals, seed, alpha, test_fraction, preprocessing)
+        return load_breast_cancer(num_hospitals, seed, alpha, test_fraction, preprocessing)
     if name == "heart-disease":
         from murmur.models.heart_disease import load_heart_disease
 
@@ -258,6 +259,7 @@ def load_dataset(
 
 def _check_arguments(
     name: str,
+    *,
     num_hospitals: int,
     alpha: float | None,
     test_fraction: float,
