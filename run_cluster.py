@@ -699,8 +699,8 @@ def build_report(
     """report.json (docs/report.md) from each node's final status. `cut_short` says why the
     run stopped before every node exited by itself (a signal, the deadline), if it did."""
     from murmur.models.metrics import REPORTED_METRICS, SURVIVAL_METRICS, UNCERTAINTY_METRICS
-    from murmur.node.report import FINISHED_PHASES, hospital_warnings
     from murmur.node.report_extras import PERSONAL_FIELDS
+    from murmur.node.report_values import FINISHED_PHASES, hospital_warnings
 
     rule, f = parse_aggregator(args.aggregator)
     hospitals = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from murmur.node import config as config_module
+from murmur.node import config_learning
 from murmur.node.config import ConfigError, load_config, parse_config
 
 MINIMAL = {
@@ -104,7 +104,7 @@ def test_load_config_reports_toml_syntax_and_hashes_the_file(tmp_path: Path) -> 
 def test_class_weighting_accepts_the_modes_fixed_weights_and_old_booleans() -> None:
     from murmur.models import training
 
-    assert config_module.CLASS_WEIGHTING == training.CLASS_WEIGHTING  # no drift, no torch import
+    assert config_learning.CLASS_WEIGHTING == training.CLASS_WEIGHTING  # no drift, no torch import
     assert parse_config(MINIMAL).training.class_weighting == "auto"
     no_dp = {"privacy": {"enabled": False}}
     assert (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from murmur.models import data
+from murmur.models import breast_cancer, csv_data, data, heart_disease
 from murmur.models.data import (
     MIN_ROWS_PER_HOSPITAL,
     DataError,
@@ -98,7 +98,7 @@ def test_split_across_hospitals_partitions_every_row_once() -> None:
 
 
 def test_breast_cancer_statistics_stay_inside_each_hospital(monkeypatch) -> None:
-    x, y, names = data._breast_cancer_arrays()
+    x, y, names = breast_cancer._breast_cancer_arrays()
     seed, alpha = 4, 0.7
     parts = split_across_hospitals(y, 4, np.random.default_rng(seed), alpha=alpha)
     baseline = load_dataset("breast-cancer", num_hospitals=4, seed=seed, alpha=alpha)
@@ -108,7 +108,7 @@ def test_breast_cancer_statistics_stay_inside_each_hospital(monkeypatch) -> None
     changed = x.copy()
     others = np.concatenate(parts[1:])
     changed[others] = np.sqrt(changed[others]) * 1000.0 + 77.0
-    monkeypatch.setattr(data, "_breast_cancer_arrays", lambda: (changed, y, names))
+    monkeypatch.setattr(breast_cancer, "_breast_cancer_arrays", lambda: (changed, y, names))
     after = load_dataset("breast-cancer", num_hospitals=4, seed=seed, alpha=alpha)
     assert_same_split(baseline[0], after[0])
     assert not np.allclose(baseline[1].x_test, after[1].x_test)
@@ -117,7 +117,7 @@ def test_breast_cancer_statistics_stay_inside_each_hospital(monkeypatch) -> None
     _, test = data.train_test_positions("hospital_0", y[parts[0]], test_fraction=0.25, seed=seed)
     changed = x.copy()
     changed[parts[0][test]] *= -50.0
-    monkeypatch.setattr(data, "_breast_cancer_arrays", lambda: (changed, y, names))
+    monkeypatch.setattr(breast_cancer, "_breast_cancer_arrays", lambda: (changed, y, names))
     after = load_dataset("breast-cancer", num_hospitals=4, seed=seed, alpha=alpha)
     np.testing.assert_array_equal(baseline[0].x_train, after[0].x_train)
     assert not np.allclose(baseline[0].x_test, after[0].x_test)
@@ -456,7 +456,7 @@ def test_corrupted_npz_and_heart_files_raise_data_errors(tmp_path: Path, content
     with pytest.raises(DataError):
         load_dataset("medmnist", path=bogus)
     (tmp_path / "hd").mkdir()
-    for filename in data.HEART_CENTRES.values():
+    for filename in heart_disease.HEART_CENTRES.values():
         (tmp_path / "hd" / filename).write_bytes(content + b"\n1,2,3")
     with pytest.raises(DataError):
         load_dataset("heart-disease", path=tmp_path / "hd")
@@ -465,7 +465,7 @@ def test_corrupted_npz_and_heart_files_raise_data_errors(tmp_path: Path, content
 def test_heart_values_outside_the_uci_codes_are_rejected(tmp_path: Path) -> None:
     (tmp_path / "hd").mkdir()
     row = "63,1,{cp},145,233,1,2,150,0,2.3,3,0,6,0\n"
-    for filename in data.HEART_CENTRES.values():
+    for filename in heart_disease.HEART_CENTRES.values():
         (tmp_path / "hd" / filename).write_text(row.format(cp=1) * 4)
     (tmp_path / "hd" / "processed.va.data").write_text(row.format(cp=7) * 4)
     with pytest.raises(DataError, match=r"cp = 7 is not one of the UCI codes"):
@@ -546,7 +546,7 @@ def test_row_split_places_each_row_by_itself() -> None:
 )
 def test_bad_reference_files_are_refused_by_row(tmp_path: Path, rows, message: str) -> None:
     with pytest.raises(DataError, match=message):
-        data.read_reference(write_reference(tmp_path / "ref.csv", rows))
+        csv_data.read_reference(write_reference(tmp_path / "ref.csv", rows))
 
 
 def test_reference_must_name_exactly_the_data_columns(tmp_path: Path) -> None:
@@ -572,9 +572,9 @@ def test_reference_must_name_exactly_the_data_columns(tmp_path: Path) -> None:
 def test_breast_cancer_reference_is_the_documented_range_per_row() -> None:
     fitted = load_dataset("breast-cancer", num_hospitals=4, seed=0)
     reference = load_dataset("breast-cancer", num_hospitals=4, seed=0, preprocessing="reference")
-    x, y, _ = data._breast_cancer_arrays()
+    x, y, _ = breast_cancer._breast_cancer_arrays()
     parts = split_across_hospitals(y, 4, np.random.default_rng(0))
-    centers, scales = data.breast_cancer_reference()
+    centers, scales = breast_cancer.breast_cancer_reference()
     assert centers[3] == pytest.approx((143.5 + 2501.0) / 2)  # mean area, from the documentation
     assert scales[3] == pytest.approx((2501.0 - 143.5) / 6)
     for rows, a, b in zip(parts, fitted, reference, strict=True):
@@ -606,7 +606,7 @@ def test_heart_disease_reference_keeps_each_patients_features_when_one_joins(
     # features are bit-identical wherever it lands; with fitted statistics none of them is.
     assert rows(before["reference"][0]) < rows(after["reference"][0])
     assert not rows(before["fitted"][0]) & rows(after["fitted"][0])
-    centers, scales = data.heart_disease_reference(before["reference"][0].feature_names)
+    centers, scales = heart_disease.heart_disease_reference(before["reference"][0].feature_names)
     assert dict(zip(before["reference"][0].feature_names[:3], centers[:3], strict=True)) == {
         "age": 50.0, "sex": 0.5, "trestbps": 120.0,
     }  # fmt: skip

@@ -70,7 +70,7 @@ def test_a_site_too_small_to_split_is_warned_about(tmp_path: Path, caplog) -> No
     tiny_rows = [["61.0", "no", "A", "0", "tiny"], ["55.0", "yes", "B", "0", "tiny"]]
     rows = [*clinic_rows("north", 40, 1), *tiny_rows, ["70.0", "no", "A", "0", "tiny"]]
     file = write_csv(tmp_path / "all.csv", rows)
-    with caplog.at_level(logging.WARNING, logger="murmur.models.data"):
+    with caplog.at_level(logging.WARNING, logger="murmur.models.csv_data"):
         splits = load_dataset("csv", path=file, label="outcome", site="site")
     tiny = next(s for s in splits if s.name == "tiny")
     assert len(tiny.y_test) == 1

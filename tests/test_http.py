@@ -26,13 +26,8 @@ from murmur.gossip.auth import AUTH_HEADER, request_headers
 from murmur.gossip.transport import PeerTransport
 from murmur.gossip.wire import ModelUpdate, build_envelope
 from murmur.models.params import get_state
-from murmur.node.api import (
-    NodeApi,
-    OperatorTokenError,
-    load_operator_token,
-    operator_token,
-    start_api,
-)
+from murmur.node.api import NodeApi, operator_token, start_api
+from murmur.node.operator_api import OperatorTokenError, load_operator_token
 
 from tests.netutil import build_node
 from tests.test_wire import resign
@@ -470,7 +465,7 @@ async def test_a_connection_reads_little_until_a_request_on_it_is_authenticated(
     until a request on it authenticates, so a stranger's body is not pulled in with its
     headers (and the TCP window not opened for more of it); an authenticated peer's
     connection reads at asyncio's usual size for the rest of its life."""
-    from murmur.node.api import FIRST_READ_BYTES
+    from murmur.node.listener import FIRST_READ_BYTES
 
     async with running(tmp_path) as (node, api):
         peer = peer_identity(tmp_path)

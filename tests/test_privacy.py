@@ -14,14 +14,13 @@ import pytest
 import torch
 from murmur.models import privacy
 from murmur.models.data import load_dataset
+from murmur.models.dp_sgd import DPSGDGradient, clip_factors
 from murmur.models.nets import build_model
 from murmur.models.privacy import (
     BudgetExhausted,
     DPConfig,
-    DPSGDGradient,
     PrivacyLedger,
     calibrate_noise,
-    clip_factors,
     default_delta,
     epsilon_for,
     private_generator,

@@ -9,19 +9,17 @@ from typing import Any
 
 import pytest
 from matplotlib.figure import Figure
-from murmur.node.report import (
+from murmur.node.report import summary_table, write_html_report
+from murmur.node.report_plots import (
     AUC_PLOT,
     DISAGREEMENT_PLOT,
     EPSILON_PLOT,
     TRUST_PLOT,
     _legend,
-    format_value,
-    hospital_warnings,
     mean_disagreement,
     mean_trust_held,
-    summary_table,
-    write_html_report,
 )
+from murmur.node.report_values import format_value, hospital_warnings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

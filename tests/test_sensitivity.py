@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from murmur.models import data
+from murmur.models import csv_data, data
 from murmur.models.data import HospitalSplit, load_dataset
+from murmur.models.dp_sgd import DPSGDGradient, PerSampleLoss
 from murmur.models.nets import build_model
-from murmur.models.privacy import DPSGDGradient, PerSampleLoss, PrivacyLedger
+from murmur.models.privacy import PrivacyLedger
 from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
 from murmur.node.config import load_config
 from murmur.node.node import HospitalNode
@@ -193,7 +194,7 @@ def test_fitted_preprocessing_moves_every_other_patient_the_control(tmp_path: Pa
         reference=reference,
     )  # fmt: skip
     # The same training patients, plus x, encoded the two ways the loader can.
-    table = data._read_csv_with_site(before, "outcome", "site")[0]
+    table = csv_data._read_csv_with_site(before, "outcome", "site")[0]
     train, test = data.row_split_positions(
         "north", table.cells, table.y, test_fraction=0.25, seed=0
     )
@@ -201,16 +202,16 @@ def test_fitted_preprocessing_moves_every_other_patient_the_control(tmp_path: Pa
     with_x = np.concatenate([cells[train], np.asarray([extra[:3]], dtype=object)])
     kinds = {column: "numeric" if column == "patient_age" else "categorical"
              for column in table.columns}  # fmt: skip
-    refs = data.read_reference(reference)
+    refs = csv_data.read_reference(reference)
     y_more = np.r_[table.y[train], 1.0].astype(np.float32)
     model = build_model("logreg", d.input_shape, 0)
     settings = TrainingSettings()
     moves = {}
     for mode, columns in (("reference", refs), ("fitted", None)):
-        x_d, _, _ = data._encode_features(
+        x_d, _, _ = csv_data._encode_features(
             cells[train], cells[test], table.columns, kinds, "n", columns
         )
-        x_more, _, _ = data._encode_features(
+        x_more, _, _ = csv_data._encode_features(
             with_x, cells[test], table.columns, kinds, "n", columns
         )
         others_same = np.array_equal(x_more[:-1], x_d)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from murmur.models.data import DataError, HospitalSplit, default_data_path, load_dataset
+from murmur.models.dp_sgd import DPSGDGradient
 from murmur.models.nets import build_model
-from murmur.models.privacy import DPSGDGradient, PrivacyLedger
+from murmur.models.privacy import PrivacyLedger
 from murmur.models.survival import (
     concordance_index,
     concordance_interval,

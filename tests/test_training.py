@@ -353,7 +353,7 @@ def test_youden_threshold_matches_scikit_learn_roc_curve() -> None:
 def test_sgd_step_gives_torch_optim_sgd_parameters_step_for_step(hospital) -> None:
     """SGDStep runs torch's own SGD update: same parameters as torch.optim.SGD, and each
     loads the other's state (so checkpoints written before the change still restore)."""
-    from murmur.models.training import SGDStep
+    from murmur.models.local_sgd import SGDStep
 
     ours, theirs = mlp(hospital, seed=3), mlp(hospital, seed=3)
     ours_opt = SGDStep(list(ours.parameters()), lr=0.05, momentum=0.9)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from murmur.models.metrics import UNCERTAINTY_METRICS, clinical_metrics, roc_auc
 from murmur.models.uncertainty import calibration, delong_interval, delong_variance, margin
-from murmur.node.report import hospital_warnings, write_html_report
+from murmur.node.report import write_html_report
+from murmur.node.report_values import hospital_warnings
 
 
 def brute_force_delong(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
