@@ -122,11 +122,12 @@ def _summary_rows(report: dict[str, Any], hospitals: list[dict[str, Any]]) -> li
         ("seed", report.get("seed")),
         ("seconds", report.get("seconds")),
         ("bytes sent", report.get("bytes_sent")),
-        ("mean AUC (honest nodes)", report.get("mean_auc")),
-        ("mean AUC on all hospitals' test rows", (report.get("whole_test") or {}).get("mean_auc")),
     ]
     name = "C-index" if is_survival(report) else "AUC"
     rows.append((f"mean {name} (honest nodes)", report.get(_mean_field(report))))
+    whole = (report.get("whole_test") or {}).get("mean_auc")
+    if whole is not None:  # each final model on every hospital's test rows together
+        rows.append(("mean AUC on all hospitals' test rows", whole))
     for kind, title in BASELINE_KINDS:
         if (report.get("baselines") or {}).get(kind):
             rows.append((f"baseline mean {name}, {title}", baseline_mean(report, kind)))

@@ -395,11 +395,11 @@ def test_a_node_trains_and_evaluates_without_scikit_learn_or_the_torch_compiler(
 
     script = (
         "import sys\n"
-        "import node.node\n"
-        "from models.data import load_dataset\n"
-        "from models.metrics import clinical_metrics\n"
-        "from models.nets import build_model\n"
-        "from models.training import LocalTrainer, TrainingSettings, choose_threshold, "
+        "import murmur.node.node\n"
+        "from murmur.models.data import load_dataset\n"
+        "from murmur.models.metrics import clinical_metrics\n"
+        "from murmur.models.nets import build_model\n"
+        "from murmur.models.training import LocalTrainer, TrainingSettings, choose_threshold, "
         "predict_proba\n"
         "h = load_dataset('breast-cancer', num_hospitals=3, seed=0)[1]\n"
         "model = build_model('mlp', h.input_shape, seed=0)\n"
