@@ -24,13 +24,13 @@ PERSONAL_FIELDS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specifici
 
 def whole_test_auc(config_paths: Sequence[Path]) -> dict[str, float | None]:
     """node name -> AUC of its final checkpointed model on all nodes' test rows together."""
-    from murmur.models.data import load_dataset
     from murmur.models.metrics import roc_auc
     from murmur.models.nets import build_model
     from murmur.models.params import set_state
     from murmur.models.training import predict_proba
     from murmur.node.checkpoint import checkpoint_path, decode_checkpoint
     from murmur.node.config import load_config
+    from murmur.node.study import load_splits
 
     results: dict[str, float | None] = {}
     cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
@@ -40,18 +40,7 @@ def whole_test_auc(config_paths: Sequence[Path]) -> dict[str, float | None]:
         preprocessing = d.resolved_preprocessing(config.privacy.enabled)
         key = (d.dataset, str(d.path), d.num_hospitals, d.seed, d.alpha, preprocessing)
         if key not in cache:
-            splits = load_dataset(
-                d.dataset,
-                path=str(d.path) if d.path else None,
-                num_hospitals=d.num_hospitals,
-                seed=d.seed,
-                alpha=d.alpha,
-                label=d.label,
-                site=d.site,
-                test_fraction=d.test_fraction,
-                preprocessing=preprocessing,
-                reference=d.reference,
-            )
+            splits = load_splits(config)
             cache[key] = (
                 np.concatenate([s.x_test for s in splits]),
                 np.concatenate([s.y_test for s in splits]),

@@ -28,11 +28,11 @@ log = logging.getLogger("murmur.node")
 State = dict[str, np.ndarray]
 
 
-def load_own_data(config: NodeConfig) -> HospitalSplit:
-    """This hospital's split of the configured data set (StartupError naming the fix when the
-    configured hospital is not in it)."""
+def load_splits(config: NodeConfig) -> list[HospitalSplit]:
+    """Every hospital's split of the configured data set, as each node of the network loads
+    it (the same seed, preprocessing and schema options everywhere)."""
     d = config.data
-    splits = load_dataset(
+    return load_dataset(
         d.dataset,
         path=str(d.path) if d.path else None,
         num_hospitals=d.num_hospitals,
@@ -46,6 +46,13 @@ def load_own_data(config: NodeConfig) -> HospitalSplit:
         positive=d.positive,
         not_identifying=tuple(d.not_identifying),
     )
+
+
+def load_own_data(config: NodeConfig) -> HospitalSplit:
+    """This hospital's split of the configured data set (StartupError naming the fix when the
+    configured hospital is not in it)."""
+    d = config.data
+    splits = load_splits(config)
     names = [s.name for s in splits]
     if d.hospital in names:
         return splits[names.index(d.hospital)]
