@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -163,28 +162,8 @@ def place_on_hosts(net: Any, lab: Lab) -> None:
 
 
 def start_on_host(net: Any, lab: Lab, name: str) -> subprocess.Popen:
-    from tests.netutil import REPO
-
-    node = net.node(name)
-    node.log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(node.log_path, "ab")  # noqa: SIM115 - Popen keeps its own copy
-    proc = subprocess.Popen(
-        [
-            *lab.prefix(name),
-            sys.executable,
-            "-m",
-            "murmur.node.cli",
-            "node",
-            "--config",
-            str(node.config_path),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    log.close()
-    net.procs[name] = proc
-    return proc
+    """Start a node process inside its host's network namespace."""
+    return net.start(name, prefix=lab.prefix(name))
 
 
 def _toml(doc: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import sys
 import time
 import tomllib
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,14 @@ class Network:
         doc.setdefault(section, {}).update(values)
         path.write_text(run_cluster.to_toml(doc))
 
-    def start(self, name: str, *extra: str) -> subprocess.Popen:
+    def start(self, name: str, *extra: str, prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """Start one node process; `prefix` wraps the command (e.g. `ip netns exec HOST`)."""
         node = self.node(name)
         node.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(node.log_path, "ab")  # noqa: SIM115 - closed after Popen duplicates it
         proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "murmur.node.cli",
