@@ -115,6 +115,18 @@ def make_network(tmp_path: Path, *args: str) -> Network:
     return Network(tmp_path, nodes)
 
 
+def plain_network(
+    tmp_path: Path, *extra: str, nodes: int = 3, rounds: int = 3, round_timeout_s: int = 20
+) -> Network:
+    """A small network with no DP and a plain mean, for tests of transport rather than
+    learning: `nodes` hospitals, `rounds` rounds, `extra` further run_cluster options."""
+    return make_network(
+        tmp_path,
+        *("--nodes", str(nodes), "--rounds", str(rounds), "--no-dp", "--aggregator", "mean"),
+        *("--round-timeout", str(round_timeout_s), *extra),
+    )
+
+
 def run_in_process(argv: list[str], out: Path) -> tuple[dict[str, Any], list[Any]]:
     """run_cluster.py ARGV as bench/byzantine.py runs it: the real node round loops in this
     process, envelopes handed over by direct calls. Returns the report and the nodes."""

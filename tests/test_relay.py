@@ -283,20 +283,9 @@ def _in_process_run(tmp_path: Path, broker: FaultyBroker | None) -> dict[str, di
     from murmur.node.node import HospitalNode
 
     from bench.byzantine import MemoryTransport
-    from tests.netutil import make_network
+    from tests.netutil import plain_network
 
-    net = make_network(
-        tmp_path,
-        "--nodes",
-        "3",
-        "--rounds",
-        "3",
-        "--no-dp",
-        "--aggregator",
-        "mean",
-        "--round-timeout",
-        "30",
-    )
+    net = plain_network(tmp_path, round_timeout_s=30)
     hospitals = [HospitalNode(load_config(n.config_path)) for n in net.nodes]
     by_address = {n.address: h for n, h in zip(net.nodes, hospitals, strict=True)}
 
@@ -351,21 +340,10 @@ def test_a_broker_that_drops_messages_costs_contributions_never_a_round(tmp_path
 @needs_nats
 @pytest.mark.slow
 def test_a_network_with_a_relay_only_hospital_finishes(tmp_path: Path) -> None:
-    from tests.netutil import make_network
+    from tests.netutil import plain_network
     from tests.relayutil import free_port, kill_group, start_relay_cli, use_relay
 
-    net = make_network(
-        tmp_path,
-        "--nodes",
-        "3",
-        "--rounds",
-        "3",
-        "--no-dp",
-        "--aggregator",
-        "mean",
-        "--round-timeout",
-        "20",
-    )
+    net = plain_network(tmp_path, round_timeout_s=20)
     port = free_port()
     pubs = sorted((tmp_path / "keys").glob("*.pub"))
     relay = start_relay_cli(tmp_path / "relay", pubs, f"127.0.0.1:{port}")

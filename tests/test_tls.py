@@ -19,7 +19,7 @@ from murmur.node.cli import main
 from murmur.node.config import ConfigError, parse_config
 from murmur.node.tls import client_tls
 
-from tests.netutil import Network, build_node, make_network
+from tests.netutil import Network, build_node, plain_network
 
 
 def _selfsigned(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
@@ -154,18 +154,7 @@ def _use_https(net: Network, *, client_certs: bool) -> None:
 
 @pytest.mark.slow
 def test_three_nodes_learn_over_https_with_pinned_client_certificates(tmp_path: Path) -> None:
-    net = make_network(
-        tmp_path,
-        "--nodes",
-        "3",
-        "--rounds",
-        "3",
-        "--no-dp",
-        "--aggregator",
-        "mean",
-        "--round-timeout",
-        "20",
-    )
+    net = plain_network(tmp_path, round_timeout_s=20)
     _use_https(net, client_certs=True)
     try:
         net.start_all()
