@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS studies (
     steps_taken INTEGER NOT NULL,
     finished INTEGER NOT NULL DEFAULT 0,
     admitted_at REAL NOT NULL,
+    public_key TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (dataset, study)
 );
 """
@@ -76,6 +77,7 @@ class StudyRun:
     planned_steps: int
     steps_taken: int = 0
     finished: bool = False
+    public_key: str = ""  # the node key that runs it (hex); one running study per key
 
     @property
     def counted_steps(self) -> int:
@@ -137,10 +139,10 @@ class SiteBudgetStore:
     def runs(self, dataset: str, conn: sqlite3.Connection | None = None) -> list[StudyRun]:
         rows = (conn or self._conn).execute(
             "SELECT study, name, noise_multiplier, sample_rate, planned_steps, steps_taken, "
-            "finished FROM studies WHERE dataset = ? ORDER BY admitted_at, study",
+            "finished, public_key FROM studies WHERE dataset = ? ORDER BY admitted_at, study",
             (dataset,),
         )
-        return [StudyRun(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+        return [StudyRun(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
 
     def spent(self, budget: DatasetBudget, runs: list[StudyRun] | None = None) -> float:
         """The data set's ε at the site's δ: every run composed in one PLD accountant."""
@@ -155,6 +157,19 @@ class SiteBudgetStore:
             held = {r.study: r for r in runs}
             if run.study in held:
                 return self.spent(budget, runs), self._position(conn)
+            shared = conn.execute(
+                "SELECT name, study FROM studies WHERE public_key = ? AND public_key != '' "
+                "AND finished = 0",
+                (run.public_key,),
+            ).fetchone()
+            if shared is not None:
+                raise BudgetRefused(
+                    f"study {run.name} would run under the node key {run.public_key[:16]}..., "
+                    f"which study {shared[0]} ({shared[1][:16]}...) still uses: "
+                    "neighbours keep one audit head and one receipt per key and round, so two "
+                    "studies under one key look like equivocation. Fix: give each study's node "
+                    "its own key (`murmur keygen`)"
+                )
             before = self.spent(budget, runs)
             after = self.spent(budget, [*runs, run])
             alone = composed_epsilon([run.event()], budget.delta)
@@ -173,7 +188,7 @@ class SiteBudgetStore:
                     "smaller ε or fewer rounds, or raise the site's max_epsilon for this data set"
                 )
             conn.execute(
-                "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (
                     budget.name,
                     run.study,
@@ -183,6 +198,7 @@ class SiteBudgetStore:
                     run.planned_steps,
                     run.steps_taken,
                     time.time(),
+                    run.public_key,
                 ),
             )
             self._bump(conn)
