@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from murmur.crypto.identity import generate_identity
+from murmur.node.config import ConfigError, parse_config
 from murmur.models.privacy import composed_epsilon, epsilon_for
 from murmur.node.studies.approvals import (
     ApprovalBook,
@@ -240,3 +241,52 @@ def test_two_processes_cannot_both_take_the_last_budget(tmp_path: Path) -> None:
     for t in threads:
         t.join(timeout=60)
     assert sorted(results) == ["admitted", "refused"]
+
+
+# ------------------------------------------------------------------ the node config
+
+NODE = {
+    "node": {"name": "hospital_a", "key_file": "a.key", "state_dir": "state"},
+    "data": {"hospital": "hospital_0"},
+}
+BC = {**CONTENT, "data": {"dataset": "breast-cancer", "num_hospitals": 3}}
+
+
+def _signed(tmp_path: Path, alice, content=BC) -> Path:
+    path = tmp_path / "study.json"
+    write_manifest(sign_manifest(content, alice), path)
+    return path
+
+
+def test_the_manifest_fills_the_sections_it_fixes(tmp_path: Path, alice) -> None:
+    path = _signed(tmp_path, alice)
+    config = parse_config({**NODE, "study": {"manifest": "study.json"}}, base_dir=tmp_path)
+    assert config.privacy.epsilon == 2.0 and config.privacy.delta == 1e-5
+    assert config.training.rounds == 3 and config.aggregation.rule == "trimmed_mean"
+    assert config.data.num_hospitals == 3 and config.data.hospital == "hospital_0"
+    pinned = {"manifest": str(path), "sha256": "0" * 64}
+    with pytest.raises(ConfigError, match="study_hash_mismatch"):
+        parse_config({**NODE, "study": pinned}, base_dir=tmp_path)
+
+
+def test_a_node_config_cannot_widen_an_approved_study(tmp_path: Path, alice) -> None:
+    _signed(tmp_path, alice)
+    raw = {**NODE, "study": {"manifest": "study.json"}, "privacy": {"epsilon": 8.0}}
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon = 8\.0 in the node config"):
+        parse_config(raw, base_dir=tmp_path)
+    same = {**NODE, "study": {"manifest": "study.json"}, "privacy": {"epsilon": 2.0}}
+    assert parse_config(same, base_dir=tmp_path).privacy.epsilon == 2.0
+
+
+def test_site_budget_config_names_the_missing_field(tmp_path: Path) -> None:
+    store = {"store": "site.sqlite"}
+    with pytest.raises(ConfigError, match=r"site_budget\.datasets\.breast-cancer is missing"):
+        parse_config({**NODE, "site_budget": store}, base_dir=tmp_path)
+    lacking = {**store, "datasets": {"breast-cancer": {"max_epsilon": 4.0}}}
+    with pytest.raises(ConfigError, match="lacks delta"):
+        parse_config({**NODE, "site_budget": lacking}, base_dir=tmp_path)
+    full = {**store, "datasets": {"breast-cancer": {"max_epsilon": 4.0, "delta": 1e-5}}}
+    no_dp = {**NODE, "site_budget": full, "privacy": {"enabled": False}}
+    with pytest.raises(ConfigError, match="privacy.enabled = false, but data set"):
+        parse_config(no_dp, base_dir=tmp_path)
+    assert parse_config({**NODE, "site_budget": full}, base_dir=tmp_path).site_budget.store

@@ -4,9 +4,6 @@ same hospitals, sharing each hospital's site budget, composed by the accountant.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -14,73 +11,10 @@ import pytest
 from murmur.models.privacy import composed_epsilon
 from murmur.node.studies.site_budget import SiteBudgetStore
 
-from tests.netutil import REPO, Network, make_network
+from tests.netutil import Network
+from tests.studyutil import DELTA, approve, murmur, propose, site_budget, study_network
 
 pytestmark = pytest.mark.slow
-
-DELTA = 1e-5
-SITE = "site_budget"
-SITE_KEYS = {"hospital", "path", "reference"}  # the node's own, never the study's
-
-
-def murmur(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "murmur.node.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-
-
-def propose(tmp: Path, name: str, config_path: Path, key: Path) -> Path:
-    """A manifest signed with ``key``, built from the sections run_cluster wrote into
-    ``config_path``, so that the manifest and the configs agree."""
-    from run_cluster import to_toml
-
-    config = tomllib.loads(config_path.read_text())
-    draft = {"study": {"name": name, "topology": "both hospitals, complete graph"}}
-    for section in ("data", "model", "training", "privacy", "aggregation"):
-        draft[section] = {k: v for k, v in config[section].items() if k not in SITE_KEYS}
-    draft_path = tmp / f"{name}.toml"
-    draft_path.write_text(to_toml(draft))
-    manifest = tmp / f"{name}.json"
-    done = murmur("study", "propose", str(draft_path), "--key", str(key), "--out", str(manifest))
-    assert done.returncode == 0, done.stderr
-    return manifest
-
-
-def study_network(tmp: Path, name: str, epsilon: float, rounds: int = 2) -> tuple[Network, Path]:
-    """A 2-hospital network whose configs name one manifest, proposed by hospital_0."""
-    net = make_network(
-        tmp / name,
-        *("--nodes", "2", "--rounds", str(rounds), "--round-timeout", "5"),
-        *("--aggregator", "mean", "--dp-epsilon", str(epsilon), "--dp-delta", str(DELTA)),
-    )
-    key = net.run_dir / "keys" / "hospital_0.key"
-    manifest = propose(tmp, name, net.node("hospital_0").config_path, key)
-    for node in net.nodes:
-        net.edit_config(node.name, "study", manifest=str(manifest))
-        net.edit_config(node.name, "gossip", startup_timeout_s=3.0)
-    return net, manifest
-
-
-def approve(net: Network, name: str, manifest: Path) -> None:
-    node = net.node(name)
-    key = net.run_dir / "keys" / f"{name}.key"
-    done = murmur(
-        "study", "approve", str(manifest), "--state", str(node.state_dir), "--key", str(key)
-    )
-    assert done.returncode == 0 and "kept: study" in done.stdout, done.stderr
-
-
-def site_budget(net: Network, name: str, store: Path, max_epsilon: float) -> None:
-    net.edit_config(
-        name,
-        SITE,
-        store=str(store),
-        datasets={"breast-cancer": {"max_epsilon": max_epsilon, "delta": DELTA}},
-    )
 
 
 def manifest_id(manifest: Path) -> str:
@@ -193,3 +127,28 @@ def status_audit(net: Network, name: str) -> list[dict]:
     from murmur.node.audit import records_of_kind
 
     return [r.fields for r in records_of_kind(net.node(name).state_dir, "site_budget")]
+
+
+def test_a_quorum_of_approvals_is_gossiped_before_the_study_starts(tmp_path: Path) -> None:
+    net, manifest = study_network(tmp_path, "quorum", epsilon=1.0, rounds=1)
+    for name in ("hospital_0", "hospital_1"):
+        approve(net, name, manifest)
+        net.edit_config(name, "study", required_approvals=1, approval_wait_s=3.0)
+    try:
+        alone = net.start("hospital_0")
+        assert alone.wait(timeout=60) == 2
+        log = net.log("hospital_0")
+        assert "needs approvals from 1 other members" in log and "waiting on hospital_1" in log
+        for name in ("hospital_0", "hospital_1"):
+            net.edit_config(name, "study", approval_wait_s=60.0)
+        net.start_all()
+        assert net.wait_all(timeout_s=120) == {"hospital_0": 0, "hospital_1": 0}
+        for name in ("hospital_0", "hospital_1"):
+            status = net.final_status(name)
+            assert status["phase"] == "done"
+            assert status["study"]["approved_by"] == ["hospital_0", "hospital_1"]
+            assert status["history"][-1]["received"] == [
+                "hospital_1" if name == "hospital_0" else "hospital_0"
+            ]
+    finally:
+        net.kill_all()
