@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from murmur.crypto.identity import generate_identity
-from murmur.node.config import ConfigError, parse_config
 from murmur.models.privacy import composed_epsilon, epsilon_for
+from murmur.node.config import ConfigError, parse_config
 from murmur.node.studies.approvals import (
     ApprovalBook,
     ApprovalError,
@@ -287,6 +287,6 @@ def test_site_budget_config_names_the_missing_field(tmp_path: Path) -> None:
         parse_config({**NODE, "site_budget": lacking}, base_dir=tmp_path)
     full = {**store, "datasets": {"breast-cancer": {"max_epsilon": 4.0, "delta": 1e-5}}}
     no_dp = {**NODE, "site_budget": full, "privacy": {"enabled": False}}
-    with pytest.raises(ConfigError, match="privacy.enabled = false, but data set"):
+    with pytest.raises(ConfigError, match=r"privacy\.enabled = false, but data set"):
         parse_config(no_dp, base_dir=tmp_path)
     assert parse_config({**NODE, "site_budget": full}, base_dir=tmp_path).site_budget.store
