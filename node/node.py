@@ -108,13 +108,7 @@ class HospitalNode:
             retention=RetentionPolicy(max_age_days=config.audit.retention_days),
         )
         # The study's manifest, its approvals and its share of the site budget (node/studies/).
-        self.gate = StudyGate(
-            config,
-            identity=self.identity,
-            peers=self.peers,
-            audit=self.audit,
-            refuse=lambda *a, **k: self.record_rejection(*a, **k),
-        )
+        self.gate = StudyGate(config, self.identity, self.peers, self.audit, self.record_rejection)
         # Each peer's newest signed audit head, POST /receipts, the startup check.
         self.rollback = RollbackGuard(
             identity=self.identity,

@@ -16,7 +16,7 @@ from murmur.node.node import HospitalNode, StartupError
 from murmur.node.studies.approvals import approve as sign_approval
 from murmur.node.studies.manifest import load_manifest
 
-from tests.studyutil import approve, study_network
+from tests.studyutil import approve, site_budget, study_network
 
 
 @pytest.fixture
@@ -71,3 +71,33 @@ def test_bad_approvals_are_refused_counted_and_not_kept(node_and_keys) -> None:
     node.audit.wait_durable(5)
     kept = records_of_kind(node.state_dir, "study_approval")
     assert [r.fields["approver"] for r in kept] == ["hospital_0", "hospital_1"]
+
+
+def test_a_site_budget_store_put_back_or_replaced_stops_the_node(tmp_path: Path) -> None:
+    net, manifest = study_network(tmp_path, "delta", epsilon=1.0, rounds=1)
+    approve(net, "hospital_0", manifest)
+    store = tmp_path / "site.sqlite"
+    site_budget(net, "hospital_0", store, max_epsilon=5.0)
+    config_path = net.node("hospital_0").config_path
+
+    def admit_once() -> None:
+        node = HospitalNode(load_config(config_path))
+        try:
+            node.gate.admit(node.study.ledger)
+        finally:
+            node.gate.close()
+            node.audit.close()
+
+    admit_once()
+    old = store.read_bytes()  # a copy taken after the admission
+    node = HospitalNode(load_config(config_path))
+    node.gate.admit(node.study.ledger)
+    node.gate.record(node.study.ledger, 1)  # a later write, recorded in the audit log
+    node.gate.close()
+    node.audit.close()
+    store.write_bytes(old)
+    with pytest.raises(StartupError, match="put back to an earlier copy"):
+        admit_once()
+    store.unlink()
+    with pytest.raises(StartupError, match="deleted or replaced"):
+        admit_once()

@@ -183,23 +183,7 @@ def _parse_body(
     The tensors become read-only numpy views of ``plaintext``: no copy of the model is made.
     Returns the update and the sender's audit head (not yet checked against the signature).
     """
-    if len(plaintext) < _BODY_HEADER_LENGTH.size:
-        raise _malformed("the body is shorter than its header length field")
-    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
-    data_start = _BODY_HEADER_LENGTH.size + header_length
-    if data_start > len(plaintext):
-        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
-    header = _unpack(
-        memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
-        "the body header",
-        limits,
-        max_bin_len=MAX_PROOF_BYTES,
-    )
-    if not isinstance(header, dict) or set(header) - {STUDY_FIELD} != set(BODY_FIELDS):
-        raise _malformed(
-            f"the body header must be a map with exactly {list(BODY_FIELDS)}, and {STUDY_FIELD!r} "
-            "for a study's update"
-        )
+    header, data_start = _body_header(plaintext, limits)
     _check_study(header.get(STUDY_FIELD), study)
     entries = header["tensors"]
     if type(entries) is not list:
@@ -258,6 +242,28 @@ def _parse_body(
         proofs=proofs,
     )
     return update, head
+
+
+def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict[str, Any], int]:
+    """The body's msgpack header, its fields checked, and where the tensor bytes start."""
+    if len(plaintext) < _BODY_HEADER_LENGTH.size:
+        raise _malformed("the body is shorter than its header length field")
+    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
+    data_start = _BODY_HEADER_LENGTH.size + header_length
+    if data_start > len(plaintext):
+        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
+    header = _unpack(
+        memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
+        "the body header",
+        limits,
+        max_bin_len=MAX_PROOF_BYTES,
+    )
+    if not isinstance(header, dict) or set(header) - {STUDY_FIELD} != set(BODY_FIELDS):
+        raise _malformed(
+            f"the body header must be a map with exactly {list(BODY_FIELDS)}, and {STUDY_FIELD!r} "
+            "for a study's update"
+        )
+    return header, data_start
 
 
 def _check_study(sent: Any, expected: bytes | None) -> None:

@@ -63,7 +63,6 @@ class StudyGate:
     def __init__(
         self,
         config: NodeConfig,
-        *,
         identity: Identity,
         peers: list[Peer],
         audit: AuditLog,
