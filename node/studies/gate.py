@@ -18,6 +18,7 @@ the next start), and releases the unspent plan when the study finishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -50,7 +51,8 @@ from murmur.node.studies.site_budget import (
 
 log = logging.getLogger("murmur.studies")
 
-APPROVALS_INTERVAL_S = 3.0
+APPROVALS_INTERVAL_S = 3.0  # while this node still waits for approvals
+APPROVALS_IDLE_INTERVAL_S = 30.0  # after: peer listeners' request allowance is small
 SITE_BUDGET_RECORD = "site_budget"
 APPROVAL_RECORD = "study_approval"
 
@@ -79,6 +81,8 @@ class StudyGate:
         if config.study.manifest is not None:
             self.manifest = load_manifest(config.study.manifest, config.study.sha256)
         self.book = ApprovalBook(self.state_dir)
+        # Set when a new approval was kept: its sender is up, and may be waiting for ours.
+        self.changed = asyncio.Event()
         self.store: SiteBudgetStore | None = None
         self.budget: DatasetBudget | None = None
         self.site_epsilon: float | None = None
@@ -187,6 +191,7 @@ class StudyGate:
                 approval = parse_approval(document)
                 member = check_approval(approval, studies=studies, members=self.members)
                 if self.book.offer(approval):
+                    self.changed.set()
                     self.audit.append(
                         APPROVAL_RECORD,
                         round_,
@@ -302,20 +307,24 @@ class StudyGate:
 async def exchange_approvals(
     gate: StudyGate, peers: list[Peer], transport: RecordsTransport, stop: asyncio.Event
 ) -> None:
-    """Until ``stop``: offer this study's approvals to every neighbour, every few seconds (a
-    neighbour that starts later still needs them; duplicates cost it nothing)."""
+    """Until ``stop``: offer this study's approvals to every neighbour; every few seconds while
+    this node waits for approvals, every 30 s after, and at once when a new one arrived (its
+    sender is up and may be waiting for ours). Duplicates cost a receiver nothing."""
     if gate.manifest is None:
         return
     while not stop.is_set():
+        gate.changed.clear()
         body = gate.held_approvals()
         async with asyncio.TaskGroup() as group:
             for peer in peers:
                 group.create_task(transport.post_records(peer, body, "/approvals"))
-        try:
-            async with asyncio.timeout(APPROVALS_INTERVAL_S):
-                await stop.wait()
-        except TimeoutError:
-            pass
+        waiting = gate.approvals_missing() > 0
+        interval = APPROVALS_INTERVAL_S if waiting else APPROVALS_IDLE_INTERVAL_S
+        deadline = time.monotonic() + interval
+        while not (stop.is_set() or gate.changed.is_set()) and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
 
 
 async def await_quorum(gate: StudyGate, stop: asyncio.Event) -> None:
