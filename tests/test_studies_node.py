@@ -16,7 +16,7 @@ from murmur.node.node import HospitalNode, StartupError
 from murmur.node.studies.approvals import approve as sign_approval
 from murmur.node.studies.manifest import load_manifest
 
-from tests.studyutil import approve, site_budget, study_network
+from tests.studyutil import approve, propose, site_budget, study_network
 
 
 @pytest.fixture
@@ -101,3 +101,18 @@ def test_a_site_budget_store_put_back_or_replaced_stops_the_node(tmp_path: Path)
     store.unlink()
     with pytest.raises(StartupError, match="deleted or replaced"):
         admit_once()
+
+
+def test_a_checkpoint_does_not_resume_under_another_study(tmp_path: Path) -> None:
+    from murmur.node.checkpoint import CheckpointError
+
+    net, manifest = study_network(tmp_path, "first", epsilon=1.0, rounds=1)
+    approve(net, "hospital_0", manifest)
+    config_path = net.node("hospital_0").config_path
+    HospitalNode(load_config(config_path)).audit.close()  # checkpoint of round 0, study "first"
+    key = net.run_dir / "keys" / "hospital_0.key"
+    second = propose(tmp_path, "second", config_path, key)  # the same fields, another study
+    net.edit_config("hospital_0", "study", manifest=str(second), sha256=load_manifest(second).id)
+    approve(net, "hospital_0", second)
+    with pytest.raises(CheckpointError, match=r"study\.sha256"):
+        HospitalNode(load_config(config_path))

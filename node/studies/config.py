@@ -111,7 +111,8 @@ def merge_manifest(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         manifest = load_manifest(full, pin if isinstance(pin, str) else None)
     except ManifestError as exc:
         raise ConfigError(f"study.manifest {full}: {exc}; fix: use the file as signed") from None
-    merged = dict(raw)
+    # The hash the config was loaded with, as a pin: the checkpoint binds it (node/binding.py).
+    merged = {**raw, "study": {**study, "sha256": manifest.id}}
     for section in STUDY_SECTIONS:
         fixed = manifest.section(section)
         if not fixed:
