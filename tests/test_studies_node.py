@@ -116,3 +116,17 @@ def test_a_checkpoint_does_not_resume_under_another_study(tmp_path: Path) -> Non
     approve(net, "hospital_0", second)
     with pytest.raises(CheckpointError, match=r"study\.sha256"):
         HospitalNode(load_config(config_path))
+
+
+def test_config_check_names_nodes_of_different_studies(tmp_path: Path) -> None:
+    from murmur.node.config_check import check_configs
+
+    net, _ = study_network(tmp_path, "same", epsilon=1.0, rounds=1)
+    paths = [n.config_path for n in net.nodes]
+    _, findings = check_configs(paths)
+    assert not [f for f in findings if "study.sha256" in str(f)]
+    key = net.run_dir / "keys" / "hospital_1.key"
+    other = propose(tmp_path, "other", paths[1], key)
+    net.edit_config("hospital_1", "study", manifest=str(other))
+    _, findings = check_configs(paths)
+    assert [f.level for f in findings if "study.sha256" in str(f)] == ["error"]
