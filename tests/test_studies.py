@@ -290,3 +290,43 @@ def test_site_budget_config_names_the_missing_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"privacy\.enabled = false, but data set"):
         parse_config(no_dp, base_dir=tmp_path)
     assert parse_config({**NODE, "site_budget": full}, base_dir=tmp_path).site_budget.store
+
+
+def test_study_commands_propose_approve_import_and_list(tmp_path: Path, capsys) -> None:
+    from murmur.crypto.identity import save_identity
+    from murmur.node.audit import records_of_kind
+    from murmur.node.cli import main
+
+    keys = {}
+    for name in ("h0", "h1"):
+        identity = generate_identity(name)
+        keys[name] = tmp_path / f"{name}.key"
+        save_identity(identity, tmp_path)
+    draft = tmp_path / "draft.toml"
+    draft.write_text('[study]\nname = "s"\n[privacy]\nepsilon = 1.0\ndelta = 1e-5\n')
+    study = tmp_path / "study.json"
+    assert (
+        main(["study", "propose", str(draft), "--key", str(keys["h0"]), "--out", str(study)]) == 0
+    )
+    sid = load_manifest(study).id
+    shared = tmp_path / "h1-approval.json"
+    h1_state, h0_state = tmp_path / "h1", tmp_path / "h0"
+    args = ["--state", str(h1_state), "--key", str(keys["h1"]), "--out", str(shared)]
+    assert main(["study", "approve", str(study), *args]) == 0
+    assert (
+        main(["study", "import", str(shared), "--state", str(h0_state), "--key", str(keys["h0"])])
+        == 0
+    )
+    again = ["study", "import", str(shared), "--state", str(h0_state), "--key", str(keys["h0"])]
+    assert main(again) == 0 and "already held" in capsys.readouterr().out
+    assert main(["study", "list", "--state", str(h0_state)]) == 0
+    assert f"{sid}  h1" in capsys.readouterr().out
+    assert [r.fields["approver"] for r in records_of_kind(h0_state, "study_approval")] == ["h1"]
+    forged = json.loads(shared.read_text())
+    forged["expires_at"] += 1
+    shared.write_text(json.dumps(forged))
+    assert (
+        main(["study", "import", str(shared), "--state", str(h0_state), "--key", str(keys["h0"])])
+        == 2
+    )
+    assert "approval_forged" in capsys.readouterr().err
