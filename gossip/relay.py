@@ -352,9 +352,11 @@ class RelayTransport:
         reason, detail = parse_answer(status, answer.decode("utf-8", "replace"))
         return Contact.from_answer(status, reason, detail, source="probe")
 
-    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+    async def post_records(
+        self, peer: Peer, body: bytes, path: str = "/records"
+    ) -> tuple[int | None, str]:
         status, answer, failure = await self._request(
-            peer, "/records", body, RECORDS_CONTENT_TYPE, self.send_timeout_s
+            peer, path, body, RECORDS_CONTENT_TYPE, self.send_timeout_s
         )
         if status is None:
             return None, failure

@@ -98,13 +98,15 @@ class RoutedTransport:
             (c for c in contacts if c.reach is not Reach.UNREACHABLE), contacts[0]
         )
 
-    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+    async def post_records(
+        self, peer: Peer, body: bytes, path: str = "/records"
+    ) -> tuple[int | None, str]:
         peer = self._where(peer)
         if peer.address and self.direct is not None:
-            status, reason = await self.direct.post_records(peer, body)
+            status, reason = await self.direct.post_records(peer, body, path)
             if status is not None:
                 return status, reason
-        answers = await _all(r.post_records(peer, body) for r in self._relays_of(peer))
+        answers = await _all(r.post_records(peer, body, path) for r in self._relays_of(peer))
         return next((a for a in answers if a[0] is not None), (None, "no route"))
 
 

@@ -88,7 +88,9 @@ class RecordsTransport(Transport, Protocol):
     """A transport that also carries signed peer records (node/records.py), as the three
     above do; the round loop itself never needs it."""
 
-    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]: ...
+    async def post_records(
+        self, peer: Peer, body: bytes, path: str = "/records"
+    ) -> tuple[int | None, str]: ...
 
 
 class TlsKeyMismatch(aiohttp.ClientConnectionError):
@@ -411,14 +413,17 @@ class PeerTransport:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
 
-    async def post_records(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
-        """POST signed peer records (gossip/peer_records.py) to a peer's /records: (status,
-        reason code), (None, why) without an answer. Never raises for network trouble."""
+    async def post_records(
+        self, peer: Peer, body: bytes, path: str = "/records"
+    ) -> tuple[int | None, str]:
+        """POST signed records to a peer: peer records (gossip/peer_records.py) to /records,
+        study approvals (node/studies/) to /approvals: (status, reason code), (None, why)
+        without an answer. Never raises for network trouble."""
         try:
             async with self.session.post(
-                self._url(peer, "/records"),
+                self._url(peer, path),
                 data=body,
-                headers=self.headers(peer, "/records", body, RECORDS_CONTENT_TYPE),
+                headers=self.headers(peer, path, body, RECORDS_CONTENT_TYPE),
                 allow_redirects=False,
             ) as response:
                 reply = await self._read_reply(response)

@@ -144,6 +144,24 @@ def epsilon_for(
     return float(acc.get_epsilon(delta))
 
 
+def composed_epsilon(
+    runs: list[tuple[float, float, int]], delta: float, accountant: str = "pld"
+) -> float:
+    """Epsilon at `delta` of several DP-SGD runs on the same patients, composed in one
+    accountant: `runs` are (noise multiplier, sample rate, steps). This is how a hospital's
+    studies add up on one data set (node/studies/site_budget.py); under PLD it is tighter than
+    the sum of their epsilons, and never looser."""
+    _check_accountant(accountant)
+    acc = _fresh_accountant(accountant)
+    composed = False
+    for sigma, q, steps in runs:
+        _check_mechanism(sigma, q, steps, delta)
+        if steps:
+            acc.compose(_dp_sgd_event(sigma, q, steps))
+            composed = True
+    return float(acc.get_epsilon(delta)) if composed else 0.0
+
+
 def calibrate_noise(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "pld"
 ) -> float:

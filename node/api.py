@@ -72,6 +72,7 @@ from murmur.node.operator_api import build_operator_app, load_operator_token
 from murmur.node.records import records_route
 from murmur.node.rejections import printable
 from murmur.node.rollback import receipts_route
+from murmur.node.studies.approvals import MAX_APPROVALS_BODY_BYTES
 from murmur.node.tls import peer_listener_tls
 
 if TYPE_CHECKING:
@@ -210,6 +211,7 @@ def build_peer_app(node: ServedNode) -> web.Application:
     add_peer_route(app, "/receipts", receipts_route, REQUEST_BYTES)
     add_peer_route(app, "/probe", probe, PROBE_BYTES)
     add_peer_route(app, "/records", records_route, MAX_RECORDS_BYTES)
+    add_peer_route(app, "/approvals", approvals_route, MAX_APPROVALS_BODY_BYTES)
     app.router.add_get("/health", health)
     return app
 
@@ -441,6 +443,16 @@ async def probe(request: web.Request) -> web.Response:
         body, authenticated_peer(request).public_key
     )
     return web.json_response({"reason": reason}, status=status_code)
+
+
+async def approvals_route(request: web.Request) -> web.Response:
+    """`POST /approvals`: a neighbour's signed study approvals (node/studies/gate.py)."""
+    body = await read_peer_body(request)
+    if isinstance(body, web.Response):
+        return body
+    node = request.app[NODE_KEY]
+    status, reason = node.answer_approvals(body, authenticated_peer(request))
+    return web.json_response({"reason": reason}, status=status)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -73,6 +73,10 @@ BOUND_FIELDS: tuple[BoundField, ...] = (
     BoundField("privacy.max_grad_norm", "the DP noise was calibrated to this clipping bound"),
     BoundField("privacy.accountant", "the spend was accounted by another accountant"),
     BoundField("aggregation.rule", "the model was aggregated by another rule"),
+    BoundField(
+        "study.sha256",
+        "the rounds so far belong to another study (another manifest hash), approved apart",
+    ),
 )
 _BY_NAME = {f.name: f for f in BOUND_FIELDS}
 
@@ -120,6 +124,7 @@ def config_binding(
         "privacy.max_grad_norm": p.max_grad_norm if dp else None,
         "privacy.accountant": p.accountant if dp else None,
         "aggregation.rule": config.aggregation.rule,
+        "study.sha256": config.study.sha256,  # the manifest's hash (node/studies/), or None
     }
     return values
 

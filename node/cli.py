@@ -1,4 +1,5 @@
-"""The `murmur` command: keygen, key show, config check, node, tls-selfsigned, relay, audit.
+"""The `murmur` command: keygen, key show, config check, node, tls-selfsigned, relay, study,
+audit.
 
 Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
 line saying what is wrong and exit status 2, never a traceback.
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_relay_parser(sub)
 
+    from murmur.node.studies.cli import add_study_parser
+
+    add_study_parser(sub)
+
     _add_audit_commands(sub)
     return parser
 
@@ -172,6 +177,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from murmur.node.relay_cli import relay_command
 
         return relay_command(args)
+    if args.command == "study":
+        from murmur.node.studies.cli import study_command
+
+        return study_command(args)
     return run_audit(args)
 
 

@@ -51,6 +51,7 @@ from murmur.node.config_network import (
     PeerSection,
 )
 from murmur.node.net_config import RelaySection, TlsSection, check_network
+from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
 
 __all__ = [  # what callers import from here; each section lives in its own module
     "ConfigError",
@@ -88,6 +89,8 @@ class NodeConfig:
     relays: list[RelaySection] = field(default_factory=list)
     server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
+    study: StudySection = field(default_factory=StudySection)
+    site_budget: SiteBudgetSection = field(default_factory=SiteBudgetSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -125,6 +128,8 @@ class NodeConfig:
             self.logging,
             self.server_optimizer,
             self.personalization,
+            self.study,
+            self.site_budget,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -137,6 +142,7 @@ class NodeConfig:
         )
         if self.privacy.enabled:
             self._check_data_independent_training()
+        self._check_site_budget()
         host, _ = split_listen(self.node.listen)
         check_network(
             listen_host=host,
@@ -145,6 +151,27 @@ class NodeConfig:
             tls=self.tls,
             relays=self.relays,
             peers=[(p.name, p.address, p.relays) for p in self.peers],
+        )
+
+    def _check_site_budget(self) -> None:
+        """A node with a site budget trains only on data sets it names, and only under DP (a
+        study without DP has no ε to charge, so it would spend the data set without bound)."""
+        budget = self.site_budget
+        if budget.store is None:
+            return
+        dataset = self.data.dataset
+        require(
+            dataset in budget.datasets,
+            f"site_budget.datasets.{dataset}",
+            f"is missing: this node trains on {dataset!r}, and the site budget names only "
+            f"{sorted(budget.datasets) or 'no data set'}",
+            f"add [site_budget.datasets.{dataset}] with max_epsilon and delta",
+        )
+        require(
+            self.privacy.enabled,
+            "privacy.enabled",
+            f"= false, but data set {dataset!r} has a site budget",
+            "run the study with DP (privacy.enabled = true), or remove its site budget entry",
         )
 
     def _check_data_independent_training(self) -> None:
@@ -203,6 +230,8 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsSection,
     "server_optimizer": ServerOptimizerSection,
     "personalization": PersonalizationSection,
+    "study": StudySection,
+    "site_budget": SiteBudgetSection,
 }
 
 
@@ -233,6 +262,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:
         raise ConfigError(
             'missing section [node]: add name, key_file and state_dir, e.g. name = "hospital_a"'
         )
+    raw = merge_manifest(raw, base_dir)  # a [study] manifest fills the sections it fixes
     sections = {
         name: _build(cls, raw.get(name, {}), name, base_dir) for name, cls in _SECTIONS.items()
     }

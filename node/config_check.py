@@ -30,6 +30,11 @@ SHARED_FIELDS: tuple[tuple[str, str], ...] = (
     ("model.hidden", "peers refuse envelopes whose tensors do not fit their model"),
     ("data.dataset", "hospitals of one study train on one data set's features"),
     ("training.rounds", "a node that plans fewer rounds stops sharing before its peers"),
+    (
+        "study.sha256",
+        "each node refuses the envelopes of a study it does not run (unknown_study): they must "
+        "name the same signed manifest",
+    ),
 )
 
 

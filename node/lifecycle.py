@@ -104,6 +104,8 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
     from murmur.node.api import operator_token, start_api
 
     check_feasibility(node)
+    node.gate.check_manifest()  # a study runs only as its own operator approved it
+    node.gate.check_own_approval()
     token = operator_token(node.config)  # a readable token file stops the node here
     log.info("%s", start_line(node))
     ended = finished_already(node)
@@ -132,6 +134,7 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
         node.audit.sign_head()
         node.write_status()
         await api.close()
+        node.gate.close()
         node.audit.close()
         log.info(
             "node %s stopping at round %d: %s; ε spent %.3f",
@@ -147,15 +150,27 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     """Check for a rollback, then run the rounds, watching the parent process meanwhile. The
     transport stays open for the whole run, serving included: through a relay, this node is
     reached only while its relay connections are up (node/paths.py)."""
+    from murmur.node.background import running
     from murmur.node.paths import open_transport
+    from murmur.node.studies.gate import await_quorum, exchange_approvals
 
     finished = asyncio.Event()
-    async with open_transport(node) as transport:
+    async with (
+        open_transport(node) as transport,
+        running(exchange_approvals(node.gate, node.peers, transport, node.stop)),
+    ):
+        node.state.phase = "awaiting_approvals"
+        await await_quorum(node.gate, node.stop)
+        node.gate.admit(node.study.ledger)  # the site budget, before anything is trained
         await node.check_own_receipts(transport)
+        # After the rollback check: the site budget never counts less than the checked ledger.
+        node.gate.record(node.study.ledger, node.next_round - 1)
         async with asyncio.TaskGroup() as group:
             group.create_task(_watch_parent(node, finished))
             try:
                 await node.run_rounds(transport)
+                if node.state.phase in ("done", "budget_exhausted"):
+                    node.gate.record(node.study.ledger, node.state.round, finished=True)
                 node.write_status()
                 if serve_forever and not node.stop.is_set():
                     log.info("planned rounds done; serving until SIGTERM")

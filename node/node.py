@@ -53,6 +53,7 @@ from murmur.node.rollback import RollbackGuard, RolledBackError
 from murmur.node.rounds import RoundCoordinator
 from murmur.node.sharing import HonestSharing, Sender
 from murmur.node.state import NodeState, RoundRecord, StartupError
+from murmur.node.studies.gate import StudyGate
 from murmur.node.study import Study, load_own_data
 from murmur.node.threads import limit_numeric_threads
 
@@ -106,6 +107,8 @@ class HospitalNode:
             self.identity,
             retention=RetentionPolicy(max_age_days=config.audit.retention_days),
         )
+        # The study's manifest, its approvals and its share of the site budget (node/studies/).
+        self.gate = StudyGate(config, self.identity, self.peers, self.audit, self.record_rejection)
         # Each peer's newest signed audit head, POST /receipts, the startup check.
         self.rollback = RollbackGuard(
             identity=self.identity,
@@ -170,7 +173,12 @@ class HospitalNode:
             **parts,
         )
         self.opener = EnvelopeOpener(
-            self.identity, self.allowlist, self.study.spec, limits=self.limits, replay=self.replay
+            self.identity,
+            self.allowlist,
+            self.study.spec,
+            limits=self.limits,
+            replay=self.replay,
+            study=self.gate.wire_id,
         )
         self.receiver = Receiver(
             identity=self.identity,
@@ -198,6 +206,7 @@ class HospitalNode:
             evidence=self.evidence,
             sender=self.sender,
             own_head=self.own_head,
+            study=self.gate.wire_id,
         )
         self.rounds = RoundCoordinator(
             config,
@@ -283,6 +292,7 @@ class HospitalNode:
         )
         digest = self.store.save_checkpoint(ckpt)
         self.audit.append("checkpoint", r, checkpoint_sha256=digest)
+        self.gate.record(self.study.ledger, r)  # the site budget's count of this study's steps
         if self.study.ledger is not None:
             self.state.privacy = self.study.privacy_status()
             self.audit.append("privacy", r, **self.state.privacy)
@@ -367,6 +377,7 @@ class HospitalNode:
             info["rolled_back"] = name in self.state.rollback["proven"]
 
     def status(self) -> dict[str, Any]:
+        self.state.study = self.gate.status()
         return {**asdict(self.state), "audit": self.audit.counts_by_kind()}
 
     # ---------------------------------------------------------------- what the API calls
@@ -392,6 +403,10 @@ class HospitalNode:
         """Count, log and (for admitted senders) audit a refusal; `where`: the keywords of
         node/receiver.py's `Receiver.record_rejection` (sender, round_, source, ...)."""
         self.receiver.record_rejection(reason, detail, **where)
+
+    def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
+        """POST /approvals (node/studies/gate.py): (HTTP status, reason code)."""
+        return self.gate.answer_approvals(body, sender, self.inbox.current_round)
 
     def summarise_rejections(self, round_: int | None) -> None:
         self.receiver.summarise_rejections(round_)

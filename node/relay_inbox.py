@@ -43,6 +43,7 @@ from murmur.gossip.peer_records import MAX_RECORDS_BYTES
 from murmur.gossip.probe import PROBE_BYTES
 from murmur.gossip.relay import Frame, FrameError, RelayTransport, nkey_of
 from murmur.node.background import running
+from murmur.node.studies.approvals import MAX_APPROVALS_BODY_BYTES
 
 if TYPE_CHECKING:
     from murmur.gossip.nats_link import NatsLink
@@ -87,6 +88,7 @@ class RelayInbox:
             "/probe": PROBE_BYTES,
             "/receipts": REQUEST_BYTES,
             "/records": MAX_RECORDS_BYTES,
+            "/approvals": MAX_APPROVALS_BODY_BYTES,
         }
         self._tokens = {nkey_of(p.public_key): p for p in node.allowlist}
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
@@ -193,6 +195,9 @@ class RelayInbox:
             from murmur.node.records import answer_records
 
             status, reason = answer_records(node, body, peer)
+            return Answer(status, json.dumps({"reason": reason}).encode())
+        if path == "/approvals":
+            status, reason = node.answer_approvals(body, peer)
             return Answer(status, json.dumps({"reason": reason}).encode())
         status, _, payload = node.answer_receipts_request(body, peer.public_key)
         return Answer(status, payload)

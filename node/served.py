@@ -62,6 +62,10 @@ class ServedNode(Protocol):
         """POST /receipts: (HTTP status, content type, payload)."""
         ...
 
+    def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
+        """POST /approvals: (HTTP status, reason code)."""
+        ...
+
     def record_rejection(
         self,
         reason: str,

@@ -97,8 +97,10 @@ class HonestSharing:
         evidence: EvidenceBook,
         sender: Sender,
         own_head: Callable[[], AuditHead],
+        study: bytes | None = None,
     ) -> None:
         self._identity = identity
+        self._study = study  # the manifest hash every envelope names (node/studies/)
         self._peers = peers
         self._evidence = evidence
         self._sender = sender
@@ -110,5 +112,7 @@ class HonestSharing:
         receipts, proofs = self._evidence.outgoing(r)
         update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
         keys = [p.public_key for p in self._peers]
-        envelope = build_envelope(update, self._identity, keys, r, head=self._own_head())
+        envelope = build_envelope(
+            update, self._identity, keys, r, head=self._own_head(), study=self._study
+        )
         await self._sender.send(r, transport, self._peers, envelope, own_sha)

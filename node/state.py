@@ -65,3 +65,5 @@ class NodeState:
     neighbours: dict[str, Any] = field(default_factory=dict)
     # the personalized model's metrics (models/personal.py); the model itself is never shown
     personal: dict[str, Any] = field(default_factory=dict)
+    # the study (manifest hash, name, who approved it) and its site budget (node/studies/)
+    study: dict[str, Any] = field(default_factory=dict)

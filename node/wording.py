@@ -47,6 +47,14 @@ REASON_MEANINGS: dict[str, str] = {
     "bad_http": "not valid HTTP",
     "not_found": "a path this node does not serve",
     "method_not_allowed": "a method this node does not serve",
+    # studies (node/studies/): the envelope's study, and signed approvals on POST /approvals
+    "unknown_study": "it was for a study this node has not approved",
+    "approval_malformed": "not a well-formed study approval",
+    "approval_forged": "a study approval whose signature did not verify",
+    "approval_unknown_signer": "a study approval signed by a key that is not a member's",
+    "approval_expired": "a study approval past its expiry",
+    "approval_future": "a study approval dated ahead of this node's clock",
+    "approval_replayed": "an older study approval of an approver whose newer one is held",
     # a sender's own failures (gossip/transport.py SendResult.reason)
     "timeout": "the neighbour did not answer in time",
     "redirect": "the neighbour answered with a redirect, which is not followed",
@@ -208,6 +216,14 @@ def _describe_event(kind: str, f: dict[str, Any]) -> str:
         waited = f.get("waited_s")
         return f"ready to train with {names(f.get('counted'))}" + (
             f" after waiting {number(waited, 1)} s" if isinstance(waited, int | float) else ""
+        )
+    if kind == "study_approval":
+        return f"study {short_hash(f.get('study'))} approved by {f.get('approver')}"
+    if kind == "site_budget":
+        state = "finished, unspent plan released" if f.get("finished") else "running, plan reserved"
+        return (
+            f"site budget of {f.get('dataset')}: ε {number(f.get('epsilon_composed'))} of "
+            f"{number(f.get('max_epsilon'))} composed across studies ({state})"
         )
     if kind in ("peer_down", "peer_up"):
         state = "DOWN" if kind == "peer_down" else "up again"

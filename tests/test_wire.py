@@ -622,3 +622,40 @@ def test_round_trip_for_every_model_murmur_has(name: str) -> None:
     for key, array in state.items():
         np.testing.assert_array_equal(opened.update.tensors[key], array)
     assert state_sha256(opened.update.tensors) == state_sha256(state)
+
+
+# ------------------------------------------------------------------ the study an update is for
+
+STUDY_A = hashlib.sha256(b"study a").digest()
+STUDY_B = hashlib.sha256(b"study b").digest()
+
+
+def study_opener(study: bytes | None) -> EnvelopeOpener:
+    return EnvelopeOpener(BOB, ALLOWLIST, SPEC, study=study)
+
+
+def test_an_update_is_opened_only_by_a_node_of_its_study() -> None:
+    keys = [BOB.public_key]
+    for_a = build_envelope(small_update(), ALICE, keys, 7, now=NOW, study=STUDY_A)
+    opened = study_opener(STUDY_A).open(for_a, now=NOW)
+    assert opened.update.tensors.keys() == SPEC.keys()
+    assert reason_of(for_a, study_opener(STUDY_B)) is RejectReason.UNKNOWN_STUDY
+    assert reason_of(for_a, study_opener(None)) is RejectReason.UNKNOWN_STUDY
+    without = build_envelope(small_update(), ALICE, keys, 7, now=NOW)
+    assert reason_of(without, study_opener(STUDY_A)) is RejectReason.UNKNOWN_STUDY
+    assert study_opener(None).open(without, now=NOW).round == 7  # no study on either side
+    assert HTTP_STATUS[RejectReason.UNKNOWN_STUDY] == 409
+
+
+def test_the_study_is_signed_it_cannot_be_swapped_into_another_envelope() -> None:
+    """The study sits in the encrypted body, whose hash the sender signs: a body re-encoded
+    with another study no longer matches the signature."""
+    keys = [BOB.public_key]
+    for_a = build_envelope(small_update(), ALICE, keys, 7, now=NOW, study=STUDY_A)
+    for_b = build_envelope(small_update(), ALICE, keys, 7, now=NOW, study=STUDY_B)
+    a, b = _parse_envelope(for_a, WireLimits(), 10**7), _parse_envelope(for_b, WireLimits(), 10**7)
+    spliced = dataclasses.replace(a, body=b.body)
+    data = _envelope_prefix(spliced) + spliced.body
+    assert reason_of(data, study_opener(STUDY_B)) is RejectReason.BAD_SIGNATURE
+    with pytest.raises(ValueError, match="32-byte"):
+        build_envelope(small_update(), ALICE, keys, 7, study=b"short")

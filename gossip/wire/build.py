@@ -34,6 +34,8 @@ from murmur.gossip.wire.format import (
     KINDS,
     MAX_UINT63,
     PROTOCOL_VERSION,
+    STUDY_FIELD,
+    STUDY_ID_BYTES,
     WIRE_DTYPES,
     ModelUpdate,
     _body_associated_data,
@@ -55,12 +57,15 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     return dtype_name, np.require(array, dtype=WIRE_DTYPES[dtype_name], requirements="C")
 
 
-def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
+def _encode_body(
+    update: ModelUpdate, head: AuditHead | None = None, study: bytes | None = None
+) -> bytes:
     """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
 
     Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
     body without another copy; the sender still assembles the body in one copy (one join).
     ``head`` (default: no audit log) is the sender's audit head, whose digest it signs.
+    ``study``: the 32-byte manifest hash of the sender's study, or None (no field) without one.
     """
     if not isinstance(update, ModelUpdate):
         raise TypeError("build_envelope needs a ModelUpdate")
@@ -92,15 +97,18 @@ def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
         dtype_name, array = _wire_array(name, array)
         tensors.append([name, dtype_name, list(array.shape)])
         data.append(array.reshape(-1).view(np.uint8).data)
-    header = msgpack.packb(
-        {
-            "tensors": tensors,
-            "metrics": metrics,
-            "receipts": [receipt.encode() for receipt in update.receipts],
-            "proofs": [proof.encode() for proof in update.proofs],
-            "audit_head": head.encode(),
-        }
-    )
+    fields = {
+        "tensors": tensors,
+        "metrics": metrics,
+        "receipts": [receipt.encode() for receipt in update.receipts],
+        "proofs": [proof.encode() for proof in update.proofs],
+        "audit_head": head.encode(),
+    }
+    if study is not None:
+        if type(study) is not bytes or len(study) != STUDY_ID_BYTES:
+            raise ValueError(f"study must be the {STUDY_ID_BYTES}-byte manifest hash")
+        fields[STUDY_FIELD] = study
+    header = msgpack.packb(fields)
     return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
 
 
@@ -177,18 +185,20 @@ def build_envelope(
     head: AuditHead | None = None,
     kind: str = "update",
     now: float | None = None,
+    study: bytes | None = None,
 ) -> bytes:
     """One envelope carrying ``update`` to every key in ``recipients``.
 
     The body is serialized, encrypted and hashed once whatever the number of recipients; send
     the same bytes to each of them. ``head`` is the sender's signed audit head (a node passes
     its own; ``None`` means a sender without audit log or ledger: all zero). ``now`` is Unix
-    time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
-    that cannot be sent.
+    time in seconds (default: the clock). ``study`` is the sender's study (its manifest's
+    32-byte SHA-256), which receivers require to be theirs. Raises ``ValueError``/``TypeError``
+    for an update that cannot be sent.
     """
     head = no_audit_head() if head is None else head
     return _seal_envelope(
-        _encode_body(update, head),
+        _encode_body(update, head, study),
         sender,
         recipients,
         round,

@@ -39,6 +39,11 @@ ENVELOPE_FIELDS = (
     "body",
 )
 BODY_FIELDS = ("tensors", "metrics", "receipts", "proofs", "audit_head")
+STUDY_FIELD = "study"
+"""The optional body field naming the study (the 32-byte manifest hash) an update belongs to:
+present exactly when the sender runs a study (docs/governance.md); inside the signed and
+encrypted body, so it is authenticated and only recipients learn it."""
+STUDY_ID_BYTES = 32
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
@@ -77,6 +82,7 @@ class RejectReason(StrEnum):
     NON_FINITE = "non_finite"
     BAD_RECEIPT = "bad_receipt"
     SENDER_MISMATCH = "sender_mismatch"
+    UNKNOWN_STUDY = "unknown_study"
 
 
 HTTP_STATUS: dict[RejectReason, int] = {
@@ -96,6 +102,7 @@ HTTP_STATUS: dict[RejectReason, int] = {
     RejectReason.NON_FINITE: 422,
     RejectReason.BAD_RECEIPT: 400,
     RejectReason.SENDER_MISMATCH: 403,
+    RejectReason.UNKNOWN_STUDY: 409,
 }
 
 

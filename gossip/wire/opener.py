@@ -64,8 +64,10 @@ class EnvelopeOpener:
         spec: ModelSpec,
         limits: WireLimits | None = None,
         replay: ReplayGuard | None = None,
+        study: bytes | None = None,
     ) -> None:
         self.identity = identity
+        self.study = study  # the manifest hash of the one study this node runs, or None
         self.allowlist = allowlist
         self.limits = limits if limits is not None else WireLimits()
         self.replay = replay if replay is not None else ReplayGuard()
@@ -212,7 +214,7 @@ class EnvelopeOpener:
         except SealingError as exc:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
         try:
-            update, head = _parse_body(plaintext, self._spec, self.limits)
+            update, head = _parse_body(plaintext, self._spec, self.limits, self.study)
         except WireError as error:
             error.signed = signed
             raise

@@ -32,6 +32,8 @@ from murmur.gossip.wire.format import (
     ENVELOPE_FIELDS,
     MAX_UINT63,
     PROTOCOL_VERSION,
+    STUDY_FIELD,
+    STUDY_ID_BYTES,
     WIRE_DTYPES,
     ModelUpdate,
     RejectReason,
@@ -167,27 +169,22 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
 
 
 def _parse_body(
-    plaintext: bytes, spec: dict[str, tuple[tuple[int, ...], str]], limits: WireLimits
+    plaintext: bytes,
+    spec: dict[str, tuple[tuple[int, ...], str]],
+    limits: WireLimits,
+    study: bytes | None = None,
 ) -> tuple[ModelUpdate, AuditHead]:
-    """Decode the decrypted body and check it against the receiver's model.
+    """Decode the decrypted body and check it against the receiver's study and model.
+
+    ``study``: the receiver's study (manifest hash), or None for a node without one; an
+    update of another study (or with none, or one where none is expected) is
+    ``unknown_study``, checked before the tensors, whose shapes are the study's.
 
     The tensors become read-only numpy views of ``plaintext``: no copy of the model is made.
     Returns the update and the sender's audit head (not yet checked against the signature).
     """
-    if len(plaintext) < _BODY_HEADER_LENGTH.size:
-        raise _malformed("the body is shorter than its header length field")
-    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
-    data_start = _BODY_HEADER_LENGTH.size + header_length
-    if data_start > len(plaintext):
-        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
-    header = _unpack(
-        memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
-        "the body header",
-        limits,
-        max_bin_len=MAX_PROOF_BYTES,
-    )
-    if not isinstance(header, dict) or set(header) != set(BODY_FIELDS):
-        raise _malformed(f"the body header must be a map with exactly {list(BODY_FIELDS)}")
+    header, data_start = _body_header(plaintext, limits)
+    _check_study(header.get(STUDY_FIELD), study)
     entries = header["tensors"]
     if type(entries) is not list:
         raise _malformed("'tensors' must be an array")
@@ -245,6 +242,42 @@ def _parse_body(
         proofs=proofs,
     )
     return update, head
+
+
+def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict[str, Any], int]:
+    """The body's msgpack header, its fields checked, and where the tensor bytes start."""
+    if len(plaintext) < _BODY_HEADER_LENGTH.size:
+        raise _malformed("the body is shorter than its header length field")
+    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
+    data_start = _BODY_HEADER_LENGTH.size + header_length
+    if data_start > len(plaintext):
+        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
+    header = _unpack(
+        memoryview(plaintext)[_BODY_HEADER_LENGTH.size : data_start],
+        "the body header",
+        limits,
+        max_bin_len=MAX_PROOF_BYTES,
+    )
+    if not isinstance(header, dict) or set(header) - {STUDY_FIELD} != set(BODY_FIELDS):
+        raise _malformed(
+            f"the body header must be a map with exactly {list(BODY_FIELDS)}, and {STUDY_FIELD!r} "
+            "for a study's update"
+        )
+    return header, data_start
+
+
+def _check_study(sent: Any, expected: bytes | None) -> None:
+    """``unknown_study`` unless the update belongs to the receiver's study."""
+    if sent is not None and (type(sent) is not bytes or len(sent) != STUDY_ID_BYTES):
+        raise _malformed(f"{STUDY_FIELD!r} must be a {STUDY_ID_BYTES}-byte manifest hash")
+    if sent == expected:
+        return
+    ours = expected.hex()[:16] + "..." if expected else "none"
+    theirs = sent.hex()[:16] + "..." if sent else "none"
+    raise WireError(
+        RejectReason.UNKNOWN_STUDY,
+        f"the update is for study {theirs}; this node runs only the study it approved ({ours})",
+    )
 
 
 def _parse_list(value: Any, name: str, limit: int, decode: Any) -> list[Any]:

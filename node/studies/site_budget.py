@@ -1,0 +1,244 @@
+"""The hospital's lifetime privacy budget per local data set, shared by all its studies.
+
+Why: each study's ledger (models/privacy.py) bounds what *that* study spends, but the same
+patients are in every study of the hospital. The site budget bounds what all of them spend
+together: `[site_budget.datasets.NAME] max_epsilon, delta` in the node config. A study is
+admitted only if the composition of every admitted study's DP-SGD run on that data set, and
+its own planned run, stays within max_epsilon at the site's δ; the composition is done by the
+accountant (`models.privacy.composed_epsilon`, PLD), never by adding epsilons.
+
+The store is one sqlite3 file (`[site_budget] store`), which several node processes of the
+hospital (one per study) share; every admission runs in a `BEGIN IMMEDIATE` transaction, so
+two studies starting at once cannot both take the last of the budget. An admitted study
+reserves its *planned* steps until it finishes; then only the steps it took count.
+
+Rollback: the store has a random instance id and a generation that grows with every write.
+Each node records both in its own audit log (`site_budget` records), whose signed heads its
+neighbours hold (node/rollback.py), and refuses to start when the store is older than what
+its log saw, or is another store (deleted and recreated). A node also never lets the store
+say less about its own study than its rollback-checked ledger does.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from murmur.models.privacy import composed_epsilon
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    dataset TEXT NOT NULL,
+    study TEXT NOT NULL,
+    name TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    planned_steps INTEGER NOT NULL,
+    steps_taken INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    admitted_at REAL NOT NULL,
+    public_key TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (dataset, study)
+);
+"""
+
+
+class BudgetRefused(RuntimeError):
+    """A study does not fit in what is left of a data set's lifetime budget."""
+
+
+class StoreRolledBack(RuntimeError):
+    """The store is older than, or another than, the one this node's audit log saw."""
+
+
+@dataclass(frozen=True)
+class DatasetBudget:
+    """One data set's lifetime budget, from the node config."""
+
+    name: str
+    max_epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One study's DP-SGD run on a data set, as the accountant is given it."""
+
+    study: str
+    name: str
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    steps_taken: int = 0
+    finished: bool = False
+    public_key: str = ""  # the node key that runs it (hex); one running study per key
+
+    @property
+    def counted_steps(self) -> int:
+        """What the site budget counts: the plan while running, what was taken once done."""
+        return self.steps_taken if self.finished else max(self.planned_steps, self.steps_taken)
+
+    def event(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.counted_steps)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Which store, at which write: what a node's audit log records after each write."""
+
+    instance: str
+    generation: int
+
+
+class SiteBudgetStore:
+    """The shared sqlite3 store of every study's run, per data set."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+        with self._write() as conn:
+            if conn.execute("SELECT value FROM meta WHERE key='instance'").fetchone() is None:
+                conn.execute("INSERT INTO meta VALUES ('instance', ?)", (secrets.token_hex(16),))
+                conn.execute("INSERT INTO meta VALUES ('generation', '0')")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction holding sqlite's write lock from its first statement."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _bump(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+            "WHERE key = 'generation'"
+        )
+
+    def position(self) -> Position:
+        rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        return Position(rows["instance"], int(rows["generation"]))
+
+    def runs(self, dataset: str, conn: sqlite3.Connection | None = None) -> list[StudyRun]:
+        rows = (conn or self._conn).execute(
+            "SELECT study, name, noise_multiplier, sample_rate, planned_steps, steps_taken, "
+            "finished, public_key FROM studies WHERE dataset = ? ORDER BY admitted_at, study",
+            (dataset,),
+        )
+        return [StudyRun(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
+
+    def spent(self, budget: DatasetBudget, runs: list[StudyRun] | None = None) -> float:
+        """The data set's ε at the site's δ: every run composed in one PLD accountant."""
+        runs = self.runs(budget.name) if runs is None else runs
+        return composed_epsilon([r.event() for r in runs], budget.delta)
+
+    def admit(self, budget: DatasetBudget, run: StudyRun) -> tuple[float, Position]:
+        """Reserve ``run`` on the data set, or BudgetRefused with the numbers; a study already
+        admitted is admitted again (a restart), its steps kept. Returns the composed ε."""
+        with self._write() as conn:
+            runs = self.runs(budget.name, conn)
+            held = {r.study: r for r in runs}
+            if run.study in held:
+                return self.spent(budget, runs), self._position(conn)
+            shared = conn.execute(
+                "SELECT name, study FROM studies WHERE public_key = ? AND public_key != '' "
+                "AND finished = 0",
+                (run.public_key,),
+            ).fetchone()
+            if shared is not None:
+                raise BudgetRefused(
+                    f"study {run.name} would run under the node key {run.public_key[:16]}..., "
+                    f"which study {shared[0]} ({shared[1][:16]}...) still uses: "
+                    "neighbours keep one audit head and one receipt per key and round, so two "
+                    "studies under one key look like equivocation. Fix: give each study's node "
+                    "its own key (`murmur keygen`)"
+                )
+            before = self.spent(budget, runs)
+            after = self.spent(budget, [*runs, run])
+            alone = composed_epsilon([run.event()], budget.delta)
+            if after > budget.max_epsilon:
+                others = ", ".join(
+                    f"{r.name} ({r.study[:12]}, {r.counted_steps} steps)" for r in runs
+                )
+                raise BudgetRefused(
+                    f"study {run.name} ({run.study[:16]}...) would take data set {budget.name} "
+                    f"past its lifetime budget: it plans {run.planned_steps} DP-SGD steps "
+                    f"(σ={run.noise_multiplier:.3f}, q={run.sample_rate:.4g}), ε={alone:.3f} "
+                    f"alone at the site's δ={budget.delta:g}; the data set has spent "
+                    f"ε={before:.3f} on {len(runs)} admitted stud{'y' if len(runs) == 1 else 'ies'}"
+                    f"{' (' + others + ')' if others else ''}; composed (PLD) with them it "
+                    f"would be ε={after:.3f} > max_epsilon={budget.max_epsilon:g}. Fix: plan a "
+                    "smaller ε or fewer rounds, or raise the site's max_epsilon for this data set"
+                )
+            conn.execute(
+                "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (
+                    budget.name,
+                    run.study,
+                    run.name,
+                    run.noise_multiplier,
+                    run.sample_rate,
+                    run.planned_steps,
+                    run.steps_taken,
+                    time.time(),
+                    run.public_key,
+                ),
+            )
+            self._bump(conn)
+            return after, self._position(conn)
+
+    def record_steps(
+        self, dataset: str, study: str, steps_taken: int, *, finished: bool = False
+    ) -> Position:
+        """The study's steps taken so far (never lowered), and whether it is done."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE studies SET steps_taken = MAX(steps_taken, ?), "
+                "finished = MAX(finished, ?) WHERE dataset = ? AND study = ?",
+                (int(steps_taken), int(finished), dataset, study),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"study {study[:16]}... is not admitted on data set {dataset}")
+            self._bump(conn)
+            return self._position(conn)
+
+    def _position(self, conn: sqlite3.Connection) -> Position:
+        rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        return Position(rows["instance"], int(rows["generation"]))
+
+    def check_not_behind(self, seen: Position | None) -> None:
+        """StoreRolledBack when this store is not the one, or older than the one, a node's
+        audit log last recorded (``seen``: None for a node that never used a store)."""
+        if seen is None:
+            return
+        now = self.position()
+        if now.instance != seen.instance:
+            raise StoreRolledBack(
+                f"the site budget store {self.path} is not the one this node used (instance "
+                f"{now.instance[:12]}, the audit log recorded {seen.instance[:12]}): it was "
+                "deleted or replaced, which would forget what the hospital's studies spent. "
+                "Fix: put the store back from its last copy"
+            )
+        if now.generation < seen.generation:
+            raise StoreRolledBack(
+                f"the site budget store {self.path} is at write {now.generation}, older than "
+                f"write {seen.generation} that this node's audit log recorded: it was put back "
+                "to an earlier copy. Fix: restore the newest copy of the store"
+            )

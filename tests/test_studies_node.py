@@ -1,0 +1,132 @@
+"""A node's study gate in one process: bad approvals offered on POST /approvals are refused
+with their reason codes, counted in /status and /metrics, and change nothing; a good one is
+kept and audited."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from murmur.crypto.identity import generate_identity, load_identity
+from murmur.node.audit import records_of_kind
+from murmur.node.config import load_config
+from murmur.node.node import HospitalNode, StartupError
+from murmur.node.studies.approvals import approve as sign_approval
+from murmur.node.studies.manifest import load_manifest
+
+from tests.studyutil import approve, propose, site_budget, study_network
+
+
+@pytest.fixture
+def node_and_keys(tmp_path: Path):
+    net, manifest = study_network(tmp_path, "gamma", epsilon=1.0, rounds=1)
+    node_config = net.node("hospital_0").config_path
+    unapproved = HospitalNode(load_config(node_config))
+    with pytest.raises(StartupError, match="is not approved by this node's operator"):
+        unapproved.gate.check_own_approval()
+    unapproved.audit.close()
+    approve(net, "hospital_0", manifest)
+    node = HospitalNode(load_config(node_config))
+    node.gate.check_own_approval()
+    peer_key = load_identity(net.run_dir / "keys" / "hospital_1.key")
+    yield node, peer_key, load_manifest(manifest).id
+    node.audit.close()
+
+
+def test_bad_approvals_are_refused_counted_and_not_kept(node_and_keys) -> None:
+    node, h1, study = node_and_keys
+    peer = next(p for p in node.peers if p.name == "hospital_1")
+    now = time.time()
+    forged = sign_approval(study, h1, now=now).to_json()
+    forged["expires_at"] += 86400 * 365  # stretched after signing
+    offers = {
+        "approval_forged": forged,
+        "approval_expired": sign_approval(study, h1, now=now - 3 * 86400, valid_days=1).to_json(),
+        "approval_unknown_signer": sign_approval(
+            study, generate_identity("eve"), now=now
+        ).to_json(),
+        "unknown_study": sign_approval("ab" * 32, h1, now=now).to_json(),
+        "approval_future": sign_approval(study, h1, now=now + 3600).to_json(),
+    }
+    for document in offers.values():
+        assert node.answer_approvals(json.dumps([document]).encode(), peer) == (202, "accepted")
+    assert node.answer_approvals(b"{not json", peer) == (400, "approval_malformed")
+    newer = sign_approval(study, h1, now=now)
+    older = sign_approval(study, h1, now=now - 60)
+    body = json.dumps([newer.to_json(), older.to_json(), newer.to_json()]).encode()
+    assert node.answer_approvals(body, peer) == (202, "accepted")
+
+    rejected = node.status()["rejected"]
+    for reason in [*offers, "approval_malformed", "approval_replayed"]:
+        assert rejected.get(reason) == 1, (reason, rejected)
+    metrics = node.metrics.render().decode()
+    assert 'murmur_messages_rejected_total{reason="approval_forged"} 1.0' in metrics
+    held = node.gate.book.of_study(study)
+    assert sorted(a.approver for a in held) == ["hospital_0", "hospital_1"]
+    assert next(a for a in held if a.approver == "hospital_1").signature == newer.signature
+    assert node.gate.other_approvers() == ["hospital_1"]
+    assert node.status()["study"]["approved_by"] == ["hospital_0", "hospital_1"]
+    node.audit.wait_durable(5)
+    kept = records_of_kind(node.state_dir, "study_approval")
+    assert [r.fields["approver"] for r in kept] == ["hospital_0", "hospital_1"]
+
+
+def test_a_site_budget_store_put_back_or_replaced_stops_the_node(tmp_path: Path) -> None:
+    net, manifest = study_network(tmp_path, "delta", epsilon=1.0, rounds=1)
+    approve(net, "hospital_0", manifest)
+    store = tmp_path / "site.sqlite"
+    site_budget(net, "hospital_0", store, max_epsilon=5.0)
+    config_path = net.node("hospital_0").config_path
+
+    def admit_once() -> None:
+        node = HospitalNode(load_config(config_path))
+        try:
+            node.gate.admit(node.study.ledger)
+        finally:
+            node.gate.close()
+            node.audit.close()
+
+    admit_once()
+    old = store.read_bytes()  # a copy taken after the admission
+    node = HospitalNode(load_config(config_path))
+    node.gate.admit(node.study.ledger)
+    node.gate.record(node.study.ledger, 1)  # a later write, recorded in the audit log
+    node.gate.close()
+    node.audit.close()
+    store.write_bytes(old)
+    with pytest.raises(StartupError, match="put back to an earlier copy"):
+        admit_once()
+    store.unlink()
+    with pytest.raises(StartupError, match="deleted or replaced"):
+        admit_once()
+
+
+def test_a_checkpoint_does_not_resume_under_another_study(tmp_path: Path) -> None:
+    from murmur.node.checkpoint import CheckpointError
+
+    net, manifest = study_network(tmp_path, "first", epsilon=1.0, rounds=1)
+    approve(net, "hospital_0", manifest)
+    config_path = net.node("hospital_0").config_path
+    HospitalNode(load_config(config_path)).audit.close()  # checkpoint of round 0, study "first"
+    key = net.run_dir / "keys" / "hospital_0.key"
+    second = propose(tmp_path, "second", config_path, key)  # the same fields, another study
+    net.edit_config("hospital_0", "study", manifest=str(second), sha256=load_manifest(second).id)
+    approve(net, "hospital_0", second)
+    with pytest.raises(CheckpointError, match=r"study\.sha256"):
+        HospitalNode(load_config(config_path))
+
+
+def test_config_check_names_nodes_of_different_studies(tmp_path: Path) -> None:
+    from murmur.node.config_check import check_configs
+
+    net, _ = study_network(tmp_path, "same", epsilon=1.0, rounds=1)
+    paths = [n.config_path for n in net.nodes]
+    _, findings = check_configs(paths)
+    assert not [f for f in findings if "study.sha256" in str(f)]
+    key = net.run_dir / "keys" / "hospital_1.key"
+    other = propose(tmp_path, "other", paths[1], key)
+    net.edit_config("hospital_1", "study", manifest=str(other))
+    _, findings = check_configs(paths)
+    assert [f.level for f in findings if "study.sha256" in str(f)] == ["error"]
