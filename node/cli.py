@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from murmur.node.relay_cli import add_relay_parser
 
     add_relay_parser(sub)
+    from murmur.node.consortium_cli import add_consortium_parser
+
+    add_consortium_parser(sub)
 
     _add_audit_commands(sub)
     return parser
@@ -172,6 +175,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from murmur.node.relay_cli import relay_command
 
         return relay_command(args)
+    if args.command == "consortium":
+        from murmur.node.consortium_cli import consortium_command
+
+        return consortium_command(args)
     return run_audit(args)
 
 

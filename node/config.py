@@ -50,7 +50,7 @@ from murmur.node.config_network import (
     PeerListenerSection,
     PeerSection,
 )
-from murmur.node.net_config import RelaySection, TlsSection, check_network
+from murmur.node.net_config import ConsortiumSection, RelaySection, TlsSection, check_network
 
 __all__ = [  # what callers import from here; each section lives in its own module
     "ConfigError",
@@ -88,6 +88,7 @@ class NodeConfig:
     relays: list[RelaySection] = field(default_factory=list)
     server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
+    consortium: ConsortiumSection = field(default_factory=ConsortiumSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -125,6 +126,7 @@ class NodeConfig:
             self.logging,
             self.server_optimizer,
             self.personalization,
+            self.consortium,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -203,6 +205,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsSection,
     "server_optimizer": ServerOptimizerSection,
     "personalization": PersonalizationSection,
+    "consortium": ConsortiumSection,
 }
 
 

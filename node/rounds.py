@@ -20,12 +20,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
-from murmur.models.params import state_sha256
+from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.models.privacy import BudgetExhausted
 from murmur.node.aggregator import RoundAggregator
 from murmur.node.audit import AuditLog
@@ -86,6 +87,15 @@ class RoundCoordinator:
         self.next_round = next_round
         self._peer_names = [p.name for p in config.peers]
         self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self._peer_names))
+        # A node joining a running consortium starts from its neighbours' robust aggregate
+        # in the round it catches up to, and contributes from the next (`_join_round`).
+        self.joining = False
+        self.join_on_catch_up = False
+
+    def set_peer_names(self, names: list[str]) -> None:
+        """A membership change (node/governance.py): whom rounds wait for and count."""
+        self._peer_names[:] = names
+        self.catch_up_quorum = catch_up_quorum(self._config.aggregation.f, len(names))
 
     async def run_rounds(self, transport: Transport) -> None:
         """Run every planned round that is left, then return."""
@@ -95,6 +105,7 @@ class RoundCoordinator:
         while r <= planned and not self._stop.is_set():
             jump = self.catch_up_target()
             if jump is not None and jump.round > r:
+                self.joining = self.join_on_catch_up and self._store.last_signed_round == 0
                 self._jump(r, jump)
                 r = jump.round
             self._inbox.advance_to(r)
@@ -169,7 +180,16 @@ class RoundCoordinator:
             own_state = self._study.state()
             own_sha = state_sha256(own_state)
         previous_state = self._study.state()  # the model round r starts from
-        if r > self._store.last_signed_round:
+        joining = self.joining
+        if joining:
+            log.warning(
+                "round %d: joining the running network; starting from the neighbours' robust "
+                "aggregate this round, contributing from round %d",
+                r,
+                r + 1,
+            )
+            own_state, own_sha = previous_state, state_sha256(previous_state)
+        elif r > self._store.last_signed_round:
             own_state, own_sha = await self._train_and_share(r, transport)
 
         self._state.phase = "collecting"
@@ -181,6 +201,13 @@ class RoundCoordinator:
             wait_for=self._neighbours.liveness.live(),  # not the neighbours marked down
         )
         self._neighbours.round_finished(r, collected.messages)
+        if joining and collected.messages:
+            own_state = _neighbours_median(collected.messages, own_state)
+            own_sha = state_sha256(own_state)
+            self._audit.append(
+                "joined", r, start_sha256=own_sha, neighbours=sorted(collected.messages)
+            )
+            self.joining = False
         self._state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
@@ -257,3 +284,10 @@ class RoundCoordinator:
 
 def _fmt(x: float | None) -> str:
     return "undefined" if x is None else f"{x:.3f}"
+
+
+def _neighbours_median(messages: dict[str, Any], template: State) -> State:
+    """The coordinate-wise median of the neighbours' models: the robust start of a node that
+    joins a running network (it has no model of its own worth mixing in yet)."""
+    stack = np.stack([flatten(m.envelope.update.tensors) for m in messages.values()])
+    return unflatten(np.median(stack, axis=0).astype(stack.dtype), template)
