@@ -110,6 +110,7 @@ class Governance:
         self.proposals: dict[bytes, Proposal] = {}
         self.votes: dict[bytes, dict[bytes, Vote]] = {}
         self.refused: dict[str, int] = {}
+        self.applied_round: dict[int, int] = {}  # epoch -> the round this node applied it in
 
     @property
     def epoch(self) -> int:
@@ -156,8 +157,8 @@ class Governance:
 
     def _offer_proposal(self, proposal: Proposal, now: float) -> Offered:
         pid = proposal.proposal_id
-        if pid in self.proposals:
-            return Offered()
+        if pid in self.proposals or any(c.proposal.proposal_id == pid for c in self.changes):
+            return Offered()  # gossip brings what this node holds or applied already
         if proposal.expires_at <= now:
             raise MembershipError(Reason.EXPIRED, f"proposal expired at {proposal.expires_at}")
         after = self.membership.check_proposal(proposal)
@@ -229,6 +230,7 @@ class Governance:
                 for pid, p in self.proposals.items()
             ],
             "refused": dict(self.refused),
+            "applied_round": dict(self.applied_round),
         }
 
 

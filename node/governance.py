@@ -234,7 +234,9 @@ def apply_membership(node: HospitalNode, membership: Membership) -> None:
     degree = len(peers)  # the complete graph of the members
     node.aggregator.set_degrees({p.name: degree for p in peers})
     node.rounds.set_peer_names([p.name for p in peers])
-    node.state.consortium = node.governance.status() if node.governance else {}
+    if node.governance is not None:
+        node.governance.applied_round[membership.epoch] = node.current_round
+        node.state.consortium = node.governance.status()
     me = membership.by_key(node.identity.public_key)
     node.audit.append(
         "membership",

@@ -236,7 +236,9 @@ class HospitalNode:
         )
         if self.governance is not None:
             self.rounds.set_peer_names([p.name for p in self.peers])
-            self.rounds.join_on_catch_up = True
+            founders = {m.public_key for m in self.governance.manifest.founders}
+            # A hospital admitted after the founding joins the network where it is.
+            self.rounds.join_on_catch_up = self.identity.public_key not in founders
             self.state.consortium = self.governance.status()
         self._refresh_trust_status()
 

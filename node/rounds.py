@@ -102,6 +102,8 @@ class RoundCoordinator:
         planned = self._config.training.rounds
         r = self.next_round
         starting = True
+        if self.join_on_catch_up and r == 1 and self._store.last_signed_round == 0:
+            await self._await_running_network()
         while r <= planned and not self._stop.is_set():
             jump = self.catch_up_target()
             if jump is not None and jump.round > r:
@@ -123,6 +125,17 @@ class RoundCoordinator:
                 return
             r += 1
         self._state.phase = "stopped" if self._stop.is_set() else "done"
+
+    async def _await_running_network(self) -> None:
+        """A fresh node admitted to a running consortium: before training round 1, give the
+        members up to `startup_timeout_s` to send it their current round, so that it joins
+        that round (from their robust aggregate) instead of training rounds they are past."""
+        self._state.phase = "joining"
+        end = time.monotonic() + self._config.gossip.startup_timeout_s
+        while time.monotonic() < end and not self._stop.is_set():
+            if self.catch_up_target() is not None:
+                return
+            await asyncio.sleep(0.2)
 
     def catch_up_target(self) -> CatchUp | None:
         """The round a quorum of trusted peers has reached, if ahead of ours.
