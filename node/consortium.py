@@ -174,7 +174,12 @@ class Governance:
     def _offer_vote(self, vote: Vote, now: float) -> Offered:
         proposal = self.proposals.get(vote.proposal_id)
         if proposal is None:
-            if any(c.proposal.proposal_id == vote.proposal_id for c in self.changes):
+            applied = next(
+                (c for c in self.changes if c.proposal.proposal_id == vote.proposal_id), None
+            )
+            if applied is not None and vote in applied.votes:
+                return Offered()  # the gossip echo of a vote that made the change
+            if applied is not None:
                 raise MembershipError(Reason.REPLAYED, "vote for a change already applied")
             raise MembershipError(Reason.UNKNOWN_PROPOSAL, "vote for no pending proposal")
         if vote.voter in self.votes[vote.proposal_id]:
