@@ -26,144 +26,69 @@ included) reach the quorum. ``leave`` is the member's own notice and needs no vo
 (proof of possession), and the old key is kept in ``rotations`` so the hospital's earlier
 signatures (audit log, receipts) stay attributable to it.
 
-Encoding: canonical msgpack (maps with sorted string keys, bin for bytes), signatures are
-Ed25519 over a domain-separated SHA-256 of that encoding (crypto/identity.py, libsodium).
+The records themselves and their canonical bytes are in gossip/governance_records.py
+(re-exported here); the manifest and the state machine are here.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
-import msgpack
-from murmur.crypto.identity import (
-    Identity,
-    IdentityError,
-    check_name,
-    check_public_key,
-    verify_signature,
+from murmur.crypto.identity import Identity, verify_signature
+from murmur.gossip.governance_records import (
+    ACTIONS,
+    CHANGE_DOMAIN,
+    FORMAT_VERSION,
+    MANIFEST_DOMAIN,
+    MAX_MEMBERS,
+    MAX_RECORD_BYTES,
+    PROPOSAL_DOMAIN,
+    ROTATION_DOMAIN,
+    VOTE_DOMAIN,
+    Change,
+    Member,
+    MembershipError,
+    Proposal,
+    Reason,
+    Vote,
+    admit_args,
+    check_member_set,
+    decode_record,
+    digest,
+    field_of,
+    make_proposal,
+    make_vote,
+    pack,
+    rotate_args,
+    rotation_proof,
+    short_key,
+    unpack,
 )
 
-MANIFEST_DOMAIN = b"murmur-consortium-manifest\x00"
-PROPOSAL_DOMAIN = b"murmur-consortium-proposal\x00"
-VOTE_DOMAIN = b"murmur-consortium-vote\x00"
-ROTATION_DOMAIN = b"murmur-consortium-rotation\x00"
-CHANGE_DOMAIN = b"murmur-consortium-change\x00"
-FORMAT_VERSION = 1
-MAX_RECORD_BYTES = 16 * 1024
-MAX_MEMBERS = 256
-ACTIONS = ("admit", "revoke", "rotate", "quorum", "leave")
-
-
-class Reason(StrEnum):
-    """Why a governance record was refused: the reason codes counted in /status and
-    /metrics (as ``governance_<code>``) and written to the audit log."""
-
-    MALFORMED = "malformed"
-    MANIFEST_MISMATCH = "manifest_mismatch"
-    WRONG_CONSORTIUM = "wrong_consortium"
-    FORGED = "forged_signature"
-    NOT_MEMBER = "not_member"
-    REVOKED_KEY = "revoked_key"
-    REPLAYED = "replayed"
-    STALE_EPOCH = "stale_epoch"
-    EXPIRED = "expired"
-    UNDER_QUORUM = "under_quorum"
-    INVALID_CHANGE = "invalid_change"
-    INFEASIBLE = "infeasible"
-    UNKNOWN_PROPOSAL = "unknown_proposal"
-
-
-class MembershipError(ValueError):
-    """A record or change that cannot be accepted; ``reason`` is its code."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = Reason(reason)
-        self.detail = detail
-
-
-def _pack(obj: Any) -> bytes:
-    """Canonical msgpack: msgpack-python writes dict items in insertion order, so maps are
-    rebuilt with sorted keys (recursively) before packing."""
-    return msgpack.packb(_sorted(obj), use_bin_type=True)
-
-
-def _sorted(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _sorted(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, list | tuple):
-        return [_sorted(v) for v in obj]
-    return obj
-
-
-def _unpack(data: bytes) -> dict[str, Any]:
-    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
-        raise MembershipError(Reason.MALFORMED, f"a record is bytes of at most {MAX_RECORD_BYTES}")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_RECORD_BYTES)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise MembershipError(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(obj, dict) or obj.get("v") != FORMAT_VERSION:
-        raise MembershipError(Reason.MALFORMED, f"not a version-{FORMAT_VERSION} record")
-    return obj
-
-
-def _digest(domain: bytes, body: bytes) -> bytes:
-    return hashlib.sha256(domain + body).digest()
-
-
-def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = obj.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise MembershipError(Reason.MALFORMED, f"field {name!r} is missing or of the wrong type")
-    return value
-
-
-@dataclass(frozen=True)
-class Member:
-    """One hospital in the consortium: what a peer needs to admit it and reach it."""
-
-    name: str
-    public_key: bytes
-    address: str = ""
-    relays: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        try:
-            check_name(self.name)
-            check_public_key(self.public_key)
-        except IdentityError as exc:
-            raise MembershipError(Reason.MALFORMED, f"member {self.name!r}: {exc}") from None
-        if not isinstance(self.address, str) or not all(isinstance(r, str) for r in self.relays):
-            raise MembershipError(Reason.MALFORMED, f"member {self.name!r}: bad address/relays")
-        if not self.address and not self.relays:
-            raise MembershipError(
-                Reason.MALFORMED, f"member {self.name!r} needs an address or a relay"
-            )
-
-    def to_obj(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "key": self.public_key,
-            "address": self.address,
-            "relays": list(self.relays),
-        }
-
-    @classmethod
-    def from_obj(cls, obj: Any) -> Member:
-        if not isinstance(obj, dict):
-            raise MembershipError(Reason.MALFORMED, "a member is a map")
-        relays = _field(obj, "relays", list)
-        return cls(
-            _field(obj, "name", str),
-            _field(obj, "key", bytes),
-            _field(obj, "address", str),
-            tuple(relays),
-        )
+__all__ = [
+    "ACTIONS",
+    "MAX_MEMBERS",
+    "MAX_RECORD_BYTES",
+    "PROPOSAL_DOMAIN",
+    "VOTE_DOMAIN",
+    "Change",
+    "Manifest",
+    "Member",
+    "Membership",
+    "MembershipError",
+    "Proposal",
+    "Reason",
+    "Vote",
+    "admit_args",
+    "decode_record",
+    "make_proposal",
+    "make_vote",
+    "replay",
+    "rotate_args",
+    "rotation_proof",
+]
 
 
 # ------------------------------------------------------------------------------ manifest
@@ -180,7 +105,7 @@ class Manifest:
     signatures: Mapping[bytes, bytes] = field(default_factory=dict)
 
     def body(self) -> bytes:
-        return _pack(
+        return pack(
             {
                 "v": FORMAT_VERSION,
                 "consortium": self.consortium,
@@ -194,7 +119,7 @@ class Manifest:
     def consortium_id(self) -> bytes:
         """The consortium's id: the hash of the founding body (signatures excluded, so adding
         a founder's signature does not change it)."""
-        return _digest(MANIFEST_DOMAIN, self.body())
+        return digest(MANIFEST_DOMAIN, self.body())
 
     def signed_by(self, identity: Identity) -> Manifest:
         if identity.public_key not in {m.public_key for m in self.founders}:
@@ -233,14 +158,14 @@ class Manifest:
         )
 
     def encode(self) -> bytes:
-        obj = _unpack(self.body())
+        obj = unpack(self.body())
         obj["signatures"] = [[k, s] for k, s in sorted(self.signatures.items())]
-        return _pack(obj)
+        return pack(obj)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
-        obj = _unpack(data)
-        pairs = _field(obj, "signatures", list)
+        obj = unpack(data)
+        pairs = field_of(obj, "signatures", list)
         sigs: dict[bytes, bytes] = {}
         for pair in pairs:
             if not (
@@ -251,221 +176,15 @@ class Manifest:
                 raise MembershipError(Reason.MALFORMED, "signatures are [key, signature] pairs")
             sigs[pair[0]] = pair[1]
         return cls(
-            consortium=_field(obj, "consortium", str),
-            founders=tuple(Member.from_obj(m) for m in _field(obj, "founders", list)),
-            quorum=_field(obj, "quorum", int),
-            created_at=float(_field(obj, "created_at", (int, float))),
+            consortium=field_of(obj, "consortium", str),
+            founders=tuple(Member.from_obj(m) for m in field_of(obj, "founders", list)),
+            quorum=field_of(obj, "quorum", int),
+            created_at=float(field_of(obj, "created_at", (int, float))),
             signatures=sigs,
         )
 
 
-def check_member_set(members: Sequence[Member]) -> None:
-    if not 1 <= len(members) <= MAX_MEMBERS:
-        raise MembershipError(Reason.MALFORMED, f"1 to {MAX_MEMBERS} members")
-    names = [m.name for m in members]
-    keys = [m.public_key for m in members]
-    if len(set(names)) != len(names) or len(set(keys)) != len(keys):
-        raise MembershipError(Reason.MALFORMED, "member names and keys must be unique")
-
-
-# ------------------------------------------------------------------------------ proposals
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """One signed membership change against ``epoch``. ``args`` by action:
-    admit {member}; revoke {key}; rotate {old, new, proof}; quorum {k}; leave {key}."""
-
-    consortium_id: bytes
-    epoch: int
-    action: str
-    args: Mapping[str, Any]
-    proposer: bytes
-    expires_at: float
-    signature: bytes = b""
-
-    def body(self) -> bytes:
-        return _pack(
-            {
-                "v": FORMAT_VERSION,
-                "type": "proposal",
-                "consortium": self.consortium_id,
-                "epoch": self.epoch,
-                "action": self.action,
-                "args": dict(self.args),
-                "proposer": self.proposer,
-                "expires_at": float(self.expires_at),
-            }
-        )
-
-    @property
-    def proposal_id(self) -> bytes:
-        return _digest(PROPOSAL_DOMAIN, self.body())
-
-    def verify_signature(self) -> bool:
-        return verify_signature(self.proposer, PROPOSAL_DOMAIN + self.body(), self.signature)
-
-    def encode(self) -> bytes:
-        obj = _unpack(self.body())
-        obj["signature"] = self.signature
-        return _pack(obj)
-
-    @classmethod
-    def from_obj(cls, obj: dict[str, Any]) -> Proposal:
-        return cls(
-            consortium_id=_field(obj, "consortium", bytes),
-            epoch=_field(obj, "epoch", int),
-            action=_field(obj, "action", str),
-            args=_field(obj, "args", dict),
-            proposer=_field(obj, "proposer", bytes),
-            expires_at=float(_field(obj, "expires_at", (int, float))),
-            signature=_field(obj, "signature", bytes),
-        )
-
-    def describe(self) -> str:
-        args = self.args
-        match self.action:
-            case "admit":
-                m = args.get("member", {})
-                return f"admit {m.get('name')} ({m.get('address') or 'relays'})"
-            case "revoke" | "leave":
-                return f"{self.action} {_short(args.get('key'))}"
-            case "rotate":
-                return f"rotate {_short(args.get('old'))} -> {_short(args.get('new'))}"
-            case "quorum":
-                return f"quorum -> {args.get('k')}"
-        return self.action
-
-
-def _short(key: Any) -> str:
-    return key.hex()[:16] if isinstance(key, bytes) else "?"
-
-
-@dataclass(frozen=True)
-class Vote:
-    """A member's signed approval of ``proposal_id``."""
-
-    consortium_id: bytes
-    proposal_id: bytes
-    voter: bytes
-    expires_at: float
-    signature: bytes = b""
-
-    def body(self) -> bytes:
-        return _pack(
-            {
-                "v": FORMAT_VERSION,
-                "type": "vote",
-                "consortium": self.consortium_id,
-                "proposal": self.proposal_id,
-                "voter": self.voter,
-                "expires_at": float(self.expires_at),
-            }
-        )
-
-    def verify_signature(self) -> bool:
-        return verify_signature(self.voter, VOTE_DOMAIN + self.body(), self.signature)
-
-    def encode(self) -> bytes:
-        obj = _unpack(self.body())
-        obj["signature"] = self.signature
-        return _pack(obj)
-
-    @classmethod
-    def from_obj(cls, obj: dict[str, Any]) -> Vote:
-        return cls(
-            consortium_id=_field(obj, "consortium", bytes),
-            proposal_id=_field(obj, "proposal", bytes),
-            voter=_field(obj, "voter", bytes),
-            expires_at=float(_field(obj, "expires_at", (int, float))),
-            signature=_field(obj, "signature", bytes),
-        )
-
-
-def decode_record(data: bytes) -> Proposal | Vote:
-    """A proposal or a vote from its encoding; ``MembershipError(MALFORMED)`` otherwise."""
-    obj = _unpack(data)
-    kind = obj.get("type")
-    try:
-        if kind == "proposal":
-            return Proposal.from_obj(obj)
-        if kind == "vote":
-            return Vote.from_obj(obj)
-    except MembershipError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise MembershipError(Reason.MALFORMED, str(exc)) from None
-    raise MembershipError(Reason.MALFORMED, f"unknown record type {kind!r}")
-
-
-def make_proposal(
-    identity: Identity,
-    membership: Membership,
-    action: str,
-    args: Mapping[str, Any],
-    expires_at: float,
-) -> Proposal:
-    unsigned = Proposal(
-        membership.consortium_id,
-        membership.epoch,
-        action,
-        dict(args),
-        identity.public_key,
-        expires_at,
-    )
-    return replace(unsigned, signature=identity.sign(PROPOSAL_DOMAIN + unsigned.body()))
-
-
-def make_vote(identity: Identity, proposal: Proposal, expires_at: float) -> Vote:
-    unsigned = Vote(proposal.consortium_id, proposal.proposal_id, identity.public_key, expires_at)
-    return replace(unsigned, signature=identity.sign(VOTE_DOMAIN + unsigned.body()))
-
-
-def rotation_proof(new: Identity, consortium_id: bytes, old_key: bytes) -> bytes:
-    """The new key's signature over (consortium, old key, new key): proof that whoever
-    rotates to it holds it, so nobody can rotate onto another hospital's key."""
-    return new.sign(ROTATION_DOMAIN + consortium_id + old_key + new.public_key)
-
-
-def admit_args(member: Member) -> dict[str, Any]:
-    return {"member": member.to_obj()}
-
-
-def rotate_args(new: Identity, consortium_id: bytes, old_key: bytes) -> dict[str, Any]:
-    return {
-        "old": old_key,
-        "new": new.public_key,
-        "proof": rotation_proof(new, consortium_id, old_key),
-    }
-
-
 # ------------------------------------------------------------------------------ state
-
-
-@dataclass(frozen=True)
-class Change:
-    """An applied change: the proposal and the votes that brought it to quorum."""
-
-    proposal: Proposal
-    votes: tuple[Vote, ...] = ()
-
-    def encode(self) -> bytes:
-        return _pack(
-            {
-                "v": FORMAT_VERSION,
-                "proposal": self.proposal.encode(),
-                "votes": [v.encode() for v in self.votes],
-            }
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> Change:
-        obj = _unpack(data)
-        proposal = decode_record(_field(obj, "proposal", bytes))
-        votes = [decode_record(v) for v in _field(obj, "votes", list) if isinstance(v, bytes)]
-        if not isinstance(proposal, Proposal) or not all(isinstance(v, Vote) for v in votes):
-            raise MembershipError(Reason.MALFORMED, "a change is one proposal and its votes")
-        return cls(proposal, tuple(votes))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -503,10 +222,10 @@ class Membership:
     def check_signer(self, key: bytes, what: str) -> Member:
         """The current member behind ``key``; refusals say revoked or not a member."""
         if key in self.revoked:
-            raise MembershipError(Reason.REVOKED_KEY, f"{what} key {_short(key)} is revoked")
+            raise MembershipError(Reason.REVOKED_KEY, f"{what} key {short_key(key)} is revoked")
         member = self.by_key(key)
         if member is None:
-            raise MembershipError(Reason.NOT_MEMBER, f"{what} key {_short(key)} is no member")
+            raise MembershipError(Reason.NOT_MEMBER, f"{what} key {short_key(key)} is no member")
         return member
 
     def check_proposal(self, proposal: Proposal) -> Membership:
@@ -556,7 +275,7 @@ class Membership:
             raise MembershipError(
                 Reason.UNDER_QUORUM, f"{len(approving)} of the {needed} approvals needed"
             )
-        return replace(after, head=_digest(CHANGE_DOMAIN, self.head + change.proposal.proposal_id))
+        return replace(after, head=digest(CHANGE_DOMAIN, self.head + change.proposal.proposal_id))
 
     def _after(self, p: Proposal) -> Membership:
         """The membership ``p`` would make (its own validity checked, not its votes)."""
@@ -571,7 +290,7 @@ class Membership:
                         raise MembershipError(Reason.REVOKED_KEY, "cannot admit a revoked key")
                     members.append(member)
                 case "revoke" | "leave":
-                    key = _field(args, "key", bytes)
+                    key = field_of(args, "key", bytes)
                     target = self.check_signer(key, "revoked")
                     if p.action == "leave" and key != p.proposer:
                         raise MembershipError(Reason.INVALID_CHANGE, "only a member leaves itself")
@@ -579,8 +298,8 @@ class Membership:
                     if p.action == "revoke":
                         revoked.add(key)
                 case "rotate":
-                    old, new = _field(args, "old", bytes), _field(args, "new", bytes)
-                    proof = _field(args, "proof", bytes)
+                    old, new = field_of(args, "old", bytes), field_of(args, "new", bytes)
+                    proof = field_of(args, "proof", bytes)
                     target = self.check_signer(old, "rotated")
                     if old != p.proposer:
                         raise MembershipError(Reason.INVALID_CHANGE, "the old key must propose")
@@ -591,7 +310,7 @@ class Membership:
                     revoked.add(old)  # the old key signs nothing new from here on
                     rotations.append((old, new, epoch))
                 case "quorum":
-                    quorum = _field(args, "k", int)
+                    quorum = field_of(args, "k", int)
                 case _:
                     raise MembershipError(Reason.INVALID_CHANGE, f"unknown action {p.action!r}")
         except MembershipError as exc:

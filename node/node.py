@@ -92,18 +92,8 @@ class HospitalNode:
             for p in config.peers
         ]
         self.state_dir = config.node.state_dir
-        # With `[consortium]` the peers are the members (node/governance.py), not [[peers]].
-        self.governance: Governance | None = None
         self.governance_news = asyncio.Event()
-        revoked: frozenset[bytes] = frozenset()
-        if config.consortium.enabled:
-            try:
-                self.governance = open_governance(config, self.state_dir)
-            except MembershipError as exc:
-                raise StartupError(f"[consortium] {exc}") from None
-            membership = self.governance.membership
-            self.peers = peers_of(membership, config.node.name, self.identity.public_key, config)
-            revoked = membership.revoked
+        self.governance, revoked = self._open_governance()
         self.allowlist = Allowlist(self.peers, revoked=revoked)
         self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         self.store = NodeStore(self.state_dir)
@@ -160,6 +150,20 @@ class HospitalNode:
         self._restore(ckpt)
         self.state.model_sha256 = state_sha256(self.study.state())
         self.state.privacy = self.study.privacy_status()
+
+    def _open_governance(self) -> tuple[Governance | None, frozenset[bytes]]:
+        """With `[consortium]` the peers are the current members (node/governance.py), not
+        the [[peers]] entries; returns the governance and the revoked keys."""
+        config = self.config
+        if not config.consortium.enabled:
+            return None, frozenset()
+        try:
+            governance = open_governance(config, self.state_dir)
+        except MembershipError as exc:
+            raise StartupError(f"[consortium] {exc}") from None
+        membership = governance.membership
+        self.peers = peers_of(membership, config.node.name, self.identity.public_key, config)
+        return governance, membership.revoked
 
     def _compose(self, ckpt: NodeCheckpoint | None) -> None:
         """Build the parts, each from the checkpoint's share when there is one."""

@@ -195,13 +195,7 @@ class RoundCoordinator:
         previous_state = self._study.state()  # the model round r starts from
         joining = self.joining
         if joining:
-            log.warning(
-                "round %d: joining the running network; starting from the neighbours' robust "
-                "aggregate this round, contributing from round %d",
-                r,
-                r + 1,
-            )
-            own_state, own_sha = previous_state, state_sha256(previous_state)
+            own_state, own_sha = self._join_round(r, previous_state)
         elif r > self._store.last_signed_round:
             own_state, own_sha = await self._train_and_share(r, transport)
 
@@ -215,12 +209,7 @@ class RoundCoordinator:
         )
         self._neighbours.round_finished(r, collected.messages)
         if joining and collected.messages:
-            own_state = _neighbours_median(collected.messages, own_state)
-            own_sha = state_sha256(own_state)
-            self._audit.append(
-                "joined", r, start_sha256=own_sha, neighbours=sorted(collected.messages)
-            )
-            self.joining = False
+            own_state, own_sha = self._joined(r, collected.messages, own_state)
         self._state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
@@ -258,6 +247,24 @@ class RoundCoordinator:
             len(collected.messages),
             len(self._peer_names),
         )
+
+    def _join_round(self, r: int, current: State) -> tuple[State, str]:
+        """A joining node's first round: nothing trained or shared (its model is not worth
+        mixing in yet); it collects and starts from the neighbours' robust aggregate."""
+        log.warning(
+            "round %d: joining the running network; starting from the neighbours' robust "
+            "aggregate this round, contributing from round %d",
+            r,
+            r + 1,
+        )
+        return current, state_sha256(current)
+
+    def _joined(self, r: int, messages: dict[str, Any], template: State) -> tuple[State, str]:
+        start = _neighbours_median(messages, template)
+        sha = state_sha256(start)
+        self._audit.append("joined", r, start_sha256=sha, neighbours=sorted(messages))
+        self.joining = False
+        return start, sha
 
     async def _train_and_share(self, r: int, transport: Transport) -> tuple[State, str]:
         """Train round r, durably record that round r is being signed, then share it."""
