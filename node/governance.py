@@ -37,6 +37,7 @@ from murmur.gossip.membership import Membership, MembershipError, Reason
 from murmur.gossip.transport import GOVERNANCE_CONTENT_TYPE
 from murmur.gossip.trust import PeerTrust
 from murmur.node.consortium import Offered
+from murmur.node.neighbours import first_of
 
 if TYPE_CHECKING:
     from murmur.node.node import HospitalNode
@@ -186,15 +187,7 @@ async def exchange_governance(node: HospitalNode, transport: Any, stop: asyncio.
                 )
                 continue
             take(node, records, changes, name)
-        waits = [
-            asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(node.governance_news.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await first_of(stop, node.governance_news, timeout_s=interval)
 
 
 # ------------------------------------------------------------------------------ applying

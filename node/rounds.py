@@ -135,6 +135,8 @@ class RoundCoordinator:
         while time.monotonic() < end and not self._stop.is_set():
             if self.catch_up_target() is not None:
                 return
+            if len(self._inbox.highest_round_seen) >= self.catch_up_quorum:
+                return  # enough members spoke and none is ahead: the network is starting too
             await asyncio.sleep(0.2)
 
     def catch_up_target(self) -> CatchUp | None:
