@@ -150,3 +150,46 @@ def test_a_revoked_key_is_refused_as_revoked_by_request_auth() -> None:
         auth.check(again["Murmur-Auth"], "/gossip", 1, NOW)
     assert err.value.why is AuthFailure.REVOKED_KEY
     assert allowlist.by_key(peer.public_key) is None and len(allowlist) == 0
+
+
+def test_consortium_init_sign_and_show(tmp_path: Path, capsys) -> None:
+    from murmur.crypto.identity import save_identity
+    from murmur.node.cli import main
+
+    keys = {}
+    for name in ("hospital_a", "hospital_b"):
+        keys[name] = save_identity(generate_identity(name), tmp_path)
+    out = tmp_path / "manifest.bin"
+    members = [
+        f"{n}={pub}@http://127.0.0.1:{9000 + i}" for i, (n, (_, pub)) in enumerate(keys.items())
+    ]
+    argv = ["consortium", "init", "--name", "c", "--quorum", "2", "--out", str(out)]
+    for m in members:
+        argv += ["--member", m]
+    assert main([*argv, "--key", str(keys["hospital_a"][0])]) == 0
+    assert (
+        "still to sign" in capsys.readouterr().out
+        and "hospital_b" in Manifest.decode(out.read_bytes()).unsigned_founders()
+    )
+    assert (
+        main(["consortium", "init", "--sign", str(out), "--key", str(keys["hospital_b"][0])]) == 0
+    )
+    assert "signed by every founder" in capsys.readouterr().out
+    manifest = Manifest.decode(out.read_bytes())
+    assert manifest.verify().quorum == 2
+    assert main(["consortium", "show", str(out)]) == 0
+    assert manifest.consortium_id.hex() in capsys.readouterr().out
+    # A key that is not a founder's cannot sign the manifest.
+    stranger, _ = save_identity(generate_identity("mallory"), tmp_path)
+    assert main(["consortium", "init", "--sign", str(out), "--key", str(stranger)]) == 2
+    assert "not a founder" in capsys.readouterr().err
+
+
+def test_the_governance_exchange_message_is_checked() -> None:
+    from murmur.node.governance import decode_exchange, encode_exchange
+
+    assert decode_exchange(encode_exchange(3, [b"r"], [b"c"])) == (3, [b"r"], [b"c"])
+    for bad in (b"\xc1", b"\x93\x01\x02\x03", encode_exchange(1, [], [])[:-1]):
+        with pytest.raises(MembershipError) as err:
+            decode_exchange(bad)
+        assert err.value.reason is Reason.MALFORMED
