@@ -50,24 +50,46 @@ class Peer:
 
 
 class Allowlist:
-    """An immutable set of peers, looked up by public key or by name."""
+    """A set of peers, looked up by public key or by name.
 
-    def __init__(self, peers: Iterable[Peer]) -> None:
-        self._by_key: dict[bytes, Peer] = {}
-        self._by_name: dict[str, Peer] = {}
+    Static configuration never changes it; a consortium's membership (gossip/membership.py)
+    does, through `replace`, which swaps the whole set at once so that every part holding
+    this object (request authentication, the envelope opener, evidence, rollback) sees the
+    new membership from its next lookup. Keys the consortium revoked are remembered apart,
+    so a refusal can say `revoked_key` rather than `unknown_sender`.
+    """
+
+    def __init__(self, peers: Iterable[Peer], revoked: Iterable[bytes] = ()) -> None:
+        self._by_key, self._by_name = self._index(peers)
+        self._revoked = frozenset(revoked)
+
+    def replace(self, peers: Iterable[Peer], revoked: Iterable[bytes] = ()) -> None:
+        """Make ``peers`` the admitted set (checked as in the constructor) and ``revoked``
+        the refused keys, in one step."""
+        by_key, by_name = self._index(peers)
+        self._by_key, self._by_name, self._revoked = by_key, by_name, frozenset(revoked)
+
+    def is_revoked(self, public_key: bytes) -> bool:
+        return public_key in self._revoked
+
+    @staticmethod
+    def _index(peers: Iterable[Peer]) -> tuple[dict[bytes, Peer], dict[str, Peer]]:
+        by_key: dict[bytes, Peer] = {}
+        by_name: dict[str, Peer] = {}
         for peer in peers:
             if not isinstance(peer, Peer):
                 raise TypeError(f"allowlist entries must be Peer objects, got {peer!r}")
-            if peer.name in self._by_name:
+            if peer.name in by_name:
                 raise ValueError(f"allowlist names peer {peer.name!r} twice; names must be unique")
-            other = self._by_key.get(peer.public_key)
+            other = by_key.get(peer.public_key)
             if other is not None:
                 raise ValueError(
                     f"peers {other.name!r} and {peer.name!r} have the same public key; "
                     "every node needs its own key (murmur keygen)"
                 )
-            self._by_key[peer.public_key] = peer
-            self._by_name[peer.name] = peer
+            by_key[peer.public_key] = peer
+            by_name[peer.name] = peer
+        return by_key, by_name
 
     @classmethod
     def from_config(

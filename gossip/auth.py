@@ -74,6 +74,7 @@ class AuthFailure(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"
     WRONG_RECIPIENT = "wrong_recipient"
     UNKNOWN_SENDER = "unknown_sender"
+    REVOKED_KEY = "revoked_key"
     STALE = "stale"
     LENGTH_MISMATCH = "length_mismatch"
     BAD_SIGNATURE = "bad_signature"
@@ -238,6 +239,11 @@ class RequestAuthenticator:
         if auth.recipient != self.own_key:
             raise AuthError(AuthFailure.WRONG_RECIPIENT, "the request is addressed to another node")
         peer = self.allowlist.by_key(auth.sender)
+        if peer is None and self.allowlist.is_revoked(auth.sender):
+            raise AuthError(
+                AuthFailure.REVOKED_KEY,
+                f"sender key {auth.sender.hex()[:16]}... was revoked by the consortium",
+            )
         if peer is None:
             raise AuthError(
                 AuthFailure.UNKNOWN_SENDER,

@@ -109,6 +109,15 @@ class RoutedTransport:
         answers = await _all(r.post_records(peer, body, path) for r in self._relays_of(peer))
         return next((a for a in answers if a[0] is not None), (None, "no route"))
 
+    async def post_governance(
+        self, peer: Peer, body: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """Direct only: the relays do not carry /governance (node/governance.py)."""
+        peer = self._where(peer)
+        if not peer.address or self.direct is None:
+            return None, b""
+        return await self.direct.post_governance(peer, body, max_bytes)
+
 
 async def _all(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
     """Await every coroutine concurrently, in a TaskGroup (none of them raises)."""

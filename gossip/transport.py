@@ -43,6 +43,7 @@ log = logging.getLogger("murmur.transport")
 
 ENVELOPE_CONTENT_TYPE = "application/x-murmur-envelope"
 RECORDS_CONTENT_TYPE = "application/json"
+GOVERNANCE_CONTENT_TYPE = "application/x-murmur-governance"
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -432,6 +433,24 @@ class PeerTransport:
             return None, "oversize_reply"
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             return None, type(exc).__name__
+
+    async def post_governance(
+        self, peer: Peer, body: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """POST a membership exchange (node/governance.py) to a peer's /governance: (HTTP
+        status, at most ``max_bytes + 1`` bytes of the answer), or (None, b"") without an
+        answer. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                self._url(peer, "/governance"),
+                data=body,
+                headers=self.headers(peer, "/governance", body, GOVERNANCE_CONTENT_TYPE),
+                allow_redirects=False,
+            ) as response:
+                data = await response.content.read(max_bytes + 1)
+                return response.status, data
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None, b""
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our

@@ -65,6 +65,7 @@ class RoundAggregator:
         self._config = config
         self._trust = trust
         self._peer_degree = peer_degree
+        self._own_degree = len(peer_degree)
         self._audit = audit
         self._metrics = metrics
         self._state = state
@@ -72,6 +73,12 @@ class RoundAggregator:
         # the study's server-optimizer step on the robust aggregate (node/study.py)
         self._outer_step = outer_step
         self.ignored: frozenset[str] = frozenset()
+
+    def set_degrees(self, degrees: dict[str, int]) -> None:
+        """A membership change (node/governance.py): the peers' degrees now. A peer that
+        left keeps its last degree, so a model it sent before leaving still weighs right."""
+        self._peer_degree.update(degrees)
+        self._own_degree = len(degrees)
 
     def aggregate(
         self,
@@ -205,7 +212,7 @@ class RoundAggregator:
     def mixing_weights(self, received: list[str]) -> np.ndarray:
         """Metropolis-Hastings weights, each scaled by the peer's trust factor; a missing or
         distrusted neighbour's share stays with this node."""
-        own_degree = len(self._peer_degree)
+        own_degree = self._own_degree
         w = np.array(
             [self._trust.weight(n) / (1 + max(own_degree, self._peer_degree[n])) for n in received]
         )

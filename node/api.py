@@ -53,6 +53,7 @@ from murmur.gossip.heads import REQUEST_BYTES
 from murmur.gossip.peer_records import MAX_RECORDS_BYTES
 from murmur.gossip.probe import PROBE_BYTES
 from murmur.node.config import NodeConfig
+from murmur.node.governance import GOVERNANCE_PATH, MAX_GOVERNANCE_BYTES, governance_route
 from murmur.node.listener import (
     HTTP_STATUS,
     LINGER_BYTES,
@@ -212,6 +213,7 @@ def build_peer_app(node: ServedNode) -> web.Application:
     add_peer_route(app, "/probe", probe, PROBE_BYTES)
     add_peer_route(app, "/records", records_route, MAX_RECORDS_BYTES)
     add_peer_route(app, "/approvals", approvals_route, MAX_APPROVALS_BODY_BYTES)
+    add_peer_route(app, GOVERNANCE_PATH, governance_route, MAX_GOVERNANCE_BYTES)
     app.router.add_get("/health", health)
     return app
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from murmur.node.relay_cli import add_relay_parser
 
     add_relay_parser(sub)
+    from murmur.node.consortium_cli import add_consortium_parser
+
+    add_consortium_parser(sub)
 
     from murmur.node.studies.cli import add_study_parser
 
@@ -181,6 +184,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from murmur.node.studies.cli import study_command
 
         return study_command(args)
+    if args.command == "consortium":
+        from murmur.node.consortium_cli import consortium_command
+
+        return consortium_command(args)
     return run_audit(args)
 
 

@@ -50,8 +50,9 @@ from murmur.node.config_network import (
     PeerListenerSection,
     PeerSection,
 )
-from murmur.node.net_config import RelaySection, TlsSection, check_network
+
 from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
+from murmur.node.net_config import ConsortiumSection, RelaySection, TlsSection, check_network
 
 __all__ = [  # what callers import from here; each section lives in its own module
     "ConfigError",
@@ -91,6 +92,7 @@ class NodeConfig:
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
     study: StudySection = field(default_factory=StudySection)
     site_budget: SiteBudgetSection = field(default_factory=SiteBudgetSection)
+    consortium: ConsortiumSection = field(default_factory=ConsortiumSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -130,6 +132,7 @@ class NodeConfig:
             self.personalization,
             self.study,
             self.site_budget,
+            self.consortium,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -232,6 +235,7 @@ _SECTIONS: dict[str, type] = {
     "personalization": PersonalizationSection,
     "study": StudySection,
     "site_budget": SiteBudgetSection,
+    "consortium": ConsortiumSection,
 }
 
 

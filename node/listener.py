@@ -77,7 +77,7 @@ LINGER_BYTES = 256 * 1024
 # How long closing a listener waits for requests in flight (bodies are bounded by the body
 # timeout; a node that is stopping should not wait for strangers).
 SHUTDOWN_TIMEOUT_S = 2.0
-OPERATOR_MAX_BODY = 1024  # the operator routes are all GETs
+OPERATOR_MAX_BODY = 16 * 1024  # GETs, and POST /governance: one signed record
 FIRST_READ_BYTES = 16 * 1024  # ConnectionLimits.first_read_bytes of the peer listener
 
 

@@ -125,7 +125,7 @@ class NeighbourWatch:
             wake = max(0.0, next_probe - time.monotonic())
             if in_grace:
                 wake = min(wake, max(0.0, grace_end - time.monotonic()))
-            await _first_of(self._stop, self.news, timeout_s=max(wake, 0.01))
+            await first_of(self._stop, self.news, timeout_s=max(wake, 0.01))
         return False
 
     def _say_waiting(self, r: int, need: int, counted: list[str], message: str) -> None:
@@ -272,7 +272,7 @@ class NeighbourWatch:
         )
 
 
-async def _first_of(*events: asyncio.Event, timeout_s: float) -> None:
+async def first_of(*events: asyncio.Event, timeout_s: float) -> None:
     """Return when any of `events` is set or `timeout_s` has passed, whichever comes first."""
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:

@@ -157,3 +157,41 @@ def check_network(
                     f"names relay {relay!r}, which no [[relays]] entry defines",
                     f"add [[relays]] name = {relay!r} with its url, or use one of {names}",
                 )
+
+
+@dataclass(frozen=True)
+class ConsortiumSection:
+    """`[consortium]`: run under a consortium's membership (gossip/membership.py) instead
+    of a static allowlist. `manifest` is the founders' signed manifest (`murmur consortium
+    init`); `consortium_id`, when given, is its hash as the founders published it, and a
+    manifest that does not hash to it is refused. With a consortium the node's peers are the
+    current members (every member is every member's neighbour); `[[peers]]` entries only
+    add relays for members of the same name."""
+
+    manifest: Path | None = None
+    consortium_id: str = ""
+    exchange_interval_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.manifest is not None
+
+    def validate(self) -> None:
+        if not self.exchange_interval_s > 0:
+            _fail(
+                "consortium.exchange_interval_s",
+                f"is {self.exchange_interval_s}",
+                "give a positive number of seconds, e.g. 30",
+            )
+        if self.consortium_id and not re.fullmatch(r"[0-9a-fA-F]{64}", self.consortium_id):
+            _fail(
+                "consortium.consortium_id",
+                "is not 64 hex characters",
+                "copy it from `murmur consortium show MANIFEST`",
+            )
+        if self.manifest is not None and not self.manifest.is_file():
+            _fail(
+                "consortium.manifest",
+                f"{self.manifest} is not a file",
+                "point it at the manifest `murmur consortium init` wrote",
+            )

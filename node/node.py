@@ -27,6 +27,7 @@ from typing import Any
 from murmur.crypto.allowlist import Allowlist, Peer
 from murmur.crypto.identity import Identity, load_identity, load_public_key
 from murmur.gossip.attacks import Adversary
+from murmur.gossip.membership import MembershipError
 from murmur.gossip.peer_records import RecordBook
 from murmur.gossip.receipts import AuditHead, ReceiptBook
 from murmur.gossip.rounds import CatchUp, RoundInbox
@@ -43,7 +44,9 @@ from murmur.node.binding import config_binding, data_fingerprint
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.clock import ClockReport
 from murmur.node.config import NodeConfig
+from murmur.node.consortium import Governance, open_governance
 from murmur.node.evidence import EvidenceBook
+from murmur.node.governance import peers_of
 from murmur.node.metrics import NodeMetrics
 from murmur.node.neighbours import NeighbourWatch
 from murmur.node.persistence import SIGNED_ROUND_FILE, NodeStore
@@ -89,9 +92,11 @@ class HospitalNode:
             )
             for p in config.peers
         ]
-        self.allowlist = Allowlist(self.peers)
-        self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         self.state_dir = config.node.state_dir
+        self.governance_news = asyncio.Event()
+        self.governance, revoked = self._open_governance()
+        self.allowlist = Allowlist(self.peers, revoked=revoked)
+        self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         self.store = NodeStore(self.state_dir)
         data = load_own_data(config)
         if config.adversary.enabled:
@@ -149,6 +154,20 @@ class HospitalNode:
         self.state.model_sha256 = state_sha256(self.study.state())
         self.state.privacy = self.study.privacy_status()
 
+    def _open_governance(self) -> tuple[Governance | None, frozenset[bytes]]:
+        """With `[consortium]` the peers are the current members (node/governance.py), not
+        the [[peers]] entries; returns the governance and the revoked keys."""
+        config = self.config
+        if not config.consortium.enabled:
+            return None, frozenset()
+        try:
+            governance = open_governance(config, self.state_dir)
+        except MembershipError as exc:
+            raise StartupError(f"[consortium] {exc}") from None
+        membership = governance.membership
+        self.peers = peers_of(membership, config.node.name, self.identity.public_key, config)
+        return governance, membership.revoked
+
     def _compose(self, ckpt: NodeCheckpoint | None) -> None:
         """Build the parts, each from the checkpoint's share when there is one."""
         config = self.config
@@ -194,7 +213,11 @@ class HospitalNode:
         self.aggregator = RoundAggregator(
             config,
             trust=self.trust,
-            peer_degree={p.name: (p.degree or len(config.peers)) for p in config.peers},
+            peer_degree=(
+                {p.name: len(self.peers) for p in self.peers}
+                if self.governance is not None
+                else {p.name: (p.degree or len(config.peers)) for p in config.peers}
+            ),
             on_trust_change=self._refresh_trust_status,
             outer_step=self.study.outer_step,
             **parts,
@@ -224,6 +247,12 @@ class HospitalNode:
             next_round=1,
             **parts,
         )
+        if self.governance is not None:
+            self.rounds.set_peer_names([p.name for p in self.peers])
+            founders = {m.public_key for m in self.governance.manifest.founders}
+            # A hospital admitted after the founding joins the network where it is.
+            self.rounds.join_on_catch_up = self.identity.public_key not in founders
+            self.state.consortium = self.governance.status()
         self._refresh_trust_status()
 
     # ---------------------------------------------------------------- persistence

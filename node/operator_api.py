@@ -94,7 +94,15 @@ def build_operator_app(
     app.router.add_get("/", dashboard)
     app.router.add_get("/alerts", alerts)
     app.router.add_get("/audit/recent", audit_recent)
+    app.router.add_post("/governance", operator_governance)
     return app
+
+
+async def operator_governance(request: web.Request) -> web.StreamResponse:
+    """POST /governance: a signed proposal or vote (node/governance.py)."""
+    from murmur.node.governance import operator_governance as handle
+
+    return await handle(request)
 
 
 @web.middleware

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from murmur.gossip.routing import RoutedTransport
 from murmur.gossip.transport import PeerTransport
 from murmur.node.background import running
+from murmur.node.governance import exchange_governance
 from murmur.node.records import exchange_records
 from murmur.node.tls import client_tls
 
@@ -46,7 +47,10 @@ async def open_transport(node: HospitalNode) -> AsyncIterator[RoutedTransport]:
             relays = await stack.enter_async_context(open_relays(node))
         transport = RoutedTransport(direct, relays, node.record_book)
         stop = asyncio.Event()
-        async with running(exchange_records(node, transport, stop)):
+        background = [exchange_records(node, transport, stop)]
+        if node.governance is not None:
+            background.append(exchange_governance(node, transport, stop))
+        async with running(*background):
             try:
                 yield transport
             finally:

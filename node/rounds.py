@@ -20,12 +20,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
-from murmur.models.params import state_sha256
+from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.models.privacy import BudgetExhausted
 from murmur.node.aggregator import RoundAggregator
 from murmur.node.audit import AuditLog
@@ -86,15 +87,27 @@ class RoundCoordinator:
         self.next_round = next_round
         self._peer_names = [p.name for p in config.peers]
         self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self._peer_names))
+        # A node joining a running consortium starts from its neighbours' robust aggregate
+        # in the round it catches up to, and contributes from the next (`_join_round`).
+        self.joining = False
+        self.join_on_catch_up = False
+
+    def set_peer_names(self, names: list[str]) -> None:
+        """A membership change (node/governance.py): whom rounds wait for and count."""
+        self._peer_names[:] = names
+        self.catch_up_quorum = catch_up_quorum(self._config.aggregation.f, len(names))
 
     async def run_rounds(self, transport: Transport) -> None:
         """Run every planned round that is left, then return."""
         planned = self._config.training.rounds
         r = self.next_round
         starting = True
+        if self.join_on_catch_up and r == 1 and self._store.last_signed_round == 0:
+            await self._await_running_network()
         while r <= planned and not self._stop.is_set():
             jump = self.catch_up_target()
             if jump is not None and jump.round > r:
+                self.joining = self.join_on_catch_up and self._store.last_signed_round == 0
                 self._jump(r, jump)
                 r = jump.round
             self._inbox.advance_to(r)
@@ -112,6 +125,19 @@ class RoundCoordinator:
                 return
             r += 1
         self._state.phase = "stopped" if self._stop.is_set() else "done"
+
+    async def _await_running_network(self) -> None:
+        """A fresh node admitted to a running consortium: before training round 1, give the
+        members up to `startup_timeout_s` to send it their current round, so that it joins
+        that round (from their robust aggregate) instead of training rounds they are past."""
+        self._state.phase = "joining"
+        end = time.monotonic() + self._config.gossip.startup_timeout_s
+        while time.monotonic() < end and not self._stop.is_set():
+            if self.catch_up_target() is not None:
+                return
+            if len(self._inbox.highest_round_seen) >= self.catch_up_quorum:
+                return  # enough members spoke and none is ahead: the network is starting too
+            await asyncio.sleep(0.2)
 
     def catch_up_target(self) -> CatchUp | None:
         """The round a quorum of trusted peers has reached, if ahead of ours.
@@ -169,7 +195,10 @@ class RoundCoordinator:
             own_state = self._study.state()
             own_sha = state_sha256(own_state)
         previous_state = self._study.state()  # the model round r starts from
-        if r > self._store.last_signed_round:
+        joining = self.joining
+        if joining:
+            own_state, own_sha = self._join_round(r, previous_state)
+        elif r > self._store.last_signed_round:
             own_state, own_sha = await self._train_and_share(r, transport)
 
         self._state.phase = "collecting"
@@ -181,6 +210,8 @@ class RoundCoordinator:
             wait_for=self._neighbours.liveness.live(),  # not the neighbours marked down
         )
         self._neighbours.round_finished(r, collected.messages)
+        if joining and collected.messages:
+            own_state, own_sha = self._joined(r, collected.messages, own_state)
         self._state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
@@ -218,6 +249,24 @@ class RoundCoordinator:
             len(collected.messages),
             len(self._peer_names),
         )
+
+    def _join_round(self, r: int, current: State) -> tuple[State, str]:
+        """A joining node's first round: nothing trained or shared (its model is not worth
+        mixing in yet); it collects and starts from the neighbours' robust aggregate."""
+        log.warning(
+            "round %d: joining the running network; starting from the neighbours' robust "
+            "aggregate this round, contributing from round %d",
+            r,
+            r + 1,
+        )
+        return current, state_sha256(current)
+
+    def _joined(self, r: int, messages: dict[str, Any], template: State) -> tuple[State, str]:
+        start = _neighbours_median(messages, template)
+        sha = state_sha256(start)
+        self._audit.append("joined", r, start_sha256=sha, neighbours=sorted(messages))
+        self.joining = False
+        return start, sha
 
     async def _train_and_share(self, r: int, transport: Transport) -> tuple[State, str]:
         """Train round r, durably record that round r is being signed, then share it."""
@@ -257,3 +306,10 @@ class RoundCoordinator:
 
 def _fmt(x: float | None) -> str:
     return "undefined" if x is None else f"{x:.3f}"
+
+
+def _neighbours_median(messages: dict[str, Any], template: State) -> State:
+    """The coordinate-wise median of the neighbours' models: the robust start of a node that
+    joins a running network (it has no model of its own worth mixing in yet)."""
+    stack = np.stack([flatten(m.envelope.update.tensors) for m in messages.values()])
+    return unflatten(np.median(stack, axis=0).astype(stack.dtype), template)

@@ -40,6 +40,7 @@ class NodeState:
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    consortium: dict[str, Any] = field(default_factory=dict)  # node/governance.py
     model_sha256: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
     # why requests were refused as `unauthenticated` (gossip/auth.py AuthFailure -> count):
