@@ -50,9 +50,13 @@ def outsider_envelope(
     round_: int,
     *,
     outsider: Identity | None = None,
+    study: bytes | None = None,
 ) -> bytes:
-    """A well-formed, correctly signed envelope from a key nobody admitted (``unknown_sender``)."""
-    return build_envelope(update, outsider or generate_identity("outsider"), recipients, round_)
+    """A well-formed, correctly signed envelope from a key nobody admitted (``unknown_sender``).
+    ``study``: the attacked network's study, so that it is refused for who sent it."""
+    return build_envelope(
+        update, outsider or generate_identity("outsider"), recipients, round_, study=study
+    )
 
 
 def impersonated_envelope(envelope: bytes, own_key: bytes, victim_key: bytes) -> bytes:

@@ -380,7 +380,10 @@ class Adversary:
     """A Byzantine node's attack across rounds: what to send, built from what it knows.
 
     The node owns the network; this class only decides and builds messages. ``peers`` are the
-    node's neighbours; ``colluders`` the other attackers (never treated as honest).
+    node's neighbours; ``colluders`` the other attackers (never treated as honest). ``study``
+    is the manifest hash of the study the network runs (None: no study): an attacker is a
+    member and knows it, so its envelopes carry it like honest ones; without it every
+    envelope would be refused as ``unknown_study`` and never reach robust aggregation.
     """
 
     def __init__(
@@ -395,8 +398,10 @@ class Adversary:
         byzantine_neighbours: Mapping[str, int] | None = None,
         initial: ModelState,
         max_message_bytes: int,
+        study: bytes | None = None,
     ) -> None:
         self.name = name
+        self.study = study
         self.params = attack_params(name, params)
         self.identity = identity
         self.peers = list(peers)
@@ -503,7 +508,12 @@ class Adversary:
             state = unflatten(vectors[key], template)
             update = ModelUpdate(state, metrics={}, receipts=receipts, proofs=proofs)
             data = build_envelope(
-                update, self.identity, [p.public_key for p in peers], round_, head=head
+                update,
+                self.identity,
+                [p.public_key for p in peers],
+                round_,
+                head=head,
+                study=self.study,
             )
             self.remember(round_, data)
             out.append(Outgoing(tuple(peers), data, state_sha256(state)))
@@ -536,12 +546,14 @@ class Adversary:
         if "outsider" in kinds:
             for _ in range(count):
                 outsider = generate_identity("outsider")
-                data = outsider_envelope(update, keys, round_, outsider=outsider)
+                data = outsider_envelope(update, keys, round_, outsider=outsider, study=self.study)
                 out.append(Outgoing(targets, data, abuse="outsider", signer=outsider))
         if "impersonate" in kinds:
             for i in range(count):
                 victim = targets[i % len(targets)]
-                fresh = build_envelope(update, self.identity, keys, round_, head=head)
+                fresh = build_envelope(
+                    update, self.identity, keys, round_, head=head, study=self.study
+                )
                 forged = impersonated_envelope(fresh, self.identity.public_key, victim.public_key)
                 out.append(Outgoing(targets, forged, abuse="impersonate"))
         if "flood" in kinds:

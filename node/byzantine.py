@@ -127,6 +127,7 @@ def arm(node: HospitalNode) -> Adversary:
         byzantine_neighbours=section.byzantine_neighbours,
         initial=node.study.initial_state,
         max_message_bytes=node.limits.max_message_bytes,
+        study=node.gate.wire_id,  # a member knows the study it attacks
     )
     node.rounds.sharing = AttackSharing(
         adversary,

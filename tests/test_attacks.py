@@ -388,3 +388,61 @@ def test_a_protocol_abuser_sends_its_honest_update_and_then_only_refused_message
             RejectReason.BAD_SIGNATURE,
             RejectReason.MALFORMED,
         }, message.abuse
+
+
+# --------------------------------------------------------------------------- in a study network
+
+
+STUDY = bytes(range(32))  # the attacked network's manifest hash
+
+
+def test_in_a_study_network_the_attackers_updates_carry_its_study_and_open() -> None:
+    """An attacker is a member: its envelopes carry the study, so a study node opens them
+    (they reach robust aggregation) instead of refusing them as unknown_study."""
+    study_opener = EnvelopeOpener(ALICE, Allowlist(PEERS), SPEC, study=STUDY)
+    unbound = adversary("sign_flip").messages(1, shifted(0.0), STATE, {})[0]
+    assert reason_of(study_opener, unbound.data) == RejectReason.UNKNOWN_STUDY  # the old bug
+    for name, params in [
+        ("sign_flip", {}),
+        ("alie", {"n": 3, "f": 1}),
+        ("equivocation", {}),
+        ("stale", {}),
+        ("gaussian", {}),
+    ]:
+        attacker = Adversary(
+            name,
+            params,
+            identity=ATTACKER,
+            peers=PEERS[:2],
+            seed=0,
+            initial=STATE,
+            max_message_bytes=4096,
+            study=STUDY,
+        )
+        messages = attacker.messages(1, shifted(0.0), STATE, {"alice": shifted(0.1)})
+        to_alice = next(m for m in messages if "alice" in {p.name for p in m.recipients})
+        opener = EnvelopeOpener(ALICE, Allowlist(PEERS), SPEC, study=STUDY)
+        opened = opener.open(to_alice.data)
+        assert opened.sender.name == "byzantine_0" and opened.round == 1, name
+
+
+def test_in_a_study_network_protocol_abuse_is_refused_for_what_it_is_not_its_study() -> None:
+    attacker = Adversary(
+        "protocol_abuse",
+        {"count": 1},
+        identity=ATTACKER,
+        peers=PEERS[:2],
+        seed=0,
+        initial=STATE,
+        max_message_bytes=4096,
+        study=STUDY,
+    )
+    opener = EnvelopeOpener(ALICE, Allowlist(PEERS), SPEC, study=STUDY)
+    opener.open(attacker.messages(1, shifted(0.0), STATE, {})[0].data)
+    second = attacker.messages(2, shifted(0.1), STATE, {})
+    opener.open(second[0].data)
+    reasons = {m.abuse: reason_of(opener, m.data) for m in second[1:] if m.abuse != "oversize"}
+    assert reasons["replay"] == RejectReason.REPLAY
+    assert reasons["outsider"] == RejectReason.UNKNOWN_SENDER
+    assert reasons["impersonate"] == RejectReason.BAD_SIGNATURE
+    assert RejectReason.UNKNOWN_STUDY not in reasons.values()

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from murmur.crypto.identity import generate_identity, load_identity
 from murmur.node.audit import records_of_kind
@@ -130,3 +131,40 @@ def test_config_check_names_nodes_of_different_studies(tmp_path: Path) -> None:
     net.edit_config("hospital_1", "study", manifest=str(other))
     _, findings = check_configs(paths)
     assert [f.level for f in findings if "study.sha256" in str(f)] == ["error"]
+
+
+def test_an_attackers_update_in_a_study_network_reaches_the_round_not_unknown_study(
+    tmp_path: Path,
+) -> None:
+    """Adversary mode in a study network: the attacker's envelope carries the study, so the
+    honest node files it for the round's robust aggregation instead of refusing it."""
+    import asyncio
+
+    net, manifest = study_network(tmp_path, "attacked", epsilon=1.0, rounds=1)
+    for name in ("hospital_0", "hospital_1"):
+        approve(net, name, manifest)
+    net.edit_config("hospital_1", "adversary", attack="sign_flip")
+    honest = HospitalNode(load_config(net.node("hospital_0").config_path))
+    attacker = HospitalNode(load_config(net.node("hospital_1").config_path))
+    try:
+        assert attacker.adversary is not None
+        own = attacker.study.state()
+        messages = attacker.adversary.messages(1, own, own, {})
+        assert len(messages) == 1
+
+        async def deliver():
+            verdict = await honest.receiver.receive(messages[0].data)
+            collected = await honest.inbox.collect(1, ["hospital_1"], 1.0, asyncio.Event())
+            return verdict, collected
+
+        verdict, collected = asyncio.run(deliver())
+        assert verdict[:2] == (202, "accepted"), verdict
+        assert "unknown_study" not in honest.status()["rejected"]
+        assert attacker.adversary.study == honest.gate.wire_id is not None
+        # What the round's robust rule is given: the attacker's poison (sign flip of its own).
+        poison = collected.messages["hospital_1"].envelope.update.tensors
+        for name, tensor in own.items():
+            assert np.allclose(poison[name], -np.asarray(tensor), atol=1e-6), name
+    finally:
+        honest.audit.close()
+        attacker.audit.close()
