@@ -50,9 +50,8 @@ from murmur.node.config_network import (
     PeerListenerSection,
     PeerSection,
 )
-
-from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
 from murmur.node.net_config import ConsortiumSection, RelaySection, TlsSection, check_network
+from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
 
 __all__ = [  # what callers import from here; each section lives in its own module
     "ConfigError",
