@@ -27,6 +27,16 @@ log = logging.getLogger("murmur.node")
 
 VERSION = __version__
 
+# Every node running in this process: SIGTERM and SIGINT stop them all. One handler per
+# signal is all a loop holds, so a second node in the process (node/host.py) must not
+# replace the first one's.
+_RUNNING: set[HospitalNode] = set()
+
+
+def _stop_every_node() -> None:
+    for node in _RUNNING:
+        node.stop.set()
+
 
 def check_feasibility(node: HospitalNode) -> None:
     problem = check_node(
@@ -111,8 +121,9 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
         _say_finished(node, ended)
         return 0
     loop = asyncio.get_running_loop()
+    _RUNNING.add(node)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, node.stop.set)
+        loop.add_signal_handler(sig, _stop_every_node)
     node.audit.append(
         "node_start",
         node.next_round,
@@ -133,6 +144,7 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
         node.write_status()
         await api.close()
         node.audit.close()
+        _RUNNING.discard(node)
         log.info(
             "node %s stopping at round %d: %s; ε spent %.3f",
             node.config.node.name,

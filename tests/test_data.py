@@ -93,8 +93,13 @@ def test_split_across_hospitals_partitions_every_row_once() -> None:
         joined = np.concatenate(parts)
         assert sorted(joined.tolist()) == list(range(400))
         assert min(len(p) for p in parts) >= MIN_ROWS_PER_HOSPITAL
+    # 400 rows over 40 hospitals is 10 each (below the usual 12, above the floor of 5);
+    # over 81 it is fewer than 5, refused.
+    parts = split_across_hospitals(labels, 40, np.random.default_rng(0), alpha=0.5)
+    assert min(len(p) for p in parts) == 400 // 40
+    assert sorted(np.concatenate(parts).tolist()) == list(range(400))
     with pytest.raises(DataError, match="use fewer hospitals"):
-        split_across_hospitals(labels, 40, np.random.default_rng(0))
+        split_across_hospitals(labels, 81, np.random.default_rng(0))
 
 
 def test_breast_cancer_statistics_stay_inside_each_hospital(monkeypatch) -> None:
