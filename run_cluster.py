@@ -135,6 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="complete, ring, regular:K, erdos:P, smallworld:K,P, torus, exponential, edges:FILE",
     )
     p.add_argument(
+        "--sample-peers",
+        type=int,
+        default=0,
+        metavar="S",
+        help="randomized peer sampling (Epidemic Learning, gossip/sampling.py): each round every "
+        "node sends to S peers drawn from its allowlist (the --topology graph, complete by "
+        "default) by a shared seed, and hears from S; 0 sends to every neighbour",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         help="rounds of train-share-aggregate (default: the dataset's recipe, 20 for tabular "
@@ -261,6 +270,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.hosts_per_process < 1:
         p.error("--hosts-per-process must be >= 1 (1: one process per hospital)")
+    if args.sample_peers < 0:
+        p.error("--sample-peers must be >= 0 (0: every neighbour, every round)")
+    if args.sample_peers and args.topology != "complete":
+        p.error(
+            "--sample-peers draws from every node of the network, so it needs --topology "
+            "complete (every node allowlists every other)"
+        )
     apply_recipe(args)
     check_adversary_args(p, args)
     if args.dataset == "csv" and not args.no_dp and args.reference is None:
@@ -369,8 +385,16 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     n = len(names)
     topology = build_topology(args.topology, n, seed=args.seed)
     rule, f = parse_aggregator(args.aggregator)
+    if args.sample_peers >= n:
+        raise SystemExit(f"--sample-peers {args.sample_peers} needs more than {n} nodes")
     problems = check_feasibility(
-        {names[i]: [names[j] for j in topology.neighbours(i)] for i in range(n)}, rule, f
+        # With sampling a round brings S inputs, whatever the allowlist (gossip/sampling.py).
+        {
+            names[i]: [names[j] for j in topology.neighbours(i)][: args.sample_peers or None]
+            for i in range(n)
+        },
+        rule,
+        f,
     )
     if problems:
         raise SystemExit("infeasible network:\n  " + "\n  ".join(problems))
@@ -467,7 +491,11 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 if args.personalize != "none"
                 else {}
             ),
-            "gossip": {"round_timeout_s": args.round_timeout, "startup_timeout_s": 60.0},
+            "gossip": {
+                "round_timeout_s": args.round_timeout,
+                "startup_timeout_s": 60.0,
+                **({"sample_peers": args.sample_peers} if args.sample_peers else {}),
+            },
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
             **(
@@ -810,6 +838,7 @@ def build_report(
         "model": args.model or DEFAULT_MODEL[args.dataset],
         "nodes": len(nodes),
         "topology": args.topology,
+        "sample_peers": args.sample_peers or None,
         "spectral_gap": float(topology.spectral_gap()),
         "aggregator": {"rule": rule, "f": f},
         "attack": (

@@ -56,6 +56,7 @@ class RoundAggregator:
         *,
         trust: TrustTracker,
         peer_degree: dict[str, int],
+        own_degree: int | None = None,
         audit: AuditLog,
         metrics: NodeMetrics,
         state: NodeState,
@@ -65,6 +66,9 @@ class RoundAggregator:
         self._config = config
         self._trust = trust
         self._peer_degree = peer_degree
+        # This node's degree in the mixing matrix: its peer count, or the sample size s when
+        # it sends to s sampled peers a round (gossip/sampling.py).
+        self._own_degree = own_degree if own_degree is not None else len(peer_degree)
         self._audit = audit
         self._metrics = metrics
         self._state = state
@@ -205,7 +209,7 @@ class RoundAggregator:
     def mixing_weights(self, received: list[str]) -> np.ndarray:
         """Metropolis-Hastings weights, each scaled by the peer's trust factor; a missing or
         distrusted neighbour's share stays with this node."""
-        own_degree = len(self._peer_degree)
+        own_degree = self._own_degree
         w = np.array(
             [self._trust.weight(n) / (1 + max(own_degree, self._peer_degree[n])) for n in received]
         )

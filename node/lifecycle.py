@@ -39,9 +39,12 @@ def _stop_every_node() -> None:
 
 
 def check_feasibility(node: HospitalNode) -> None:
+    """The rule must be robust with the inputs a round brings: one per peer, or with peer
+    sampling the s sampled senders (gossip/sampling.py), whatever the allowlist's size."""
+    per_round = node.config.gossip.sample_peers or len(node.peers)
     problem = check_node(
         node.config.node.name,
-        len(node.peers),
+        per_round,
         node.config.aggregation.rule,
         node.config.aggregation.f,
     ) or check_min_neighbours(

@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 import numpy as np
 from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
+from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
 from murmur.models.params import state_sha256
@@ -67,6 +68,7 @@ class RoundCoordinator:
         stop: asyncio.Event,
         checkpoint: Callable[[int], None],
         next_round: int,
+        sample: PeerSample | None = None,
     ) -> None:
         self._config = config
         self._study = study
@@ -85,6 +87,9 @@ class RoundCoordinator:
         self.checkpoint = checkpoint
         self.next_round = next_round
         self._peer_names = [p.name for p in config.peers]
+        # Randomized peer sampling (gossip/sampling.py): round r hears from its s sampled
+        # senders only; None: from every peer, every round.
+        self._sample = sample
         self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self._peer_names))
 
     async def run_rounds(self, transport: Transport) -> None:
@@ -173,14 +178,18 @@ class RoundCoordinator:
             own_state, own_sha = await self._train_and_share(r, transport)
 
         self._state.phase = "collecting"
+        expected = self.senders_of(r)
+        live = set(self._neighbours.liveness.live())  # not the neighbours marked down
         collected = await self._inbox.collect(
             r,
-            self._peer_names,
+            expected,
             self._config.gossip.round_timeout_s,
             self._stop,
-            wait_for=self._neighbours.liveness.live(),  # not the neighbours marked down
+            wait_for=[n for n in expected if n in live],
         )
-        self._neighbours.round_finished(r, collected.messages)
+        # A peer that was not to send this round is not silent: only expected senders count.
+        not_due = set(self._peer_names) - set(expected)
+        self._neighbours.round_finished(r, collected.messages.keys() | not_due)
         self._state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
@@ -216,8 +225,14 @@ class RoundCoordinator:
             _fmt(metrics.get("auc")),
             epsilon,
             len(collected.messages),
-            len(self._peer_names),
+            len(expected),
         )
+
+    def senders_of(self, r: int) -> list[str]:
+        """Whose round-r models this node waits for and aggregates: the round's sampled
+        senders, or every peer. Anything else that arrives for round r (an attacker that
+        ignores the sampling, say) is left out."""
+        return self._sample.sources(r) if self._sample is not None else self._peer_names
 
     async def _train_and_share(self, r: int, transport: Transport) -> tuple[State, str]:
         """Train round r, durably record that round r is being signed, then share it."""

@@ -403,7 +403,7 @@ def test_csv_directory_errors(tmp_path: Path) -> None:
         ("breast-cancer", {"test_fraction": 1.0}, "test_fraction"),
         ("breast-cancer", {"num_hospitals": 0}, "num_hospitals"),
         ("breast-cancer", {"label": "y"}, "only apply to dataset 'csv'"),
-        ("breast-cancer", {"num_hospitals": 100}, "use fewer hospitals"),
+        ("breast-cancer", {"num_hospitals": 114}, "use fewer hospitals"),
         ("heart-disease", {"alpha": 0.5}, "real hospitals"),
         ("csv", {}, "needs path"),
     ],
