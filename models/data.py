@@ -61,8 +61,8 @@ _DEFAULT_PATHS = {
 # even a strongly skewed Dirichlet partition leaves every hospital something to train and test.
 MIN_ROWS_PER_HOSPITAL = 12
 # ...unless the pool is too small for that many hospitals (the embedded 569 patients over 48 or
-# more): then each gets an equal share of the pool, never fewer than this many rows, which at
-# the default test fraction is 3 training and 2 test rows. A hospital that small has no
+# more): then each is guaranteed this many rows (an IID split gives equal shares anyway), which
+# at the default test fraction is 3 training and 2 test rows. A hospital that small has no
 # meaningful AUC of its own (its 2 test rows seldom hold both classes), so such networks are
 # judged by each node's model on the whole test split, every hospital's test rows together
 # (report.json "whole_test", node/report_extras.py). No patient is ever given to two hospitals.
@@ -358,14 +358,15 @@ def split_across_hospitals(
     Label skew follows Hsu et al. 2019: for each class c a Dirichlet(alpha) vector says which
     share of class c each hospital gets (pass ``proportions``, shape (classes, hospitals), to
     reuse one draw, e.g. for a train and a test pool). To guarantee every hospital
-    ``min_rows`` rows however small alpha is (or an equal share of the pool, down to
-    ``MIN_ROWS_FLOOR``, when the pool is too small for that), that many rows per hospital
-    are first dealt at random from the shuffled pool and only the rest follows the skew.
-    Returns sorted index arrays, one per hospital.
+    ``min_rows`` rows however small alpha is (``MIN_ROWS_FLOOR`` when the pool is too small
+    for ``min_rows`` each), that many rows per hospital are first dealt at random from the
+    shuffled pool and only the rest follows the skew. Returns sorted index arrays, one per
+    hospital.
     """
     n = len(labels)
-    min_rows = min(min_rows, n // num_hospitals)  # an equal share when min_rows does not fit
-    if min_rows < MIN_ROWS_FLOOR:
+    if n < num_hospitals * min_rows:  # too small a pool for min_rows each: the floor
+        min_rows = MIN_ROWS_FLOOR
+    if n < num_hospitals * min_rows:
         raise DataError(
             f"{n} rows cannot give {num_hospitals} hospitals {MIN_ROWS_FLOOR} rows each "
             f"(at most {n // MIN_ROWS_FLOOR} hospitals): use fewer hospitals"

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from murmur.models import breast_cancer, csv_data, data, heart_disease
 from murmur.models.data import (
+    MIN_ROWS_FLOOR,
     MIN_ROWS_PER_HOSPITAL,
     DataError,
     HospitalSplit,
@@ -93,10 +94,11 @@ def test_split_across_hospitals_partitions_every_row_once() -> None:
         joined = np.concatenate(parts)
         assert sorted(joined.tolist()) == list(range(400))
         assert min(len(p) for p in parts) >= MIN_ROWS_PER_HOSPITAL
-    # 400 rows over 40 hospitals is 10 each (below the usual 12, above the floor of 5);
-    # over 81 it is fewer than 5, refused.
-    parts = split_across_hospitals(labels, 40, np.random.default_rng(0), alpha=0.5)
-    assert min(len(p) for p in parts) == 400 // 40
+    # 400 rows cannot give 40 hospitals the usual 12 each: each is guaranteed the floor of 5
+    # instead; 81 hospitals cannot have even that, refused.
+    parts = split_across_hospitals(labels, 40, np.random.default_rng(0), alpha=0.05)
+    assert min(len(p) for p in parts) >= MIN_ROWS_FLOOR
+    assert min(len(p) for p in parts) < 400 // 40  # the skew is not flattened to equal shares
     assert sorted(np.concatenate(parts).tolist()) == list(range(400))
     with pytest.raises(DataError, match="use fewer hospitals"):
         split_across_hospitals(labels, 81, np.random.default_rng(0))
