@@ -69,8 +69,12 @@ class AttackSharing:
         state: NodeState,
         audit: AuditLog,
         own_head: Callable[[], AuditHead],
+        senders_of: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.adversary = adversary
+        # Whose round-r models reach this node (with peer sampling, the round's s senders
+        # only): a rushing attacker waits for those, not for models that will not come.
+        self._senders_of = senders_of
         self._sender = sender
         self._inbox = inbox
         self._stop = stop
@@ -87,9 +91,10 @@ class AttackSharing:
         honest: dict[str, State] = {}
         if adversary.rushes:
             self._state.phase = "attacker_waiting_for_honest_models"
+            due = set(self._senders_of(r)) if self._senders_of is not None else None
             seen = await self._inbox.collect(
                 r,
-                [p.name for p in adversary.honest_peers],
+                [p.name for p in adversary.honest_peers if due is None or p.name in due],
                 self._round_timeout_s,
                 self._stop,
             )
@@ -137,6 +142,7 @@ def arm(node: HospitalNode) -> Adversary:
         state=node.state,
         audit=node.audit,
         own_head=node.own_head,
+        senders_of=node.rounds.senders_of,
     )
     node.receiver.accepted_listeners.append(adversary.remember)
     node.aggregator.ignored = adversary.colluders  # it never averages in their poison
