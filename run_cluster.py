@@ -144,6 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default) by a shared seed, and hears from S; 0 sends to every neighbour",
     )
     p.add_argument(
+        "--asynchronous",
+        action="store_true",
+        help="asynchronous gossip: no round barrier; each node trains, sends and aggregates "
+        "what arrived since its last step (docs/protocol.md, 'Asynchronous gossip')",
+    )
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=3,
+        help="with --asynchronous: models more than this many of the receiver's own steps "
+        "old are dropped and counted",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         help="rounds of train-share-aggregate (default: the dataset's recipe, 20 for tabular "
@@ -495,6 +508,11 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "round_timeout_s": args.round_timeout,
                 "startup_timeout_s": 60.0,
                 **({"sample_peers": args.sample_peers} if args.sample_peers else {}),
+                **(
+                    {"asynchronous": True, "max_staleness": args.max_staleness}
+                    if args.asynchronous
+                    else {}
+                ),
             },
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
@@ -839,6 +857,7 @@ def build_report(
         "nodes": len(nodes),
         "topology": args.topology,
         "sample_peers": args.sample_peers or None,
+        "asynchronous": args.asynchronous,
         "spectral_gap": float(topology.spectral_gap()),
         "aggregator": {"rule": rule, "f": f},
         "attack": (

@@ -92,13 +92,13 @@ class AttackSharing:
         if adversary.rushes:
             self._state.phase = "attacker_waiting_for_honest_models"
             due = set(self._senders_of(r)) if self._senders_of is not None else None
-            seen = await self._inbox.collect(
-                r,
-                [p.name for p in adversary.honest_peers if due is None or p.name in due],
-                self._round_timeout_s,
-                self._stop,
-            )
-            honest = {n: m.envelope.update.tensors for n, m in seen.messages.items()}
+            wanted = [p.name for p in adversary.honest_peers if due is None or p.name in due]
+            if self._inbox.asynchronous:  # no round to wait for: the newest that arrived
+                seen = self._inbox.newest(wanted)
+            else:
+                collected = await self._inbox.collect(r, wanted, self._round_timeout_s, self._stop)
+                seen = collected.messages
+            honest = {n: m.envelope.update.tensors for n, m in seen.items()}
         messages = adversary.messages(r, own_state, reference, honest, self._own_head())
         for message in messages:
             if message.abuse is None:

@@ -151,7 +151,9 @@ class HospitalNode:
         """Build the parts, each from the checkpoint's share when there is one."""
         config = self.config
         self.trust, receipts, self.replay = _books(config, self.peers, ckpt)
-        self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(max_round=config.training.rounds)
+        self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(
+            max_round=config.training.rounds, asynchronous=config.gossip.asynchronous
+        )
         self.evidence = EvidenceBook(
             receipts,
             allowlist=self.allowlist,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
-from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
+from murmur.gossip.rounds import CatchUp, CollectedRound, RoundInbox, catch_up_quorum
 from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
@@ -97,8 +97,10 @@ class RoundCoordinator:
         planned = self._config.training.rounds
         r = self.next_round
         starting = True
+        asynchronous = self._config.gossip.asynchronous
         while r <= planned and not self._stop.is_set():
-            jump = self.catch_up_target()
+            # Asynchronous: a round is this node's own step; no one else's round moves it.
+            jump = None if asynchronous else self.catch_up_target()
             if jump is not None and jump.round > r:
                 self._jump(r, jump)
                 r = jump.round
@@ -106,7 +108,7 @@ class RoundCoordinator:
             if not await self._neighbours.wait_for_peers(transport, r, starting=starting):
                 break
             starting = False
-            if self.catch_up_target() is not None:
+            if not asynchronous and self.catch_up_target() is not None:
                 continue  # the network moved on while this node waited: jump first
             try:
                 await self._one_round(r, transport)
@@ -179,17 +181,22 @@ class RoundCoordinator:
 
         self._state.phase = "collecting"
         expected = self.senders_of(r)
-        live = set(self._neighbours.liveness.live())  # not the neighbours marked down
-        collected = await self._inbox.collect(
-            r,
-            expected,
-            self._config.gossip.round_timeout_s,
-            self._stop,
-            wait_for=[n for n in expected if n in live],
-        )
-        # A peer that was not to send this round is not silent: only expected senders count.
-        not_due = set(self._peer_names) - set(expected)
-        self._neighbours.round_finished(r, collected.messages.keys() | not_due)
+        if self._config.gossip.asynchronous:
+            collected = self._take_fresh(r, expected)
+            # No barrier, so no silence to count: a slower peer is not a dead one.
+            self._neighbours.round_finished(r, self._peer_names)
+        else:
+            live = set(self._neighbours.liveness.live())  # not the neighbours marked down
+            collected = await self._inbox.collect(
+                r,
+                expected,
+                self._config.gossip.round_timeout_s,
+                self._stop,
+                wait_for=[n for n in expected if n in live],
+            )
+            # A peer that was not to send this round is not silent: only expected senders.
+            not_due = set(self._peer_names) - set(expected)
+            self._neighbours.round_finished(r, collected.messages.keys() | not_due)
         self._state.phase = "aggregating"
         new_state, new_sha, distance = await asyncio.to_thread(
             self._aggregator.aggregate, r, own_state, own_sha, collected.messages, previous_state
@@ -227,6 +234,23 @@ class RoundCoordinator:
             len(collected.messages),
             len(expected),
         )
+
+    def _take_fresh(self, r: int, expected: list[str]) -> CollectedRound[ReceivedUpdate]:
+        """Asynchronous step r: whatever arrived since the last step, without waiting; a model
+        more than `gossip.max_staleness` of this node's steps old is dropped and counted
+        (/status `rejected.stale_model`, /metrics, and a `message_received` audit record)."""
+        limit = self._config.gossip.max_staleness
+        fresh, stale = self._inbox.take_fresh(r, limit, expected)
+        for peer, sent_round in sorted(stale.items()):
+            self._receiver.record_rejection(
+                "stale_model",
+                f"round {sent_round} model from {peer} is {r - sent_round} steps old at step "
+                f"{r} (max_staleness {limit}): dropped",
+                sender=peer,
+                round_=r,
+            )
+        missing = [n for n in expected if n not in fresh]
+        return CollectedRound(round=r, messages=fresh, missing=missing, waited_s=0.0)
 
     def senders_of(self, r: int) -> list[str]:
         """Whose round-r models this node waits for and aggregates: the round's sampled
