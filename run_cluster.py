@@ -60,6 +60,8 @@ class NodeProcess:
     exit_code: int | None = None
     restarts: int = 0
     status: dict[str, Any] = field(default_factory=dict)
+    # The nodes sharing this one's process (--hosts-per-process), itself included.
+    members: list[NodeProcess] = field(default_factory=list)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -131,6 +133,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--topology",
         default="complete",
         help="complete, ring, regular:K, erdos:P, smallworld:K,P, torus, exponential, edges:FILE",
+    )
+    p.add_argument(
+        "--sample-peers",
+        type=int,
+        default=0,
+        metavar="S",
+        help="randomized peer sampling (Epidemic Learning, gossip/sampling.py): each round every "
+        "node sends to S peers drawn from its allowlist (the --topology graph, complete by "
+        "default) by a shared seed, and hears from S; 0 sends to every neighbour",
+    )
+    p.add_argument(
+        "--asynchronous",
+        action="store_true",
+        help="asynchronous gossip: no round barrier; each node trains, sends and aggregates "
+        "what arrived since its last step (docs/protocol.md, 'Asynchronous gossip')",
+    )
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=3,
+        help="with --asynchronous: models more than this many of the receiver's own steps "
+        "old are dropped and counted",
     )
     p.add_argument(
         "--rounds",
@@ -223,6 +247,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--restarts", type=int, default=2, help="restarts of a node killed by a signal, per node"
     )
+    p.add_argument(
+        "--hosts-per-process",
+        type=int,
+        default=1,
+        metavar="K",
+        help="simulation: run K hospital nodes per process (`murmur hosts`, same node code, "
+        "loopback HTTP), so a simulated hospital costs its model and data, not a Python and "
+        "torch of its own; 1 runs each as its own `murmur node` process, as deployed",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
     p.add_argument(
         "--no-trust", action="store_true", help="turn off per-peer trust scores and quarantine"
@@ -248,6 +281,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attack parameter, repeatable, e.g. --attack-param epsilon=100",
     )
     args = p.parse_args(argv)
+    if args.hosts_per_process < 1:
+        p.error("--hosts-per-process must be >= 1 (1: one process per hospital)")
+    if args.sample_peers < 0:
+        p.error("--sample-peers must be >= 0 (0: every neighbour, every round)")
+    if args.sample_peers and args.topology != "complete":
+        p.error(
+            "--sample-peers draws from every node of the network, so it needs --topology "
+            "complete (every node allowlists every other)"
+        )
     apply_recipe(args)
     check_adversary_args(p, args)
     if args.dataset == "csv" and not args.no_dp and args.reference is None:
@@ -356,8 +398,16 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     n = len(names)
     topology = build_topology(args.topology, n, seed=args.seed)
     rule, f = parse_aggregator(args.aggregator)
+    if args.sample_peers >= n:
+        raise SystemExit(f"--sample-peers {args.sample_peers} needs more than {n} nodes")
     problems = check_feasibility(
-        {names[i]: [names[j] for j in topology.neighbours(i)] for i in range(n)}, rule, f
+        # With sampling a round brings S inputs, whatever the allowlist (gossip/sampling.py).
+        {
+            names[i]: [names[j] for j in topology.neighbours(i)][: args.sample_peers or None]
+            for i in range(n)
+        },
+        rule,
+        f,
     )
     if problems:
         raise SystemExit("infeasible network:\n  " + "\n  ".join(problems))
@@ -454,7 +504,16 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 if args.personalize != "none"
                 else {}
             ),
-            "gossip": {"round_timeout_s": args.round_timeout, "startup_timeout_s": 60.0},
+            "gossip": {
+                "round_timeout_s": args.round_timeout,
+                "startup_timeout_s": 60.0,
+                **({"sample_peers": args.sample_peers} if args.sample_peers else {}),
+                **(
+                    {"asynchronous": True, "max_staleness": args.max_staleness}
+                    if args.asynchronous
+                    else {}
+                ),
+            },
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
             **(
@@ -539,23 +598,42 @@ def to_toml(doc: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
+def group_hosts(nodes: list[NodeProcess], per_process: int) -> list[list[NodeProcess]]:
+    """Nodes in consecutive groups of ``per_process``, one process each; every node's
+    `members` is its group and its log is the group's (one process, one log)."""
+    groups = [nodes[i : i + per_process] for i in range(0, len(nodes), per_process)]
+    for group in groups:
+        for node in group:
+            node.members = group
+            if len(group) > 1:
+                node.log_path = node.log_path.with_name(f"host-{group[0].name}.log")
+    return groups
+
+
 async def start_node(node: NodeProcess) -> None:
+    """Start the process of ``node`` and of the other members of its group: `murmur node`
+    for one hospital (what a hospital runs), `murmur hosts` for several (simulation)."""
+    members = node.members or [node]
     node.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(node.log_path, "ab")  # noqa: SIM115 - the child process owns it from here
     env = {**os.environ, "MURMUR_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-    node.process = await asyncio.create_subprocess_exec(
+    if len(members) == 1:
+        command = ["node", "--config", str(node.config_path)]
+    else:
+        command = ["hosts", *(a for m in members for a in ("--config", str(m.config_path)))]
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "murmur.node.cli",
-        "node",
-        "--config",
-        str(node.config_path),
+        *command,
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
         cwd=str(Path(__file__).resolve().parent),
     )
     log.close()
+    for member in members:
+        member.process = process
 
 
 async def poll_status(session: aiohttp.ClientSession, node: NodeProcess) -> None:
@@ -638,12 +716,15 @@ async def follow(
                     continue
                 code = n.process.returncode
                 if code < 0 and n.restarts < max_restarts:
-                    n.restarts += 1
+                    members = n.members or [n]
+                    for member in members:
+                        member.restarts += 1
                     if progress is not None:
                         progress.interrupt()
                     print(
-                        f"run_cluster: {n.name} was killed by signal {-code}; restarting it from "
-                        f"its last checkpoint ({n.restarts}/{max_restarts})",
+                        f"run_cluster: {', '.join(m.name for m in members)} "
+                        f"{'was' if len(members) == 1 else 'were'} killed by signal {-code}; "
+                        f"restarting from the last checkpoint ({n.restarts}/{max_restarts})",
                         file=sys.stderr,
                     )
                     await start_node(n)
@@ -665,17 +746,19 @@ async def follow(
 
 async def stop_all(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
     """SIGTERM every running node, then SIGKILL whatever has not exited after the grace time."""
-    running = [n for n in nodes if n.process is not None and n.process.returncode is None]
-    for n in running:
+    # One process may host several nodes (--hosts-per-process): signal each process once.
+    processes = {id(n.process): n.process for n in nodes if n.process is not None}
+    running = [p for p in processes.values() if p.returncode is None]
+    for process in running:
         with contextlib.suppress(ProcessLookupError):
-            n.process.send_signal(signal.SIGTERM)
-    for n in running:
+            process.send_signal(signal.SIGTERM)
+    for process in running:
         try:
-            await asyncio.wait_for(n.process.wait(), timeout=grace_s)
+            await asyncio.wait_for(process.wait(), timeout=grace_s)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                n.process.kill()
-            await n.process.wait()
+                process.kill()
+            await process.wait()
     for n in nodes:
         if n.process is not None and n.exit_code is None:
             n.exit_code = n.process.returncode
@@ -773,6 +856,8 @@ def build_report(
         "model": args.model or DEFAULT_MODEL[args.dataset],
         "nodes": len(nodes),
         "topology": args.topology,
+        "sample_peers": args.sample_peers or None,
+        "asynchronous": args.asynchronous,
         "spectral_gap": float(topology.spectral_gap()),
         "aggregator": {"rule": rule, "f": f},
         "attack": (
@@ -834,8 +919,8 @@ async def run(args: argparse.Namespace) -> int:
     cut_short: str | None = None
     progress = None if args.quiet else live_progress(args)
     try:
-        for n in nodes:
-            await start_node(n)
+        for group in group_hosts(nodes, args.hosts_per_process):
+            await start_node(group[0])
         deadline = 120 + args.rounds * (args.round_timeout + 30)
         follower = asyncio.ensure_future(follow(nodes, progress, deadline, args.restarts))
         stopper = asyncio.ensure_future(stop_requested.wait())

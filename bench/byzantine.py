@@ -60,15 +60,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from murmur.crypto.allowlist import Peer  # noqa: E402
-from murmur.crypto.identity import Identity  # noqa: E402
 from murmur.gossip.aggregation import min_inputs  # noqa: E402
-from murmur.gossip.probe import Contact  # noqa: E402
-from murmur.gossip.transport import SendResult  # noqa: E402
-from murmur.gossip.wire import HTTP_STATUS, RejectReason  # noqa: E402
-from murmur.node.audit import AuditError  # noqa: E402
+from murmur.gossip.memory_transport import MemoryTransport  # noqa: E402
 
 import run_cluster  # noqa: E402
+
+__all__ = ["MemoryTransport", "run_in_process", "run_nodes_in_process"]
 
 TARGET_GAP = 0.03
 DEFAULT_RULE = "clipping"
@@ -262,65 +259,6 @@ def command(options: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- in-process engine
-
-
-class MemoryTransport:
-    """Delivers one node's envelopes by calling the receiving node's handler directly (no
-    HTTP).
-
-    It does what node/api.py does with a POST body: refuse it as too_large past the receiver's
-    limit, refuse a request signer the receiver does not admit as unauthenticated (an
-    outsider's envelope in the adversary mode), else hand the bytes to
-    ``HospitalNode.receive`` as sent by the signer, whom a real listener would have
-    authenticated.
-    """
-
-    def __init__(self, nodes_by_address: dict[str, Any], identity: Identity) -> None:
-        self.nodes = nodes_by_address
-        self.identity = identity
-
-    async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
-        node = self.nodes[peer.address]
-        limit = node.limits.max_message_bytes
-        if len(envelope) > limit:
-            detail = f"{len(envelope)} bytes > limit {limit}"
-            node.record_rejection("too_large", detail, sender=None, round_=None)
-            return SendResult(
-                peer.name, False, HTTP_STATUS[RejectReason.TOO_LARGE], "too_large", 0.0
-            )
-        sender = node.allowlist.by_key((signer or self.identity).public_key)
-        if sender is None:
-            node.record_rejection(
-                "unauthenticated", "not admitted", sender=None, round_=None, why="unknown_sender"
-            )
-            return SendResult(peer.name, False, 401, "unauthenticated", 0.0)
-        try:
-            status, reason, _ = await node.receive(envelope, sender=sender)
-        except AuditError:
-            # The receiver stopped (its audit log closed) while this delivery was in flight,
-            # as a test's crashed node does: to the sender that is a dropped connection.
-            return SendResult(peer.name, False, None, "unreachable: receiver stopped", 0.0)
-        await asyncio.sleep(0)  # let the receiver's collect() see it, as a real POST would
-        return SendResult(peer.name, status == 202, status, reason, 0.0)
-
-    async def send_all(
-        self, peers: list[Peer], envelope: bytes, signer: Identity | None = None
-    ) -> list[SendResult]:
-        return [await self.send(p, envelope, signer) for p in peers]
-
-    async def request_receipts(
-        self, peer: Peer, request: bytes, max_bytes: int
-    ) -> tuple[int | None, bytes]:
-        """What POST /receipts answers (node/rollback.py), or no answer for a missing node."""
-        node = self.nodes.get(peer.address)
-        if node is None:
-            return None, b""
-        status, _, payload = node.answer_receipts_request(request, self.identity.public_key)
-        return status, payload[: max_bytes + 1]
-
-    async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
-        status, reason = self.nodes[peer.address].answer_probe(probe)
-        return Contact.from_answer(status, reason, "", source="probe")
 
 
 async def run_nodes_in_process(

@@ -5,6 +5,12 @@ until all have arrived or the deadline passes, so a dead or slow neighbour costs
 deadline and never stalls the network. Messages for past rounds are dropped (counted by the
 caller); messages for future rounds are kept, but only for a bounded number of rounds, so a
 fast or malicious peer cannot make a node hold unbounded memory.
+
+Asynchronous gossip (`asynchronous=True`, AD-PSGD-like, docs/protocol.md): no round barrier.
+Each sender's rounds are its own step count, so the inbox keeps, per sender, the newest
+message not yet taken (at most one per sender: bounded memory), and `take_fresh` hands a node
+at its step r whatever arrived since its last step, dropping (and returning, to be counted)
+those more than `max_staleness` of its own steps old.
 """
 
 from __future__ import annotations
@@ -65,13 +71,19 @@ class RoundInbox(Generic[T]):
     Not thread-safe: every call happens on the node's event loop.
     """
 
-    def __init__(self, *, max_round: int, rounds_ahead: int = 3) -> None:
+    def __init__(
+        self, *, max_round: int, rounds_ahead: int = 3, asynchronous: bool = False
+    ) -> None:
         self.current_round = 1
         self.max_round = max_round
         self.rounds_ahead = rounds_ahead
+        self.asynchronous = asynchronous
         self._by_round: dict[int, dict[str, T]] = {}
         self._changed = asyncio.Event()
         self.highest_round_seen: dict[str, int] = {}
+        # asynchronous: each sender's newest message not yet taken, (round, message)
+        self._pending: dict[str, tuple[int, T]] = {}
+        self._last_offered: dict[str, int] = {}
 
     def offer(self, sender: str, round_: int, message: T) -> InboxVerdict:
         """File a message; the caller has already verified signature, recipient and replay.
@@ -82,6 +94,8 @@ class RoundInbox(Generic[T]):
         """
         if round_ <= self.max_round:
             self.highest_round_seen[sender] = max(round_, self.highest_round_seen.get(sender, 0))
+        if self.asynchronous:
+            return self._offer_async(sender, round_, message)
         if round_ < self.current_round:
             return InboxVerdict.OLD_ROUND
         if round_ > self.max_round or round_ > self.current_round + self.rounds_ahead:
@@ -92,6 +106,42 @@ class RoundInbox(Generic[T]):
         senders[sender] = message
         self._changed.set()
         return InboxVerdict.ACCEPTED
+
+    def _offer_async(self, sender: str, round_: int, message: T) -> InboxVerdict:
+        """Any round of the plan newer than the sender's last one; it replaces an older one
+        not yet taken (a node aggregates each peer's newest model only)."""
+        if round_ > self.max_round:
+            return InboxVerdict.TOO_FAR_AHEAD
+        last = self._last_offered.get(sender, 0)
+        if round_ == last:
+            return InboxVerdict.DUPLICATE
+        if round_ < last:
+            return InboxVerdict.OLD_ROUND
+        self._last_offered[sender] = round_
+        self._pending[sender] = (round_, message)
+        self._changed.set()
+        return InboxVerdict.ACCEPTED
+
+    def take_fresh(
+        self, step: int, max_staleness: int, expected: Collection[str]
+    ) -> tuple[dict[str, T], dict[str, int]]:
+        """Asynchronous: (the messages of ``expected`` senders that arrived since the last
+        take and are at most ``max_staleness`` steps behind ``step``, the rounds of those
+        dropped as older). Everything taken or dropped is forgotten."""
+        fresh: dict[str, T] = {}
+        stale: dict[str, int] = {}
+        for sender in [s for s in expected if s in self._pending]:
+            round_, message = self._pending.pop(sender)
+            if step - round_ > max_staleness:
+                stale[sender] = round_
+            else:
+                fresh[sender] = message
+        return fresh, stale
+
+    def newest(self, expected: Collection[str]) -> dict[str, T]:
+        """Asynchronous: the newest message of each of ``expected`` not yet taken, left in
+        place (what a rushing attacker of the adversary mode reads, node/byzantine.py)."""
+        return {s: self._pending[s][1] for s in expected if s in self._pending}
 
     def advance_to(self, round_: int) -> None:
         """Move to a new round and forget everything older."""

@@ -60,6 +60,13 @@ _DEFAULT_PATHS = {
 # A simulated hospital never gets fewer rows than this (before its train/test split), so that
 # even a strongly skewed Dirichlet partition leaves every hospital something to train and test.
 MIN_ROWS_PER_HOSPITAL = 12
+# ...unless the pool is too small for that many hospitals (the embedded 569 patients over 48 or
+# more): then each is guaranteed this many rows (an IID split gives equal shares anyway), which
+# at the default test fraction is 3 training and 2 test rows. A hospital that small has no
+# meaningful AUC of its own (its 2 test rows seldom hold both classes), so such networks are
+# judged by each node's model on the whole test split, every hospital's test rows together
+# (report.json "whole_test", node/report_extras.py). No patient is ever given to two hospitals.
+MIN_ROWS_FLOOR = 5
 
 
 class DataError(ValueError):
@@ -351,15 +358,18 @@ def split_across_hospitals(
     Label skew follows Hsu et al. 2019: for each class c a Dirichlet(alpha) vector says which
     share of class c each hospital gets (pass ``proportions``, shape (classes, hospitals), to
     reuse one draw, e.g. for a train and a test pool). To guarantee every hospital
-    ``min_rows`` rows however small alpha is, ``min_rows`` rows per hospital are first dealt
-    at random from the shuffled pool and only the rest follows the skew. Returns sorted
-    index arrays, one per hospital.
+    ``min_rows`` rows however small alpha is (``MIN_ROWS_FLOOR`` when the pool is too small
+    for ``min_rows`` each), that many rows per hospital are first dealt at random from the
+    shuffled pool and only the rest follows the skew. Returns sorted index arrays, one per
+    hospital.
     """
     n = len(labels)
+    if n < num_hospitals * min_rows:  # too small a pool for min_rows each: the floor
+        min_rows = MIN_ROWS_FLOOR
     if n < num_hospitals * min_rows:
         raise DataError(
-            f"{n} rows cannot give {num_hospitals} hospitals {min_rows} rows each: "
-            "use fewer hospitals"
+            f"{n} rows cannot give {num_hospitals} hospitals {MIN_ROWS_FLOOR} rows each "
+            f"(at most {n // MIN_ROWS_FLOOR} hospitals): use fewer hospitals"
         )
     order = rng.permutation(n)
     if alpha is None and proportions is None:

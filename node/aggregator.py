@@ -56,6 +56,7 @@ class RoundAggregator:
         *,
         trust: TrustTracker,
         peer_degree: dict[str, int],
+        own_degree: int | None = None,
         audit: AuditLog,
         metrics: NodeMetrics,
         state: NodeState,
@@ -65,7 +66,9 @@ class RoundAggregator:
         self._config = config
         self._trust = trust
         self._peer_degree = peer_degree
-        self._own_degree = len(peer_degree)
+        # This node's degree in the mixing matrix: its peer count, or the sample size s when
+        # it sends to s sampled peers a round (gossip/sampling.py).
+        self._own_degree = own_degree if own_degree is not None else len(peer_degree)
         self._audit = audit
         self._metrics = metrics
         self._state = state

@@ -69,8 +69,12 @@ class AttackSharing:
         state: NodeState,
         audit: AuditLog,
         own_head: Callable[[], AuditHead],
+        senders_of: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.adversary = adversary
+        # Whose round-r models reach this node (with peer sampling, the round's s senders
+        # only): a rushing attacker waits for those, not for models that will not come.
+        self._senders_of = senders_of
         self._sender = sender
         self._inbox = inbox
         self._stop = stop
@@ -87,13 +91,14 @@ class AttackSharing:
         honest: dict[str, State] = {}
         if adversary.rushes:
             self._state.phase = "attacker_waiting_for_honest_models"
-            seen = await self._inbox.collect(
-                r,
-                [p.name for p in adversary.honest_peers],
-                self._round_timeout_s,
-                self._stop,
-            )
-            honest = {n: m.envelope.update.tensors for n, m in seen.messages.items()}
+            due = set(self._senders_of(r)) if self._senders_of is not None else None
+            wanted = [p.name for p in adversary.honest_peers if due is None or p.name in due]
+            if self._inbox.asynchronous:  # no round to wait for: the newest that arrived
+                seen = self._inbox.newest(wanted)
+            else:
+                collected = await self._inbox.collect(r, wanted, self._round_timeout_s, self._stop)
+                seen = collected.messages
+            honest = {n: m.envelope.update.tensors for n, m in seen.items()}
         messages = adversary.messages(r, own_state, reference, honest, self._own_head())
         for message in messages:
             if message.abuse is None:
@@ -138,6 +143,7 @@ def arm(node: HospitalNode) -> Adversary:
         state=node.state,
         audit=node.audit,
         own_head=node.own_head,
+        senders_of=node.rounds.senders_of,
     )
     node.receiver.accepted_listeners.append(adversary.remember)
     node.aggregator.ignored = adversary.colluders  # it never averages in their poison

@@ -1,5 +1,5 @@
-"""The `murmur` command: keygen, key show, config check, node, tls-selfsigned, relay, study,
-audit.
+"""The `murmur` command: keygen, key show, config check, node, hosts, tls-selfsigned, relay,
+study, consortium, audit.
 
 Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
 line saying what is wrong and exit status 2, never a traceback.
@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="overrides [logging] level (default INFO)",
     )
+
+    hosts = sub.add_parser(
+        "hosts",
+        help="simulation only: run several hospital nodes in this one process (run_cluster "
+        "--hosts-per-process); a hospital runs `murmur node`",
+    )
+    hosts.add_argument(
+        "--config", required=True, type=Path, action="append", help="a node's TOML; repeatable"
+    )
+    hosts.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     tls = sub.add_parser(
         "tls-selfsigned",
@@ -172,6 +182,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return config_check_command(args.configs, sys.stdout)
     if args.command == "node":
         return run_node(args.config, serve=args.serve, log_level=args.log_level)
+    if args.command == "hosts":
+        from murmur.node.host import run_hosts
+
+        return run_hosts(args.config, log_level=args.log_level)
     if args.command == "tls-selfsigned":
         from murmur.node.tls import tls_selfsigned_command
 

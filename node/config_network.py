@@ -194,6 +194,13 @@ class GossipSection:
     min_neighbours: int | None = None
     # Rounds in a row a neighbour may stay silent before rounds stop waiting for it.
     down_after_rounds: int = 3
+    # Randomized peer sampling (gossip/sampling.py): each round, send to this many peers
+    # drawn from the allowlist by a seed every node shares; 0 sends to every peer listed.
+    sample_peers: int = 0
+    # Asynchronous gossip (docs/protocol.md): no round barrier; each step aggregates what
+    # arrived since the last one, dropping models more than max_staleness own steps old.
+    asynchronous: bool = False
+    max_staleness: int = 3
 
     def validate(self) -> None:
         require(
@@ -235,6 +242,18 @@ class GossipSection:
             "gossip.down_after_rounds",
             "must be >= 1",
             "down_after_rounds = 3",
+        )
+        require(
+            self.max_staleness >= 0,
+            "gossip.max_staleness",
+            "must be >= 0 (0: only models of this very step)",
+            "max_staleness = 3",
+        )
+        require(
+            self.sample_peers >= 0,
+            "gossip.sample_peers",
+            "must be >= 0 (0: every peer, every round)",
+            "sample_peers = 4",
         )
 
 

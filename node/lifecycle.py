@@ -27,11 +27,24 @@ log = logging.getLogger("murmur.node")
 
 VERSION = __version__
 
+# Every node running in this process: SIGTERM and SIGINT stop them all. One handler per
+# signal is all a loop holds, so a second node in the process (node/host.py) must not
+# replace the first one's.
+_RUNNING: set[HospitalNode] = set()
+
+
+def _stop_every_node() -> None:
+    for node in _RUNNING:
+        node.stop.set()
+
 
 def check_feasibility(node: HospitalNode) -> None:
+    """The rule must be robust with the inputs a round brings: one per peer, or with peer
+    sampling the s sampled senders (gossip/sampling.py), whatever the allowlist's size."""
+    per_round = node.config.gossip.sample_peers or len(node.peers)
     problem = check_node(
         node.config.node.name,
-        len(node.peers),
+        per_round,
         node.config.aggregation.rule,
         node.config.aggregation.f,
     ) or check_min_neighbours(
@@ -113,8 +126,9 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
         _say_finished(node, ended)
         return 0
     loop = asyncio.get_running_loop()
+    _RUNNING.add(node)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, node.stop.set)
+        loop.add_signal_handler(sig, _stop_every_node)
     node.audit.append(
         "node_start",
         node.next_round,
@@ -136,6 +150,7 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
         await api.close()
         node.gate.close()
         node.audit.close()
+        _RUNNING.discard(node)
         log.info(
             "node %s stopping at round %d: %s; ε spent %.3f",
             node.config.node.name,

@@ -31,6 +31,7 @@ from murmur.gossip.membership import MembershipError
 from murmur.gossip.peer_records import RecordBook
 from murmur.gossip.receipts import AuditHead, ReceiptBook
 from murmur.gossip.rounds import CatchUp, RoundInbox
+from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
 from murmur.gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_max_message_bytes
@@ -172,7 +173,9 @@ class HospitalNode:
         """Build the parts, each from the checkpoint's share when there is one."""
         config = self.config
         self.trust, receipts, self.replay = _books(config, self.peers, ckpt)
-        self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(max_round=config.training.rounds)
+        self.inbox: RoundInbox[ReceivedUpdate] = RoundInbox(
+            max_round=config.training.rounds, asynchronous=config.gossip.asynchronous
+        )
         self.evidence = EvidenceBook(
             receipts,
             allowlist=self.allowlist,
@@ -210,14 +213,19 @@ class HospitalNode:
             on_spoke=self.neighbours.spoke,
             **parts,
         )
+        self.sample = _peer_sample(config)
+        s = self.sample.s if self.sample is not None else None
         self.aggregator = RoundAggregator(
             config,
             trust=self.trust,
+            # Sampled rounds: every node sends to and hears from exactly s peers, so each model
+            # weighs 1 / (s + 1) (gossip/sampling.py); else Metropolis-Hastings on the degrees.
             peer_degree=(
                 {p.name: len(self.peers) for p in self.peers}
                 if self.governance is not None
-                else {p.name: (p.degree or len(config.peers)) for p in config.peers}
+                else {p.name: s or p.degree or len(config.peers) for p in config.peers}
             ),
+            own_degree=s,
             on_trust_change=self._refresh_trust_status,
             outer_step=self.study.outer_step,
             **parts,
@@ -230,6 +238,7 @@ class HospitalNode:
             sender=self.sender,
             own_head=self.own_head,
             study=self.gate.wire_id,
+            sample=self.sample,
         )
         self.rounds = RoundCoordinator(
             config,
@@ -245,6 +254,7 @@ class HospitalNode:
             stop=self.stop,
             checkpoint=self._checkpoint,
             next_round=1,
+            sample=self.sample,
             **parts,
         )
         if self.governance is not None:
@@ -465,6 +475,20 @@ class HospitalNode:
         """Serve the peer and operator listeners and run the planned rounds (node/lifecycle.py);
         returns the process exit status."""
         return await lifecycle.run(self, serve_forever=serve_forever)
+
+
+def _peer_sample(config: NodeConfig) -> PeerSample | None:
+    """The sampled graph of every round when `[gossip] sample_peers` is set, else None."""
+    s = config.gossip.sample_peers
+    if not s:
+        return None
+    if s > len(config.peers):
+        raise StartupError(
+            f"gossip.sample_peers = {s} but node {config.node.name} lists {len(config.peers)} "
+            f"peers: it cannot send to more peers than it has; set sample_peers <= "
+            f"{len(config.peers)}"
+        )
+    return PeerSample.of(config.node.name, [p.name for p in config.peers], s, config.training.seed)
 
 
 def _books(

@@ -23,7 +23,8 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from murmur.gossip.rounds import CatchUp, RoundInbox, catch_up_quorum
+from murmur.gossip.rounds import CatchUp, CollectedRound, RoundInbox, catch_up_quorum
+from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
 from murmur.models.params import flatten, state_sha256, unflatten
@@ -68,6 +69,7 @@ class RoundCoordinator:
         stop: asyncio.Event,
         checkpoint: Callable[[int], None],
         next_round: int,
+        sample: PeerSample | None = None,
     ) -> None:
         self._config = config
         self._study = study
@@ -86,6 +88,9 @@ class RoundCoordinator:
         self.checkpoint = checkpoint
         self.next_round = next_round
         self._peer_names = [p.name for p in config.peers]
+        # Randomized peer sampling (gossip/sampling.py): round r hears from its s sampled
+        # senders only; None: from every peer, every round.
+        self._sample = sample
         self.catch_up_quorum = catch_up_quorum(config.aggregation.f, len(self._peer_names))
         # A node joining a running consortium starts from its neighbours' robust aggregate
         # in the round it catches up to, and contributes from the next (`_join_round`).
@@ -104,8 +109,10 @@ class RoundCoordinator:
         starting = True
         if self.join_on_catch_up and r == 1 and self._store.last_signed_round == 0:
             await self._await_running_network()
+        asynchronous = self._config.gossip.asynchronous
         while r <= planned and not self._stop.is_set():
-            jump = self.catch_up_target()
+            # Asynchronous: a round is this node's own step; no one else's round moves it.
+            jump = None if asynchronous else self.catch_up_target()
             if jump is not None and jump.round > r:
                 self.joining = self.join_on_catch_up and self._store.last_signed_round == 0
                 self._jump(r, jump)
@@ -114,7 +121,7 @@ class RoundCoordinator:
             if not await self._neighbours.wait_for_peers(transport, r, starting=starting):
                 break
             starting = False
-            if self.catch_up_target() is not None:
+            if not asynchronous and self.catch_up_target() is not None:
                 continue  # the network moved on while this node waited: jump first
             try:
                 await self._one_round(r, transport)
@@ -202,14 +209,23 @@ class RoundCoordinator:
             own_state, own_sha = await self._train_and_share(r, transport)
 
         self._state.phase = "collecting"
-        collected = await self._inbox.collect(
-            r,
-            self._peer_names,
-            self._config.gossip.round_timeout_s,
-            self._stop,
-            wait_for=self._neighbours.liveness.live(),  # not the neighbours marked down
-        )
-        self._neighbours.round_finished(r, collected.messages)
+        expected = self.senders_of(r)
+        if self._config.gossip.asynchronous:
+            collected = self._take_fresh(r, expected)
+            # No barrier, so no silence to count: a slower peer is not a dead one.
+            self._neighbours.round_finished(r, self._peer_names)
+        else:
+            live = set(self._neighbours.liveness.live())  # not the neighbours marked down
+            collected = await self._inbox.collect(
+                r,
+                expected,
+                self._config.gossip.round_timeout_s,
+                self._stop,
+                wait_for=[n for n in expected if n in live],
+            )
+            # A peer that was not to send this round is not silent: only expected senders.
+            not_due = set(self._peer_names) - set(expected)
+            self._neighbours.round_finished(r, collected.messages.keys() | not_due)
         if joining and collected.messages:
             own_state, own_sha = self._joined(r, collected.messages, own_state)
         self._state.phase = "aggregating"
@@ -247,7 +263,7 @@ class RoundCoordinator:
             _fmt(metrics.get("auc")),
             epsilon,
             len(collected.messages),
-            len(self._peer_names),
+            len(expected),
         )
 
     def _join_round(self, r: int, current: State) -> tuple[State, str]:
@@ -267,6 +283,29 @@ class RoundCoordinator:
         self._audit.append("joined", r, start_sha256=sha, neighbours=sorted(messages))
         self.joining = False
         return start, sha
+
+    def _take_fresh(self, r: int, expected: list[str]) -> CollectedRound[ReceivedUpdate]:
+        """Asynchronous step r: whatever arrived since the last step, without waiting; a model
+        more than `gossip.max_staleness` of this node's steps old is dropped and counted
+        (/status `rejected.stale_model`, /metrics, and a `message_received` audit record)."""
+        limit = self._config.gossip.max_staleness
+        fresh, stale = self._inbox.take_fresh(r, limit, expected)
+        for peer, sent_round in sorted(stale.items()):
+            self._receiver.record_rejection(
+                "stale_model",
+                f"round {sent_round} model from {peer} is {r - sent_round} steps old at step "
+                f"{r} (max_staleness {limit}): dropped",
+                sender=peer,
+                round_=r,
+            )
+        missing = [n for n in expected if n not in fresh]
+        return CollectedRound(round=r, messages=fresh, missing=missing, waited_s=0.0)
+
+    def senders_of(self, r: int) -> list[str]:
+        """Whose round-r models this node waits for and aggregates: the round's sampled
+        senders, or every peer. Anything else that arrives for round r (an attacker that
+        ignores the sampling, say) is left out."""
+        return self._sample.sources(r) if self._sample is not None else self._peer_names
 
     async def _train_and_share(self, r: int, transport: Transport) -> tuple[State, str]:
         """Train round r, durably record that round r is being signed, then share it."""

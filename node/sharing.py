@@ -20,6 +20,7 @@ from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
 from murmur.gossip.probe import Contact
 from murmur.gossip.receipts import AuditHead
+from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import PeerTransport
 from murmur.gossip.wire import ModelUpdate, build_envelope
 from murmur.node.audit import AuditLog
@@ -98,10 +99,12 @@ class HonestSharing:
         sender: Sender,
         own_head: Callable[[], AuditHead],
         study: bytes | None = None,
+        sample: PeerSample | None = None,
     ) -> None:
         self._identity = identity
         self._study = study  # the manifest hash every envelope names (node/studies/)
         self._peers = peers
+        self._sample = sample  # set: round r goes to the s peers sampled for r only
         self._evidence = evidence
         self._sender = sender
         self._own_head = own_head
@@ -111,8 +114,12 @@ class HonestSharing:
     ) -> None:
         receipts, proofs = self._evidence.outgoing(r)
         update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
-        keys = [p.public_key for p in self._peers]
+        peers = self._peers
+        if self._sample is not None:
+            targets = set(self._sample.targets(r))
+            peers = [p for p in self._peers if p.name in targets]
+        keys = [p.public_key for p in peers]
         envelope = build_envelope(
             update, self._identity, keys, r, head=self._own_head(), study=self._study
         )
-        await self._sender.send(r, transport, self._peers, envelope, own_sha)
+        await self._sender.send(r, transport, peers, envelope, own_sha)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.gossip.memory_transport import MemoryTransport
 from murmur.node.binding import BOUND_FIELDS, binding_problem, config_binding
 from murmur.node.checkpoint import (
     CheckpointError,
@@ -21,7 +22,6 @@ from murmur.node.config import load_config
 from murmur.node.node import HospitalNode
 
 import run_cluster
-from bench.byzantine import MemoryTransport
 from tests.netutil import Network, make_network
 
 

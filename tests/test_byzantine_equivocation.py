@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from murmur.gossip.memory_transport import MemoryTransport
 from murmur.gossip.receipts import EquivocationProof
 from murmur.node.audit import records_of_kind
 from murmur.node.config import load_config
 from murmur.node.node import SIGNED_ROUND_FILE, HospitalNode
 
 import run_cluster
-from bench.byzantine import MemoryTransport
 from tests.netutil import run_in_process
 
 COMMON = [

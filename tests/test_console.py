@@ -23,13 +23,13 @@ import aiohttp
 import pytest
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
+from murmur.gossip.memory_transport import MemoryTransport
 from murmur.gossip.probe import Contact
 from murmur.gossip.transport import SendResult
 from murmur.node.api import operator_token, start_api
 from murmur.node.config import load_config
 from murmur.node.node import HospitalNode
 
-from bench.byzantine import MemoryTransport
 from tests.browser import browser, console_errors, require_browser, save_screenshot
 from tests.netutil import make_network
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from murmur.models import breast_cancer, csv_data, data, heart_disease
 from murmur.models.data import (
+    MIN_ROWS_FLOOR,
     MIN_ROWS_PER_HOSPITAL,
     DataError,
     HospitalSplit,
@@ -93,8 +94,14 @@ def test_split_across_hospitals_partitions_every_row_once() -> None:
         joined = np.concatenate(parts)
         assert sorted(joined.tolist()) == list(range(400))
         assert min(len(p) for p in parts) >= MIN_ROWS_PER_HOSPITAL
+    # 400 rows cannot give 40 hospitals the usual 12 each: each is guaranteed the floor of 5
+    # instead; 81 hospitals cannot have even that, refused.
+    parts = split_across_hospitals(labels, 40, np.random.default_rng(0), alpha=0.05)
+    assert min(len(p) for p in parts) >= MIN_ROWS_FLOOR
+    assert min(len(p) for p in parts) < 400 // 40  # the skew is not flattened to equal shares
+    assert sorted(np.concatenate(parts).tolist()) == list(range(400))
     with pytest.raises(DataError, match="use fewer hospitals"):
-        split_across_hospitals(labels, 40, np.random.default_rng(0))
+        split_across_hospitals(labels, 81, np.random.default_rng(0))
 
 
 def test_breast_cancer_statistics_stay_inside_each_hospital(monkeypatch) -> None:
@@ -398,7 +405,7 @@ def test_csv_directory_errors(tmp_path: Path) -> None:
         ("breast-cancer", {"test_fraction": 1.0}, "test_fraction"),
         ("breast-cancer", {"num_hospitals": 0}, "num_hospitals"),
         ("breast-cancer", {"label": "y"}, "only apply to dataset 'csv'"),
-        ("breast-cancer", {"num_hospitals": 100}, "use fewer hospitals"),
+        ("breast-cancer", {"num_hospitals": 114}, "use fewer hospitals"),
         ("heart-disease", {"alpha": 0.5}, "real hospitals"),
         ("csv", {}, "needs path"),
     ],

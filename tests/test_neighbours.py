@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity, generate_identity, load_identity, save_identity
+from murmur.gossip.memory_transport import MemoryTransport
 from murmur.gossip.probe import Contact, build_probe, check_probe
 from murmur.gossip.transport import PeerTransport
 from murmur.gossip.wire import ModelUpdate, RejectReason, WireError, build_envelope
@@ -29,7 +30,6 @@ from murmur.node.config import load_config
 from murmur.node.node import HospitalNode
 
 import run_cluster
-from bench.byzantine import MemoryTransport
 from tests.netutil import Network, make_network
 
 PAIR = ("--aggregator", "clipping:0")  # two hospitals: one neighbour each

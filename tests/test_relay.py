@@ -279,10 +279,10 @@ async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no
 def _in_process_run(tmp_path: Path, broker: FaultyBroker | None) -> dict[str, dict]:
     """Three real HospitalNodes in this process, relayed by ``broker`` (or handed over
     directly, as bench/byzantine.py does, when None); each node's final state."""
+    from murmur.gossip.memory_transport import MemoryTransport
     from murmur.node.config import load_config
     from murmur.node.node import HospitalNode
 
-    from bench.byzantine import MemoryTransport
     from tests.netutil import plain_network
 
     net = plain_network(tmp_path, round_timeout_s=30)

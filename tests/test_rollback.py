@@ -56,6 +56,7 @@ from murmur.gossip.heads import (
     open_receipts_answer,
     seal_receipts_answer,
 )
+from murmur.gossip.memory_transport import MemoryTransport
 from murmur.gossip.receipts import (
     AuditHead,
     EquivocationProof,
@@ -81,7 +82,6 @@ from murmur.node.durable import StateLock, StateLockError, atomic_write
 from murmur.node.node import SIGNED_ROUND_FILE, HospitalNode, StartupError
 
 import run_cluster
-from bench.byzantine import MemoryTransport
 from tests.test_wire import ALICE, BOB, CAROL, MALLORY, NOW, opener, small_update
 
 ROUNDS = 4
