@@ -63,7 +63,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     list_.add_argument("--state", required=True, type=Path)
 
 
-def study_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def study_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # looked up now: tests swap sys.stdout
     command = args.study_command
     if command == "propose":
         manifest = sign_manifest(load_draft(args.draft), load_identity(args.key))
