@@ -62,11 +62,17 @@ class FinalOffer:
     study: str
     owner: bytes
     model_sha256: str
+    facts: str = "{}"  # the owner's signed card entry (canonical JSON): name, sizes, ε, δ
 
     def digest(self) -> bytes:
         return hashlib.sha256(
             OFFER_DOMAIN
-            + _framed(self.study.encode(), self.owner, self.model_sha256.encode("ascii"))
+            + _framed(
+                self.study.encode(),
+                self.owner,
+                self.model_sha256.encode("ascii"),
+                self.facts.encode("utf-8"),
+            )
         ).digest()
 
 
@@ -177,6 +183,7 @@ class Decision:
     included: tuple[bytes, ...]  # owners whose final model is in the aggregate, sorted
     excluded: Mapping[bytes, str]  # owner -> why (equivocation, or no offer reached us)
     evidence: tuple[EquivocationEvidence, ...]
+    facts: Mapping[bytes, str]  # owner -> its signed card entry, for the included owners
 
 
 @dataclass
@@ -191,6 +198,7 @@ class ConsensusParty:
     steps: int
     rule: str = "trimmed_mean"
     f: int = 1
+    facts: str = "{}"
     accepted: dict[bytes, dict[str, Delivery]] = field(default_factory=dict)
     fresh: list[Delivery] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
@@ -199,7 +207,9 @@ class ConsensusParty:
         if self.identity.public_key not in self.members:
             raise ValueError("a consensus party must be a member")
         self._spec = model_spec(self.final_model)
-        offer = FinalOffer(self.study, self.identity.public_key, state_sha256(self.final_model))
+        offer = FinalOffer(
+            self.study, self.identity.public_key, state_sha256(self.final_model), self.facts
+        )
         own = Delivery(SignedOffer(offer, ()).endorsed(self.identity), self.final_model)
         self.accepted[self.identity.public_key] = {offer.model_sha256: own}
         self.fresh = [own]
@@ -262,11 +272,14 @@ class ConsensusParty:
     def decide(self) -> Decision:
         """The agreed model over the owners with exactly one accepted offer."""
         models: dict[bytes, State] = {}
+        facts: dict[bytes, str] = {}
         excluded: dict[bytes, str] = {}
         evidence = []
         for owner, values in self.accepted.items():
             if len(values) == 1:
-                models[owner] = next(iter(values.values())).model
+                only = next(iter(values.values()))
+                models[owner] = only.model
+                facts[owner] = only.signed.offer.facts
             else:
                 first, second = sorted(values.values(), key=lambda d: d.signed.offer.model_sha256)[
                     :2
@@ -277,7 +290,12 @@ class ConsensusParty:
             excluded[owner] = "no final offer reached this node in time"
         state, digest = aggregate_final(models, self.rule, self.f)
         return Decision(
-            state, digest, tuple(sorted(models)), dict(sorted(excluded.items())), tuple(evidence)
+            state,
+            digest,
+            tuple(sorted(models)),
+            dict(sorted(excluded.items())),
+            tuple(evidence),
+            dict(sorted(facts.items())),
         )
 
 
