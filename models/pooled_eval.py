@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -52,15 +53,19 @@ class BinSpec:
 
     def edges(self) -> np.ndarray:
         """Inner edges on the logit scale, ascending; bin k is [edges[k-1], edges[k])."""
+        return self._edges
+
+    @cached_property
+    def _edges(self) -> np.ndarray:
         grid = np.linspace(-self.logit_range, self.logit_range, self.bins + 1)
         extra = [_logit(self.threshold)] + [
             _logit(k / CALIBRATION_BINS) for k in range(1, CALIBRATION_BINS)
         ]
         return np.unique(np.concatenate([grid, np.asarray(extra)]))
 
-    @property
+    @cached_property
     def size(self) -> int:
-        return len(self.edges()) + 1
+        return len(self._edges) + 1
 
     def as_dict(self) -> dict[str, float]:
         return {"bins": self.bins, "logit_range": self.logit_range, "threshold": self.threshold}
@@ -228,17 +233,22 @@ def calibration(h: ScoreHistogram, spec: BinSpec) -> dict[str, Any]:
     centres = (lower + upper) / 2.0  # each fine bin lies inside one reliability bin
     total = h.counts.sum(axis=0).astype(np.float64)
     which = np.minimum((centres * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    rows, ece = [], 0.0
+    counts = np.bincount(which, weights=total, minlength=CALIBRATION_BINS)
+    predicted = np.bincount(which, weights=centres * total, minlength=CALIBRATION_BINS)
+    positives = np.bincount(which, weights=h.counts[1], minlength=CALIBRATION_BINS)
     n = total.sum()
-    for k in range(CALIBRATION_BINS):
-        inside = which == k
-        count = total[inside].sum()
-        if count == 0:
-            continue
-        predicted = float((centres[inside] * total[inside]).sum() / count)
-        observed = float(h.counts[1, inside].sum() / count)
-        ece += count / n * abs(predicted - observed)
-        rows.append({"bin": k, "n": int(count), "predicted": predicted, "observed": observed})
+    rows, ece = [], 0.0
+    for k in np.flatnonzero(counts):
+        mean_p, observed = predicted[k] / counts[k], positives[k] / counts[k]
+        ece += counts[k] / n * abs(mean_p - observed)
+        rows.append(
+            {
+                "bin": int(k),
+                "n": int(counts[k]),
+                "predicted": float(mean_p),
+                "observed": float(observed),
+            }
+        )
     mean_predicted = float(h.sum_p.sum() / n) if n else None
     observed_rate = float(h.counts[1].sum() / n) if n else None
     return {

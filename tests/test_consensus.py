@@ -44,7 +44,7 @@ def network(topology: str, n: int, attack: str | None, attackers=(0,), seed: int
                 ident, attack, STUDY, models[i], nbrs[keys[i]], steps
             )
         else:
-            party = cs.ConsensusParty(ident, members, STUDY, models[i], steps, "trimmed_mean", f=1)
+            party = cs.ConsensusParty(ident, members, STUDY, models[i], steps, f=1)
             parties[keys[i]] = cs.Member(party)
     result = cs.run_in_memory(parties, nbrs, steps, sig_steps)
     honest = [keys[i] for i in range(n) if not (attack and i in attackers)]
