@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 from murmur.crypto.identity import Identity
+from murmur.gossip.compression import FORMS, STATE_ID_BYTES, CompressedTensors
 from murmur.crypto.sealing import (
     NONCE_BYTES,
     SealingError,
@@ -27,6 +28,7 @@ from murmur.gossip.receipts import (
 )
 from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
+    BODY_ENCODING_FIELD,
     DEFAULT_MAX_PROOFS,
     DEFAULT_MAX_RECEIPTS,
     DEFAULT_MAX_RECIPIENTS,
@@ -55,12 +57,18 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     return dtype_name, np.require(array, dtype=WIRE_DTYPES[dtype_name], requirements="C")
 
 
-def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
+def _encode_body(
+    update: ModelUpdate,
+    head: AuditHead | None = None,
+    compressed: CompressedTensors | None = None,
+) -> bytes:
     """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
 
     Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
     body without another copy; the sender still assembles the body in one copy (one join).
     ``head`` (default: no audit log) is the sender's audit head, whose digest it signs.
+    ``compressed``: the model as compressed tensors (gossip/compression.py) instead of
+    ``update.tensors``, which must then be empty.
     """
     if not isinstance(update, ModelUpdate):
         raise TypeError("build_envelope needs a ModelUpdate")
@@ -81,27 +89,62 @@ def _encode_body(update: ModelUpdate, head: AuditHead | None = None) -> bytes:
             f"an update carries at most {DEFAULT_MAX_RECEIPTS} receipts and "
             f"{DEFAULT_MAX_PROOFS} proofs"
         )
+    if compressed is None:
+        tensors, data = _plain_tensors(update.tensors)
+    elif update.tensors:
+        raise ValueError("a compressed update carries its tensors in `compressed` only")
+    else:
+        tensors, data = _compressed_tensors(compressed)
+    fields = {
+        "tensors": tensors,
+        "metrics": metrics,
+        "receipts": [receipt.encode() for receipt in update.receipts],
+        "proofs": [proof.encode() for proof in update.proofs],
+        "audit_head": head.encode(),
+    }
+    if compressed is not None:
+        fields[BODY_ENCODING_FIELD] = {
+            "codec": compressed.codec,
+            "block": compressed.block,
+            "base": compressed.base,
+            "id": compressed.state_id,
+        }
+    header = msgpack.packb(fields)
+    return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if len(name.encode("utf-8")) > DEFAULT_MAX_STRING_BYTES:
+        raise ValueError(f"tensor name {name[:40]!r}... is over {DEFAULT_MAX_STRING_BYTES} bytes")
+
+
+def _plain_tensors(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
+    """Header entries ``[name, dtype, shape]`` and the raw bytes of uncompressed tensors."""
     tensors, data = [], []
-    for name, array in update.tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        if len(name.encode("utf-8")) > DEFAULT_MAX_STRING_BYTES:
-            raise ValueError(
-                f"tensor name {name[:40]!r}... is over {DEFAULT_MAX_STRING_BYTES} bytes"
-            )
+    for name, array in arrays.items():
+        _check_name(name)
         dtype_name, array = _wire_array(name, array)
         tensors.append([name, dtype_name, list(array.shape)])
         data.append(array.reshape(-1).view(np.uint8).data)
-    header = msgpack.packb(
-        {
-            "tensors": tensors,
-            "metrics": metrics,
-            "receipts": [receipt.encode() for receipt in update.receipts],
-            "proofs": [proof.encode() for proof in update.proofs],
-            "audit_head": head.encode(),
-        }
-    )
-    return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
+    return tensors, data
+
+
+def _compressed_tensors(compressed: CompressedTensors) -> tuple[list, list]:
+    """Header entries ``[name, "float32", shape, form, k]`` and each encoding's byte parts."""
+    if compressed.codec not in FORMS:
+        raise ValueError(f"codec {compressed.codec!r} does not compress")
+    if len(compressed.state_id) != STATE_ID_BYTES or (
+        compressed.base is not None and len(compressed.base) != STATE_ID_BYTES
+    ):
+        raise ValueError(f"state ids are {STATE_ID_BYTES} bytes")
+    tensors, data = [], []
+    for name, (shape, encoded) in compressed.tensors.items():
+        _check_name(name)
+        tensors.append([name, "float32", list(shape), encoded.form, encoded.k])
+        data += [np.ascontiguousarray(part).view(np.uint8).data for part in encoded.parts]
+    return tensors, data
 
 
 def _check_recipients(recipients: Sequence[bytes]) -> tuple[bytes, ...]:
@@ -177,6 +220,7 @@ def build_envelope(
     head: AuditHead | None = None,
     kind: str = "update",
     now: float | None = None,
+    compressed: CompressedTensors | None = None,
 ) -> bytes:
     """One envelope carrying ``update`` to every key in ``recipients``.
 
@@ -184,11 +228,12 @@ def build_envelope(
     the same bytes to each of them. ``head`` is the sender's signed audit head (a node passes
     its own; ``None`` means a sender without audit log or ledger: all zero). ``now`` is Unix
     time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
-    that cannot be sent.
+    that cannot be sent. ``compressed``: the model compressed (gossip/compression.py), with
+    ``update.tensors`` empty.
     """
     head = no_audit_head() if head is None else head
     return _seal_envelope(
-        _encode_body(update, head),
+        _encode_body(update, head, compressed),
         sender,
         recipients,
         round,
