@@ -25,6 +25,7 @@ from murmur.gossip.compression import (
     encode_top_k,
     quantize_int8,
 )
+from murmur.gossip.receipts import no_audit_head
 from murmur.gossip.wire import (
     HTTP_STATUS,
     EnvelopeOpener,
@@ -36,7 +37,6 @@ from murmur.gossip.wire import (
     _seal_envelope,
     build_envelope,
 )
-from murmur.gossip.receipts import no_audit_head
 
 ALICE = generate_identity("alice")
 BOB = generate_identity("bob")

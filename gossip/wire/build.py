@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 from murmur.crypto.identity import Identity
-from murmur.gossip.compression import FORMS, STATE_ID_BYTES, CompressedTensors
 from murmur.crypto.sealing import (
     NONCE_BYTES,
     SealingError,
@@ -20,6 +19,7 @@ from murmur.crypto.sealing import (
     wrap_new_key,
     x25519_public_key,
 )
+from murmur.gossip.compression import FORMS, STATE_ID_BYTES, CompressedTensors
 from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,

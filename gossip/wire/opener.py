@@ -21,6 +21,7 @@ from murmur.gossip.receipts import (
     Receipt,
     signed_digest,
 )
+from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
     KINDS,
@@ -37,7 +38,6 @@ from murmur.gossip.wire.format import (
     _rest_digest,
     default_max_message_bytes,
 )
-from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.parse import (
     _parse_body,
     _parse_envelope,

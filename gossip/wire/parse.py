@@ -25,6 +25,14 @@ from murmur.gossip.receipts import (
     Receipt,
     ReceiptError,
 )
+from murmur.gossip.wire.compressed import (
+    BodyEncoding,
+    CompressedSlot,
+    check_compressed_entry,
+    check_uncompressed,
+    decode_slot,
+    parse_encoding,
+)
 from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
     _DECODE_GUARD_ITEMS,
@@ -40,14 +48,6 @@ from murmur.gossip.wire.format import (
     WireLimits,
     _envelope_prefix,
     _RawEnvelope,
-)
-from murmur.gossip.wire.compressed import (
-    BodyEncoding,
-    CompressedSlot,
-    check_compressed_entry,
-    check_uncompressed,
-    decode_slot,
-    parse_encoding,
 )
 
 
