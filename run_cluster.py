@@ -43,7 +43,16 @@ DEFAULT_MODEL = {
     "tcga-brca": "cox",
 }
 # Learning rates that suit each model with DP-SGD's clipped, noisy gradients (models/recipes.py).
-DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "cnn_gn": 0.005, "multimodal": 0.2, "cox": 0.5}
+DEFAULT_LR = {
+    "logreg": 0.5,
+    "mlp": 0.2,
+    "cnn": 0.2,
+    "cnn_gn": 0.005,
+    "multimodal": 0.2,
+    "cox": 0.5,
+    "resnet18": 0.001,
+    "resnet18_25m": 0.001,
+}
 
 
 @dataclass
@@ -124,7 +133,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        choices=["logreg", "mlp", "cnn", "cnn_gn", "multimodal", "cox"],
+        choices=[
+            "logreg",
+            "mlp",
+            "cnn",
+            "cnn_gn",
+            "multimodal",
+            "cox",
+            "resnet18",
+            "resnet18_25m",
+        ],
         help="default: per dataset (models/recipes.py)",
     )
     p.add_argument(
@@ -186,6 +204,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="clipping:1",
         help="RULE[:f], e.g. mean, trimmed_mean:1, krum:1, clipping:1",
     )
+    p.add_argument(
+        "--compression",
+        choices=["none", "int8", "topk_int8"],
+        default="none",
+        help="how each node compresses the model it shares, after DP-SGD (gossip/compression.py)",
+    )
+    p.add_argument(
+        "--compression-block", type=int, default=256, help="values per int8 scale (0: per tensor)"
+    )
+    p.add_argument("--topk-fraction", type=float, default=0.1, help="share of entries top-k keeps")
     dp = p.add_mutually_exclusive_group()
     dp.add_argument(
         "--dp-epsilon",
@@ -455,6 +483,17 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 else {}
             ),
             "gossip": {"round_timeout_s": args.round_timeout, "startup_timeout_s": 60.0},
+            **(
+                {
+                    "compression": {
+                        "codec": args.compression,
+                        "block": args.compression_block,
+                        "fraction": args.topk_fraction,
+                    }
+                }
+                if args.compression != "none"
+                else {}
+            ),
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
             **(

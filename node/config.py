@@ -43,6 +43,7 @@ from murmur.node.config_learning import (
 )
 from murmur.node.config_network import (
     AuditSection,
+    CompressionSection,
     GossipSection,
     LoggingSection,
     NodeSection,
@@ -54,6 +55,7 @@ from murmur.node.net_config import RelaySection, TlsSection, check_network
 
 __all__ = [  # what callers import from here; each section lives in its own module
     "ConfigError",
+    "CompressionSection",
     "GossipSection",
     "LoggingSection",
     "NodeConfig",
@@ -88,6 +90,7 @@ class NodeConfig:
     relays: list[RelaySection] = field(default_factory=list)
     server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -125,6 +128,7 @@ class NodeConfig:
             self.logging,
             self.server_optimizer,
             self.personalization,
+            self.compression,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -203,6 +207,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsSection,
     "server_optimizer": ServerOptimizerSection,
     "personalization": PersonalizationSection,
+    "compression": CompressionSection,
 }
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
+from murmur.gossip.compression import CompressionSettings, DeltaEncoder
 from murmur.gossip.probe import Contact
 from murmur.gossip.receipts import AuditHead
 from murmur.gossip.transport import PeerTransport
@@ -63,7 +64,8 @@ class Sender:
         peers: list[Peer],
         envelope: bytes,
         model_sha256: str,
-    ) -> None:
+    ) -> bool:
+        """Send ``envelope`` to ``peers``; True if every one of them took it."""
         results = await transport.send_all(peers, envelope)
         for result in results:
             self._record_contact(
@@ -82,12 +84,19 @@ class Sender:
             model_sha256=model_sha256,
             epsilon_spent=self._state.privacy.get("epsilon_spent"),
         )
+        return len(results) == len(peers) and all(x.ok for x in results)
 
 
 class HonestSharing:
     """The one envelope an honest node sends every neighbour: its model, the receipts of the
     envelopes it accepted last round and the proofs it learned since (gossip/receipts.py),
-    and its own signed audit head (`own_head`)."""
+    and its own signed audit head (`own_head`).
+
+    With a compressing codec, the model goes out as a delta against what every neighbour
+    holds from this node's previous envelope (gossip/compression.py `DeltaEncoder`); after a
+    send that some neighbour did not take, the next envelope is a keyframe. The audited
+    ``model_sha256`` stays the hash of the model trained, not of its compressed form.
+    """
 
     def __init__(
         self,
@@ -97,18 +106,30 @@ class HonestSharing:
         evidence: EvidenceBook,
         sender: Sender,
         own_head: Callable[[], AuditHead],
+        compression: CompressionSettings | None = None,
     ) -> None:
         self._identity = identity
         self._peers = peers
         self._evidence = evidence
         self._sender = sender
         self._own_head = own_head
+        codec = compression.codec if compression is not None else "none"
+        self._encoder = DeltaEncoder(compression) if codec != "none" else None
 
     async def share(
         self, r: int, transport: PeerTransport, own_state: State, own_sha: str, reference: State
     ) -> None:
         receipts, proofs = self._evidence.outgoing(r)
-        update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
         keys = [p.public_key for p in self._peers]
-        envelope = build_envelope(update, self._identity, keys, r, head=self._own_head())
-        await self._sender.send(r, transport, self._peers, envelope, own_sha)
+        if self._encoder is None:
+            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            envelope = build_envelope(update, self._identity, keys, r, head=self._own_head())
+            await self._sender.send(r, transport, self._peers, envelope, own_sha)
+            return
+        message, held = self._encoder.encode(own_state)
+        update = ModelUpdate({}, metrics={}, receipts=receipts, proofs=proofs)
+        envelope = build_envelope(
+            update, self._identity, keys, r, head=self._own_head(), compressed=message
+        )
+        everyone = await self._sender.send(r, transport, self._peers, envelope, own_sha)
+        self._encoder.delivered(message, held, everyone)
