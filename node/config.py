@@ -54,8 +54,8 @@ from murmur.node.config_network import (
 from murmur.node.net_config import RelaySection, TlsSection, check_network
 
 __all__ = [  # what callers import from here; each section lives in its own module
-    "ConfigError",
     "CompressionSection",
+    "ConfigError",
     "GossipSection",
     "LoggingSection",
     "NodeConfig",

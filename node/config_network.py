@@ -1,5 +1,6 @@
 """The sections of a node's config that say where it listens and whom it talks to: [node],
-[operator], [peer_listener], [[peers]], [gossip], [compression], [audit] and [logging] (docs/config.md).
+[operator], [peer_listener], [[peers]], [gossip], [compression], [audit] and [logging]
+(docs/config.md).
 """
 
 from __future__ import annotations
