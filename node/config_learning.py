@@ -22,7 +22,16 @@ from murmur.node.config_errors import (
 CLASS_WEIGHTING = ("auto", "balanced", "none")
 PREPROCESSING = ("auto", "fitted", "reference")
 DATASETS = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")  # models.data
-MODEL_NAMES = ("logreg", "mlp", "cnn", "multimodal", "cox")  # models.nets
+MODEL_NAMES = (  # models.nets (tests/test_nets.py checks the two agree)
+    "logreg",
+    "mlp",
+    "cnn",
+    "cnn_gn",
+    "multimodal",
+    "cox",
+    "resnet18",
+    "resnet18_25m",
+)
 SURVIVAL_LOSSES = ("auto", "cox", "exponential")  # models.survival
 
 
