@@ -158,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "round (docs/results.md, 'Rounds under a fixed ε')",
     )
     p.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        help="steps per round instead of whole epochs (0: --local-epochs epochs)",
+    )
+    p.add_argument(
         "--local-epochs", type=int, help="passes over local data per round (default: recipe)"
     )
     p.add_argument("--optimizer", choices=["sgd", "adam"], help="local optimizer (default: recipe)")
@@ -448,6 +454,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
             "training": {
                 "rounds": args.rounds,
                 "local_epochs": args.local_epochs,
+                **({"local_steps": args.local_steps} if args.local_steps else {}),
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr or DEFAULT_LR[model],
                 "optimizer": args.optimizer,
@@ -907,6 +914,7 @@ async def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
+            local_steps=args.local_steps,
             optimizer=args.optimizer,
             momentum=args.momentum,
             augment=args.augment,
