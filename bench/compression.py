@@ -5,9 +5,13 @@ What it measures, each part in this one run:
 * bytes: the envelope of one update (one recipient) for ResNet-18 (11.2M parameters) and the
   default image model cnn_gn (23k), as float32, as an int8 delta (block 256) and as a top-k
   10 % + int8 delta; exact sizes, so exact ratios.
-* quality: PneumoniaMNIST, 4 hospitals, the DP recipe (cnn_gn, ε = 1, 10 rounds), each codec
-  over ``--seeds`` seeds (same seeds for every codec); the loss is the uncompressed mean AUC
-  minus the compressed one (positive: compression cost AUC).
+* quality: PneumoniaMNIST, 4 hospitals, cnn_gn, the loss being the uncompressed final mean
+  AUC minus the compressed one (positive: compression cost AUC). Twice: without DP (the
+  recipe's Adam, ``--rounds`` rounds), where a run is deterministic, so the codecs are
+  compared on the same batches and only compression differs (the JSON figures); and with
+  DP-SGD at ε = 1 (the DP recipe, ``--dp-rounds``), over ``--seeds`` seeds, where each run
+  draws fresh noise from OS entropy by design (models/privacy.py), so the difference also
+  holds the noise's run-to-run spread.
 * robustness: the byzantine bench's quick matrix (Fed-Heart-Disease, 4 honest + 1 and + 3
   attackers, seven attacks, and the clean runs) under its default rule (clipping, trust on),
   each cell with every codec; the gap is |compressed - uncompressed| of a cell's honest mean
@@ -108,7 +112,7 @@ def network_run(options: dict[str, Any]) -> dict[str, Any]:
         return asyncio.run(byzantine.run_in_process(args, Path(tmp)))
 
 
-def quality(seeds: int, rounds: int) -> dict[str, list[float]]:
+def quality(seeds: int, rounds: int, private: bool) -> dict[str, list[float]]:
     """Mean AUC of the 4 PneumoniaMNIST hospitals per codec, one entry per seed."""
     aucs: dict[str, list[float]] = {codec: [] for codec in CODECS}
     for seed in range(seeds):
@@ -121,10 +125,11 @@ def quality(seeds: int, rounds: int) -> dict[str, list[float]]:
                     "seed": seed,
                     "compression": codec,
                     "no_baselines": True,
+                    **({} if private else {"no_dp": True}),
                 }
             )
             aucs[codec].append(report["mean_auc"])
-            print(f"  quality seed {seed} {codec}: {report['mean_auc']:.4f}", flush=True)
+            print(f"  seed {seed} {codec}: {report['mean_auc']:.4f}", flush=True)
     return aucs
 
 
@@ -224,16 +229,24 @@ def communication_25m(repetitions: int, codec: str = "none") -> dict[str, float]
     }
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
 _RSS_CHILD = """
-import resource, sys, time
+import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 import compression as c
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = c.high_water_kb()
 c.rss_round(Path({folder!r}), {codec!r})
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before, after)
+print(before, c.high_water_kb())
 """
+
+
+def high_water_kb() -> int:
+    """This process's peak resident set (VmHWM), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_round(folder: Path, codec: str) -> None:
@@ -307,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: small parts only")
     parser.add_argument("--seeds", type=int, default=2, help="quality seeds per codec")
-    parser.add_argument("--rounds", type=int, default=10, help="quality rounds (DP recipe: 10)")
+    parser.add_argument("--rounds", type=int, default=10, help="quality rounds without DP")
+    parser.add_argument("--dp-rounds", type=int, default=10, help="under DP (recipe: 10)")
     parser.add_argument("--repetitions", type=int, default=3, help="25M timing repetitions")
     args = parser.parse_args(argv)
     started, load_start = time.monotonic(), os.getloadavg()
@@ -322,12 +336,21 @@ def main(argv: list[str] | None = None) -> None:
         )
     r18 = sizes["resnet18"]
 
-    seeds, rounds = (1, 2) if args.quick else (args.seeds, args.rounds)
-    print(f"\nquality: PneumoniaMNIST, 4 hospitals, DP ε=1, {rounds} rounds, {seeds} seed(s)")
-    aucs = quality(seeds, rounds)
+    seeds, rounds, dp_rounds = (
+        (1, 2, 2) if args.quick else (args.seeds, args.rounds, args.dp_rounds)
+    )
+    print(f"\nquality: PneumoniaMNIST, 4 hospitals, cnn_gn, no DP, {rounds} rounds, seed 0")
+    aucs = quality(1, rounds, private=False)
     mean = {codec: float(np.mean(v)) for codec, v in aucs.items()}
+    print(f"quality under DP-SGD, ε=1, {dp_rounds} rounds, {seeds} seed(s), fresh noise each run")
+    dp_aucs = quality(seeds, dp_rounds, private=True)
+    dp_mean = {codec: float(np.mean(v)) for codec, v in dp_aucs.items()}
     for codec in CODECS:
-        print(f"  {codec:10} mean AUC {mean[codec]:.4f}  per seed {np.round(aucs[codec], 4)}")
+        print(
+            f"  {codec:10} no DP {mean[codec]:.4f} (loss {mean['none'] - mean[codec]:+.4f}); "
+            f"DP {dp_mean[codec]:.4f} (loss {dp_mean['none'] - dp_mean[codec]:+.4f}), "
+            f"per seed {np.round(dp_aucs[codec], 4)}"
+        )
 
     print("\nrobustness: byzantine quick matrix, default rule (clipping, trust)")
     cells = robustness(args.quick)
@@ -369,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         "comm_over_bare_25m_8": round(comm["none"]["ratio"], 3),
         "rss_over_model_25m": round(rss["none"]["ratio"], 2),
         "resnet18_rounds_ok": resnet["ok"],
+        "dp_int8_auc_loss": round(dp_mean["none"] - dp_mean["int8"], 4),
+        "dp_topk_auc_loss": round(dp_mean["none"] - dp_mean["topk_int8"], 4),
         "byzantine_default_rule_gap_int8": round(gaps["int8"], 4),
         "byzantine_default_rule_gap_topk": round(gaps["topk_int8"], 4),
     }

@@ -51,7 +51,7 @@ ALL = frozenset({"none", "int8", "topk_int8"})
 def state(seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "conv.weight": (scale * rng.standard_normal((16, 4, 3, 3))).astype(np.float32),
+        "conv.weight": (scale * rng.standard_normal((64, 8, 3, 3))).astype(np.float32),
         "conv.bias": (scale * rng.standard_normal(16)).astype(np.float32),
         "head.weight": (scale * rng.standard_normal((1, 700))).astype(np.float32),
         "scalar": np.array(0.5, np.float32),
@@ -307,3 +307,13 @@ def test_compressed_envelopes_are_much_smaller():
         sizes[codec] = len(envelope(delta, 2))
     assert plain / sizes["int8"] >= 3.9
     assert plain / sizes["topk_int8"] >= 15
+
+
+def test_top_k_sends_small_tensors_dense_and_large_ones_sparse():
+    encoder = DeltaEncoder(CompressionSettings(codec="topk_int8", block=64))
+    first, held = encoder.encode(state(0))
+    encoder.delivered(first, held, everyone=True)
+    delta, _ = encoder.encode(state(1))
+    forms = {name: encoded.form for name, (_, encoded) in delta.tensors.items()}
+    assert forms["conv.weight"] == FORM_BITMAP  # 4,608 entries
+    assert forms["head.weight"] == forms["conv.bias"] == forms["scalar"] == FORM_INT8
