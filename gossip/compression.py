@@ -264,6 +264,11 @@ class DeltaEncoder:
         self._base: State | None = None
         self._base_id: bytes | None = None
 
+    @property
+    def base(self) -> tuple[bytes, State] | None:
+        """(id, model) of what every receiver holds from this sender, None before a keyframe."""
+        return None if self._base_id is None else (self._base_id, self._base)
+
     def encode(self, state: State) -> tuple[CompressedTensors, State]:
         """The compressed message for ``state`` and the model receivers will hold after it
         (pass both to `delivered` once the send's outcome is known)."""

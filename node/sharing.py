@@ -114,22 +114,22 @@ class HonestSharing:
         self._sender = sender
         self._own_head = own_head
         codec = compression.codec if compression is not None else "none"
-        self._encoder = DeltaEncoder(compression) if codec != "none" else None
+        self.encoder = DeltaEncoder(compression) if codec != "none" else None
 
     async def share(
         self, r: int, transport: PeerTransport, own_state: State, own_sha: str, reference: State
     ) -> None:
         receipts, proofs = self._evidence.outgoing(r)
         keys = [p.public_key for p in self._peers]
-        if self._encoder is None:
+        if self.encoder is None:
             update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
             envelope = build_envelope(update, self._identity, keys, r, head=self._own_head())
             await self._sender.send(r, transport, self._peers, envelope, own_sha)
             return
-        message, held = self._encoder.encode(own_state)
+        message, held = self.encoder.encode(own_state)
         update = ModelUpdate({}, metrics={}, receipts=receipts, proofs=proofs)
         envelope = build_envelope(
             update, self._identity, keys, r, head=self._own_head(), compressed=message
         )
         everyone = await self._sender.send(r, transport, self._peers, envelope, own_sha)
-        self._encoder.delivered(message, held, everyone)
+        self.encoder.delivered(message, held, everyone)

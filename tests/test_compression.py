@@ -317,3 +317,40 @@ def test_top_k_sends_small_tensors_dense_and_large_ones_sparse():
     forms = {name: encoded.form for name, (_, encoded) in delta.tensors.items()}
     assert forms["conv.weight"] == FORM_BITMAP  # 4,608 entries
     assert forms["head.weight"] == forms["conv.bias"] == forms["scalar"] == FORM_INT8
+
+
+def test_a_network_of_nodes_shares_compressed_models_without_a_refusal(tmp_path):
+    """Real HospitalNode round loops (bench/byzantine.py's in-process engine), run_cluster's
+    configs with --compression: keyframes then deltas, every envelope accepted, and each
+    node's copy of a neighbour's model is exactly what that neighbour's encoder holds."""
+    import asyncio
+
+    import run_cluster
+    from bench.byzantine import run_nodes_in_process, to_argv
+
+    argv = to_argv(
+        {
+            "dataset": "medmnist",  # cnn_gn: two of its tensors are over DENSE_BELOW
+            "nodes": 3,
+            "rounds": 3,
+            "local_steps": 2,
+            "no_dp": True,
+            "compression": "topk_int8",
+            "round_timeout": 30.0,
+            "no_baselines": True,
+        }
+    )
+    report, nodes = asyncio.run(run_nodes_in_process(run_cluster.parse_args(argv), tmp_path))
+    message, _ = nodes[0].rounds.sharing.encoder.encode(nodes[0].study.state())
+    assert {encoded.form for _, encoded in message.tensors.values()} >= {FORM_BITMAP, FORM_INT8}
+    assert report["rounds_completed"] == 3
+    for node in nodes:
+        assert dict(node.receiver.rejected) == {}
+        assert node.config.compression.codec == "topk_int8"
+    sender = nodes[0]
+    base_id, held = sender.rounds.sharing.encoder.base
+    for receiver in nodes[1:]:
+        state_id, tensors = receiver.opener.bases[sender.identity.public_key]
+        assert state_id == base_id
+        for name, array in tensors.items():
+            np.testing.assert_array_equal(array, held[name])
