@@ -23,6 +23,7 @@ from murmur.gossip.probe import Contact
 from murmur.gossip.receipts import AuditHead
 from murmur.gossip.transport import PeerTransport
 from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.models.params import state_sha256
 from murmur.node.audit import AuditLog
 from murmur.node.evidence import EvidenceBook
 from murmur.node.metrics import NodeMetrics
@@ -64,8 +65,11 @@ class Sender:
         peers: list[Peer],
         envelope: bytes,
         model_sha256: str,
+        compressed: dict[str, str | bool] | None = None,
     ) -> bool:
-        """Send ``envelope`` to ``peers``; True if every one of them took it."""
+        """Send ``envelope`` to ``peers``; True if every one of them took it. ``compressed``:
+        for a compressed envelope, its codec and the hash of the model its receivers
+        reconstruct (what their `message_received` records name), audited with the send."""
         results = await transport.send_all(peers, envelope)
         for result in results:
             self._record_contact(
@@ -83,6 +87,7 @@ class Sender:
             bytes=len(envelope),
             model_sha256=model_sha256,
             epsilon_spent=self._state.privacy.get("epsilon_spent"),
+            **(compressed or {}),
         )
         return len(results) == len(peers) and all(x.ok for x in results)
 
@@ -131,5 +136,10 @@ class HonestSharing:
         envelope = build_envelope(
             update, self._identity, keys, r, head=self._own_head(), compressed=message
         )
-        everyone = await self._sender.send(r, transport, self._peers, envelope, own_sha)
+        audited = {
+            "codec": message.codec,
+            "keyframe": message.base is None,
+            "received_model_sha256": state_sha256(held),
+        }
+        everyone = await self._sender.send(r, transport, self._peers, envelope, own_sha, audited)
         self.encoder.delivered(message, held, everyone)

@@ -325,6 +325,8 @@ def test_a_network_of_nodes_shares_compressed_models_without_a_refusal(tmp_path)
     node's copy of a neighbour's model is exactly what that neighbour's encoder holds."""
     import asyncio
 
+    from murmur.node.audit.reading import records_of_kind
+
     import run_cluster
     from bench.byzantine import run_nodes_in_process, to_argv
 
@@ -349,6 +351,14 @@ def test_a_network_of_nodes_shares_compressed_models_without_a_refusal(tmp_path)
         assert node.config.compression.codec == "topk_int8"
     sender = nodes[0]
     base_id, held = sender.rounds.sharing.encoder.base
+    sent = [r.fields for r in records_of_kind(sender.state_dir, "update_sent")]
+    assert [s["keyframe"] for s in sent] == [True, False, False]
+    received = {
+        r.fields["model_sha256"]
+        for r in records_of_kind(nodes[1].state_dir, "message_received")
+        if r.fields["sender"] == sender.config.node.name
+    }
+    assert {s["received_model_sha256"] for s in sent} == received
     for receiver in nodes[1:]:
         state_id, tensors = receiver.opener.bases[sender.identity.public_key]
         assert state_id == base_id
