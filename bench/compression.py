@@ -143,9 +143,17 @@ def robustness(quick: bool) -> dict[str, dict[str, float | None]]:
     cells: dict[str, dict[str, float | None]] = {}
     for setting in settings:
         f = byzantine.local_f(setting, options.seed)
+        # The clean run as the matrix makes it: f capped to what the smaller network allows.
+        clean_degree = byzantine.min_degree(setting.topology, setting.honest, options.seed)
+        f_clean = next(
+            x
+            for x in (byzantine.feasible_f(rule.name, clean_degree, g) for g in range(f, -1, -1))
+            if x is not None
+        )
         runs = [(None, True)] + [(attack, False) for attack in attacks]
         for attack, clean in runs:
-            base = byzantine.cluster_options(setting, rule, f, attack, options, clean=clean)
+            f_run = f_clean if clean else f
+            base = byzantine.cluster_options(setting, rule, f_run, attack, options, clean=clean)
             label = f"{setting.byzantine} byz, {'clean' if clean else attack.label}"
             cells[label] = {
                 codec: byzantine.run_one({**base, "compression": codec}, "memory")["mean"]
@@ -323,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="quality rounds without DP")
     parser.add_argument("--dp-rounds", type=int, default=10, help="under DP (recipe: 10)")
     parser.add_argument("--repetitions", type=int, default=3, help="25M timing repetitions")
+    parser.add_argument(
+        "--quality-json",
+        type=Path,
+        help="reuse the quality figures a previous run wrote (its quality.json) instead of "
+        "running them again (python bench/compression.py saves them in the temp folder)",
+    )
     args = parser.parse_args(argv)
     started, load_start = time.monotonic(), os.getloadavg()
 
@@ -340,10 +354,18 @@ def main(argv: list[str] | None = None) -> None:
         (1, 2, 2) if args.quick else (args.seeds, args.rounds, args.dp_rounds)
     )
     print(f"\nquality: PneumoniaMNIST, 4 hospitals, cnn_gn, no DP, {rounds} rounds, seed 0")
-    aucs = quality(1, rounds, private=False)
+    if args.quality_json:
+        saved = json.loads(args.quality_json.read_text())
+        aucs, dp_aucs = saved["no_dp"], saved["dp"]
+        print(f"  (from {args.quality_json}: {saved})")
+    else:
+        aucs = quality(1, rounds, private=False)
+        print(f"quality under DP-SGD, ε=1, {dp_rounds} rounds, {seeds} seed(s), fresh noise")
+        dp_aucs = quality(seeds, dp_rounds, private=True)
+        saved_at = Path(tempfile.gettempdir()) / "murmur-compression-quality.json"
+        saved_at.write_text(json.dumps({"no_dp": aucs, "dp": dp_aucs}))
+        print(f"  (saved to {saved_at}, for --quality-json)")
     mean = {codec: float(np.mean(v)) for codec, v in aucs.items()}
-    print(f"quality under DP-SGD, ε=1, {dp_rounds} rounds, {seeds} seed(s), fresh noise each run")
-    dp_aucs = quality(seeds, dp_rounds, private=True)
     dp_mean = {codec: float(np.mean(v)) for codec, v in dp_aucs.items()}
     for codec in CODECS:
         print(
