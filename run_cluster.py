@@ -43,7 +43,16 @@ DEFAULT_MODEL = {
     "tcga-brca": "cox",
 }
 # Learning rates that suit each model with DP-SGD's clipped, noisy gradients (models/recipes.py).
-DEFAULT_LR = {"logreg": 0.5, "mlp": 0.2, "cnn": 0.2, "cnn_gn": 0.005, "multimodal": 0.2, "cox": 0.5}
+DEFAULT_LR = {
+    "logreg": 0.5,
+    "mlp": 0.2,
+    "cnn": 0.2,
+    "cnn_gn": 0.005,
+    "multimodal": 0.2,
+    "cox": 0.5,
+    "resnet18": 0.001,
+    "resnet18_25m": 0.001,
+}
 
 
 @dataclass
@@ -126,7 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        choices=["logreg", "mlp", "cnn", "cnn_gn", "multimodal", "cox"],
+        choices=[
+            "logreg",
+            "mlp",
+            "cnn",
+            "cnn_gn",
+            "multimodal",
+            "cox",
+            "resnet18",
+            "resnet18_25m",
+        ],
         help="default: per dataset (models/recipes.py)",
     )
     p.add_argument(
@@ -162,6 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds of train-share-aggregate (default: the dataset's recipe, 20 for tabular "
         "data); under DP the budget covers all of them, so more rounds mean more noise per "
         "round (docs/results.md, 'Rounds under a fixed ε')",
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        help="steps per round instead of whole epochs (0: --local-epochs epochs)",
     )
     p.add_argument(
         "--local-epochs", type=int, help="passes over local data per round (default: recipe)"
@@ -210,6 +234,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="clipping:1",
         help="RULE[:f], e.g. mean, trimmed_mean:1, krum:1, clipping:1",
     )
+    p.add_argument(
+        "--compression",
+        choices=["none", "int8", "topk_int8"],
+        default="none",
+        help="how each node compresses the model it shares, after DP-SGD (gossip/compression.py)",
+    )
+    p.add_argument(
+        "--compression-block", type=int, default=256, help="values per int8 scale (0: per tensor)"
+    )
+    p.add_argument("--topk-fraction", type=float, default=0.1, help="share of entries top-k keeps")
     dp = p.add_mutually_exclusive_group()
     dp.add_argument(
         "--dp-epsilon",
@@ -470,6 +504,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
             "training": {
                 "rounds": args.rounds,
                 "local_epochs": args.local_epochs,
+                **({"local_steps": args.local_steps} if args.local_steps else {}),
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr or DEFAULT_LR[model],
                 "optimizer": args.optimizer,
@@ -514,6 +549,17 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                     else {}
                 ),
             },
+            **(
+                {
+                    "compression": {
+                        "codec": args.compression,
+                        "block": args.compression_block,
+                        "fraction": args.topk_fraction,
+                    }
+                }
+                if args.compression != "none"
+                else {}
+            ),
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
             **trust_section(args),
             **(
@@ -953,6 +999,7 @@ async def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.lr or DEFAULT_LR[model],
             local_epochs=args.local_epochs,
+            local_steps=args.local_steps,
             optimizer=args.optimizer,
             momentum=args.momentum,
             augment=args.augment,

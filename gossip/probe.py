@@ -52,8 +52,11 @@ _SIGNED = struct.Struct(">8sH32s32sQ16s")
 PROBE_BYTES = _SIGNED.size + 64
 
 # Reason codes with which a peer refused an envelope after authenticating its sender: the
-# peer admits us (the envelope was merely late, early or repeated).
-_AUTHENTICATED_REFUSALS = frozenset({"old_round", "duplicate", "too_far_ahead", "replay"})
+# peer admits us (the envelope was merely late, early or repeated, or a compressed delta
+# against a base it does not hold: the sender's next envelope is a keyframe).
+_AUTHENTICATED_REFUSALS = frozenset(
+    {"old_round", "duplicate", "too_far_ahead", "replay", "unknown_base"}
+)
 # Refusals of the sender itself: the peer does not admit us (or cannot tell it is us).
 _ADMISSION_REFUSALS = frozenset(
     {
@@ -79,6 +82,7 @@ _CONTENT_REFUSALS = frozenset(
         "shape_mismatch",
         "non_finite",
         "bad_receipt",
+        "unsupported_codec",
     }
 )
 

@@ -68,6 +68,8 @@ MODEL_LEARNING_RATES: dict[str, float] = {
     "cnn_gn": 0.005,
     "multimodal": 0.2,
     "cox": 0.5,
+    "resnet18": 0.001,
+    "resnet18_25m": 0.001,
 }
 
 

@@ -1,6 +1,7 @@
 """One hospital's local training: losses for imbalanced labels, FedProx, DP-SGD, the threshold.
 
-A round is `local_epochs` passes over the hospital's training rows. Each step draws a
+A round is `local_epochs` passes over the hospital's training rows (or `local_steps` steps,
+for models too large for whole epochs on a CPU). Each step draws a
 Poisson-sampled batch (every patient is included independently with probability q, the
 sampling DP-SGD's accountant assumes) and averages over the *expected* batch size q n, with or
 without DP, so the learning rate means the same thing either way and the DP and plain paths
@@ -53,6 +54,9 @@ class TrainingSettings:
     batch_size: int = 32  # expected batch size; the Poisson rate is 1 / ceil(n / batch_size)
     learning_rate: float = 0.05
     local_epochs: int = 1
+    # > 0: a round is this many steps instead of local_epochs epochs (the Poisson rate, hence
+    # each step's privacy cost, stays the same; the accountant counts the steps it is told).
+    local_steps: int = 0
     optimizer: str = "sgd"  # "sgd" (with `momentum`) or "adam"
     momentum: float = 0.0
     loss: str = "bce"  # "bce" or "focal" (Lin et al. 2017)
@@ -77,6 +81,8 @@ class TrainingSettings:
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if self.local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
         if not 0 <= self.momentum < 1:
@@ -253,6 +259,8 @@ class LocalTrainer:
         return self.sample_rate() * len(self.y)
 
     def steps_per_round(self) -> int:
+        if self.settings.local_steps:
+            return self.settings.local_steps
         return self.settings.local_epochs * steps_per_epoch(len(self.y), self.settings.batch_size)
 
     @property

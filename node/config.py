@@ -43,6 +43,7 @@ from murmur.node.config_learning import (
 )
 from murmur.node.config_network import (
     AuditSection,
+    CompressionSection,
     GossipSection,
     LoggingSection,
     NodeSection,
@@ -54,6 +55,7 @@ from murmur.node.net_config import ConsortiumSection, RelaySection, TlsSection, 
 from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
 
 __all__ = [  # what callers import from here; each section lives in its own module
+    "CompressionSection",
     "ConfigError",
     "GossipSection",
     "LoggingSection",
@@ -92,6 +94,7 @@ class NodeConfig:
     study: StudySection = field(default_factory=StudySection)
     site_budget: SiteBudgetSection = field(default_factory=SiteBudgetSection)
     consortium: ConsortiumSection = field(default_factory=ConsortiumSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -132,6 +135,7 @@ class NodeConfig:
             self.study,
             self.site_budget,
             self.consortium,
+            self.compression,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -235,6 +239,7 @@ _SECTIONS: dict[str, type] = {
     "study": StudySection,
     "site_budget": SiteBudgetSection,
     "consortium": ConsortiumSection,
+    "compression": CompressionSection,
 }
 
 

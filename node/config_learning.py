@@ -22,7 +22,16 @@ from murmur.node.config_errors import (
 CLASS_WEIGHTING = ("auto", "balanced", "none")
 PREPROCESSING = ("auto", "fitted", "reference")
 DATASETS = ("breast-cancer", "heart-disease", "medmnist", "csv", "tcga-brca")  # models.data
-MODEL_NAMES = ("logreg", "mlp", "cnn", "multimodal", "cox")  # models.nets
+MODEL_NAMES = (  # models.nets (tests/test_nets.py checks the two agree)
+    "logreg",
+    "mlp",
+    "cnn",
+    "cnn_gn",
+    "multimodal",
+    "cox",
+    "resnet18",
+    "resnet18_25m",
+)
 SURVIVAL_LOSSES = ("auto", "cox", "exponential")  # models.survival
 
 
@@ -156,6 +165,7 @@ class ModelSection:
 class TrainingSection:
     rounds: int = 20
     local_epochs: int = 1
+    local_steps: int = 0  # > 0: steps per round instead of local_epochs epochs
     batch_size: int = 32
     learning_rate: float = 0.05
     optimizer: str = "sgd"
@@ -183,6 +193,12 @@ class TrainingSection:
     def validate(self) -> None:
         require(self.rounds >= 1, "training.rounds", "must be >= 1", "rounds = 20")
         require(self.local_epochs >= 1, "training.local_epochs", "must be >= 1", "local_epochs = 1")
+        require(
+            self.local_steps >= 0,
+            "training.local_steps",
+            "must be >= 0 (0: whole epochs)",
+            "local_steps = 4, or omit it",
+        )
         require(self.batch_size >= 1, "training.batch_size", "must be >= 1", "batch_size = 32")
         require(
             self.learning_rate > 0, "training.learning_rate", "must be > 0", "learning_rate = 0.05"

@@ -1,5 +1,6 @@
 """The sections of a node's config that say where it listens and whom it talks to: [node],
-[operator], [peer_listener], [[peers]], [gossip], [audit] and [logging] (docs/config.md).
+[operator], [peer_listener], [[peers]], [gossip], [compression], [audit] and [logging]
+(docs/config.md).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from murmur.gossip.compression import CODECS, MAX_BLOCK, CompressionSettings
 from murmur.node.config_errors import (
     check_listen,
     is_loopback,
@@ -255,6 +257,60 @@ class GossipSection:
             "must be >= 0 (0: every peer, every round)",
             "sample_peers = 4",
         )
+
+
+@dataclass(frozen=True)
+class CompressionSection:
+    """How this node compresses the model it shares, and which codecs it decodes
+    (gossip/compression.py; docs/config.md, [compression]). Compression runs on the model
+    DP-SGD released, so it is post-processing and leaves every privacy figure as it is."""
+
+    codec: str = "none"  # "none" (float32), "int8" or "topk_int8"
+    block: int = 256  # values per int8 scale; 0: one scale per tensor
+    fraction: float = 0.1  # share of each tensor's entries top-k keeps
+    # Codecs this node decodes; None: "none" and its own codec.
+    accept: list[str] | None = None
+
+    def validate(self) -> None:
+        require(
+            self.codec in CODECS,
+            "compression.codec",
+            f"unknown codec {self.codec!r}",
+            f"use one of {', '.join(CODECS)}",
+        )
+        require(
+            type(self.block) is int and 0 <= self.block <= MAX_BLOCK,
+            "compression.block",
+            f"must be an integer in [0, {MAX_BLOCK}] (got {self.block!r})",
+            "block = 256 (or 0 for one scale per tensor)",
+        )
+        require(
+            0 < self.fraction <= 1,
+            "compression.fraction",
+            f"must be in (0, 1] (got {self.fraction})",
+            "fraction = 0.1",
+        )
+        if self.accept is not None:
+            unknown = sorted(set(self.accept) - set(CODECS))
+            require(
+                not unknown,
+                "compression.accept",
+                f"names unknown codecs {unknown}",
+                f"list some of {', '.join(CODECS)}",
+            )
+            require(
+                bool(self.accept),
+                "compression.accept",
+                "is empty: this node would refuse every update",
+                'accept = ["none", "int8", "topk_int8"], or omit it',
+            )
+
+    def accepted(self) -> frozenset[str]:
+        """The codecs this node decodes (WireLimits.accepted_codecs)."""
+        return frozenset(self.accept if self.accept is not None else {"none", self.codec})
+
+    def settings(self) -> CompressionSettings:
+        return CompressionSettings(codec=self.codec, block=self.block, fraction=self.fraction)
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,9 @@ class HospitalNode:
         self.study = Study(config, data)
         max_bytes = config.gossip.max_message_bytes or default_max_message_bytes(self.study.spec)
         self.limits = WireLimits(
-            max_message_bytes=max_bytes, timestamp_window_s=config.gossip.timestamp_window_s
+            max_message_bytes=max_bytes,
+            timestamp_window_s=config.gossip.timestamp_window_s,
+            accepted_codecs=config.compression.accepted(),
         )
         self.metrics = NodeMetrics(config.node.name)
         self.audit = AuditLog(
@@ -239,6 +241,7 @@ class HospitalNode:
             own_head=self.own_head,
             study=self.gate.wire_id,
             sample=self.sample,
+            compression=config.compression.settings(),
         )
         self.rounds = RoundCoordinator(
             config,

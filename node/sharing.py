@@ -18,11 +18,13 @@ from typing import Protocol
 import numpy as np
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
+from murmur.gossip.compression import CompressionSettings, DeltaEncoder
 from murmur.gossip.probe import Contact
 from murmur.gossip.receipts import AuditHead
 from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import PeerTransport
 from murmur.gossip.wire import ModelUpdate, build_envelope
+from murmur.models.params import state_sha256
 from murmur.node.audit import AuditLog
 from murmur.node.evidence import EvidenceBook
 from murmur.node.metrics import NodeMetrics
@@ -64,7 +66,11 @@ class Sender:
         peers: list[Peer],
         envelope: bytes,
         model_sha256: str,
-    ) -> None:
+        compressed: dict[str, str | bool] | None = None,
+    ) -> bool:
+        """Send ``envelope`` to ``peers``; True if every one of them took it. ``compressed``:
+        for a compressed envelope, its codec and the hash of the model its receivers
+        reconstruct (what their `message_received` records name), audited with the send."""
         results = await transport.send_all(peers, envelope)
         for result in results:
             self._record_contact(
@@ -82,13 +88,21 @@ class Sender:
             bytes=len(envelope),
             model_sha256=model_sha256,
             epsilon_spent=self._state.privacy.get("epsilon_spent"),
+            **(compressed or {}),
         )
+        return len(results) == len(peers) and all(x.ok for x in results)
 
 
 class HonestSharing:
     """The one envelope an honest node sends every neighbour: its model, the receipts of the
     envelopes it accepted last round and the proofs it learned since (gossip/receipts.py),
-    and its own signed audit head (`own_head`)."""
+    and its own signed audit head (`own_head`).
+
+    With a compressing codec, the model goes out as a delta against what every neighbour
+    holds from this node's previous envelope (gossip/compression.py `DeltaEncoder`); after a
+    send that some neighbour did not take, the next envelope is a keyframe. The audited
+    ``model_sha256`` stays the hash of the model trained, not of its compressed form.
+    """
 
     def __init__(
         self,
@@ -100,6 +114,7 @@ class HonestSharing:
         own_head: Callable[[], AuditHead],
         study: bytes | None = None,
         sample: PeerSample | None = None,
+        compression: CompressionSettings | None = None,
     ) -> None:
         self._identity = identity
         self._study = study  # the manifest hash every envelope names (node/studies/)
@@ -108,18 +123,42 @@ class HonestSharing:
         self._evidence = evidence
         self._sender = sender
         self._own_head = own_head
+        codec = compression.codec if compression is not None else "none"
+        self.encoder = DeltaEncoder(compression) if codec != "none" else None
 
     async def share(
         self, r: int, transport: PeerTransport, own_state: State, own_sha: str, reference: State
     ) -> None:
         receipts, proofs = self._evidence.outgoing(r)
-        update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
         peers = self._peers
         if self._sample is not None:
             targets = set(self._sample.targets(r))
             peers = [p for p in self._peers if p.name in targets]
         keys = [p.public_key for p in peers]
+        if self.encoder is None:
+            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            envelope = build_envelope(
+                update, self._identity, keys, r, head=self._own_head(), study=self._study
+            )
+            await self._sender.send(r, transport, peers, envelope, own_sha)
+            return
+        message, held = self.encoder.encode(own_state)
+        update = ModelUpdate({}, metrics={}, receipts=receipts, proofs=proofs)
         envelope = build_envelope(
-            update, self._identity, keys, r, head=self._own_head(), study=self._study
+            update,
+            self._identity,
+            keys,
+            r,
+            head=self._own_head(),
+            study=self._study,
+            compressed=message,
         )
-        await self._sender.send(r, transport, peers, envelope, own_sha)
+        audited = {
+            "codec": message.codec,
+            "keyframe": message.base is None,
+            "received_model_sha256": state_sha256(held),
+        }
+        everyone = await self._sender.send(r, transport, peers, envelope, own_sha, audited)
+        # Under peer sampling the peers not drawn this round do not hold `held`: the next
+        # envelope is a keyframe, never a delta on a base some neighbour lacks.
+        self.encoder.delivered(message, held, everyone and self._sample is None)

@@ -265,6 +265,7 @@ def _settings(config: NodeConfig) -> TrainingSettings:
         batch_size=t.batch_size,
         learning_rate=t.learning_rate,
         local_epochs=t.local_epochs,
+        local_steps=t.local_steps,
         optimizer=t.optimizer,
         momentum=t.momentum,
         loss=t.loss,

@@ -33,6 +33,9 @@ REASON_MEANINGS: dict[str, str] = {
     "shape_mismatch": "its model did not have this study's shape",
     "non_finite": "its model held invalid numbers (NaN or infinity)",
     "bad_receipt": "the receipt it carried was invalid",
+    "unsupported_codec": "its model was compressed with a codec this node does not accept",
+    "unknown_base": "a compressed update against a model this node no longer held (the next "
+    "one is sent whole)",
     "old_round": "it was for a round this node had already finished",
     "duplicate": "a second, different model from the same sender for the same round",
     "too_far_ahead": "it was for a round too far ahead",

@@ -32,6 +32,8 @@ CASES = {  # name -> (input_shape, params, a function making a batch of B inputs
     "cox": ((39,), {}, lambda g, b: torch.randn(b, 39, generator=g)),
     "cnn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
     "cnn_gn": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
+    "resnet18": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
+    "resnet18_25m": ((1, 28, 28), {}, lambda g, b: torch.rand(b, 1, 28, 28, generator=g)),
     "multimodal": (
         (1, 28, 28),
         {"clinical_features": CLINICAL},
@@ -52,7 +54,18 @@ def batch(name: str, size: int = 6) -> torch.Tensor:
 
 
 def test_every_model_name_is_covered() -> None:
+    from murmur.node.config_learning import MODEL_NAMES as CONFIG_MODEL_NAMES
+
     assert set(CASES) == set(MODEL_NAMES)
+    assert set(CONFIG_MODEL_NAMES) == set(MODEL_NAMES)  # a node config accepts every model
+
+
+def test_resnet18_sizes() -> None:
+    """ResNet-18 has its 11.2M parameters (torchvision's, less BatchNorm's affine ones and
+    with a 1-channel stem and one logit); the 25M configuration is the same net 1.5x wide."""
+    assert count_parameters(make("resnet18")) == 11_158_593
+    assert 24_000_000 <= count_parameters(make("resnet18_25m")) <= 26_000_000
+    assert not any(isinstance(m, nn.GroupNorm) and m.affine for m in make("resnet18").modules())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -121,6 +121,17 @@ def test_poisson_batches_average_the_expected_batch_size(hospital) -> None:
     assert np.mean(sizes) == pytest.approx(trainer.expected_batch_size(), rel=0.03)
 
 
+def test_local_steps_replace_epochs_and_keep_the_sample_rate(hospital) -> None:
+    epochs = LocalTrainer(mlp(hospital), hospital.x_train, hospital.y_train, TrainingSettings())
+    settings = TrainingSettings(local_steps=3)
+    trainer = LocalTrainer(mlp(hospital), hospital.x_train, hospital.y_train, settings)
+    assert trainer.steps_per_round() == 3 < epochs.steps_per_round()
+    assert trainer.sample_rate() == epochs.sample_rate()
+    assert trainer.train_round().steps == 3
+    with pytest.raises(ValueError, match="local_steps"):
+        TrainingSettings(local_steps=-1)
+
+
 @pytest.mark.parametrize("loss", ["bce", "focal"])
 def test_plain_training_learns_a_useful_model(hospital, loss: str) -> None:
     model = mlp(hospital)

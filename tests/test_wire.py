@@ -608,6 +608,8 @@ MODEL_INPUTS = {
     "cnn": ((1, 28, 28), {}),
     "cnn_gn": ((1, 28, 28), {}),
     "multimodal": ((1, 28, 28), {"clinical_features": 13}),
+    "resnet18": ((1, 28, 28), {}),
+    "resnet18_25m": ((1, 28, 28), {}),
 }
 
 

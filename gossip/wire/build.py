@@ -19,6 +19,7 @@ from murmur.crypto.sealing import (
     wrap_new_key,
     x25519_public_key,
 )
+from murmur.gossip.compression import FORMS, STATE_ID_BYTES, CompressedTensors
 from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,
@@ -27,6 +28,7 @@ from murmur.gossip.receipts import (
 )
 from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
+    BODY_ENCODING_FIELD,
     DEFAULT_MAX_PROOFS,
     DEFAULT_MAX_RECEIPTS,
     DEFAULT_MAX_RECIPIENTS,
@@ -58,13 +60,18 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def _encode_body(
-    update: ModelUpdate, head: AuditHead | None = None, study: bytes | None = None
+    update: ModelUpdate,
+    head: AuditHead | None = None,
+    compressed: CompressedTensors | None = None,
+    study: bytes | None = None,
 ) -> bytes:
     """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
 
     Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
     body without another copy; the sender still assembles the body in one copy (one join).
     ``head`` (default: no audit log) is the sender's audit head, whose digest it signs.
+    ``compressed``: the model as compressed tensors (gossip/compression.py) instead of
+    ``update.tensors``, which must then be empty.
     ``study``: the 32-byte manifest hash of the sender's study, or None (no field) without one.
     """
     if not isinstance(update, ModelUpdate):
@@ -86,17 +93,12 @@ def _encode_body(
             f"an update carries at most {DEFAULT_MAX_RECEIPTS} receipts and "
             f"{DEFAULT_MAX_PROOFS} proofs"
         )
-    tensors, data = [], []
-    for name, array in update.tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        if len(name.encode("utf-8")) > DEFAULT_MAX_STRING_BYTES:
-            raise ValueError(
-                f"tensor name {name[:40]!r}... is over {DEFAULT_MAX_STRING_BYTES} bytes"
-            )
-        dtype_name, array = _wire_array(name, array)
-        tensors.append([name, dtype_name, list(array.shape)])
-        data.append(array.reshape(-1).view(np.uint8).data)
+    if compressed is None:
+        tensors, data = _plain_tensors(update.tensors)
+    elif update.tensors:
+        raise ValueError("a compressed update carries its tensors in `compressed` only")
+    else:
+        tensors, data = _compressed_tensors(compressed)
     fields = {
         "tensors": tensors,
         "metrics": metrics,
@@ -104,12 +106,53 @@ def _encode_body(
         "proofs": [proof.encode() for proof in update.proofs],
         "audit_head": head.encode(),
     }
+    if compressed is not None:
+        fields[BODY_ENCODING_FIELD] = {
+            "codec": compressed.codec,
+            "block": compressed.block,
+            "base": compressed.base,
+            "id": compressed.state_id,
+        }
     if study is not None:
         if type(study) is not bytes or len(study) != STUDY_ID_BYTES:
             raise ValueError(f"study must be the {STUDY_ID_BYTES}-byte manifest hash")
         fields[STUDY_FIELD] = study
     header = msgpack.packb(fields)
     return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if len(name.encode("utf-8")) > DEFAULT_MAX_STRING_BYTES:
+        raise ValueError(f"tensor name {name[:40]!r}... is over {DEFAULT_MAX_STRING_BYTES} bytes")
+
+
+def _plain_tensors(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
+    """Header entries ``[name, dtype, shape]`` and the raw bytes of uncompressed tensors."""
+    tensors, data = [], []
+    for name, array in arrays.items():
+        _check_name(name)
+        dtype_name, array = _wire_array(name, array)
+        tensors.append([name, dtype_name, list(array.shape)])
+        data.append(array.reshape(-1).view(np.uint8).data)
+    return tensors, data
+
+
+def _compressed_tensors(compressed: CompressedTensors) -> tuple[list, list]:
+    """Header entries ``[name, "float32", shape, form, k]`` and each encoding's byte parts."""
+    if compressed.codec not in FORMS:
+        raise ValueError(f"codec {compressed.codec!r} does not compress")
+    if len(compressed.state_id) != STATE_ID_BYTES or (
+        compressed.base is not None and len(compressed.base) != STATE_ID_BYTES
+    ):
+        raise ValueError(f"state ids are {STATE_ID_BYTES} bytes")
+    tensors, data = [], []
+    for name, (shape, encoded) in compressed.tensors.items():
+        _check_name(name)
+        tensors.append([name, "float32", list(shape), encoded.form, encoded.k])
+        data += [np.ascontiguousarray(part).view(np.uint8).data for part in encoded.parts]
+    return tensors, data
 
 
 def _check_recipients(recipients: Sequence[bytes]) -> tuple[bytes, ...]:
@@ -185,6 +228,7 @@ def build_envelope(
     head: AuditHead | None = None,
     kind: str = "update",
     now: float | None = None,
+    compressed: CompressedTensors | None = None,
     study: bytes | None = None,
 ) -> bytes:
     """One envelope carrying ``update`` to every key in ``recipients``.
@@ -192,13 +236,14 @@ def build_envelope(
     The body is serialized, encrypted and hashed once whatever the number of recipients; send
     the same bytes to each of them. ``head`` is the sender's signed audit head (a node passes
     its own; ``None`` means a sender without audit log or ledger: all zero). ``now`` is Unix
-    time in seconds (default: the clock). ``study`` is the sender's study (its manifest's
-    32-byte SHA-256), which receivers require to be theirs. Raises ``ValueError``/``TypeError``
-    for an update that cannot be sent.
+    time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
+    that cannot be sent. ``compressed``: the model compressed (gossip/compression.py), with
+    ``update.tensors`` empty. ``study`` is the sender's study (its manifest's 32-byte SHA-256),
+    which receivers require to be theirs.
     """
     head = no_audit_head() if head is None else head
     return _seal_envelope(
-        _encode_body(update, head, study),
+        _encode_body(update, head, compressed, study),
         sender,
         recipients,
         round,

@@ -14,6 +14,7 @@ from enum import StrEnum
 import msgpack
 import numpy as np
 from murmur.crypto.allowlist import Peer
+from murmur.gossip.compression import CODECS
 from murmur.gossip.receipts import (
     MAX_ROUND,
     AuditHead,
@@ -44,6 +45,9 @@ STUDY_FIELD = "study"
 present exactly when the sender runs a study (docs/governance.md); inside the signed and
 encrypted body, so it is authenticated and only recipients learn it."""
 STUDY_ID_BYTES = 32
+# A compressed body has one more field (gossip/compression.py; docs/protocol.md, "Compressed
+# tensors"); an uncompressed body has exactly BODY_FIELDS, as before compression existed.
+BODY_ENCODING_FIELD = "encoding"
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
@@ -83,6 +87,8 @@ class RejectReason(StrEnum):
     BAD_RECEIPT = "bad_receipt"
     SENDER_MISMATCH = "sender_mismatch"
     UNKNOWN_STUDY = "unknown_study"
+    UNSUPPORTED_CODEC = "unsupported_codec"
+    UNKNOWN_BASE = "unknown_base"
 
 
 HTTP_STATUS: dict[RejectReason, int] = {
@@ -103,6 +109,8 @@ HTTP_STATUS: dict[RejectReason, int] = {
     RejectReason.BAD_RECEIPT: 400,
     RejectReason.SENDER_MISMATCH: 403,
     RejectReason.UNKNOWN_STUDY: 409,
+    RejectReason.UNSUPPORTED_CODEC: 422,
+    RejectReason.UNKNOWN_BASE: 409,
 }
 
 
@@ -160,6 +168,8 @@ class WireLimits:
     max_proofs: int = DEFAULT_MAX_PROOFS
     allowed_dtypes: frozenset[str] = frozenset({"float32"})
     timestamp_window_s: float = 300.0
+    # The tensor codecs this receiver decodes (gossip/compression.py); "none" is float32.
+    accepted_codecs: frozenset[str] = frozenset({"none"})
 
     def __post_init__(self) -> None:
         for name in ("max_tensors", "max_dims", "max_recipients", "max_metrics", "max_receipts"):
@@ -179,6 +189,11 @@ class WireLimits:
             )
         if not self.timestamp_window_s > 0:
             raise ValueError("WireLimits.timestamp_window_s must be positive")
+        unknown = set(self.accepted_codecs) - set(CODECS)
+        if unknown:
+            raise ValueError(
+                f"WireLimits.accepted_codecs has {sorted(unknown)}; choose from {list(CODECS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -189,7 +204,9 @@ class OpenedEnvelope:
     place). ``body_sha256`` is the hex SHA-256 of the encrypted body: the same for every
     recipient and for the sender (``peek_envelope``), so audit logs on both ends can be joined.
     ``receipt`` is the standalone evidence of what the sender signed (gossip/receipts.py),
-    including ``receipt.head``, the sender's signed audit head.
+    including ``receipt.head``, the sender's signed audit head. ``state_id`` is set for a
+    compressed update: the id under which the receiver keeps the reconstructed model as this
+    sender's base for its next delta (gossip/compression.py).
     """
 
     sender: Peer
@@ -200,6 +217,7 @@ class OpenedEnvelope:
     update: ModelUpdate
     body_sha256: str
     receipt: Receipt
+    state_id: bytes | None = None
 
     @property
     def head(self) -> AuditHead:

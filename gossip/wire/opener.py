@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import time
 
+import numpy as np
 from murmur.crypto.allowlist import Allowlist, Peer
 from murmur.crypto.identity import Identity, verify_signature
 from murmur.crypto.sealing import (
@@ -14,11 +15,13 @@ from murmur.crypto.sealing import (
     decrypt_body,
     unwrap_key,
 )
+from murmur.gossip.compression import reconstruct
 from murmur.gossip.receipts import (
     AuditHead,
     Receipt,
     signed_digest,
 )
+from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
     KINDS,
@@ -81,6 +84,9 @@ class EnvelopeOpener:
         self.max_message_bytes = self.limits.max_message_bytes or default_max_message_bytes(
             spec, self.limits.max_recipients
         )
+        # Each sender's base for compressed deltas: (state id, the model reconstructed from
+        # its last accepted compressed envelope). Bounded by the allowlist, one model each.
+        self.bases: dict[bytes, tuple[bytes, dict[str, np.ndarray]]] = {}
 
     def open(
         self, data: bytes, now: float | None = None, sender: bytes | None = None
@@ -100,8 +106,14 @@ class EnvelopeOpener:
 
     def accept(self, opened: OpenedEnvelope) -> OpenedEnvelope:
         """Record a verified envelope in the replay guard (``WireError`` if, meanwhile, the
-        same envelope or too many of its sender's were recorded)."""
-        self.replay.record(opened.receipt.sender, opened.round, opened.nonce)
+        same envelope or too many of its sender's were recorded). A compressed envelope's
+        model becomes its sender's base for the next delta; an uncompressed one clears it."""
+        sender = opened.receipt.sender
+        self.replay.record(sender, opened.round, opened.nonce)
+        if opened.state_id is None:
+            self.bases.pop(sender, None)
+        else:
+            self.bases[sender] = (opened.state_id, opened.update.tensors)
         return opened
 
     def note_failure(self, error: WireError) -> None:
@@ -132,7 +144,9 @@ class EnvelopeOpener:
         if not verify_signature(envelope.sender, digest, envelope.signature):
             raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {peer.name}")
         signed = (envelope.sender, envelope.round, envelope.nonce)
-        update, head = self._open_body(envelope, wrapped_key, signed)
+        update, head, encoding = self._open_body(envelope, wrapped_key, signed)
+        if encoding is not None:
+            update.tensors = self._reconstruct(envelope.sender, encoding, update.tensors, signed)
         if head.digest() != envelope.head_digest:
             raise WireError(
                 RejectReason.MALFORMED,
@@ -157,7 +171,39 @@ class EnvelopeOpener:
                 rest_digest=rest_digest,
                 signature=envelope.signature,
             ),
+            state_id=None if encoding is None else encoding.state_id,
         )
+
+    def _reconstruct(
+        self,
+        sender: bytes,
+        encoding: BodyEncoding,
+        deltas: dict[str, np.ndarray],
+        signed: tuple[bytes, int, bytes],
+    ) -> dict[str, np.ndarray]:
+        """The sender's model: its deltas added to the base they name (`unknown_base` if this
+        node does not hold that base: it missed or refused the message that made it, or
+        restarted; the sender's next message is then a keyframe). Reads, never changes,
+        ``bases``: `accept` records the result."""
+        base = None
+        if encoding.base is not None:
+            held = self.bases.get(sender)
+            if held is None or held[0] != encoding.base:
+                raise WireError(
+                    RejectReason.UNKNOWN_BASE,
+                    f"a delta against base {encoding.base.hex()[:12]}..., which this node does "
+                    "not hold from that sender",
+                    signed,
+                )
+            base = held[1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            model = reconstruct(base, deltas)
+        for name, array in model.items():
+            if not np.isfinite(array).all():
+                raise WireError(
+                    RejectReason.NON_FINITE, f"tensor {name!r} is NaN or infinity", signed
+                )
+        return model
 
     def _check_header(
         self, envelope: _RawEnvelope, now: float | None, sender: bytes | None
@@ -197,7 +243,7 @@ class EnvelopeOpener:
 
     def _open_body(
         self, envelope: _RawEnvelope, wrapped_key: bytes, signed: tuple[bytes, int, bytes]
-    ) -> tuple[ModelUpdate, AuditHead]:
+    ) -> tuple[ModelUpdate, AuditHead, BodyEncoding | None]:
         """Decrypt the body of an envelope whose signature verified, and parse its update."""
         try:
             body_key = unwrap_key(
@@ -214,11 +260,10 @@ class EnvelopeOpener:
         except SealingError as exc:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
         try:
-            update, head = _parse_body(plaintext, self._spec, self.limits, self.study)
+            return _parse_body(plaintext, self._spec, self.limits, self.study)
         except WireError as error:
             error.signed = signed
             raise
-        return update, head
 
 
 def peek_envelope(data: bytes, limits: WireLimits | None = None) -> EnvelopeInfo:

@@ -25,9 +25,18 @@ from murmur.gossip.receipts import (
     Receipt,
     ReceiptError,
 )
+from murmur.gossip.wire.compressed import (
+    BodyEncoding,
+    CompressedSlot,
+    check_compressed_entry,
+    check_uncompressed,
+    decode_slot,
+    parse_encoding,
+)
 from murmur.gossip.wire.format import (
     _BODY_HEADER_LENGTH,
     _DECODE_GUARD_ITEMS,
+    BODY_ENCODING_FIELD,
     BODY_FIELDS,
     ENVELOPE_FIELDS,
     MAX_UINT63,
@@ -173,79 +182,55 @@ def _parse_body(
     spec: dict[str, tuple[tuple[int, ...], str]],
     limits: WireLimits,
     study: bytes | None = None,
-) -> tuple[ModelUpdate, AuditHead]:
+) -> tuple[ModelUpdate, AuditHead, BodyEncoding | None]:
     """Decode the decrypted body and check it against the receiver's study and model.
 
     ``study``: the receiver's study (manifest hash), or None for a node without one; an
     update of another study (or with none, or one where none is expected) is
     ``unknown_study``, checked before the tensors, whose shapes are the study's.
 
-    The tensors become read-only numpy views of ``plaintext``: no copy of the model is made.
-    Returns the update and the sender's audit head (not yet checked against the signature).
+    Uncompressed tensors become read-only numpy views of ``plaintext``: no copy of the model
+    is made. Compressed ones (gossip/wire/compressed.py) are decoded into new arrays: the
+    deltas the opener adds to the sender's base. Returns the update, the sender's audit head
+    (not yet checked against the signature) and the body's encoding (None: uncompressed).
     """
     header, data_start = _body_header(plaintext, limits)
     _check_study(header.get(STUDY_FIELD), study)
-    entries = header["tensors"]
-    if type(entries) is not list:
-        raise _malformed("'tensors' must be an array")
-    if len(entries) > limits.max_tensors:
-        raise WireError(
-            RejectReason.TOO_LARGE,
-            f"{len(entries)} tensors is over the limit of {limits.max_tensors}",
-        )
-    layout: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-    offset = data_start
-    for entry in entries:
-        name, dtype, shape = _check_tensor_entry(entry, spec, limits)
-        if name in layout:
-            raise _malformed(f"tensor {name!r} appears twice")
-        layout[name] = (dtype, shape, offset)
-        offset += math.prod(shape) * dtype.itemsize
-    missing = [name for name in spec if name not in layout]
-    if missing:
-        raise WireError(RejectReason.SHAPE_MISMATCH, f"the update lacks tensors {missing[:5]}")
-    if offset != len(plaintext):
+    encoding = None
+    if BODY_ENCODING_FIELD in header:
+        encoding = parse_encoding(header[BODY_ENCODING_FIELD], limits)
+    else:
+        check_uncompressed(limits)
+    layout, end = _tensor_layout(header["tensors"], spec, limits, encoding, data_start)
+    if end != len(plaintext):
         raise _malformed(
             f"the body carries {len(plaintext) - data_start} tensor bytes; "
-            f"the shapes in its header need {offset - data_start}"
+            f"the shapes in its header need {end - data_start}"
         )
     try:
         head = AuditHead.decode(header["audit_head"])
     except ReceiptError as exc:
         raise _malformed(f"'audit_head': {exc}") from None
-    metrics = header["metrics"]
-    if type(metrics) is not dict:
-        raise _malformed("'metrics' must be a map")
-    if len(metrics) > limits.max_metrics:
-        raise WireError(
-            RejectReason.TOO_LARGE,
-            f"{len(metrics)} metrics is over the limit of {limits.max_metrics}",
-        )
-    for key, value in metrics.items():
-        if type(key) is not str or type(value) not in (float, int):
-            raise _malformed("'metrics' must map strings to numbers")
-        if not math.isfinite(value):
-            raise WireError(RejectReason.NON_FINITE, f"metric {key!r} is {value}")
+    metrics = _parse_metrics(header["metrics"], limits)
     receipts = _parse_list(header["receipts"], "receipts", limits.max_receipts, Receipt.decode)
     proofs = _parse_list(header["proofs"], "proofs", limits.max_proofs, EquivocationProof.decode)
     tensors = {}
     for name in spec:
-        dtype, shape, start = layout[name]
+        slot = layout[name]
+        if isinstance(slot, CompressedSlot):
+            tensors[name] = decode_slot(plaintext, slot, name, encoding.block)
+            continue
+        dtype, shape, start = slot
         array = np.frombuffer(plaintext, dtype, math.prod(shape), start).reshape(shape)
         if not np.isfinite(array).all():
             raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
         tensors[name] = array
-    update = ModelUpdate(
-        tensors=tensors,
-        metrics={key: float(value) for key, value in metrics.items()},
-        receipts=receipts,
-        proofs=proofs,
-    )
-    return update, head
+    update = ModelUpdate(tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs)
+    return update, head, encoding
 
 
-def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict[str, Any], int]:
-    """The body's msgpack header, its fields checked, and where the tensor bytes start."""
+def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict, int]:
+    """The body's msgpack header, checked to have exactly its fields, and where data starts."""
     if len(plaintext) < _BODY_HEADER_LENGTH.size:
         raise _malformed("the body is shorter than its header length field")
     (header_length,) = _BODY_HEADER_LENGTH.unpack_from(plaintext)
@@ -258,10 +243,11 @@ def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict[str, Any], 
         limits,
         max_bin_len=MAX_PROOF_BYTES,
     )
-    if not isinstance(header, dict) or set(header) - {STUDY_FIELD} != set(BODY_FIELDS):
+    optional = {BODY_ENCODING_FIELD, STUDY_FIELD}
+    if not isinstance(header, dict) or set(header) - optional != set(BODY_FIELDS):
         raise _malformed(
-            f"the body header must be a map with exactly {list(BODY_FIELDS)}, and {STUDY_FIELD!r} "
-            "for a study's update"
+            f"the body header must be a map with exactly {list(BODY_FIELDS)} "
+            f"(and '{BODY_ENCODING_FIELD}' when compressed, '{STUDY_FIELD}' for a study's update)"
         )
     return header, data_start
 
@@ -278,6 +264,63 @@ def _check_study(sent: Any, expected: bytes | None) -> None:
         RejectReason.UNKNOWN_STUDY,
         f"the update is for study {theirs}; this node runs only the study it approved ({ours})",
     )
+
+
+def _tensor_layout(
+    entries: Any,
+    spec: dict[str, tuple[tuple[int, ...], str]],
+    limits: WireLimits,
+    encoding: BodyEncoding | None,
+    data_start: int,
+) -> tuple[dict[str, Any], int]:
+    """Each tensor's place in the body (dtype, shape, offset, or a `CompressedSlot`) and the
+    offset where the tensor bytes end; every model tensor present, none twice."""
+    if type(entries) is not list:
+        raise _malformed("'tensors' must be an array")
+    if len(entries) > limits.max_tensors:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(entries)} tensors is over the limit of {limits.max_tensors}",
+        )
+    width = 3 if encoding is None else 5
+    layout: dict[str, Any] = {}
+    offset = data_start
+    for entry in entries:
+        if type(entry) is not list or len(entry) != width:
+            raise _malformed(
+                "each tensor in the body header is an array [name, dtype, shape"
+                + ("]" if encoding is None else ", form, k] in a compressed body")
+            )
+        name, dtype, shape = _check_tensor_entry(entry[:3], spec, limits)
+        if name in layout:
+            raise _malformed(f"tensor {name!r} appears twice")
+        if encoding is None:
+            layout[name] = (dtype, shape, offset)
+            offset += math.prod(shape) * dtype.itemsize
+        else:
+            slot = check_compressed_entry(entry, encoding, shape, offset)
+            layout[name] = slot
+            offset += slot.size
+    missing = [name for name in spec if name not in layout]
+    if missing:
+        raise WireError(RejectReason.SHAPE_MISMATCH, f"the update lacks tensors {missing[:5]}")
+    return layout, offset
+
+
+def _parse_metrics(metrics: Any, limits: WireLimits) -> dict[str, float]:
+    if type(metrics) is not dict:
+        raise _malformed("'metrics' must be a map")
+    if len(metrics) > limits.max_metrics:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(metrics)} metrics is over the limit of {limits.max_metrics}",
+        )
+    for key, value in metrics.items():
+        if type(key) is not str or type(value) not in (float, int):
+            raise _malformed("'metrics' must map strings to numbers")
+        if not math.isfinite(value):
+            raise WireError(RejectReason.NON_FINITE, f"metric {key!r} is {value}")
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def _parse_list(value: Any, name: str, limit: int, decode: Any) -> list[Any]:
