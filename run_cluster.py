@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from murmur.models.recipes import MODEL_LEARNING_RATES
+from murmur.node.config_learning import MODEL_NAMES
 
 if TYPE_CHECKING:
     from murmur.node.progress import Progress
@@ -41,17 +43,6 @@ DEFAULT_MODEL = {
     "medmnist": "cnn_gn",
     "csv": "logreg",
     "tcga-brca": "cox",
-}
-# Learning rates that suit each model with DP-SGD's clipped, noisy gradients (models/recipes.py).
-DEFAULT_LR = {
-    "logreg": 0.5,
-    "mlp": 0.2,
-    "cnn": 0.2,
-    "cnn_gn": 0.005,
-    "multimodal": 0.2,
-    "cox": 0.5,
-    "resnet18": 0.001,
-    "resnet18_25m": 0.001,
 }
 
 
@@ -135,16 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        choices=[
-            "logreg",
-            "mlp",
-            "cnn",
-            "cnn_gn",
-            "multimodal",
-            "cox",
-            "resnet18",
-            "resnet18_25m",
-        ],
+        choices=MODEL_NAMES,
         help="default: per dataset (models/recipes.py)",
     )
     p.add_argument(
@@ -506,7 +488,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 "local_epochs": args.local_epochs,
                 **({"local_steps": args.local_steps} if args.local_steps else {}),
                 "batch_size": args.batch_size,
-                "learning_rate": args.lr or DEFAULT_LR[model],
+                "learning_rate": args.lr or MODEL_LEARNING_RATES[model],
                 "optimizer": args.optimizer,
                 "momentum": args.momentum,
                 "augment": args.augment,
@@ -997,7 +979,7 @@ async def run(args: argparse.Namespace) -> int:
         model = args.model or DEFAULT_MODEL[args.dataset]
         settings = TrainingSettings(
             batch_size=args.batch_size,
-            learning_rate=args.lr or DEFAULT_LR[model],
+            learning_rate=args.lr or MODEL_LEARNING_RATES[model],
             local_epochs=args.local_epochs,
             local_steps=args.local_steps,
             optimizer=args.optimizer,
