@@ -73,15 +73,16 @@ def mean_accuracy(report: dict[str, Any]) -> float:
     return statistics.fmean(h["accuracy"] for h in hospitals)
 
 
-def pneumonia(seed: int, timeout_s: float) -> dict[str, float | None]:
+def pneumonia(seed: int, timeout_s: float, dp_only: bool = False) -> dict[str, float | None]:
+    """One seed's figures; ``dp_only`` skips the no-DP run and its baselines (None then)."""
     common = ["--dataset", "medmnist", "--seed", str(seed), "--round-timeout", "300"]
-    plain = run_cluster([*common, "--no-dp", "--baselines"], timeout_s)
     private = run_cluster([*common, "--dp-epsilon", "3", "--no-baselines"], timeout_s)
+    plain = None if dp_only else run_cluster([*common, "--no-dp", "--baselines"], timeout_s)
     return {
-        "auc": plain["mean_auc"],
-        "whole_test_auc": plain["whole_test"]["mean_auc"],
-        "pooled_auc": plain["baselines"]["pooled"]["mean_auc"],
-        "local_auc": plain["baselines"]["local"]["mean_auc"],
+        "auc": plain and plain["mean_auc"],
+        "whole_test_auc": plain and plain["whole_test"]["mean_auc"],
+        "pooled_auc": plain and plain["baselines"]["pooled"]["mean_auc"],
+        "local_auc": plain and plain["baselines"]["local"]["mean_auc"],
         "dp3_auc": private["mean_auc"],
         "dp3_whole_test_auc": private["whole_test"]["mean_auc"],
     }
@@ -116,6 +117,11 @@ def main() -> None:
     p.add_argument("--only", choices=["pneumonia", "heart", "tcga"], help="run one task only")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run_cluster run")
     p.add_argument(
+        "--dp-only",
+        action="store_true",
+        help="PneumoniaMNIST: the DP runs only (the no-DP figures are then null)",
+    )
+    p.add_argument(
         "--heart-extra",
         help="run_cluster options for the heart runs instead of bench/heart_select.py's choice, "
         "e.g. '--preprocessing fitted --server-optimizer yogi'",
@@ -132,7 +138,7 @@ def main() -> None:
             f"{'DP3 whole':>9}"
         )
         for seed in PNEUMONIA_SEEDS[:n]:
-            row = pneumonia(seed, args.timeout)
+            row = pneumonia(seed, args.timeout, args.dp_only)
             pneumonia_rows.append(row)
             print(
                 f"{seed:>4} {fmt(row['auc']):>6} {fmt(row['whole_test_auc']):>6} "

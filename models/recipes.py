@@ -49,12 +49,15 @@ RECIPES: dict[str, Recipe] = {
 # Under DP-SGD a recipe may differ (noise favours other rates and fewer steps); chosen the
 # same way, at ε = 3 (docs/models.md, "Under DP").
 DP_RECIPES: dict[str, Recipe] = {
+    # Logistic regression on the raw pixels, SGD at 1.0 with cosine decay, 20 rounds of one
+    # epoch: 785 parameters pay far less noise than the CNN's ~25,000, and on the validation
+    # split it beat every CNN recipe tried under DP (0.975-0.978 against 0.889 at best), run
+    # after run (docs/models.md, "Under DP").
     "medmnist": Recipe(
-        model="cnn_gn",
-        learning_rate=0.01,
-        optimizer="adam",
+        model="logreg",
+        learning_rate=1.0,
         lr_schedule="cosine",
-        rounds=10,
+        rounds=20,
         local_epochs=1,
     ),
 }
