@@ -261,7 +261,7 @@ def main() -> int:
     rss = broker_rss(100, 10) if NATS_SERVER else None
     faulty = None
     if not args.no_faulty_run:
-        from bench.faults_run import faulty_comparison
+        from bench._faults_on_hosts import faulty_comparison
 
         faulty = faulty_comparison(rounds=12 if args.quick else 30)
     relay_ratio = comm["relay_s"] / comm["http_s"] if comm["relay_s"] else None

@@ -1,5 +1,6 @@
-"""Part 3 of bench/faults.py: the same network run twice on separate hosts (network
-namespaces, tests/netns.py), once with a random fault every 3 rounds and once without.
+"""Part 3 of bench/faults.py (a module it imports, not a benchmark of its own): the same
+network run twice on separate hosts (network namespaces, tests/netns.py), once with a random
+fault every 3 rounds and once without.
 
 Four hospitals, complete topology, mean aggregation, no DP (the comparison is about faults,
 not noise). hospital_3 is behind a firewall that drops inbound connections and reaches the
