@@ -39,6 +39,19 @@ def validation_split() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def attach_ledger(trainer: LocalTrainer, epsilon: float, rounds: int, clip: float) -> None:
+    """DP-SGD for ``trainer`` as a node plans it: ``epsilon`` (default delta) over ``rounds``
+    rounds of its steps, clipping at ``clip``."""
+    trainer.ledger = PrivacyLedger.plan(
+        epsilon=epsilon,
+        delta=None,
+        n_patients=len(trainer.y),
+        sample_rate=trainer.sample_rate(),
+        planned_steps=trainer.steps_per_round() * rounds,
+        max_grad_norm=clip,
+    )
+
+
 def settings_from(args: argparse.Namespace, seed: int) -> TrainingSettings:
     return TrainingSettings(
         batch_size=args.batch_size,
@@ -71,14 +84,7 @@ def run(args: argparse.Namespace) -> list[float]:
     for i, ((x, y), m) in enumerate(zip(parts, models, strict=True)):
         trainer = LocalTrainer(m, x, y, settings_from(args, args.seed + i))
         if args.dp_epsilon:
-            trainer.ledger = PrivacyLedger.plan(
-                epsilon=args.dp_epsilon,
-                delta=None,
-                n_patients=len(y),
-                sample_rate=trainer.sample_rate(),
-                planned_steps=trainer.steps_per_round() * args.rounds,
-                max_grad_norm=args.clip,
-            )
+            attach_ledger(trainer, args.dp_epsilon, args.rounds, args.clip)
         trainers.append(trainer)
     aucs = []
     start = time.monotonic()

@@ -29,9 +29,10 @@ from murmur.models.data import load_dataset
 from murmur.models.nets import build_model
 from murmur.models.optimizers import ServerOptimizer, ServerOptimizerSettings
 from murmur.models.params import flatten, get_state, set_state, unflatten
-from murmur.models.privacy import PrivacyLedger
 from murmur.models.survival import concordance_index, predict_risk
 from murmur.models.training import LocalTrainer, TrainingSettings
+
+from bench.image_recipe import attach_ledger
 
 
 def fit_and_validation(split_seed: int) -> list[tuple[np.ndarray, ...]]:
@@ -68,14 +69,7 @@ def run(args: argparse.Namespace, split_seed: int, seed: int) -> float:
             TrainingSettings(**{**vars(settings), "seed": seed + i}),
         )
         if args.dp_epsilon:
-            trainer.ledger = PrivacyLedger.plan(
-                epsilon=args.dp_epsilon,
-                delta=None,
-                n_patients=len(y),
-                sample_rate=trainer.sample_rate(),
-                planned_steps=trainer.steps_per_round() * args.rounds,
-                max_grad_norm=args.clip,
-            )
+            attach_ledger(trainer, args.dp_epsilon, args.rounds, args.clip)
         trainers.append(trainer)
     outer = [
         ServerOptimizer(
