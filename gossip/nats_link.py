@@ -1,6 +1,7 @@
 """One node's connection to one NATS broker: outbound only, authenticated by its own key.
 
-The node dials the broker (nats://, tls://, ws:// or wss://), signs the broker's nonce with
+The node dials the broker (nats://, tls://, ws:// or wss://; or any of a NATS cluster's
+brokers, their URLs comma-separated), signs the broker's nonce with
 the NATS user nkey that is its murmur Ed25519 seed (gossip/relay.py, nkey_seed), and then:
 
 * publishes its requests (`RelayLink.publish`): envelopes into JetStream, which keeps them
@@ -110,8 +111,14 @@ class NatsLink:
     def max_payload(self) -> int:
         return int(self.nc.max_payload) if self.nc is not None else DEFAULT_MAX_PAYLOAD
 
+    @property
+    def servers(self) -> list[str]:
+        """The brokers behind this relay: one URL, or a NATS cluster's, comma-separated
+        (nats-py moves to another when one goes away)."""
+        return [part.strip() for part in self.url.split(",") if part.strip()]
+
     def _tls(self) -> ssl.SSLContext | None:
-        if not self.url.startswith(("tls://", "wss://")):
+        if not all(u.startswith(("tls://", "wss://")) for u in self.servers):
             return None
         return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
@@ -135,7 +142,7 @@ class NatsLink:
             log.info("relay %s: reconnected to %s", self.name, self.url)
 
         self.nc = await nats.connect(
-            self.url,
+            servers=self.servers,
             nkeys_seed_str=nkey_seed(self.identity).decode(),
             inbox_prefix=inbox_prefix(self.own),
             name=f"murmur {self.identity.name}",

@@ -9,13 +9,20 @@ create each hospital's stream (`IN_<nkey>`, its own `max_bytes`, file storage) a
 consumer. Hospitals cannot create or change streams, so one cannot raise its own limits or
 read another's.
 
-Any member can host a broker; several can be joined into a NATS cluster (`cluster` in the
-NATS docs) so that no single host is needed, and every node lists each of them as a relay.
+Any member can host a broker; several can be joined into one NATS cluster so that no single
+host is needed (`ClusterPlan`): each broker gets a unique `server_name`, a route listener and
+routes to the others, authenticated by a route secret the relay hosts share (and by TLS when
+the broker has a certificate); every hospital's stream is then replicated on up to three of
+them (JetStream's RAFT groups), so one broker can die without losing what it held, and a
+node lists the cluster's brokers in one relay `url` (comma-separated) to fail over between
+them.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,49 @@ from nacl.signing import SigningKey
 
 ACCOUNT = "MURMUR"
 MB = 1024 * 1024
+
+
+ROUTE_USER = "murmur-route"
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """This broker's place in a NATS cluster of relay brokers."""
+
+    server_name: str  # unique in the cluster (JetStream's RAFT groups name servers by it)
+    listen: str  # HOST:PORT for the other brokers' routes
+    routes: tuple[str, ...]  # HOST:PORT of the other brokers' route listeners
+    secret: str  # shared by the relay hosts; authenticates routes (never a hospital's key)
+    name: str = "murmur"
+    replicas: int | None = None  # copies of each hospital's stream; None: up to 3
+
+    @property
+    def size(self) -> int:
+        return len(self.routes) + 1
+
+    @property
+    def stream_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else min(3, self.size)
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.server_name):
+            raise ValueError(f"cluster server name {self.server_name!r}: use letters, digits, - _")
+        if len(self.secret) < 32:
+            raise ValueError("the cluster secret is too short: use `murmur relay` to make one")
+        if not 1 <= self.stream_replicas <= min(self.size, 5):
+            raise ValueError(
+                f"replicas {self.stream_replicas}: must be between 1 and the cluster's size "
+                f"({self.size}, at most 5)"
+            )
+        for endpoint in (self.listen, *self.routes):
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{endpoint!r} is not HOST:PORT")
+
+
+def new_cluster_secret() -> str:
+    """A fresh route secret for a cluster (the relay hosts share it, mode 0600)."""
+    return secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -42,6 +92,7 @@ class BrokerPlan:
     websocket_listen: str | None = None  # e.g. "0.0.0.0:8443", for buildings with HTTPS only
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    cluster: ClusterPlan | None = None  # None: a broker on its own
 
     def validate(self) -> None:
         if not self.hospitals:
@@ -50,6 +101,12 @@ class BrokerPlan:
             raise ValueError("per_hospital_bytes must hold at least one message (max_payload)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.cluster is not None:
+            self.cluster.validate()
+
+    @property
+    def replicas(self) -> int:
+        return 1 if self.cluster is None else self.cluster.stream_replicas
 
 
 def new_admin_seed() -> bytes:
@@ -79,6 +136,7 @@ def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
             },
         }
     )
+    # A server holds at most one copy of each stream; the account's limit counts every copy.
     total = n * plan.per_hospital_bytes
     config: dict[str, Any] = {
         "host": host or "127.0.0.1",
@@ -92,7 +150,7 @@ def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
         "accounts": {
             ACCOUNT: {
                 "jetstream": {
-                    "max_file": total,
+                    "max_file": total * plan.replicas,
                     "max_mem": 0,
                     "max_streams": n,
                     "max_consumers": n,
@@ -111,7 +169,27 @@ def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
         else:
             websocket["no_tls"] = True
         config["websocket"] = websocket
+    if plan.cluster is not None:
+        config["server_name"] = plan.cluster.server_name
+        config["cluster"] = cluster_block(plan)
     return config
+
+
+def cluster_block(plan: BrokerPlan) -> dict[str, Any]:
+    """nats-server's `cluster` block: the route listener, its authorization, the routes."""
+    assert plan.cluster is not None
+    c = plan.cluster
+    host, _, port = c.listen.rpartition(":")
+    block: dict[str, Any] = {
+        "name": c.name,
+        "host": host,
+        "port": int(port),
+        "authorization": {"user": ROUTE_USER, "password": c.secret, "timeout": 2},
+        "routes": [f"nats-route://{ROUTE_USER}:{c.secret}@{route}" for route in c.routes],
+    }
+    if plan.tls_cert is not None:
+        block["tls"] = {"cert_file": str(plan.tls_cert), "key_file": str(plan.tls_key)}
+    return block
 
 
 def write_broker_config(plan: BrokerPlan, out: Path) -> tuple[Path, Path]:
@@ -173,7 +251,7 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
                 max_age=plan.max_age_s,
                 max_msg_size=plan.max_payload,
                 discard=DiscardPolicy.OLD,
-                num_replicas=1,
+                num_replicas=plan.replicas,
             )
             try:
                 info = await js.stream_info(config.name)

@@ -88,8 +88,9 @@ class RelaySection:
     """One `[[relays]]` entry: a NATS broker this node dials out to (gossip/relay.py).
 
     `url` is nats:// or tls:// (NATS over TLS), ws:// or wss:// (NATS's WebSocket listener,
-    for buildings where only HTTPS may leave). `ca_file` verifies a broker whose certificate
-    is not signed by a public CA.
+    for buildings where only HTTPS may leave); for a NATS cluster of relay brokers, their
+    URLs comma-separated (the node fails over between them). `ca_file` verifies a broker
+    whose certificate is not signed by a public CA.
     """
 
     name: str
@@ -100,11 +101,19 @@ class RelaySection:
     def validate(self, where: str) -> None:
         if not _RELAY_NAME.match(self.name):
             _fail(f"{where}.name", f"{self.name!r} is not a short name", 'name = "relay_a"')
-        if not self.url.startswith(RELAY_SCHEMES):
+        urls = [part.strip() for part in self.url.split(",")]
+        for url in urls:
+            if not url.startswith(RELAY_SCHEMES):
+                _fail(
+                    f"{where}.url",
+                    f"must start with one of {', '.join(RELAY_SCHEMES)} (got {url!r})",
+                    'url = "tls://relay.example.org:4222"',
+                )
+        if len({url.startswith(("tls://", "wss://")) for url in urls}) > 1:
             _fail(
                 f"{where}.url",
-                f"must start with one of {', '.join(RELAY_SCHEMES)} (got {self.url!r})",
-                'url = "tls://relay.example.org:4222"',
+                "mixes encrypted (tls://, wss://) and plain brokers in one relay",
+                "give every broker of the cluster the same kind of URL",
             )
         if self.ca_file is not None and not self.ca_file.is_file():
             _fail(f"{where}.ca_file", f"{self.ca_file} is not a readable file", "point it at a PEM")

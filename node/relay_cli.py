@@ -17,8 +17,10 @@ from pathlib import Path
 from murmur.gossip.relay_broker import (
     MB,
     BrokerPlan,
+    ClusterPlan,
     broker_config,
     new_admin_seed,
+    new_cluster_secret,
     write_broker_config,
 )
 
@@ -52,6 +54,34 @@ def add_relay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         p.add_argument("--tls-cert", type=Path, help="PEM certificate for TLS (and wss)")
         p.add_argument("--tls-key", type=Path, help="its PEM key")
         p.add_argument(
+            "--cluster",
+            metavar="HOST:PORT",
+            help="join a NATS cluster of relay brokers: this broker's route listener",
+        )
+        p.add_argument(
+            "--route",
+            action="append",
+            default=[],
+            metavar="HOST:PORT",
+            help="another broker's route listener (one per other broker; with --cluster)",
+        )
+        p.add_argument(
+            "--server-name",
+            help="this broker's name in the cluster, unique (default: relay-PORT)",
+        )
+        p.add_argument(
+            "--cluster-secret",
+            type=Path,
+            metavar="FILE",
+            help="the route secret the relay hosts share (made, mode 0600, if absent; copy it "
+            "to the other relay hosts)",
+        )
+        p.add_argument(
+            "--replicas",
+            type=int,
+            help="copies of each hospital's stream in the cluster (default: up to 3)",
+        )
+        p.add_argument(
             "--out",
             type=Path,
             required=name == "run",
@@ -77,6 +107,34 @@ def plan_from(args: argparse.Namespace) -> BrokerPlan:
         websocket_listen=args.websocket,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        cluster=cluster_from(args),
+    )
+
+
+def cluster_from(args: argparse.Namespace) -> ClusterPlan | None:
+    """The --cluster options as a plan (None without --cluster); the secret file is made
+    0600 on first use and read after, so every relay host can be given the same one."""
+    if args.cluster is None:
+        if args.route or args.cluster_secret or args.replicas or args.server_name:
+            raise ValueError("--route, --server-name, --cluster-secret, --replicas need --cluster")
+        return None
+    if not args.route:
+        raise ValueError("--cluster needs the other brokers: --route HOST:PORT for each")
+    if args.cluster_secret is None:
+        raise ValueError("--cluster needs --cluster-secret FILE (shared by the relay hosts)")
+    from murmur.crypto.identity import _write_file
+
+    if not args.cluster_secret.exists():
+        _write_file(args.cluster_secret, new_cluster_secret() + "\n", 0o600, False)
+    secret = args.cluster_secret.read_text().strip()
+    port = args.listen.rpartition(":")[2]
+    routes = tuple(args.route)
+    return ClusterPlan(
+        server_name=args.server_name or f"relay-{port}",
+        listen=args.cluster,
+        routes=routes,
+        secret=secret,
+        replicas=args.replicas,
     )
 
 

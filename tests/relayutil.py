@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from murmur.gossip.relay import RelayTransport, answer_headers, nkey_of, reply_subject
-from murmur.gossip.relay_broker import BrokerPlan, provision, write_broker_config
+from murmur.gossip.relay_broker import BrokerPlan, ClusterPlan, provision, write_broker_config
 from murmur.node.relay_cli import find_nats_server
 from murmur.node.relay_inbox import RelayInbox
 
@@ -47,6 +47,7 @@ class Broker:
     port: int = field(default_factory=free_port)
     websocket_port: int | None = None  # also serve NATS over WebSocket (ws://, no TLS)
     tls: tuple[Path, Path] | None = None  # (cert, key): clients must use tls://
+    cluster: ClusterPlan | None = None  # one of a NATS cluster of brokers
     proc: subprocess.Popen | None = None
 
     @property
@@ -65,18 +66,27 @@ class Broker:
             ),
             tls_cert=self.tls[0] if self.tls else None,
             tls_key=self.tls[1] if self.tls else None,
+            cluster=self.cluster,
         )
 
-    def start(self) -> None:
+    def start(self, provisioned: bool = True) -> None:
+        """Start nats-server; with ``provisioned``, wait until the streams exist (a cluster's
+        brokers are all started first, then one provisions: JetStream needs their quorum)."""
         assert NATS_SERVER is not None
-        conf, seed = write_broker_config(self.plan, self.tmp / "broker.conf")
+        conf, _ = write_broker_config(self.plan, self.tmp / "broker.conf")
         log = open(self.tmp / "broker.log", "ab")  # noqa: SIM115 - Popen keeps its own copy
         self.proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + 15
+        if provisioned:
+            self.provision()
+
+    def provision(self, timeout_s: float = 15) -> None:
+        assert self.proc is not None
+        seed = (self.tmp / "broker.conf.admin.nk").read_bytes().strip()
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                asyncio.run(provision(self.url, seed.read_bytes().strip(), self.plan, 2))
+                asyncio.run(provision(self.url, seed, self.plan, 2))
                 return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
