@@ -52,6 +52,7 @@ from murmur.node.metrics import NodeMetrics
 from murmur.node.neighbours import NeighbourWatch
 from murmur.node.persistence import SIGNED_ROUND_FILE, NodeStore
 from murmur.node.receiver import ReceivedUpdate, Receiver
+from murmur.node.records import load_saved_records
 from murmur.node.rejections import RateLimitedLog
 from murmur.node.rollback import RollbackGuard, RolledBackError
 from murmur.node.rounds import RoundCoordinator
@@ -98,6 +99,7 @@ class HospitalNode:
         self.governance, revoked = self._open_governance()
         self.allowlist = Allowlist(self.peers, revoked=revoked)
         self.record_book = RecordBook(self.allowlist)  # where peers say they are now
+        load_saved_records(self.record_book, self.state_dir)
         self.store = NodeStore(self.state_dir)
         data = load_own_data(config)
         if config.adversary.enabled:

@@ -5,6 +5,13 @@ and those it holds to every neighbour, at start and every `RECORD_INTERVAL_S`.
 Each record is checked on its own (signature of its owner, allowlisted key, expiry, newer
 than the one held); a refused one is counted as `record_<why>` and logged (rate-limited),
 and the rest of the bundle is still taken.
+
+The records held are kept in the state directory (`peer_records.json`, written atomically
+after each bundle that changed the book), so a node restarted while a peer has moved still
+reaches it where its newest record says, before any neighbour has gossiped it again. The
+file is not trusted: at start every record in it is offered to the book like a received
+one (owner's signature, allowlist, expiry), so editing it can at most bring back an older
+record its owner signed, which the owner's next record replaces.
 """
 
 from __future__ import annotations
@@ -12,12 +19,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from murmur.crypto.allowlist import Peer
-from murmur.gossip.peer_records import PeerRecord, RecordError, decode_records, encode_records
+from murmur.gossip.peer_records import (
+    PeerRecord,
+    RecordBook,
+    RecordError,
+    decode_records,
+    encode_records,
+)
 from murmur.gossip.transport import RecordsTransport
+from murmur.node.durable import atomic_write
 
 if TYPE_CHECKING:
     from murmur.node.node import HospitalNode
@@ -26,6 +41,32 @@ log = logging.getLogger("murmur.records")
 
 RECORD_INTERVAL_S = 30.0
 RECORD_TTL_S = 24 * 3600.0
+RECORDS_FILE = "peer_records.json"
+
+
+def load_saved_records(book: RecordBook, state_dir: Path) -> int:
+    """Offer the records saved in ``state_dir`` to ``book``; how many it took. A missing,
+    unreadable or malformed file, or a record that no longer passes, is skipped (logged)."""
+    path = state_dir / RECORDS_FILE
+    if not path.exists():
+        return 0
+    try:
+        raw = decode_records(path.read_bytes())
+    except (OSError, RecordError) as exc:
+        log.warning("%s is not a records file (%s): starting without saved records", path, exc)
+        return 0
+    now, taken = time.time(), 0
+    for obj in raw:
+        try:
+            book.offer(PeerRecord.from_json(obj), now)
+            taken += 1
+        except RecordError as exc:
+            log.info("saved peer record not kept: %s", exc)
+    return taken
+
+
+def save_records(book: RecordBook, state_dir: Path) -> None:
+    atomic_write(state_dir / RECORDS_FILE, encode_records(book.held(time.time())))
 
 
 def answer_records(node: HospitalNode, body: bytes, sender: Peer) -> tuple[int, str]:
@@ -38,14 +79,21 @@ def answer_records(node: HospitalNode, body: bytes, sender: Peer) -> tuple[int, 
             f"record_{exc.why}", str(exc), sender=None, round_=None, source=sender.name
         )
         return 400, f"record_{exc.why}"
+    changed = False
     for obj in raw:
         try:
             node.record_book.offer(PeerRecord.from_json(obj), now)
+            changed = True
         except RecordError as exc:
             if exc.why != "not_newer":  # the normal case for a record gossiped twice
                 node.record_rejection(
                     f"record_{exc.why}", str(exc), sender=None, round_=None, source=sender.name
                 )
+    if changed:
+        try:
+            save_records(node.record_book, node.state_dir)
+        except OSError as exc:  # the book in memory still has them; the next bundle retries
+            log.warning("could not save peer records: %s", exc)
     return 202, "accepted"
 
 

@@ -102,3 +102,45 @@ def test_records_posted_to_a_node_over_http_are_checked_one_by_one(tmp_path: Pat
     routed = RoutedTransport(None, {}, node.record_book)
     assert routed._where(sender_peer).address == "http://127.0.0.1:1"
     node.audit.close()
+
+
+def test_records_held_survive_a_restart_and_an_edited_file_brings_back_nothing_unsigned(
+    tmp_path: Path,
+) -> None:
+    """The book is saved after a bundle that changed it and offered again at start, record by
+    record: the peer is still reached where it moved; a forged record in the file is not."""
+    from murmur.node.records import RECORDS_FILE, answer_records
+
+    node = build_node(tmp_path)
+    mover = node.peers[0]
+    mover_identity = load_identity(tmp_path / "keys" / f"{mover.name}.key")
+    record = PeerRecord.make(mover_identity, ["http://10.9.9.9:8700"], [], time.time())
+    assert answer_records(node, encode_records([record]), mover) == (202, "accepted")
+    node.audit.close()
+
+    restarted = _restart(node)
+    assert restarted.record_book.current(mover, time.time()).address == "http://10.9.9.9:8700"
+    restarted.audit.close()
+
+    # Someone edits the file: a record "by" the mover signed with another key, and junk.
+    forged = dataclasses.replace(
+        PeerRecord.make(STRANGER, ["http://10.6.6.6:1"], [], time.time() + 5),
+        public_key=mover.public_key,
+    )
+    path = node.state_dir / RECORDS_FILE
+    path.write_bytes(encode_records([forged]))
+    again = _restart(node)
+    assert again.record_book.current(mover, time.time()).address == mover.address
+    again.audit.close()
+    path.write_bytes(b"{not json")
+    last = _restart(node)
+    assert last.record_book.held(time.time()) == []
+    last.audit.close()
+
+
+def _restart(node):  # type: ignore[no-untyped-def]
+    """The same hospital's node again, from its config and state directory."""
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
+
+    return HospitalNode(load_config(node.config.source))
