@@ -51,6 +51,7 @@ from murmur.gossip.heads import REQUEST_CONTENT_TYPE
 from murmur.gossip.probe import PROBE_CONTENT_TYPE, Contact, parse_answer
 from murmur.gossip.transport import (
     ENVELOPE_CONTENT_TYPE,
+    GOVERNANCE_CONTENT_TYPE,
     MAX_REPLY_BYTES,
     RECORDS_CONTENT_TYPE,
     SendResult,
@@ -59,7 +60,7 @@ from murmur.gossip.transport import (
 
 log = logging.getLogger("murmur.relay")
 
-PATHS = ("/gossip", "/probe", "/receipts", "/records")
+PATHS = ("/gossip", "/probe", "/receipts", "/records", "/approvals", "/governance")
 STORED_PATHS = ("/gossip",)  # kept by JetStream for a recipient that is offline
 CONSUMER = "inbox"
 # Room left in each NATS message for the headers (auth, path, id, chunk).
@@ -361,6 +362,18 @@ class RelayTransport:
         if status is None:
             return None, failure
         return status, reply_reason(answer, status == 202, status)
+
+    async def post_governance(
+        self, peer: Peer, body: bytes, max_bytes: int
+    ) -> tuple[int | None, bytes]:
+        """A membership exchange (node/governance.py) through the relay; live, not stored:
+        a peer that is away gets the next exchange instead."""
+        status, answer, _ = await self._request(
+            peer, "/governance", body, GOVERNANCE_CONTENT_TYPE, self.send_timeout_s
+        )
+        if status is None:
+            return None, b""
+        return status, answer[: max_bytes + 1]
 
     async def request_receipts(
         self, peer: Peer, request: bytes, max_bytes: int

@@ -112,11 +112,17 @@ class RoutedTransport:
     async def post_governance(
         self, peer: Peer, body: bytes, max_bytes: int
     ) -> tuple[int | None, bytes]:
-        """Direct only: the relays do not carry /governance (node/governance.py)."""
+        """Directly when the peer has an address, else (or when that fails) through each of
+        its relays; the first answer counts."""
         peer = self._where(peer)
-        if not peer.address or self.direct is None:
-            return None, b""
-        return await self.direct.post_governance(peer, body, max_bytes)
+        if peer.address and self.direct is not None:
+            status, answer = await self.direct.post_governance(peer, body, max_bytes)
+            if status is not None:
+                return status, answer
+        answers = await _all(
+            r.post_governance(peer, body, max_bytes) for r in self._relays_of(peer)
+        )
+        return next((a for a in answers if a[0] is not None), (None, b""))
 
 
 async def _all(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

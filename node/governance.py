@@ -17,9 +17,9 @@ the next request; the peer list, the liveness and trust books, the status' peers
 round loop's names and catch-up quorum, and the mixing degrees follow. A revoked key is
 refused from the next request on (`unauthenticated` / `revoked_key`).
 
-Not supported: relay-only peers get no `/governance` exchange (the relay transport does not
-carry this path yet, so a relay-only member learns changes only from the operator); the
-topology of a consortium network is the complete graph of its members.
+The exchange goes directly or through the peer's relays (live, not stored: a member that
+is away gets the next exchange). Not supported: the topology of a consortium network is the
+complete graph of its members.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from murmur.gossip.peer_records import MAX_RECORDS_BYTES
 from murmur.gossip.probe import PROBE_BYTES
 from murmur.gossip.relay import Frame, FrameError, RelayTransport, nkey_of
 from murmur.node.background import running
+from murmur.node.governance import MAX_GOVERNANCE_BYTES
 from murmur.node.studies.approvals import MAX_APPROVALS_BODY_BYTES
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ class RelayInbox:
             "/receipts": REQUEST_BYTES,
             "/records": MAX_RECORDS_BYTES,
             "/approvals": MAX_APPROVALS_BODY_BYTES,
+            "/governance": MAX_GOVERNANCE_BYTES,
         }
         self._tokens = {nkey_of(p.public_key): p for p in node.allowlist}
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
@@ -199,6 +201,11 @@ class RelayInbox:
         if path == "/approvals":
             status, reason = node.answer_approvals(body, peer)
             return Answer(status, json.dumps({"reason": reason}).encode())
+        if path == "/governance":
+            from murmur.node.governance import answer as answer_governance
+
+            status, payload = answer_governance(node, body, peer.name)
+            return Answer(status, payload)
         status, _, payload = node.answer_receipts_request(body, peer.public_key)
         return Answer(status, payload)
 

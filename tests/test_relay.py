@@ -122,6 +122,38 @@ def _pair(broker: FaultyBroker, node: FakeNode) -> RelayTransport:
     return sender
 
 
+def test_study_approvals_and_membership_exchanges_travel_through_a_relay() -> None:
+    """A relay-only member takes part in governance: /approvals and /governance requests go
+    through the relay with the same checks and reach the node's handlers; their answers come
+    back to the asker."""
+    from murmur.node.governance import decode_exchange, encode_exchange
+
+    node = FakeNode(B, [A])
+    seen: list[tuple[str, bytes]] = []
+
+    def answer_approvals(body: bytes, sender: Peer) -> tuple[int, str]:
+        seen.append(("approvals", body))
+        return 202, "accepted"
+
+    node.answer_approvals = answer_approvals  # type: ignore[attr-defined]
+    node.governance = None  # type: ignore[attr-defined]  # not in a consortium: 404
+    broker = FaultyBroker(seed=1, delay_s=0.05)
+    sender = _pair(broker, node)
+    exchange = encode_exchange(0, [], [])
+    results = _run(
+        broker,
+        lambda: [
+            sender.post_records(peer(B), b'{"approvals": []}', "/approvals"),
+            sender.post_governance(peer(B), exchange, 1 << 20),
+        ],
+    )
+    assert results[0] == (202, "accepted")
+    assert seen == [("approvals", b'{"approvals": []}')]
+    status, reply = results[1]
+    assert status == 404 and decode_exchange(reply) == (0, [], [])
+    assert node.rejections == []
+
+
 def test_reordered_and_delayed_chunks_are_reassembled_and_checked() -> None:
     node = FakeNode(B, [A])
     broker = FaultyBroker(seed=3, delay_s=0.3)
