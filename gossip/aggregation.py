@@ -257,7 +257,8 @@ class Screening:
     radius: float
     distances: np.ndarray  # (k,): from the centre, before pulling in
     pulled: np.ndarray  # (k,) bool: pulled in to the radius
-    muted: np.ndarray  # (k,) bool: pulled in and also beyond own_limit from own: weight 0
+    muted: np.ndarray  # (k,) bool: weight 0 this round (far from centre and own, or a twin)
+    twins: np.ndarray  # (k,) bool: closer to another input than DP noise allows
 
 
 def screen_inputs(
@@ -268,6 +269,7 @@ def screen_inputs(
     spread: float = 1.5,
     floor: float = 0.0,
     own_limit: float = math.inf,
+    twin_distance: float = 0.0,
 ) -> Screening:
     """The node's heuristic screening before the rule, which never lowers the rule's f.
 
@@ -276,15 +278,37 @@ def screen_inputs(
     (:func:`bound_far_inputs`), not dropped. A model that is both pulled in and farther than
     ``own_limit`` from the node's own model is also **muted**: :func:`mute` gives it mixing
     weight 0 this round (for the rules that use weights), but it still counts as an input, so
-    an honest model muted by mistake cannot let an attacker's through unclipped. Pure.
+    an honest model muted by mistake cannot let an attacker's through unclipped.
+
+    Under DP, ``twin_distance`` > 0 also mutes every received model closer than that to
+    another input (:func:`twins`): each honest DP model carries its own round of independent
+    noise, so two honest models are never that close, while colluders sending one crafted
+    model (ALIE, IPM, sign flip, dissensus to one recipient) are identical. Pure.
     """
     bound = bound_far_inputs(own, received, f, spread=spread, floor=floor)
     with np.errstate(over="ignore", invalid="ignore"):
         to_own = np.nan_to_num(distances_to(own, received), nan=np.inf, posinf=np.inf)
-    muted = bound.pulled & (to_own > own_limit)
+    close = twins(own, received, twin_distance)
+    muted = (bound.pulled & (to_own > own_limit)) | close
     return Screening(
-        bound.rows, int(f), bound.centre, bound.radius, bound.distances, bound.pulled, muted
+        bound.rows, int(f), bound.centre, bound.radius, bound.distances, bound.pulled, muted, close
     )
+
+
+def twins(own: np.ndarray, received: np.ndarray, min_distance: float) -> np.ndarray:
+    """Boolean mask ``(k,)``: received models closer than ``min_distance`` to another input
+    (own or received). Under DP two honest models differ by about sqrt(2) times one round's
+    noise length (:func:`dp_noise_norm`) whatever their data, and the chi distribution keeps
+    them from coming much closer once the model has a few hundred parameters; a fraction of
+    that is a distance no two honest DP outputs come within. ``min_distance`` 0: none."""
+    own, received = _as_vector_and_rows(own, received, "own")
+    k = received.shape[0]
+    if k == 0 or not min_distance > 0:
+        return np.zeros(k, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.nan_to_num(_pairwise_squared_distances(own, received), nan=np.inf)
+    np.fill_diagonal(squared, np.inf)
+    return (squared[1:] < float(min_distance) ** 2).any(axis=1)
 
 
 def mute(weights: np.ndarray, muted: np.ndarray) -> np.ndarray:

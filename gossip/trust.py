@@ -62,6 +62,10 @@ DEFAULT_MAX_RELATIVE_DISTANCE = 1.5
 # from the centre, which averages the others' away). docs/robustness.md has the measurements.
 DP_OWN_NOISE_MARGIN = 3.0
 DP_CENTRE_NOISE_FLOOR = 2.0
+# Under DP, a received model closer than this many times one round's expected DP noise length
+# to another input is muted (gossip/aggregation.py twins): two honest models differ by about
+# sqrt(2) times it, so this is a fifth of their usual distance.
+DP_TWIN_FRACTION = 0.3
 
 
 @dataclass(frozen=True)

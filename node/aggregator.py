@@ -29,7 +29,12 @@ from murmur.gossip.aggregation import (
     mute,
     screen_inputs,
 )
-from murmur.gossip.trust import DP_CENTRE_NOISE_FLOOR, TrustTracker, own_distance_limit
+from murmur.gossip.trust import (
+    DP_CENTRE_NOISE_FLOOR,
+    DP_TWIN_FRACTION,
+    TrustTracker,
+    own_distance_limit,
+)
 from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.node.audit import AuditLog
 from murmur.node.config import NodeConfig
@@ -215,9 +220,10 @@ class RoundAggregator:
                 spread=SCREENING_SPREAD,
                 floor=DP_CENTRE_NOISE_FLOOR * noise if noise else 0.0,
                 own_limit=own_distance_limit(self._trust.settings, own_norm, noise),
+                twin_distance=DP_TWIN_FRACTION * noise if noise else 0.0,
             )
         pulled = []
-        for i in np.flatnonzero(screening.pulled):
+        for i in np.flatnonzero(screening.pulled | screening.muted):
             peer = names[i]
             if screening.muted[i]:  # counted as before: its weight was taken this round
                 self._state.too_far[peer] = self._state.too_far.get(peer, 0) + 1
@@ -229,6 +235,7 @@ class RoundAggregator:
                     "distance": _finite_float(screening.distances[i]),
                     "radius": _finite_float(screening.radius),
                     "muted": bool(screening.muted[i]),
+                    "twin": bool(screening.twins[i]),
                 }
             )
         return screening.rows, screening.muted, pulled

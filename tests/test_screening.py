@@ -191,3 +191,19 @@ def test_under_dp_the_floor_keeps_noisy_honest_models_where_they_are() -> None:
     with_floor = screen_inputs(own, received, 2, spread=1.0, floor=2.0 * nu)
     assert not with_floor.pulled[:4].any()
     np.testing.assert_array_equal(with_floor.rows[:4], others)
+
+
+def test_under_dp_colluders_sending_one_model_are_twins_and_honest_noisy_models_never() -> None:
+    from murmur.gossip.aggregation import twins
+
+    rng = np.random.default_rng(1)
+    d, nu = 500, 0.4
+    consensus = rng.normal(size=d)
+    honest = consensus + rng.normal(size=(5, d)) * nu / math.sqrt(d)  # one round of noise each
+    alie = consensus - 0.1  # what colluders crafted: the same model from each of them
+    received = np.vstack([honest[1:], alie, alie + 1e-6, alie])
+    np.testing.assert_array_equal(twins(honest[0], received, 0.3 * nu), [False] * 4 + [True] * 3)
+    assert not twins(honest[0], received, 0.0).any()  # no DP: no yardstick, nobody
+    screened = screen_inputs(honest[0], received, 3, spread=1.5, twin_distance=0.3 * nu)
+    np.testing.assert_array_equal(screened.muted, [False] * 4 + [True] * 3)
+    assert screened.f == 3 and screened.rows.shape == received.shape  # still inputs
