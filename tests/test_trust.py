@@ -198,10 +198,11 @@ def test_the_trust_config_section_is_validated_with_a_fix() -> None:
 def test_the_own_model_limit_is_relative_without_dp_and_allows_the_dp_noise_with_it() -> None:
     # Without DP: 1.5 times ||own||. A sign flip of own sits at exactly 2 ||own||: beyond it.
     assert own_distance_limit(TrustSettings(), 2.0, None) == 3.0
-    # With DP: at least 3 times the expected noise length, which honest pairs stay within
-    # (measured 1.2-2.3 times); where ||own|| dominates, the relative limit stays.
+    # With DP: at least 4 times the expected noise length, which honest pairs stay within
+    # (measured 1.2-2.4 times); where ||own|| dominates, the relative limit stays.
     assert own_distance_limit(TrustSettings(), 2.0, 0.5) == 3.0
-    assert own_distance_limit(TrustSettings(), 0.4, 0.5) == 1.5
+    assert own_distance_limit(TrustSettings(), 2.0, 1.0) == 4.0
+    assert own_distance_limit(TrustSettings(), 0.4, 0.5) == 2.0
     # A configured limit is the limit, DP or not; inf turns the check off.
     chosen = TrustSettings(max_relative_distance=1.2)
     assert own_distance_limit(chosen, 2.0, None) == own_distance_limit(chosen, 2.0, 9.0) == 2.4
