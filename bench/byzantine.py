@@ -32,10 +32,19 @@ epsilon (attackers may ignore it; the clean reference is the DP run without atta
 every cell over ``--seeds`` seeds (3 by default with DP, 1 without): a cell shows the mean AUC
 over the seeds and its gap is the mean of the per-seed gaps, with the worst seed's gap beside
 it. ``--rule`` and ``--attack`` narrow the matrix (a smoke run of a few cells).
+``--setting TEXT`` keeps the settings whose label contains it. Column ``clipping/noise-blind``
+is the default rule with the own-model limit off (``--max-relative-distance inf``), the DP
+default before issue 19 item 2. ``--ring`` adds the Byzantine-heavy ring (issue 19 item 3:
+bench/topologies/byzantine_heavy_ring.edges, 5 honest + 11 Byzantine, IPM, ALIE z = 10,
+dissensus 1.5) without DP and with ``--dp-epsilon``; ``--adaptive`` adds the adaptive sweeps
+(item 5). Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
+``honest_excluded_clean_dp`` (honest models muted or quarantined in the default rule's clean
+DP runs) and ``ring_11_of_16_min_ratio`` (attacked over clean honest mean AUC, the lowest).
 
 Run: python bench/byzantine.py [--quick] [--jobs 2] [--cache FILE] [--verify] [--write-docs]
 [--dp-epsilon EPS] [--seeds N] [--rule NAME] [--attack NAME].
-The full matrix (948 networks) takes about 20-25 minutes with --jobs 2 on the 2-core machine;
+The full matrix (948 networks before the noise-blind column and the two adaptive attacks were
+added; about 1,100 now) takes about 20-25 minutes (now more) with --jobs 2 on the 2-core machine;
 --quick is a CI-sized subset (about 30 s). The last line is one JSON object.
 """
 
