@@ -279,8 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-relative-distance",
         type=float,
-        help="leave out, each round, a model farther from a node's own than this times its "
-        "length (default 1.5 without DP, off with DP; inf turns it off; docs/robustness.md)",
+        help="mute (weight 0, still an input), each round, a model far from the robust centre "
+        "and farther from a node's own than this times its length (default 1.5, under DP at "
+        "least 4 x the DP noise length; inf turns it off; docs/robustness.md)",
     )
     adv = p.add_argument_group(
         "adversary mode (tests and demos only; docs/robustness.md)",

@@ -32,10 +32,19 @@ epsilon (attackers may ignore it; the clean reference is the DP run without atta
 every cell over ``--seeds`` seeds (3 by default with DP, 1 without): a cell shows the mean AUC
 over the seeds and its gap is the mean of the per-seed gaps, with the worst seed's gap beside
 it. ``--rule`` and ``--attack`` narrow the matrix (a smoke run of a few cells).
+``--setting TEXT`` keeps the settings whose label contains it. Column ``clipping/noise-blind``
+is the default rule with the own-model limit off (``--max-relative-distance inf``), the DP
+default before issue 19 item 2. ``--ring`` adds the Byzantine-heavy ring (issue 19 item 3:
+bench/topologies/byzantine_heavy_ring.edges, 5 honest + 11 Byzantine, IPM, ALIE z = 10,
+dissensus 1.5) without DP and with ``--dp-epsilon``; ``--adaptive`` adds the adaptive sweeps
+(item 5). Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
+``honest_excluded_clean_dp`` (honest models muted or quarantined in the default rule's clean
+DP runs) and ``ring_11_of_16_min_ratio`` (attacked over clean honest mean AUC, the lowest).
 
 Run: python bench/byzantine.py [--quick] [--jobs 2] [--cache FILE] [--verify] [--write-docs]
 [--dp-epsilon EPS] [--seeds N] [--rule NAME] [--attack NAME].
-The full matrix (948 networks) takes about 20-25 minutes with --jobs 2 on the 2-core machine;
+The full matrix (948 networks before the noise-blind column and the two adaptive attacks were
+added; about 1,100 now) takes about 20-25 minutes (now more) with --jobs 2 on the 2-core machine;
 --quick is a CI-sized subset (about 30 s). The last line is one JSON object.
 """
 
@@ -85,6 +94,10 @@ class Setting:
     topology: str
     honest: int
     byzantine: int
+    # the honest hospitals' own graph for the clean run, where the attacked topology names
+    # nodes that are not there without the attackers (the ring scenario's edge file)
+    clean_topology: str | None = None
+    name: str | None = None  # shown instead of the topology spec
 
     @property
     def fraction(self) -> float:
@@ -92,10 +105,12 @@ class Setting:
 
     @property
     def label(self) -> str:
-        data = "Fed-Heart-Disease" if self.dataset == "heart-disease" else "embedded, skewed"
+        data = {"heart-disease": "Fed-Heart-Disease", "medmnist": "PneumoniaMNIST"}.get(
+            self.dataset, "embedded, skewed"
+        )
         return (
-            f"{data}, {self.topology}, {self.honest} honest + {self.byzantine} Byzantine "
-            f"({self.fraction:.0%})"
+            f"{data}, {self.name or self.topology}, {self.honest} honest + {self.byzantine} "
+            f"Byzantine ({self.fraction:.0%})"
         )
 
 
@@ -114,11 +129,16 @@ class Attack:
 class Rule:
     name: str
     trust: bool = True
+    # False: no own-model yardstick (``--max-relative-distance inf``), which was the default
+    # under DP before the DP-aware limit (issue 19 item 2); the row it is compared with.
+    own_limit: bool = True
 
     @property
     def label(self) -> str:
         if self.name == "mean":
             return "mean"
+        if not self.own_limit:
+            return f"{self.name}/noise-blind"
         return self.name if self.trust else f"{self.name}/no-trust"
 
 
@@ -134,6 +154,16 @@ ATTACKS = (
     Attack("stale"),
     Attack("random"),
     Attack("equivocation"),
+    # adaptive (issue 19 item 5): a flip small enough to pass the own-model limit, and an
+    # attacker just inside the screening radius
+    Attack("sign_flip", (("scale", 0.3),)),
+    Attack("radius", (("fraction", 0.99),)),
+)
+# --adaptive: the attacks that know the defence, swept (issue 19 item 5)
+ADAPTIVE_ATTACKS = (
+    *(Attack("sign_flip", (("scale", x),)) for x in (0.1, 0.2, 0.3, 0.5, 1.0)),
+    *(Attack("ipm", (("epsilon", x),)) for x in (0.1, 0.3, 0.5, 1.0)),
+    Attack("radius", (("fraction", 0.99),)),
 )
 RULES = (
     Rule("mean", trust=False),
@@ -144,7 +174,25 @@ RULES = (
     Rule("geometric_median"),
     Rule("clipping"),
     Rule("clipping", trust=False),
+    Rule("clipping", own_limit=False),
 )
+
+
+# ClippedGossip's Byzantine-heavy ring (issue 19 item 3): 5 honest nodes in a ring, each with
+# 2 honest and 2 Byzantine neighbours, 11 Byzantine of 16; the clean run is the honest 5-ring.
+RING_EDGES = REPO / "bench" / "topologies" / "byzantine_heavy_ring.edges"
+RING_ATTACKS = (
+    Attack("ipm", (("epsilon", 0.1),)),
+    Attack("alie", (("z", 10.0),)),
+    Attack("dissensus", (("epsilon", 1.5),)),
+)
+RING_TARGET_RATIO = 0.95
+
+
+def ring_setting(dataset: str) -> Setting:
+    return Setting(
+        dataset, f"edges:{RING_EDGES}", 5, 11, clean_topology="ring", name="Byzantine-heavy ring"
+    )
 
 
 def full_settings() -> list[Setting]:
@@ -224,7 +272,7 @@ def cluster_options(
     if setting.dataset != "heart-disease":
         out.update(nodes=setting.honest, alpha=options.alpha)
     out.update(
-        topology=setting.topology,
+        topology=(setting.clean_topology or setting.topology) if clean else setting.topology,
         rounds=options.rounds,
         lr=options.lr,
         **({"no_dp": True} if options.dp_epsilon is None else {"dp_epsilon": options.dp_epsilon}),
@@ -233,6 +281,8 @@ def cluster_options(
     )
     if not rule.trust:
         out["no_trust"] = True
+    if not rule.own_limit:
+        out["max_relative_distance"] = "inf"
     if not clean and attack is not None:
         out.update(byzantine=setting.byzantine, attack=attack.name)
         if attack.params:
@@ -378,7 +428,7 @@ class Matrix:
             f = local_f(s, seed)
             self.f_of[s] = max(f, self.f_of.get(s, 0))
             attacked_degree = min_degree(s.topology, s.honest + s.byzantine, seed)
-            clean_degree = min_degree(s.topology, s.honest, seed)
+            clean_degree = min_degree(s.clean_topology or s.topology, s.honest, seed)
             for rule in self.rules:
                 f_attacked = feasible_f(rule.name, attacked_degree, f)
                 if f_attacked is None:
@@ -445,6 +495,13 @@ class Matrix:
             gaps.append(clean["mean"] - hit["mean"])
         return gaps
 
+    def ratio(self, s: Setting, rule: Rule, attack: Attack) -> float | None:
+        """The attacked honest mean AUC over the clean run's (means over the seeds)."""
+        clean, hit = self.clean(s, rule), self.attacked(s, rule, attack)
+        if clean is None or hit is None or not clean["mean"] or hit["mean"] is None:
+            return None
+        return hit["mean"] / clean["mean"]
+
     def gap(self, s: Setting, rule: Rule, attack: Attack) -> float | None:
         """The mean over the seeds of the per-seed gap."""
         gaps = self.seed_gaps(s, rule, attack)
@@ -493,10 +550,11 @@ class Matrix:
             "Cells: honest mean AUC / honest minimum AUC, then ✓ if the mean is within "
             f"{TARGET_GAP} of the clean AUC of the same rule, ✗ if not; q = attackers "
             "quarantined (summed over honest nodes), fq = honest peers wrongly quarantined, "
-            "ft = times an honest peer's model was left out of a round as too far from a node's "
-            "own (summed over nodes and rounds), p = attackers with a verified equivocation "
-            "proof against them (summed over honest nodes; with trust off a proof is recorded "
-            "but not acted on), FP = honest peers with a proof against them (must never happen)."
+            "ft = times an honest peer's model was muted (weight 0) in a round as far from a "
+            "node's centre and own model (summed over nodes and rounds), p = attackers with a "
+            "verified equivocation proof against them (summed over honest nodes; with trust off "
+            "a proof is recorded but not acted on), FP = honest peers with a proof against "
+            "them (must never happen)."
         )
         return "\n".join(out)
 
@@ -654,6 +712,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per cell (default 3 with DP, else 1)")
     parser.add_argument("--rule", action="append", help="only this rule label (repeatable)")
     parser.add_argument("--attack", action="append", help="only this attack label (repeatable)")
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="add the adaptive attackers' sweeps (sign flip and IPM over 0.1-1, radius)",
+    )
+    parser.add_argument(
+        "--ring",
+        action="store_true",
+        help="also run the Byzantine-heavy ring (11 of 16), without DP and with --dp-epsilon",
+    )
+    parser.add_argument(
+        "--ring-dataset",
+        default="breast-cancer",
+        choices=["breast-cancer", "medmnist"],
+        help="the ring's honest hospitals (medmnist: PneumoniaMNIST, about 10 min a run)",
+    )
+    parser.add_argument(
+        "--setting", action="append", help="only settings whose label contains this (repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.dp_epsilon is not None and not args.dp_epsilon > 0:
         parser.error(f"--dp-epsilon must be > 0, got {args.dp_epsilon}")
@@ -668,10 +745,26 @@ def main(argv: list[str] | None = None) -> None:
     else:
         settings, attacks, rules = full_settings(), ATTACKS, RULES
     rules = _only(parser, "--rule", rules, args.rule)
+    if args.adaptive:
+        attacks = (*attacks, *(a for a in ADAPTIVE_ATTACKS if a not in attacks))
     attacks = _only(parser, "--attack", attacks, args.attack)
+    if args.setting:
+        settings = [s for s in settings if any(w in s.label for w in args.setting)]
+        if not settings:
+            parser.error(f"--setting {', '.join(args.setting)}: no setting's label matches")
     matrix = Matrix(settings, attacks, rules, options)
     started = time.monotonic()
     matrix.run(args.jobs, args.engine, args.cache)
+    rings: list[Matrix] = []
+    if args.ring:
+        ring = [ring_setting(args.ring_dataset)]
+        ring_rules = tuple(r for r in rules if r.name == DEFAULT_RULE) or (Rule(DEFAULT_RULE),)
+        for dp in (None, options.dp_epsilon or 1.0):
+            at = Options(options.rounds, options.lr, options.alpha, options.seed, 1, dp)
+            if dp is not None:
+                at.seeds = seeds
+            rings.append(Matrix(ring, RING_ATTACKS, ring_rules, at))
+            rings[-1].run(args.jobs, args.engine, args.cache)
     seconds = time.monotonic() - started
 
     invocation = " ".join(
@@ -684,6 +777,18 @@ def main(argv: list[str] | None = None) -> None:
     print(tables)
     print()
     print(summary)
+    for ring_matrix in rings:
+        dp_mode = ring_matrix.options.dp_epsilon
+        mode = "no DP" if dp_mode is None else f"DP epsilon {dp_mode:g}"
+        print(f"\n### Byzantine-heavy ring, {mode}")
+        print(ring_matrix.tables())
+        for s in ring_matrix.settings:
+            for rule in ring_matrix.rules:
+                for a in ring_matrix.attacks:
+                    r = ring_matrix.ratio(s, rule, a)
+                    shown = "–" if r is None else f"{r:.3f}"
+                    mark = "" if r is None else (" ✓" if r >= RING_TARGET_RATIO else " ✗")
+                    print(f"- {rule.label}, {a.label}: attacked / clean = {shown}{mark}")
     verified: list[str] = []
     if args.verify:
         verified = verify_engine(settings, options)
@@ -711,6 +816,42 @@ def main(argv: list[str] | None = None) -> None:
         f"worst_gap_complete_45{dp}": _round(matrix.worst_gap(complete_45, default)),
         f"worst_gap_regular8_25{dp}": _round(matrix.worst_gap(regular8, default)),
     }
+    adaptive = [a for a in matrix.attacks if a in ADAPTIVE_ATTACKS]
+    if adaptive:
+        gaps = [matrix.gap(s, default, a) for s in settings for a in adaptive]
+        headline["adaptive_worst_gap"] = _round(
+            math.inf if any(g is None for g in gaps) else max(gaps)
+        )
+    if options.dp_epsilon is not None:
+        # honest models muted (left out of the mix) or quarantined in any clean DP run
+        cleans = [
+            c
+            for s in settings
+            for x in options.seed_list()
+            if (c := matrix.results.get(("clean", s, default, x))) is not None
+        ]
+        headline["honest_excluded_clean_dp"] = sum(
+            (c.get("honest_too_far") or 0) + (c.get("honest_quarantined") or 0) for c in cleans
+        )
+    if rings:
+        default_ring = next(r for r in rings[0].rules if r.name == DEFAULT_RULE and r.trust)
+        by_mode = {}
+        for ring_matrix in rings:
+            ratios = [
+                ring_matrix.ratio(s, default_ring, a)
+                for s in ring_matrix.settings
+                for a in ring_matrix.attacks
+            ]
+            dp_mode = ring_matrix.options.dp_epsilon
+            key = "ring_11_of_16_min_ratio" + ("_nodp" if dp_mode is None else f"_dp{dp_mode:g}")
+            by_mode[key] = None if any(r is None for r in ratios) else min(ratios)
+        known = [v for v in by_mode.values() if v is not None]
+        headline["ring_11_of_16_min_ratio"] = (
+            _round(min(known)) if len(known) == len(by_mode) else None
+        )
+        headline.update({k: _round(v) for k, v in by_mode.items()})
+    else:
+        headline["ring_11_of_16_min_ratio"] = None  # not run: --ring
     if options.seeds > 1:
         headline["seeds"] = options.seeds
         headline[f"worst_seed_gap_complete_45{dp}"] = _round(

@@ -27,10 +27,12 @@ bound and reference.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,6 +47,9 @@ _MIN_BLOCKS_PER_WORKER = 3
 # sorting every column (fixed cost); beyond it, sort.
 _STREAMING_MAX_TRIM = 8
 _WEIGHT_SUM_TOLERANCE = 1e-6
+# A model farther from the robust centre than this many times the (n - f)-th smallest distance
+# is pulled in to that radius (screen_inputs).
+SCREENING_SPREAD = 1.5
 
 
 # rule(own, received, weights, f, **params) -> aggregate; see the module docstring.
@@ -148,6 +153,213 @@ def krum_select(own: np.ndarray, received: np.ndarray, f: int, m: int = 1) -> np
     if isinstance(m, bool) or not isinstance(m, int | np.integer) or not 1 <= m <= n:
         raise ValueError(f"multi-krum m must be a whole number in 1..{n} (the inputs), got {m!r}")
     return np.argsort(scores, kind="stable")[: int(m)]
+
+
+# --------------------------------------------------------------------------- screening
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """What :func:`bound_far_inputs` hands the rule: every received model, the far ones pulled
+    in, and why (the centre, the radius and which rows were pulled)."""
+
+    rows: np.ndarray  # (k, d): received, far rows moved onto the ball around the centre
+    centre: np.ndarray  # (d,): coordinate-wise median of [own, *received]
+    radius: float
+    distances: np.ndarray  # (k,): each received model's distance from the centre, before
+    pulled: np.ndarray  # (k,) bool: which rows were pulled in
+
+
+def coordinate_median(own: np.ndarray, received: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median of ``[own, *received]``: with at most f < n / 2 Byzantine
+    values, every coordinate lies between the smallest and the largest honest value of that
+    coordinate, wherever the attackers put theirs."""
+    own, received = _as_vector_and_rows(own, received, "own")
+    return _trimmed(own, received, received.shape[0] // 2)
+
+
+def screening_radius(distances: np.ndarray, f: int, *, spread: float, floor: float = 0.0) -> float:
+    """The radius beyond which a model is pulled in: ``spread`` times the (n - f)-th smallest
+    of the n distances from the centre (own included), and at least ``floor``.
+
+    With at most f Byzantine values among n, the (n - f)-th smallest distance lies between the
+    smallest and the largest honest distance: attackers far out cannot widen it, attackers
+    sitting on the centre can shrink it only to an honest distance. ``floor`` is the spread the
+    node knows honest models have anyway (under DP, :func:`dp_noise_norm`), so that honest
+    noisy models are never pulled in however the attackers place themselves.
+    """
+    values = np.sort(np.asarray(distances, dtype=np.float64))
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"distances must be a non-empty vector, got shape {values.shape}")
+    if np.isnan(values).any() or (values < 0).any():
+        raise ValueError("distances must be numbers >= 0 (infinity allowed, NaN not)")
+    if isinstance(f, bool) or not isinstance(f, int | np.integer) or f < 0:
+        raise ValueError(f"f must be a whole number >= 0, got {f!r}")
+    if not (np.isfinite(spread) and spread > 0):
+        raise ValueError(f"screening spread must be a finite number > 0, got {spread!r}")
+    if not (np.isfinite(floor) and floor >= 0):
+        raise ValueError(f"screening floor must be a finite number >= 0, got {floor!r}")
+    index = max(0, values.size - int(f) - 1)
+    scale = float(values[index])
+    if not np.isfinite(scale):
+        return float(floor)
+    return max(float(floor), float(spread) * scale)
+
+
+def bound_far_inputs(
+    own: np.ndarray,
+    received: np.ndarray,
+    f: int,
+    *,
+    spread: float,
+    floor: float = 0.0,
+) -> Bounded:
+    """Pull every received model farther than the screening radius from the robust centre in
+    to that radius, instead of leaving it out (issue 19 item 4).
+
+    A model left out used to use up one of the f Byzantine inputs the rule tolerates, so an
+    attacker that got honest models left out was clipped less. Pulled in, a model still counts
+    as one of the n inputs and the rule keeps its f: a heuristic can no longer weaken it. What
+    a far model can do is bounded instead, to ``radius`` from the coordinate-wise median
+    (:func:`coordinate_median`), which the attackers cannot move out of the honest range.
+    The centre is the median over own and every received row; the radius is
+    :func:`screening_radius` over their distances. Pure: no I/O, no state.
+    """
+    own, received = _as_vector_and_rows(own, received, "own")
+    k = received.shape[0]
+    if k == 0:
+        empty = np.zeros(0, dtype=np.float64)
+        return Bounded(received.copy(), own.copy(), math.inf, empty, np.zeros(0, dtype=bool))
+    centre = coordinate_median(own, received)
+    with np.errstate(over="ignore", invalid="ignore"):
+        own_distance = distances_to(centre, own[None, :])
+        distances = np.nan_to_num(distances_to(centre, received), nan=np.inf, posinf=np.inf)
+    own_distance = np.nan_to_num(own_distance, nan=np.inf, posinf=np.inf)
+    every = np.concatenate([own_distance, distances])
+    radius = screening_radius(every, f, spread=spread, floor=floor)
+    pulled = distances > radius
+    rows = received.copy()
+    for i in np.flatnonzero(pulled):
+        if np.isfinite(distances[i]):
+            rows[i] = centre + (received[i] - centre) * (radius / distances[i])
+        else:  # overflowed: no direction to keep, so it lands on the centre
+            rows[i] = centre
+    return Bounded(rows, centre, radius, distances, pulled)
+
+
+@dataclass(frozen=True)
+class Screening:
+    """A round's inputs after :func:`screen_inputs`: what the rule gets, and why."""
+
+    rows: np.ndarray  # (k, d): the received models, the far ones pulled in
+    f: int  # the Byzantine inputs the rule tolerates: always the f it was given
+    centre: np.ndarray
+    radius: float
+    distances: np.ndarray  # (k,): from the centre, before pulling in
+    pulled: np.ndarray  # (k,) bool: pulled in to the radius
+    muted: np.ndarray  # (k,) bool: weight 0 this round (far from centre and own, or a twin)
+    twins: np.ndarray  # (k,) bool: closer to another input than DP noise allows
+
+
+def screen_inputs(
+    own: np.ndarray,
+    received: np.ndarray,
+    f: int,
+    *,
+    spread: float = 1.5,
+    floor: float = 0.0,
+    own_limit: float = math.inf,
+    twin_distance: float = 0.0,
+) -> Screening:
+    """The node's heuristic screening before the rule, which never lowers the rule's f.
+
+    Every received model stays one of the n inputs and the rule runs with the same f (issue 19
+    item 4): a model far from the robust centre is pulled in to the screening radius
+    (:func:`bound_far_inputs`), not dropped. A model that is both pulled in and farther than
+    ``own_limit`` from the node's own model is also **muted**: :func:`mute` gives it mixing
+    weight 0 this round (for the rules that use weights), but it still counts as an input, so
+    an honest model muted by mistake cannot let an attacker's through unclipped.
+
+    Under DP, ``twin_distance`` > 0 also mutes every received model closer than that to
+    another input (:func:`twins`): each honest DP model carries its own round of independent
+    noise, so two honest models are never that close, while colluders sending one crafted
+    model (ALIE, IPM, sign flip, dissensus to one recipient) are identical. Pure.
+    """
+    bound = bound_far_inputs(own, received, f, spread=spread, floor=floor)
+    with np.errstate(over="ignore", invalid="ignore"):
+        to_own = np.nan_to_num(distances_to(own, received), nan=np.inf, posinf=np.inf)
+    close = twins(own, received, twin_distance)
+    muted = (bound.pulled & (to_own > own_limit)) | close
+    return Screening(
+        bound.rows, int(f), bound.centre, bound.radius, bound.distances, bound.pulled, muted, close
+    )
+
+
+def twins(own: np.ndarray, received: np.ndarray, min_distance: float) -> np.ndarray:
+    """Boolean mask ``(k,)``: received models closer than ``min_distance`` to another input
+    (own or received). Under DP two honest models differ by about sqrt(2) times one round's
+    noise length (:func:`dp_noise_norm`) whatever their data, and the chi distribution keeps
+    them from coming much closer once the model has a few hundred parameters; a fraction of
+    that is a distance no two honest DP outputs come within. ``min_distance`` 0: none."""
+    own, received = _as_vector_and_rows(own, received, "own")
+    k = received.shape[0]
+    if k == 0 or not min_distance > 0:
+        return np.zeros(k, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.nan_to_num(_pairwise_squared_distances(own, received), nan=np.inf)
+    np.fill_diagonal(squared, np.inf)
+    return (squared[1:] < float(min_distance) ** 2).any(axis=1)
+
+
+def mute(weights: np.ndarray, muted: np.ndarray) -> np.ndarray:
+    """Mixing weights with the muted inputs' weights moved to own (index 0); still summing
+    to 1, so a muted input costs the node nothing but that input's pull."""
+    weights = np.asarray(weights, dtype=np.float64)
+    muted = np.asarray(muted, dtype=bool)
+    if weights.shape != (muted.shape[0] + 1,):
+        raise ValueError(
+            f"weights must have shape ({muted.shape[0] + 1},) for [own, *received], "
+            f"got {weights.shape}"
+        )
+    out = weights.copy()
+    out[1:][muted] = 0.0
+    out[0] = 1.0 - out[1:].sum()
+    return out
+
+
+def dp_noise_norm(
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    learning_rate: float,
+    steps: int,
+    parameters: int,
+) -> float:
+    """The expected length of the DP noise one round of DP-SGD adds to a model.
+
+    Each step adds N(0, (sigma C)^2) per coordinate to the summed clipped gradients, divided
+    by the expected batch size B and scaled by the learning rate: per coordinate a standard
+    deviation of lr sigma C / B, T independent steps sqrt(T) times that, and over d parameters
+    a length of about lr sigma C sqrt(T d) / B (the chi distribution concentrates there for
+    d in the hundreds and up). Two honest models that trained from one consensus differ by
+    about sqrt(2) times it whatever their data: the node knows every factor from its own
+    ledger and trainer, so this is a yardstick of the honest spread no attacker can move.
+    (Plain SGD without momentum; Adam rescales the noise, and the node then uses no floor.)
+    """
+    for name, value in (
+        ("noise_multiplier", noise_multiplier),
+        ("max_grad_norm", max_grad_norm),
+        ("expected_batch_size", expected_batch_size),
+        ("learning_rate", learning_rate),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"dp_noise_norm: {name} must be a finite number > 0, got {value!r}")
+    if steps < 0 or parameters < 1:
+        raise ValueError(
+            f"dp_noise_norm: need steps >= 0 and parameters >= 1, got {steps}, {parameters}"
+        )
+    per_coordinate = learning_rate * noise_multiplier * max_grad_norm / expected_batch_size
+    return per_coordinate * math.sqrt(steps * parameters)
 
 
 # --------------------------------------------------------------------------- rules

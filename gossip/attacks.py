@@ -53,6 +53,7 @@ from murmur.gossip.abuse import (
     outsider_envelope,
     oversize_message,
 )
+from murmur.gossip.aggregation import SCREENING_SPREAD, coordinate_median, distances_to
 from murmur.gossip.receipts import AuditHead, no_audit_head
 from murmur.gossip.wire import (
     ModelUpdate,
@@ -103,6 +104,12 @@ ATTACKS: dict[str, AttackInfo] = {
         "dissensus (He et al. 2022): to each neighbour i, x_i - epsilon * "
         "sum_j (x_j - x_i) / b_i, undoing (epsilon = 1) or reversing i's gossip step",
         per_recipient=True,
+    ),
+    "radius": AttackInfo(
+        "model_poisoning",
+        {"fraction": 0.99},
+        "adaptive (knows the screening): the robust centre plus fraction times the screening "
+        "radius, in the direction that reverses the honest round's update",
     ),
     "label_flip": AttackInfo(
         "data_poisoning",
@@ -262,6 +269,28 @@ def dissensus(
     return target - epsilon * pull / b
 
 
+def radius_attack(
+    rows: np.ndarray, anchor: np.ndarray, fraction: float, spread: float = SCREENING_SPREAD
+) -> np.ndarray:
+    """An attacker that knows the screening (gossip/aggregation.py ``screen_inputs``): it sits
+    at ``fraction`` of the screening radius from the robust centre, so it is never pulled in
+    nor muted, in the worst direction it can pick, the honest round's update reversed (the
+    negated honest mean if that update is zero). It estimates the centre as the coordinate-wise
+    median and the radius as ``spread`` times the farthest honest model's distance from it (the
+    (n - f)-th smallest distance when the attackers sit farther out), from the honest models
+    it knows; a DP floor, which it does not compute, only widens the real radius."""
+    rows = np.asarray(rows, dtype=np.float64)
+    centre = coordinate_median(rows[0], rows[1:])
+    radius = spread * float(distances_to(centre, rows).max())
+    direction = anchor - rows.mean(axis=0)
+    length = float(np.linalg.norm(direction))
+    if length == 0.0:
+        direction, length = -rows.mean(axis=0), float(np.linalg.norm(rows.mean(axis=0)))
+    if length == 0.0:
+        return centre
+    return centre + (fraction * radius / length) * direction
+
+
 def random_weights(mean: np.ndarray, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Random weights of the right shape, spread like the honest model's own entries."""
     spread = float(np.std(mean)) or 1.0
@@ -316,6 +345,8 @@ def _one_model(
             return alie(view.honest_rows(), z)
         case "ipm":
             return ipm(anchor, mean, params["epsilon"])
+        case "radius":
+            return radius_attack(view.honest_rows(), anchor, params["fraction"])
         case "stale":
             return view.stale
         case "random":

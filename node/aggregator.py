@@ -3,11 +3,12 @@ scoring every neighbour for trust from the result.
 
 Why its own part: the rules themselves are pure functions (gossip/aggregation.py); what this
 adds is the node's policy around them, which is what the audit log must explain for every
-round: who is left out and why (quarantined, proven equivocator, too far from our own model),
-how many of the f tolerated Byzantine inputs those exclusions use up, the Metropolis-Hastings
-mixing weights scaled by trust, and the fallback to our own model when too few inputs arrived
-or the combination overflowed. It runs in a worker thread (node/rounds.py), so it touches
-only the trust tracker, the audit log, the metrics and its corner of the node's state.
+round: who is left out (proven equivocators only) and whose model was pulled in or muted as
+far (screening, which never lowers the rule's f: issue 19 item 4), the Metropolis-Hastings
+mixing weights scaled by trust (0 in quarantine), and the fallback to our own model when too
+few inputs arrived or the combination overflowed. It runs in a worker thread (node/rounds.py),
+so it touches only the trust tracker, the audit log, the metrics and its corner of the node's
+state.
 """
 
 from __future__ import annotations
@@ -19,8 +20,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from murmur.gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
-from murmur.gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
+from murmur.gossip.aggregation import (
+    AGGREGATORS,
+    SCREENING_SPREAD,
+    distances_to,
+    krum_select,
+    min_inputs,
+    mute,
+    screen_inputs,
+)
+from murmur.gossip.trust import (
+    DP_CENTRE_NOISE_FLOOR,
+    DP_TWIN_FRACTION,
+    TrustTracker,
+    own_distance_limit,
+)
 from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.node.audit import AuditLog
 from murmur.node.config import NodeConfig
@@ -62,6 +76,7 @@ class RoundAggregator:
         state: NodeState,
         on_trust_change: Callable[[], None],
         outer_step: Callable[[State, np.ndarray, dict[str, Any]], np.ndarray] | None = None,
+        noise_norm: Callable[[], float | None] | None = None,
     ) -> None:
         self._config = config
         self._trust = trust
@@ -75,6 +90,8 @@ class RoundAggregator:
         self._on_trust_change = on_trust_change
         # the study's server-optimizer step on the robust aggregate (node/study.py)
         self._outer_step = outer_step
+        # the expected length of this round's DP noise on our model (node/study.py), or None
+        self._noise_norm = noise_norm
         self.ignored: frozenset[str] = frozenset()
 
     def set_degrees(self, degrees: dict[str, int]) -> None:
@@ -91,17 +108,21 @@ class RoundAggregator:
         received: dict[str, ReceivedUpdate],
         previous_state: State | None = None,
     ) -> tuple[State, str, float | None]:
-        """Combine our model with the neighbours' by the configured rule, leaving out
-        quarantined peers and down-weighting distrusted ones; then update trust. Returns the
+        """Combine our model with the neighbours' by the configured rule, leaving out proven
+        equivocators, screening far models and down-weighting distrusted ones (quarantined:
+        weight 0); then update trust. Returns the
         new state, its SHA-256 and our mean distance to the neighbours (the disagreement)."""
         cfg = self._config.aggregation
         heard = [n for n in sorted(received) if n not in self.ignored]
         own = flatten(own_state)
         vectors = {n: flatten(received[n].envelope.update.tensors) for n in heard}
-        distance, to_own = _distances(own, vectors)
-        screened = self._screen(own, heard, to_own, received)
+        distance = _mean_distance(own, vectors)
+        screened = self._screen(heard, received)
         names, inputs, left_out, f = screened.names, screened.inputs, screened.left_out, screened.f
-        record = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
+        record: dict[str, Any] = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
+        quarantined = sorted(set(names) & self._trust.quarantined())
+        if quarantined:  # inputs still, with mixing weight 0 (trust)
+            record["quarantined"] = quarantined
         if len(names) + 1 < min_inputs(cfg.rule, f):
             # Too few inputs arrived for the rule to be robust: keep our own model this round.
             return self._keep_own(
@@ -112,6 +133,11 @@ class RoundAggregator:
             if names
             else np.zeros((0, own.size), dtype=own.dtype)
         )
+        muted = np.zeros(len(names), dtype=bool)
+        if self._trust.settings.enabled and names:
+            stack, muted, pulled = self._screen_far(own, names, stack, f, received)
+            if pulled:
+                record["pulled_in"] = pulled
         used, excluded = inputs, []
         if cfg.rule in ("krum", "multi_krum"):
             # Krum picks whole models: record exactly whose went into the result.
@@ -122,7 +148,8 @@ class RoundAggregator:
                 {**u, "reason": "not_selected"} for i, u in enumerate(inputs) if i not in chosen
             ]
         try:
-            result = AGGREGATORS[cfg.rule](own, stack, self.mixing_weights(names), f, **cfg.params)
+            weights = mute(self.mixing_weights(names), muted)
+            result = AGGREGATORS[cfg.rule](own, stack, weights, f, **cfg.params)
         except ValueError as exc:
             # Finite inputs whose combination overflows (only an undefended rule lets poison
             # grow that large): keep our own model this round rather than stop.
@@ -155,41 +182,63 @@ class RoundAggregator:
         self._observe_trust(r, own, result, vectors)
         return new_state, new_sha, distance
 
-    def _screen(
-        self,
-        own: np.ndarray,
-        heard: list[str],
-        to_own: dict[str, float],
-        received: dict[str, ReceivedUpdate],
-    ) -> Screened:
-        """Leave out quarantined peers and (trust on) models too far from our own."""
-        quarantined = self._trust.quarantined()
-        proven = self._trust.proven()
-        too_far: set[str] = set()
-        if self._trust.settings.enabled:
-            with np.errstate(over="ignore"):
-                own_norm = float(np.linalg.norm(own))
-            limit = relative_distance_limit(self._trust.settings, self._config.privacy.enabled)
-            candidates = {n: d for n, d in to_own.items() if n not in quarantined}
-            too_far = set(too_far_from_own(own_norm, candidates, limit))
-        for peer in too_far:
-            self._state.too_far[peer] = self._state.too_far.get(peer, 0) + 1
-            self._metrics.too_far.labels(peer=peer).inc()
-        names = [n for n in heard if n not in quarantined and n not in too_far]
+    def _screen(self, heard: list[str], received: dict[str, ReceivedUpdate]) -> Screened:
+        """Leave out proven equivocators, and only them (issue 19 item 4): a quarantined peer
+        stays an input with mixing weight 0 and a far model is pulled in (``_screen_far``), so
+        neither uses up any of the f Byzantine inputs the rule tolerates. A proof is evidence
+        enough to presume a peer Byzantine, so each proven equivocator left out uses up one."""
+        proven = self._trust.proven() if self._trust.settings.enabled else {}
+        names = [n for n in heard if n not in proven]
         left_out = [
-            {
-                "peer": n,
-                "model_sha256": received[n].model_sha256,
-                "reason": _exclusion_reason(n, proven, quarantined),
-            }
+            {"peer": n, "model_sha256": received[n].model_sha256, "reason": "proven_equivocation"}
             for n in heard
-            if n in quarantined or n in too_far
+            if n in proven
         ]
-        # Each peer left out is presumed Byzantine, so it uses up one of the f the rule must
-        # still tolerate among the remaining inputs.
-        f = max(0, self._config.aggregation.f - (len(heard) - len(names)))
+        f = max(0, self._config.aggregation.f - len(left_out))
         inputs = [{"peer": n, "model_sha256": received[n].model_sha256} for n in names]
         return Screened(names, inputs, left_out, f)
+
+    def _screen_far(
+        self,
+        own: np.ndarray,
+        names: list[str],
+        stack: np.ndarray,
+        f: int,
+        received: dict[str, ReceivedUpdate],
+    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Pull models far from the robust centre in to the screening radius, and mute those
+        also far from our own model (gossip/aggregation.py ``screen_inputs``); the rule keeps
+        its f. Under DP both radii allow for the DP noise our own ledger says honest models
+        carry. Returns the rows, the muted mask and an audit entry per model pulled in."""
+        noise = self._noise_norm() if self._noise_norm is not None else None
+        with np.errstate(over="ignore", invalid="ignore"):
+            own_norm = float(np.linalg.norm(own))
+            screening = screen_inputs(
+                own,
+                stack,
+                f,
+                spread=SCREENING_SPREAD,
+                floor=DP_CENTRE_NOISE_FLOOR * noise if noise else 0.0,
+                own_limit=own_distance_limit(self._trust.settings, own_norm, noise),
+                twin_distance=DP_TWIN_FRACTION * noise if noise else 0.0,
+            )
+        pulled = []
+        for i in np.flatnonzero(screening.pulled | screening.muted):
+            peer = names[i]
+            if screening.muted[i]:  # counted as before: its weight was taken this round
+                self._state.too_far[peer] = self._state.too_far.get(peer, 0) + 1
+                self._metrics.too_far.labels(peer=peer).inc()
+            pulled.append(
+                {
+                    "peer": peer,
+                    "model_sha256": received[peer].model_sha256,
+                    "distance": _finite_float(screening.distances[i]),
+                    "radius": _finite_float(screening.radius),
+                    "muted": bool(screening.muted[i]),
+                    "twin": bool(screening.twins[i]),
+                }
+            )
+        return screening.rows, screening.muted, pulled
 
     def _keep_own(
         self,
@@ -261,22 +310,15 @@ class RoundAggregator:
         self._on_trust_change()
 
 
-def _distances(
-    own: np.ndarray, vectors: dict[str, np.ndarray]
-) -> tuple[float | None, dict[str, float]]:
-    """Our mean distance to the heard models (None when none, or poison overflowed float32),
-    and each one's distance to our own (inf where it overflowed)."""
+def _mean_distance(own: np.ndarray, vectors: dict[str, np.ndarray]) -> float | None:
+    """Our mean distance to the heard models (None when none, or poison overflowed float32)."""
     if not vectors:
-        return None, {}
+        return None
     with np.errstate(over="ignore", invalid="ignore"):
-        row_distances = distances_to(own, np.stack(list(vectors.values())))
-    to_own = dict(zip(vectors, np.nan_to_num(row_distances, nan=np.inf).tolist(), strict=True))
-    distance = float(np.mean(row_distances))
-    return (distance if np.isfinite(distance) else None), to_own
+        distance = float(np.mean(distances_to(own, np.stack(list(vectors.values())))))
+    return distance if np.isfinite(distance) else None
 
 
-def _exclusion_reason(peer: str, proven: dict[str, int], quarantined: set[str]) -> str:
-    """Why a heard peer's model is not aggregated this round (the audit record's reason)."""
-    if peer in proven:
-        return "proven_equivocation"
-    return "quarantined" if peer in quarantined else "too_far_from_own"
+def _finite_float(x: float) -> float:
+    """A distance for the audit record's JSON: infinity as a large number."""
+    return round(float(x), 6) if np.isfinite(x) else 1e30

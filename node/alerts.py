@@ -217,8 +217,8 @@ def _trust(
                     "critical",
                     "quarantined",
                     f"{peer} quarantined",
-                    f"trust in {peer} fell to {number(score, 2)}: its models are left out of "
-                    "aggregation until it behaves again",
+                    f"trust in {peer} fell to {number(score, 2)}: its models weigh nothing in "
+                    "the combination until it behaves again",
                     peer,
                 )
             )

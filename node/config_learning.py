@@ -383,7 +383,7 @@ class TrustSection(TrustSettings):
             raise ConfigError(
                 f"[trust] {exc}; fix: omit the section for the defaults "
                 "(decay 0.7, tolerance 3, cutoff 6, downweight_below 0.5, quarantine_below 0.2, "
-                "max_relative_distance 1.5 without DP, off with DP)"
+                "max_relative_distance 1.5, under DP at least 4 x the DP noise length)"
             ) from None
 
     def validate(self) -> None:

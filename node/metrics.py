@@ -45,13 +45,14 @@ class NodeMetrics:
         )
         self.quarantined = Gauge(
             "murmur_peer_quarantined",
-            "1 while the peer is left out of aggregation (quarantined), else 0",
+            "1 while the peer is quarantined (mixing weight 0), else 0",
             ["peer"],
             registry=r,
         )
         self.too_far = Counter(
             "murmur_peer_too_far",
-            "Rounds a peer's model was left out for lying too far from this node's own model",
+            "Rounds a peer's model was muted (weight 0, still an input) as far from the robust "
+            "centre and from this node's own model",
             ["peer"],
             registry=r,
         )

@@ -232,6 +232,7 @@ class HospitalNode:
             own_degree=s,
             on_trust_change=self._refresh_trust_status,
             outer_step=self.study.outer_step,
+            noise_norm=self.study.dp_noise_norm,
             **parts,
         )
         self.sender = Sender(record_contact=self.neighbours.record_contact, **parts)

@@ -12,13 +12,14 @@ import logging
 from typing import Any
 
 import numpy as np
+from murmur.gossip.aggregation import dp_noise_norm
 from murmur.models.data import HospitalSplit, load_dataset, resolved_data_path
 from murmur.models.nets import build_model
 from murmur.models.optimizers import ServerOptimizer
 from murmur.models.params import flatten, get_state, model_spec, set_state, state_sha256, unflatten
 from murmur.models.personal import PersonalModel
 from murmur.models.privacy import PrivacyLedger
-from murmur.models.training import LocalTrainer, TrainingSettings, evaluate
+from murmur.models.training import LocalTrainer, TrainingSettings, evaluate, learning_rate_at
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.config import NodeConfig
 from murmur.node.state import StartupError
@@ -117,6 +118,23 @@ class Study:
         (both are charged to the one ledger, so one ε covers both)."""
         personal = self.personal.steps_per_round() if self.personal is not None else 0
         return self.trainer.steps_per_round() + personal
+
+    def dp_noise_norm(self) -> float | None:
+        """The expected length of the DP noise this round's training adds to the shared model
+        (gossip/aggregation.py ``dp_noise_norm``), from this node's own ledger and trainer;
+        None without DP or with an optimizer that rescales the noise (Adam, momentum)."""
+        ledger, trainer = self.ledger, self.trainer
+        settings = trainer.settings
+        if ledger is None or settings.optimizer != "sgd" or settings.momentum != 0:
+            return None
+        return dp_noise_norm(
+            ledger.noise_multiplier,
+            ledger.max_grad_norm,
+            trainer.expected_batch_size(),
+            learning_rate_at(settings, max(trainer.rounds_trained - 1, 0)),
+            trainer.steps_per_round(),
+            sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+        )
 
     def _use_ledger(self, ledger: PrivacyLedger) -> None:
         self.trainer.ledger = ledger

@@ -68,7 +68,8 @@ REASON_MEANINGS: dict[str, str] = {
 EXCLUSION_MEANINGS: dict[str, str] = {
     "quarantined": "quarantined: its recent models lay far from the robust combination",
     "proven_equivocation": "proven to have sent different models for the same round",
-    "too_far_from_own": "its model lay too far from this hospital's own model this round",
+    "too_far_from_own": "its model lay far from the robust centre and this hospital's own model; "
+    "it was pulled in and weighed nothing",
     "too_few_inputs": "too few models arrived for a safe combination; own model kept",
     "not_selected": "not selected by the Krum rule this round",
     "aggregate_not_finite": "the combination overflowed; own model kept",

@@ -446,3 +446,26 @@ def test_in_a_study_network_protocol_abuse_is_refused_for_what_it_is_not_its_stu
     assert reasons["outsider"] == RejectReason.UNKNOWN_SENDER
     assert reasons["impersonate"] == RejectReason.BAD_SIGNATURE
     assert RejectReason.UNKNOWN_STUDY not in reasons.values()
+
+
+def test_the_radius_attack_sits_just_inside_the_screening_radius_reversing_the_update() -> None:
+    from murmur.gossip.aggregation import coordinate_median, distances_to, screen_inputs
+    from murmur.gossip.attacks import radius_attack
+
+    rng = np.random.default_rng(3)
+    anchor = rng.normal(size=50)
+    honest = anchor + 0.2 + rng.normal(scale=0.05, size=(5, 50))  # the round moved them by +0.2
+    poison = radius_attack(honest, anchor, 0.99)
+    # What a victim (honest[0]) sees: four honest neighbours and three copies of the poison.
+    received = np.vstack([honest[1:], np.tile(poison, (3, 1))])
+    screened = screen_inputs(honest[0], received, 3, spread=1.5)
+    assert not screened.pulled.any() and not screened.muted.any()
+    # At 0.99 of the radius it estimates from the honest models alone: 1.5 times the farthest
+    # honest model's distance from their median (the victim's, with the poison in, is wider).
+    centre = coordinate_median(honest[0], honest[1:])
+    estimate = 1.5 * distances_to(centre, honest).max()
+    assert np.linalg.norm(poison - centre) == pytest.approx(0.99 * estimate)
+    assert estimate <= screened.radius
+    # It points against the honest update: away from where the honest models went.
+    update = honest.mean(axis=0) - anchor
+    assert float(np.dot(poison - screened.centre, update)) < 0

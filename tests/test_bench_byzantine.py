@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import byzantine
 from bench.byzantine import Attack, Matrix, Options, Rule, Setting, cluster_options, main
 
 
@@ -57,3 +58,35 @@ def test_bad_flags_name_the_fix() -> None:
         main(["--dp-epsilon", "0"])
     with pytest.raises(SystemExit):
         main(["--quick", "--rule", "nonsense"])
+
+
+def test_the_byzantine_heavy_ring_gives_every_honest_node_two_honest_and_two_byzantine() -> None:
+    from murmur.topologies.graphs import build_topology
+
+    ring = byzantine.ring_setting("breast-cancer")
+    topology = build_topology(ring.topology, ring.honest + ring.byzantine)
+    attackers = set(range(ring.honest, ring.honest + ring.byzantine))
+    for i in range(ring.honest):
+        neighbours = set(topology.neighbours(i))
+        assert len(neighbours - attackers) == 2 and len(neighbours & attackers) == 2, i
+        assert topology.mixing_weights(i).tolist() == pytest.approx([0.2] * 5)
+    assert byzantine.local_f(ring, 0) == 2
+    # The clean reference is the honest hospitals' own ring; the attacked run the edge file.
+    rule, attack = byzantine.Rule("clipping"), byzantine.RING_ATTACKS[1]
+    options = byzantine.Options(dp_epsilon=1.0)
+    clean = byzantine.cluster_options(ring, rule, 1, None, options, clean=True)
+    hit = byzantine.cluster_options(ring, rule, 2, attack, options, clean=False)
+    assert clean["topology"] == "ring" and "byzantine" not in clean
+    assert hit["topology"] == ring.topology and hit["byzantine"] == 11
+    assert hit["attack_param"] == ["z=10"] and hit["dp_epsilon"] == 1.0
+
+
+def test_the_noise_blind_row_turns_the_own_model_limit_off() -> None:
+    blind = byzantine.Rule("clipping", own_limit=False)
+    assert blind.label == "clipping/noise-blind"
+    setting = Setting("heart-disease", "complete", 4, 3)
+    options = cluster_options(setting, blind, 3, None, Options(dp_epsilon=1.0), clean=True)
+    assert options["max_relative_distance"] == "inf"
+    assert "max_relative_distance" not in cluster_options(
+        setting, Rule("clipping"), 3, None, Options(dp_epsilon=1.0), clean=True
+    )

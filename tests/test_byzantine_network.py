@@ -144,7 +144,8 @@ def test_run_cluster_quarantines_model_poisoning_with_evidence_in_report_log_and
         log = (tmp_path / "logs" / f"{hospital['name']}.log").read_text()
         assert f"QUARANTINE peer {name}" in log and "recent_distance_ratios" in log
         # The audit log holds the quarantine with its evidence, and from then on every
-        # aggregation lists the attacker's (verified) update as excluded.
+        # aggregation lists the attacker as quarantined: still an input (the rule keeps its f),
+        # with mixing weight 0; nobody is left out (only proven equivocators are).
         records = _audit_records(tmp_path / "nodes" / hospital["name"])
         quarantine = [r for r in records if r["kind"] == "quarantine"]
         assert len(quarantine) == 1 and quarantine[0]["fields"]["peer"] == name
@@ -154,8 +155,8 @@ def test_run_cluster_quarantines_model_poisoning_with_evidence_in_report_log_and
         ]
         assert later
         for record in later:
-            left_out = {e["peer"]: e["reason"] for e in record["fields"]["excluded"]}
-            assert left_out == {name: "quarantined"}, record
+            assert record["fields"]["quarantined"] == [name], record
+            assert record["fields"]["excluded"] == [], record
 
 
 def test_protocol_abuse_is_rejected_with_reason_codes_and_changes_no_honest_model(

@@ -14,8 +14,7 @@ from murmur.gossip.trust import (
     TrustTracker,
     distance_ratios,
     goodness,
-    relative_distance_limit,
-    too_far_from_own,
+    own_distance_limit,
 )
 
 DEFAULT = TrustSettings()
@@ -193,31 +192,26 @@ def test_the_trust_config_section_is_validated_with_a_fix() -> None:
     off = parse_config({**base, "trust": {"max_relative_distance": math.inf}})
     assert off.trust.settings().max_relative_distance == math.inf
     set_ = parse_config({**base, "trust": {"max_relative_distance": 2}}).trust.settings()
-    assert relative_distance_limit(set_, dp_enabled=True) == 2.0
+    assert own_distance_limit(set_, 1.0, 0.5) == 2.0
 
 
-def test_the_relative_distance_check_is_on_without_dp_and_off_with_dp_by_default() -> None:
-    assert relative_distance_limit(TrustSettings(), dp_enabled=False) == 1.5
-    assert relative_distance_limit(TrustSettings(), dp_enabled=True) == math.inf
+def test_the_own_model_limit_is_relative_without_dp_and_allows_the_dp_noise_with_it() -> None:
+    # Without DP: 1.5 times ||own||. A sign flip of own sits at exactly 2 ||own||: beyond it.
+    assert own_distance_limit(TrustSettings(), 2.0, None) == 3.0
+    # With DP: at least 4 times the expected noise length, which honest pairs stay within
+    # (measured 1.2-2.4 times); where ||own|| dominates, the relative limit stays.
+    assert own_distance_limit(TrustSettings(), 2.0, 0.5) == 3.0
+    assert own_distance_limit(TrustSettings(), 2.0, 1.0) == 4.0
+    assert own_distance_limit(TrustSettings(), 0.4, 0.5) == 2.0
+    # A configured limit is the limit, DP or not; inf turns the check off.
     chosen = TrustSettings(max_relative_distance=1.2)
-    assert relative_distance_limit(chosen, dp_enabled=False) == 1.2
-    assert relative_distance_limit(chosen, dp_enabled=True) == 1.2
-
-
-def test_a_model_farther_than_the_limit_times_own_length_is_too_far() -> None:
-    # Own model of length 2, limit 1.5: anything farther than 3 from it is left out.
-    distances = {"near": 0.5, "edge": 3.0, "far": 3.01, "flipped": 4.0, "overflowed": math.inf}
-    assert too_far_from_own(2.0, distances, 1.5) == ["far", "flipped", "overflowed"]
-    # A sign flip of our own model sits at twice its length: out for any limit below 2.
-    own = [3.0, 4.0]
-    flipped = math.dist(own, [-3.0, -4.0])
-    assert flipped == 10.0 and too_far_from_own(5.0, {"x": flipped}, 1.99) == ["x"]
-    assert too_far_from_own(5.0, {"x": flipped}, math.inf) == []  # the check turned off
-    # No yardstick (a zero or overflowed own model): nobody is left out on its account.
-    assert too_far_from_own(0.0, distances, 1.5) == []
-    assert too_far_from_own(math.inf, distances, 1.5) == []
-    with pytest.raises(ValueError, match="NaN not"):
-        too_far_from_own(1.0, {"x": math.nan}, 1.5)
+    assert own_distance_limit(chosen, 2.0, None) == own_distance_limit(chosen, 2.0, 9.0) == 2.4
+    off = TrustSettings(max_relative_distance=math.inf)
+    assert own_distance_limit(off, 2.0, None) == math.inf
+    # No yardstick (zero or overflowed own model, or no noise figure): nobody is muted by it.
+    assert own_distance_limit(TrustSettings(), 0.0, None) == math.inf
+    assert own_distance_limit(TrustSettings(), math.inf, 0.5) == math.inf
+    assert own_distance_limit(TrustSettings(), 1.0, math.nan) == math.inf
 
 
 def test_a_proven_equivocator_is_quarantined_at_once_and_for_good() -> None:
