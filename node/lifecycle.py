@@ -166,6 +166,7 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     transport stays open for the whole run, serving included: through a relay, this node is
     reached only while its relay connections are up (node/paths.py)."""
     from murmur.node.background import running
+    from murmur.node.consensus_net import run_network_phase
     from murmur.node.paths import open_transport
     from murmur.node.studies.gate import await_quorum, exchange_approvals
 
@@ -186,6 +187,8 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
                 await node.run_rounds(transport)
                 if node.state.phase in ("done", "budget_exhausted"):
                     node.gate.record(node.study.ledger, node.state.round, finished=True)
+                if node.state.phase == "done" and node.consensus_inbox is not None:
+                    await run_network_phase(node, transport)  # docs/release.md
                 node.write_status()
                 if serve_forever and not node.stop.is_set():
                     log.info("planned rounds done; serving until SIGTERM")
