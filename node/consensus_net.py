@@ -282,6 +282,7 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
         members.names,
         steps=steps + signature_steps,
         pooled=report,
+        round_=node.state.round,
     )
     node.audit.append(
         "consensus",

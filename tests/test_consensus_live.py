@@ -6,21 +6,25 @@ offer, replays a step or sends garbage is refused with reasons and left out ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
 from murmur.crypto.identity import Identity, load_identity
 from murmur.gossip import consensus as cs
 from murmur.gossip.auth import request_headers
 from murmur.gossip.consensus_wire import ConsensusMessage, seal_message
 from murmur.gossip.transport import CONSENSUS_CONTENT_TYPE
 from murmur.models.nets import build_model
-from murmur.models.params import get_state, model_spec, state_sha256
+from murmur.models.params import get_state, model_spec, set_state, state_sha256
+from murmur.node import cli
 from murmur.node.config import load_config
-from murmur.node.consensus import read_agreement, study_label
+from murmur.node.consensus import load_agreed_model, read_agreement, study_label
 
 from tests.netutil import Network, make_network
 
@@ -78,6 +82,63 @@ def test_every_node_process_writes_the_same_agreed_model_signed_by_all(network_f
         json.dumps(d["pooled_evaluation"]["pooled"], sort_keys=True) for d in docs.values()
     }
     assert len(pooled_values) == 1  # every node summed the same masked shares
+    check_model_cli(net, docs[names[0]], names)
+
+
+def check_model_cli(net: Network, doc: dict, names: list[str]) -> None:
+    """`murmur model show` and `murmur model release` on what hospital_0 wrote."""
+    node = net.nodes[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["model", "show", str(node.state_dir)]) == 0
+    text = out.getvalue()
+    assert doc["model_sha256"] in text
+    assert "signed by 3 of 3 members" in text and all(n in text for n in names)
+    assert "pooled evaluation over" in text and "AUROC" in text
+    assert "last training round 2" in text and "(no DP)" in text
+    release = node.state_dir.parent / "release"
+    base = ["model", "release", "--config", str(node.config_path), "--out", str(release)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main([*base, "--min-signatures", "4"]) == 2
+    assert "3 of 3 members signed" in err.getvalue() and "4 are required" in err.getvalue()
+    assert not release.exists()  # refused before anything is written
+    with contextlib.redirect_stderr(err):
+        assert cli.main([*base, "--max-attack-auc", "0.0"]) == 2
+    assert "membership-inference attack reaches AUC" in err.getvalue()
+    assert not (release / "model_card.json").exists()
+    assert json.loads((release / "membership_audit.json").read_text())["passed"] is False
+    with contextlib.redirect_stdout(io.StringIO()):
+        # 48 test patients per hospital: a loose gate here, the default one is
+        # tests/test_release_gate.py's
+        assert cli.main([*base, "--max-attack-auc", "0.8"]) == 0
+    card = json.loads((release / "model_card.json").read_text())
+    assert card["model_sha256"] == doc["model_sha256"]
+    audit = card["membership_audit"]
+    assert audit["passed"] and audit["auc"] <= 0.8 and audit["max_auc"] == 0.8
+    assert audit["n_members"] == doc["included"][0]["facts"]["n_train"]
+    assert sorted(h["name"] for h in card["hospitals"]) == sorted(names)
+    assert card["signatures"]["valid_from_known_members"] == sorted(names)
+    assert card["signatures"]["required"] == 2  # a majority of 3
+    assert (
+        card["pooled_evaluation"]["pooled"]["auroc"]["low"]
+        <= card["pooled_evaluation"]["pooled"]["auroc"]["value"]
+    )
+    markdown = (release / "model_card.md").read_text()
+    assert doc["model_sha256"] in markdown and "| hospital_1 |" in markdown
+    released = load_agreed_model(node.state_dir)
+    from safetensors.numpy import load_file
+
+    assert (
+        state_sha256({k: load_file(str(release / "model.safetensors"))[k] for k in released})
+        == doc["model_sha256"]
+    )
+    assert card["exported_program"] == "model.pt2"
+    program = torch.export.load(str(release / "model.pt2")).module()
+    model = build_model("logreg", (30,), 0)
+    set_state(model, released)
+    rows = torch.randn(5, 30)
+    assert torch.allclose(program(rows), model(rows))
 
 
 def post_consensus(
