@@ -163,6 +163,10 @@ def write_agreement(
     return out
 
 
+def agreement_written(state_dir: Path) -> bool:
+    return (Path(state_dir) / AGREED_DIR / AGREEMENT_FILE).is_file()
+
+
 def load_agreed_model(state_dir: Path) -> State:
     from safetensors import safe_open
 

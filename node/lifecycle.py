@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from murmur.gossip.feasibility import check_min_neighbours, check_node
 from murmur.node import __version__
+from murmur.node.consensus import agreement_written
 from murmur.node.state import StartupError
 
 if TYPE_CHECKING:
@@ -103,8 +104,11 @@ def stop_reason(node: HospitalNode) -> str:
 
 def finished_already(node: HospitalNode) -> str | None:
     """The phase a previous run of this state directory ended in, if it left nothing to
-    do: every planned round trained ("done"), or no DP step left in the budget."""
+    do: every planned round trained ("done") and, with `[consensus] enabled`, the agreement
+    written; or no DP step left in the budget."""
     if node.next_round > node.config.training.rounds:
+        if node.consensus_inbox is not None and not agreement_written(node.state_dir):
+            return None  # trained, but stopped before the consensus phase ended: run it
         return "done"
     if node.study.budget_spent():
         return "budget_exhausted"
