@@ -141,7 +141,8 @@ async def consensus_route(request: web.Request) -> web.Response:
     body = await read_peer_body(request)
     if isinstance(body, web.Response):
         return body
-    status, reason = await answer(request.app[NODE_KEY], body, authenticated_peer(request))
+    node = request.app[NODE_KEY]
+    status, reason = await node.answer_consensus(body, authenticated_peer(request))
     return web.json_response({"reason": reason}, status=status)
 
 
