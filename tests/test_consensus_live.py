@@ -116,7 +116,8 @@ def check_model_cli(net: Network, doc: dict, names: list[str]) -> None:
     assert card["model_sha256"] == doc["model_sha256"]
     audit = card["membership_audit"]
     assert audit["passed"] and audit["auc"] <= 0.8 and audit["max_auc"] == 0.8
-    assert audit["n_members"] == doc["included"][0]["facts"]["n_train"]
+    (own,) = [e for e in doc["included"] if e["name"] == node.name]
+    assert audit["n_members"] == own["facts"]["n_train"]  # this hospital's training rows
     assert sorted(h["name"] for h in card["hospitals"]) == sorted(names)
     assert card["signatures"]["valid_from_known_members"] == sorted(names)
     assert card["signatures"]["required"] == 2  # a majority of 3
