@@ -2,11 +2,12 @@
 their messages sealed, posted and opened as over HTTP (gossip/memory_transport.py hands the
 bodies to `answer_consensus`): every node writes the same agreed model, and the pooled AUROC
 from the masked histograms equals scikit-learn's on the pooled scores within the bins'
-resolution."""
+resolution, and no per-patient score is in any message or log line."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 from murmur.gossip.memory_transport import MemoryTransport
 from murmur.models.params import set_state
 from murmur.models.training import predict_proba
+from murmur.node import consensus_net
 from murmur.node.config import load_config
 from murmur.node.consensus import load_agreed_model, read_agreement
 from murmur.node.consensus_net import run_network_phase
@@ -22,6 +24,7 @@ from murmur.node.node import HospitalNode
 from sklearn.metrics import roc_auc_score
 
 import run_cluster
+from tests.test_pooled_privacy import scores_visible
 
 
 async def train_then_agree(tmp_path: Path, nodes: int) -> list[HospitalNode]:
@@ -47,8 +50,21 @@ async def train_then_agree(tmp_path: Path, nodes: int) -> list[HospitalNode]:
     return hospitals
 
 
-def test_nodes_agree_and_the_pooled_auroc_is_the_pooled_scores_auroc(tmp_path: Path) -> None:
-    hospitals = asyncio.run(train_then_agree(tmp_path, 4))
+def test_nodes_agree_and_the_pooled_auroc_is_the_pooled_scores_auroc(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    sent: list[bytes] = []  # every body posted, and the plaintext of every message sealed
+
+    def recording_seal(sender, recipient, message, spec):
+        body = original_seal(sender, recipient, message, spec)
+        offers = b"".join(b"".join(a.tobytes() for a in d.model.values()) for d in message.offers)
+        sent.extend([body, offers, *message.shares, repr(message.agreed).encode()])
+        return body
+
+    original_seal = consensus_net.seal_message
+    monkeypatch.setattr(consensus_net, "seal_message", recording_seal)
+    with caplog.at_level(logging.DEBUG):
+        hospitals = asyncio.run(train_then_agree(tmp_path, 4))
     docs = [read_agreement(h.state_dir) for h in hospitals]
     assert len({d["model_sha256"] for d in docs}) == 1
     names = sorted(h.config.node.name for h in hospitals)
@@ -68,6 +84,17 @@ def test_nodes_agree_and_the_pooled_auroc_is_the_pooled_scores_auroc(tmp_path: P
         assert abs(auroc["value"] - exact) < 0.002
     for h in hospitals:
         assert h.state.rejected == {}, h.state.rejected  # nothing honest was refused
+    # No hospital's per-patient score is in any message, log line or agreement file; the
+    # control shows the check would catch a score sent outside the histogram path.
+    text = caplog.text + "".join(
+        (h.state_dir / "agreed" / "agreement.json").read_text() for h in hospitals
+    )
+    assert sent
+    for p in ps:  # a saturated 1.0 or 0.0 is in any text; every other score is checked
+        checked = p[(p > 0.0) & (p < 1.0)]
+        assert len(checked) > 0.8 * len(p)
+        assert scores_visible(sent, text, checked) == []
+    assert len(scores_visible([*sent, ps[0].astype("<f8").tobytes()], text, ps[0])) == len(ps[0])
 
 
 def test_a_trained_node_without_an_agreement_runs_the_phase_on_restart(tmp_path: Path) -> None:
