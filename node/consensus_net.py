@@ -42,6 +42,7 @@ from aiohttp import web
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.secure_sum import SecureSum
 from murmur.gossip import consensus as cs
+from murmur.gossip.consensus_attacks import ConsensusAttacker
 from murmur.gossip.consensus_wire import (
     ConsensusMessage,
     ConsensusWireError,
@@ -174,18 +175,26 @@ def tolerated(node: Any, members: Members) -> int:
 
 
 async def _exchange(
-    node: Any, transport: Any, members: Members, message: ConsensusMessage, timeout_s: float
+    node: Any,
+    transport: Any,
+    members: Members,
+    step: int,
+    messages: Mapping[str, ConsensusMessage],
+    timeout_s: float,
 ) -> dict[bytes, ConsensusMessage]:
-    """Post ``message`` to every peer (retrying unreachable ones) and collect theirs for the
-    same step, until all are in or ``timeout_s``; then close the step."""
+    """Post each peer its message in ``messages`` (the same one for all, from an honest
+    node), retrying unreachable ones, and collect theirs for ``step`` until all are in or
+    ``timeout_s``; then close the step."""
     inbox: ConsensusInbox = node.consensus_inbox
-    inbox.step = message.step
-    node.state.consensus["step"] = message.step
+    inbox.step = step
+    node.state.consensus["step"] = step
     spec = node.study.spec
+    by_name = {p.name: p for p in members.peers}
     bodies = {
-        p.name: seal_message(node.identity, p.public_key, message, spec) for p in members.peers
+        name: seal_message(node.identity, by_name[name].public_key, m, spec)
+        for name, m in messages.items()
     }
-    pending = {p.name: p for p in members.peers}
+    pending = {name: by_name[name] for name in bodies}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not node.stop.is_set():
         if pending:
@@ -199,10 +208,8 @@ async def _exchange(
                 if status is not None:
                     pending.pop(name)
                     if status != 202:
-                        log.warning(
-                            "step %d: %s refused our message (%s)", message.step, name, reason
-                        )
-        if len(inbox.arrived(message.step)) >= len(members.peers):
+                        log.warning("step %d: %s refused our message (%s)", step, name, reason)
+        if len(inbox.arrived(step)) >= len(members.peers):
             break
         inbox.news.clear()
         wait = min(RETRY_S if pending else deadline - time.monotonic(), deadline - time.monotonic())
@@ -211,10 +218,10 @@ async def _exchange(
                 await inbox.news.wait()
         except TimeoutError:
             pass
-    got = inbox.close(message.step)
+    got = inbox.close(step)
     missing = sorted(members.names[k] for k in members.keys - set(got) - {node.identity.public_key})
     if missing:
-        log.warning("step %d closed without a message from %s", message.step, ", ".join(missing))
+        log.warning("step %d closed without a message from %s", step, ", ".join(missing))
     return got
 
 
@@ -225,8 +232,9 @@ def _agreed_scores(node: Any, agreed: Mapping[str, Any]) -> tuple[Any, Any]:
     return node.data.y_test, predict_proba(model, node.data.x_test)
 
 
-async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
-    """The whole phase with the other members; writes `<state_dir>/agreed/`."""
+async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
+    """The whole phase with the other members; writes `<state_dir>/agreed/` (an adversary-mode
+    node attacks instead, writes nothing and returns None)."""
     config = node.config.consensus
     members = members_of(node)
     t = tolerated(node, members)
@@ -235,6 +243,10 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
     inbox: ConsensusInbox = node.consensus_inbox
     inbox.last = steps + signature_steps
     node.state.consensus = {"step": 0, "steps": steps + signature_steps, "agreed": None}
+    attack = node.config.adversary.consensus_attack
+    if attack:
+        await _attack(node, transport, members, study, steps, attack)
+        return None
     log.info(
         "consensus phase: %d members, t = %d, %d + %d steps",
         len(members.keys),
@@ -255,7 +267,8 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
     for step in range(1, steps + 1):
         timeout = config.start_timeout_s if step == 1 else config.step_timeout_s
         message = ConsensusMessage(study, step, tuple(party.outgoing(step)))
-        got = await _exchange(node, transport, members, message, timeout)
+        everyone = {p.name: message for p in members.peers}
+        got = await _exchange(node, transport, members, step, everyone, timeout)
         for sender, m in sorted(got.items()):
             for reason in party.receive(step, m.offers):
                 node.record_rejection(
@@ -268,7 +281,8 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
     for j in range(1, signature_steps + 1):
         step = steps + j
         message = ConsensusMessage(study, step, (), tuple(flood.outgoing()), tuple(fresh))
-        got = await _exchange(node, transport, members, message, config.step_timeout_s)
+        everyone = {p.name: message for p in members.peers}
+        got = await _exchange(node, transport, members, step, everyone, config.step_timeout_s)
         fresh = []
         for sender, m in sorted(got.items()):
             flood.receive(m.agreed)
@@ -309,6 +323,36 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path:
         len(members.keys),
     )
     return out
+
+
+async def _attack(
+    node: Any, transport: Any, members: Members, study: str, steps: int, attack: str
+) -> None:
+    """ADVERSARY MODE (tests and demos only): the agreement steps as a Byzantine member
+    running ``attack`` of gossip/consensus_attacks.py, which may send each peer something
+    else, or nothing (no message at all is posted to a peer it sends nothing); it signs no
+    agreed hash and sends no share."""
+    log.warning("ADVERSARY MODE: consensus attack %r", attack)
+    attacker = ConsensusAttacker(
+        node.identity,
+        attack,
+        study,
+        node.study.state(),
+        [p.public_key for p in members.peers],
+        steps,
+    )
+    for step in range(1, steps + 1):
+        attacker.prepare(step)
+        messages = {}
+        for p in members.peers:
+            offers = tuple(attacker.outgoing_to(step, p.public_key))
+            if offers:
+                messages[p.name] = ConsensusMessage(study, step, offers)
+        timeout = node.config.consensus.start_timeout_s if step == 1 else 1.0
+        got = await _exchange(node, transport, members, step, messages, timeout)
+        attacker.receive(step, [d for m in got.values() for d in m.offers])
+    node.consensus_inbox.closed = True
+    node.state.consensus = {"attack": attack, "steps": steps}
 
 
 class PooledRound:

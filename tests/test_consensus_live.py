@@ -242,3 +242,37 @@ def test_an_equivocating_and_forging_member_is_refused_and_left_out(network_fact
         "consensus_decrypt_failed",
     ):
         assert h2_rejected[reason] == 1, h2_rejected
+
+
+@pytest.mark.parametrize("attack", ["equivocate", "forge"])
+def test_an_adversary_mode_process_cannot_stop_agreement_or_sneak_a_model_in(
+    network_factory, attack: str
+) -> None:
+    net = small_network(network_factory, 4)
+    honest, byzantine = net.nodes[:3], net.nodes[3]
+    for node in net.nodes:  # they finish training together: a short first step too
+        net.edit_config(
+            node.name, "consensus", max_byzantine=1, step_timeout_s=4.0, start_timeout_s=8.0
+        )
+    net.edit_config(byzantine.name, "adversary", consensus_attack=attack)
+    net.start_all()
+    codes = net.wait_all(timeout_s=150)
+    assert codes == {n.name: 0 for n in net.nodes}, {n.name: net.log(n.name) for n in net.nodes}
+    names = [n.name for n in honest]
+    docs = agreements(net, names)
+    assert len({d["model_sha256"] for d in docs.values()}) == 1
+    assert not (byzantine.state_dir / "agreed").exists()
+    for doc in docs.values():
+        assert sorted(doc["valid_signers"]) == sorted(names)
+        assert sorted(e["name"] for e in doc["included"]) == sorted(names)
+        (left_out,) = doc["excluded"]
+        assert left_out["name"] == byzantine.name
+        expected = "equivocation" if attack == "equivocate" else "no final offer"
+        assert expected in left_out["why"]
+    if attack == "forge":  # the 3 honest offers it relayed, tampered, were refused everywhere
+        for node in honest:
+            rejected = net.final_status(node.name)["rejected"]
+            # a poisoned model under the owner's chain alone: too few signatures for step 2
+            assert rejected["consensus_too_few_signatures"] == 2, rejected
+            # a new hash under the owner's old signature
+            assert rejected["consensus_bad_signature"] == 1, rejected
