@@ -111,6 +111,12 @@ class ConsensusInbox:
         return self.slots.pop(step, {})
 
 
+def inbox_for(config: Any) -> ConsensusInbox | None:
+    """The node's inbox when `[consensus] enabled`. Open from the node's start: a member that
+    finishes training first sends its first step while this node still trains."""
+    return ConsensusInbox(study_label(config)) if config.consensus.enabled else None
+
+
 async def answer(node: HospitalNode, body: bytes, sender: Peer) -> tuple[int, str]:
     """One `POST /consensus` body from an authenticated peer: (HTTP status, reason)."""
     inbox = node.consensus_inbox
@@ -235,13 +241,11 @@ def _agreed_scores(node: Any, agreed: Mapping[str, Any]) -> tuple[Any, Any]:
 async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
     """The whole phase with the other members; writes `<state_dir>/agreed/` (an adversary-mode
     node attacks instead, writes nothing and returns None)."""
-    config = node.config.consensus
     members = members_of(node)
     t = tolerated(node, members)
     steps, signature_steps = cs.steps_needed(nx.complete_graph(len(members.keys)), t)
     study = study_label(node.config)
-    inbox: ConsensusInbox = node.consensus_inbox
-    inbox.last = steps + signature_steps
+    node.consensus_inbox.last = steps + signature_steps
     node.state.consensus = {"step": 0, "steps": steps + signature_steps, "agreed": None}
     attack = node.config.adversary.consensus_attack
     if attack:
@@ -254,6 +258,27 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
         steps,
         signature_steps,
     )
+    decision = await _agree(node, transport, members, study, steps)
+    flood, report = await _sign_and_pool(node, transport, members, study, decision, steps)
+    node.consensus_inbox.closed = True
+    out = write_agreement(
+        node.state_dir,
+        decision,
+        flood,
+        members.names,
+        steps=steps + signature_steps,
+        pooled=report,
+        round_=node.state.round,
+    )
+    _record(node, members, decision, flood, steps + signature_steps)
+    return out
+
+
+async def _agree(
+    node: Any, transport: Any, members: Members, study: str, steps: int
+) -> cs.Decision:
+    """The agreement steps: Dolev-Strong over the members, then the deterministic rule."""
+    config = node.config.consensus
     party = cs.ConsensusParty(
         node.identity,
         members.keys,
@@ -274,12 +299,19 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
                 node.record_rejection(
                     reason, f"step {step}", sender=members.names[sender], round_=None
                 )
-    decision = party.decide()
+    return party.decide()
+
+
+async def _sign_and_pool(
+    node: Any, transport: Any, members: Members, study: str, decision: cs.Decision, steps: int
+) -> tuple[cs.SignatureFlood, dict[str, Any] | None]:
+    """The signature step: every member's signature on the agreed hash and its pooled share
+    (one step on the complete graph: every member sends its own to every other)."""
+    config = node.config.consensus
     flood = cs.SignatureFlood(node.identity, members.keys, study, decision.model_sha256)
     evaluation = PooledRound(node, members, study, decision) if config.pooled_evaluation else None
     fresh = [evaluation.own_share] if evaluation else []
-    for j in range(1, signature_steps + 1):
-        step = steps + j
+    for step in range(steps + 1, node.consensus_inbox.last + 1):
         message = ConsensusMessage(study, step, (), tuple(flood.outgoing()), tuple(fresh))
         everyone = {p.name: message for p in members.peers}
         got = await _exchange(node, transport, members, step, everyone, config.step_timeout_s)
@@ -288,17 +320,13 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
             flood.receive(m.agreed)
             if evaluation is not None:
                 fresh += evaluation.take(m.shares, members.names[sender])
-    inbox.closed = True
-    report = evaluation.report() if evaluation is not None else None
-    out = write_agreement(
-        node.state_dir,
-        decision,
-        flood,
-        members.names,
-        steps=steps + signature_steps,
-        pooled=report,
-        round_=node.state.round,
-    )
+    return flood, evaluation.report() if evaluation is not None else None
+
+
+def _record(
+    node: Any, members: Members, decision: cs.Decision, flood: cs.SignatureFlood, steps: int
+) -> None:
+    """The outcome in the audit log, /status and the log."""
     node.audit.append(
         "consensus",
         node.state.round,
@@ -308,8 +336,8 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
         signers=sorted(members.names[k] for k in flood.signatures),
     )
     node.state.consensus = {
-        "step": steps + signature_steps,
-        "steps": steps + signature_steps,
+        "step": steps,
+        "steps": steps,
         "agreed": decision.model_sha256,
         "signers": len(flood.signatures),
         "excluded": sorted(members.names.get(k, k.hex()) for k in decision.excluded),
@@ -322,7 +350,6 @@ async def run_network_phase(node: HospitalNode, transport: Any) -> Path | None:
         len(flood.signatures),
         len(members.keys),
     )
-    return out
 
 
 async def _attack(

@@ -45,8 +45,6 @@ from murmur.node.binding import config_binding, data_fingerprint
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.clock import ClockReport
 from murmur.node.config import NodeConfig
-from murmur.node.consensus import study_label
-from murmur.node.consensus_net import ConsensusInbox
 from murmur.node.consortium import Governance, open_governance
 from murmur.node.evidence import EvidenceBook
 from murmur.node.governance import peers_of
@@ -148,11 +146,7 @@ class HospitalNode:
             current_round=lambda: self.state.round,
         )
         self.stop = asyncio.Event()
-        # The consensus phase's inbox (node/consensus_net.py), open from the start: a member
-        # that finishes training first sends its first step while this node still trains.
-        self.consensus_inbox = (
-            ConsensusInbox(study_label(config)) if config.consensus.enabled else None
-        )
+        self.consensus_inbox = consensus_net.inbox_for(config)  # open from the start
         # called once the node is about to serve, after its node_start audit record
         self.on_start: list[Callable[[], None]] = []
         ckpt = self._open_checkpoint()
