@@ -196,10 +196,13 @@ async def _exchange(
     node.state.consensus["step"] = step
     spec = node.study.spec
     by_name = {p.name: p for p in members.peers}
-    bodies = {
-        name: seal_message(node.identity, by_name[name].public_key, m, spec)
-        for name, m in messages.items()
-    }
+    # Sealing serializes whole models: off the event loop, which keeps serving peers.
+    bodies = await asyncio.to_thread(
+        lambda: {
+            name: seal_message(node.identity, by_name[name].public_key, m, spec)
+            for name, m in messages.items()
+        }
+    )
     pending = {name: by_name[name] for name in bodies}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not node.stop.is_set():
