@@ -6,8 +6,9 @@ state directory its node wrote `agreed/` to. It refuses, with the reason, unless
 1. the agreement checks out (node/consensus.py `read_agreement`: the model file hashes to the
    agreed hash, every listed signature verifies);
 2. at least k members signed the agreed hash, counting only keys this hospital knows as
-   members (its own and its allowlist's; the file's own member list is not trusted); k is
-   `--min-signatures`, else `[consensus] min_signatures`, else a majority of the members;
+   members (the consortium's current membership, or its own key and its allowlist's; the
+   file's own member list is not trusted); k is `--min-signatures`, else `[consensus]
+   min_signatures`, else the consortium's quorum, or a majority of the allowlist's members;
 3. the membership-inference audit (models/membership_audit.py) of the agreed model on this
    hospital's own training (members) and test (non-members) rows passes: attack AUC at most
    `--max-attack-auc` (default `MAX_ATTACK_AUC`, 0.60).
@@ -82,20 +83,33 @@ def _pooled_lines(pooled: dict | None) -> list[str]:
     ]
 
 
-def members_known(config: Any) -> dict[str, str]:
-    """key hex -> name of the members this hospital itself knows: its key and its peers'."""
+def members_known(config: Any, state_dir: Path) -> tuple[dict[str, str], int]:
+    """(key hex -> name, default k) of the members this hospital itself knows: with a
+    consortium its current membership (from the manifest and the node's change log) and the
+    consortium's quorum; else its own key and its allowlist's, and a majority of them."""
     from murmur.crypto.identity import load_identity, load_public_key
 
+    if config.consortium.enabled:
+        from murmur.node.consortium import open_governance
+
+        governance = open_governance(config, Path(state_dir))
+        try:
+            membership = governance.membership
+            known = {m.public_key.hex(): m.name for m in membership.members}
+            return known, membership.quorum
+        finally:
+            governance.store.close()
     known = {load_identity(config.node.key_file).public_key.hex(): config.node.name}
     for p in config.peers:
         known[load_public_key(p.public_key or str(p.public_key_file)).hex()] = p.name
-    return known
+    return known, len(known) // 2 + 1
 
 
-def required_signatures(n_members: int, config_k: int, override: int | None) -> int:
+def required_signatures(default_k: int, config_k: int, override: int | None) -> int:
+    """k: ``--min-signatures``, else `[consensus] min_signatures`, else the default."""
     if override is not None:
         return override
-    return config_k if config_k > 0 else n_members // 2 + 1
+    return config_k if config_k > 0 else default_k
 
 
 def run_audit(config: Any, state_dir: Path, max_auc: float) -> MembershipAudit:
@@ -210,9 +224,9 @@ def release(
     config = load_config(config_path)
     state_dir = state_dir or config.node.state_dir
     doc = read_agreement(state_dir)
-    known = members_known(config)
-    signers = sorted({s["name"] for s in doc["signatures"] if s["key"] in known})
-    k = required_signatures(len(known), config.consensus.min_signatures, min_signatures)
+    known, default_k = members_known(config, state_dir)
+    signers = sorted({known[s["key"]] for s in doc["signatures"] if s["key"] in known})
+    k = required_signatures(default_k, config.consensus.min_signatures, min_signatures)
     if len(signers) < k:
         raise ReleaseRefused(
             f"release refused: {len(signers)} of {len(known)} members signed the agreed model "

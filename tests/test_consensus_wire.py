@@ -95,3 +95,27 @@ def test_the_inbox_keeps_one_message_per_sender_and_step_within_one_step_ahead()
     assert set(inbox.close(2)) == {s2}
     inbox.closed = True
     assert inbox.take(s1, ConsensusMessage(STUDY, 3)) == "consensus_closed"
+
+
+def test_a_release_counts_the_consortium_members_and_takes_its_quorum(tmp_path) -> None:
+    import types
+
+    from murmur.gossip.membership import Manifest, Member
+    from murmur.node.release import members_known, required_signatures
+
+    ids = [generate_identity(f"hospital_{i}") for i in range(5)]
+    members = tuple(Member(i.name, i.public_key, "http://127.0.0.1:9000") for i in ids)
+    manifest = Manifest("c", members, quorum=4, created_at=1.0)
+    for ident in ids:
+        manifest = manifest.signed_by(ident)
+    path = tmp_path / "manifest.bin"
+    path.write_bytes(manifest.encode())
+    config = types.SimpleNamespace(
+        consortium=types.SimpleNamespace(enabled=True, manifest=path, consortium_id=""),
+        aggregation=types.SimpleNamespace(rule="mean", f=0),
+    )
+    known, k = members_known(config, tmp_path)
+    assert known == {i.public_key.hex(): i.name for i in ids}
+    assert k == 4  # the consortium's quorum, not a majority of the file's list
+    assert required_signatures(k, 0, None) == 4
+    assert required_signatures(k, 2, None) == 2 and required_signatures(k, 2, 5) == 5
