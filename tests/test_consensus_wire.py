@@ -119,3 +119,24 @@ def test_a_release_counts_the_consortium_members_and_takes_its_quorum(tmp_path) 
     assert k == 4  # the consortium's quorum, not a majority of the file's list
     assert required_signatures(k, 0, None) == 4
     assert required_signatures(k, 2, None) == 2 and required_signatures(k, 2, 5) == 5
+
+
+def test_config_check_wants_the_complete_graph_and_one_t_for_the_consensus_phase(
+    tmp_path,
+) -> None:
+    from murmur.node.config_check import check_configs
+
+    from tests.netutil import make_network
+
+    net = make_network(tmp_path, "--nodes", "4", "--topology", "ring", "--consensus")
+    paths = [n.config_path for n in net.nodes]
+    _, findings = check_configs(paths)
+    complete = [f for f in findings if f.where.endswith("consensus.enabled")]
+    assert len(complete) == 4 and "does not list" in complete[0].message
+    full = make_network(tmp_path / "complete", "--nodes", "3", "--consensus")
+    full.edit_config("hospital_2", "consensus", max_byzantine=1)
+    _, findings = check_configs([n.config_path for n in full.nodes])
+    assert [f.where for f in findings] == ["consensus.max_byzantine"]
+    full.edit_config("hospital_2", "consensus", enabled=False, max_byzantine=-1)
+    _, findings = check_configs([n.config_path for n in full.nodes])
+    assert [f.where for f in findings] == ["consensus.enabled"]
