@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from murmur.models.membership_audit import MAX_ATTACK_AUC, MembershipAudit, audit_model
-from murmur.node.consensus import AGREED_DIR, MODEL_FILE, load_agreed_model, read_agreement
+from murmur.node.consensus import (
+    AGREED_DIR,
+    AGREEMENT_FILE,
+    MODEL_FILE,
+    load_agreed_model,
+    read_agreement,
+)
 
 EXPORT_FILE = "model.pt2"
 
@@ -43,7 +49,10 @@ def _pct(figure: dict | None) -> str:
 
 
 def show_text(state_dir: Path) -> str:
-    """`murmur model show`: hash, signers, round, pooled figures, privacy spent per site."""
+    """`murmur model show`: hash, signers, round, pooled figures, privacy spent per site.
+    ``state_dir`` is a node's state directory or its `agreed/` directory."""
+    if (Path(state_dir) / AGREEMENT_FILE).is_file():
+        state_dir = Path(state_dir).parent
     doc = read_agreement(state_dir)
     lines = [
         f"agreed model {doc['model_sha256']}",

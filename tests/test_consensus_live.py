@@ -93,6 +93,10 @@ def check_model_cli(net: Network, doc: dict, names: list[str]) -> None:
         assert cli.main(["model", "show", str(node.state_dir)]) == 0
     text = out.getvalue()
     assert doc["model_sha256"] in text
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):  # the agreed/ directory itself will do too
+        assert cli.main(["model", "show", str(node.state_dir / "agreed")]) == 0
+    assert again.getvalue() == text
     assert "signed by 3 of 3 members" in text and all(n in text for n in names)
     assert "pooled evaluation over" in text and "AUROC" in text
     assert "last training round 2" in text and "(no DP)" in text
