@@ -150,6 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "what arrived since its last step (docs/protocol.md, 'Asynchronous gossip')",
     )
     p.add_argument(
+        "--consensus",
+        action="store_true",
+        help="after the last round, run the consensus phase and the pooled evaluation over "
+        "POST /consensus ([consensus] enabled; needs the complete topology): every node "
+        "writes <state_dir>/agreed/ (docs/release.md, `murmur model show`)",
+    )
+    p.add_argument(
         "--max-staleness",
         type=int,
         default=3,
@@ -544,6 +551,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                 else {}
             ),
             **({"evaluation": {"threshold": args.threshold}} if args.threshold is not None else {}),
+            **({"consensus": {"enabled": True}} if args.consensus else {}),
             **trust_section(args),
             **(
                 {"adversary": adversary_section(args, i, names, attackers, topology)}

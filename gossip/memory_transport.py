@@ -40,6 +40,8 @@ class ReceivingNode(Protocol):
 
     def record_rejection(self, reason: str, detail: str, **where: Any) -> None: ...
 
+    async def answer_consensus(self, body: bytes, sender: Peer) -> tuple[int, str]: ...
+
 
 class MemoryTransport:
     """Delivers one node's envelopes by calling the receiving node's handler directly (no
@@ -98,3 +100,12 @@ class MemoryTransport:
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         status, reason = self.nodes[peer.address].answer_probe(probe)
         return Contact.from_answer(status, reason, "", source="probe")
+
+    async def post_consensus(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        """What POST /consensus answers (node/consensus_net.py), or no answer for a missing
+        node; the sender is this transport's identity, as its Murmur-Auth would show."""
+        node = self.nodes.get(peer.address)
+        sender = node.allowlist.by_key(self.identity.public_key) if node is not None else None
+        if node is None or sender is None:
+            return None, "unreachable"
+        return await node.answer_consensus(body, sender)

@@ -124,6 +124,13 @@ class RoutedTransport:
         )
         return next((a for a in answers if a[0] is not None), (None, b""))
 
+    async def post_consensus(self, peer: Peer, body: bytes) -> tuple[int | None, str]:
+        """Direct only: the relays do not carry /consensus (docs/release.md)."""
+        peer = self._where(peer)
+        if not peer.address or self.direct is None:
+            return None, "no route"
+        return await self.direct.post_consensus(peer, body)
+
 
 async def _all(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
     """Await every coroutine concurrently, in a TaskGroup (none of them raises)."""

@@ -44,6 +44,7 @@ log = logging.getLogger("murmur.transport")
 ENVELOPE_CONTENT_TYPE = "application/x-murmur-envelope"
 RECORDS_CONTENT_TYPE = "application/json"
 GOVERNANCE_CONTENT_TYPE = "application/x-murmur-governance"
+CONSENSUS_CONTENT_TYPE = "application/x-murmur-consensus"
 
 MAX_REPLY_BYTES = 64 * 1024
 # Shorter than the receivers' default idle timeout (docs/config.md, [peer_listener]).
@@ -451,6 +452,25 @@ class PeerTransport:
                 return response.status, data
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None, b""
+
+    async def post_consensus(
+        self, peer: Peer, body: bytes, path: str = "/consensus"
+    ) -> tuple[int | None, str]:
+        """POST one sealed consensus message (gossip/consensus_wire.py) to a peer: (status,
+        reason code), or (None, why) without an answer. Never raises for network trouble."""
+        try:
+            async with self.session.post(
+                self._url(peer, path),
+                data=body,
+                headers=self.headers(peer, path, body, CONSENSUS_CONTENT_TYPE),
+                allow_redirects=False,
+            ) as response:
+                reply = await self._read_reply(response)
+                return response.status, reply_reason(reply, response.status == 202, response.status)
+        except OversizeReply:
+            return None, "oversize_reply"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, type(exc).__name__
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our

@@ -1,20 +1,20 @@
 """The node's HTTP: a peer listener for other nodes, an operator listener for its own people.
 
-**Peer listener** (`[node] listen`): `POST /gossip`, `POST /receipts` and `GET /health`,
-nothing else. Anyone who can reach it can talk to it, so everything here is sized for
-strangers: a Content-Encoding or an oversize Content-Length is refused before the body is
-read, and so is every POST whose signed `Murmur-Auth` header (gossip/auth.py) does not show
-an admitted peer sending it to this node just now; with `Expect: 100-continue` all of that
-happens before the body is even invited. A stranger's request costs one header check and at
-most one signature verification, whatever its size, and is answered `401 unauthenticated`,
-whatever the precise reason (that stays in this node's counters and log). An authenticated
-peer may have only a few bodies in flight and a bounded number of requests per round; its
-body must arrive within `body_timeout_s` and hash to what it signed. Connections are capped
-in all and per source address, idle ones are closed, and each address may upload only a few
-bodies at once. Every refusal is a 4xx with a reason code, counted in /status and /metrics,
-logged at most once per reason per interval (node/rejections.py), and answered with the code
-alone. Nothing computed from training data is served here; /health says only that the node
-is up.
+**Peer listener** (`[node] listen`): `POST /gossip`, `/receipts`, `/probe`, `/records`,
+`/approvals`, `/governance`, `/consensus` and `GET /health`, nothing else. Anyone who can reach
+it can talk to it, so everything here is sized for strangers: a Content-Encoding or an oversize
+Content-Length is refused before the body is read, and so is every POST whose signed
+`Murmur-Auth` header (gossip/auth.py) does not show an admitted peer sending it to this node
+just now; with `Expect: 100-continue` all of that happens before the body is even invited. A
+stranger's request costs one header check and at most one signature verification, whatever its
+size, and is answered `401 unauthenticated`, whatever the precise reason (that stays in this
+node's counters and log). An authenticated peer may have only a few bodies in flight and a
+bounded number of requests per round; its body must arrive within `body_timeout_s` and hash to
+what it signed. Connections are capped in all and per source address, idle ones are closed, and
+each address may upload only a few bodies at once. Every refusal is a 4xx with a reason code,
+counted in /status and /metrics, logged at most once per reason per interval
+(node/rejections.py), and answered with the code alone. Nothing computed from training data is
+served here; /health says only that the node is up.
 
 **Operator listener** (`[operator] listen`, loopback by default): `GET /status`, `/metrics`,
 `/` (the dashboard) and the dashboard's `/alerts` and `/audit/recent` (node/dashboard.py).
@@ -49,10 +49,12 @@ from murmur.gossip.auth import (
     RequestAuth,
     RequestAuthenticator,
 )
+from murmur.gossip.consensus_wire import CONSENSUS_PATH
 from murmur.gossip.heads import REQUEST_BYTES
 from murmur.gossip.peer_records import MAX_RECORDS_BYTES
 from murmur.gossip.probe import PROBE_BYTES
 from murmur.node.config import NodeConfig
+from murmur.node.consensus_net import consensus_route, route_limit
 from murmur.node.governance import GOVERNANCE_PATH, MAX_GOVERNANCE_BYTES, governance_route
 from murmur.node.listener import (
     HTTP_STATUS,
@@ -214,6 +216,7 @@ def build_peer_app(node: ServedNode) -> web.Application:
     add_peer_route(app, "/records", records_route, MAX_RECORDS_BYTES)
     add_peer_route(app, "/approvals", approvals_route, MAX_APPROVALS_BODY_BYTES)
     add_peer_route(app, GOVERNANCE_PATH, governance_route, MAX_GOVERNANCE_BYTES)
+    add_peer_route(app, CONSENSUS_PATH, consensus_route, route_limit(node))
     app.router.add_get("/health", health)
     return app
 

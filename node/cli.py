@@ -1,5 +1,5 @@
 """The `murmur` command: keygen, key show, config check, node, hosts, tls-selfsigned, relay,
-study, consortium, audit.
+study, consortium, model, audit.
 
 Every failure an operator can cause (a missing file, a bad key, a bad config) ends in one
 line saying what is wrong and exit status 2, never a traceback.
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_consortium_parser(sub)
 
+    from murmur.node.release import add_model_parser
+
+    add_model_parser(sub)
+
     from murmur.node.studies.cli import add_study_parser
 
     add_study_parser(sub)
@@ -198,6 +202,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from murmur.node.studies.cli import study_command
 
         return study_command(args)
+    if args.command == "model":
+        from murmur.node.release import model_command
+
+        return model_command(args, sys.stdout)
     if args.command == "consortium":
         from murmur.node.consortium_cli import consortium_command
 

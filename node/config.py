@@ -51,6 +51,7 @@ from murmur.node.config_network import (
     PeerListenerSection,
     PeerSection,
 )
+from murmur.node.config_release import ConsensusSection
 from murmur.node.net_config import ConsortiumSection, RelaySection, TlsSection, check_network
 from murmur.node.studies.config import SiteBudgetSection, StudySection, merge_manifest
 
@@ -95,6 +96,7 @@ class NodeConfig:
     site_budget: SiteBudgetSection = field(default_factory=SiteBudgetSection)
     consortium: ConsortiumSection = field(default_factory=ConsortiumSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    consensus: ConsensusSection = field(default_factory=ConsensusSection)
     source: Path | None = None
     sha256: str = ""
 
@@ -136,6 +138,7 @@ class NodeConfig:
             self.site_budget,
             self.consortium,
             self.compression,
+            self.consensus,
         ):
             section.validate()
         _, peer_port = split_listen(self.node.listen)
@@ -240,6 +243,7 @@ _SECTIONS: dict[str, type] = {
     "site_budget": SiteBudgetSection,
     "consortium": ConsortiumSection,
     "compression": CompressionSection,
+    "consensus": ConsensusSection,
 }
 
 

@@ -31,6 +31,16 @@ SHARED_FIELDS: tuple[tuple[str, str], ...] = (
     ("data.dataset", "hospitals of one study train on one data set's features"),
     ("training.rounds", "a node that plans fewer rounds stops sharing before its peers"),
     (
+        "consensus.enabled",
+        "the consensus phase runs between every member: one that skips it is left out and "
+        "the others wait for it at every step",
+    ),
+    (
+        "consensus.max_byzantine",
+        "t sets the number of agreement steps (t + 1): nodes with different t stop at "
+        "different steps",
+    ),
+    (
         "study.sha256",
         "each node refuses the envelopes of a study it does not run (unknown_study): they must "
         "name the same signed manifest",
@@ -121,6 +131,29 @@ def _check_agreement(configs: list[NodeConfig], own_keys: dict[str, bytes]) -> l
                     )
                 continue
             findings += _check_edge(config, peer, other, own_keys.get(peer.name))
+    findings += _check_consensus_graph(configs)
+    return findings
+
+
+def _check_consensus_graph(configs: list[NodeConfig]) -> list[Finding]:
+    """With `[consensus] enabled` and a static allowlist, every node must list every other
+    (node/consensus_net.py: its members are itself and its allowlist)."""
+    names = {c.node.name for c in configs}
+    findings = []
+    for config in configs:
+        if not config.consensus.enabled or config.consortium.enabled:
+            continue
+        missing = sorted(names - {p.name for p in config.peers} - {config.node.name})
+        if missing:
+            findings.append(
+                Finding(
+                    "error",
+                    f"{config.source}: consensus.enabled",
+                    f"the consensus phase's members are this node and its peers, but it does "
+                    f"not list {', '.join(missing)}: add them as [[peers]] (the complete "
+                    "graph), or run under a [consortium]",
+                )
+            )
     return findings
 
 

@@ -405,12 +405,24 @@ class AdversarySection:
     seed: int = 0
     # For dissensus: how many Byzantine neighbours each honest neighbour has.
     byzantine_neighbours: dict[str, int] = field(default_factory=dict)
+    # What it does in the consensus phase (gossip/consensus_attacks.py); it may train
+    # honestly (attack = "") and attack only there.
+    consensus_attack: str = ""
 
     @property
     def enabled(self) -> bool:
         return self.attack != ""
 
     def validate(self) -> None:
+        if self.consensus_attack:
+            from murmur.gossip.consensus_attacks import CONSENSUS_ATTACKS
+
+            require(
+                self.consensus_attack in CONSENSUS_ATTACKS,
+                "adversary.consensus_attack",
+                f"unknown consensus attack {self.consensus_attack!r}",
+                f"use one of {', '.join(CONSENSUS_ATTACKS)}, or remove it",
+            )
         if not self.enabled:
             return
         from murmur.gossip.attacks import ATTACKS, attack_params

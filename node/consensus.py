@@ -2,7 +2,7 @@
 
 Why a part of its own: gossip/consensus.py is the pure protocol; this module feeds it a node's
 final model, identity and signed card entry (`facts_of`), runs it between nodes, and writes the
-outcome where `murmur model show` and `murmur model release` read it:
+outcome where `murmur model show` and `murmur model release` read it (node/release.py):
 
     <state_dir>/agreed/model.safetensors   the agreed model (tensor order in its metadata)
     <state_dir>/agreed/agreement.json      hash, rule, included and excluded members with why,
@@ -12,9 +12,10 @@ outcome where `murmur model show` and `murmur model release` read it:
 `read_agreement` re-checks everything it reads: the model file must hash to the agreed hash and
 every listed signature must verify; a file that does not is refused with the reason.
 
-Not yet over HTTP: the phase runs between nodes in one process (`run_phase`, used by
-bench/release.py and the tests, with the nodes' real keys and final models). Carrying its
-messages over the peer listener is the next step (docs/release.md says so).
+Two drivers: `run_phase` runs it between nodes in one process (bench/release.py and the
+tests, with the nodes' real keys and final models); node/consensus_net.py runs it between
+node processes over `POST /consensus`. node/release.py (`murmur model show|release`) reads
+what either wrote.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def write_agreement(
     *,
     steps: int,
     pooled: Mapping[str, Any] | None = None,
+    round_: int | None = None,
 ) -> Path:
     """The agreed model and its agreement, under ``state_dir``/agreed."""
     from safetensors.numpy import save_file
@@ -154,10 +156,15 @@ def write_agreement(
         ],
         "dissent": {names.get(k, k.hex()): h for k, h in flood.dissent.items()},
         "extra_rounds": steps,
+        "round": round_,  # the last training round before the phase
         "pooled_evaluation": dict(pooled) if pooled is not None else None,
     }
     (out / AGREEMENT_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
+
+
+def agreement_written(state_dir: Path) -> bool:
+    return (Path(state_dir) / AGREED_DIR / AGREEMENT_FILE).is_file()
 
 
 def load_agreed_model(state_dir: Path) -> State:
@@ -204,20 +211,3 @@ def read_agreement(state_dir: Path) -> dict[str, Any]:
         valid.append(entry["name"])
     doc["valid_signers"] = valid
     return doc
-
-
-def show(state_dir: Path) -> str:
-    """`murmur model show`: the agreed hash and who signed it, in words."""
-    doc = read_agreement(state_dir)
-    lines = [
-        f"agreed model {doc['model_sha256']}",
-        f"study {doc['study']}; rule {doc['rule']} over {len(doc['included'])} final models; "
-        f"{doc['extra_rounds']} extra rounds",
-        f"signed by {len(doc['valid_signers'])} of {len(doc['members'])} members "
-        "(every signature verified):",
-        *(f"  {s['name']}  {s['key'][:16]}…  {s['signature'][:24]}…" for s in doc["signatures"]),
-    ]
-    if doc["excluded"]:
-        lines.append("left out:")
-        lines += [f"  {e['name']}: {e['why']}" for e in doc["excluded"]]
-    return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from murmur.gossip.feasibility import check_min_neighbours, check_node
 from murmur.node import __version__
+from murmur.node.consensus import agreement_written
 from murmur.node.state import StartupError
 
 if TYPE_CHECKING:
@@ -103,8 +104,11 @@ def stop_reason(node: HospitalNode) -> str:
 
 def finished_already(node: HospitalNode) -> str | None:
     """The phase a previous run of this state directory ended in, if it left nothing to
-    do: every planned round trained ("done"), or no DP step left in the budget."""
+    do: every planned round trained ("done") and, with `[consensus] enabled`, the agreement
+    written; or no DP step left in the budget."""
     if node.next_round > node.config.training.rounds:
+        if node.consensus_inbox is not None and not agreement_written(node.state_dir):
+            return None  # trained, but stopped before the consensus phase ended: run it
         return "done"
     if node.study.budget_spent():
         return "budget_exhausted"
@@ -166,6 +170,7 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     transport stays open for the whole run, serving included: through a relay, this node is
     reached only while its relay connections are up (node/paths.py)."""
     from murmur.node.background import running
+    from murmur.node.consensus_net import run_network_phase
     from murmur.node.paths import open_transport
     from murmur.node.studies.gate import await_quorum, exchange_approvals
 
@@ -186,6 +191,8 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
                 await node.run_rounds(transport)
                 if node.state.phase in ("done", "budget_exhausted"):
                     node.gate.record(node.study.ledger, node.state.round, finished=True)
+                if node.state.phase == "done" and node.consensus_inbox is not None:
+                    await run_network_phase(node, transport)  # docs/release.md
                 node.write_status()
                 if serve_forever and not node.stop.is_set():
                     log.info("planned rounds done; serving until SIGTERM")

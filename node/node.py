@@ -38,7 +38,7 @@ from murmur.gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_
 from murmur.models.data import HospitalSplit
 from murmur.models.params import state_sha256
 from murmur.models.privacy import PrivacyLedger
-from murmur.node import byzantine, lifecycle
+from murmur.node import byzantine, consensus_net, lifecycle
 from murmur.node.aggregator import RoundAggregator
 from murmur.node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
 from murmur.node.binding import config_binding, data_fingerprint
@@ -148,6 +148,7 @@ class HospitalNode:
             current_round=lambda: self.state.round,
         )
         self.stop = asyncio.Event()
+        self.consensus_inbox = consensus_net.inbox_for(config)  # open from the start
         # called once the node is about to serve, after its node_start audit record
         self.on_start: list[Callable[[], None]] = []
         ckpt = self._open_checkpoint()
@@ -452,6 +453,10 @@ class HospitalNode:
     def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
         """POST /approvals (node/studies/gate.py): (HTTP status, reason code)."""
         return self.gate.answer_approvals(body, sender, self.inbox.current_round)
+
+    async def answer_consensus(self, body: bytes, sender: Peer) -> tuple[int, str]:
+        """POST /consensus (node/consensus_net.py): (HTTP status, reason code)."""
+        return await consensus_net.answer(self, body, sender)
 
     def summarise_rejections(self, round_: int | None) -> None:
         self.receiver.summarise_rejections(round_)

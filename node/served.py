@@ -66,6 +66,10 @@ class ServedNode(Protocol):
         """POST /approvals: (HTTP status, reason code)."""
         ...
 
+    async def answer_consensus(self, body: bytes, sender: Peer) -> tuple[int, str]:
+        """POST /consensus (node/consensus_net.py): (HTTP status, reason code)."""
+        ...
+
     def record_rejection(
         self,
         reason: str,

@@ -41,6 +41,8 @@ class NodeState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     consortium: dict[str, Any] = field(default_factory=dict)  # node/governance.py
+    # the consensus phase after the last round (node/consensus_net.py): step, agreed hash
+    consensus: dict[str, Any] = field(default_factory=dict)
     model_sha256: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
     # why requests were refused as `unauthenticated` (gossip/auth.py AuthFailure -> count):
