@@ -4,15 +4,20 @@ config checks, and a network in which one hospital five times slower holds no on
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from murmur.gossip.memory_transport import MemoryTransport
+from murmur.gossip.probe import Contact
 from murmur.gossip.rounds import InboxVerdict, RoundInbox
+from murmur.gossip.transport import SendResult
 from murmur.gossip.wire import ModelUpdate, build_envelope
 from murmur.node.audit import records_of_kind
 from murmur.node.config import ConfigError, parse_config
@@ -164,3 +169,59 @@ def test_one_slow_hospital_holds_no_one_up_and_everyone_converges(tmp_path: Path
     sync_auc = float(sync.aucs[:, -1].mean())
     assert sync_auc > 0.95
     assert np.all(run.aucs[:, -1] > sync_auc - 0.03)
+
+
+class ExitingTransport(MemoryTransport):
+    """The in-memory transport, with a node whose planned steps are done gone, as a node
+    process is with `node.after_training = "exit"`: sends and probes to it are unreachable."""
+
+    def gone(self, peer: Any) -> bool:
+        return self.nodes[peer.address].state.phase == "done"
+
+    async def send(self, peer: Any, envelope: bytes, signer: Any = None) -> SendResult:
+        if self.gone(peer):
+            return SendResult(peer.name, False, None, "unreachable: connection refused", 0.0)
+        return await super().send(peer, envelope, signer)
+
+    async def probe(self, peer: Any, probe: bytes, timeout_s: float) -> Contact:
+        if self.gone(peer):
+            return Contact.from_answer(None, "unreachable: connection refused", "", source="probe")
+        return await super().probe(peer, probe, timeout_s)
+
+
+async def test_a_slow_node_finishes_its_steps_after_the_fast_ones_exited(tmp_path: Path) -> None:
+    """Without the finished-peer rule the slow node waits for neighbours that can take its
+    envelope (min_neighbours 2 for clipping:1) forever once the fast three have exited."""
+    from murmur.node.config import load_config
+    from murmur.node.node import HospitalNode
+
+    args = run_cluster.parse_args(
+        [
+            *("--nodes", "4", "--rounds", "5", "--no-dp", "--asynchronous"),
+            *("--max-staleness", "5", "--quiet", "--out", str(tmp_path)),
+        ]
+    )
+    nodes, _ = run_cluster.write_network(args, tmp_path)
+    hospitals = [HospitalNode(load_config(n.config_path)) for n in nodes]
+    slow = hospitals[0]
+    train = slow.study.train_round
+
+    def slow_train(reference: Any) -> Any:
+        time.sleep(0.4)
+        return train(reference)
+
+    slow.study.train_round = slow_train
+    by_address = {n.address: h for n, h in zip(nodes, hospitals, strict=True)}
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(
+                *(h.run_rounds(ExitingTransport(by_address, h.identity)) for h in hospitals)
+            )
+    finally:
+        for h in hospitals:
+            h.audit.close()
+    assert [h.state.phase for h in hospitals] == ["done"] * 4
+    assert [len(h.state.history) for h in hospitals] == [5] * 4
+    # its last steps went ahead with every neighbour gone (each send to them failed)
+    sent = records_of_kind(slow.state_dir, "update_sent")
+    assert len(sent) == 5 and len(sent[-1].fields["failed"]) == 3
