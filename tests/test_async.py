@@ -8,6 +8,8 @@ import asyncio
 import importlib
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from murmur.node.audit import records_of_kind
 from murmur.node.config import ConfigError, parse_config
 
 import run_cluster
-from tests.netutil import build_node
+from tests.netutil import REPO, build_node
 from tests.test_config import with_
 
 # bench/async.py's in-process network (its module name is a keyword, hence importlib)
@@ -225,3 +227,34 @@ async def test_a_slow_node_finishes_its_steps_after_the_fast_ones_exited(tmp_pat
     # its last steps went ahead with every neighbour gone (each send to them failed)
     sent = records_of_kind(slow.state_dir, "update_sent")
     assert len(sent) == 5 and len(sent[-1].fields["failed"]) == 3
+
+
+@pytest.mark.slow
+def test_asynchronous_hospitals_in_two_processes_over_http(tmp_path: Path) -> None:
+    """run_cluster --asynchronous with real node processes (two, two hospitals each): every
+    node runs every step, hears its peers over HTTP and reports itself asynchronous."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [
+            *(sys.executable, "run_cluster.py", "--nodes", "4", "--hosts-per-process", "2"),
+            *("--rounds", "4", "--no-dp", "--asynchronous", "--max-staleness", "4"),
+            *("--no-baselines", "--quiet", "--out", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["asynchronous"] is True and report["rounds_completed"] == 4
+    assert not report["failed"]
+    heard = 0
+    for state in sorted((out / "nodes").iterdir()):
+        status = json.loads((state / "status.json").read_text())
+        assert [h["round"] for h in status["history"]] == [1, 2, 3, 4]
+        assert status["phase"] == "done"
+        heard += sum(len(h["received"]) for h in status["history"])
+        config = (state.parent.parent / "configs" / f"{state.name}.toml").read_text()
+        assert "asynchronous = true" in config
+    assert heard > 0  # models crossed the processes without any round barrier
