@@ -266,9 +266,13 @@ def others_reach(run: NetworkRun, others: list[int], bar: float) -> float | None
     return None if step is None else float(when[step - 1])
 
 
-def last_aucs(run: NetworkRun) -> np.ndarray:
-    """Each node's AUC after the last step it finished."""
-    return np.array([row[~np.isnan(row)][-1] for row in run.aucs])
+def last_aucs(run: NetworkRun, by_s: float | None = None) -> np.ndarray:
+    """Each node's AUC after the last step it finished (by ``by_s`` seconds, when given: a
+    step that the stop caught half-way and that ended after it does not count)."""
+    done = ~np.isnan(run.aucs)
+    if by_s is not None:
+        done &= run.times <= by_s
+    return np.array([row[ok][-1] for row, ok in zip(run.aucs, done, strict=True)])
 
 
 def asynchronous(args: argparse.Namespace, base: Path | None) -> AsyncResult:
@@ -312,13 +316,13 @@ def asynchronous(args: argparse.Namespace, base: Path | None) -> AsyncResult:
                 for p in (Path(tmp) / "steps" / "nodes").glob("*/status.json")
             )
         sync_auc = float(sync.aucs[:, -1].mean())
-        timed_auc = float(last_aucs(timed).mean())
+        timed_auc = float(last_aucs(timed, by_s=sync_s).mean())
         reach = others_reach(timed, others, sync_auc)
         ratio = None if reach is None else reach / sync_s
         steps_reach = others_reach(steps, others, sync_auc)
         steps_ratio = None if steps_reach is None else steps_reach / sync_s
         steps_auc = float(steps.aucs[:, -1].mean())
-        done = (~np.isnan(timed.aucs)).sum(axis=1)
+        done = (~np.isnan(timed.aucs) & (timed.times <= sync_s)).sum(axis=1)
         # how much slower hospital_0's steps really were (simulated + real compute)
         slower = float(steps.times[0, -1] / steps.times[others, -1].mean())
         rows.append((ratio, timed_auc - sync_auc, steps_ratio, steps_auc - sync_auc))
