@@ -314,6 +314,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--sample-peers draws from every node of the network, so it needs --topology "
             "complete (every node allowlists every other)"
         )
+    if args.max_staleness < 0:
+        p.error("--max-staleness must be >= 0 (0: only models of the receiver's own step)")
+    if args.asynchronous and args.sample_peers:
+        p.error(
+            "--asynchronous cannot be combined with --sample-peers: an asynchronous step "
+            "aggregates whoever's newest model arrived, with no round graph to sample"
+        )
     apply_recipe(args)
     check_adversary_args(p, args)
     if args.dataset == "csv" and not args.no_dp and args.reference is None:

@@ -257,6 +257,15 @@ class GossipSection:
             "must be >= 0 (0: every peer, every round)",
             "sample_peers = 4",
         )
+        # An asynchronous step takes whoever's newest model arrived, so it cannot keep the
+        # sampled round graph (whose senders of round r are fixed) nor its 1/(s+1) weights.
+        require(
+            not (self.asynchronous and self.sample_peers),
+            "gossip.asynchronous",
+            "cannot be combined with gossip.sample_peers (an asynchronous step has no round "
+            "graph to sample)",
+            "set sample_peers = 0, or asynchronous = false",
+        )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
@@ -51,8 +51,11 @@ class NeighbourWatch:
         metrics: NodeMetrics,
         state: NodeState,
         stop: asyncio.Event,
+        finished_peers: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self._config = config
+        # Asynchronous gossip: the peers that sent their last planned step (node/node.py).
+        self._finished_peers = finished_peers
         self._identity = identity
         self._peers = peers
         self._trust = trust
@@ -85,9 +88,9 @@ class NeighbourWatch:
         while not self._stop.is_set():
             self.news.clear()  # before looking, so news after the look wakes us
             excluded = self.excluded_from_count()
-            need = self.needed_neighbours(len(excluded))
-            counted = self.liveness.counted(excluded)
             candidates = [p for p in self._peers if p.name not in excluded]
+            need = self._needed_now(excluded, candidates)
+            counted = self.liveness.counted(excluded)
             everyone = len(counted) == len(candidates)
             in_grace = time.monotonic() < grace_end
             if (len(counted) < need or (in_grace and not everyone)) and (
@@ -180,6 +183,21 @@ class NeighbourWatch:
             return self.min_neighbours
         cfg = self._config.aggregation
         return default_min_neighbours(cfg.rule, max(0, cfg.f - excluded))
+
+    def _needed_now(self, excluded: dict[str, str], candidates: list[Peer]) -> int:
+        """needed_neighbours, but never more than the peers that still have steps to run.
+
+        Asynchronous gossip: a fast peer that sent its last planned step sends nothing more
+        and, with `node.after_training = "exit"`, is gone; a slower node waiting for it to
+        take its envelopes would wait forever. So once too few unfinished peers are left,
+        the node runs its remaining steps with those (with none: alone, its envelopes sent to
+        whoever still listens). A Byzantine peer that claims its last step early only lowers
+        this count to the honest unfinished ones, never below."""
+        need = self.needed_neighbours(len(excluded))
+        finished = set(self._finished_peers())
+        if not finished:
+            return need
+        return min(need, sum(p.name not in finished for p in candidates))
 
     def excluded_from_count(self) -> dict[str, str]:
         """Neighbours that never count toward min_neighbours, with why: proven equivocators

@@ -197,6 +197,7 @@ class HospitalNode:
             peers=self.peers,
             trust=self.trust,
             stop=self.stop,
+            finished_peers=self._finished_peers if config.gossip.asynchronous else tuple,
             **parts,
         )
         self.opener = EnvelopeOpener(
@@ -382,6 +383,11 @@ class HospitalNode:
     def current_round(self) -> int:
         """The round the inbox is in (what the API's per-round allowances count by)."""
         return self.inbox.current_round
+
+    def _finished_peers(self) -> list[str]:
+        """Peers whose last planned step arrived (authenticated): they send nothing more."""
+        planned = self.config.training.rounds
+        return [p for p, r in self.inbox.highest_round_seen.items() if r >= planned]
 
     @property
     def rejected(self) -> dict[str, int]:

@@ -39,6 +39,8 @@ REASON_MEANINGS: dict[str, str] = {
     "old_round": "it was for a round this node had already finished",
     "duplicate": "a second, different model from the same sender for the same round",
     "too_far_ahead": "it was for a round too far ahead",
+    "stale_model": "asynchronous gossip: the model was more than max_staleness of this "
+    "node's steps old when it was taken",
     "rollback": "the sender's signed audit head went backwards (its log was rolled back)",
     "unsupported_encoding": "compressed bodies are not accepted",
     "unsupported_expect": "an unsupported Expect header",
