@@ -20,9 +20,10 @@ What it measures, each part in this one run:
   one envelope for 8 recipients, open 8 envelopes from 8 neighbours) against the bare
   primitives on the same bytes (SHA-256 + XChaCha20-Poly1305 + one copy, per envelope built
   and opened), best of ``--repetitions`` as bench/wire.py does; and a node process's peak
-  RSS over a round (receiving 8 envelopes and keeping them for aggregation, as the round
-  inbox does, plus building its own), above what the process held after its imports,
-  over the model's float32 size.
+  RSS over a round with the node's own parts (building its envelope, opening 8 with the
+  opener as the node configures it, which spools a model this size to disk, filing them
+  with their hashes, and the node's ``RoundAggregator`` under the default rule), above
+  what the process held after its imports, over the model's float32 size.
 * ResNet-18 on PneumoniaMNIST: a 4-hospital network (DP, int8) runs 3 rounds in-process.
 
 Run: python bench/compression.py [--quick] [--seeds N]. The last line is one JSON object.
@@ -258,53 +259,93 @@ def high_water_kb() -> int:
 
 
 def rss_round(folder: Path, codec: str) -> None:
-    """In the child: hold the model, build this node's envelope for 8, then receive the 8
-    envelopes in ``folder`` one by one as POST bodies, keeping each opened update as the
-    round inbox does, and aggregate them (coordinate-wise median)."""
-    from murmur.crypto.identity import load_identity
+    """In the child, one round of the first node of a 9-node complete network (8
+    neighbours), with the node's own parts: hold the model, build this node's envelope for
+    8, receive the 8 envelopes in ``folder`` one by one as POST bodies, opened by the
+    ``EnvelopeOpener`` as ``HospitalNode`` configures it (``gossip.spool.node_spool``: a
+    model this size is kept on disk) and filed as ``node/receiver.py`` does (with its
+    model hash), then aggregate them with the node's ``RoundAggregator`` under
+    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real)."""
+    from murmur.crypto.identity import load_identity, load_public_key
+    from murmur.gossip.spool import node_spool
+    from murmur.gossip.trust import TrustTracker
+    from murmur.models.params import model_spec, state_sha256
+    from murmur.node.aggregator import RoundAggregator
+    from murmur.node.audit import AUDIT_FILE, AuditLog
+    from murmur.node.config import load_config
+    from murmur.node.metrics import NodeMetrics
+    from murmur.node.receiver import ReceivedUpdate
+    from murmur.node.state import NodeState
 
-    node = load_identity(folder / "node.key")
-    neighbours = [load_identity(folder / f"n{i}.key") for i in range(8)]
-    allowlist = Allowlist(
-        Peer(n.name, f"http://127.0.0.1:{9000 + i}", n.public_key) for i, n in enumerate(neighbours)
-    )
+    config = load_config(next((folder / "configs").glob("*.toml")))
+    node = load_identity(config.node.key_file)
+    peers = [Peer(p.name, p.address, load_public_key(str(p.public_key_file))) for p in config.peers]
     state = model_state("resnet18_25m")
-    spec = {name: (array.shape, "float32") for name, array in state.items()}
+    spec = model_spec(state)
     limits = WireLimits(accepted_codecs=frozenset(CODECS), timestamp_window_s=1e12)
-    opener = EnvelopeOpener(node, allowlist, spec, limits)
-    keys = [n.public_key for n in neighbours]
+    opener = EnvelopeOpener(
+        node, Allowlist(peers), spec, limits, spool=node_spool(spec, config.node.state_dir)
+    )
+    keys = [p.public_key for p in peers]
     if codec == "none":
         envelope = build_envelope(ModelUpdate(state), node, keys, 1, now=NOW)
     else:
         message, _ = DeltaEncoder(CompressionSettings(codec=codec)).encode(state)
         envelope = build_envelope(ModelUpdate({}), node, keys, 1, now=NOW, compressed=message)
     del envelope  # sent
-    inbox = []
-    for i in range(8):
+    received = {}
+    for i in range(len(peers)):
         data = (folder / f"in{i}.bin").read_bytes()
-        inbox.append(opener.open(data, now=NOW).update.tensors)
-        del data
-    for name in state:  # the aggregation reads one tensor of every model at a time
-        np.median(np.stack([tensors[name] for tensors in inbox]), axis=0)
+        opened = opener.open(data, now=NOW)
+        received[opened.sender.name] = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
+        del data, opened
+    names = [p.name for p in peers]
+    node_state = NodeState(
+        name=config.node.name,
+        public_key=node.public_key.hex(),
+        peers={n: {"address": "", "last_round": 0, "last_seen": None} for n in names},
+    )
+    aggregator = RoundAggregator(
+        config,
+        trust=TrustTracker(names, config.trust.settings()),
+        peer_degree={p.name: p.degree or len(peers) for p in config.peers},
+        audit=AuditLog(config.node.state_dir / AUDIT_FILE, node),
+        metrics=NodeMetrics(config.node.name),
+        state=node_state,
+        on_trust_change=lambda: None,
+    )
+    aggregator.aggregate(1, state, state_sha256(state), received)
+    used = node_state.aggregation["inputs"]
+    assert used == len(peers) + 1, f"aggregated {used} of {len(peers) + 1} models"
 
 
-def rss_25m(codec: str) -> dict[str, float]:
-    from murmur.crypto.identity import save_identity
+def rss_25m(codec: str) -> dict[str, Any]:
+    from murmur.crypto.identity import load_identity
 
     state = model_state("resnet18_25m")
     model_bytes = sum(a.nbytes for a in state.values())
-    with tempfile.TemporaryDirectory(prefix="murmur-rss-", dir="/dev/shm") as tmp:
-        folder = Path(tmp)
-        node = generate_identity("node")
-        save_identity(node, folder)
-        for i in range(8):
-            neighbour = generate_identity(f"n{i}")
-            save_identity(neighbour, folder)
+    # The configs and the node's state (its spool included) on disk, as a node's would be;
+    # the envelopes, read once each, in memory-backed /dev/shm.
+    with (
+        tempfile.TemporaryDirectory(prefix="murmur-rss-") as tmp,
+        tempfile.TemporaryDirectory(prefix="murmur-rss-in-", dir="/dev/shm") as shm,
+    ):
+        run = Path(tmp)
+        args = run_cluster.parse_args(
+            ["--dataset", "medmnist", "--model", "resnet18_25m", "--nodes", "9", "--no-dp"]
+        )
+        nodes, _ = run_cluster.write_network(args, run)
+        for other in nodes[1:]:
+            other.config_path.unlink()  # the child loads the one config left: node 0's
+        receiver = load_identity(run / "keys" / f"{nodes[0].name}.key")
+        for i, other in enumerate(nodes[1:]):
+            sender = load_identity(run / "keys" / f"{other.name}.key")
             if codec == "none":
-                data = build_envelope(ModelUpdate(state), neighbour, [node.public_key], 1, now=NOW)
+                data = build_envelope(ModelUpdate(state), sender, [receiver.public_key], 1, now=NOW)
             else:
-                data = compressed_envelopes(state, codec, neighbour, [node.public_key])[0]
-            (folder / f"in{i}.bin").write_bytes(data)
+                data = compressed_envelopes(state, codec, sender, [receiver.public_key])[0]
+            (Path(shm) / f"in{i}.bin").write_bytes(data)
+            (run / f"in{i}.bin").symlink_to(Path(shm) / f"in{i}.bin")
         del state
         script = _RSS_CHILD.format(
             repo=str(REPO), bench=str(REPO / "bench"), folder=tmp, codec=codec
@@ -312,12 +353,16 @@ def rss_25m(codec: str) -> dict[str, float]:
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True
         ).stdout.split()
+        spool_fs = subprocess.run(
+            ["stat", "-f", "-c", "%T", tmp], capture_output=True, text=True, check=False
+        ).stdout.strip()
     before_kb, after_kb = int(out[-2]), int(out[-1])
     return {
         "imports_mb": before_kb / 1024,
         "peak_mb": after_kb / 1024,
         "model_mb": model_bytes / 2**20,
         "ratio": (after_kb - before_kb) * 1024 / model_bytes,
+        "spool_fs": spool_fs,
     }
 
 
@@ -393,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {codec:5} comm {c['round_s']:.2f} s vs bare {c['floor_s']:.2f} s = "
             f"{c['ratio']:.2f}x; peak RSS {m['peak_mb']:.0f} MB ({m['imports_mb']:.0f} MB "
-            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model"
+            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model "
+            f"(neighbours' models spooled on {m['spool_fs']})"
         )
 
     resnet = resnet_rounds(2 if args.quick else 3)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from murmur.gossip.aggregation import AGGREGATORS, distances_to, krum_select, min_inputs
+from murmur.gossip import blocks
+from murmur.gossip.aggregation import distances_to, min_inputs
+from murmur.gossip.blocks import ModelRows
 from murmur.gossip.trust import TrustTracker, relative_distance_limit, too_far_from_own
 from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.node.audit import AuditLog
@@ -97,32 +99,40 @@ class RoundAggregator:
         cfg = self._config.aggregation
         heard = [n for n in sorted(received) if n not in self.ignored]
         own = flatten(own_state)
-        vectors = {n: flatten(received[n].envelope.update.tensors) for n in heard}
-        distance, to_own = _distances(own, vectors)
+        # The neighbours' models are read a column block at a time, never stacked: for a
+        # large model they are spooled to disk (gossip/spool.py, gossip/blocks.py).
+        heard_rows = ModelRows([received[n].envelope.update.tensors for n in heard], own.size)
+        distance, to_own = _distances(own, heard, heard_rows)
         screened = self._screen(own, heard, to_own, received)
         names, inputs, left_out, f = screened.names, screened.inputs, screened.left_out, screened.f
         record = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
         if len(names) + 1 < min_inputs(cfg.rule, f):
             # Too few inputs arrived for the rule to be robust: keep our own model this round.
             return self._keep_own(
-                r, record, inputs, left_out, "too_few_inputs", own, vectors, own_state, distance
+                r,
+                record,
+                inputs,
+                left_out,
+                "too_few_inputs",
+                own,
+                (heard, heard_rows),
+                own_state,
+                distance,
             )
-        stack = (
-            np.stack([vectors[n] for n in names])
-            if names
-            else np.zeros((0, own.size), dtype=own.dtype)
-        )
+        rows = heard_rows.subset([heard.index(n) for n in names])
         used, excluded = inputs, []
         if cfg.rule in ("krum", "multi_krum"):
             # Krum picks whole models: record exactly whose went into the result.
             m = int(cfg.params.get("m", len(names) + 1 - f)) if cfg.rule == "multi_krum" else 1
-            chosen = {int(i) - 1 for i in krum_select(own, stack, f, m=m)}
+            chosen = {int(i) - 1 for i in blocks.krum_select(own, rows, f, m=m)}
             used = [u for i, u in enumerate(inputs) if i in chosen]
             excluded = [
                 {**u, "reason": "not_selected"} for i, u in enumerate(inputs) if i not in chosen
             ]
         try:
-            result = AGGREGATORS[cfg.rule](own, stack, self.mixing_weights(names), f, **cfg.params)
+            result = blocks.aggregate(
+                cfg.rule, own, rows, self.mixing_weights(names), f, **cfg.params
+            )
         except ValueError as exc:
             # Finite inputs whose combination overflows (only an undefended rule lets poison
             # grow that large): keep our own model this round rather than stop.
@@ -134,7 +144,7 @@ class RoundAggregator:
                 left_out,
                 "aggregate_not_finite",
                 own,
-                vectors,
+                (heard, heard_rows),
                 own_state,
                 distance,
             )
@@ -152,7 +162,7 @@ class RoundAggregator:
             result_sha256=new_sha,
         )
         self._state.aggregation = {"rule": cfg.rule, "f": f, "inputs": len(names) + 1}
-        self._observe_trust(r, own, result, vectors)
+        self._observe_trust(r, own, result, heard, heard_rows)
         return new_state, new_sha, distance
 
     def _screen(
@@ -199,7 +209,7 @@ class RoundAggregator:
         left_out: list[dict[str, Any]],
         reason: str,
         own: np.ndarray,
-        vectors: dict[str, np.ndarray],
+        heard: tuple[list[str], ModelRows],
         own_state: State,
         distance: float | None,
     ) -> tuple[State, str, float | None]:
@@ -209,7 +219,7 @@ class RoundAggregator:
         self._audit.append(
             "aggregation", r, **record, used=[], excluded=excluded, result_sha256=own_sha
         )
-        self._observe_trust(r, own, own, vectors)
+        self._observe_trust(r, own, own, *heard)
         return own_state, own_sha, distance
 
     def mixing_weights(self, received: list[str]) -> np.ndarray:
@@ -222,16 +232,12 @@ class RoundAggregator:
         return np.concatenate([[1.0 - w.sum()], w])
 
     def _observe_trust(
-        self, r: int, own: np.ndarray, aggregate: np.ndarray, vectors: dict[str, np.ndarray]
+        self, r: int, own: np.ndarray, aggregate: np.ndarray, names: list[str], rows: ModelRows
     ) -> None:
         """Score every neighbour heard this round (quarantined ones too) by its distance from
         the robust aggregate; log and audit each quarantine and re-admission with its evidence."""
-        names = list(vectors)
-        rows = (
-            np.stack([vectors[n] for n in names]) if names else np.zeros((0, own.size), own.dtype)
-        )
         with np.errstate(over="ignore", invalid="ignore"):  # poison may overflow float32
-            distances = np.nan_to_num(distances_to(aggregate, rows), nan=np.inf)
+            distances = np.nan_to_num(blocks.distances(aggregate, rows), nan=np.inf)
             own_distance = float(
                 np.nan_to_num(distances_to(aggregate, own[None, :]), nan=np.inf)[0]
             )
@@ -262,15 +268,15 @@ class RoundAggregator:
 
 
 def _distances(
-    own: np.ndarray, vectors: dict[str, np.ndarray]
+    own: np.ndarray, names: list[str], rows: ModelRows
 ) -> tuple[float | None, dict[str, float]]:
     """Our mean distance to the heard models (None when none, or poison overflowed float32),
     and each one's distance to our own (inf where it overflowed)."""
-    if not vectors:
+    if not names:
         return None, {}
     with np.errstate(over="ignore", invalid="ignore"):
-        row_distances = distances_to(own, np.stack(list(vectors.values())))
-    to_own = dict(zip(vectors, np.nan_to_num(row_distances, nan=np.inf).tolist(), strict=True))
+        row_distances = blocks.distances(own, rows)
+    to_own = dict(zip(names, np.nan_to_num(row_distances, nan=np.inf).tolist(), strict=True))
     distance = float(np.mean(row_distances))
     return (distance if np.isfinite(distance) else None), to_own
 
