@@ -226,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compression-block", type=int, default=256, help="values per int8 scale (0: per tensor)"
     )
     p.add_argument("--topk-fraction", type=float, default=0.1, help="share of entries top-k keeps")
+    p.add_argument(
+        "--topk-warmup", type=int, default=0, help="top-k's first deltas keep a larger share"
+    )
     dp = p.add_mutually_exclusive_group()
     dp.add_argument(
         "--dp-epsilon",
@@ -537,6 +540,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                         "codec": args.compression,
                         "block": args.compression_block,
                         "fraction": args.topk_fraction,
+                        "warmup": args.topk_warmup,
                     }
                 }
                 if args.compression != "none"

@@ -268,6 +268,9 @@ class CompressionSection:
     codec: str = "none"  # "none" (float32), "int8" or "topk_int8"
     block: int = 256  # values per int8 scale; 0: one scale per tensor
     fraction: float = 0.1  # share of each tensor's entries top-k keeps
+    warmup: int = (
+        0  # top-k's first deltas keep a larger share (CompressionSettings.warmup_fraction)
+    )
     # Codecs this node decodes; None: "none" and its own codec.
     accept: list[str] | None = None
 
@@ -290,6 +293,12 @@ class CompressionSection:
             f"must be in (0, 1] (got {self.fraction})",
             "fraction = 0.1",
         )
+        require(
+            type(self.warmup) is int and self.warmup >= 0,
+            "compression.warmup",
+            f"must be a whole number >= 0 (got {self.warmup!r})",
+            "warmup = 0 (no warm-up) or a few rounds",
+        )
         if self.accept is not None:
             unknown = sorted(set(self.accept) - set(CODECS))
             require(
@@ -310,7 +319,9 @@ class CompressionSection:
         return frozenset(self.accept if self.accept is not None else {"none", self.codec})
 
     def settings(self) -> CompressionSettings:
-        return CompressionSettings(codec=self.codec, block=self.block, fraction=self.fraction)
+        return CompressionSettings(
+            codec=self.codec, block=self.block, fraction=self.fraction, warmup=self.warmup
+        )
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,36 @@ def test_compressed_envelopes_are_much_smaller():
     assert plain / sizes["topk_int8"] >= 15
 
 
+def test_top_k_warm_up_sends_denser_deltas_first_then_the_fraction():
+    """The first `warmup` deltas keep fraction ** (j / (warmup + 1)) of each large tensor,
+    later ones the fraction; a keyframe after a missed send does not restart the warm-up,
+    and the receiver reconstructs every one of them exactly."""
+    settings = CompressionSettings(codec="topk_int8", block=64, fraction=0.1, warmup=3)
+    assert [round(settings.warmup_fraction(j), 3) for j in (1, 2, 3, 4, 9)] == [
+        0.562,
+        0.316,
+        0.178,
+        0.1,
+        0.1,
+    ]
+    encoder, receiver = DeltaEncoder(settings), opener()
+    n = SPEC["conv.weight"][0]
+    n = int(np.prod(n))
+    kept = []
+    for r in range(1, 7):
+        message, held = encoder.encode(state(r))
+        opened = receiver.open(envelope(message, r), now=NOW)
+        np.testing.assert_array_equal(opened.update.tensors["conv.weight"], held["conv.weight"])
+        kept.append(message.tensors["conv.weight"][1].k / n)
+        encoder.delivered(message, held, everyone=r != 4)  # round 4's send was not taken
+    assert kept[0] == 1.0  # the keyframe
+    assert kept[1:4] == pytest.approx([0.562, 0.316, 0.178], abs=1e-3)
+    assert kept[4] == 1.0  # the keyframe after the missed send
+    assert kept[5] == pytest.approx(0.1, abs=1e-3)  # the warm-up is not restarted
+    with pytest.raises(ValueError, match="warm-up"):
+        CompressionSettings(codec="topk_int8", warmup=-1)
+
+
 def test_top_k_sends_small_tensors_dense_and_large_ones_sparse():
     encoder = DeltaEncoder(CompressionSettings(codec="topk_int8", block=64))
     first, held = encoder.encode(state(0))
