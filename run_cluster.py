@@ -227,7 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--topk-fraction", type=float, default=0.1, help="share of entries top-k keeps")
     p.add_argument(
-        "--topk-warmup", type=int, default=0, help="top-k's first deltas keep a larger share"
+        "--topk-warmup",
+        type=int,
+        help="top-k's first deltas keep a larger share (default: [compression] warmup's, 6)",
     )
     dp = p.add_mutually_exclusive_group()
     dp.add_argument(
@@ -540,7 +542,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                         "codec": args.compression,
                         "block": args.compression_block,
                         "fraction": args.topk_fraction,
-                        "warmup": args.topk_warmup,
+                        **({"warmup": args.topk_warmup} if args.topk_warmup is not None else {}),
                     }
                 }
                 if args.compression != "none"
