@@ -233,6 +233,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compression-block", type=int, default=256, help="values per int8 scale (0: per tensor)"
     )
     p.add_argument("--topk-fraction", type=float, default=0.1, help="share of entries top-k keeps")
+    p.add_argument(
+        "--topk-warmup",
+        type=int,
+        help="top-k's first deltas keep a larger share (default: [compression] warmup's, 6)",
+    )
     dp = p.add_mutually_exclusive_group()
     dp.add_argument(
         "--dp-epsilon",
@@ -552,6 +557,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                         "codec": args.compression,
                         "block": args.compression_block,
                         "fraction": args.topk_fraction,
+                        **({"warmup": args.topk_warmup} if args.topk_warmup is not None else {}),
                     }
                 }
                 if args.compression != "none"

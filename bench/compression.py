@@ -4,11 +4,15 @@ What it measures, each part in this one run:
 
 * bytes: the envelope of one update (one recipient) for ResNet-18 (11.2M parameters) and the
   default image model cnn_gn (23k), as float32, as an int8 delta (block 256) and as a top-k
-  10 % + int8 delta; exact sizes, so exact ratios.
+  10 % + int8 delta; exact sizes, so exact ratios. Also the whole of a ``--rounds``-round
+  top-k run with the configured warm-up ([compression] warmup: its first deltas are denser),
+  keyframe included, against as many float32 envelopes.
 * quality: PneumoniaMNIST, 4 hospitals, cnn_gn, the loss being the uncompressed final mean
-  AUC minus the compressed one (positive: compression cost AUC). Twice: without DP (the
-  recipe's Adam, ``--rounds`` rounds), where a run is deterministic, so the codecs are
-  compared on the same batches and only compression differs (the JSON figures); and with
+  AUC minus the compressed one (positive: compression cost AUC); top-k with the configured
+  warm-up, which was chosen on the official validation split, never on these test rows.
+  Twice: without DP (the recipe's Adam, ``--rounds`` rounds), where a run is deterministic,
+  so the codecs are compared on the same batches and only compression differs (the JSON
+  figures); and with
   DP-SGD at ε = 1 (the DP recipe, ``--dp-rounds``), over ``--seeds`` seeds, where each run
   draws fresh noise from OS entropy by design (models/privacy.py), so the difference also
   holds the noise's run-to-run spread.
@@ -20,9 +24,10 @@ What it measures, each part in this one run:
   one envelope for 8 recipients, open 8 envelopes from 8 neighbours) against the bare
   primitives on the same bytes (SHA-256 + XChaCha20-Poly1305 + one copy, per envelope built
   and opened), best of ``--repetitions`` as bench/wire.py does; and a node process's peak
-  RSS over a round (receiving 8 envelopes and keeping them for aggregation, as the round
-  inbox does, plus building its own), above what the process held after its imports,
-  over the model's float32 size.
+  RSS over a round with the node's own parts (building its envelope, opening 8 with the
+  opener as the node configures it, which spools a model this size to disk, filing them
+  with their hashes, and the node's ``RoundAggregator`` under the default rule), above
+  what the process held after its imports, over the model's float32 size.
 * ResNet-18 on PneumoniaMNIST: a 4-hospital network (DP, int8) runs 3 rounds in-process.
 
 Run: python bench/compression.py [--quick] [--seeds N]. The last line is one JSON object.
@@ -35,6 +40,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +59,7 @@ import byzantine  # noqa: E402
 from murmur.crypto.allowlist import Allowlist, Peer  # noqa: E402
 from murmur.crypto.identity import generate_identity  # noqa: E402
 from murmur.gossip.compression import CompressionSettings, DeltaEncoder  # noqa: E402
+from murmur.gossip.spool import node_spool  # noqa: E402
 from murmur.gossip.wire import (  # noqa: E402
     EnvelopeOpener,
     ModelUpdate,
@@ -63,11 +70,14 @@ from murmur.gossip.wire import (  # noqa: E402
 )
 from murmur.models.nets import build_model  # noqa: E402
 from murmur.models.params import get_state  # noqa: E402
+from murmur.node.config_network import CompressionSection  # noqa: E402
 from wire import baseline, timed  # noqa: E402
 
 import run_cluster  # noqa: E402
 
 CODECS = ("none", "int8", "topk_int8")
+# The warm-up every top-k run here uses: the config's default ([compression] warmup).
+TOPK_WARMUP = CompressionSection().warmup
 NOW = 1_800_000_000.0
 
 
@@ -89,7 +99,10 @@ def compressed_envelopes(
     return keyframe, build_envelope(ModelUpdate({}), sender, keys, 2, now=NOW, compressed=delta)
 
 
-def bytes_per_update(name: str) -> dict[str, int]:
+def bytes_per_update(name: str, rounds: int) -> dict[str, int]:
+    """Envelope sizes: float32, a steady-state delta of each codec, its keyframe, and the
+    whole of a ``rounds``-round run of top-k with the configured warm-up (keyframe, the
+    warm-up's denser deltas, then steady-state ones). Sizes depend on shapes only."""
     state = model_state(name)
     sender, receiver = generate_identity("a"), generate_identity("b")
     plain = build_envelope(ModelUpdate(state), sender, [receiver.public_key], 1, now=NOW)
@@ -98,6 +111,17 @@ def bytes_per_update(name: str) -> dict[str, int]:
         keyframe, delta = compressed_envelopes(state, codec, sender, [receiver.public_key])
         sizes[codec] = len(delta)
         sizes[f"{codec}_keyframe"] = len(keyframe)
+    encoder = DeltaEncoder(
+        CompressionSettings(codec="topk_int8", block=256, fraction=0.1, warmup=TOPK_WARMUP)
+    )
+    rng, total, model = np.random.default_rng(2), 0, state
+    for r in range(1, rounds + 1):
+        message, held = encoder.encode(model)
+        data = build_envelope(ModelUpdate({}), sender, [receiver.public_key], r, compressed=message)
+        total += len(data)
+        encoder.delivered(message, held, everyone=True)
+        model = {k: v + 0.01 * rng.standard_normal(v.shape, np.float32) for k, v in model.items()}
+    sizes["topk_int8_run"] = total
     return sizes
 
 
@@ -194,7 +218,9 @@ def communication_25m(repetitions: int, codec: str = "none") -> dict[str, float]
 
     The floor is the bare primitives on the same bytes: per envelope built, one digest, one
     encryption and one copy of its body; per envelope opened, one digest, one decryption and
-    one copy. Best of the repetitions, interleaved (bench/wire.py).
+    one copy. Best of the repetitions, interleaved (bench/wire.py). The opener spools each
+    opened model to disk as the node's does at this size (gossip/spool.py): that write is
+    part of the round's cost.
     """
     state = model_state("resnet18_25m")
     node = generate_identity("node")
@@ -216,9 +242,13 @@ def communication_25m(repetitions: int, codec: str = "none") -> dict[str, float]
     floor_build, floor_open = baseline(body, decrypt=False), baseline(body, decrypt=True)
     encoder = DeltaEncoder(CompressionSettings(codec=codec)) if codec != "none" else None
     best = {"round": float("inf"), "floor": float("inf")}
+    # The opener as a node configures it: a model this size is spooled to its state folder.
+    state_dir = Path(tempfile.mkdtemp(prefix="murmur-comm-"))
     for _ in range(repetitions):
         limits = WireLimits(accepted_codecs=frozenset(CODECS), timestamp_window_s=1e12)
-        opener = EnvelopeOpener(node, allowlist, spec, limits, ReplayGuard())
+        opener = EnvelopeOpener(
+            node, allowlist, spec, limits, ReplayGuard(), spool=node_spool(spec, state_dir)
+        )
         floor = timed(floor_build) + sum(timed(floor_open) for _ in incoming)
         start = time.perf_counter()
         if encoder is None:
@@ -230,6 +260,7 @@ def communication_25m(repetitions: int, codec: str = "none") -> dict[str, float]
             opener.open(data, now=NOW)
         best["round"] = min(best["round"], time.perf_counter() - start)
         best["floor"] = min(best["floor"], floor)
+    shutil.rmtree(state_dir)
     return {
         "round_s": best["round"],
         "floor_s": best["floor"],
@@ -258,53 +289,92 @@ def high_water_kb() -> int:
 
 
 def rss_round(folder: Path, codec: str) -> None:
-    """In the child: hold the model, build this node's envelope for 8, then receive the 8
-    envelopes in ``folder`` one by one as POST bodies, keeping each opened update as the
-    round inbox does, and aggregate them (coordinate-wise median)."""
-    from murmur.crypto.identity import load_identity
+    """In the child, one round of the first node of a 9-node complete network (8
+    neighbours), with the node's own parts: hold the model, build this node's envelope for
+    8, receive the 8 envelopes in ``folder`` one by one as POST bodies, opened by the
+    ``EnvelopeOpener`` as ``HospitalNode`` configures it (``gossip.spool.node_spool``: a
+    model this size is kept on disk) and filed as ``node/receiver.py`` does (with its
+    model hash), then aggregate them with the node's ``RoundAggregator`` under
+    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real)."""
+    from murmur.crypto.identity import load_identity, load_public_key
+    from murmur.gossip.trust import TrustTracker
+    from murmur.models.params import model_spec, state_sha256
+    from murmur.node.aggregator import RoundAggregator
+    from murmur.node.audit import AUDIT_FILE, AuditLog
+    from murmur.node.config import load_config
+    from murmur.node.metrics import NodeMetrics
+    from murmur.node.receiver import ReceivedUpdate
+    from murmur.node.state import NodeState
 
-    node = load_identity(folder / "node.key")
-    neighbours = [load_identity(folder / f"n{i}.key") for i in range(8)]
-    allowlist = Allowlist(
-        Peer(n.name, f"http://127.0.0.1:{9000 + i}", n.public_key) for i, n in enumerate(neighbours)
-    )
+    config = load_config(next((folder / "configs").glob("*.toml")))
+    node = load_identity(config.node.key_file)
+    peers = [Peer(p.name, p.address, load_public_key(str(p.public_key_file))) for p in config.peers]
     state = model_state("resnet18_25m")
-    spec = {name: (array.shape, "float32") for name, array in state.items()}
+    spec = model_spec(state)
     limits = WireLimits(accepted_codecs=frozenset(CODECS), timestamp_window_s=1e12)
-    opener = EnvelopeOpener(node, allowlist, spec, limits)
-    keys = [n.public_key for n in neighbours]
+    opener = EnvelopeOpener(
+        node, Allowlist(peers), spec, limits, spool=node_spool(spec, config.node.state_dir)
+    )
+    keys = [p.public_key for p in peers]
     if codec == "none":
         envelope = build_envelope(ModelUpdate(state), node, keys, 1, now=NOW)
     else:
         message, _ = DeltaEncoder(CompressionSettings(codec=codec)).encode(state)
         envelope = build_envelope(ModelUpdate({}), node, keys, 1, now=NOW, compressed=message)
     del envelope  # sent
-    inbox = []
-    for i in range(8):
+    received = {}
+    for i in range(len(peers)):
         data = (folder / f"in{i}.bin").read_bytes()
-        inbox.append(opener.open(data, now=NOW).update.tensors)
-        del data
-    for name in state:  # the aggregation reads one tensor of every model at a time
-        np.median(np.stack([tensors[name] for tensors in inbox]), axis=0)
+        opened = opener.open(data, now=NOW)
+        received[opened.sender.name] = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
+        del data, opened
+    names = [p.name for p in peers]
+    node_state = NodeState(
+        name=config.node.name,
+        public_key=node.public_key.hex(),
+        peers={n: {"address": "", "last_round": 0, "last_seen": None} for n in names},
+    )
+    aggregator = RoundAggregator(
+        config,
+        trust=TrustTracker(names, config.trust.settings()),
+        peer_degree={p.name: p.degree or len(peers) for p in config.peers},
+        audit=AuditLog(config.node.state_dir / AUDIT_FILE, node),
+        metrics=NodeMetrics(config.node.name),
+        state=node_state,
+        on_trust_change=lambda: None,
+    )
+    aggregator.aggregate(1, state, state_sha256(state), received)
+    used = node_state.aggregation["inputs"]
+    assert used == len(peers) + 1, f"aggregated {used} of {len(peers) + 1} models"
 
 
-def rss_25m(codec: str) -> dict[str, float]:
-    from murmur.crypto.identity import save_identity
+def rss_25m(codec: str) -> dict[str, Any]:
+    from murmur.crypto.identity import load_identity
 
     state = model_state("resnet18_25m")
     model_bytes = sum(a.nbytes for a in state.values())
-    with tempfile.TemporaryDirectory(prefix="murmur-rss-", dir="/dev/shm") as tmp:
-        folder = Path(tmp)
-        node = generate_identity("node")
-        save_identity(node, folder)
-        for i in range(8):
-            neighbour = generate_identity(f"n{i}")
-            save_identity(neighbour, folder)
+    # The configs and the node's state (its spool included) on disk, as a node's would be;
+    # the envelopes, read once each, in memory-backed /dev/shm.
+    with (
+        tempfile.TemporaryDirectory(prefix="murmur-rss-") as tmp,
+        tempfile.TemporaryDirectory(prefix="murmur-rss-in-", dir="/dev/shm") as shm,
+    ):
+        run = Path(tmp)
+        args = run_cluster.parse_args(
+            ["--dataset", "medmnist", "--model", "resnet18_25m", "--nodes", "9", "--no-dp"]
+        )
+        nodes, _ = run_cluster.write_network(args, run)
+        for other in nodes[1:]:
+            other.config_path.unlink()  # the child loads the one config left: node 0's
+        receiver = load_identity(run / "keys" / f"{nodes[0].name}.key")
+        for i, other in enumerate(nodes[1:]):
+            sender = load_identity(run / "keys" / f"{other.name}.key")
             if codec == "none":
-                data = build_envelope(ModelUpdate(state), neighbour, [node.public_key], 1, now=NOW)
+                data = build_envelope(ModelUpdate(state), sender, [receiver.public_key], 1, now=NOW)
             else:
-                data = compressed_envelopes(state, codec, neighbour, [node.public_key])[0]
-            (folder / f"in{i}.bin").write_bytes(data)
+                data = compressed_envelopes(state, codec, sender, [receiver.public_key])[0]
+            (Path(shm) / f"in{i}.bin").write_bytes(data)
+            (run / f"in{i}.bin").symlink_to(Path(shm) / f"in{i}.bin")
         del state
         script = _RSS_CHILD.format(
             repo=str(REPO), bench=str(REPO / "bench"), folder=tmp, codec=codec
@@ -312,12 +382,16 @@ def rss_25m(codec: str) -> dict[str, float]:
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True
         ).stdout.split()
+        spool_fs = subprocess.run(
+            ["stat", "-f", "-c", "%T", tmp], capture_output=True, text=True, check=False
+        ).stdout.strip()
     before_kb, after_kb = int(out[-2]), int(out[-1])
     return {
         "imports_mb": before_kb / 1024,
         "peak_mb": after_kb / 1024,
         "model_mb": model_bytes / 2**20,
         "ratio": (after_kb - before_kb) * 1024 / model_bytes,
+        "spool_fs": spool_fs,
     }
 
 
@@ -340,19 +414,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started, load_start = time.monotonic(), os.getloadavg()
 
-    sizes = {name: bytes_per_update(name) for name in ("resnet18", "cnn_gn")}
+    seeds, rounds, dp_rounds = (
+        (1, 2, 2) if args.quick else (args.seeds, args.rounds, args.dp_rounds)
+    )
+    sizes = {name: bytes_per_update(name, rounds) for name in ("resnet18", "cnn_gn")}
     print("bytes per update (one recipient; deltas; keyframes are int8 of the whole model)")
-    print(f"{'model':14} {'float32':>12} {'int8':>12} {'ratio':>7} {'top-k+int8':>12} {'ratio':>7}")
+    print(
+        f"{'model':14} {'float32':>12} {'int8':>12} {'ratio':>7} {'top-k+int8':>12} {'ratio':>7}"
+        f"  {rounds}-round top-k run, warm-up {TOPK_WARMUP}: ratio"
+    )
     for name, s in sizes.items():
         print(
             f"{name:14} {s['float32']:12,} {s['int8']:12,} {s['float32'] / s['int8']:7.2f} "
             f"{s['topk_int8']:12,} {s['float32'] / s['topk_int8']:7.2f}"
+            f"  {rounds * s['float32'] / s['topk_int8_run']:.2f}"
         )
     r18 = sizes["resnet18"]
-
-    seeds, rounds, dp_rounds = (
-        (1, 2, 2) if args.quick else (args.seeds, args.rounds, args.dp_rounds)
-    )
     print(f"\nquality: PneumoniaMNIST, 4 hospitals, cnn_gn, no DP, {rounds} rounds, seed 0")
     if args.quality_json:
         saved = json.loads(args.quality_json.read_text())
@@ -393,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {codec:5} comm {c['round_s']:.2f} s vs bare {c['floor_s']:.2f} s = "
             f"{c['ratio']:.2f}x; peak RSS {m['peak_mb']:.0f} MB ({m['imports_mb']:.0f} MB "
-            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model"
+            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model "
+            f"(neighbours' models spooled on {m['spool_fs']})"
         )
 
     resnet = resnet_rounds(2 if args.quick else 3)
@@ -409,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "int8_bytes_ratio": round(r18["float32"] / r18["int8"], 3),
         "topk_int8_bytes_ratio": round(r18["float32"] / r18["topk_int8"], 3),
+        "topk_int8_run_bytes_ratio": round(rounds * r18["float32"] / r18["topk_int8_run"], 3),
+        "topk_warmup": TOPK_WARMUP,
         "int8_auc_loss": round(mean["none"] - mean["int8"], 4),
         "topk_auc_loss": round(mean["none"] - mean["topk_int8"], 4),
         "comm_over_bare_25m_8": round(comm["none"]["ratio"], 3),

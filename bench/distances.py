@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from murmur.gossip import aggregation
 from murmur.gossip.aggregation import _BLOCK_COLUMNS as GRAM_BLOCK  # the block the Gram pass used
-from murmur.gossip.aggregation import AGGREGATORS, _column_blocks, _pairwise_squared_distances
+from murmur.gossip.aggregation import AGGREGATORS, _column_blocks, pairwise_squared_distances
 from murmur.node.threads import limit_numeric_threads
 from threadpoolctl import threadpool_limits
 
@@ -78,7 +78,7 @@ def collusion_errors() -> tuple[float, float]:
     values = np.vstack([own, honest, colluders]).astype(np.float32)
     exact = values[5].astype(np.float64) - values[6]
     exact = exact @ exact
-    by_differences = _pairwise_squared_distances(values[0], values[1:])[5, 6]
+    by_differences = pairwise_squared_distances(values[0], values[1:])[5, 6]
     by_gram = gram_squared_distances(values[0], values[1:], range(d))[5, 6]
     return abs(by_differences - exact) / exact, abs(by_gram - exact) / exact
 
@@ -109,7 +109,7 @@ def main() -> None:
     centred = received[:, :GRAM_BLOCK] - own[:GRAM_BLOCK]
 
     def distances() -> object:
-        return _pairwise_squared_distances(own, received)
+        return pairwise_squared_distances(own, received)
 
     with ThreadPoolExecutor(2) as pool:
         steps = {

@@ -117,13 +117,19 @@ def distances_to(vector: np.ndarray, received: np.ndarray) -> np.ndarray:
     Differences are taken before squaring (never ||a||^2 + ||b||^2 - 2ab), so models that
     agree to many digits still get accurate distances; partial sums are kept in float64.
     """
+    return np.sqrt(squared_distances_to(vector, received))
+
+
+def squared_distances_to(vector: np.ndarray, received: np.ndarray) -> np.ndarray:
+    """``distances_to`` squared, float64: partial sums that callers reading a model block by
+    block (gossip/blocks.py) add up across blocks."""
     vector, received = _as_vector_and_rows(vector, received, "vector")
     squared = np.zeros(received.shape[0], dtype=np.float64)
     buffer = np.empty((received.shape[0], min(_BLOCK_COLUMNS, vector.shape[0])), received.dtype)
     for cols in _column_blocks(vector.shape[0]):
         diff = np.subtract(received[:, cols], vector[cols], out=buffer[:, : cols.stop - cols.start])
         squared += np.einsum("ij,ij->i", diff, diff)
-    return np.sqrt(squared)
+    return squared
 
 
 def krum_scores(own: np.ndarray, received: np.ndarray, f: int) -> np.ndarray:
@@ -134,12 +140,17 @@ def krum_scores(own: np.ndarray, received: np.ndarray, f: int) -> np.ndarray:
     medoid, without the n > 2f + 2 guarantee.)
     """
     own, received = _as_vector_and_rows(own, received, "own")
-    n = received.shape[0] + 1
+    _require_inputs("krum", received.shape[0] + 1, f)
+    return krum_scores_from(pairwise_squared_distances(own, received), f)
+
+
+def krum_scores_from(squared: np.ndarray, f: int) -> np.ndarray:
+    """Krum scores from the squared distances ``(n, n)`` between ``[own, *received]``."""
+    n = squared.shape[0]
     _require_inputs("krum", n, f)
-    squared = _pairwise_squared_distances(own, received)
+    squared = squared.copy()
     np.fill_diagonal(squared, np.inf)
-    nearest = n - f - 2
-    return np.sort(squared, axis=1)[:, :nearest].sum(axis=1)
+    return np.sort(squared, axis=1)[:, : n - f - 2].sum(axis=1)
 
 
 def krum_select(own: np.ndarray, received: np.ndarray, f: int, m: int = 1) -> np.ndarray:
@@ -148,7 +159,11 @@ def krum_select(own: np.ndarray, received: np.ndarray, f: int, m: int = 1) -> np
     Best first; ties go to the lower index, so a node prefers its own model. The node can log
     which peers were used from this.
     """
-    scores = krum_scores(own, received, f)
+    return select_lowest(krum_scores(own, received, f), m)
+
+
+def select_lowest(scores: np.ndarray, m: int) -> np.ndarray:
+    """The m indices of the lowest Krum scores, best first, ties to the lower index."""
     n = scores.shape[0]
     if isinstance(m, bool) or not isinstance(m, int | np.integer) or not 1 <= m <= n:
         raise ValueError(f"multi-krum m must be a whole number in 1..{n} (the inputs), got {m!r}")
@@ -429,26 +444,47 @@ def geometric_median(
     (sum of distances) improves by less than ``tol`` relative, or after ``max_iter`` steps.
     """
     own, received, weights = _validate("geometric_median", own, received, weights, f)
+    estimate = weiszfeld(
+        received.shape[0] + 1,
+        lambda coefficients: _weighted_sum(own, received, coefficients),
+        lambda estimate: np.concatenate(
+            [distances_to(estimate, own[None, :]), distances_to(estimate, received)]
+        ),
+        nu,
+        max_iter,
+        tol,
+    )
+    return _checked(estimate, own, received, "geometric_median")
+
+
+def weiszfeld(
+    n: int,
+    combine: Callable[[np.ndarray], np.ndarray],
+    distances: Callable[[np.ndarray], np.ndarray],
+    nu: float,
+    max_iter: int,
+    tol: float,
+) -> np.ndarray:
+    """The smoothed Weiszfeld iterations of ``geometric_median`` over n values, given how to
+    combine them with coefficients and how far each is from an estimate (so that
+    gossip/blocks.py can run them on models read block by block)."""
     if not (np.isfinite(nu) and nu > 0):
         raise ValueError(f"geometric_median nu must be a finite number > 0, got {nu!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"geometric_median max_iter must be a whole number >= 1, got {max_iter!r}")
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"geometric_median tol must be a finite number >= 0, got {tol!r}")
-    n = received.shape[0] + 1
-    estimate = _weighted_sum(own, received, np.full(n, 1.0 / n))
+    estimate = combine(np.full(n, 1.0 / n))
     objective = np.inf
     for _ in range(max_iter):
-        distances = np.concatenate(
-            [distances_to(estimate, own[None, :]), distances_to(estimate, received)]
-        )
-        new_objective = float(distances.sum())
+        to_estimate = distances(estimate)
+        new_objective = float(to_estimate.sum())
         if objective - new_objective <= tol * new_objective:
             break
         objective = new_objective
-        betas = 1.0 / np.maximum(distances, nu)
-        estimate = _weighted_sum(own, received, betas / betas.sum())
-    return _checked(estimate, own, received, "geometric_median")
+        betas = 1.0 / np.maximum(to_estimate, nu)
+        estimate = combine(betas / betas.sum())
+    return estimate
 
 
 def clipping(
@@ -468,10 +504,18 @@ def clipping(
     with f = 0 the rule is plain gossip averaging.
     """
     own, received, weights = _validate("clipping", own, received, weights, f, check_weights=True)
-    k = received.shape[0]
-    if k == 0:
+    if received.shape[0] == 0:
         return own.copy()
-    distances = distances_to(own, received)
+    combined = clipping_coefficients(distances_to(own, received), weights, f, tau)
+    return _checked(_weighted_sum(own, received, combined), own, received, "clipping")
+
+
+def clipping_coefficients(
+    distances: np.ndarray, weights: np.ndarray, f: int, tau: float | None = None
+) -> np.ndarray:
+    """The coefficients ``(k + 1,)`` of ``[own, *received]`` in ``clipping``'s result, from
+    the neighbours' distances to own (k >= 1)."""
+    k = distances.shape[0]
     if tau is None:
         radius = float(np.partition(distances, k - f - 1)[k - f - 1])
     else:
@@ -485,8 +529,7 @@ def clipping(
     scale[far] = radius / distances[far]
     # own + sum_j c_j (x_j - own)  ==  (1 - sum_j c_j) own + sum_j c_j x_j
     coefficients = weights[1:] * scale
-    combined = np.concatenate([[1.0 - coefficients.sum()], coefficients])
-    return _checked(_weighted_sum(own, received, combined), own, received, "clipping")
+    return np.concatenate([[1.0 - coefficients.sum()], coefficients])
 
 
 AGGREGATORS: dict[str, Rule] = {
@@ -584,7 +627,7 @@ def _weighted_sum(own: np.ndarray, received: np.ndarray, weights: np.ndarray) ->
     return result
 
 
-def _pairwise_squared_distances(own: np.ndarray, received: np.ndarray) -> np.ndarray:
+def pairwise_squared_distances(own: np.ndarray, received: np.ndarray) -> np.ndarray:
     """Squared distances ``(n, n)`` between all of ``[own, *received]``, from differences.
 
     Never by the Gram trick ||a||^2 + ||b||^2 - 2ab: in float32 it cancels whenever two values

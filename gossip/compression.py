@@ -74,6 +74,8 @@ class CompressionSettings:
     codec: str = "none"
     block: int = DEFAULT_BLOCK
     fraction: float = DEFAULT_FRACTION
+    # top-k's warm-up: the first ``warmup`` deltas keep a larger share (``warmup_fraction``)
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -81,6 +83,23 @@ class CompressionSettings:
         check_block(self.block)
         if not 0 < self.fraction <= 1:
             raise ValueError(f"top-k fraction must be in (0, 1], got {self.fraction}")
+        if type(self.warmup) is not int or self.warmup < 0:
+            raise ValueError(f"top-k warm-up must be a whole number >= 0, got {self.warmup!r}")
+
+    def warmup_fraction(self, delta: int) -> float:
+        """The share top-k keeps in the sender's ``delta``-th delta (1 = the first after its
+        first keyframe): during the warm-up it falls geometrically from dense towards
+        ``fraction``, ``fraction ** (delta / (warmup + 1))``, then stays at ``fraction``.
+
+        Why (Lin et al. 2018, "Deep Gradient Compression", warm-up training): the first
+        rounds move the model most, and at 10 % a delta that large reaches the neighbours
+        over many rounds through error feedback, so early in training they average in a
+        model that lags far behind the sender's. Sending a larger share while the updates
+        are large keeps that lag short; the steady-state message is unchanged.
+        """
+        if delta > self.warmup:
+            return self.fraction
+        return float(self.fraction ** (delta / (self.warmup + 1)))
 
 
 def check_block(block: object) -> int:
@@ -263,6 +282,7 @@ class DeltaEncoder:
         self.settings = settings
         self._base: State | None = None
         self._base_id: bytes | None = None
+        self._deltas = 0  # deltas encoded since this encoder's first keyframe (the warm-up)
 
     @property
     def base(self) -> tuple[bytes, State] | None:
@@ -274,6 +294,8 @@ class DeltaEncoder:
         (pass both to `delivered` once the send's outcome is known)."""
         settings = self.settings
         keyframe = self._base is None
+        # A keyframe after a missed send does not restart the warm-up: it follows training.
+        fraction = settings.fraction if keyframe else settings.warmup_fraction(self._deltas + 1)
         tensors: dict[str, tuple[tuple[int, ...], EncodedTensor]] = {}
         deltas: State = {}
         for name, value in state.items():
@@ -282,9 +304,11 @@ class DeltaEncoder:
             if keyframe or settings.codec == "int8" or array.size < DENSE_BELOW:
                 encoded = encode_int8(delta, settings.block)
             else:
-                encoded = encode_top_k(delta, settings.fraction, settings.block)
+                encoded = encode_top_k(delta, fraction, settings.block)
             tensors[name] = (array.shape, encoded)
             deltas[name] = decode_encoded(encoded, array.size, settings.block).reshape(array.shape)
+        if not keyframe:
+            self._deltas += 1
         message = CompressedTensors(
             codec=settings.codec,
             block=settings.block,

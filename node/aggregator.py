@@ -20,15 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from murmur.gossip.aggregation import (
-    AGGREGATORS,
-    SCREENING_SPREAD,
-    distances_to,
-    krum_select,
-    min_inputs,
-    mute,
-    screen_inputs,
-)
+from murmur.gossip import blocks
+from murmur.gossip.aggregation import SCREENING_SPREAD, distances_to, min_inputs, mute
+from murmur.gossip.blocks import ModelRows
 from murmur.gossip.trust import (
     DP_CENTRE_NOISE_FLOOR,
     DP_TWIN_FRACTION,
@@ -115,8 +109,10 @@ class RoundAggregator:
         cfg = self._config.aggregation
         heard = [n for n in sorted(received) if n not in self.ignored]
         own = flatten(own_state)
-        vectors = {n: flatten(received[n].envelope.update.tensors) for n in heard}
-        distance = _mean_distance(own, vectors)
+        # The neighbours' models are read a column block at a time, never stacked: for a
+        # large model they are spooled to disk (gossip/spool.py, gossip/blocks.py).
+        heard_rows = ModelRows([received[n].envelope.update.tensors for n in heard], own.size)
+        distance = _mean_distance(own, heard_rows)
         screened = self._screen(heard, received)
         names, inputs, left_out, f = screened.names, screened.inputs, screened.left_out, screened.f
         record: dict[str, Any] = {"rule": cfg.rule, "f": f, "own_model_sha256": own_sha}
@@ -126,30 +122,34 @@ class RoundAggregator:
         if len(names) + 1 < min_inputs(cfg.rule, f):
             # Too few inputs arrived for the rule to be robust: keep our own model this round.
             return self._keep_own(
-                r, record, inputs, left_out, "too_few_inputs", own, vectors, own_state, distance
+                r,
+                record,
+                inputs,
+                left_out,
+                "too_few_inputs",
+                own,
+                (heard, heard_rows),
+                own_state,
+                distance,
             )
-        stack = (
-            np.stack([vectors[n] for n in names])
-            if names
-            else np.zeros((0, own.size), dtype=own.dtype)
-        )
+        rows = heard_rows.subset([heard.index(n) for n in names])
         muted = np.zeros(len(names), dtype=bool)
         if self._trust.settings.enabled and names:
-            stack, muted, pulled = self._screen_far(own, names, stack, f, received)
+            rows, muted, pulled = self._screen_far(own, names, rows, f, received)
             if pulled:
                 record["pulled_in"] = pulled
         used, excluded = inputs, []
         if cfg.rule in ("krum", "multi_krum"):
             # Krum picks whole models: record exactly whose went into the result.
             m = int(cfg.params.get("m", len(names) + 1 - f)) if cfg.rule == "multi_krum" else 1
-            chosen = {int(i) - 1 for i in krum_select(own, stack, f, m=m)}
+            chosen = {int(i) - 1 for i in blocks.krum_select(own, rows, f, m=m)}
             used = [u for i, u in enumerate(inputs) if i in chosen]
             excluded = [
                 {**u, "reason": "not_selected"} for i, u in enumerate(inputs) if i not in chosen
             ]
         try:
             weights = mute(self.mixing_weights(names), muted)
-            result = AGGREGATORS[cfg.rule](own, stack, weights, f, **cfg.params)
+            result = blocks.aggregate(cfg.rule, own, rows, weights, f, **cfg.params)
         except ValueError as exc:
             # Finite inputs whose combination overflows (only an undefended rule lets poison
             # grow that large): keep our own model this round rather than stop.
@@ -161,7 +161,7 @@ class RoundAggregator:
                 left_out,
                 "aggregate_not_finite",
                 own,
-                vectors,
+                (heard, heard_rows),
                 own_state,
                 distance,
             )
@@ -179,7 +179,7 @@ class RoundAggregator:
             result_sha256=new_sha,
         )
         self._state.aggregation = {"rule": cfg.rule, "f": f, "inputs": len(names) + 1}
-        self._observe_trust(r, own, result, vectors)
+        self._observe_trust(r, own, result, heard, heard_rows)
         return new_state, new_sha, distance
 
     def _screen(self, heard: list[str], received: dict[str, ReceivedUpdate]) -> Screened:
@@ -202,10 +202,10 @@ class RoundAggregator:
         self,
         own: np.ndarray,
         names: list[str],
-        stack: np.ndarray,
+        rows: ModelRows,
         f: int,
         received: dict[str, ReceivedUpdate],
-    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    ) -> tuple[ModelRows, np.ndarray, list[dict[str, Any]]]:
         """Pull models far from the robust centre in to the screening radius, and mute those
         also far from our own model (gossip/aggregation.py ``screen_inputs``); the rule keeps
         its f. Under DP both radii allow for the DP noise our own ledger says honest models
@@ -213,9 +213,9 @@ class RoundAggregator:
         noise = self._noise_norm() if self._noise_norm is not None else None
         with np.errstate(over="ignore", invalid="ignore"):
             own_norm = float(np.linalg.norm(own))
-            screening = screen_inputs(
+            screening = blocks.screen_inputs(
                 own,
-                stack,
+                rows,
                 f,
                 spread=SCREENING_SPREAD,
                 floor=DP_CENTRE_NOISE_FLOOR * noise if noise else 0.0,
@@ -248,7 +248,7 @@ class RoundAggregator:
         left_out: list[dict[str, Any]],
         reason: str,
         own: np.ndarray,
-        vectors: dict[str, np.ndarray],
+        heard: tuple[list[str], ModelRows],
         own_state: State,
         distance: float | None,
     ) -> tuple[State, str, float | None]:
@@ -258,7 +258,7 @@ class RoundAggregator:
         self._audit.append(
             "aggregation", r, **record, used=[], excluded=excluded, result_sha256=own_sha
         )
-        self._observe_trust(r, own, own, vectors)
+        self._observe_trust(r, own, own, *heard)
         return own_state, own_sha, distance
 
     def mixing_weights(self, received: list[str]) -> np.ndarray:
@@ -271,16 +271,12 @@ class RoundAggregator:
         return np.concatenate([[1.0 - w.sum()], w])
 
     def _observe_trust(
-        self, r: int, own: np.ndarray, aggregate: np.ndarray, vectors: dict[str, np.ndarray]
+        self, r: int, own: np.ndarray, aggregate: np.ndarray, names: list[str], rows: ModelRows
     ) -> None:
         """Score every neighbour heard this round (quarantined ones too) by its distance from
         the robust aggregate; log and audit each quarantine and re-admission with its evidence."""
-        names = list(vectors)
-        rows = (
-            np.stack([vectors[n] for n in names]) if names else np.zeros((0, own.size), own.dtype)
-        )
         with np.errstate(over="ignore", invalid="ignore"):  # poison may overflow float32
-            distances = np.nan_to_num(distances_to(aggregate, rows), nan=np.inf)
+            distances = np.nan_to_num(blocks.distances(aggregate, rows), nan=np.inf)
             own_distance = float(
                 np.nan_to_num(distances_to(aggregate, own[None, :]), nan=np.inf)[0]
             )
@@ -310,12 +306,12 @@ class RoundAggregator:
         self._on_trust_change()
 
 
-def _mean_distance(own: np.ndarray, vectors: dict[str, np.ndarray]) -> float | None:
+def _mean_distance(own: np.ndarray, rows: ModelRows) -> float | None:
     """Our mean distance to the heard models (None when none, or poison overflowed float32)."""
-    if not vectors:
+    if rows.k == 0:
         return None
     with np.errstate(over="ignore", invalid="ignore"):
-        distance = float(np.mean(distances_to(own, np.stack(list(vectors.values())))))
+        distance = float(np.mean(blocks.distances(own, rows)))
     return distance if np.isfinite(distance) else None
 
 

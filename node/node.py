@@ -32,6 +32,7 @@ from murmur.gossip.peer_records import RecordBook
 from murmur.gossip.receipts import AuditHead, ReceiptBook
 from murmur.gossip.rounds import CatchUp, RoundInbox
 from murmur.gossip.sampling import PeerSample
+from murmur.gossip.spool import node_spool
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
 from murmur.gossip.wire import EnvelopeOpener, ReplayGuard, WireLimits, default_max_message_bytes
@@ -207,6 +208,7 @@ class HospitalNode:
             limits=self.limits,
             replay=self.replay,
             study=self.gate.wire_id,
+            spool=node_spool(self.study.spec, self.state_dir),
         )
         self.receiver = Receiver(
             identity=self.identity,

@@ -109,6 +109,18 @@ class Receiver:
                 source=source,
             )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
+        except OSError as err:
+            # Spooling the opened model failed (gossip/spool.py: the disk is full or gone):
+            # this node's fault, not the sender's, which may send again.
+            log.error("could not keep a received model on disk: %s", err)
+            self.record_rejection(
+                "spool_failed",
+                str(err),
+                sender=sender.name if sender is not None else None,
+                round_=None,
+                source=source,
+            )
+            return 503, "spool_failed", str(err)
         name = opened.sender.name
         refused = self._rollback.check(opened, self._inbox.current_round)
         if refused is not None:

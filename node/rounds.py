@@ -23,11 +23,12 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from murmur.gossip.blocks import ModelRows
 from murmur.gossip.rounds import CatchUp, CollectedRound, RoundInbox, catch_up_quorum
 from murmur.gossip.sampling import PeerSample
 from murmur.gossip.transport import Transport
 from murmur.gossip.trust import TrustTracker
-from murmur.models.params import flatten, state_sha256, unflatten
+from murmur.models.params import state_sha256, unflatten
 from murmur.models.privacy import BudgetExhausted
 from murmur.node.aggregator import RoundAggregator
 from murmur.node.audit import AuditLog
@@ -350,5 +351,9 @@ def _fmt(x: float | None) -> str:
 def _neighbours_median(messages: dict[str, Any], template: State) -> State:
     """The coordinate-wise median of the neighbours' models: the robust start of a node that
     joins a running network (it has no model of its own worth mixing in yet)."""
-    stack = np.stack([flatten(m.envelope.update.tensors) for m in messages.values()])
-    return unflatten(np.median(stack, axis=0).astype(stack.dtype), template)
+    d = sum(int(np.prod(np.shape(a))) for a in template.values())
+    rows = ModelRows([m.envelope.update.tensors for m in messages.values()], d)
+    median = np.empty(d, dtype=np.float32)
+    for cols, block in rows.blocks():  # never all the models at once (gossip/blocks.py)
+        median[cols] = np.median(block, axis=0)
+    return unflatten(median, template)

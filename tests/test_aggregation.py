@@ -195,7 +195,7 @@ def test_krum_distances_stay_accurate_for_colluders_far_from_own():
     honest = own + 1e-3 * rng.standard_normal((4, d))
     colluders = own + rng.standard_normal(d) + 1e-3 * rng.standard_normal((2, d))
     vectors = np.vstack([own, honest, colluders]).astype(np.float32)
-    squared = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    squared = agg.pairwise_squared_distances(vectors[0], vectors[1:])
     exact = vectors[5].astype(np.float64) - vectors[6]
     np.testing.assert_allclose(squared[5, 6], exact @ exact, rtol=1e-5)
     np.testing.assert_allclose(
@@ -208,9 +208,9 @@ def test_krum_distances_split_over_workers_match_one_pass(monkeypatch):
     d = 9 * agg._DISTANCE_BLOCK_COLUMNS + 5  # blocks for 2 workers, and a short last block
     vectors = rng.standard_normal((6, d)).astype(np.float32)
     monkeypatch.setattr(agg, "_distance_workers", lambda d, torch_threads: 2)
-    split = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    split = agg.pairwise_squared_distances(vectors[0], vectors[1:])
     monkeypatch.setattr(agg, "_distance_workers", lambda d, torch_threads: 1)
-    one_pass = agg._pairwise_squared_distances(vectors[0], vectors[1:])
+    one_pass = agg.pairwise_squared_distances(vectors[0], vectors[1:])
     np.testing.assert_allclose(split, one_pass, rtol=1e-12)
     np.testing.assert_allclose(split, exact_squared_distances(vectors), rtol=1e-5)
 

@@ -26,6 +26,7 @@ from murmur.gossip.compression import (
     quantize_int8,
 )
 from murmur.gossip.receipts import no_audit_head
+from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire import (
     HTTP_STATUS,
     EnvelopeOpener,
@@ -37,6 +38,7 @@ from murmur.gossip.wire import (
     _seal_envelope,
     build_envelope,
 )
+from murmur.models.params import state_sha256
 
 ALICE = generate_identity("alice")
 BOB = generate_identity("bob")
@@ -61,8 +63,8 @@ def state(seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
 SPEC = {name: (array.shape, "float32") for name, array in state().items()}
 
 
-def opener(accepted=ALL) -> EnvelopeOpener:
-    return EnvelopeOpener(BOB, ALLOWLIST, SPEC, WireLimits(accepted_codecs=accepted))
+def opener(accepted=ALL, spool=None) -> EnvelopeOpener:
+    return EnvelopeOpener(BOB, ALLOWLIST, SPEC, WireLimits(accepted_codecs=accepted), spool=spool)
 
 
 def envelope(compressed: CompressedTensors, round_: int = 1) -> bytes:
@@ -186,10 +188,11 @@ def test_decode_refuses_unsorted_or_repeated_indices_and_bad_bitmaps():
 # ---- the sender's state and the wire -------------------------------------------------------
 
 
+@pytest.mark.parametrize("spooled", [False, True])
 @pytest.mark.parametrize("codec", ["int8", "topk_int8"])
-def test_receiver_reconstructs_exactly_what_the_sender_holds(codec):
+def test_receiver_reconstructs_exactly_what_the_sender_holds(codec, spooled, tmp_path):
     encoder = DeltaEncoder(CompressionSettings(codec=codec, block=64, fraction=0.1))
-    receiver = opener()
+    receiver = opener(spool=tmp_path if spooled else None)
     for r in range(1, 5):
         model = state(0) if r == 1 else {k: v + 0.01 * r for k, v in state(r).items()}
         message, held = encoder.encode(model)
@@ -197,8 +200,19 @@ def test_receiver_reconstructs_exactly_what_the_sender_holds(codec):
         opened = receiver.open(envelope(message, r), now=NOW)
         encoder.delivered(message, held, everyone=True)
         assert opened.state_id == message.state_id
+        assert isinstance(opened.update.tensors, SpooledModel) == spooled
+        assert receiver.bases[ALICE.public_key][1] is opened.update.tensors
         for name in SPEC:
             np.testing.assert_array_equal(opened.update.tensors[name], held[name])
+
+
+def test_a_spooled_uncompressed_model_is_the_one_sent(tmp_path):
+    model = state(4)
+    data = build_envelope(ModelUpdate(model), ALICE, [BOB.public_key], 1, now=NOW)
+    opened = opener(spool=tmp_path).open(data, now=NOW)
+    assert isinstance(opened.update.tensors, SpooledModel)
+    assert state_sha256(opened.update.tensors) == state_sha256(model)
+    assert list(tmp_path.iterdir()) == []  # unlinked from the start
 
 
 def test_error_feedback_delivers_what_top_k_dropped():
@@ -277,9 +291,10 @@ def test_a_keyframe_must_be_dense_int8_and_k_must_fit():
     assert reason_of(_sealed(bad_k), opener()) == RejectReason.MALFORMED
 
 
-def test_a_nan_scale_on_the_wire_is_non_finite_and_the_node_keeps_its_base():
+@pytest.mark.parametrize("spooled", [False, True])
+def test_a_nan_scale_on_the_wire_is_non_finite_and_the_node_keeps_its_base(spooled, tmp_path):
     encoder = DeltaEncoder(CompressionSettings(codec="int8", block=64))
-    receiver = opener()
+    receiver = opener(spool=tmp_path if spooled else None)
     first, held = encoder.encode(state(0))
     receiver.open(envelope(first, 1), now=NOW)
     encoder.delivered(first, held, everyone=True)
@@ -292,6 +307,8 @@ def test_a_nan_scale_on_the_wire_is_non_finite_and_the_node_keeps_its_base():
     bad = dataclasses.replace(delta, tensors={**delta.tensors, name: (shape, poisoned)})
     assert reason_of(_sealed(bad), receiver) == RejectReason.NON_FINITE
     assert receiver.bases[ALICE.public_key][0] == first.state_id
+    base = receiver.bases[ALICE.public_key][1]
+    np.testing.assert_array_equal(base["conv.weight"], held["conv.weight"])
 
 
 def test_compressed_envelopes_are_much_smaller():
@@ -307,6 +324,36 @@ def test_compressed_envelopes_are_much_smaller():
         sizes[codec] = len(envelope(delta, 2))
     assert plain / sizes["int8"] >= 3.9
     assert plain / sizes["topk_int8"] >= 15
+
+
+def test_top_k_warm_up_sends_denser_deltas_first_then_the_fraction():
+    """The first `warmup` deltas keep fraction ** (j / (warmup + 1)) of each large tensor,
+    later ones the fraction; a keyframe after a missed send does not restart the warm-up,
+    and the receiver reconstructs every one of them exactly."""
+    settings = CompressionSettings(codec="topk_int8", block=64, fraction=0.1, warmup=3)
+    assert [round(settings.warmup_fraction(j), 3) for j in (1, 2, 3, 4, 9)] == [
+        0.562,
+        0.316,
+        0.178,
+        0.1,
+        0.1,
+    ]
+    encoder, receiver = DeltaEncoder(settings), opener()
+    n = SPEC["conv.weight"][0]
+    n = int(np.prod(n))
+    kept = []
+    for r in range(1, 7):
+        message, held = encoder.encode(state(r))
+        opened = receiver.open(envelope(message, r), now=NOW)
+        np.testing.assert_array_equal(opened.update.tensors["conv.weight"], held["conv.weight"])
+        kept.append(message.tensors["conv.weight"][1].k / n)
+        encoder.delivered(message, held, everyone=r != 4)  # round 4's send was not taken
+    assert kept[0] == 1.0  # the keyframe
+    assert kept[1:4] == pytest.approx([0.562, 0.316, 0.178], abs=1e-3)
+    assert kept[4] == 1.0  # the keyframe after the missed send
+    assert kept[5] == pytest.approx(0.1, abs=1e-3)  # the warm-up is not restarted
+    with pytest.raises(ValueError, match="warm-up"):
+        CompressionSettings(codec="topk_int8", warmup=-1)
 
 
 def test_top_k_sends_small_tensors_dense_and_large_ones_sparse():

@@ -62,6 +62,7 @@ def test_unknown_section_is_refused() -> None:
         ("data", {"preprocessing": "zscore"}, r"data.preprocessing unknown preprocessing"),
         ("data", {"reference": "ref.csv"}, r"data.reference only applies to dataset = 'csv'"),
         ("evaluation", {"threshold": 1.5}, r"evaluation.threshold must be in \[0, 1\]"),
+        ("compression", {"warmup": -1}, r"compression.warmup must be a whole number >= 0"),
     ],
 )
 def test_bad_values_name_field_and_fix(section: str, values: dict, pattern: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from murmur.gossip.receipts import EquivocationProof, ReceiptBook
+from murmur.gossip.spool import SpooledModel, spool_folder
 from murmur.gossip.trust import TrustTracker
 from murmur.gossip.wire import ModelUpdate, build_envelope
 from murmur.models.params import state_sha256
@@ -145,6 +146,42 @@ async def test_the_receive_pipeline_files_an_envelope_and_proves_a_second_one(
         assert node.rejected["duplicate"] == 1 and len(heard) == 1
         status, reason, _ = await node.receiver.receive(b"junk")
         assert status >= 400 and node.rejected[reason] == 1
+    finally:
+        node.audit.close()
+
+
+async def test_a_spooling_node_keeps_models_on_disk_and_aggregates_them_the_same(
+    tmp_path: Path,
+) -> None:
+    """A node that spools (a large model's, here forced) files the model it received as a
+    SpooledModel, aggregates it as it would the model in memory, and answers a spool it
+    cannot write with 503 spool_failed, counted, without recording the envelope."""
+    node = build_node(tmp_path, nodes=3)
+    try:
+        node.opener.spool = spool_folder(node.state_dir)
+        data = peer_envelope(tmp_path, node, 1, seed=1)
+        assert await node.receiver.receive(data) == (202, "accepted", "")
+        collected = await node.inbox.collect(1, ["hospital_1"], 1.0, asyncio.Event())
+        filed = collected.messages["hospital_1"]
+        assert isinstance(filed.envelope.update.tensors, SpooledModel)
+        own = node.study.state()
+        in_memory = {k: v + 1 for k, v in own.items()}
+        assert filed.model_sha256 == state_sha256(in_memory)
+        spooled_result, _, _ = node.aggregator.aggregate(
+            1, own, state_sha256(own), {"hospital_1": filed}
+        )
+        memory_result, _, _ = node.aggregator.aggregate(
+            1, own, state_sha256(own), {"hospital_1": received(in_memory)}
+        )
+        for name in own:
+            np.testing.assert_array_equal(spooled_result[name], memory_result[name])
+        node.opener.spool = tmp_path / "gone"  # no such folder: the write fails
+        second = peer_envelope(tmp_path, node, 2, seed=2)
+        status, reason, _ = await node.receiver.receive(second)
+        assert (status, reason) == (503, "spool_failed")
+        assert node.rejected["spool_failed"] == 1
+        node.opener.spool = None  # the same envelope is taken once the node can keep it
+        assert await node.receiver.receive(second) == (202, "accepted", "")
     finally:
         node.audit.close()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 from murmur.crypto.allowlist import Allowlist, Peer
@@ -21,6 +23,7 @@ from murmur.gossip.receipts import (
     Receipt,
     signed_digest,
 )
+from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
@@ -58,6 +61,10 @@ class EnvelopeOpener:
     in a worker thread) and then, back on the loop, ``accept`` for the result or
     ``note_failure`` for the ``WireError`` (each records the envelope in the replay guard if
     its signature verified; ``accept`` re-checks it, so of two concurrent copies one wins).
+
+    ``spool``: a folder (gossip/spool.py) in which every opened model is kept on disk instead
+    of in memory, the compressed senders' bases included; None keeps them in memory. A node
+    spools models of ``spool.SPOOL_MIN_BYTES`` or more. ``OSError`` if writing there fails.
     """
 
     def __init__(
@@ -68,8 +75,10 @@ class EnvelopeOpener:
         limits: WireLimits | None = None,
         replay: ReplayGuard | None = None,
         study: bytes | None = None,
+        spool: Path | None = None,
     ) -> None:
         self.identity = identity
+        self.spool = spool
         self.study = study  # the manifest hash of the one study this node runs, or None
         self.allowlist = allowlist
         self.limits = limits if limits is not None else WireLimits()
@@ -86,7 +95,7 @@ class EnvelopeOpener:
         )
         # Each sender's base for compressed deltas: (state id, the model reconstructed from
         # its last accepted compressed envelope). Bounded by the allowlist, one model each.
-        self.bases: dict[bytes, tuple[bytes, dict[str, np.ndarray]]] = {}
+        self.bases: dict[bytes, tuple[bytes, Mapping[str, np.ndarray]]] = {}
 
     def open(
         self, data: bytes, now: float | None = None, sender: bytes | None = None
@@ -147,6 +156,9 @@ class EnvelopeOpener:
         update, head, encoding = self._open_body(envelope, wrapped_key, signed)
         if encoding is not None:
             update.tensors = self._reconstruct(envelope.sender, encoding, update.tensors, signed)
+        elif self.spool is not None:
+            # the tensors were views of the plaintext, which goes with them
+            update.tensors = SpooledModel.of(update.tensors, self.spool)
         if head.digest() != envelope.head_digest:
             raise WireError(
                 RejectReason.MALFORMED,
@@ -180,11 +192,12 @@ class EnvelopeOpener:
         encoding: BodyEncoding,
         deltas: dict[str, np.ndarray],
         signed: tuple[bytes, int, bytes],
-    ) -> dict[str, np.ndarray]:
+    ) -> Mapping[str, np.ndarray]:
         """The sender's model: its deltas added to the base they name (`unknown_base` if this
         node does not hold that base: it missed or refused the message that made it, or
         restarted; the sender's next message is then a keyframe). Reads, never changes,
-        ``bases``: `accept` records the result."""
+        ``bases``: `accept` records the result. One tensor at a time, so that a spooled
+        model is written as it is made."""
         base = None
         if encoding.base is not None:
             held = self.bases.get(sender)
@@ -196,14 +209,20 @@ class EnvelopeOpener:
                     signed,
                 )
             base = held[1]
-        with np.errstate(over="ignore", invalid="ignore"):
-            model = reconstruct(base, deltas)
-        for name, array in model.items():
-            if not np.isfinite(array).all():
-                raise WireError(
-                    RejectReason.NON_FINITE, f"tensor {name!r} is NaN or infinity", signed
-                )
-        return model
+
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            for name, delta in deltas.items():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    array = reconstruct(None if base is None else {name: base[name]}, {name: delta})
+                if not np.isfinite(array[name]).all():
+                    raise WireError(
+                        RejectReason.NON_FINITE, f"tensor {name!r} is NaN or infinity", signed
+                    )
+                yield name, array[name]
+
+        if self.spool is None:
+            return dict(tensors())
+        return SpooledModel(tensors(), self.spool)
 
     def _check_header(
         self, envelope: _RawEnvelope, now: float | None, sender: bytes | None
