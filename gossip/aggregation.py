@@ -321,7 +321,7 @@ def twins(own: np.ndarray, received: np.ndarray, min_distance: float) -> np.ndar
     if k == 0 or not min_distance > 0:
         return np.zeros(k, dtype=bool)
     with np.errstate(over="ignore", invalid="ignore"):
-        squared = np.nan_to_num(_pairwise_squared_distances(own, received), nan=np.inf)
+        squared = np.nan_to_num(pairwise_squared_distances(own, received), nan=np.inf)
     np.fill_diagonal(squared, np.inf)
     return (squared[1:] < float(min_distance) ** 2).any(axis=1)
 

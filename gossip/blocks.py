@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from murmur.gossip import aggregation as agg
@@ -82,11 +84,24 @@ class ModelRows:
             if size != d:
                 raise ValueError(f"model {i} has {size} entries, not the {d} of own")
         self._readers = [r for r, _ in readers]
-        self._models = list(models)
         self.k, self.d, self.block = len(models), d, max(1, int(block))
 
+    @classmethod
+    def _of_readers(cls, readers: Sequence[Reader], d: int, block: int) -> ModelRows:
+        rows = cls([], d, block)
+        rows._readers, rows.k = list(readers), len(readers)
+        return rows
+
     def subset(self, indices: Sequence[int]) -> ModelRows:
-        return ModelRows([self._models[i] for i in indices], self.d, self.block)
+        return ModelRows._of_readers([self._readers[i] for i in indices], self.d, self.block)
+
+    def pulled_in(self, centre: np.ndarray, scales: np.ndarray) -> ModelRows:
+        """These rows with row i read as ``centre + (row - centre) * scales[i]`` wherever
+        ``scales[i] != 1`` (0: the centre itself), without writing any model out."""
+        readers = list(self._readers)
+        for i in np.flatnonzero(np.asarray(scales) != 1.0):
+            readers[i] = _pulled_reader(readers[i], centre, float(scales[i]))
+        return ModelRows._of_readers(readers, self.d, self.block)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
         """(columns, the k models' entries in them); the array is reused by the next block."""
@@ -109,6 +124,18 @@ class ModelRows:
         for _, rows in self.blocks():
             ok &= agg.finite_rows(rows)
         return ok
+
+
+def _pulled_reader(reader: Reader, centre: np.ndarray, scale: float) -> Reader:
+    def read_pulled(start: int, stop: int, out: np.ndarray) -> None:
+        c = centre[start:stop]
+        if scale == 0.0:
+            out[:] = c
+            return
+        reader(start, stop, out)
+        out[:] = c + (out - c) * scale
+
+    return read_pulled
 
 
 def squared_distances(vector: np.ndarray, rows: ModelRows) -> np.ndarray:
@@ -206,4 +233,66 @@ def checked(result: np.ndarray, own: np.ndarray, rows: ModelRows, name: str) -> 
         f"rule {name!r} produced a non-finite aggregate; non-finite inputs: "
         f"{', '.join(bad) or 'none (values overflow float range)'}: "
         f"drop them before aggregating (gossip.aggregation.finite_rows)"
+    )
+
+
+# --------------------------------------------------------------------------- screening
+
+
+@dataclass(frozen=True)
+class Screening:
+    """``aggregation.screen_inputs``'s result with the rows read block by block."""
+
+    rows: ModelRows  # the received models, the far ones pulled in
+    f: int
+    centre: np.ndarray
+    radius: float
+    distances: np.ndarray
+    pulled: np.ndarray
+    muted: np.ndarray
+    twins: np.ndarray
+
+
+def screen_inputs(
+    own: np.ndarray,
+    rows: ModelRows,
+    f: int,
+    *,
+    spread: float = 1.5,
+    floor: float = 0.0,
+    own_limit: float = math.inf,
+    twin_distance: float = 0.0,
+) -> Screening:
+    """``aggregation.screen_inputs`` (which see: the rule keeps its f; far models pulled in
+    to the screening radius around the coordinate-wise median, muted when also far from our
+    own; DP twins muted) on models read block by block: the centre is computed a block at a
+    time (a coordinate-wise median is), the distances are summed over the blocks, and the
+    pulled-in rows are read through ``ModelRows.pulled_in``, never written out."""
+    own = np.asarray(own, dtype=np.float32)
+    k = rows.k
+    if k == 0:
+        none = np.zeros(0, dtype=bool)
+        empty = np.zeros(0, dtype=np.float64)
+        return Screening(rows, int(f), own.copy(), math.inf, empty, none, none, none)
+    centre = np.empty_like(own)
+    for cols, block in rows.blocks():
+        centre[cols] = agg.coordinate_median(own[cols], block)
+    with np.errstate(over="ignore", invalid="ignore"):
+        far = np.nan_to_num(distances(centre, rows), nan=np.inf, posinf=np.inf)
+        own_far = np.nan_to_num(agg.distances_to(centre, own[None, :]), nan=np.inf, posinf=np.inf)
+        to_own = np.nan_to_num(distances(own, rows), nan=np.inf, posinf=np.inf)
+    radius = agg.screening_radius(np.concatenate([own_far, far]), f, spread=spread, floor=floor)
+    pulled = far > radius
+    scales = np.ones(k, dtype=np.float64)
+    for i in np.flatnonzero(pulled):
+        scales[i] = radius / far[i] if np.isfinite(far[i]) else 0.0
+    close = np.zeros(k, dtype=bool)
+    if twin_distance > 0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = np.nan_to_num(pairwise_squared(own, rows), nan=np.inf)
+        np.fill_diagonal(squared, np.inf)
+        close = (squared[1:] < float(twin_distance) ** 2).any(axis=1)
+    muted = (pulled & (to_own > own_limit)) | close
+    return Screening(
+        rows.pulled_in(centre, scales), int(f), centre, radius, far, pulled, muted, close
     )

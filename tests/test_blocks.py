@@ -87,3 +87,37 @@ def test_bad_inputs_are_refused_as_the_rules_refuse_them() -> None:
         blocks.ModelRows([{"x": np.zeros(3, np.float32)}], D)
     with pytest.raises(ValueError, match="unknown aggregation rule"):
         blocks.aggregate("nope", own, blocks.ModelRows(received, D), weights(2), 0)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 10_000])
+def test_screening_block_by_block_matches_the_whole_matrix(block: int) -> None:
+    """The node screens models read block by block (gossip/blocks.py screen_inputs): the
+    centre, radius, pulled, muted and twin masks, and every rule's result on the pulled-in
+    rows, equal aggregation.screen_inputs on the stacked matrix."""
+    from murmur.gossip.aggregation import screen_inputs
+
+    rng = np.random.default_rng(7)
+    d = 203
+    own = rng.normal(size=d).astype(np.float32)
+    honest = own + rng.normal(scale=0.1, size=(5, d)).astype(np.float32)
+    far = own + 40.0 * rng.normal(size=(2, d)).astype(np.float32)  # pulled in
+    twin = honest[:1] + np.float32(1e-4)  # within the twin distance of honest[0]
+    overflowed = np.full((1, d), np.inf, dtype=np.float32)  # lands on the centre
+    received = np.concatenate([honest, far, twin, overflowed])
+    params = {"spread": 1.5, "floor": 0.05, "own_limit": 3.0, "twin_distance": 0.01}
+    whole = screen_inputs(own, received, 3, **params)
+    rows = blocks.ModelRows(list(received), d, block=block)
+    split = blocks.screen_inputs(own, rows, 3, **params)
+    assert split.radius == pytest.approx(whole.radius)
+    np.testing.assert_allclose(split.centre, whole.centre)
+    for mask in ("pulled", "muted", "twins"):
+        np.testing.assert_array_equal(getattr(split, mask), getattr(whole, mask), err_msg=mask)
+    assert whole.pulled[5:7].all() and whole.pulled[-1] and whole.twins[5 + 2]
+    for i in range(received.shape[0]):
+        np.testing.assert_allclose(split.rows.row(i), whole.rows[i], rtol=1e-5, atol=1e-5)
+    weights = np.full(received.shape[0] + 1, 1.0 / (received.shape[0] + 1))
+    for rule in ("mean", "median", "trimmed_mean", "clipping"):
+        f = 0 if rule == "mean" else 3
+        expected = AGGREGATORS[rule](own, whole.rows, weights, f)
+        got = blocks.aggregate(rule, own, split.rows, weights, f)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=rule)
