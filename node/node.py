@@ -126,6 +126,8 @@ class HospitalNode:
             state_dir=self.state_dir,
             gossip=config.gossip,
             on_change=self._refresh_rollback_status,
+            budget_head_of=self.gate.witnessed_head_of,
+            refused_key=self.gate.budget_refusal,
         )
         self.state = NodeState(
             name=config.node.name,
@@ -260,6 +262,7 @@ class HospitalNode:
             sample=self.sample,
             **parts,
         )
+        self.rounds.halt = self.gate.approval_lost  # a withdrawn approval stops the rounds
         if self.governance is not None:
             self.rounds.set_peer_names([p.name for p in self.peers])
             founders = {m.public_key for m in self.governance.manifest.founders}
@@ -446,9 +449,12 @@ class HospitalNode:
         node/receiver.py's `Receiver.record_rejection` (sender, round_, source, ...)."""
         self.receiver.record_rejection(reason, detail, **where)
 
-    def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
-        """POST /approvals (node/studies/gate.py): (HTTP status, reason code)."""
-        return self.gate.answer_approvals(body, sender, self.inbox.current_round)
+    def answer_approvals(self, body: bytes, sender: Peer | None) -> tuple[int, str]:
+        """POST /approvals (node/studies/gate.py): (HTTP status, reason code); ``sender``
+        None: from the operator listener."""
+        answer = self.gate.answer_approvals(body, sender, self.inbox.current_round)
+        self.state.study = self.gate.status()
+        return answer
 
     def summarise_rejections(self, round_: int | None) -> None:
         self.receiver.summarise_rejections(round_)
