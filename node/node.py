@@ -40,12 +40,12 @@ from murmur.models.params import state_sha256
 from murmur.models.privacy import PrivacyLedger
 from murmur.node import byzantine, lifecycle
 from murmur.node.aggregator import RoundAggregator
-from murmur.node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
+from murmur.node.audit import AUDIT_FILE, AuditError, AuditLog, RetentionPolicy, records_of_kind
 from murmur.node.binding import config_binding, data_fingerprint
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.clock import ClockReport
 from murmur.node.config import NodeConfig
-from murmur.node.consortium import Governance, open_governance
+from murmur.node.consortium import Governance, behind_audit, open_governance
 from murmur.node.evidence import EvidenceBook
 from murmur.node.governance import peers_of
 from murmur.node.metrics import NodeMetrics
@@ -169,6 +169,20 @@ class HospitalNode:
             governance = open_governance(config, self.state_dir)
         except MembershipError as exc:
             raise StartupError(f"[consortium] {exc}") from None
+        try:
+            recorded = records_of_kind(self.state_dir, "membership")
+        except AuditError:  # a first start: no audit log yet
+            recorded = []
+        if recorded:
+            fields = recorded[-1].fields
+            problem = behind_audit(governance, int(fields["epoch"]), str(fields["head"]))
+            if problem is not None:
+                governance.store.close()
+                raise StartupError(
+                    f"[consortium] {problem}. Fix: put back the newest copy of "
+                    f"{governance.store.path}: starting from an older membership, this node "
+                    "would accept keys the consortium has revoked since"
+                )
         membership = governance.membership
         self.peers = peers_of(membership, config.node.name, self.identity.public_key, config)
         return governance, membership.revoked
