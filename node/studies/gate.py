@@ -110,7 +110,10 @@ class StudyGate:
                 self.store = SiteBudgetStore(site.store, signer=identity)
             except StoreRolledBack as exc:
                 raise StartupError(str(exc)) from None
-        self.witness = WitnessBook(site.store or self.state_dir / WITNESS_FILE)
+        # Peers' budget log heads, kept by nodes that take part in studies or site budgets.
+        self.witness: WitnessBook | None = None
+        if site.store is not None or self.manifest is not None:
+            self.witness = WitnessBook(site.store or self.state_dir / WITNESS_FILE)
 
     # ------------------------------------------------------------------ identity
 
@@ -215,7 +218,7 @@ class StudyGate:
         studies = {self.study_id} if self.study_id else set()
         for document in documents:
             if isinstance(document, dict) and document.get("format") == HEAD_FORMAT:
-                if sender is not None:
+                if sender is not None and self.witness is not None:
                     self.take_head(document, sender, round_)
                 continue
             try:
@@ -282,6 +285,7 @@ class StudyGate:
             detail = "a budget log head not signed by the peer that sent it"
             self.refuse("budget_head_forged", detail, sender=None, round_=None, source=sender.name)
             return
+        assert self.witness is not None
         problem = self.witness.observe(sender.name, head)
         if problem is None:
             return
@@ -303,7 +307,9 @@ class StudyGate:
         """The newest budget log head held of the hospital of the member with ``key`` (for
         the `POST /receipts` answer to that member), None when nothing is held."""
         name = self.members.get(key)
-        head = self.witness.newest(name) if name is not None else None
+        if name is None or self.witness is None:
+            return None
+        head = self.witness.newest(name)
         return head.encode() if head is not None else None
 
     def budget_refusal(self, key: bytes) -> str | None:
@@ -390,7 +396,11 @@ class StudyGate:
         )
         self.site_epsilon = self.store.spent(self.budget)
         self._audit_position(position, round_, finished=finished)
-        self.changed.set()
+        # Heads after each round go out with the 30-s exchange (the peer listener's request
+        # allowance is a few per round); only the end goes at once. An admission, the write a
+        # put-back store would undo, is sent at once by admit().
+        if finished:
+            self.changed.set()
 
     def _audit_position(self, position: Position, round_: int, **extra: Any) -> None:
         assert self.budget is not None
@@ -419,7 +429,9 @@ class StudyGate:
         if self.store is not None:
             self.store.close()
             self.store = None
-        self.witness.close()
+        if self.witness is not None:
+            self.witness.close()
+            self.witness = None
 
     # ------------------------------------------------------------------ status
 
