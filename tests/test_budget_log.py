@@ -179,3 +179,20 @@ def test_the_receipts_answer_carries_the_budget_head_sealed_to_the_requester() -
     assert open_receipts_answer_with_budget(A, request, plain) == ([], 0, None)
     with pytest.raises(ValueError, match="at most"):
         seal_receipts_answer(b, request, [], b"x" * (MAX_EXTRA_BYTES + 1))
+
+
+def test_murmur_study_budget_shows_how_far_a_copy_goes(tmp_path: Path) -> None:
+    from tests.studyutil import murmur
+
+    path = tmp_path / "site.sqlite"
+    store = _store_with_writes(path)
+    seq, head = store.verify()
+    store.close()
+    shown = murmur("study", "budget", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert f"writes:   {seq} (log verified)" in shown.stdout and head in shown.stdout
+    assert "d  a (aaaaaaaa): 2 of 60 steps, running or stopped" in shown.stdout
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE studies SET planned_steps = 1")
+    refused = murmur("study", "budget", str(path))
+    assert refused.returncode == 2 and "changed outside murmur" in refused.stderr

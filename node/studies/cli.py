@@ -14,6 +14,9 @@
     import APPROVAL.json --state DIR --key KEY      another member's approval (or withdrawal),
                                                     checked and kept
     list --state DIR                                the approvals a node holds
+    budget STORE                                    a site budget store: which store, how
+                                                    far its log goes (to pick the copy that
+                                                    reaches a head the peers hold), its runs
 
 Each writes into a state directory only under its lock (never beside a running node) and
 audits what it kept, signed with the node's key.
@@ -80,6 +83,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     import_.add_argument("--key", required=True, type=Path, help="the node's NAME.key")
     list_ = study_sub.add_parser("list", help="the approvals a node holds")
     list_.add_argument("--state", required=True, type=Path)
+    budget = study_sub.add_parser("budget", help="a site budget store's position and runs")
+    budget.add_argument("store", type=Path, help="the [site_budget] store file")
 
 
 def study_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -105,6 +110,8 @@ def study_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
                     file=out,
                 )
         return 0
+    if command == "budget":
+        return _show_budget(args.store, out)
     identity = load_identity(args.key)
     if command == "withdraw":
         manifest = load_manifest(args.manifest)
@@ -166,4 +173,34 @@ def _hand_to_node(args: argparse.Namespace, record: bytes, what: str, out: TextI
         print(f"murmur: error: cannot reach the node at {args.node}: {exc}", file=sys.stderr)
         return 1
     print(f"handed to the node ({answer.get('reason')}): {what}", file=out)
+    return 0
+
+
+def _show_budget(path: Path, out: TextIO) -> int:
+    """Print the store's instance, writes and log head (verified), and its runs."""
+    from murmur.node.studies.site_budget import SiteBudgetStore, StoreRolledBack
+
+    if not path.is_file():
+        print(f"murmur: error: no site budget store at {path}", file=sys.stderr)
+        return 2
+    try:
+        store = SiteBudgetStore(path)  # opening verifies the whole log
+    except StoreRolledBack as exc:
+        print(f"murmur: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        seq, head = store.verify()
+        print(f"store:    {store.position().instance}", file=out)
+        print(f"writes:   {seq} (log verified)", file=out)
+        print(f"head:     {head}", file=out)
+        for dataset in store.datasets():
+            for run in store.runs(dataset):
+                state = "finished" if run.finished else "running or stopped"
+                print(
+                    f"{dataset}  {run.name} ({run.study[:12]}): {run.steps_taken} of "
+                    f"{run.planned_steps} steps, {state}",
+                    file=out,
+                )
+    finally:
+        store.close()
     return 0

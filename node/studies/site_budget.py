@@ -207,7 +207,7 @@ class SiteBudgetStore:
         )
         fix = (
             "Fix: put back the newest copy of the site budget store (its log must reach that "
-            "write; `murmur study list --state DIR` shows a store's position), then start "
+            "write; `murmur study budget STORE` shows a copy's), then start "
             "again. Starting a study on this store would spend privacy budget that the "
             "hospital's earlier studies already spent; there is no way to start the data set's "
             "budget over short of a new data protection decision and a new consortium"
@@ -269,6 +269,10 @@ class SiteBudgetStore:
     def position(self) -> Position:
         rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         return Position(rows["instance"], int(rows["generation"]))
+
+    def datasets(self) -> list[str]:
+        rows = self._conn.execute("SELECT DISTINCT dataset FROM studies ORDER BY dataset")
+        return [r[0] for r in rows]
 
     def runs(self, dataset: str, conn: sqlite3.Connection | None = None) -> list[StudyRun]:
         rows = (conn or self._conn).execute(
