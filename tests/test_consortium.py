@@ -292,6 +292,7 @@ def test_a_node_keeps_pending_votes_and_refuses_a_put_back_consortium_log(tmp_pa
     node = open_node()
     take(node, [make_vote(keys["hospital_2"], proposal, expires).encode()], [], "test")
     assert node.governance.epoch == 1
+    assert node.gate.members[keys["hospital_4"].public_key] == "hospital_4"  # its approvals count
     node.audit.wait_durable(5)
     close(node)
     store.write_bytes(old)

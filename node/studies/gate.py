@@ -85,8 +85,8 @@ class StudyGate:
         self.audit = audit
         self.refuse = refuse
         self.state_dir = config.node.state_dir
-        self.members: dict[bytes, str] = {p.public_key: p.name for p in peers}
-        self.members[identity.public_key] = config.node.name
+        self.members: dict[bytes, str] = {}
+        self.set_members(peers)
         self.manifest: StudyManifest | None = None
         if config.study.manifest is not None:
             self.manifest = load_manifest(config.study.manifest, config.study.sha256)
@@ -114,6 +114,11 @@ class StudyGate:
         self.witness: WitnessBook | None = None
         if site.store is not None or self.manifest is not None:
             self.witness = WitnessBook(site.store or self.state_dir / WITNESS_FILE)
+
+    def set_members(self, peers: list[Peer]) -> None:
+        """A membership change (node/governance.py): the members are the peers and this node."""
+        self.members = {p.public_key: p.name for p in peers}
+        self.members[self.identity.public_key] = self.config.node.name
 
     # ------------------------------------------------------------------ identity
 
