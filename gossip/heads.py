@@ -57,11 +57,16 @@ REQUEST_VERSION = 4  # the protocol version this exchange belongs to
 REQUEST_DOMAIN = b"murmur-receipts-request\x00"
 ANSWER_DOMAIN = b"murmur-receipts-answer\x00"
 REQUEST_NONCE_BYTES = 16
+# The answer may also carry one opaque, self-verifying record of the requester kept by the
+# responder: the newest head of the requester's hospital's site budget log
+# (node/studies/witness.py), which its checks read; this module only carries the bytes.
+BUDGET_FIELD = "budget"
+MAX_EXTRA_BYTES = 1024
 _REQUEST = struct.Struct(f">H{KEY_BYTES}s{KEY_BYTES}sQ{REQUEST_NONCE_BYTES}s")
 REQUEST_BYTES = _REQUEST.size + SIGNATURE_BYTES  # 154
 MAX_ANSWER_RECEIPTS = 4
 # msgpack overhead + the sealed plaintext (request nonce + receipts) + its Poly1305 tag
-MAX_ANSWER_BYTES = 1024 + MAX_ANSWER_RECEIPTS * (MAX_RECEIPT_BYTES + 8)
+MAX_ANSWER_BYTES = 1024 + MAX_EXTRA_BYTES + MAX_ANSWER_RECEIPTS * (MAX_RECEIPT_BYTES + 8)
 REQUEST_CONTENT_TYPE = "application/x-murmur-receipts-request"
 ANSWER_CONTENT_TYPE = "application/x-murmur-receipts"
 
@@ -407,7 +412,10 @@ def _answer_associated_data(request: ReceiptsRequest) -> bytes:
 
 
 def seal_receipts_answer(
-    responder: Identity, request: ReceiptsRequest, receipts: list[Receipt]
+    responder: Identity,
+    request: ReceiptsRequest,
+    receipts: list[Receipt],
+    budget: bytes | None = None,
 ) -> bytes:
     """The answer to ``request``: its requester's receipts, encrypted to the requester.
 
@@ -418,11 +426,15 @@ def seal_receipts_answer(
     observer should not learn; they are self-verifying, so the answer needs no signature of
     its own (a forged answer could only withhold, which an absent neighbour does too), and the
     responder's wrap tells the requester that the answer comes from the neighbour it asked.
+    ``budget``: the optional ``BUDGET_FIELD`` (at most ``MAX_EXTRA_BYTES``), self-verifying too.
     """
     own = [r for r in receipts if r.sender == request.requester][:MAX_ANSWER_RECEIPTS]
-    plaintext = msgpack.packb(
-        {"request_nonce": request.nonce, "receipts": [r.encode() for r in own]}
-    )
+    inner: dict[str, Any] = {"request_nonce": request.nonce, "receipts": [r.encode() for r in own]}
+    if budget is not None:
+        if type(budget) is not bytes or len(budget) > MAX_EXTRA_BYTES:
+            raise ValueError(f"the budget record is at most {MAX_EXTRA_BYTES} bytes")
+        inner[BUDGET_FIELD] = budget
+    plaintext = msgpack.packb(inner)
     nonce = secrets.token_bytes(NONCE_BYTES)
     sealed = seal(
         plaintext, responder, [request.requester], nonce, _answer_associated_data(request)
@@ -453,7 +465,16 @@ def open_receipts_answer(
     identity: Identity, request: ReceiptsRequest, data: bytes
 ) -> tuple[list[Receipt], int]:
     """The receipts of this node in an answer to ``request``: (valid receipts, how many were
-    ignored because they are not this node's or their signature does not verify).
+    ignored because they are not this node's or their signature does not verify)."""
+    receipts, ignored, _ = open_receipts_answer_with_budget(identity, request, data)
+    return receipts, ignored
+
+
+def open_receipts_answer_with_budget(
+    identity: Identity, request: ReceiptsRequest, data: bytes
+) -> tuple[list[Receipt], int, bytes | None]:
+    """:func:`open_receipts_answer`, and the answer's ``BUDGET_FIELD`` bytes (None: absent),
+    not yet checked: the caller verifies them.
 
     ``RequestError("malformed" | "too_large" | "decrypt_failed", ...)`` for an answer that is
     not one (or not sealed by the neighbour asked); the caller treats that neighbour as not
@@ -489,8 +510,13 @@ def open_receipts_answer(
     except SealingError as exc:
         raise RequestError("decrypt_failed", str(exc)) from None
     inner = _unpack(plaintext)
-    if type(inner) is not dict or set(inner) != {"request_nonce", "receipts"}:
-        raise RequestError("malformed", "the sealed answer is a map {request_nonce, receipts}")
+    if type(inner) is not dict or set(inner) - {BUDGET_FIELD} != {"request_nonce", "receipts"}:
+        raise RequestError(
+            "malformed", "the sealed answer is a map {request_nonce, receipts[, budget]}"
+        )
+    budget = inner.get(BUDGET_FIELD)
+    if budget is not None and (type(budget) is not bytes or len(budget) > MAX_EXTRA_BYTES):
+        raise RequestError("malformed", f"'{BUDGET_FIELD}' is at most {MAX_EXTRA_BYTES} bytes")
     if inner["request_nonce"] != request.nonce:
         raise RequestError("malformed", "the answer is not for this request (nonce differs)")
     items = inner["receipts"]
@@ -507,7 +533,7 @@ def open_receipts_answer(
             valid.append(receipt)
         else:
             ignored += 1
-    return valid, ignored
+    return valid, ignored, budget
 
 
 def _unpack(data: bytes) -> Any:

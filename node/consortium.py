@@ -8,14 +8,21 @@ anything acts on the change), bound to the consortium id: a store written for an
 manifest refuses to open (`manifest_mismatch`). `Governance` holds the current membership
 and the pending proposals and votes, checks each offered record against the time it is
 given (expiry) and the membership (signature, member, revoked, epoch), applies a proposal
-the moment its approvals reach the quorum, and says what changed. Pending records live in
-memory only: they are re-gossiped by whoever still holds them, and a proposal whose votes
-were lost in a restart can be voted on again.
+the moment its approvals reach the quorum, and says what changed. Pending records (proposals
+and votes short of their quorum) are kept in the same file, rewritten in one transaction
+whenever they change, and offered again (re-checked: expiry, epoch) when the node starts.
+
+Rollback: each applied change is audited (`membership`: epoch and history head) after it is
+written here, and the audit log is anchored at the peers (node/rollback.py). At start the
+log is compared with the newest `membership` record (:func:`behind_audit`): a log that ends
+before that epoch, or holds another history at it, was put back to an older copy (or
+replaced) and the node refuses to start.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +60,9 @@ class ConsortiumStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS changes (epoch INTEGER PRIMARY KEY, data BLOB NOT NULL)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS pending (seq INTEGER PRIMARY KEY, data BLOB NOT NULL)"
+        )
         row = self._db.execute("SELECT value FROM meta WHERE key = 'consortium_id'").fetchone()
         if row is None:
             self._db.execute(
@@ -74,6 +84,24 @@ class ConsortiumStore:
     def append(self, epoch: int, change: Change) -> None:
         """Durably record the change that made ``epoch`` (before anything acts on it)."""
         self._db.execute("INSERT INTO changes VALUES (?, ?)", (epoch, change.encode()))
+
+    def pending(self) -> list[bytes]:
+        """The pending proposals and votes last saved, proposals first."""
+        return [bytes(r[0]) for r in self._db.execute("SELECT data FROM pending ORDER BY seq")]
+
+    def save_pending(self, records: list[bytes]) -> None:
+        """Replace the saved pending records with ``records``, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM pending")
+            db.executemany(
+                "INSERT INTO pending (data) VALUES (?)", [(sqlite3.Binary(r),) for r in records]
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -99,18 +127,32 @@ class Governance:
         store: ConsortiumStore,
         *,
         feasible: Feasibility | None = None,
+        now: float | None = None,
     ) -> None:
         self.manifest = manifest
         self.store = store
         self.feasible = feasible
         self.changes = store.changes()
         self.membership = manifest.verify()
+        self.heads = [self.membership.head]  # the history head after each epoch
         for change in self.changes:
             self.membership = self.membership.apply(change)
+            self.heads.append(self.membership.head)
         self.proposals: dict[bytes, Proposal] = {}
         self.votes: dict[bytes, dict[bytes, Vote]] = {}
-        self.refused: dict[str, int] = {}
         self.applied_round: dict[int, int] = {}  # epoch -> the round this node applied it in
+        # The pending records saved before a restart, checked again as if offered now: those
+        # that expired or that a change made stale meanwhile are dropped, not counted.
+        self._loading = True
+        for data in store.pending():
+            self.offer(data, time.time() if now is None else now)
+        self._loading = False
+        self.refused: dict[str, int] = {}
+        self._save_pending()
+
+    def _save_pending(self) -> None:
+        if not self._loading:
+            self.store.save_pending(self.pending_records())
 
     @property
     def epoch(self) -> int:
@@ -133,10 +175,14 @@ class Governance:
         try:
             record = decode_record(data)
             if isinstance(record, Proposal):
-                return self._offer_proposal(record, now)
-            return self._offer_vote(record, now)
+                offered = self._offer_proposal(record, now)
+            else:
+                offered = self._offer_vote(record, now)
         except MembershipError as exc:
             return self._refuse(exc)
+        if offered.new:
+            self._save_pending()
+        return offered
 
     def offer_change(self, data: bytes) -> Offered:
         """An applied change from a peer that is ahead of us (the log catch-up). Expiry is
@@ -147,12 +193,15 @@ class Governance:
             if change.proposal.epoch < self.epoch:
                 return Offered()  # already applied here
             after = self.membership.apply(change)
-            return Offered(new=True, applied=[self._commit(change, after)])
+            offered = Offered(new=True, applied=[self._commit(change, after)])
         except MembershipError as exc:
             return self._refuse(exc)
+        self._save_pending()
+        return offered
 
     def _refuse(self, exc: MembershipError) -> Offered:
-        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+        if not self._loading:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
         return Offered(reason=exc.reason, detail=exc.detail)
 
     def _offer_proposal(self, proposal: Proposal, now: float) -> Offered:
@@ -205,6 +254,7 @@ class Governance:
         self.store.append(after.epoch, change)
         self.changes.append(change)
         self.membership = after
+        self.heads.append(after.head)
         # Proposals for the old epoch can never apply now: drop them and their votes.
         for pid in [p for p, x in self.proposals.items() if x.epoch < after.epoch]:
             del self.proposals[pid]
@@ -237,6 +287,25 @@ class Governance:
             "refused": dict(self.refused),
             "applied_round": dict(self.applied_round),
         }
+
+
+def behind_audit(governance: Governance, epoch: int, head: str) -> str | None:
+    """Why the log is older than (or another than) the one the audit log's newest
+    `membership` record (``epoch``, ``head`` hex) saw, or None."""
+    path = governance.store.path
+    if governance.epoch < epoch:
+        return (
+            f"{path} ends at epoch {governance.epoch}, but this node's audit log recorded "
+            f"membership epoch {epoch} (head {head[:16]}...): the file was put back to an "
+            "older copy, which would forget admissions and revocations"
+        )
+    if governance.heads[epoch].hex() != head:
+        return (
+            f"{path} holds another membership history at epoch {epoch} (head "
+            f"{governance.heads[epoch].hex()[:16]}...) than the one this node's audit log "
+            f"recorded (head {head[:16]}...): the file was replaced"
+        )
+    return None
 
 
 def complete_graph_feasibility(rule: str, f: int) -> Feasibility:

@@ -214,6 +214,7 @@ def apply_membership(node: HospitalNode, membership: Membership) -> None:
     node.peers[:] = peers
     node.allowlist.replace(peers, revoked=membership.revoked)
     node.evidence.receipts.known_senders = frozenset(p.public_key for p in peers)
+    node.gate.set_members(peers)  # whose approvals and budget log heads count
     liveness = node.neighbours.liveness
     for name in after - before:
         node.trust.peers.setdefault(name, PeerTrust())

@@ -99,6 +99,8 @@ def stop_reason(node: HospitalNode) -> str:
         return "the privacy budget is spent (no further round could be trained within it)"
     if phase == "stopped":
         return "asked to stop (SIGTERM or SIGINT)"
+    if phase == "approval_withdrawn":
+        return f"the study's approvals no longer suffice: {node.state.stop_detail}"
     return f"stopped while {phase}"
 
 
@@ -172,7 +174,7 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     from murmur.node.background import running
     from murmur.node.consensus_net import run_network_phase
     from murmur.node.paths import open_transport
-    from murmur.node.studies.gate import await_quorum, exchange_approvals
+    from murmur.node.studies.gate import await_quorum, exchange_approvals, offer_records
 
     finished = asyncio.Event()
     async with (
@@ -181,8 +183,10 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
     ):
         node.state.phase = "awaiting_approvals"
         await await_quorum(node.gate, node.stop)
-        node.gate.admit(node.study.ledger)  # the site budget, before anything is trained
+        # The rollback check also brings what the neighbours hold of this hospital's site
+        # budget log, which the admission checks the store against.
         await node.check_own_receipts(transport)
+        node.gate.admit(node.study.ledger, node.rollback.budget_heads)
         # After the rollback check: the site budget never counts less than the checked ledger.
         node.gate.record(node.study.ledger, node.next_round - 1)
         async with asyncio.TaskGroup() as group:
@@ -191,6 +195,10 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
                 await node.run_rounds(transport)
                 if node.state.phase in ("done", "budget_exhausted"):
                     node.gate.record(node.study.ledger, node.state.round, finished=True)
+                if node.state.phase in ("done", "budget_exhausted", "approval_withdrawn"):
+                    # The final budget log head, and a withdrawal that just arrived: the
+                    # exchange loop ends with this function and may not have sent them.
+                    await offer_records(node.gate, node.peers, transport)
                 if node.state.phase == "done" and node.consensus_inbox is not None:
                     await run_network_phase(node, transport)  # docs/release.md
                 node.write_status()

@@ -41,12 +41,12 @@ from murmur.models.params import state_sha256
 from murmur.models.privacy import PrivacyLedger
 from murmur.node import byzantine, consensus_net, lifecycle
 from murmur.node.aggregator import RoundAggregator
-from murmur.node.audit import AUDIT_FILE, AuditLog, RetentionPolicy
+from murmur.node.audit import AUDIT_FILE, AuditError, AuditLog, RetentionPolicy, records_of_kind
 from murmur.node.binding import config_binding, data_fingerprint
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.clock import ClockReport
 from murmur.node.config import NodeConfig
-from murmur.node.consortium import Governance, open_governance
+from murmur.node.consortium import Governance, behind_audit, open_governance
 from murmur.node.evidence import EvidenceBook
 from murmur.node.governance import peers_of
 from murmur.node.metrics import NodeMetrics
@@ -129,6 +129,8 @@ class HospitalNode:
             state_dir=self.state_dir,
             gossip=config.gossip,
             on_change=self._refresh_rollback_status,
+            budget_head_of=self.gate.witnessed_head_of,
+            refused_key=self.gate.budget_refusal,
         )
         self.state = NodeState(
             name=config.node.name,
@@ -171,6 +173,20 @@ class HospitalNode:
             governance = open_governance(config, self.state_dir)
         except MembershipError as exc:
             raise StartupError(f"[consortium] {exc}") from None
+        try:
+            recorded = records_of_kind(self.state_dir, "membership")
+        except AuditError:  # a first start: no audit log yet
+            recorded = []
+        if recorded:
+            fields = recorded[-1].fields
+            problem = behind_audit(governance, int(fields["epoch"]), str(fields["head"]))
+            if problem is not None:
+                governance.store.close()
+                raise StartupError(
+                    f"[consortium] {problem}. Fix: put back the newest copy of "
+                    f"{governance.store.path}: starting from an older membership, this node "
+                    "would accept keys the consortium has revoked since"
+                )
         membership = governance.membership
         self.peers = peers_of(membership, config.node.name, self.identity.public_key, config)
         return governance, membership.revoked
@@ -267,6 +283,7 @@ class HospitalNode:
             sample=self.sample,
             **parts,
         )
+        self.rounds.halt = self.gate.approval_lost  # a withdrawn approval stops the rounds
         if self.governance is not None:
             self.rounds.set_peer_names([p.name for p in self.peers])
             founders = {m.public_key for m in self.governance.manifest.founders}
@@ -458,9 +475,12 @@ class HospitalNode:
         node/receiver.py's `Receiver.record_rejection` (sender, round_, source, ...)."""
         self.receiver.record_rejection(reason, detail, **where)
 
-    def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
-        """POST /approvals (node/studies/gate.py): (HTTP status, reason code)."""
-        return self.gate.answer_approvals(body, sender, self.inbox.current_round)
+    def answer_approvals(self, body: bytes, sender: Peer | None) -> tuple[int, str]:
+        """POST /approvals (node/studies/gate.py): (HTTP status, reason code); ``sender``
+        None: from the operator listener."""
+        answer = self.gate.answer_approvals(body, sender, self.inbox.current_round)
+        self.state.study = self.gate.status()
+        return answer
 
     async def answer_consensus(self, body: bytes, sender: Peer) -> tuple[int, str]:
         """POST /consensus (node/consensus_net.py): (HTTP status, reason code)."""

@@ -95,7 +95,20 @@ def build_operator_app(
     app.router.add_get("/alerts", alerts)
     app.router.add_get("/audit/recent", audit_recent)
     app.router.add_post("/governance", operator_governance)
+    app.router.add_post("/approvals", operator_approvals)
     return app
+
+
+async def operator_approvals(request: web.Request) -> web.Response:
+    """POST /approvals: this hospital's signed approvals or withdrawals of its study, as
+    `murmur study withdraw --node` hands them to a running node (checked like a peer's)."""
+    from murmur.node.studies.approvals import MAX_APPROVALS_BODY_BYTES
+
+    body = await request.content.read(MAX_APPROVALS_BODY_BYTES + 1)
+    if len(body) > MAX_APPROVALS_BODY_BYTES:
+        return web.json_response({"reason": "too_large"}, status=413)
+    status, reason = request.app[NODE_KEY].answer_approvals(body, None)
+    return web.json_response({"reason": reason}, status=status)
 
 
 async def operator_governance(request: web.Request) -> web.StreamResponse:

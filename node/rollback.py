@@ -44,7 +44,7 @@ from murmur.gossip.heads import (
     RequestGuard,
     RollbackProof,
     check_request,
-    open_receipts_answer,
+    open_receipts_answer_with_budget,
     seal_receipts_answer,
 )
 from murmur.gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt
@@ -104,6 +104,8 @@ class ReceiptsPoll:
     answered: dict[str, list[Receipt]] = field(default_factory=dict)
     unanswered: dict[str, str] = field(default_factory=dict)  # peer -> why
     ignored: dict[str, int] = field(default_factory=dict)  # peer -> receipts that did not verify
+    # peer -> the newest head of this hospital's site budget log it holds (unchecked bytes)
+    budget: dict[str, bytes] = field(default_factory=dict)
     seconds: float = 0.0
 
     def newest(self) -> list[tuple[str, Receipt]]:
@@ -134,22 +136,24 @@ async def poll_own_receipts(
     pending = {p.name: p for p in peers}
     first_answer: float | None = None
 
-    async def ask(peer: Peer) -> tuple[str, list[Receipt] | None, str, int]:
+    async def ask(peer: Peer) -> tuple[str, list[Receipt] | None, str, int, bytes | None]:
         request = ReceiptsRequest.make(identity, peer.public_key, time.time())
         status, body = await transport.request_receipts(peer, request.encode(), MAX_ANSWER_BYTES)
         if status is None:
-            return peer.name, None, "no answer", 0
+            return peer.name, None, "no answer", 0, None
         if status != 200:
-            return peer.name, None, f"refused: HTTP {status} {body[:120]!r}", -1
+            return peer.name, None, f"refused: HTTP {status} {body[:120]!r}", -1, None
         try:
-            receipts, ignored = open_receipts_answer(identity, request, body)
+            receipts, ignored, budget = open_receipts_answer_with_budget(identity, request, body)
         except RequestError as exc:
-            return peer.name, None, f"bad answer: {exc}", -1
-        return peer.name, receipts, "answered", ignored
+            return peer.name, None, f"bad answer: {exc}", -1, None
+        return peer.name, receipts, "answered", ignored, budget
 
     while pending and not stop.is_set():
         results = await asyncio.gather(*(ask(p) for p in pending.values()))
-        for name, receipts, why, ignored in results:
+        for name, receipts, why, ignored, budget in results:
+            if budget is not None:
+                poll.budget[name] = budget
             if receipts is not None:
                 poll.answered[name] = receipts
                 if ignored:
@@ -276,6 +280,8 @@ class RollbackGuard:
         state_dir: Path,
         gossip: GossipSection,
         on_change: Callable[[], None] = lambda: None,
+        budget_head_of: Callable[[bytes], bytes | None] = lambda key: None,
+        refused_key: Callable[[bytes], str | None] = lambda key: None,
     ) -> None:
         self.identity = identity
         self.allowlist = allowlist
@@ -285,6 +291,11 @@ class RollbackGuard:
         self.state_dir = state_dir
         self.gossip = gossip
         self.on_change = on_change
+        # The site budget's side (node/studies/gate.py): the newest head of a peer hospital's
+        # budget log this hospital holds, for its answer; a peer whose budget log went back.
+        self.budget_head_of = budget_head_of
+        self.refused_key = refused_key
+        self.budget_heads: dict[str, bytes] = {}  # what the startup poll brought back
         # The newest signed audit head of each peer, and proofs that one went backwards.
         self.heads = HeadBook.for_senders(p.public_key for p in self.peers)
         self.request_guard = RequestGuard(window_s=gossip.timestamp_window_s)
@@ -336,6 +347,10 @@ class RollbackGuard:
         shows what it spent). The caller records the rejection.
         """
         peer = opened.sender.name
+        budget_refusal = self.refused_key(opened.sender.public_key)
+        if budget_refusal is not None:
+            self.metrics.rollback_detected.labels(peer=peer).inc()
+            return budget_refusal
         check, proof = self.heads.observe(opened.receipt)
         if check is HeadCheck.ROLLBACK and proof is not None:
             if self.heads.proof(opened.sender.public_key) is proof:
@@ -429,7 +444,9 @@ class RollbackGuard:
         proof = self.heads.proof(request.requester)
         if proof is not None and proof.earlier not in receipts:
             receipts.append(proof.earlier)  # the furthest head, if a later round went back
-        return 200, ANSWER_CONTENT_TYPE, seal_receipts_answer(self.identity, request, receipts)
+        budget = self.budget_head_of(request.requester)
+        sealed = seal_receipts_answer(self.identity, request, receipts, budget)
+        return 200, ANSWER_CONTENT_TYPE, sealed
 
     # -- every start
 
@@ -475,6 +492,7 @@ class RollbackGuard:
             grace_s=max(2.0, self.gossip.send_timeout_s),
             stop=stop,
         )
+        self.budget_heads = dict(poll.budget)
         newest = poll.newest()
         findings = []
         for holder, receipt in newest:

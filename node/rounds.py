@@ -97,6 +97,9 @@ class RoundCoordinator:
         # in the round it catches up to, and contributes from the next (`_join_round`).
         self.joining = False
         self.join_on_catch_up = False
+        # Why the node may no longer train at all (e.g. its study's approval was withdrawn,
+        # node/studies/gate.py), asked at every round boundary; None: go on.
+        self.halt: Callable[[], str | None] = lambda: None
 
     def set_peer_names(self, names: list[str]) -> None:
         """A membership change (node/governance.py): whom rounds wait for and count."""
@@ -118,6 +121,13 @@ class RoundCoordinator:
                 self.joining = self.join_on_catch_up and self._store.last_signed_round == 0
                 self._jump(r, jump)
                 r = jump.round
+            halted = self.halt()
+            if halted is not None:
+                log.warning("stopping before round %d: %s", r, halted)
+                self._state.phase = "approval_withdrawn"
+                self._state.stop_detail = halted
+                self._audit.append("study_stopped", r, reason="approval_withdrawn", detail=halted)
+                return
             self._inbox.advance_to(r)
             if not await self._neighbours.wait_for_peers(transport, r, starting=starting):
                 break

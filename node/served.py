@@ -62,8 +62,8 @@ class ServedNode(Protocol):
         """POST /receipts: (HTTP status, content type, payload)."""
         ...
 
-    def answer_approvals(self, body: bytes, sender: Peer) -> tuple[int, str]:
-        """POST /approvals: (HTTP status, reason code)."""
+    def answer_approvals(self, body: bytes, sender: Peer | None) -> tuple[int, str]:
+        """POST /approvals: (HTTP status, reason code); ``sender`` None: the operator's."""
         ...
 
     async def answer_consensus(self, body: bytes, sender: Peer) -> tuple[int, str]:

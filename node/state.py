@@ -36,6 +36,9 @@ class NodeState:
     public_key: str
     round: int = 0
     phase: str = "starting"
+    # why the node stopped before its planned rounds, when a check said so (e.g. its study's
+    # approval was withdrawn, node/studies/gate.py); None otherwise
+    stop_detail: str | None = None
     planned_rounds: int = 0
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)

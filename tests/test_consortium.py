@@ -193,3 +193,111 @@ def test_the_governance_exchange_message_is_checked() -> None:
         with pytest.raises(MembershipError) as err:
             decode_exchange(bad)
         assert err.value.reason is Reason.MALFORMED
+
+
+def test_pending_records_survive_a_restart_and_expire_meanwhile(founders, tmp_path) -> None:
+    ids, manifest = founders
+    gov = governance(manifest, tmp_path)
+    _, proposal = admit_fifth(ids, gov)
+    gov.offer(proposal.encode(), NOW)
+    gov.offer(make_vote(ids[1], proposal, NOW + 60).encode(), NOW)
+    gov.store.close()
+    again = governance(manifest, tmp_path, now=NOW)  # the restart, before anything expired
+    assert again.status()["pending"][0]["approvals"] == 2 and again.refused == {}
+    done = again.offer(make_vote(ids[2], proposal, NOW + 60).encode(), NOW)
+    assert [m.epoch for m in done.applied] == [1]
+    assert again.store.pending() == []  # applied: nothing left pending on disk
+    again.store.close()
+
+    (tmp_path / "late").mkdir()
+    late = governance(manifest, tmp_path / "late")
+    late.offer(proposal.encode(), NOW)
+    late.store.close()
+    expired = governance(manifest, tmp_path / "late", now=NOW + 120)
+    assert expired.status()["pending"] == [] and expired.refused == {}  # dropped, not counted
+    assert expired.store.pending() == []
+
+
+def test_a_consortium_log_put_back_or_replaced_is_found_against_the_audit(
+    founders, tmp_path
+) -> None:
+    from murmur.node.consortium import behind_audit
+
+    ids, manifest = founders
+    gov = governance(manifest, tmp_path)
+    gov.store.close()
+    empty = (tmp_path / STORE_FILE).read_bytes()  # an earlier copy: epoch 0
+    gov = governance(manifest, tmp_path)
+    _, proposal = admit_fifth(ids, gov)
+    for record in (proposal, make_vote(ids[1], proposal, NOW + 60)):
+        gov.offer(record.encode(), NOW)
+    gov.offer(make_vote(ids[2], proposal, NOW + 60).encode(), NOW)
+    assert gov.epoch == 1
+    head = gov.membership.head.hex()  # what the `membership` audit record holds
+    assert behind_audit(gov, 1, head) is None and behind_audit(gov, 0, gov.heads[0].hex()) is None
+    gov.store.close()
+
+    (tmp_path / STORE_FILE).write_bytes(empty)
+    old = governance(manifest, tmp_path)
+    assert "put back to an older copy" in behind_audit(old, 1, head)
+    # Another history at epoch 1: a quorum change instead of the admission.
+    other = make_proposal(ids[0], old.membership, "quorum", {"k": 2}, NOW + 60)
+    for voter in (None, ids[1], ids[2]):
+        record = other if voter is None else make_vote(voter, other, NOW + 60)
+        old.offer(record.encode(), NOW)
+    assert old.epoch == 1 and "the file was replaced" in behind_audit(old, 1, head)
+    old.store.close()
+
+
+def test_a_node_keeps_pending_votes_and_refuses_a_put_back_consortium_log(tmp_path) -> None:
+    """On a node: a pending proposal and vote survive its restart; after the change applied
+    (and was audited as `membership`), the node refuses to start on an older copy of
+    consortium.sqlite, naming the epochs and the fix."""
+    import time
+
+    from murmur.crypto.identity import load_identity
+    from murmur.node.config import load_config
+    from murmur.node.governance import take
+    from murmur.node.node import HospitalNode
+    from murmur.node.state import StartupError
+
+    from tests.test_consortium_network import consortium
+
+    net, _ = consortium(tmp_path, rounds=2)
+    keys = {n.name: load_identity(tmp_path / "keys" / f"{n.name}.key") for n in net.nodes}
+    config_path = net.node("hospital_0").config_path
+
+    def open_node() -> HospitalNode:
+        return HospitalNode(load_config(config_path))
+
+    def close(node: HospitalNode) -> None:
+        node.gate.close()
+        node.governance.store.close()
+        node.audit.close()
+
+    node = open_node()
+    fifth = Member("hospital_4", keys["hospital_4"].public_key, net.node("hospital_4").address)
+    expires = time.time() + 600
+    proposal = make_proposal(
+        keys["hospital_0"], node.governance.membership, "admit", admit_args(fifth), expires
+    )
+    vote = make_vote(keys["hospital_1"], proposal, expires)
+    take(node, [proposal.encode(), vote.encode()], [], "test")
+    close(node)
+    node = open_node()
+    assert node.governance.status()["pending"][0]["approvals"] == 2  # kept across the restart
+    close(node)
+    store = node.state_dir / STORE_FILE
+    old = store.read_bytes()
+    node = open_node()
+    take(node, [make_vote(keys["hospital_2"], proposal, expires).encode()], [], "test")
+    assert node.governance.epoch == 1
+    assert node.gate.members[keys["hospital_4"].public_key] == "hospital_4"  # its approvals count
+    node.audit.wait_durable(5)
+    close(node)
+    store.write_bytes(old)
+    with pytest.raises(StartupError) as refused:
+        open_node()
+    text = str(refused.value)
+    assert "ends at epoch 0" in text and "recorded membership epoch 1" in text
+    assert "put back to an older copy" in text and "Fix: put back the newest copy" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from murmur.node.studies.approvals import (
     approve,
     check_approval,
     decode_approval,
+    parse_approval,
 )
 from murmur.node.studies.manifest import (
     ManifestError,
@@ -151,6 +153,9 @@ def test_book_keeps_newest_refuses_replay_and_survives_restart(tmp_path: Path, b
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 60, 1e-5
 
 
+SIGNER = generate_identity("hospital_a")
+
+
 def _run(study: str, steps: int = STEPS, taken: int = 0, finished: bool = False) -> StudyRun:
     return StudyRun(study * 8, study, SIGMA, Q, steps, taken, finished)
 
@@ -170,7 +175,7 @@ def test_store_admits_within_budget_and_refuses_with_numbers(tmp_path: Path) -> 
         "breast_cancer", max_epsilon=(two + min(three, 2 * one)) / 2, delta=DELTA
     )
     assert two < budget.max_epsilon < 2 * one  # naive addition would refuse the second study
-    store = SiteBudgetStore(tmp_path / "site.sqlite")
+    store = SiteBudgetStore(tmp_path / "site.sqlite", signer=SIGNER)
     spent, _ = store.admit(budget, _run("a"))
     assert spent == pytest.approx(one, rel=1e-6)
     spent, _ = store.admit(budget, _run("b"))
@@ -187,7 +192,7 @@ def test_store_admits_within_budget_and_refuses_with_numbers(tmp_path: Path) -> 
 def test_finishing_releases_the_unspent_plan_and_restart_keeps_spend(tmp_path: Path) -> None:
     budget = DatasetBudget("d", max_epsilon=100.0, delta=DELTA)
     path = tmp_path / "site.sqlite"
-    store = SiteBudgetStore(path)
+    store = SiteBudgetStore(path, signer=SIGNER)
     store.admit(budget, _run("a"))
     store.record_steps("d", "a" * 8, 10)
     store.record_steps("d", "a" * 8, 5)  # never lowered
@@ -195,19 +200,19 @@ def test_finishing_releases_the_unspent_plan_and_restart_keeps_spend(tmp_path: P
     assert store.spent(budget) == pytest.approx(epsilon_for(SIGMA, Q, STEPS, DELTA), rel=1e-6)
     store.record_steps("d", "a" * 8, 20, finished=True)
     store.close()
-    reopened = SiteBudgetStore(path)
+    reopened = SiteBudgetStore(path, signer=SIGNER)
     assert reopened.spent(budget) == pytest.approx(epsilon_for(SIGMA, Q, 20, DELTA), rel=1e-6)
 
 
 def test_store_rollback_and_replacement_are_detected(tmp_path: Path) -> None:
     budget = DatasetBudget("d", max_epsilon=100.0, delta=DELTA)
     path = tmp_path / "site.sqlite"
-    store = SiteBudgetStore(path)
+    store = SiteBudgetStore(path, signer=SIGNER)
     _, seen = store.admit(budget, _run("a"))
     store.check_not_behind(seen)
     later = store.record_steps("d", "a" * 8, 7)
     store.close()
-    reopened = SiteBudgetStore(path)
+    reopened = SiteBudgetStore(path, signer=SIGNER)
     reopened.check_not_behind(later)
     with pytest.raises(StoreRolledBack, match="older than write"):
         reopened.check_not_behind(type(later)(later.instance, later.generation + 1))
@@ -215,18 +220,18 @@ def test_store_rollback_and_replacement_are_detected(tmp_path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     with pytest.raises(StoreRolledBack, match="deleted or replaced"):
-        SiteBudgetStore(path).check_not_behind(later)
+        SiteBudgetStore(path, signer=SIGNER).check_not_behind(later)
 
 
 def test_two_processes_cannot_both_take_the_last_budget(tmp_path: Path) -> None:
     one = epsilon_for(SIGMA, Q, STEPS, DELTA)
     budget = DatasetBudget("d", max_epsilon=one * 1.01, delta=DELTA)  # room for one study
     path = tmp_path / "site.sqlite"
-    SiteBudgetStore(path).close()
+    SiteBudgetStore(path, signer=SIGNER).close()
     results: list[str] = []
 
     def start(name: str) -> None:
-        store = SiteBudgetStore(path)
+        store = SiteBudgetStore(path, signer=SIGNER)
         try:
             store.admit(budget, _run(name))
             results.append("admitted")
@@ -330,3 +335,35 @@ def test_study_commands_propose_approve_import_and_list(tmp_path: Path, capsys) 
         == 2
     )
     assert "approval_forged" in capsys.readouterr().err
+
+
+def test_a_withdrawal_cancels_earlier_approvals_and_a_later_one_approves_again(
+    tmp_path: Path, alice
+) -> None:
+    from murmur.node.studies.approvals import Withdrawal, withdraw
+
+    study = "ab" * 32
+    members = {alice.public_key: "hospital_a"}
+    book = ApprovalBook(tmp_path)
+    now = time.time()
+    first = approve(study, alice, now=now - 60)
+    assert book.offer(first) and list(book.valid_approvers(study, members, now)) == ["hospital_a"]
+    taken_back = withdraw(study, alice, now=now)
+    parsed = parse_approval(json.loads(taken_back.encode()))
+    assert isinstance(parsed, Withdrawal) and parsed == taken_back
+    assert check_approval(parsed, studies={study}, members=members, now=now) == "hospital_a"
+    assert book.offer(parsed) and book.valid_approvers(study, members, now) == {}
+    assert book.offer(first) is False  # gossiped back by a peer: cancelled, not kept
+    forged = {**taken_back.to_json(), "study": "cd" * 32}
+    with pytest.raises(ApprovalError) as refused:
+        parse_approval(forged)
+    assert refused.value.reason == "approval_forged"
+    with pytest.raises(ApprovalError) as refused:
+        book.offer(withdraw(study, alice, now=now - 30))  # an older withdrawal
+    assert refused.value.reason == "approval_replayed"
+    reopened = ApprovalBook(tmp_path)  # the withdrawal survives a restart
+    assert reopened.valid_approvers(study, members, now) == {}
+    assert [w.issued_at for w in reopened.withdrawals_of(study)] == [taken_back.issued_at]
+    again = approve(study, alice, now=now + 1)
+    assert reopened.offer(again)
+    assert list(reopened.valid_approvers(study, members, now + 2)) == ["hospital_a"]

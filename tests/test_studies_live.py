@@ -152,3 +152,104 @@ def test_a_quorum_of_approvals_is_gossiped_before_the_study_starts(tmp_path: Pat
             ]
     finally:
         net.kill_all()
+
+
+def _wait_serving(net: Network, name: str, timeout_s: float = 60.0) -> None:
+    """Until the node is past its startup checks (its listeners answer POST /receipts)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if net.status(name)["phase"] not in ("starting", "awaiting_approvals",
+                                                 "checking_rollback"):  # fmt: skip
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not get past its startup checks: {net.log(name)}")
+
+
+def test_a_site_budget_store_deleted_or_put_back_between_studies_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Study one runs on both hospitals; hospital_1 keeps hospital_0's budget log head in its
+    own store. While nothing runs, hospital_0's store is deleted (then put back to a copy
+    taken before study one): a new study of hospital_0, with new keys and a new state
+    directory, is refused at start on hospital_1's record, with the fix."""
+    from murmur.node.studies.witness import WitnessBook
+
+    one, m1 = study_network(tmp_path, "one", epsilon=1.0)
+    stores = {name: tmp_path / f"{name}-site.sqlite" for name in ("hospital_0", "hospital_1")}
+    SiteBudgetStore(stores["hospital_0"]).close()  # the store as it was before study one
+    old = tmp_path / "old-site.sqlite"
+    old.write_bytes(stores["hospital_0"].read_bytes())
+    two, m2 = study_network(tmp_path, "two", epsilon=1.0)
+    for net, manifest in ((one, m1), (two, m2)):
+        for name in ("hospital_0", "hospital_1"):
+            approve(net, name, manifest)
+            site_budget(net, name, stores[name], max_epsilon=5.0)
+    try:
+        one.start_all()
+        assert one.wait_all(timeout_s=240) == {"hospital_0": 0, "hospital_1": 0}
+        held = WitnessBook(stores["hospital_1"]).newest("hospital_0")
+        written = SiteBudgetStore(stores["hospital_0"]).position().generation
+        assert held is not None and held.seq == written >= 3  # up to the finished write
+
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{stores['hospital_0']}{suffix}").unlink(missing_ok=True)
+        two.start("hospital_1", "--serve")
+        _wait_serving(two, "hospital_1")
+        proc = two.start("hospital_0")
+        assert proc.wait(timeout=60) == 2
+        log = two.log("hospital_0")
+        assert "hospital_1 holds this hospital's signed budget log head" in log, log
+        assert f"write {written}" in log and "deleted or replaced" in log
+        assert "Fix: put back the newest copy of the site budget store" in log
+        assert SiteBudgetStore(stores["hospital_0"]).runs("breast-cancer") == []
+
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{stores['hospital_0']}{suffix}").unlink(missing_ok=True)
+        stores["hospital_0"].write_bytes(old.read_bytes())
+        proc = two.start("hospital_0")
+        assert proc.wait(timeout=60) == 2
+        log = two.log("hospital_0")
+        assert "ends at write 0" in log and "put back to an earlier copy" in log, log
+        assert SiteBudgetStore(stores["hospital_0"]).runs("breast-cancer") == []
+    finally:
+        for net in (one, two):
+            net.kill_all()
+
+
+def test_a_withdrawn_approval_stops_a_running_study_at_the_next_round(tmp_path: Path) -> None:
+    """Both hospitals need one other member's approval; mid-run hospital_1's operator
+    withdraws its approval through its running node: hospital_1 stops before its next round
+    (its own approval is gone) and hospital_0 as soon as the gossiped withdrawal reaches it
+    (one other approval required, none left), each saying why in /status and the log."""
+    net, manifest = study_network(tmp_path, "withdrawn", epsilon=1.0, rounds=40)
+    for name in ("hospital_0", "hospital_1"):
+        approve(net, name, manifest)
+        net.edit_config(name, "study", required_approvals=1, approval_wait_s=60.0)
+    try:
+        net.start_all()
+        net.wait_for_round("hospital_0", 2, timeout_s=120)
+        done = murmur(
+            "study", "withdraw", str(manifest),
+            "--key", str(net.run_dir / "keys" / "hospital_1.key"),
+            "--node", net.node("hospital_1").operator_address,
+        )  # fmt: skip
+        assert done.returncode == 0 and "handed to the node (accepted)" in done.stdout, (
+            done.stdout + done.stderr
+        )
+        assert net.wait_all(timeout_s=120) == {"hospital_0": 0, "hospital_1": 0}
+        for name, why in (
+            ("hospital_1", "this node's operator no longer approves study withdrawn"),
+            ("hospital_0", "fewer than the 1 required (withdrawn by hospital_1)"),
+        ):
+            status = net.final_status(name)
+            assert status["phase"] == "approval_withdrawn", (name, status["phase"])
+            assert why in status["stop_detail"] and status["round"] < 40
+            assert status["study"]["withdrawn_by"] == ["hospital_1"]
+            assert "the study's approvals no longer suffice" in net.log(name)
+    finally:
+        net.kill_all()

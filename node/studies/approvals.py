@@ -16,6 +16,13 @@ Each refused record gets a reason code (``ApprovalError.reason``), which the nod
     approval_future          issued later than this node's clock allows (window)
     approval_replayed        an older record of an approver whose newer one is held
     unknown_study            an approval of a study this node does not run
+
+An approver takes its approval back with a signed **withdrawal** (``murmur study withdraw``):
+the same fields without an expiry, format ``murmur-study-withdrawal/1``. It is gossiped like
+an approval and checked the same way (the same reason codes), never expires, and cancels
+every approval of that study by that key issued up to its ``issued_at``: such an approval,
+from a peer that has not heard of the withdrawal yet, is not kept (not a refusal: gossip
+brings it back as a matter of course). A later approval approves again.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from murmur.node.studies.manifest import canonical_json
 
 APPROVAL_FORMAT = "murmur-study-approval/1"
 SIGNATURE_DOMAIN = b"murmur-study-approval/1\x00"
+WITHDRAWAL_FORMAT = "murmur-study-withdrawal/1"
+WITHDRAWAL_DOMAIN = b"murmur-study-withdrawal/1\x00"
+WITHDRAWAL_SUFFIX = ".withdrawal.json"
 DEFAULT_VALID_DAYS = 365.0
 CLOCK_WINDOW_S = 300.0
 MAX_APPROVAL_BYTES = 2048
@@ -110,21 +120,73 @@ def approve(
     return Approval(**{**asdict(unsigned), "signature": signature})
 
 
+@dataclass(frozen=True)
+class Withdrawal:
+    """One approver's signed withdrawal of its approval of one study."""
+
+    study: str
+    approver: str
+    public_key: str
+    issued_at: float
+    nonce: str
+    signature: str = ""
+
+    def signed_message(self) -> bytes:
+        fields = asdict(self)
+        del fields["signature"]
+        return WITHDRAWAL_DOMAIN + canonical_json({"format": WITHDRAWAL_FORMAT, **fields})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": WITHDRAWAL_FORMAT, **asdict(self)}
+
+    def encode(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def key(self) -> bytes:
+        return bytes.fromhex(self.public_key)
+
+    def cancels(self, approval: Approval) -> bool:
+        return approval.public_key == self.public_key and approval.issued_at <= self.issued_at
+
+
+def withdraw(study: str, approver: Identity, *, now: float | None = None) -> Withdrawal:
+    """The approver's signed withdrawal of its approval of ``study``, as of ``now``."""
+    now = time.time() if now is None else now
+    unsigned = Withdrawal(
+        study=study,
+        approver=approver.name,
+        public_key=approver.public_key.hex(),
+        issued_at=round(now, 3),
+        nonce=secrets.token_hex(16),
+    )
+    signature = approver.sign(unsigned.signed_message()).hex()
+    return Withdrawal(**{**asdict(unsigned), "signature": signature})
+
+
+StudyRecord = Approval | Withdrawal
+
+
 def _require(ok: bool, detail: str) -> None:
     if not ok:
         raise ApprovalError("approval_malformed", detail)
 
 
-def parse_approval(document: Any) -> Approval:
-    """An approval record from its JSON document, shape checked, signature verified."""
+def parse_approval(document: Any) -> StudyRecord:
+    """An approval or withdrawal record from its JSON document, shape checked, signature
+    verified."""
     _require(isinstance(document, dict), "an approval is a JSON object")
-    _require(document.get("format") == APPROVAL_FORMAT, f'format must be "{APPROVAL_FORMAT}"')
+    kinds = {APPROVAL_FORMAT: Approval, WITHDRAWAL_FORMAT: Withdrawal}
+    kind = kinds.get(document.get("format"))  # type: ignore[union-attr]
+    _require(kind is not None, f'format must be "{APPROVAL_FORMAT}" or "{WITHDRAWAL_FORMAT}"')
     fields = {k: v for k, v in document.items() if k != "format"}
-    names = {f for f in Approval.__dataclass_fields__}
-    _require(set(fields) == names, f"an approval has exactly the fields {sorted(names)}")
+    names = {f for f in kind.__dataclass_fields__}
+    _require(set(fields) == names, f"a {document['format']} has exactly the fields {sorted(names)}")
     for name in ("study", "approver", "public_key", "nonce", "signature"):
         _require(isinstance(fields[name], str), f"{name} must be a string")
     for name in ("issued_at", "expires_at"):
+        if name not in fields:
+            continue
         value = fields[name]
         _require(
             isinstance(value, int | float) and not isinstance(value, bool), f"{name}: a number"
@@ -136,17 +198,18 @@ def parse_approval(document: Any) -> Approval:
     except ValueError as exc:
         raise ApprovalError("approval_malformed", str(exc)) from None
     _require(len(fields["study"]) == 64, "study must be a hex SHA-256")
-    approval = Approval(**fields)
-    if not verify_signature(approval.key, approval.signed_message(), signature):
+    record = kind(**fields)
+    if not verify_signature(record.key, record.signed_message(), signature):
+        what = "approval" if kind is Approval else "withdrawal"
         raise ApprovalError(
             "approval_forged",
-            f"the signature of {approval.approver!r}'s approval of study {approval.study[:16]}... "
+            f"the signature of {record.approver!r}'s {what} of study {record.study[:16]}... "
             "does not verify under the key it names",
         )
-    return approval
+    return record
 
 
-def decode_approval(raw: bytes) -> Approval:
+def decode_approval(raw: bytes) -> StudyRecord:
     _require(len(raw) <= MAX_APPROVAL_BYTES, f"an approval is at most {MAX_APPROVAL_BYTES} bytes")
     try:
         return parse_approval(json.loads(raw))
@@ -155,7 +218,7 @@ def decode_approval(raw: bytes) -> Approval:
 
 
 def check_approval(
-    approval: Approval,
+    approval: StudyRecord,
     *,
     studies: set[str] | frozenset[str],
     members: Mapping[bytes, str],
@@ -176,7 +239,7 @@ def check_approval(
             f"key {approval.public_key[:16]}... (calling itself {approval.approver!r}) is not a "
             "consortium member's",
         )
-    if approval.expires_at <= now:
+    if isinstance(approval, Approval) and approval.expires_at <= now:
         raise ApprovalError(
             "approval_expired",
             f"{member}'s approval of study {approval.study[:16]}... expired "
@@ -196,22 +259,32 @@ class ApprovalBook:
 
     A record older than, or as old as, the held one of its approver is a replay (a held
     record comes back unchanged as a duplicate, which gossip makes normal: not a refusal).
+    The newest withdrawal of each approver and study is kept beside it
+    (STATE_DIR/approvals/STUDY/KEY.withdrawal.json) and cancels the approvals it covers.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(state_dir) / APPROVALS_DIR
         self._held: dict[tuple[str, str], Approval] = {}
+        self._withdrawn: dict[tuple[str, str], Withdrawal] = {}
         if self.root.is_dir():
             for path in sorted(self.root.glob("*/*.json")):
                 try:
-                    approval = decode_approval(path.read_bytes())
+                    record = decode_approval(path.read_bytes())
                 except (OSError, ApprovalError):
                     continue  # a damaged file approves nothing; `murmur study list` says so
-                self._held[(approval.study, approval.public_key)] = approval
+                book = self._withdrawn if isinstance(record, Withdrawal) else self._held
+                book[(record.study, record.public_key)] = record  # type: ignore[index]
 
-    def offer(self, approval: Approval) -> bool:
-        """Keep ``approval`` (True), or False for a duplicate of the held one; ApprovalError
-        ``approval_replayed`` for an older record."""
+    def offer(self, approval: StudyRecord) -> bool:
+        """Keep ``approval`` (True), or False for a duplicate of the held one or an approval
+        that a held withdrawal cancels; ApprovalError ``approval_replayed`` for an older
+        record."""
+        if isinstance(approval, Withdrawal):
+            return self._offer_withdrawal(approval)
+        withdrawn = self._withdrawn.get((approval.study, approval.public_key))
+        if withdrawn is not None and withdrawn.cancels(approval):
+            return False
         held = self._held.get((approval.study, approval.public_key))
         if held is not None:
             if held.signature == approval.signature:
@@ -229,11 +302,36 @@ class ApprovalBook:
         self._held[(approval.study, approval.public_key)] = approval
         return True
 
+    def _offer_withdrawal(self, withdrawal: Withdrawal) -> bool:
+        held = self._withdrawn.get((withdrawal.study, withdrawal.public_key))
+        if held is not None:
+            if held.signature == withdrawal.signature:
+                return False
+            if withdrawal.issued_at <= held.issued_at:
+                raise ApprovalError(
+                    "approval_replayed",
+                    f"{withdrawal.approver!r}'s withdrawal of study {withdrawal.study[:16]}... "
+                    f"is older than the held one",
+                )
+        path = self.root / withdrawal.study / f"{withdrawal.public_key}{WITHDRAWAL_SUFFIX}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, withdrawal.encode())
+        self._withdrawn[(withdrawal.study, withdrawal.public_key)] = withdrawal
+        return True
+
     def of_study(self, study: str) -> list[Approval]:
         return [a for (s, _), a in sorted(self._held.items()) if s == study]
 
+    def withdrawals_of(self, study: str) -> list[Withdrawal]:
+        return [w for (s, _), w in sorted(self._withdrawn.items()) if s == study]
+
+    def withdrawn(self, approval: Approval) -> Withdrawal | None:
+        """The held withdrawal that cancels ``approval``, if any."""
+        w = self._withdrawn.get((approval.study, approval.public_key))
+        return w if w is not None and w.cancels(approval) else None
+
     def studies(self) -> list[str]:
-        return sorted({s for s, _ in self._held})
+        return sorted({s for s, _ in self._held} | {s for s, _ in self._withdrawn})
 
     def valid_approvers(
         self, study: str, members: Mapping[bytes, str], now: float | None = None
@@ -241,6 +339,8 @@ class ApprovalBook:
         """Member name -> the held approval of ``study`` that is valid now."""
         valid = {}
         for approval in self.of_study(study):
+            if self.withdrawn(approval) is not None:
+                continue
             try:
                 member = check_approval(approval, studies={study}, members=members, now=now)
             except ApprovalError:
