@@ -226,7 +226,10 @@ def test_a_withdrawn_approval_stops_a_running_study_at_the_next_round(tmp_path: 
     withdraws its approval through its running node: hospital_1 stops before its next round
     (its own approval is gone) and hospital_0 as soon as the gossiped withdrawal reaches it
     (one other approval required, none left), each saying why in /status and the log."""
-    net, manifest = study_network(tmp_path, "withdrawn", epsilon=1.0, rounds=40)
+    # Far more rounds than the test needs: an idle machine runs a round in ~0.05 s, and the
+    # withdrawal must land while the study still runs (it stops the nodes long before).
+    rounds = 1000
+    net, manifest = study_network(tmp_path, "withdrawn", epsilon=1.0, rounds=rounds)
     for name in ("hospital_0", "hospital_1"):
         approve(net, name, manifest)
         net.edit_config(name, "study", required_approvals=1, approval_wait_s=60.0)
@@ -248,7 +251,7 @@ def test_a_withdrawn_approval_stops_a_running_study_at_the_next_round(tmp_path: 
         ):
             status = net.final_status(name)
             assert status["phase"] == "approval_withdrawn", (name, status["phase"])
-            assert why in status["stop_detail"] and status["round"] < 40
+            assert why in status["stop_detail"] and status["round"] < rounds
             assert status["study"]["withdrawn_by"] == ["hospital_1"]
             assert "the study's approvals no longer suffice" in net.log(name)
     finally:
