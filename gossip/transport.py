@@ -421,11 +421,17 @@ class PeerTransport:
         """POST signed records to a peer: peer records (gossip/peer_records.py) to /records,
         study approvals (node/studies/) to /approvals: (status, reason code), (None, why)
         without an answer. Never raises for network trouble."""
+        return await self._post_for_reason(peer, path, body, RECORDS_CONTENT_TYPE)
+
+    async def _post_for_reason(
+        self, peer: Peer, path: str, body: bytes, content_type: str
+    ) -> tuple[int | None, str]:
+        """POST ``body`` and read the answer's reason code (202 is taken)."""
         try:
             async with self.session.post(
                 self._url(peer, path),
                 data=body,
-                headers=self.headers(peer, path, body, RECORDS_CONTENT_TYPE),
+                headers=self.headers(peer, path, body, content_type),
                 allow_redirects=False,
             ) as response:
                 reply = await self._read_reply(response)
@@ -458,19 +464,7 @@ class PeerTransport:
     ) -> tuple[int | None, str]:
         """POST one sealed consensus message (gossip/consensus_wire.py) to a peer: (status,
         reason code), or (None, why) without an answer. Never raises for network trouble."""
-        try:
-            async with self.session.post(
-                self._url(peer, path),
-                data=body,
-                headers=self.headers(peer, path, body, CONSENSUS_CONTENT_TYPE),
-                allow_redirects=False,
-            ) as response:
-                reply = await self._read_reply(response)
-                return response.status, reply_reason(reply, response.status == 202, response.status)
-        except OversizeReply:
-            return None, "oversize_reply"
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            return None, type(exc).__name__
+        return await self._post_for_reason(peer, path, body, CONSENSUS_CONTENT_TYPE)
 
     async def probe(self, peer: Peer, probe: bytes, timeout_s: float) -> Contact:
         """POST a signed probe (gossip/probe.py) to a peer's /probe: does it take our
