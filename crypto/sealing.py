@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -185,3 +185,57 @@ def unseal(
         sealed.key_commitment,
     )
     return decrypt_body(sealed.ciphertext, body_key, nonce, associated_data)
+
+
+# --------------------------------------------------------- one recipient, as map fields
+
+# A body sealed to one recipient, as the fields of a msgpack map (gossip/heads.py's receipts
+# answer, gossip/consensus_wire.py's messages): each field's size in bytes, 0 for any length.
+SEALED_FIELDS: dict[str, int] = {
+    "nonce": NONCE_BYTES,
+    "ephemeral_key": EPHEMERAL_KEY_BYTES,
+    "key_commitment": COMMITMENT_BYTES,
+    "wrapped_key": WRAPPED_KEY_BYTES,
+    "ciphertext": 0,
+}
+
+
+class SealedFieldsError(ValueError):
+    """A sealed map's field is missing, not bytes, or of the wrong size (the caller's
+    ``malformed``)."""
+
+
+def seal_to_fields(
+    plaintext: bytes, sender: Identity, recipient: bytes, associated_data: bytes
+) -> dict[str, bytes]:
+    """``plaintext`` sealed to ``recipient`` under a fresh nonce, as ``SEALED_FIELDS``."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sealed = seal(plaintext, sender, [recipient], nonce, associated_data)
+    return {
+        "nonce": nonce,
+        "ephemeral_key": sealed.ephemeral_public_key,
+        "key_commitment": sealed.key_commitment,
+        "wrapped_key": sealed.wrapped_keys[0],
+        "ciphertext": sealed.ciphertext,
+    }
+
+
+def unseal_fields(
+    identity: Identity,
+    sender_public_key: bytes,
+    fields: Mapping[str, object],
+    associated_data: bytes,
+) -> bytes:
+    """Open what ``seal_to_fields`` made for ``identity``: ``SealedFieldsError`` for a bad
+    field, ``SealingError`` for one that does not open."""
+    for name, size in SEALED_FIELDS.items():
+        value = fields.get(name)
+        if type(value) is not bytes or (size and len(value) != size):
+            raise SealedFieldsError(
+                f"'{name}' must be {size} bytes" if size else f"'{name}' must be bytes"
+            )
+    wrapped, nonce = fields["wrapped_key"], fields["nonce"]
+    sealed = SealedBody(
+        fields["ephemeral_key"], (wrapped,), fields["key_commitment"], fields["ciphertext"]
+    )  # type: ignore[arg-type]
+    return unseal(identity, sender_public_key, sealed, wrapped, nonce, associated_data)  # type: ignore[arg-type]

@@ -24,21 +24,17 @@ list of ``{"owner", "model_sha256", "facts", "signatures": [[key, sig], ...], "m
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 from murmur.crypto.identity import Identity
 from murmur.crypto.sealing import (
-    COMMITMENT_BYTES,
-    EPHEMERAL_KEY_BYTES,
-    NONCE_BYTES,
-    WRAPPED_KEY_BYTES,
-    SealedBody,
+    SEALED_FIELDS,
+    SealedFieldsError,
     SealingError,
-    seal,
-    unseal,
+    seal_to_fields,
+    unseal_fields,
 )
 from murmur.gossip.consensus import Delivery, FinalOffer, SignedOffer
 
@@ -111,29 +107,11 @@ def seal_message(
         },
         use_bin_type=True,
     )
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = seal(plaintext, sender, [recipient], nonce, _associated(sender.public_key, recipient))
-    return msgpack.packb(
-        {
-            "v": WIRE_VERSION,
-            "nonce": nonce,
-            "ephemeral_key": sealed.ephemeral_public_key,
-            "key_commitment": sealed.key_commitment,
-            "wrapped_key": sealed.wrapped_keys[0],
-            "ciphertext": sealed.ciphertext,
-        },
-        use_bin_type=True,
-    )
+    sealed = seal_to_fields(plaintext, sender, recipient, _associated(sender.public_key, recipient))
+    return msgpack.packb({"v": WIRE_VERSION, **sealed}, use_bin_type=True)
 
 
-_OUTER = {
-    "v": 0,
-    "nonce": NONCE_BYTES,
-    "ephemeral_key": EPHEMERAL_KEY_BYTES,
-    "key_commitment": COMMITMENT_BYTES,
-    "wrapped_key": WRAPPED_KEY_BYTES,
-    "ciphertext": 0,
-}
+_OUTER = {"v", *SEALED_FIELDS}
 
 
 def _unpack(data: bytes, limit: int) -> object:
@@ -151,30 +129,14 @@ def open_message(
     if len(body) > limit:
         raise ConsensusWireError("too_large", f"{len(body)} bytes > {limit}")
     outer = _unpack(body, limit)
-    if not isinstance(outer, dict) or set(outer) != set(_OUTER):
+    if not isinstance(outer, dict) or set(outer) != _OUTER:
         raise ConsensusWireError("malformed", f"the sealed message is a map of {sorted(_OUTER)}")
     if outer["v"] != WIRE_VERSION:
         raise ConsensusWireError("unsupported_version", f"version {outer['v']!r}")
-    for name, size in _OUTER.items():
-        if size and (type(outer[name]) is not bytes or len(outer[name]) != size):
-            raise ConsensusWireError("malformed", f"'{name}' must be {size} bytes")
-    if type(outer["ciphertext"]) is not bytes:
-        raise ConsensusWireError("malformed", "'ciphertext' must be bytes")
-    sealed = SealedBody(
-        outer["ephemeral_key"],
-        (outer["wrapped_key"],),
-        outer["key_commitment"],
-        outer["ciphertext"],
-    )
     try:
-        plaintext = unseal(
-            identity,
-            sender,
-            sealed,
-            outer["wrapped_key"],
-            outer["nonce"],
-            _associated(sender, identity.public_key),
-        )
+        plaintext = unseal_fields(identity, sender, outer, _associated(sender, identity.public_key))
+    except SealedFieldsError as exc:
+        raise ConsensusWireError("malformed", str(exc)) from None
     except SealingError as exc:
         raise ConsensusWireError("decrypt_failed", str(exc)) from None
     return _parse(_unpack(plaintext, limit), spec)

@@ -36,14 +36,11 @@ from typing import Any
 import msgpack
 from murmur.crypto.identity import Identity, verify_signature
 from murmur.crypto.sealing import (
-    COMMITMENT_BYTES,
-    EPHEMERAL_KEY_BYTES,
-    NONCE_BYTES,
-    WRAPPED_KEY_BYTES,
-    SealedBody,
+    SEALED_FIELDS,
+    SealedFieldsError,
     SealingError,
-    seal,
-    unseal,
+    seal_to_fields,
+    unseal_fields,
 )
 from murmur.gossip.receipts import (
     KEY_BYTES,
@@ -435,30 +432,13 @@ def seal_receipts_answer(
             raise ValueError(f"the budget record is at most {MAX_EXTRA_BYTES} bytes")
         inner[BUDGET_FIELD] = budget
     plaintext = msgpack.packb(inner)
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = seal(
-        plaintext, responder, [request.requester], nonce, _answer_associated_data(request)
+    sealed = seal_to_fields(
+        plaintext, responder, request.requester, _answer_associated_data(request)
     )
-    return msgpack.packb(
-        {
-            "version": REQUEST_VERSION,
-            "nonce": nonce,
-            "ephemeral_key": sealed.ephemeral_public_key,
-            "key_commitment": sealed.key_commitment,
-            "wrapped_key": sealed.wrapped_keys[0],
-            "ciphertext": sealed.ciphertext,
-        }
-    )
+    return msgpack.packb({"version": REQUEST_VERSION, **sealed})
 
 
-_ANSWER_FIELDS = {
-    "version": 0,
-    "nonce": NONCE_BYTES,
-    "ephemeral_key": EPHEMERAL_KEY_BYTES,
-    "key_commitment": COMMITMENT_BYTES,
-    "wrapped_key": WRAPPED_KEY_BYTES,
-    "ciphertext": 0,
-}
+_ANSWER_FIELDS = {"version", *SEALED_FIELDS}
 
 
 def open_receipts_answer(
@@ -483,30 +463,16 @@ def open_receipts_answer_with_budget(
     if type(data) is not bytes or len(data) > MAX_ANSWER_BYTES:
         raise RequestError("too_large", f"a receipts answer is at most {MAX_ANSWER_BYTES} bytes")
     outer = _unpack(data)
-    if type(outer) is not dict or set(outer) != set(_ANSWER_FIELDS):
+    if type(outer) is not dict or set(outer) != _ANSWER_FIELDS:
         raise RequestError("malformed", f"a receipts answer is a map of {sorted(_ANSWER_FIELDS)}")
     if outer["version"] != REQUEST_VERSION:
         raise RequestError("unsupported_version", f"receipts answer version {outer['version']!r}")
-    for name, size in _ANSWER_FIELDS.items():
-        if size and (type(outer[name]) is not bytes or len(outer[name]) != size):
-            raise RequestError("malformed", f"'{name}' must be {size} bytes")
-    if type(outer["ciphertext"]) is not bytes:
-        raise RequestError("malformed", "'ciphertext' must be bytes")
-    sealed = SealedBody(
-        outer["ephemeral_key"],
-        (outer["wrapped_key"],),
-        outer["key_commitment"],
-        outer["ciphertext"],
-    )
     try:
-        plaintext = unseal(
-            identity,
-            request.responder,
-            sealed,
-            outer["wrapped_key"],
-            outer["nonce"],
-            _answer_associated_data(request),
+        plaintext = unseal_fields(
+            identity, request.responder, outer, _answer_associated_data(request)
         )
+    except SealedFieldsError as exc:
+        raise RequestError("malformed", str(exc)) from None
     except SealingError as exc:
         raise RequestError("decrypt_failed", str(exc)) from None
     inner = _unpack(plaintext)
