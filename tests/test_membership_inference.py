@@ -50,7 +50,9 @@ def loss_attack_auc(model, x_members, y_members, x_others, y_others) -> float:
     return float(roc_auc_score(is_member, -np.r_[members.numpy(), others.numpy()]))
 
 
-def attack_after_training(seed: int, epsilon: float | None) -> float:
+def trained_on_noisy_labels(seed: int, epsilon: float | None):  # type: ignore[no-untyped-def]
+    """An MLP trained 100 epochs on one hospital with noisy labels (with DP-SGD at ``epsilon``
+    when given): the model, its (x_train, y_train, x_test, y_test) and the round's stats."""
     x_train, y_train, x_test, y_test = hospital_with_noisy_labels(seed)
     model = build_model("mlp", x_train.shape[1:], seed=seed, hidden=(128, 128))
     settings = TrainingSettings(
@@ -72,6 +74,11 @@ def attack_after_training(seed: int, epsilon: float | None) -> float:
         )
         trainer = LocalTrainer(model, x_train, y_train, settings, ledger)
     stats = trainer.train_round()
+    return model, (x_train, y_train, x_test, y_test), stats
+
+
+def attack_after_training(seed: int, epsilon: float | None) -> float:
+    model, (x_train, y_train, x_test, y_test), stats = trained_on_noisy_labels(seed, epsilon)
     if epsilon is not None:
         assert stats.epsilon_spent <= epsilon
     return loss_attack_auc(model, x_train, y_train, x_test, y_test)

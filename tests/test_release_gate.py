@@ -11,36 +11,13 @@ from murmur.models.membership_audit import (
     audit_model,
     loss_threshold_audit,
 )
-from murmur.models.nets import build_model
-from murmur.models.privacy import PrivacyLedger
-from murmur.models.training import LocalTrainer, TrainingSettings
 
-from tests.test_membership_inference import hospital_with_noisy_labels
+from tests.test_membership_inference import trained_on_noisy_labels
 
 
-def trained(seed: int, epsilon: float | None):
-    x, y, xt, yt = hospital_with_noisy_labels(seed)
-    model = build_model("mlp", x.shape[1:], seed=seed, hidden=(128, 128))
-    settings = TrainingSettings(
-        batch_size=32,
-        learning_rate=0.01,
-        optimizer="adam",
-        local_epochs=100,
-        class_weighting="none",
-        seed=seed,
-    )
-    trainer = LocalTrainer(model, x, y, settings)
-    if epsilon is not None:
-        ledger = PrivacyLedger.plan(
-            epsilon=epsilon,
-            delta=1e-5,
-            n_patients=len(y),
-            sample_rate=trainer.sample_rate(),
-            planned_steps=trainer.steps_per_round(),
-        )
-        trainer = LocalTrainer(model, x, y, settings, ledger)
-    trainer.train_round()
-    return model, (x, y, xt, yt)
+def trained(seed: int, epsilon: float | None):  # type: ignore[no-untyped-def]
+    model, data, _ = trained_on_noisy_labels(seed, epsilon)
+    return model, data
 
 
 @pytest.mark.parametrize("seed", [0, 1])
