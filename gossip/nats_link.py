@@ -4,8 +4,9 @@ The node dials the broker (nats://, tls://, ws:// or wss://; or any of a NATS cl
 brokers, their URLs comma-separated), signs the broker's nonce with
 the NATS user nkey that is its murmur Ed25519 seed (gossip/relay.py, nkey_seed), and then:
 
-* publishes its requests (`RelayLink.publish`): envelopes into JetStream, which keeps them
-  for a recipient that is offline; probes and receipt requests as plain messages;
+* publishes its requests (`RelayLink.publish`): envelopes first as plain messages to a
+  recipient that is up, and into JetStream, which keeps them, for one that is not
+  (gossip/relay.py, "live first"); probes and receipt requests as plain messages;
 * receives what is addressed to it (`serve`): from its JetStream stream, through the durable
   pull consumer `murmur relay` provisioned (fetched in small batches, each message acked
   after it was handled, so what arrived while the node was down is delivered when it comes
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from murmur.crypto.identity import Identity
@@ -55,6 +57,13 @@ FETCH_WAIT_S = 1.0
 RETRY_MAX_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
 ERROR_LOG_INTERVAL_S = 60.0
+# How much nats-py reads from its socket at a time. Its own default, 32 KiB, means a 4 MB
+# envelope costs about 130 passes of its pure-Python parser (each also a socket read and a
+# buffer append) per hop; at 1 MiB a relayed round at 1M parameters took about 15% less time
+# (docs/performance.md, "Relays"). nats-py reads it from this module-level name on every
+# read, and has no option for it; tests/test_relay.py checks that the setting holds.
+READ_BUFFER_BYTES = 1024 * 1024
+nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, READ_BUFFER_BYTES)
 
 
 class NatsLink:
@@ -158,7 +167,13 @@ class NatsLink:
         log.info("relay %s: connected to %s as %s", self.name, self.url, self.own[:12])
 
     async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str], *, stored: bool
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        stored: bool,
+        reply: str | None = None,
     ) -> bool:
         if not self.connected:
             return False
@@ -168,7 +183,7 @@ class NatsLink:
                     subject, payload, headers=headers, timeout=PUBLISH_TIMEOUT_S
                 )
             else:
-                await self.nc.publish(subject, payload, headers=headers)
+                await self.nc.publish(subject, payload, reply=reply or "", headers=headers)
             return True
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:
             log.debug("relay %s: publish failed: %s", self.name, type(exc).__name__)

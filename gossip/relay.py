@@ -17,10 +17,21 @@ let X publish only with its own U_X in the sender position and subscribe only un
 
 | subject | carries | stored? |
 |---|---|---|
-| `murmur.to.U_R.from.U_S` | S's envelopes for R (POST /gossip) | JetStream stream `IN_U_R` |
-| `murmur.live.U_R.from.U_S` | S's probes and receipt requests to R | no: R must be up |
+| `murmur.to.U_R.from.U_S` | S's envelopes for R that R did not take live | stream `IN_U_R` |
+| `murmur.live.U_R.from.U_S` | S's envelopes (first), probes, receipt requests | no |
 | `murmur.reply.U_S.from.U_R.ID` | R's answer to S's request ID | no |
 | `murmur.reply.U_S.inbox.>` | S's NATS inbox (JetStream acks, fetches) | no |
+
+**Envelopes: live first, stored when nobody took them.** An envelope is first published as
+plain NATS messages on R's live subject, with R's answer subject as the NATS reply
+subject: if R is not subscribed (offline, reconnecting), the broker at once answers there
+with a "no responders" status, and the same frames go into JetStream for R to fetch when it
+is back. If R is subscribed but gives no answer within half the send timeout (a message
+lost between broker and R, R killed while handling it), the frames are stored too. So an
+envelope reaches R whether it is up or not, as before; what changed is that one that R is
+up to take costs no JetStream write, acknowledgement per chunk and fetch (docs/
+performance.md, "Relays"). A copy that R receives twice (live, and stored after a slow
+answer) carries the same `Murmur-Auth` nonce, so R's replay guard refuses the second.
 
 **Frames.** One request travels as one NATS message, or as `count` chunks when its body is
 longer than the broker's max payload (1 MB by default). Headers: `Murmur-Auth` (of the whole
@@ -62,6 +73,9 @@ log = logging.getLogger("murmur.relay")
 
 PATHS = ("/gossip", "/probe", "/receipts", "/records", "/approvals", "/governance")
 STORED_PATHS = ("/gossip",)  # kept by JetStream for a recipient that is offline
+# Of the send timeout, how long an envelope offered live may go unanswered before it is
+# also stored (the answer may still come; the stored copy is then refused as a replay).
+LIVE_ANSWER_SHARE = 0.5
 CONSUMER = "inbox"
 # Room left in each NATS message for the headers (auth, path, id, chunk).
 HEADER_ROOM = 2048
@@ -220,6 +234,12 @@ def parse_status(headers: Mapping[str, str] | None) -> int | None:
     return int(text) if text.isdigit() and len(text) == 3 else None
 
 
+def is_no_responders(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message on an answer subject is the broker's "no responders" status (NATS
+    sends `NATS/1.0 503` to the reply subject of a message nobody was subscribed to)."""
+    return (headers or {}).get("Status") == "503" and "Murmur-Status" not in (headers or {})
+
+
 # ---------------------------------------------------------------------- sending side
 
 
@@ -230,10 +250,18 @@ class RelayLink(Protocol):
     def max_payload(self) -> int: ...
 
     async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str], *, stored: bool
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        stored: bool,
+        reply: str | None = None,
     ) -> bool:
         """Hand one message to the broker; True once it took it (for ``stored``: once
-        JetStream acknowledged storing it). Never raises for network trouble."""
+        JetStream acknowledged storing it). ``reply`` (plain messages only): the NATS reply
+        subject, where the broker says "no responders" if nobody is subscribed to
+        ``subject``. Never raises for network trouble."""
         ...
 
 
@@ -241,6 +269,8 @@ class RelayLink(Protocol):
 class _Waiting:
     peer_token: str
     answer: asyncio.Future[tuple[int, bytes]]
+    # Set when the broker says nobody took the live copy (see is_no_responders).
+    unheard: asyncio.Future[None]
 
 
 class RelayTransport:
@@ -274,10 +304,15 @@ class RelayTransport:
         if len(parts) != 6 or parts[2] != self.own or parts[3] != "from":
             return
         waiting = self._waiting.get(parts[5])
+        if waiting is None or waiting.peer_token != parts[4]:
+            return  # late, unknown, or not for the peer asked: nothing waits for it
+        if is_no_responders(headers):
+            # Only the broker (or the peer itself, hurting only itself) can put it here.
+            if not waiting.unheard.done():
+                waiting.unheard.set_result(None)
+            return
         status = parse_status(headers)
-        if waiting is None or waiting.peer_token != parts[4] or status is None:
-            return  # late, unknown, or not from the peer asked: nothing waits for it
-        if not waiting.answer.done():
+        if status is not None and not waiting.answer.done():
             waiting.answer.set_result((status, bytes(payload[: MAX_REPLY_BYTES + 1])))
 
     async def _request(
@@ -295,7 +330,6 @@ class RelayTransport:
         )
         recipient = nkey_of(peer.public_key)
         stored = path in STORED_PATHS
-        subject = (stored_subject if stored else live_subject)(recipient, self.own)
         parts = frames(
             path,
             headers["Murmur-Auth"],
@@ -304,27 +338,53 @@ class RelayTransport:
             self.link.max_payload - HEADER_ROOM,
         )
         message_id = parts[0].message_id
-        waiting = _Waiting(recipient, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(recipient, loop.create_future(), loop.create_future())
         self._waiting[message_id] = waiting
+        kept = False  # whether JetStream holds a copy
         try:
             async with asyncio.timeout(timeout_s):
-                # All chunks at once: the broker's acknowledgements overlap instead of adding
-                # up, and the receiver reassembles in any order.
-                taken = await asyncio.gather(
-                    *(
-                        self.link.publish(subject, f.payload, f.headers(), stored=stored)
-                        for f in parts
-                    )
-                )
-                if not all(taken):
+                live = live_subject(recipient, self.own)
+                reply = reply_subject(self.own, recipient, message_id) if stored else None
+                if not await self._publish(live, parts, stored=False, reply=reply):
                     return None, b"", f"relay {self.name} did not take it"
+                if stored and not await self._answered_live(waiting, timeout_s):
+                    if not await self._publish(
+                        stored_subject(recipient, self.own), parts, stored=True
+                    ):
+                        return None, b"", f"relay {self.name} did not store it"
+                    kept = True
                 status, answer = await waiting.answer
                 return status, answer, ""
         except TimeoutError:
-            where = "stored at" if stored else "sent through"
+            where = "stored at" if kept else "sent through"
             return None, b"", f"no answer in {timeout_s:g} s ({where} relay {self.name})"
         finally:
             del self._waiting[message_id]
+
+    async def _publish(
+        self, subject: str, parts: list[Frame], *, stored: bool, reply: str | None = None
+    ) -> bool:
+        """All chunks at once: the broker's acknowledgements overlap instead of adding up,
+        and the receiver reassembles in any order."""
+        taken = await asyncio.gather(
+            *(
+                self.link.publish(subject, f.payload, f.headers(), stored=stored, reply=reply)
+                for f in parts
+            )
+        )
+        return all(taken)
+
+    @staticmethod
+    async def _answered_live(waiting: _Waiting, timeout_s: float) -> bool:
+        """Whether the peer answered the live copy (True), or the broker said nobody took
+        it or no answer came within ``LIVE_ANSWER_SHARE`` of the timeout (False: store it)."""
+        await asyncio.wait(
+            [waiting.answer, waiting.unheard],
+            timeout=LIVE_ANSWER_SHARE * timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        return waiting.answer.done()
 
     async def send(self, peer: Peer, envelope: bytes, signer: Identity | None = None) -> SendResult:
         start = time.monotonic()

@@ -5,9 +5,9 @@ JSON, so the file is plain JSON from `json.dumps`): one account `MURMUR` with Je
 limits sized for the consortium, one user per hospital identified by the public nkey of its
 murmur key (gossip/relay.py, nkey_of) and allowed exactly `relay_permissions`, and one admin
 user (a fresh nkey whose seed is written 0600 beside the config) that `provision` uses to
-create each hospital's stream (`IN_<nkey>`, its own `max_bytes`, file storage) and durable
-consumer. Hospitals cannot create or change streams, so one cannot raise its own limits or
-read another's.
+create each hospital's stream (`IN_<nkey>`, its own `max_bytes`, file storage unless the
+plan says memory) and durable consumer. Hospitals cannot create or change streams, so one
+cannot raise its own limits or read another's.
 
 Any member can host a broker; several can be joined into one NATS cluster so that no single
 host is needed (`ClusterPlan`): each broker gets a unique `server_name`, a route listener and
@@ -34,6 +34,13 @@ from nacl.signing import SigningKey
 
 ACCOUNT = "MURMUR"
 MB = 1024 * 1024
+# NATS's largest recommended message size: an envelope of a model up to about 2M float32
+# parameters travels as one message, a larger one in chunks of this size (gossip/relay.py).
+DEFAULT_MAX_PAYLOAD = 8 * MB
+# Where JetStream keeps what waits for an offline hospital. "file" (the default) survives a
+# broker restart; "memory" does not: a broker that restarts loses every pending envelope
+# (their senders' rounds have long gone on without them; docs/deployment.md, "Storage").
+STORAGES = ("file", "memory")
 
 
 ROUTE_USER = "murmur-route"
@@ -88,7 +95,8 @@ class BrokerPlan:
     store_dir: Path = Path("relay-store")
     per_hospital_bytes: int = 1024 * MB  # pending envelopes kept for one hospital
     max_age_s: float = 24 * 3600.0  # an envelope older than this is useless anyway
-    max_payload: int = 1 * MB  # NATS's default; larger envelopes travel in chunks
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # larger envelopes travel in chunks
+    storage: str = "file"  # one of STORAGES: where pending envelopes are kept
     websocket_listen: str | None = None  # e.g. "0.0.0.0:8443", for buildings with HTTPS only
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -99,6 +107,10 @@ class BrokerPlan:
             raise ValueError("no hospitals: pass each hospital's .pub file")
         if self.per_hospital_bytes < self.max_payload:
             raise ValueError("per_hospital_bytes must hold at least one message (max_payload)")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage {self.storage!r}: use one of {', '.join(STORAGES)}")
+        if not 1024 <= self.max_payload <= 64 * MB:
+            raise ValueError(f"max_payload {self.max_payload}: NATS takes 1 KiB to 64 MiB")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.cluster is not None:
@@ -138,20 +150,22 @@ def broker_config(plan: BrokerPlan, admin_seed: bytes) -> dict[str, Any]:
     )
     # A server holds at most one copy of each stream; the account's limit counts every copy.
     total = n * plan.per_hospital_bytes
+    on_disk = plan.storage == "file"
     config: dict[str, Any] = {
         "host": host or "127.0.0.1",
         "port": int(port),
         "max_payload": plan.max_payload,
         "jetstream": {
             "store_dir": str(plan.store_dir),
-            "max_file_store": total,
-            "max_memory_store": 64 * MB,  # streams are on disk; this is for nothing else
+            # The streams are on disk, or in memory; the other store holds nothing.
+            "max_file_store": total if on_disk else 64 * MB,
+            "max_memory_store": 64 * MB if on_disk else total,
         },
         "accounts": {
             ACCOUNT: {
                 "jetstream": {
-                    "max_file": total * plan.replicas,
-                    "max_mem": 0,
+                    "max_file": total * plan.replicas if on_disk else 0,
+                    "max_mem": 0 if on_disk else total * plan.replicas,
                     "max_streams": n,
                     "max_consumers": n,
                 },
@@ -246,7 +260,7 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
             config = StreamConfig(
                 name=stream_name(own),
                 subjects=[f"murmur.to.{own}.>"],
-                storage=StorageType.FILE,
+                storage=StorageType.FILE if plan.storage == "file" else StorageType.MEMORY,
                 max_bytes=plan.per_hospital_bytes,
                 max_age=plan.max_age_s,
                 max_msg_size=plan.max_payload,
@@ -259,6 +273,13 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
                 await js.add_stream(config)
             else:  # a restarted broker restored it: change it only if the plan did
                 current = info.config
+                kept = StorageType(current.storage).value
+                if kept != plan.storage:
+                    raise ValueError(
+                        f"stream {config.name} is kept in {kept} storage, the plan says "
+                        f"{plan.storage}: JetStream cannot move a stream; keep --storage "
+                        f"{kept}, or empty the broker's --store"
+                    )
                 if (current.max_bytes, current.max_age, current.max_msg_size) != (
                     config.max_bytes,
                     config.max_age,

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from murmur.gossip.relay_broker import (
+    DEFAULT_MAX_PAYLOAD,
     MB,
+    STORAGES,
     BrokerPlan,
     ClusterPlan,
     broker_config,
@@ -49,7 +51,19 @@ def add_relay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
             default=1024,
             help="pending envelopes kept for one hospital (JetStream max_bytes)",
         )
-        p.add_argument("--max-payload", type=int, default=MB, help="bytes per NATS message")
+        p.add_argument(
+            "--max-payload",
+            type=int,
+            default=DEFAULT_MAX_PAYLOAD,
+            help="bytes per NATS message (default 8 MiB); larger envelopes travel in chunks",
+        )
+        p.add_argument(
+            "--storage",
+            choices=STORAGES,
+            default="file",
+            help="where pending envelopes wait for offline hospitals: file (default, survives "
+            "a broker restart) or memory (faster to store, lost when the broker restarts)",
+        )
         p.add_argument("--websocket", metavar="HOST:PORT", help="also serve NATS over WebSocket")
         p.add_argument("--tls-cert", type=Path, help="PEM certificate for TLS (and wss)")
         p.add_argument("--tls-key", type=Path, help="its PEM key")
@@ -104,6 +118,7 @@ def plan_from(args: argparse.Namespace) -> BrokerPlan:
         store_dir=args.store.resolve(),
         per_hospital_bytes=args.per_hospital_mb * MB,
         max_payload=args.max_payload,
+        storage=args.storage,
         websocket_listen=args.websocket,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

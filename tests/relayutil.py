@@ -19,7 +19,13 @@ from typing import Any
 
 import pytest
 from murmur.gossip.relay import RelayTransport, answer_headers, nkey_of, reply_subject
-from murmur.gossip.relay_broker import BrokerPlan, ClusterPlan, provision, write_broker_config
+from murmur.gossip.relay_broker import (
+    DEFAULT_MAX_PAYLOAD,
+    BrokerPlan,
+    ClusterPlan,
+    provision,
+    write_broker_config,
+)
 from murmur.node.relay_cli import find_nats_server
 from murmur.node.relay_inbox import RelayInbox
 
@@ -48,6 +54,8 @@ class Broker:
     websocket_port: int | None = None  # also serve NATS over WebSocket (ws://, no TLS)
     tls: tuple[Path, Path] | None = None  # (cert, key): clients must use tls://
     cluster: ClusterPlan | None = None  # one of a NATS cluster of brokers
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # bytes per NATS message; larger ones are chunked
+    storage: str = "file"  # where JetStream keeps pending envelopes
     proc: subprocess.Popen | None = None
 
     @property
@@ -67,6 +75,8 @@ class Broker:
             tls_cert=self.tls[0] if self.tls else None,
             tls_key=self.tls[1] if self.tls else None,
             cluster=self.cluster,
+            max_payload=self.max_payload,
+            storage=self.storage,
         )
 
     def start(self, provisioned: bool = True) -> None:
@@ -108,9 +118,15 @@ class _FaultyLink:
         self.broker, self.own = broker, own
 
     async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str], *, stored: bool
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        stored: bool,
+        reply: str | None = None,
     ) -> bool:
-        self.broker.carry(subject, payload, dict(headers))
+        self.broker.carry(subject, payload, dict(headers), reply)
         return True
 
 
@@ -146,9 +162,15 @@ class FaultyBroker:
             yield self
         self._group = None
 
-    def carry(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    def carry(
+        self, subject: str, payload: bytes, headers: dict[str, str], reply: str | None = None
+    ) -> None:
         parts = subject.split(".")
         recipient, sender = parts[2], parts[4]
+        if reply is not None and recipient not in self._inboxes:
+            # As nats-server does for a plain message nobody is subscribed to.
+            self._transports[sender].on_answer(reply, {"Status": "503"}, b"")
+            return
         if self.rng.random() < self.drop:
             self.counts["dropped"] += 1
             return

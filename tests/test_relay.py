@@ -193,7 +193,8 @@ def test_a_broker_that_holds_messages_too_long_gets_them_refused_as_stale() -> N
     results = _run(broker, lambda: [sender.send(peer(B), b"x" * 100)])
     assert not results[0].ok
     assert node.received == []
-    assert node.rejections == [("unauthenticated", "stale")]
+    # The live copy is refused unanswered, so the same frames are stored and refused again.
+    assert node.rejections == [("unauthenticated", "stale")] * 2
 
 
 def test_a_request_signed_by_one_peer_but_published_by_another_is_refused() -> None:
@@ -265,7 +266,7 @@ async def _forgery(broker: Broker) -> None:
 
 @needs_nats
 def test_an_offline_hospital_gets_what_was_sent_while_it_was_away(tmp_path: Path) -> None:
-    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, max_payload=2**20)
     broker.start()
     try:
         results, received = asyncio.run(_offline_then_back(broker))
@@ -303,6 +304,185 @@ async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no
         if time.monotonic() > end:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------- live first, stored when nobody took it
+
+
+async def _stored(broker: Broker, identity: Identity) -> tuple[int, str]:
+    """(messages, storage) of ``identity``'s stream, asked as the broker's admin."""
+    import nats
+    from murmur.gossip.relay import stream_name
+
+    seed = (broker.tmp / "broker.conf.admin.nk").read_bytes().strip()
+    nc = await nats.connect(broker.url, nkeys_seed_str=seed.decode(), allow_reconnect=False)
+    try:
+        info = await nc.jetstream(timeout=5).stream_info(stream_name(nkey_of(identity.public_key)))
+        return info.state.messages, str(getattr(info.config.storage, "value", info.config.storage))
+    finally:
+        await nc.close()
+
+
+@needs_nats
+def test_an_envelope_for_a_hospital_that_is_up_goes_live_and_is_not_stored(
+    tmp_path: Path,
+) -> None:
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, max_payload=2**20)
+    broker.start()
+    try:
+        result, received, stored = asyncio.run(_live(broker))
+    finally:
+        broker.kill()
+    assert result.ok, result
+    assert received == [("hospital_a", BODIES[0])]  # chunked, reassembled
+    assert stored == 0  # no JetStream write on the way
+
+
+async def _live(broker: Broker):  # type: ignore[no-untyped-def]
+    node_b = FakeNode(B, [A], max_bytes=2_000_000)
+    async with NatsLink("r", broker.url, A) as link_a, NatsLink("r", broker.url, B) as link_b:
+        ta, tb = RelayTransport("r", A, link_a, 10), RelayTransport("r", B, link_b, 10)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            group.create_task(link_b.serve(RelayInbox(node_b), tb))
+            await _until(lambda: link_a.connected and link_b.connected)
+            await asyncio.sleep(0.3)  # B's subscriptions are in place
+            result = await ta.send(peer(B), BODIES[0])
+            stored, _ = await _stored(broker, B)
+            link_a.stop()
+            link_b.stop()
+    return result, node_b.received, stored
+
+
+@needs_nats
+def test_an_envelope_for_an_offline_hospital_is_stored_at_once_and_answered_on_return(
+    tmp_path: Path,
+) -> None:
+    """Nobody subscribed: the broker says so ("no responders") and the envelope goes into
+    JetStream right away, not after the live wait; B, back within the send timeout, fetches
+    it and its answer reaches A."""
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
+    broker.start()
+    try:
+        result, stored_after, received = asyncio.run(_offline_then_answer(broker))
+    finally:
+        broker.kill()
+    assert stored_after < 2.0  # the live wait alone would be 6 s
+    assert result.ok, result
+    assert received == [("hospital_a", b"envelope")]
+
+
+async def _offline_then_answer(broker: Broker):  # type: ignore[no-untyped-def]
+    node_b = FakeNode(B, [A])
+    async with NatsLink("r", broker.url, A) as link_a:
+        ta = RelayTransport("r", A, link_a, 12)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            await _until(lambda: link_a.connected)
+            start = time.monotonic()
+            send = group.create_task(ta.send(peer(B), b"envelope"))
+            while (await _stored(broker, B))[0] == 0:
+                assert time.monotonic() - start < 5, "not stored"
+                await asyncio.sleep(0.05)
+            stored_after = time.monotonic() - start
+            async with NatsLink("r", broker.url, B) as link_b:
+                tb = RelayTransport("r", B, link_b, 3)
+                group.create_task(link_b.serve(RelayInbox(node_b), tb))
+                result = await send
+                link_b.stop()
+            link_a.stop()
+    return result, stored_after, node_b.received
+
+
+@needs_nats
+def test_an_envelope_taken_live_but_never_answered_is_stored_too(tmp_path: Path) -> None:
+    """B is subscribed but drops what it gets (killed while handling, say): after half the
+    send timeout A stores the same frames, and B, serving again, receives them once."""
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
+    broker.start()
+    try:
+        result, stored, received = asyncio.run(_silent_then_back(broker))
+    finally:
+        broker.kill()
+    assert not result.ok and "stored at relay" in result.reason, result
+    assert stored == 1
+    assert received == [("hospital_a", b"envelope")]
+
+
+async def _silent_then_back(broker: Broker):  # type: ignore[no-untyped-def]
+    from murmur.gossip.relay import live_subject
+
+    node_b = FakeNode(B, [A])
+    async with NatsLink("r", broker.url, A) as link_a:
+        ta = RelayTransport("r", A, link_a, 2)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            async with NatsLink("r", broker.url, B) as silent:
+                await silent.connect()
+                await silent.nc.subscribe(live_subject(nkey_of(B.public_key), "*"))
+                await silent.nc.flush()
+                await _until(lambda: link_a.connected)
+                result = await ta.send(peer(B), b"envelope")
+            stored, _ = await _stored(broker, B)
+            async with NatsLink("r", broker.url, B) as link_b:
+                tb = RelayTransport("r", B, link_b, 3)
+                group.create_task(link_b.serve(RelayInbox(node_b), tb))
+                await _until(lambda: len(node_b.received) >= 1, timeout_s=20)
+                await asyncio.sleep(0.5)  # nothing more comes
+                link_b.stop()
+            link_a.stop()
+    return result, stored, node_b.received
+
+
+@needs_nats
+@pytest.mark.parametrize("storage", ["file", "memory"])
+def test_what_a_restarted_broker_still_holds_depends_on_its_storage(
+    tmp_path: Path, storage: str
+) -> None:
+    """File storage (the default) keeps an offline hospital's envelopes across a broker
+    restart; memory storage loses them (docs/deployment.md, "Storage")."""
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, storage=storage)
+    broker.start()
+    try:
+        held, kind = asyncio.run(_store_for_offline(broker))
+        broker.kill()
+        broker.start()
+        after, _ = asyncio.run(_stored(broker, B))
+    finally:
+        broker.kill()
+    assert (held, kind) == (1, storage)
+    assert after == (1 if storage == "file" else 0)
+
+
+async def _store_for_offline(broker: Broker) -> tuple[int, str]:
+    async with NatsLink("r", broker.url, A) as link_a:
+        ta = RelayTransport("r", A, link_a, 0.5)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(link_a.serve(RelayInbox(FakeNode(A, [B])), ta))  # type: ignore[arg-type]
+            await _until(lambda: link_a.connected)
+            result = await ta.send(peer(B), b"envelope")
+            link_a.stop()
+    assert "stored at relay" in result.reason, result
+    return await _stored(broker, B)
+
+
+def test_broker_config_puts_the_streams_where_the_plan_says() -> None:
+    hospitals = {"hospital_a": A.public_key, "hospital_b": B.public_key}
+    on_disk = broker_config(BrokerPlan(hospitals), new_admin_seed())
+    in_memory = broker_config(BrokerPlan(hospitals, storage="memory"), new_admin_seed())
+    total = 2 * BrokerPlan(hospitals).per_hospital_bytes
+    assert on_disk["accounts"]["MURMUR"]["jetstream"] | {"max_streams": 0} == {
+        "max_file": total,
+        "max_mem": 0,
+        "max_streams": 0,
+        "max_consumers": 2,
+    }
+    assert in_memory["accounts"]["MURMUR"]["jetstream"]["max_mem"] == total
+    assert in_memory["accounts"]["MURMUR"]["jetstream"]["max_file"] == 0
+    assert in_memory["jetstream"]["max_memory_store"] == total
+    assert on_disk["max_payload"] == 8 * 2**20
+    with pytest.raises(ValueError, match="storage 'tmpfs'"):
+        broker_config(BrokerPlan(hospitals, storage="tmpfs"), new_admin_seed())
 
 
 # ------------------------------------------------------------- whole nodes, bad broker
