@@ -466,6 +466,19 @@ async def _store_for_offline(broker: Broker) -> tuple[int, str]:
     return await _stored(broker, B)
 
 
+def test_nats_py_reads_a_mebibyte_at_a_time() -> None:
+    """gossip/nats_link.py raises nats-py's read size, which nats-py takes from a module-level
+    name on every read; a nats-py that stops doing so would silently undo it."""
+    import inspect
+
+    import nats.aio.client
+    from murmur.gossip.nats_link import READ_BUFFER_BYTES
+
+    assert nats.aio.client.DEFAULT_BUFFER_SIZE >= READ_BUFFER_BYTES == 2**20
+    read_loop = inspect.getsource(nats.aio.client.Client._read_loop)
+    assert "self._transport.read(DEFAULT_BUFFER_SIZE)" in read_loop
+
+
 def test_broker_config_puts_the_streams_where_the_plan_says() -> None:
     hospitals = {"hospital_a": A.public_key, "hospital_b": B.public_key}
     on_disk = broker_config(BrokerPlan(hospitals), new_admin_seed())
