@@ -55,7 +55,7 @@ def add_relay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
             "--max-payload",
             type=int,
             default=DEFAULT_MAX_PAYLOAD,
-            help="bytes per NATS message (default 8 MiB); larger envelopes travel in chunks",
+            help="bytes per NATS message (default 1 MiB); larger envelopes travel in chunks",
         )
         p.add_argument(
             "--storage",

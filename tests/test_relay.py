@@ -266,7 +266,7 @@ async def _forgery(broker: Broker) -> None:
 
 @needs_nats
 def test_an_offline_hospital_gets_what_was_sent_while_it_was_away(tmp_path: Path) -> None:
-    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, max_payload=2**20)
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
     broker.start()
     try:
         results, received = asyncio.run(_offline_then_back(broker))
@@ -327,7 +327,7 @@ async def _stored(broker: Broker, identity: Identity) -> tuple[int, str]:
 def test_an_envelope_for_a_hospital_that_is_up_goes_live_and_is_not_stored(
     tmp_path: Path,
 ) -> None:
-    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)}, max_payload=2**20)
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
     broker.start()
     try:
         result, received, stored = asyncio.run(_live(broker))
@@ -493,7 +493,7 @@ def test_broker_config_puts_the_streams_where_the_plan_says() -> None:
     assert in_memory["accounts"]["MURMUR"]["jetstream"]["max_mem"] == total
     assert in_memory["accounts"]["MURMUR"]["jetstream"]["max_file"] == 0
     assert in_memory["jetstream"]["max_memory_store"] == total
-    assert on_disk["max_payload"] == 8 * 2**20
+    assert on_disk["max_payload"] == 2**20
     with pytest.raises(ValueError, match="storage 'tmpfs'"):
         broker_config(BrokerPlan(hospitals, storage="tmpfs"), new_admin_seed())
 
