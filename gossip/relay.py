@@ -279,7 +279,9 @@ class RelayTransport:
     An answer is correlated by the request's id in the reply subject, and accepted only from
     the peer that was asked (its nkey is in the subject, set by the broker's permissions).
     A request nobody answers within the timeout is a failed send with no status: for an
-    envelope, the broker still holds it and the peer receives it when it returns.
+    envelope, the broker still holds it (it went live first, and into JetStream once the
+    broker said nobody took it or half the timeout passed) and the peer receives it when it
+    returns.
     """
 
     def __init__(
