@@ -169,7 +169,7 @@ class NatsLink:
     async def publish(
         self,
         subject: str,
-        payload: bytes,
+        payload: bytes | memoryview,
         headers: dict[str, str],
         *,
         stored: bool,

@@ -175,7 +175,7 @@ class Frame:
     message_id: str
     index: int
     count: int
-    payload: bytes
+    payload: bytes | memoryview  # a view into the body when made by ``frames``
 
     def headers(self) -> dict[str, str]:
         return {
@@ -215,9 +215,14 @@ class Frame:
 
 
 def frames(path: str, auth: str, content_type: str, body: bytes, max_payload: int) -> list[Frame]:
-    """``body`` as frames of at most ``max_payload`` bytes of payload each (at least one)."""
+    """``body`` as frames of at most ``max_payload`` bytes of payload each (at least one).
+
+    The payloads are views into ``body``, not copies: the same envelope is framed once per
+    neighbour, and a copy of each chunk cost a relayed round about 5-20 ms of the event
+    loop at 1M parameters and 8 neighbours (docs/performance.md, "Relays")."""
     size = max(1, max_payload)
-    pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+    view = memoryview(body)
+    pieces = [view[i : i + size] for i in range(0, len(body), size)] or [view]
     message_id = secrets.token_hex(16)
     return [
         Frame(path, auth, content_type, message_id, i, len(pieces), piece)
@@ -252,7 +257,7 @@ class RelayLink(Protocol):
     async def publish(
         self,
         subject: str,
-        payload: bytes,
+        payload: bytes | memoryview,
         headers: dict[str, str],
         *,
         stored: bool,

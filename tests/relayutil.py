@@ -120,13 +120,13 @@ class _FaultyLink:
     async def publish(
         self,
         subject: str,
-        payload: bytes,
+        payload: bytes | memoryview,
         headers: dict[str, str],
         *,
         stored: bool,
         reply: str | None = None,
     ) -> bool:
-        self.broker.carry(subject, payload, dict(headers), reply)
+        self.broker.carry(subject, bytes(payload), dict(headers), reply)  # as a broker delivers
         return True
 
 

@@ -466,6 +466,17 @@ async def _store_for_offline(broker: Broker) -> tuple[int, str]:
     return await _stored(broker, B)
 
 
+def test_frames_are_views_of_the_body_and_reassemble_to_it() -> None:
+    """An envelope is framed once per neighbour: its chunks must not be copies of it."""
+    body = os.urandom(10_000)
+    parts = frames("/gossip", "auth", "x", body, 4_000)
+    assert [p.count for p in parts] == [3, 3, 3]
+    assert all(isinstance(p.payload, memoryview) and p.payload.obj is body for p in parts)
+    assert b"".join(p.payload for p in parts) == body
+    (empty,) = frames("/gossip", "auth", "x", b"", 4_000)
+    assert bytes(empty.payload) == b""
+
+
 def test_nats_py_reads_a_mebibyte_at_a_time() -> None:
     """gossip/nats_link.py raises nats-py's read size, which nats-py takes from a module-level
     name on every read; a nats-py that stops doing so would silently undo it."""
