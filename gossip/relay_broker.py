@@ -47,6 +47,10 @@ STORAGES = ("file", "memory")
 ROUTE_USER = "murmur-route"
 
 
+class StorageMismatch(ValueError):
+    """A stream the broker restored is kept in the other storage than the plan says."""
+
+
 @dataclass(frozen=True)
 class ClusterPlan:
     """This broker's place in a NATS cluster of relay brokers."""
@@ -276,7 +280,7 @@ async def provision(url: str, admin_seed: bytes, plan: BrokerPlan, timeout_s: fl
                 current = info.config
                 kept = StorageType(current.storage).value
                 if kept != plan.storage:
-                    raise ValueError(
+                    raise StorageMismatch(
                         f"stream {config.name} is kept in {kept} storage, the plan says "
                         f"{plan.storage}: JetStream cannot move a stream; keep --storage "
                         f"{kept}, or empty the broker's --store"

@@ -180,7 +180,7 @@ def find_nats_server() -> str | None:
 
 def run_broker(conf: Path, seed: Path, plan: BrokerPlan) -> int:
     """Run nats-server with ``conf`` until SIGTERM or SIGINT, after provisioning streams."""
-    from murmur.gossip.relay_broker import provision
+    from murmur.gossip.relay_broker import StorageMismatch, provision
 
     binary = find_nats_server()
     if binary is None:
@@ -203,7 +203,10 @@ def run_broker(conf: Path, seed: Path, plan: BrokerPlan) -> int:
         try:
             asyncio.run(provision(url, seed.read_bytes().strip(), plan, timeout_s=2))
             break
-        except Exception as exc:  # any failure to provision means "not up yet"
+        except StorageMismatch:  # the broker is up, but its streams cannot be as planned
+            proc.terminate()
+            raise
+        except Exception as exc:  # any other failure to provision means "not up yet"
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.terminate()
                 raise OSError(f"the broker did not come up at {url}: {exc}") from None

@@ -454,6 +454,25 @@ def test_what_a_restarted_broker_still_holds_depends_on_its_storage(
     assert after == (1 if storage == "file" else 0)
 
 
+@needs_nats
+def test_a_broker_whose_streams_are_on_disk_is_not_silently_switched_to_memory(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from murmur.gossip.relay_broker import StorageMismatch, provision
+
+    broker = Broker(tmp_path, {p.name: p.public_key for p in (A, B)})
+    broker.start()
+    try:
+        seed = (tmp_path / "broker.conf.admin.nk").read_bytes().strip()
+        plan = dataclasses.replace(broker.plan, storage="memory")
+        with pytest.raises(StorageMismatch, match="kept in file storage, the plan says memory"):
+            asyncio.run(provision(broker.url, seed, plan, 5))
+    finally:
+        broker.kill()
+
+
 async def _store_for_offline(broker: Broker) -> tuple[int, str]:
     async with NatsLink("r", broker.url, A) as link_a:
         ta = RelayTransport("r", A, link_a, 0.5)
