@@ -4,9 +4,11 @@ An in-process stand-in for the gossip network (no processes, no crypto), as
 bench/image_recipe.py is for images: each of FLamby's six regions holds its *training*
 patients only, cut 4/5 : 1/5 (seeded, per region) into fit and validation rows. Every round
 each region trains with `models.training.LocalTrainer` from the shared model exactly as a node
-does (DP-SGD with its own ledger under `--dp-epsilon`), the regions' models are averaged (the
-complete graph's plain mean), and with `--server-optimizer` each region then steps its adaptive
-outer optimizer (models/optimizers.py) on that mean, as a node does. The score is the mean over
+does (DP-SGD with its own ledger under `--dp-epsilon`), each region averages the regions'
+models with the complete graph's weights (equal, or with `--weighting patients` by training
+patients, capped per neighbour by node/mixing.py as a node does), and with
+`--server-optimizer` each region then steps its adaptive outer optimizer
+(models/optimizers.py) on that mean, as a node does. The score is the mean over
 regions of Harrell's C-index on their validation rows; FLamby's test splits are never read.
 
     python bench/survival_recipe.py --dp-epsilon 1 --lr 0.25 --rounds 20 --splits 3
