@@ -224,6 +224,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="RULE[:f], e.g. mean, trimmed_mean:1, krum:1, clipping:1",
     )
     p.add_argument(
+        "--weighting",
+        choices=["metropolis", "patients"],
+        default="metropolis",
+        help="mixing weights of mean and clipping: Metropolis-Hastings on the degrees, or each "
+        "hospital's share of the training patients (public counts written into every config, "
+        "as a study manifest fixes them; node/mixing.py)",
+    )
+    p.add_argument(
+        "--max-weight",
+        type=float,
+        help="with --weighting patients: the most any one neighbour weighs (default 1/3)",
+    )
+    p.add_argument(
         "--compression",
         choices=["none", "int8", "topk_int8"],
         default="none",
@@ -393,11 +406,12 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def hospital_names(args: argparse.Namespace) -> list[str]:
+def hospital_counts(args: argparse.Namespace) -> dict[str, int]:
+    """Each hospital's training-patient count, by name, in the data set's order."""
     from murmur.models.data import load_dataset
 
     splits = load_dataset(args.dataset, **dataset_kwargs(args))
-    return [s.name for s in splits]
+    return {s.name: len(s.y_train) for s in splits}
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -428,9 +442,14 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     from murmur.gossip.feasibility import check_feasibility
     from murmur.topologies.graphs import build_topology
 
-    honest_names = hospital_names(args)
+    counts = hospital_counts(args)
+    honest_names = list(counts)
     attackers = [f"byzantine_{i}" for i in range(args.byzantine)]
     names = honest_names + attackers
+    # An attacker trains on a copy of an honest hospital's split (below), and the study
+    # manifest counts its patients as any member's: the count is agreed, never self-reported.
+    for i, name in enumerate(attackers):
+        counts[name] = counts[honest_names[i % len(honest_names)]]
     n = len(names)
     topology = build_topology(args.topology, n, seed=args.seed)
     rule, f = parse_aggregator(args.aggregator)
@@ -525,7 +544,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                     **({"delta": args.dp_delta} if args.dp_delta else {}),
                 }
             ),
-            "aggregation": {"rule": rule, "f": f},
+            "aggregation": {"rule": rule, "f": f, **weighting_section(args, counts)},
             **(
                 {
                     "server_optimizer": {
@@ -587,6 +606,17 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
             )
         )
     return nodes, topology
+
+
+def weighting_section(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
+    """[aggregation] weighting keys: the public patient counts with --weighting patients."""
+    if args.weighting != "patients":
+        return {}
+    return {
+        "weighting": "patients",
+        "patients": counts,
+        **({"max_weight": args.max_weight} if args.max_weight is not None else {}),
+    }
 
 
 def adversary_section(
@@ -909,7 +939,7 @@ def build_report(
         "sample_peers": args.sample_peers or None,
         "asynchronous": args.asynchronous,
         "spectral_gap": float(topology.spectral_gap()),
-        "aggregator": {"rule": rule, "f": f},
+        "aggregator": {"rule": rule, "f": f, "weighting": args.weighting},
         "attack": (
             {"name": args.attack, "byzantine": args.byzantine, "params": args.attack_params}
             if args.byzantine

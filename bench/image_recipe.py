@@ -3,7 +3,9 @@
 An in-process stand-in for the gossip network (no processes, no crypto): N hospitals hold
 murmur's IID or Dirichlet split of PneumoniaMNIST's official *train* images and train with
 `models.training.LocalTrainer` exactly as a node does; each round every hospital starts from
-the plain mean of the models (what the complete graph's Metropolis-Hastings weights give).
+the plain mean of the models (what the complete graph's Metropolis-Hastings weights give), or
+with `--aggregator clipping` from its own self-centred clipping aggregate (f = 1, the nodes'
+default rule); the score is then the mean of the hospitals' AUCs.
 The score is the AUC on PneumoniaMNIST's official *val* split, which MedMNIST cut from the
 source training set (9:1); the official test split is never read. `--pooled` trains one model
 on all training images for the same number of epochs instead.
@@ -24,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from murmur.gossip.aggregation import clipping
 from murmur.models.data import load_dataset, resolved_data_path
 from murmur.models.metrics import roc_auc
 from murmur.models.nets import build_model
-from murmur.models.params import get_state, set_state
+from murmur.models.params import flatten, get_state, set_state, unflatten
 from murmur.models.privacy import PrivacyLedger
 from murmur.models.training import LocalTrainer, TrainingSettings, predict_proba
 
@@ -67,6 +70,18 @@ def settings_from(args: argparse.Namespace, seed: int) -> TrainingSettings:
     )
 
 
+def mix(models: np.ndarray, aggregator: str) -> np.ndarray:
+    """Each hospital's aggregate on the complete graph (equal weights): the plain mean, or
+    the node's default rule, self-centred clipping with f = 1 (gossip/aggregation.py)."""
+    n = len(models)
+    weights = np.full(n, 1.0 / n)
+    if aggregator == "mean":
+        return np.repeat(models.mean(axis=0, keepdims=True), n, axis=0)
+    return np.stack(
+        [clipping(models[i], np.delete(models, i, axis=0), weights, f=1) for i in range(n)]
+    )
+
+
 def run(args: argparse.Namespace) -> list[float]:
     torch.set_num_threads(1)
     splits = load_dataset("medmnist", num_hospitals=args.nodes, seed=args.seed, alpha=args.alpha)
@@ -88,16 +103,20 @@ def run(args: argparse.Namespace) -> list[float]:
         trainers.append(trainer)
     aucs = []
     start = time.monotonic()
+    starts = [get_state(model) for _ in trainers]
     for r in range(1, args.rounds + 1):
-        shared = get_state(model)
-        states = []
-        for trainer in trainers:
-            set_state(trainer.model, shared)
-            trainer.train_round(shared)
-            states.append(get_state(trainer.model))
-        set_state(model, {k: np.mean([s[k] for s in states], axis=0) for k in shared})
-        auc = roc_auc(y_val, predict_proba(model, x_val))
-        aucs.append(float(auc))
+        flat = []
+        for trainer, begin in zip(trainers, starts, strict=True):
+            set_state(trainer.model, begin)
+            trainer.train_round(begin)
+            flat.append(flatten(get_state(trainer.model)))
+        starts = [unflatten(v, starts[0]) for v in mix(np.stack(flat), args.aggregator)]
+        scores = []
+        for state in starts:  # each hospital's model, as run_cluster reports them
+            set_state(model, state)
+            scores.append(roc_auc(y_val, predict_proba(model, x_val)))
+        auc = float(np.mean(scores))
+        aucs.append(auc)
         print(f"round {r:3d}  val AUC {auc:.4f}  {time.monotonic() - start:6.1f}s", flush=True)
     return aucs
 
@@ -120,6 +139,12 @@ def main() -> None:
     p.add_argument("--dp-epsilon", type=float, default=0.0, help="0: no DP")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--pooled", action="store_true")
+    p.add_argument(
+        "--aggregator",
+        default="mean",
+        choices=["mean", "clipping"],
+        help="the plain mean, or the nodes' default (self-centred clipping, f = 1)",
+    )
     args = p.parse_args()
     aucs = run(args)
     print(json.dumps({"args": vars(args), "val_auc": aucs, "last": aucs[-1], "best": max(aucs)}))

@@ -4,9 +4,11 @@ An in-process stand-in for the gossip network (no processes, no crypto), as
 bench/image_recipe.py is for images: each of FLamby's six regions holds its *training*
 patients only, cut 4/5 : 1/5 (seeded, per region) into fit and validation rows. Every round
 each region trains with `models.training.LocalTrainer` from the shared model exactly as a node
-does (DP-SGD with its own ledger under `--dp-epsilon`), the regions' models are averaged (the
-complete graph's plain mean), and with `--server-optimizer` each region then steps its adaptive
-outer optimizer (models/optimizers.py) on that mean, as a node does. The score is the mean over
+does (DP-SGD with its own ledger under `--dp-epsilon`), each region averages the regions'
+models with the complete graph's weights (equal, or with `--weighting patients` by training
+patients, capped per neighbour by node/mixing.py as a node does), and with
+`--server-optimizer` each region then steps its adaptive outer optimizer
+(models/optimizers.py) on that mean, as a node does. The score is the mean over
 regions of Harrell's C-index on their validation rows; FLamby's test splits are never read.
 
     python bench/survival_recipe.py --dp-epsilon 1 --lr 0.25 --rounds 20 --splits 3
@@ -31,6 +33,7 @@ from murmur.models.optimizers import ServerOptimizer, ServerOptimizerSettings
 from murmur.models.params import flatten, get_state, set_state, unflatten
 from murmur.models.survival import concordance_index, predict_risk
 from murmur.models.training import LocalTrainer, TrainingSettings
+from murmur.node.mixing import DEFAULT_MAX_WEIGHT, patient_weights
 
 from bench.image_recipe import attach_ledger
 
@@ -47,6 +50,23 @@ def fit_and_validation(split_seed: int) -> list[tuple[np.ndarray, ...]]:
             (region.x_train[fit], region.y_train[fit], region.x_train[val], region.y_train[val])
         )
     return out
+
+
+def mixing_rows(counts: list[int], weighting: str, max_weight: float) -> np.ndarray:
+    """The complete graph's mixing matrix as the nodes build it: row i is region i's weights
+    on every region's model, equal (1/n) or by patients, capped (node/mixing.py)."""
+    n = len(counts)
+    if weighting == "equal":
+        return np.full((n, n), 1.0 / n)
+    names = [str(i) for i in range(n)]
+    table = dict(zip(names, counts, strict=True))
+    rows = np.zeros((n, n))
+    for i, own in enumerate(names):
+        others = [j for j in range(n) if j != i]
+        w = patient_weights(own, [names[j] for j in others], table, [1.0] * (n - 1), max_weight)
+        rows[i, i] = w[0]
+        rows[i, others] = w[1:]
+    return rows
 
 
 def run(args: argparse.Namespace, split_seed: int, seed: int) -> float:
@@ -80,7 +100,7 @@ def run(args: argparse.Namespace, split_seed: int, seed: int) -> float:
         for _ in regions
     ]
     models = [get_state(shared_model) for _ in regions]
-    weights = [len(r[1]) if args.weighting == "patients" else 1.0 for r in regions]
+    mixing = mixing_rows([len(r[1]) for r in regions], args.weighting, args.max_weight)
     template = models[0]
     for _ in range(args.rounds):
         trained = []
@@ -88,10 +108,10 @@ def run(args: argparse.Namespace, split_seed: int, seed: int) -> float:
             set_state(trainer.model, start)
             trainer.train_round(start)
             trained.append(flatten(get_state(trainer.model)))
-        mean = np.average(trained, axis=0, weights=weights)
+        means = mixing @ np.stack(trained)
         models = [
             unflatten(mean if opt is None else opt.step(flatten(start), mean), template)
-            for opt, start in zip(outer, models, strict=True)
+            for opt, start, mean in zip(outer, models, means, strict=True)
         ]
     scores = []
     for trainer, state, (_, _, x_val, y_val) in zip(trainers, models, regions, strict=True):
@@ -119,7 +139,11 @@ def main() -> None:
         "--weighting",
         default="equal",
         choices=["equal", "patients"],
-        help="mean of the regions' models: equal weights, or by training patients (FedAvg)",
+        help="mean of the regions' models: equal weights, or by training patients (FedAvg), "
+        "each other region capped at --max-weight as a node caps it",
+    )
+    p.add_argument(
+        "--max-weight", type=float, default=DEFAULT_MAX_WEIGHT, help="the per-neighbour cap"
     )
     p.add_argument("--splits", type=int, default=3, help="validation splits (seeds 0..)")
     p.add_argument("--repeats", type=int, default=2, help="runs per split (fresh DP noise)")

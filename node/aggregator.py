@@ -33,6 +33,7 @@ from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.node.audit import AuditLog
 from murmur.node.config import NodeConfig
 from murmur.node.metrics import NodeMetrics
+from murmur.node.mixing import PATIENTS, patient_weights, uncounted
 from murmur.node.receiver import ReceivedUpdate
 from murmur.node.state import NodeState
 
@@ -119,6 +120,9 @@ class RoundAggregator:
         quarantined = sorted(set(names) & self._trust.quarantined())
         if quarantined:  # inputs still, with mixing weight 0 (trust)
             record["quarantined"] = quarantined
+        if cfg.weighting == PATIENTS and uncounted(names, cfg.patients):
+            # members admitted later whose count no signed manifest gives: weight 0
+            record["uncounted"] = uncounted(names, cfg.patients)
         if len(names) + 1 < min_inputs(cfg.rule, f):
             # Too few inputs arrived for the rule to be robust: keep our own model this round.
             return self._keep_own(
@@ -262,8 +266,18 @@ class RoundAggregator:
         return own_state, own_sha, distance
 
     def mixing_weights(self, received: list[str]) -> np.ndarray:
-        """Metropolis-Hastings weights, each scaled by the peer's trust factor; a missing or
-        distrusted neighbour's share stays with this node."""
+        """Metropolis-Hastings weights (or, with `weighting = "patients"`, shares of the
+        configured patient counts capped per neighbour: node/mixing.py), each scaled by the
+        peer's trust factor; a missing or distrusted neighbour's share stays with this node."""
+        cfg = self._config.aggregation
+        if cfg.weighting == PATIENTS:
+            return patient_weights(
+                self._config.node.name,
+                received,
+                cfg.patients,
+                [self._trust.weight(n) for n in received],
+                cfg.max_weight,
+            )
         own_degree = self._own_degree
         w = np.array(
             [self._trust.weight(n) / (1 + max(own_degree, self._peer_degree[n])) for n in received]

@@ -118,6 +118,7 @@ class NodeConfig:
             f"lists the node itself ({self.node.name})",
             "remove that entry",
         )
+        self.aggregation.check_counts(self.node.name, names)
         for section in (
             self.data,
             self.model,

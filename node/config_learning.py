@@ -17,6 +17,7 @@ from murmur.node.config_errors import (
     ConfigError,
     require,
 )
+from murmur.node.mixing import DEFAULT_MAX_WEIGHT, METROPOLIS, PATIENTS, WEIGHTINGS
 
 # Kept here, not imported from models/, so reading a config does not import torch.
 CLASS_WEIGHTING = ("auto", "balanced", "none")
@@ -297,9 +298,17 @@ class EvaluationSection:
 
 @dataclass(frozen=True)
 class AggregationSection:
+    """The robust rule and its f, and how the rules that weigh inputs (mean, clipping) weigh
+    them: Metropolis-Hastings on the degrees, or by the patient counts in `patients` (public
+    metadata the study manifest fixes; node/mixing.py), each neighbour capped at
+    `max_weight`."""
+
     rule: str = "clipping"
     f: int = 0
     params: dict[str, float] = field(default_factory=dict)
+    weighting: str = METROPOLIS  # metropolis | patients
+    patients: dict[str, int] = field(default_factory=dict)  # hospital -> training patients
+    max_weight: float = DEFAULT_MAX_WEIGHT  # no neighbour weighs more (weighting = patients)
 
     def validate(self) -> None:
         from murmur.gossip.aggregation import AGGREGATORS
@@ -311,6 +320,54 @@ class AggregationSection:
             f"use one of {', '.join(sorted(AGGREGATORS))}",
         )
         require(self.f >= 0, "aggregation.f", "must be >= 0", "f = 1")
+        require(
+            self.weighting in WEIGHTINGS,
+            "aggregation.weighting",
+            f"unknown weighting {self.weighting!r}",
+            f"use one of {', '.join(WEIGHTINGS)}",
+        )
+        for name, count in self.patients.items():
+            require(
+                count >= 1,
+                f"aggregation.patients.{name}",
+                f"= {count}: a patient count must be >= 1",
+                "give the hospital's number of training patients",
+            )
+        if self.weighting != PATIENTS:
+            return
+        require(
+            self.rule in ("mean", "clipping"),
+            "aggregation.weighting",
+            f'= "patients" changes only the weights of mean and clipping, not {self.rule!r}',
+            'use rule = "mean" or "clipping", or omit weighting',
+        )
+        require(
+            0 < self.max_weight <= 1,
+            "aggregation.max_weight",
+            f"= {self.max_weight}: must be in (0, 1]",
+            f"max_weight = {DEFAULT_MAX_WEIGHT:.3f}",
+        )
+        require(
+            self.f * self.max_weight < 0.5,
+            "aggregation.max_weight",
+            f"= {self.max_weight}: f = {self.f} neighbours at the cap would hold half the "
+            "mixing weight or more, so Byzantine inputs could outweigh the honest ones",
+            f"max_weight below {0.5 / max(self.f, 1):.3f} (1 / (2 f))",
+        )
+
+    def check_counts(self, own: str, peers: list[str]) -> None:
+        """Under `weighting = "patients"`, every node of the allowlist needs a count: a missing
+        one would weigh 0, which for a configured peer is a mistake to refuse, not a default."""
+        if self.weighting != PATIENTS:
+            return
+        for name in [own, *peers]:
+            require(
+                name in self.patients,
+                f"aggregation.patients.{name}",
+                'is missing: weighting = "patients" needs every hospital\'s training-patient count',
+                f"add {name} = N to [aggregation] patients in the signed study manifest (the "
+                "public count, as FLamby publishes it), or omit weighting",
+            )
 
 
 @dataclass(frozen=True)

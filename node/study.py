@@ -65,6 +65,18 @@ def load_own_data(config: NodeConfig) -> HospitalSplit:
     )
 
 
+def check_own_count(config: NodeConfig, n_train: int) -> None:
+    """Under `weighting = "patients"` the count the manifest gives this hospital must be its
+    training split's size: the neighbours weigh its model by that count (node/mixing.py)."""
+    agg, own = config.aggregation, config.node.name
+    if agg.weighting == "patients" and agg.patients.get(own) != n_train:
+        raise StartupError(
+            f"aggregation.patients.{own} = {agg.patients.get(own)} but this hospital's "
+            f"training split has {n_train} patients; fix: propose the study with "
+            f"{own} = {n_train} (the count its neighbours weigh its model by)"
+        )
+
+
 class Study:
     """One study on this node: its data, model, trainer and privacy ledger.
 
@@ -75,6 +87,7 @@ class Study:
     def __init__(self, config: NodeConfig, data: HospitalSplit) -> None:
         self.config = config
         self.data = data
+        check_own_count(config, len(data.y_train))
         input_shape = tuple(data.x_train.shape[1:])
         model = config.model
         model_params = {"hidden": tuple(model.hidden)} if model.name == "mlp" else {}
