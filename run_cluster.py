@@ -248,6 +248,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dp.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--dp-delta", type=float, help="default: min(1e-5, 1/(10 n_train)) per hospital")
     p.add_argument(
+        "--min-site-patients",
+        type=int,
+        help="[privacy] min_site_patients, the smallest site the plan admits, which caps the "
+        "DP noise a node may announce (default: the smallest honest hospital's training rows; "
+        "0: none, so no node is measured with more noise than its own)",
+    )
+    p.add_argument(
         "--baselines",
         action=argparse.BooleanOptionalAction,
         help="also train local-only and pooled references, with DP at the same ε when DP is "
@@ -393,11 +400,12 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def hospital_names(args: argparse.Namespace) -> list[str]:
+def hospital_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """Each honest hospital's name and training rows, in the data set's order."""
     from murmur.models.data import load_dataset
 
     splits = load_dataset(args.dataset, **dataset_kwargs(args))
-    return [s.name for s in splits]
+    return {s.name: len(s.y_train) for s in splits}
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -428,7 +436,13 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
     from murmur.gossip.feasibility import check_feasibility
     from murmur.topologies.graphs import build_topology
 
-    honest_names = hospital_names(args)
+    sizes = hospital_sizes(args)
+    honest_names = list(sizes)
+    # The consortium knows its sites: the plan admits none smaller than its smallest, which
+    # caps the DP noise any node may announce (node/noise_plan.py).
+    # 0: the plan sets none (no neighbour is measured with more noise than a node's own).
+    wanted = getattr(args, "min_site_patients", None)
+    min_site = None if wanted == 0 else (wanted or min(sizes.values()))
     attackers = [f"byzantine_{i}" for i in range(args.byzantine)]
     names = honest_names + attackers
     n = len(names)
@@ -523,6 +537,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                     "enabled": True,
                     "epsilon": args.dp_epsilon,
                     **({"delta": args.dp_delta} if args.dp_delta else {}),
+                    **({"min_site_patients": min_site} if min_site is not None else {}),
                 }
             ),
             "aggregation": {"rule": rule, "f": f},

@@ -132,6 +132,9 @@ class Rule:
     # False: no own-model yardstick (``--max-relative-distance inf``), which was the default
     # under DP before the DP-aware limit (issue 19 item 2); the row it is compared with.
     own_limit: bool = True
+    # False: the plan sets no smallest site (``--min-site-patients 0``), so every neighbour is
+    # measured with at most this node's own DP noise, as before senders announced theirs
+    sender_noise: bool = True
 
     @property
     def label(self) -> str:
@@ -139,6 +142,8 @@ class Rule:
             return "mean"
         if not self.own_limit:
             return f"{self.name}/noise-blind"
+        if not self.sender_noise:
+            return f"{self.name}/own-noise"
         return self.name if self.trust else f"{self.name}/no-trust"
 
 
@@ -175,6 +180,7 @@ RULES = (
     Rule("clipping"),
     Rule("clipping", trust=False),
     Rule("clipping", own_limit=False),
+    Rule("clipping", sender_noise=False),
 )
 
 
@@ -283,6 +289,8 @@ def cluster_options(
         out["no_trust"] = True
     if not rule.own_limit:
         out["max_relative_distance"] = "inf"
+    if not rule.sender_noise and options.dp_epsilon is not None:
+        out["min_site_patients"] = 0
     if not clean and attack is not None:
         out.update(byzantine=setting.byzantine, attack=attack.name)
         if attack.params:

@@ -249,10 +249,21 @@ class PrivacySection:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "pld"
+    # The smallest training set a site of the study may have: bounds the DP noise a
+    # neighbour may announce (node/noise_plan.py). None: a neighbour is never measured with
+    # more noise than this node's own.
+    min_site_patients: int | None = None
 
     def validate(self) -> None:
         if not self.enabled:
             return
+        if self.min_site_patients is not None:
+            require(
+                self.min_site_patients >= 1,
+                "privacy.min_site_patients",
+                "must be >= 1 (training rows)",
+                "min_site_patients = 50 (the smallest site of the study), or omit it",
+            )
         require(
             self.epsilon > 0, "privacy.epsilon", "must be > 0", "epsilon = 1.0 (or enabled = false)"
         )
