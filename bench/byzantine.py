@@ -731,6 +731,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also run the Byzantine-heavy ring (11 of 16), without DP and with --dp-epsilon",
     )
     parser.add_argument(
+        "--ring-attack", action="append", help="only this ring attack label (repeatable)"
+    )
+    parser.add_argument(
+        "--ring-dp-only", action="store_true", help="the ring with --dp-epsilon only, not without"
+    )
+    parser.add_argument(
         "--ring-dataset",
         default="breast-cancer",
         choices=["breast-cancer", "medmnist"],
@@ -767,11 +773,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.ring:
         ring = [ring_setting(args.ring_dataset)]
         ring_rules = tuple(r for r in rules if r.name == DEFAULT_RULE) or (Rule(DEFAULT_RULE),)
-        for dp in (None, options.dp_epsilon or 1.0):
+        ring_attacks = _only(parser, "--ring-attack", RING_ATTACKS, args.ring_attack)
+        modes = (None, options.dp_epsilon or 1.0)
+        for dp in modes[1:] if args.ring_dp_only else modes:
             at = Options(options.rounds, options.lr, options.alpha, options.seed, 1, dp)
             if dp is not None:
                 at.seeds = seeds
-            rings.append(Matrix(ring, RING_ATTACKS, ring_rules, at))
+            rings.append(Matrix(ring, ring_attacks, ring_rules, at))
             rings[-1].run(args.jobs, args.engine, args.cache)
     seconds = time.monotonic() - started
 

@@ -314,9 +314,7 @@ def screen_inputs(
     )
 
 
-def twins(
-    own: np.ndarray, received: np.ndarray, min_distance: float | np.ndarray
-) -> np.ndarray:
+def twins(own: np.ndarray, received: np.ndarray, min_distance: float | np.ndarray) -> np.ndarray:
     """Boolean mask ``(k,)``: received models closer than ``min_distance`` to another input
     (own or received). Under DP two honest models differ by about sqrt(2) times one round's
     noise length (:func:`dp_noise_norm`) whatever their data, and the chi distribution keeps

@@ -265,8 +265,7 @@ class RoundAggregator:
         if plan is None or own_noise is None:
             return [own_noise] * len(names)
         return [
-            plan.yardstick(received[n].envelope.update.noise, own_noise, parameters)
-            for n in names
+            plan.yardstick(received[n].envelope.update.noise, own_noise, parameters) for n in names
         ]
 
     def _keep_own(

@@ -155,9 +155,7 @@ class Study:
             sample_rate=float(trainer.sample_rate()),
             expected_batch_size=float(trainer.expected_batch_size()),
             steps=int(trainer.steps_per_round()),
-            learning_rate=float(
-                learning_rate_at(settings, max(trainer.rounds_trained - 1, 0))
-            ),
+            learning_rate=float(learning_rate_at(settings, max(trainer.rounds_trained - 1, 0))),
         )
 
     def _use_ledger(self, ledger: PrivacyLedger) -> None:
