@@ -134,7 +134,8 @@ def arm(node: HospitalNode) -> Adversary:
         max_message_bytes=node.limits.max_message_bytes,
         study=node.gate.wire_id,  # a member knows the study it attacks
         # the most noise the plan lets anyone claim (the smallest site), else its own
-        noise=node.noise_plan.loudest_claim() or node.study.noise_claim(),
+        noise=node.noise_plan.loudest_claim(node.study.trainable_parameters())
+        or node.study.noise_claim(),
     )
     node.rounds.sharing = AttackSharing(
         adversary,

@@ -100,12 +100,18 @@ class NoisePlan:
             learning_rate=float(learning_rate or self.learning_rate),
         )
 
-    def loudest_claim(self) -> NoiseClaim | None:
-        """The in-plan claim with the most noise: the smallest site the plan admits (None
-        when the plan sets no smallest site, where no claim widens a yardstick)."""
+    def loudest_claim(self, parameters: int = 1) -> NoiseClaim | None:
+        """The in-plan claim with the most noise (None when the plan sets no smallest site,
+        where no claim widens a yardstick): what the adversary mode announces. The noise
+        falls with the site's size but not monotonically: one row past a multiple of the
+        batch size adds a step per epoch and halves nothing, so B = n / ceil(n / b) drops.
+        Searched over the smallest site and every such size up to four times it."""
         if not self.dp or self.min_site_patients is None:
             return None
-        return self.claim_for(self.min_site_patients)
+        low, b = self.min_site_patients, self.batch_size
+        sizes = [low, *range((low // b + 1) * b + 1, 4 * low + b, b)]
+        claims = [self.claim_for(n) for n in sizes]
+        return max(claims, key=lambda c: c.noise_norm(parameters))
 
     def check(self, claim: NoiseClaim | None) -> str | None:
         """Why ``claim`` is outside the plan, or None when an honest site could make it.

@@ -169,12 +169,16 @@ def test_a_site_smaller_than_the_plan_admits_is_refused_and_the_loudest_claim_is
     # the sample rate must follow from the claimed size at the plan's batch size
     forged = dataclasses.replace(plan().claim_for(120), sample_rate=1.0, expected_batch_size=120.0)
     assert "does not follow" in (plan().check(forged) or "")
-    loudest = plan().loudest_claim()
-    assert loudest == plan().claim_for(9)
     d = 31
-    # no in-plan claim has more noise than the smallest site's
+    loudest = plan().loudest_claim(d)
+    assert loudest == plan().claim_for(9)
+    # no in-plan claim has more noise than the loudest
     for n in (9, 10, 20, 32, 33, 64, 120):
         assert plan().claim_for(n).noise_norm(d) <= loudest.noise_norm(d) * (1 + 1e-9)
+    # not always the smallest site: 33 rows take two steps of B = 16.5 where 32 take one of 32
+    at_32 = plan(min_site_patients=32)
+    assert at_32.claim_for(33).noise_norm(d) > at_32.claim_for(32).noise_norm(d)
+    assert at_32.loudest_claim(d).patients != 32
     assert plan(min_site_patients=None).loudest_claim() is None
     assert "without DP-SGD" in (plan(dp=False).check(loudest) or "")
 
