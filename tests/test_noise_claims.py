@@ -309,3 +309,64 @@ async def test_the_node_refuses_an_out_of_plan_claim_counts_it_and_takes_an_hone
         assert node.state.rejected[REASON] == 2
     finally:
         node.audit.close()
+
+
+async def test_a_tiny_honest_dp_site_is_not_muted_by_a_node_that_reads_its_claim(
+    tmp_path: Path,
+) -> None:
+    """The node's own path, receiver to aggregation: hospital_0 (about a hundred rows) hears
+    two neighbours as noisy as itself and a 5-row site whose honest model carries its far
+    larger DP noise. Sent with its claim, the tiny site's model is aggregated with its weight;
+    the same model without a claim is measured with hospital_0's own noise and muted."""
+    from murmur.models.params import flatten, state_sha256, unflatten
+
+    node = build_node(
+        tmp_path,
+        nodes=4,
+        privacy={"enabled": True, "epsilon": 1.0, "min_site_patients": 5},
+        training={"learning_rate": 0.1},
+        aggregation={"rule": "clipping", "f": 1},
+    )
+    try:
+        own_state = node.study.state()
+        own = flatten(own_state)
+        own_noise = node.study.dp_noise_norm()
+        d = node.study.trainable_parameters()
+        tiny = node.noise_plan.claim_for(5)
+        assert tiny.noise_norm(d) > 5 * own_noise  # the 5-row site is that much noisier
+        rng = np.random.default_rng(0)
+
+        def noisy(length: float) -> dict[str, np.ndarray]:
+            step = rng.standard_normal(own.size)
+            return unflatten(
+                (own + step * length / np.linalg.norm(step)).astype(np.float32), own_state
+            )
+
+        def send(round_: int, name: str, state: Any, claim: NoiseClaim | None) -> bytes:
+            key = load_identity(tmp_path / "keys" / f"{name}.key")
+            update = ModelUpdate(state, noise=claim)
+            return build_envelope(update, key, [node.identity.public_key], round_)
+
+        tiny_model = noisy(tiny.noise_norm(d))
+        large = node.study.noise_claim()
+        muted = {}
+        for round_, claim in ((1, tiny), (2, None)):
+            for name, state, sent in (
+                ("hospital_1", noisy(own_noise), large),
+                ("hospital_2", noisy(own_noise), large),
+                ("hospital_3", tiny_model, claim),
+            ):
+                assert (await node.receiver.receive(send(round_, name, state, sent)))[0] == 202
+            got = await node.inbox.collect(
+                round_, ["hospital_1", "hospital_2", "hospital_3"], 5.0, node.stop
+            )
+            node.aggregator.aggregate(round_, own_state, state_sha256(own_state), got.messages)
+            record = records_of_kind(node.state_dir, "aggregation")[-1]
+            muted[claim is not None] = {
+                p["peer"] for p in record.fields.get("pulled_in", []) if p["muted"]
+            }
+        assert muted[True] == set()  # with its claim: kept
+        assert muted[False] == {"hospital_3"}  # without: muted as too far
+        assert node.state.too_far == {"hospital_3": 1}
+    finally:
+        node.audit.close()
