@@ -316,6 +316,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="attack parameter, repeatable, e.g. --attack-param epsilon=100",
     )
+    adv.add_argument(
+        "--attack-noise-claim",
+        choices=["loudest", "own"],
+        default="loudest",
+        help="the DP noise the attackers announce: the most the plan accepts, or their own",
+    )
     args = p.parse_args(argv)
     if args.hosts_per_process < 1:
         p.error("--hosts-per-process must be >= 1 (1: one process per hospital)")
@@ -624,6 +630,11 @@ def adversary_section(
         "colluders": [a for a in attackers if a != names[i]],
         "seed": args.seed + index[names[i]],
         "byzantine_neighbours": byzantine_neighbours,
+        **(
+            {"noise_claim": args.attack_noise_claim}
+            if getattr(args, "attack_noise_claim", "loudest") != "loudest"
+            else {}
+        ),
     }
 
 

@@ -118,11 +118,15 @@ class Setting:
 class Attack:
     name: str
     params: tuple[tuple[str, float], ...] = ()
+    # the DP noise the attackers announce (run_cluster --attack-noise-claim): the most the
+    # plan accepts, or their own training's (an attacker that avoids the stricter twin check)
+    noise_claim: str = "loudest"
 
     @property
     def label(self) -> str:
         shown = ",".join(f"{k}={v:g}" for k, v in self.params)
-        return f"{self.name}({shown})" if shown else self.name
+        base = f"{self.name}({shown})" if shown else self.name
+        return base if self.noise_claim == "loudest" else f"{base}/{self.noise_claim}-claim"
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,9 @@ ADAPTIVE_ATTACKS = (
     *(Attack("sign_flip", (("scale", x),)) for x in (0.1, 0.2, 0.3, 0.5, 1.0)),
     *(Attack("ipm", (("epsilon", x),)) for x in (0.1, 0.3, 0.5, 1.0)),
     Attack("radius", (("fraction", 0.99),)),
+    # under DP: colluders announcing their own noise, not the loudest the plan accepts
+    Attack("sign_flip", noise_claim="own"),
+    Attack("alie", noise_claim="own"),
 )
 RULES = (
     Rule("mean", trust=False),
@@ -297,6 +304,8 @@ def cluster_options(
         out.update(byzantine=setting.byzantine, attack=attack.name)
         if attack.params:
             out["attack_param"] = [f"{k}={v:g}" for k, v in attack.params]
+        if attack.noise_claim != "loudest":
+            out["attack_noise_claim"] = attack.noise_claim
     return out
 
 

@@ -419,6 +419,10 @@ class AdversarySection:
     # What it does in the consensus phase (gossip/consensus_attacks.py); it may train
     # honestly (attack = "") and attack only there.
     consensus_attack: str = ""
+    # The DP noise its crafted models announce (node/noise_plan.py): "loudest", the most the
+    # plan accepts (widest own-model limit, strictest twin check), or "own", its own
+    # training's claim.
+    noise_claim: str = "loudest"
 
     @property
     def enabled(self) -> bool:
@@ -434,6 +438,12 @@ class AdversarySection:
                 f"unknown consensus attack {self.consensus_attack!r}",
                 f"use one of {', '.join(CONSENSUS_ATTACKS)}, or remove it",
             )
+        require(
+            self.noise_claim in ("loudest", "own"),
+            "adversary.noise_claim",
+            f"unknown noise claim {self.noise_claim!r}",
+            'use "loudest" or "own"',
+        )
         if not self.enabled:
             return
         from murmur.gossip.attacks import ATTACKS, attack_params
