@@ -37,7 +37,11 @@ is the default rule with the own-model limit off (``--max-relative-distance inf`
 default before issue 19 item 2. ``--ring`` adds the Byzantine-heavy ring (issue 19 item 3:
 bench/topologies/byzantine_heavy_ring.edges, 5 honest + 11 Byzantine, IPM, ALIE z = 10,
 dissensus 1.5) without DP and with ``--dp-epsilon``; ``--adaptive`` adds the adaptive sweeps
-(item 5). Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
+(item 5), among them colluders that announce their own DP noise instead of the loudest claim
+the plan accepts (``sign_flip/own-claim``, ``alie/own-claim``). ``--ring-attack`` and
+``--ring-dp-only`` narrow the ring; ``--rule clipping/own-noise`` (not in the full matrix) is the
+default rule with no smallest site in the plan (``--min-site-patients 0``), so no sender's
+announced noise widens its yardstick. Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
 ``honest_excluded_clean_dp`` (honest models muted or quarantined in the default rule's clean
 DP runs) and ``ring_11_of_16_min_ratio`` (attacked over clean honest mean AUC, the lowest).
 
