@@ -214,8 +214,10 @@ class RoundAggregator:
     ) -> tuple[ModelRows, np.ndarray, list[dict[str, Any]]]:
         """Pull models far from the robust centre in to the screening radius, and mute those
         also far from our own model (gossip/aggregation.py ``screen_inputs``); the rule keeps
-        its f. Under DP both radii allow for the DP noise our own ledger says honest models
-        carry. Returns the rows, the muted mask and an audit entry per model pulled in."""
+        its f. Under DP the screening radius allows for the DP noise our own ledger says honest
+        models carry, and the mute and twin checks for the noise each sender announced
+        (node/noise_plan.py ``yardstick``). Returns the rows, the muted mask and an audit
+        entry per model pulled in."""
         noise = self._noise_norm() if self._noise_norm is not None else None
         peer_noise = self._peer_noise(names, received, noise, self._noise_parameters or own.size)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -30,6 +30,9 @@ REASON = "dp_out_of_plan"
 _RELATIVE_TOLERANCE = 1e-6
 # The accountant's root finding stops at 1e-4 (models/privacy.py calibrate_noise).
 _SIGMA_TOLERANCE = 1e-3
+# No site has more training rows: a larger claim is refused before the accountant is asked to
+# plan billions of steps for it (a claim that large could only narrow its own yardstick).
+MAX_SITE_PATIENTS = 10_000_000
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,6 +131,8 @@ class NoisePlan:
         if claim.learning_rate > self.learning_rate * (1 + _RELATIVE_TOLERANCE):
             return f"learning rate {claim.learning_rate:g} over the plan's {self.learning_rate:g}"
         inverse = 1.0 / claim.sample_rate
+        if not claim.patients <= MAX_SITE_PATIENTS or not inverse <= MAX_SITE_PATIENTS:
+            return f"B / q = {claim.patients:g} rows; no site has more than {MAX_SITE_PATIENTS}"
         per_epoch = round(inverse)
         if not _close(inverse, per_epoch):
             return f"sample rate {claim.sample_rate:g} is not 1 / (steps per epoch)"
@@ -142,11 +147,11 @@ class NoisePlan:
         floor = self.min_site_patients
         if floor is not None and patients < floor:
             return f"{patients} training rows; the plan admits sites of at least {floor}"
-        if claim.steps > self.steps(patients):
+        if claim.steps != self.steps(patients):
             return f"{claim.steps} steps a round; the plan's is {self.steps(patients)}"
         try:
             sigma = self.sigma(patients)
-        except ValueError as exc:  # the plan's delta or epsilon rules that size out
+        except (ValueError, ArithmeticError) as exc:  # the plan's delta or epsilon rule it out
             return f"no site of {patients} rows fits the plan: {exc}"
         if claim.noise_multiplier > sigma * (1 + _SIGMA_TOLERANCE):
             return (

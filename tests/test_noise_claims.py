@@ -148,6 +148,9 @@ def test_what_an_honest_site_announces_is_in_plan(patients: int) -> None:
         ({"steps": 50}, "steps a round"),
         ({"sample_rate": 0.3}, "not 1 / (steps per epoch)"),
         ({"expected_batch_size": 7.3}, "whole number"),
+        ({"steps": 3}, "steps a round"),  # fewer steps than the plan gives that size
+        ({"sample_rate": 1e-300}, "no site has more"),  # no accountant call for 1e300 rows
+        ({"expected_batch_size": 1e9}, "no site has more"),
     ],
 )
 def test_claims_outside_the_plan_are_refused_with_the_reason(
