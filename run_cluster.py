@@ -261,6 +261,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dp.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--dp-delta", type=float, help="default: min(1e-5, 1/(10 n_train)) per hospital")
     p.add_argument(
+        "--min-site-patients",
+        type=int,
+        help="[privacy] min_site_patients, the smallest site the plan admits, which caps the "
+        "DP noise a node may announce (default: the smallest honest hospital's training rows; "
+        "0: none, so no node is measured with more noise than its own)",
+    )
+    p.add_argument(
         "--baselines",
         action=argparse.BooleanOptionalAction,
         help="also train local-only and pooled references, with DP at the same ε when DP is "
@@ -321,6 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="attack parameter, repeatable, e.g. --attack-param epsilon=100",
+    )
+    adv.add_argument(
+        "--attack-noise-claim",
+        choices=["loudest", "own"],
+        default="loudest",
+        help="the DP noise the attackers announce: the most the plan accepts, or their own",
     )
     args = p.parse_args(argv)
     if args.hosts_per_process < 1:
@@ -444,6 +457,11 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
 
     counts = hospital_counts(args)
     honest_names = list(counts)
+    # The consortium knows its sites: the plan admits none smaller than its smallest, which
+    # caps the DP noise any node may announce (node/noise_plan.py).
+    # 0: the plan sets none (no neighbour is measured with more noise than a node's own).
+    wanted = getattr(args, "min_site_patients", None)
+    min_site = None if wanted == 0 else (wanted or min(counts.values()))
     attackers = [f"byzantine_{i}" for i in range(args.byzantine)]
     names = honest_names + attackers
     # An attacker trains on a copy of an honest hospital's split (below), and the study
@@ -542,6 +560,7 @@ def write_network(args: argparse.Namespace, run_dir: Path) -> tuple[list[NodePro
                     "enabled": True,
                     "epsilon": args.dp_epsilon,
                     **({"delta": args.dp_delta} if args.dp_delta else {}),
+                    **({"min_site_patients": min_site} if min_site is not None else {}),
                 }
             ),
             "aggregation": {"rule": rule, "f": f, **weighting_section(args, counts)},
@@ -639,6 +658,11 @@ def adversary_section(
         "colluders": [a for a in attackers if a != names[i]],
         "seed": args.seed + index[names[i]],
         "byzantine_neighbours": byzantine_neighbours,
+        **(
+            {"noise_claim": args.attack_noise_claim}
+            if getattr(args, "attack_noise_claim", "loudest") != "loudest"
+            else {}
+        ),
     }
 
 

@@ -37,7 +37,11 @@ is the default rule with the own-model limit off (``--max-relative-distance inf`
 default before issue 19 item 2. ``--ring`` adds the Byzantine-heavy ring (issue 19 item 3:
 bench/topologies/byzantine_heavy_ring.edges, 5 honest + 11 Byzantine, IPM, ALIE z = 10,
 dissensus 1.5) without DP and with ``--dp-epsilon``; ``--adaptive`` adds the adaptive sweeps
-(item 5). Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
+(item 5), among them colluders that announce their own DP noise instead of the loudest claim
+the plan accepts (``sign_flip/own-claim``, ``alie/own-claim``). ``--ring-attack`` and
+``--ring-dp-only`` narrow the ring; ``--rule clipping/own-noise`` (not in the full matrix) is the
+default rule with no smallest site in the plan (``--min-site-patients 0``), so no sender's
+announced noise widens its yardstick. Headline keys beyond the worst gaps: ``adaptive_worst_gap``,
 ``honest_excluded_clean_dp`` (honest models muted or quarantined in the default rule's clean
 DP runs) and ``ring_11_of_16_min_ratio`` (attacked over clean honest mean AUC, the lowest).
 
@@ -118,11 +122,15 @@ class Setting:
 class Attack:
     name: str
     params: tuple[tuple[str, float], ...] = ()
+    # the DP noise the attackers announce (run_cluster --attack-noise-claim): the most the
+    # plan accepts, or their own training's (an attacker that avoids the stricter twin check)
+    noise_claim: str = "loudest"
 
     @property
     def label(self) -> str:
         shown = ",".join(f"{k}={v:g}" for k, v in self.params)
-        return f"{self.name}({shown})" if shown else self.name
+        base = f"{self.name}({shown})" if shown else self.name
+        return base if self.noise_claim == "loudest" else f"{base}/{self.noise_claim}-claim"
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ class Rule:
     # False: no own-model yardstick (``--max-relative-distance inf``), which was the default
     # under DP before the DP-aware limit (issue 19 item 2); the row it is compared with.
     own_limit: bool = True
+    # False: the plan sets no smallest site (``--min-site-patients 0``), so every neighbour is
+    # measured with at most this node's own DP noise, as before senders announced theirs
+    sender_noise: bool = True
 
     @property
     def label(self) -> str:
@@ -139,6 +150,8 @@ class Rule:
             return "mean"
         if not self.own_limit:
             return f"{self.name}/noise-blind"
+        if not self.sender_noise:
+            return f"{self.name}/own-noise"
         return self.name if self.trust else f"{self.name}/no-trust"
 
 
@@ -164,6 +177,9 @@ ADAPTIVE_ATTACKS = (
     *(Attack("sign_flip", (("scale", x),)) for x in (0.1, 0.2, 0.3, 0.5, 1.0)),
     *(Attack("ipm", (("epsilon", x),)) for x in (0.1, 0.3, 0.5, 1.0)),
     Attack("radius", (("fraction", 0.99),)),
+    # under DP: colluders announcing their own noise, not the loudest the plan accepts
+    Attack("sign_flip", noise_claim="own"),
+    Attack("alie", noise_claim="own"),
 )
 RULES = (
     Rule("mean", trust=False),
@@ -176,6 +192,9 @@ RULES = (
     Rule("clipping", trust=False),
     Rule("clipping", own_limit=False),
 )
+# Chosen with --rule only (not in the full matrix): the default rule where the plan sets no
+# smallest site, so a sender's announced DP noise never widens its yardstick (before/after).
+EXTRA_RULES = (Rule("clipping", sender_noise=False),)
 
 
 # ClippedGossip's Byzantine-heavy ring (issue 19 item 3): 5 honest nodes in a ring, each with
@@ -283,10 +302,14 @@ def cluster_options(
         out["no_trust"] = True
     if not rule.own_limit:
         out["max_relative_distance"] = "inf"
+    if not rule.sender_noise and options.dp_epsilon is not None:
+        out["min_site_patients"] = 0
     if not clean and attack is not None:
         out.update(byzantine=setting.byzantine, attack=attack.name)
         if attack.params:
             out["attack_param"] = [f"{k}={v:g}" for k, v in attack.params]
+        if attack.noise_claim != "loudest":
+            out["attack_noise_claim"] = attack.noise_claim
     return out
 
 
@@ -723,6 +746,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also run the Byzantine-heavy ring (11 of 16), without DP and with --dp-epsilon",
     )
     parser.add_argument(
+        "--ring-attack", action="append", help="only this ring attack label (repeatable)"
+    )
+    parser.add_argument(
+        "--ring-dp-only", action="store_true", help="the ring with --dp-epsilon only, not without"
+    )
+    parser.add_argument(
         "--ring-dataset",
         default="breast-cancer",
         choices=["breast-cancer", "medmnist"],
@@ -744,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
         settings, attacks, rules = quick_matrix()
     else:
         settings, attacks, rules = full_settings(), ATTACKS, RULES
-    rules = _only(parser, "--rule", rules, args.rule)
+    rules = _only(parser, "--rule", (*rules, *EXTRA_RULES), args.rule) if args.rule else rules
     if args.adaptive:
         attacks = (*attacks, *(a for a in ADAPTIVE_ATTACKS if a not in attacks))
     attacks = _only(parser, "--attack", attacks, args.attack)
@@ -759,11 +788,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.ring:
         ring = [ring_setting(args.ring_dataset)]
         ring_rules = tuple(r for r in rules if r.name == DEFAULT_RULE) or (Rule(DEFAULT_RULE),)
-        for dp in (None, options.dp_epsilon or 1.0):
+        ring_attacks = _only(parser, "--ring-attack", RING_ATTACKS, args.ring_attack)
+        modes = (None, options.dp_epsilon or 1.0)
+        for dp in modes[1:] if args.ring_dp_only else modes:
             at = Options(options.rounds, options.lr, options.alpha, options.seed, 1, dp)
             if dp is not None:
                 at.seeds = seeds
-            rings.append(Matrix(ring, RING_ATTACKS, ring_rules, at))
+            rings.append(Matrix(ring, ring_attacks, ring_rules, at))
             rings[-1].run(args.jobs, args.engine, args.cache)
     seconds = time.monotonic() - started
 

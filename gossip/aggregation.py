@@ -283,8 +283,8 @@ def screen_inputs(
     *,
     spread: float = 1.5,
     floor: float = 0.0,
-    own_limit: float = math.inf,
-    twin_distance: float = 0.0,
+    own_limit: float | np.ndarray = math.inf,
+    twin_distance: float | np.ndarray = 0.0,
 ) -> Screening:
     """The node's heuristic screening before the rule, which never lowers the rule's f.
 
@@ -299,6 +299,10 @@ def screen_inputs(
     another input (:func:`twins`): each honest DP model carries its own round of independent
     noise, so two honest models are never that close, while colluders sending one crafted
     model (ALIE, IPM, sign flip, dissensus to one recipient) are identical. Pure.
+
+    Per sender (issue 19, announced DP noise): ``own_limit`` may be one limit per received
+    model ``(k,)`` and ``twin_distance`` one noise-scaled distance per input ``(k + 1,)``, own
+    first (see :func:`twins`).
     """
     bound = bound_far_inputs(own, received, f, spread=spread, floor=floor)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -310,20 +314,47 @@ def screen_inputs(
     )
 
 
-def twins(own: np.ndarray, received: np.ndarray, min_distance: float) -> np.ndarray:
+def twins(own: np.ndarray, received: np.ndarray, min_distance: float | np.ndarray) -> np.ndarray:
     """Boolean mask ``(k,)``: received models closer than ``min_distance`` to another input
     (own or received). Under DP two honest models differ by about sqrt(2) times one round's
     noise length (:func:`dp_noise_norm`) whatever their data, and the chi distribution keeps
     them from coming much closer once the model has a few hundred parameters; a fraction of
-    that is a distance no two honest DP outputs come within. ``min_distance`` 0: none."""
+    that is a distance no two honest DP outputs come within. ``min_distance`` 0: none.
+
+    Per input: ``min_distance`` of shape ``(k + 1,)`` (own first) is each input's own
+    noise-scaled distance t_i, and inputs i and j are twins when closer than
+    sqrt((t_i^2 + t_j^2) / 2): two honest models with noise lengths a and b differ by about
+    sqrt(a^2 + b^2), so two large sites (little noise each) are not taken for twins by a
+    small site that measures them with its own, larger noise."""
     own, received = _as_vector_and_rows(own, received, "own")
-    k = received.shape[0]
-    if k == 0 or not min_distance > 0:
-        return np.zeros(k, dtype=bool)
+    if received.shape[0] == 0 or not np.any(np.asarray(min_distance) > 0):
+        return twins_from(np.zeros((received.shape[0] + 1,) * 2), min_distance)
     with np.errstate(over="ignore", invalid="ignore"):
         squared = np.nan_to_num(pairwise_squared_distances(own, received), nan=np.inf)
+    return twins_from(squared, min_distance)
+
+
+def twins_from(squared: np.ndarray, min_distance: float | np.ndarray) -> np.ndarray:
+    """:func:`twins` from the squared distances ``(k + 1, k + 1)`` between
+    ``[own, *received]`` (gossip/blocks.py sums them block by block)."""
+    n = squared.shape[0]
+    thresholds = np.asarray(min_distance, dtype=np.float64)
+    if thresholds.ndim == 0:
+        if not float(thresholds) > 0:
+            return np.zeros(n - 1, dtype=bool)
+        limit: float | np.ndarray = float(thresholds) ** 2
+    else:
+        if thresholds.shape != (n,):
+            raise ValueError(
+                f"twin distances must be one number or one per input ({n},), "
+                f"got shape {thresholds.shape}"
+            )
+        if not (thresholds > 0).any():
+            return np.zeros(n - 1, dtype=bool)
+        limit = (thresholds[:, None] ** 2 + thresholds[None, :] ** 2) / 2
+    squared = np.array(squared, dtype=np.float64)
     np.fill_diagonal(squared, np.inf)
-    return (squared[1:] < float(min_distance) ** 2).any(axis=1)
+    return (squared < limit)[1:].any(axis=1)
 
 
 def mute(weights: np.ndarray, muted: np.ndarray) -> np.ndarray:

@@ -54,6 +54,7 @@ from murmur.gossip.abuse import (
     oversize_message,
 )
 from murmur.gossip.aggregation import SCREENING_SPREAD, coordinate_median, distances_to
+from murmur.gossip.noise_claims import NoiseClaim
 from murmur.gossip.receipts import AuditHead, no_audit_head
 from murmur.gossip.wire import (
     ModelUpdate,
@@ -415,6 +416,9 @@ class Adversary:
     is the manifest hash of the study the network runs (None: no study): an attacker is a
     member and knows it, so its envelopes carry it like honest ones; without it every
     envelope would be refused as ``unknown_study`` and never reach robust aggregation.
+    ``noise`` is the DP noise claim its crafted models announce (gossip/noise_claims.py): the
+    adversary mode announces the loudest one the plan accepts (node/byzantine.py), which
+    widens the distance at which honest nodes mute its models as far as any claim can.
     """
 
     def __init__(
@@ -430,9 +434,11 @@ class Adversary:
         initial: ModelState,
         max_message_bytes: int,
         study: bytes | None = None,
+        noise: NoiseClaim | None = None,
     ) -> None:
         self.name = name
         self.study = study
+        self.noise = noise
         self.params = attack_params(name, params)
         self.identity = identity
         self.peers = list(peers)
@@ -537,7 +543,9 @@ class Adversary:
         out = []
         for key, peers in groups.items():
             state = unflatten(vectors[key], template)
-            update = ModelUpdate(state, metrics={}, receipts=receipts, proofs=proofs)
+            update = ModelUpdate(
+                state, metrics={}, receipts=receipts, proofs=proofs, noise=self.noise
+            )
             data = build_envelope(
                 update,
                 self.identity,

@@ -260,8 +260,8 @@ def screen_inputs(
     *,
     spread: float = 1.5,
     floor: float = 0.0,
-    own_limit: float = math.inf,
-    twin_distance: float = 0.0,
+    own_limit: float | np.ndarray = math.inf,
+    twin_distance: float | np.ndarray = 0.0,
 ) -> Screening:
     """``aggregation.screen_inputs`` (which see: the rule keeps its f; far models pulled in
     to the screening radius around the coordinate-wise median, muted when also far from our
@@ -287,11 +287,10 @@ def screen_inputs(
     for i in np.flatnonzero(pulled):
         scales[i] = radius / far[i] if np.isfinite(far[i]) else 0.0
     close = np.zeros(k, dtype=bool)
-    if twin_distance > 0:
+    if np.any(np.asarray(twin_distance) > 0):
         with np.errstate(over="ignore", invalid="ignore"):
             squared = np.nan_to_num(pairwise_squared(own, rows), nan=np.inf)
-        np.fill_diagonal(squared, np.inf)
-        close = (squared[1:] < float(twin_distance) ** 2).any(axis=1)
+        close = agg.twins_from(squared, twin_distance)
     muted = (pulled & (to_own > own_limit)) | close
     return Screening(
         rows.pulled_in(centre, scales), int(f), centre, radius, far, pulled, muted, close

@@ -46,6 +46,7 @@ Pure: no I/O, no clock. The state is plain data for the node's checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -182,6 +183,30 @@ def own_distance_limit(settings: TrustSettings, own_norm: float, noise_norm: flo
     if not (math.isfinite(noise_norm) and noise_norm > 0):
         return math.inf
     return max(DEFAULT_MAX_RELATIVE_DISTANCE * own_norm, DP_OWN_NOISE_MARGIN * noise_norm)
+
+
+def own_distance_limits(
+    settings: TrustSettings,
+    own_norm: float,
+    own_noise: float | None,
+    peer_noise: Sequence[float | None],
+) -> np.ndarray:
+    """:func:`own_distance_limit` for each received model, from the noise that sender's
+    honest model carries (``peer_noise``: its announced and checked noise length,
+    node/noise_plan.py; None: unknown, our own noise stands in).
+
+    Two honest models with independent DP noise of lengths a and b differ by about
+    sqrt(a^2 + b^2) plus their data's drift; the margin was measured for a = b, where that is
+    sqrt(2) a, so a pair is measured with the noise length sqrt((a^2 + b^2) / 2), which is a
+    itself for a neighbour as noisy as we are. A tiny site's honest model (a few times our
+    noise) is no longer muted as too far; a large site's (less noise) is held closer."""
+    limits = []
+    for noise in peer_noise:
+        pair = own_noise
+        if own_noise is not None and noise is not None and math.isfinite(noise) and noise > 0:
+            pair = math.sqrt((own_noise**2 + noise**2) / 2)
+        limits.append(own_distance_limit(settings, own_norm, pair))
+    return np.array(limits, dtype=np.float64)
 
 
 def goodness(ratio: float, settings: TrustSettings) -> float:

@@ -27,13 +27,14 @@ from murmur.gossip.trust import (
     DP_CENTRE_NOISE_FLOOR,
     DP_TWIN_FRACTION,
     TrustTracker,
-    own_distance_limit,
+    own_distance_limits,
 )
 from murmur.models.params import flatten, state_sha256, unflatten
 from murmur.node.audit import AuditLog
 from murmur.node.config import NodeConfig
 from murmur.node.metrics import NodeMetrics
 from murmur.node.mixing import PATIENTS, patient_weights, uncounted
+from murmur.node.noise_plan import NoisePlan
 from murmur.node.receiver import ReceivedUpdate
 from murmur.node.state import NodeState
 
@@ -72,6 +73,8 @@ class RoundAggregator:
         on_trust_change: Callable[[], None],
         outer_step: Callable[[State, np.ndarray, dict[str, Any]], np.ndarray] | None = None,
         noise_norm: Callable[[], float | None] | None = None,
+        noise_plan: NoisePlan | None = None,
+        noise_parameters: int | None = None,
     ) -> None:
         self._config = config
         self._trust = trust
@@ -87,6 +90,9 @@ class RoundAggregator:
         self._outer_step = outer_step
         # the expected length of this round's DP noise on our model (node/study.py), or None
         self._noise_norm = noise_norm
+        # each sender's yardstick from its announced, checked DP noise (node/noise_plan.py)
+        self._noise_plan = noise_plan
+        self._noise_parameters = noise_parameters  # the d DP noise is added to
         self.ignored: frozenset[str] = frozenset()
 
     def set_degrees(self, degrees: dict[str, int]) -> None:
@@ -212,19 +218,27 @@ class RoundAggregator:
     ) -> tuple[ModelRows, np.ndarray, list[dict[str, Any]]]:
         """Pull models far from the robust centre in to the screening radius, and mute those
         also far from our own model (gossip/aggregation.py ``screen_inputs``); the rule keeps
-        its f. Under DP both radii allow for the DP noise our own ledger says honest models
-        carry. Returns the rows, the muted mask and an audit entry per model pulled in."""
+        its f. Under DP the screening radius allows for the DP noise our own ledger says honest
+        models carry, and the mute and twin checks for the noise each sender announced
+        (node/noise_plan.py ``yardstick``). Returns the rows, the muted mask and an audit
+        entry per model pulled in."""
         noise = self._noise_norm() if self._noise_norm is not None else None
+        peer_noise = self._peer_noise(names, received, noise, self._noise_parameters or own.size)
         with np.errstate(over="ignore", invalid="ignore"):
             own_norm = float(np.linalg.norm(own))
+            twin = (
+                DP_TWIN_FRACTION * np.array([noise, *peer_noise], dtype=np.float64)
+                if noise
+                else 0.0
+            )
             screening = blocks.screen_inputs(
                 own,
                 rows,
                 f,
                 spread=SCREENING_SPREAD,
                 floor=DP_CENTRE_NOISE_FLOOR * noise if noise else 0.0,
-                own_limit=own_distance_limit(self._trust.settings, own_norm, noise),
-                twin_distance=DP_TWIN_FRACTION * noise if noise else 0.0,
+                own_limit=own_distance_limits(self._trust.settings, own_norm, noise, peer_noise),
+                twin_distance=twin,
             )
         pulled = []
         for i in np.flatnonzero(screening.pulled | screening.muted):
@@ -243,6 +257,22 @@ class RoundAggregator:
                 }
             )
         return screening.rows, screening.muted, pulled
+
+    def _peer_noise(
+        self,
+        names: list[str],
+        received: dict[str, ReceivedUpdate],
+        own_noise: float | None,
+        parameters: int,
+    ) -> list[float | None]:
+        """The DP noise length to expect on each sender's honest model: from the noise it
+        announced (checked against the plan on arrival, node/receiver.py), else our own."""
+        plan = self._noise_plan
+        if plan is None or own_noise is None:
+            return [own_noise] * len(names)
+        return [
+            plan.yardstick(received[n].envelope.update.noise, own_noise, parameters) for n in names
+        ]
 
     def _keep_own(
         self,

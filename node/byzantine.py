@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from murmur.gossip.attacks import Adversary, attack_rng, flip_labels
+from murmur.gossip.noise_claims import NoiseClaim
 from murmur.gossip.receipts import AuditHead
 from murmur.gossip.rounds import RoundInbox
 from murmur.gossip.transport import PeerTransport
@@ -133,6 +134,7 @@ def arm(node: HospitalNode) -> Adversary:
         initial=node.study.initial_state,
         max_message_bytes=node.limits.max_message_bytes,
         study=node.gate.wire_id,  # a member knows the study it attacks
+        noise=_noise_claim(node),
     )
     node.rounds.sharing = AttackSharing(
         adversary,
@@ -150,6 +152,16 @@ def arm(node: HospitalNode) -> Adversary:
     node.state.adversary = adversary.status()
     node.on_start.append(lambda: announce(node, adversary))
     return adversary
+
+
+def _noise_claim(node: HospitalNode) -> NoiseClaim | None:
+    """The DP noise its crafted models announce: the most the plan accepts (the smallest
+    site's, where the noise peaks), or its own training's (`[adversary] noise_claim`)."""
+    if node.config.adversary.noise_claim == "loudest":
+        loudest = node.noise_plan.loudest_claim(node.study.trainable_parameters())
+        if loudest is not None:
+            return loudest
+    return node.study.noise_claim()
 
 
 def announce(node: HospitalNode, adversary: Adversary) -> None:

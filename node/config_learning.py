@@ -250,10 +250,21 @@ class PrivacySection:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "pld"
+    # The smallest training set a site of the study may have: bounds the DP noise a
+    # neighbour may announce (node/noise_plan.py). None: a neighbour is never measured with
+    # more noise than this node's own.
+    min_site_patients: int | None = None
 
     def validate(self) -> None:
         if not self.enabled:
             return
+        if self.min_site_patients is not None:
+            require(
+                self.min_site_patients >= 1,
+                "privacy.min_site_patients",
+                "must be >= 1 (training rows)",
+                "min_site_patients = 50 (the smallest site of the study), or omit it",
+            )
         require(
             self.epsilon > 0, "privacy.epsilon", "must be > 0", "epsilon = 1.0 (or enabled = false)"
         )
@@ -465,6 +476,10 @@ class AdversarySection:
     # What it does in the consensus phase (gossip/consensus_attacks.py); it may train
     # honestly (attack = "") and attack only there.
     consensus_attack: str = ""
+    # The DP noise its crafted models announce (node/noise_plan.py): "loudest", the most the
+    # plan accepts (widest own-model limit, strictest twin check), or "own", its own
+    # training's claim.
+    noise_claim: str = "loudest"
 
     @property
     def enabled(self) -> bool:
@@ -480,6 +495,12 @@ class AdversarySection:
                 f"unknown consensus attack {self.consensus_attack!r}",
                 f"use one of {', '.join(CONSENSUS_ATTACKS)}, or remove it",
             )
+        require(
+            self.noise_claim in ("loudest", "own"),
+            "adversary.noise_claim",
+            f"unknown noise claim {self.noise_claim!r}",
+            'use "loudest" or "own"',
+        )
         if not self.enabled:
             return
         from murmur.gossip.attacks import ATTACKS, attack_params

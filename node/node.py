@@ -51,6 +51,7 @@ from murmur.node.evidence import EvidenceBook
 from murmur.node.governance import peers_of
 from murmur.node.metrics import NodeMetrics
 from murmur.node.neighbours import NeighbourWatch
+from murmur.node.noise_plan import NoisePlan
 from murmur.node.persistence import SIGNED_ROUND_FILE, NodeStore
 from murmur.node.receiver import ReceivedUpdate, Receiver
 from murmur.node.records import load_saved_records
@@ -226,6 +227,8 @@ class HospitalNode:
             study=self.gate.wire_id,
             spool=node_spool(self.study.spec, self.state_dir),
         )
+        # what DP noise a neighbour may announce, and its yardstick (node/noise_plan.py)
+        self.noise_plan = NoisePlan.from_config(config)
         self.receiver = Receiver(
             identity=self.identity,
             allowlist=self.allowlist,
@@ -235,6 +238,7 @@ class HospitalNode:
             evidence=self.evidence,
             timestamp_window_s=config.gossip.timestamp_window_s,
             on_spoke=self.neighbours.spoke,
+            noise_plan=self.noise_plan,
             **parts,
         )
         self.sample = _peer_sample(config)
@@ -253,6 +257,8 @@ class HospitalNode:
             on_trust_change=self._refresh_trust_status,
             outer_step=self.study.outer_step,
             noise_norm=self.study.dp_noise_norm,
+            noise_plan=self.noise_plan,
+            noise_parameters=self.study.trainable_parameters(),
             **parts,
         )
         self.sender = Sender(record_contact=self.neighbours.record_contact, **parts)
@@ -265,6 +271,7 @@ class HospitalNode:
             study=self.gate.wire_id,
             sample=self.sample,
             compression=config.compression.settings(),
+            noise_claim=self.study.noise_claim,
         )
         self.rounds = RoundCoordinator(
             config,

@@ -30,6 +30,8 @@ from murmur.models.params import state_sha256
 from murmur.node.audit import AuditLog
 from murmur.node.evidence import EvidenceBook
 from murmur.node.metrics import NodeMetrics
+from murmur.node.noise_plan import REASON as NOISE_REASON
+from murmur.node.noise_plan import NoisePlan
 from murmur.node.rejections import RateLimitedLog, RejectionTally, printable
 from murmur.node.rollback import RollbackGuard
 from murmur.node.state import NodeState
@@ -66,8 +68,11 @@ class Receiver:
         state: NodeState,
         timestamp_window_s: float,
         on_spoke: Callable[[str, int], None],
+        noise_plan: NoisePlan | None = None,
     ) -> None:
         self._identity = identity
+        # what DP noise a sender may announce (node/noise_plan.py); None: not checked
+        self._noise_plan = noise_plan
         self._allowlist = allowlist
         self.opener = opener
         self._inbox = inbox
@@ -128,6 +133,9 @@ class Receiver:
                 "rollback", refused, sender=name, round_=opened.round, receipt=opened.receipt
             )
             return 409, "rollback", refused
+        out_of_plan = await self._check_noise(opened)
+        if out_of_plan is not None:
+            return out_of_plan
         received = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         verdict = self._file(name, opened, received)
         if verdict is not InboxVerdict.ACCEPTED:
@@ -151,6 +159,24 @@ class Receiver:
         )
         self._metrics.received.inc()
         return 202, "accepted", ""
+
+    async def _check_noise(self, opened: OpenedEnvelope) -> tuple[int, str, str] | None:
+        """Refuse (``dp_out_of_plan``, 422) an update whose announced DP noise no honest site
+        of the study could have (node/noise_plan.py): a larger claim would widen the distance
+        at which its model is muted. The first claim of a site size costs one accountant
+        calibration, so it runs in a worker thread."""
+        claim = opened.update.noise
+        if self._noise_plan is None or claim is None:
+            return None
+        why = await asyncio.to_thread(self._noise_plan.check, claim)
+        if why is None:
+            return None
+        name = opened.sender.name
+        detail = f"round {opened.round} from {name} announces DP noise outside the plan: {why}"
+        self.record_rejection(
+            NOISE_REASON, detail, sender=name, round_=opened.round, receipt=opened.receipt
+        )
+        return 422, NOISE_REASON, detail
 
     def _file(self, name: str, opened: OpenedEnvelope, received: ReceivedUpdate) -> InboxVerdict:
         """Offer an authentic envelope to the round inbox, note that its sender is alive, and

@@ -19,6 +19,7 @@ import numpy as np
 from murmur.crypto.allowlist import Peer
 from murmur.crypto.identity import Identity
 from murmur.gossip.compression import CompressionSettings, DeltaEncoder
+from murmur.gossip.noise_claims import NoiseClaim
 from murmur.gossip.probe import Contact
 from murmur.gossip.receipts import AuditHead
 from murmur.gossip.sampling import PeerSample
@@ -115,8 +116,11 @@ class HonestSharing:
         study: bytes | None = None,
         sample: PeerSample | None = None,
         compression: CompressionSettings | None = None,
+        noise_claim: Callable[[], NoiseClaim | None] | None = None,
     ) -> None:
         self._identity = identity
+        # this round's DP noise parameters (node/study.py), announced in every envelope
+        self._noise_claim = noise_claim
         self._study = study  # the manifest hash every envelope names (node/studies/)
         self._peers = peers
         self._sample = sample  # set: round r goes to the s peers sampled for r only
@@ -135,15 +139,18 @@ class HonestSharing:
             targets = set(self._sample.targets(r))
             peers = [p for p in self._peers if p.name in targets]
         keys = [p.public_key for p in peers]
+        noise = self._noise_claim() if self._noise_claim is not None else None
         if self.encoder is None:
-            update = ModelUpdate(own_state, metrics={}, receipts=receipts, proofs=proofs)
+            update = ModelUpdate(
+                own_state, metrics={}, receipts=receipts, proofs=proofs, noise=noise
+            )
             envelope = build_envelope(
                 update, self._identity, keys, r, head=self._own_head(), study=self._study
             )
             await self._sender.send(r, transport, peers, envelope, own_sha)
             return
         message, held = self.encoder.encode(own_state)
-        update = ModelUpdate({}, metrics={}, receipts=receipts, proofs=proofs)
+        update = ModelUpdate({}, metrics={}, receipts=receipts, proofs=proofs, noise=noise)
         envelope = build_envelope(
             update,
             self._identity,

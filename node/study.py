@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from murmur.gossip.aggregation import dp_noise_norm
+from murmur.gossip.noise_claims import NoiseClaim
 from murmur.models.data import HospitalSplit, load_dataset, resolved_data_path
 from murmur.models.nets import build_model
 from murmur.models.optimizers import ServerOptimizer
@@ -146,7 +147,28 @@ class Study:
             trainer.expected_batch_size(),
             learning_rate_at(settings, max(trainer.rounds_trained - 1, 0)),
             trainer.steps_per_round(),
-            sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            self.trainable_parameters(),
+        )
+
+    def trainable_parameters(self) -> int:
+        """The parameters DP-SGD adds noise to (the d of ``dp_noise_norm``)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def noise_claim(self) -> NoiseClaim | None:
+        """The DP noise parameters of the round just trained, announced with its model
+        (gossip/noise_claims.py) so that neighbours measure it against its own noise; None
+        exactly when ``dp_noise_norm`` is (no DP, or an optimizer that rescales the noise)."""
+        ledger, trainer = self.ledger, self.trainer
+        settings = trainer.settings
+        if ledger is None or settings.optimizer != "sgd" or settings.momentum != 0:
+            return None
+        return NoiseClaim(
+            noise_multiplier=float(ledger.noise_multiplier),
+            max_grad_norm=float(ledger.max_grad_norm),
+            sample_rate=float(trainer.sample_rate()),
+            expected_batch_size=float(trainer.expected_batch_size()),
+            steps=int(trainer.steps_per_round()),
+            learning_rate=float(learning_rate_at(settings, max(trainer.rounds_trained - 1, 0))),
         )
 
     def _use_ledger(self, ledger: PrivacyLedger) -> None:

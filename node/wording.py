@@ -42,6 +42,7 @@ REASON_MEANINGS: dict[str, str] = {
     "stale_model": "asynchronous gossip: the model was more than max_staleness of this "
     "node's steps old when it was taken",
     "rollback": "the sender's signed audit head went backwards (its log was rolled back)",
+    "dp_out_of_plan": "it announced DP noise parameters no site of this study's plan could have",
     "unsupported_encoding": "compressed bodies are not accepted",
     "unsupported_expect": "an unsupported Expect header",
     "body_timeout": "its body did not arrive in time",

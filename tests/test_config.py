@@ -47,6 +47,8 @@ def test_unknown_section_is_refused() -> None:
         ("privacy", {"epsilon": -1.0}, r"privacy.epsilon must be > 0"),
         ("privacy", {"delta": 2.0}, r"privacy.delta must be in \(0, 1\)"),
         ("privacy", {"accountant": "moments"}, r"privacy.accountant unknown accountant"),
+        ("privacy", {"min_site_patients": 0}, r"privacy.min_site_patients must be >= 1.*fix:"),
+        ("adversary", {"noise_claim": "huge"}, r"adversary.noise_claim unknown noise claim"),
         ("aggregation", {"rule": "average"}, r"aggregation.rule unknown rule 'average'"),
         ("node", {"listen": "localhost"}, r"node.listen .* must be HOST:PORT"),
         ("data", {"dataset": "mnist"}, r"data.dataset unknown dataset 'mnist'"),

@@ -20,6 +20,7 @@ from murmur.crypto.sealing import (
     x25519_public_key,
 )
 from murmur.gossip.compression import FORMS, STATE_ID_BYTES, CompressedTensors
+from murmur.gossip.noise_claims import NOISE_FIELD, NoiseClaim
 from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,
@@ -117,6 +118,10 @@ def _encode_body(
         if type(study) is not bytes or len(study) != STUDY_ID_BYTES:
             raise ValueError(f"study must be the {STUDY_ID_BYTES}-byte manifest hash")
         fields[STUDY_FIELD] = study
+    if update.noise is not None:
+        if not isinstance(update.noise, NoiseClaim):
+            raise TypeError("update.noise must be a gossip.noise_claims.NoiseClaim")
+        fields[NOISE_FIELD] = update.noise.encode()
     header = msgpack.packb(fields)
     return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
 

@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 from murmur.crypto.allowlist import Peer
 from murmur.gossip.compression import CODECS
+from murmur.gossip.noise_claims import NoiseClaim
 from murmur.gossip.receipts import (
     MAX_ROUND,
     AuditHead,
@@ -144,14 +145,17 @@ class ModelUpdate:
 
     ``receipts`` and ``proofs`` ride along so that equivocation is caught (gossip/receipts.py):
     the receipts of the envelopes the sender accepted in its previous round, and equivocation
-    proofs it learned since its last envelope. There is no sample count: no receiver needs
-    one, and it would tell every neighbour the size of the hospital's training set.
+    proofs it learned since its last envelope. There is no sample count field; ``noise``,
+    the sender's DP noise parameters (gossip/noise_claims.py, None without DP), implies its
+    training-set size (B / q), which its neighbours already learn to within a batch from its
+    signed step count (docs/privacy.md).
     """
 
     tensors: dict[str, np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
     receipts: list[Receipt] = field(default_factory=list)
     proofs: list[EquivocationProof] = field(default_factory=list)
+    noise: NoiseClaim | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from murmur.crypto.sealing import (
     TAG_BYTES,
     WRAPPED_KEY_BYTES,
 )
+from murmur.gossip.noise_claims import NOISE_FIELD, NoiseClaim, NoiseClaimError
 from murmur.gossip.receipts import (
     DIGEST_BYTES,
     KEY_BYTES,
@@ -214,6 +215,12 @@ def _parse_body(
     metrics = _parse_metrics(header["metrics"], limits)
     receipts = _parse_list(header["receipts"], "receipts", limits.max_receipts, Receipt.decode)
     proofs = _parse_list(header["proofs"], "proofs", limits.max_proofs, EquivocationProof.decode)
+    noise = None
+    if NOISE_FIELD in header:
+        try:
+            noise = NoiseClaim.decode(header[NOISE_FIELD])
+        except NoiseClaimError as exc:
+            raise _malformed(str(exc)) from None
     tensors = {}
     for name in spec:
         slot = layout[name]
@@ -225,7 +232,9 @@ def _parse_body(
         if not np.isfinite(array).all():
             raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
         tensors[name] = array
-    update = ModelUpdate(tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs)
+    update = ModelUpdate(
+        tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs, noise=noise
+    )
     return update, head, encoding
 
 
@@ -243,11 +252,12 @@ def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict, int]:
         limits,
         max_bin_len=MAX_PROOF_BYTES,
     )
-    optional = {BODY_ENCODING_FIELD, STUDY_FIELD}
+    optional = {BODY_ENCODING_FIELD, STUDY_FIELD, NOISE_FIELD}
     if not isinstance(header, dict) or set(header) - optional != set(BODY_FIELDS):
         raise _malformed(
             f"the body header must be a map with exactly {list(BODY_FIELDS)} "
-            f"(and '{BODY_ENCODING_FIELD}' when compressed, '{STUDY_FIELD}' for a study's update)"
+            f"(and '{BODY_ENCODING_FIELD}' when compressed, '{STUDY_FIELD}' for a study's update, "
+            f"'{NOISE_FIELD}' under DP)"
         )
     return header, data_start
 
