@@ -222,11 +222,47 @@ def _parse_body(
             continue
         dtype, shape, start = slot
         array = np.frombuffer(plaintext, dtype, math.prod(shape), start).reshape(shape)
+        array.flags.writeable = False  # a streamed body is a bytearray
         if not np.isfinite(array).all():
             raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
         tensors[name] = array
     update = ModelUpdate(tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs)
     return update, head, encoding
+
+
+def _check_body_start(
+    prefix: memoryview,
+    body_length: int,
+    spec: dict[str, tuple[tuple[int, ...], str]],
+    limits: WireLimits,
+    study: bytes | None,
+) -> bool:
+    """The checks of ``_parse_body`` that need only the body's header, on the first
+    ``len(prefix)`` bytes of a body of ``body_length`` (a streamed envelope's decrypted
+    chunks so far): False while the header is not all there, True once it passed, else
+    ``WireError`` with ``_parse_body``'s reason. The tensor bytes are checked at the end."""
+    if len(prefix) < _BODY_HEADER_LENGTH.size:
+        return False
+    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(prefix)
+    data_start = _BODY_HEADER_LENGTH.size + header_length
+    if data_start > body_length:
+        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
+    if data_start > len(prefix):
+        return False
+    header, data_start = _body_header(prefix[:data_start], limits)
+    _check_study(header.get(STUDY_FIELD), study)
+    encoding = None
+    if BODY_ENCODING_FIELD in header:
+        encoding = parse_encoding(header[BODY_ENCODING_FIELD], limits)
+    else:
+        check_uncompressed(limits)
+    _, end = _tensor_layout(header["tensors"], spec, limits, encoding, data_start)
+    if end != body_length:
+        raise _malformed(
+            f"the body carries {body_length - data_start} tensor bytes; "
+            f"the shapes in its header need {end - data_start}"
+        )
+    return True
 
 
 def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict, int]:
