@@ -125,8 +125,8 @@ class Receiver:
             opened = self.opener.accept(verified)
         except (WireError, OSError) as err:
             return self._refused(err, source, sender)
-        # The message is never held whole here, so `accepted_listeners` (an adversary's
-        # replay store, node/byzantine.py) do not hear of it.
+        # The message is never held whole here, so `accepted_listeners` (which take the
+        # envelope's bytes) do not hear of it.
         return self._deliver(opened, None)
 
     def _refused(
