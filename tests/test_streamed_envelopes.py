@@ -359,3 +359,33 @@ async def test_a_tampered_chunk_is_refused_over_http(tmp_path: Path) -> None:
             # The real one, sent next, is taken: the tampered copy was not held against it.
             result = await transport.send(target, data)
         assert (result.status, result.reason) == (202, "accepted"), result
+
+
+async def test_a_large_whole_envelope_and_a_body_not_signed_for_over_http(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as (node, api):
+        peer = peer_identity(tmp_path)
+        me = node.identity.public_key
+        target = Peer("hospital_0", api.peer.address, node.identity.public_key)
+        # A whole envelope over 1 MiB (a node from before streams) goes the streamed
+        # listener path and is taken.
+        whole = build_envelope(ModelUpdate(big_state(node)), peer, [me], 1, stream_above=None)
+        assert not is_streamed(whole) and len(whole) > 1_500_000
+        # A streamed body whose request header signed other bytes: `body_mismatch`, found
+        # before its last piece is handed to the opener, so nothing of it is accepted.
+        data = build_envelope(ModelUpdate(big_state(node, 1.0)), peer, [me], 2)
+        signed_for = data[:-1] + bytes([data[-1] ^ 1])
+        async with PeerTransport(identity=peer, send_timeout_s=20) as transport:
+            result = await transport.send(target, whole)
+            assert (result.status, result.reason) == (202, "accepted"), result
+            headers = transport.headers(
+                target, "/gossip", signed_for, "application/x-murmur-envelope"
+            )
+            async with transport.session.post(
+                api.peer.address + "/gossip", data=data, headers=headers
+            ) as response:
+                assert response.status == 400
+                assert (await response.json()) == {"reason": "body_mismatch"}
+        assert node.rejected["body_mismatch"] == 1
+        assert "bad_signature" not in node.rejected

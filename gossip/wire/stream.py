@@ -516,12 +516,14 @@ class StreamOpening:
         if self.consumed + len(view) > self.length:
             raise _malformed(f"more than the {self.length} bytes announced")
         self.consumed += len(view)
+        # A bytes piece that is exactly one unit is used as it is, not copied.
+        whole_piece = type(data) is bytes
         if self._whole is not None:
-            self._whole.append(bytes(view))
+            self._whole.append(data if whole_piece else bytes(view))
             return
         if self.header is None:
             if not self._buffer and view and view[0] != STREAM_MARK:
-                self._whole = [bytes(view)]
+                self._whole = [data if whole_piece else bytes(view)]
                 return
             view = self._feed_header(view)
             if self.header is None:
@@ -534,7 +536,8 @@ class StreamOpening:
                 )
             need = self.header.chunk_wire_bytes(self._index) - len(self._buffer)
             if not self._buffer and len(view) >= need:
-                self._take_chunk(view[:need])
+                untouched = whole_piece and len(view) == need == len(data)
+                self._take_chunk(data if untouched else view[:need])
                 view = view[need:]
                 continue
             piece = view[:need]
@@ -542,7 +545,7 @@ class StreamOpening:
             view = view[len(piece) :]
             if len(self._buffer) == self.header.chunk_wire_bytes(self._index):
                 chunk, self._buffer = self._buffer, bytearray()
-                self._take_chunk(memoryview(chunk))
+                self._take_chunk(bytes(chunk))
 
     def _feed_header(self, view: memoryview) -> memoryview:
         """Add bytes to the header; once it is complete, run every header check and return
@@ -591,7 +594,7 @@ class StreamOpening:
         self._associated = header.associated_data()
         self._plain = bytearray(header.body_length)
 
-    def _take_chunk(self, ciphertext: memoryview) -> None:
+    def _take_chunk(self, ciphertext: bytes | memoryview) -> None:
         """Check chunk ``_index`` against its signed digest, decrypt it into the body."""
         header, index = self.header, self._index
         assert header is not None and self._plain is not None
@@ -604,7 +607,7 @@ class StreamOpening:
             )
         try:
             plain = decrypt_body(
-                bytes(ciphertext),
+                ciphertext if type(ciphertext) is bytes else bytes(ciphertext),
                 self._body_key,
                 chunk_nonce(header.envelope.nonce, index),
                 self._associated,
