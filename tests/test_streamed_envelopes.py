@@ -389,3 +389,30 @@ async def test_a_large_whole_envelope_and_a_body_not_signed_for_over_http(
                 assert (await response.json()) == {"reason": "body_mismatch"}
         assert node.rejected["body_mismatch"] == 1
         assert "bad_signature" not in node.rejected
+
+
+@pytest.mark.slow
+def test_two_node_processes_exchange_streamed_models_over_loopback(tmp_path: Path) -> None:
+    """Two real node processes, an MLP of 385k parameters: every model they send each other
+    is a streamed envelope (1.5 MB), and both finish their rounds having taken the other's."""
+    net = make_network(
+        tmp_path,
+        *("--nodes", "2", "--rounds", "2", "--no-dp", "--aggregator", "mean"),
+        *("--round-timeout", "60"),
+    )
+    for node in net.nodes:
+        net.edit_config(node.name, "model", hidden=[4096, 64])
+        path = node.config_path
+        path.write_text(path.read_text().replace('name = "logreg"', 'name = "mlp"'))
+    net.start_all()
+    try:
+        codes = net.wait_all(timeout_s=240)
+    finally:
+        net.kill_all()
+    assert set(codes.values()) == {0}, {n: net.log(n) for n in codes}
+    for node in net.nodes:
+        status = net.final_status(node.name)
+        other = next(n.name for n in net.nodes if n.name != node.name)
+        assert [r["received"] for r in status["history"]] == [[other], [other]], status["history"]
+        assert not status["rejected"], status["rejected"]
+        assert status["bytes_sent"] > 2 * 1_500_000  # two streamed envelopes at least
