@@ -416,3 +416,52 @@ def test_two_node_processes_exchange_streamed_models_over_loopback(tmp_path: Pat
         assert [r["received"] for r in status["history"]] == [[other], [other]], status["history"]
         assert not status["rejected"], status["rejected"]
         assert status["bytes_sent"] > 2 * 1_500_000  # two streamed envelopes at least
+
+
+# ---------------------------------------------------------------------------- to the spool
+
+
+def test_a_spooling_node_writes_streamed_tensors_to_disk_as_they_come(
+    keys: dict[str, Identity], tmp_path: Path
+) -> None:
+    """Tensors in another order than the receiver's model, straddling chunk boundaries:
+    each lands in its place of the spooled model, which is never whole in memory."""
+    from murmur.gossip.spool import SpooledModel
+
+    rng = np.random.default_rng(3)
+    state = {
+        "c": rng.standard_normal((300, 7), dtype=np.float32),
+        "a": rng.standard_normal(250_001, dtype=np.float32),
+        "b": rng.standard_normal((3, 5, 11), dtype=np.float32),
+    }
+    spec = {name: (state[name].shape, "float32") for name in ("a", "b", "c")}
+    allowlist = Allowlist([Peer("alice", "http://alice", keys["alice"].public_key)])
+    opener = EnvelopeOpener(keys["bob"], allowlist, spec, spool=tmp_path)
+    data = build_envelope(
+        ModelUpdate(state),
+        keys["alice"],
+        [keys["bob"].public_key],
+        1,
+        stream_above=0,
+        chunk_bytes=4096,
+    )
+    assert is_streamed(data) and split(data)[0].chunk_count > 200
+    opening = opener.begin_stream(len(data), None)
+    step = 10_000
+    for offset in range(0, len(data), step):
+        opening.feed(data[offset : offset + step])
+        assert opening._plain is None  # the body is never held: only one chunk at a time
+    opened = opener.accept(opening.finish())
+    assert isinstance(opened.update.tensors, SpooledModel)
+    assert list(opened.update.tensors) == ["a", "b", "c"]  # the receiver's order
+    for name, array in state.items():
+        assert np.array_equal(opened.update.tensors[name], array)
+    # A non-finite value is found there too, and counts against the (authentic) sender.
+    state["b"][1, 2, 3] = np.nan
+    bad = build_envelope(
+        ModelUpdate(state), keys["alice"], [keys["bob"].public_key], 2, stream_above=0
+    )
+    with pytest.raises(WireError) as caught:
+        opener.open(bad)
+    assert caught.value.reason is RejectReason.NON_FINITE and "'b'" in caught.value.detail
+    assert caught.value.signed is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from murmur.crypto.sealing import (
 )
 from murmur.gossip.compression import reconstruct
 from murmur.gossip.receipts import (
+    AuditHead,
     Receipt,
     signed_digest,
 )
@@ -30,6 +32,7 @@ from murmur.gossip.wire.format import (
     MAX_UINT63,
     EnvelopeInfo,
     ModelSpec,
+    ModelUpdate,
     OpenedEnvelope,
     RejectReason,
     WireError,
@@ -41,6 +44,8 @@ from murmur.gossip.wire.format import (
     default_max_message_bytes,
 )
 from murmur.gossip.wire.parse import (
+    BodyStart,
+    _body_fields,
     _parse_body,
     _parse_envelope,
 )
@@ -193,6 +198,43 @@ class EnvelopeOpener:
         elif self.spool is not None:
             # the tensors were views of the plaintext, which goes with them
             update.tensors = SpooledModel.of(update.tensors, self.spool)
+        return self._opened(envelope, peer, update, head, encoding, body_sha256, rest_digest)
+
+    def _verified_spooled(
+        self,
+        envelope: _RawEnvelope,
+        peer: Peer,
+        start: BodyStart,
+        spooled: SpooledModel,
+        body_sha256: bytes,
+        rest_digest: bytes,
+        signed: tuple[bytes, int, bytes],
+    ) -> OpenedEnvelope:
+        """``_verified_body`` for a streamed body whose uncompressed tensors were written to
+        the spool as they were decrypted (gossip/wire/stream.py): the same checks, the
+        tensors' finiteness read back from the spool a block at a time."""
+        try:
+            metrics, receipts, proofs, head = _body_fields(start.header, self.limits)
+            for name in self._spec:
+                _check_finite(spooled, name)
+        except WireError as error:
+            error.signed = signed
+            raise
+        update = ModelUpdate(tensors=spooled, metrics=metrics, receipts=receipts, proofs=proofs)
+        return self._opened(envelope, peer, update, head, None, body_sha256, rest_digest)
+
+    def _opened(
+        self,
+        envelope: _RawEnvelope,
+        peer: Peer,
+        update: ModelUpdate,
+        head: AuditHead,
+        encoding: BodyEncoding | None,
+        body_sha256: bytes,
+        rest_digest: bytes,
+    ) -> OpenedEnvelope:
+        """The opened envelope, once its body's audit head is the signed one."""
+        signed = (envelope.sender, envelope.round, envelope.nonce)
         if head.digest() != envelope.head_digest:
             raise WireError(
                 RejectReason.MALFORMED,
@@ -312,6 +354,18 @@ class EnvelopeOpener:
             )
         except SealingError as exc:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
+
+
+_FINITE_BLOCK = 1 << 20  # entries read back at a time
+
+
+def _check_finite(model: SpooledModel, name: str) -> None:
+    """``non_finite`` unless every entry of the spooled tensor ``name`` is finite."""
+    start = model.byte_offset(name) // 4
+    stop = start + math.prod(model.shape(name))
+    for low in range(start, stop, _FINITE_BLOCK):
+        if not np.isfinite(model.read_flat(low, min(low + _FINITE_BLOCK, stop))).all():
+            raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
 
 
 def peek_envelope(data: bytes, limits: WireLimits | None = None) -> EnvelopeInfo:

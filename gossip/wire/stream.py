@@ -38,6 +38,7 @@ map of 14 entries, ``0x8e``, where a whole envelope is a map of 12, ``0x8c``).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import math
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import numpy as np
 from murmur.crypto.identity import Identity, verify_signature
 from murmur.crypto.sealing import (
     COMMITMENT_BYTES,
@@ -61,6 +63,7 @@ from murmur.crypto.sealing import (
     unwrap_key,
 )
 from murmur.gossip.receipts import DIGEST_BYTES, KEY_BYTES, SIGNATURE_BYTES, signed_digest
+from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire.format import (
     _DECODE_GUARD_ITEMS,
     MAX_UINT63,
@@ -72,6 +75,7 @@ from murmur.gossip.wire.format import (
     _RawEnvelope,
     _recipient_bytes,
 )
+from murmur.gossip.wire.parse import BodyStart, _parse_body_start, _unique_map
 
 if TYPE_CHECKING:
     from murmur.gossip.wire.format import OpenedEnvelope
@@ -111,6 +115,7 @@ MAX_STREAM_HEADER_BYTES = 8192 + DIGEST_BYTES * MAX_CHUNKS
 FIRST_READ_BYTES = 64 << 10
 STREAM_REST_DOMAIN = b"murmur-stream-rest\x00"
 STREAM_AD_DOMAIN = b"murmur-stream-body\x00"
+_FLOAT32 = np.dtype("<f4")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 
@@ -316,8 +321,6 @@ def parse_stream_header(
     holds only part of it. ``WireError`` for a header that is not canonical and well-formed
     (``malformed``, ``unsupported_version``) or that declares more than ``max_message_bytes``
     (``too_large``). Nothing here is authenticated yet."""
-    from murmur.gossip.wire.parse import _unique_map
-
     head = bytes(memoryview(data).cast("B")[:MAX_STREAM_HEADER_BYTES])
     items = max(_DECODE_GUARD_ITEMS, limits.max_recipients)
     unpacker = msgpack.Unpacker(
@@ -485,11 +488,18 @@ class StreamOpening:
         self.header: StreamHeader | None = None
         self._header_bytes = 0
         self._index = 0  # the next chunk
+        # The decrypted body: first `_pending` until its header is checked, then either
+        # `_plain` (all of it in memory) or, for a spooling node's uncompressed float32
+        # model, `_spooled` (its tensors written to the node's spool as they come; the body
+        # header, parsed, is in `_start`).
+        self._pending = bytearray()
+        self._start: BodyStart | None = None
         self._plain: bytearray | None = None
+        self._spooled: SpooledModel | None = None
+        self._ranges: list[tuple[int, int, int]] = []  # body start, end, spool byte offset
         self._body_key = b""
         self._associated = b""
         self._peer: Any = None
-        self._body_checked = False
         self.signed: tuple[bytes, int, bytes] | None = None
 
     @property
@@ -592,12 +602,11 @@ class StreamOpening:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc), self.signed) from None
         self._peer = peer
         self._associated = header.associated_data()
-        self._plain = bytearray(header.body_length)
 
     def _take_chunk(self, ciphertext: bytes | memoryview) -> None:
         """Check chunk ``_index`` against its signed digest, decrypt it into the body."""
         header, index = self.header, self._index
-        assert header is not None and self._plain is not None
+        assert header is not None
         if not secrets.compare_digest(hashlib.sha256(ciphertext).digest(), header.digest(index)):
             # Not what the sender signed (altered, swapped or moved): as a whole envelope's
             # altered body, `bad_signature`, and not recorded against the sender.
@@ -616,28 +625,59 @@ class StreamOpening:
             raise WireError(
                 RejectReason.DECRYPT_FAILED, f"chunk {index}: {exc}", self.signed
             ) from None
-        start = index * header.chunk_bytes
-        self._plain[start : start + len(plain)] = plain
         self._index += 1
-        if not self._body_checked:
-            self._check_body_start(start + len(plain))
-
-    def _check_body_start(self, available: int) -> None:
-        """The body header's checks as soon as the chunks holding it are in."""
-        from murmur.gossip.wire.parse import _check_body_start
-
-        opener = self._opener
         try:
-            self._body_checked = _check_body_start(
-                memoryview(self._plain)[:available],
-                len(self._plain),
-                opener._spec,
-                opener.limits,
-                opener.study,
-            )
+            if self._start is None:
+                self._pending += plain
+                self._check_body_start()
+            else:
+                self._store(index * header.chunk_bytes, plain)
         except WireError as error:
             error.signed = self.signed
             raise
+
+    def _check_body_start(self) -> None:
+        """The body header's checks as soon as the chunks holding it are in; then where the
+        body goes (memory, or the spool), and what came so far goes there."""
+        opener, header = self._opener, self.header
+        assert header is not None
+        start = _parse_body_start(
+            self._pending, header.body_length, opener._spec, opener.limits, opener.study
+        )
+        if start is None:
+            return
+        self._start = start
+        slots = start.layout.values()
+        if (
+            opener.spool is not None
+            and start.encoding is None
+            and all(slot[0] == _FLOAT32 for slot in slots)
+        ):
+            spec = opener._spec
+            self._spooled = SpooledModel.reserve(((n, spec[n][0]) for n in spec), opener.spool)
+            self._ranges = sorted(
+                (begin, begin + 4 * math.prod(shape), self._spooled.byte_offset(name))
+                for name, (_, shape, begin) in start.layout.items()
+            )
+        else:
+            self._plain = bytearray(header.body_length)
+        pending, self._pending = self._pending, bytearray()
+        self._store(0, pending)
+
+    def _store(self, offset: int, plain: bytes | bytearray) -> None:
+        """Plaintext bytes ``offset:offset + len(plain)`` of the body, where they go."""
+        if self._plain is not None:
+            self._plain[offset : offset + len(plain)] = plain
+            return
+        assert self._spooled is not None
+        view, end = memoryview(plain), offset + len(plain)
+        first = bisect.bisect_right(self._ranges, (offset, math.inf, 0)) - 1
+        for begin, stop, at in self._ranges[max(first, 0) :]:
+            if begin >= end:
+                break
+            low, high = max(begin, offset), min(stop, end)
+            if low < high:
+                self._spooled.write_bytes(at + low - begin, view[low - offset : high - offset])
 
     def finish(self) -> OpenedEnvelope:
         """The verified envelope, once every byte has been fed; ``WireError`` otherwise."""
@@ -655,6 +695,17 @@ class StreamOpening:
             )
         if self.consumed != self.length:
             raise _malformed(f"bytes after the last of the {header.chunk_count} chunks")
+        if self._spooled is not None:
+            spooled, self._spooled = self._spooled, None
+            return self._opener._verified_spooled(
+                header.envelope,
+                self._peer,
+                self._start,
+                spooled,
+                header.chunks_sha256,
+                header.rest_digest(),
+                self.signed,
+            )
         plain, self._plain = self._plain, None
         return self._opener._verified_body(
             header.envelope,
