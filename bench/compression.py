@@ -283,8 +283,8 @@ from pathlib import Path
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 import compression as c
 before = c.high_water_kb()
-c.rss_round(Path({folder!r}), {codec!r}, {streamed!r})
-print(before, c.high_water_kb())
+phases = c.rss_round(Path({folder!r}), {codec!r}, {streamed!r})
+print(*phases, before, c.high_water_kb())
 """
 
 
@@ -296,7 +296,7 @@ def high_water_kb() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
+def rss_round(folder: Path, codec: str, streamed: bool = True) -> list[int]:
     """In the child, one round of the first node of a 9-node complete network (8
     neighbours), with the node's own parts: hold the model, build this node's envelope for
     8, receive the 8 envelopes in ``folder`` one by one as POST bodies (``streamed``: read a
@@ -304,7 +304,9 @@ def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
     ``EnvelopeOpener`` as ``HospitalNode`` configures it (``gossip.spool.node_spool``: a
     model this size is kept on disk) and filed as ``node/receiver.py`` does (with its
     model hash), then aggregate them with the node's ``RoundAggregator`` under
-    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real)."""
+    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real).
+    Returns the peak RSS (KiB) after each phase: the model made, its envelope built, the 8
+    received."""
     from murmur.crypto.identity import load_identity, load_public_key
     from murmur.gossip.trust import TrustTracker
     from murmur.models.params import model_spec, state_sha256
@@ -319,6 +321,7 @@ def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
     node = load_identity(config.node.key_file)
     peers = [Peer(p.name, p.address, load_public_key(str(p.public_key_file))) for p in config.peers]
     state = model_state("resnet18_25m")
+    phases = [high_water_kb()]
     spec = model_spec(state)
     limits = WireLimits(accepted_codecs=frozenset(CODECS), timestamp_window_s=1e12)
     opener = EnvelopeOpener(
@@ -335,6 +338,7 @@ def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
         )
     assert is_streamed(envelope) == streamed
     del envelope  # sent
+    phases.append(high_water_kb())
     received = {}
     for i in range(len(peers)):
         path = folder / f"in{i}.bin"
@@ -351,6 +355,7 @@ def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
             del data
         received[opened.sender.name] = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
         del opened
+    phases.append(high_water_kb())
     names = [p.name for p in peers]
     node_state = NodeState(
         name=config.node.name,
@@ -369,6 +374,7 @@ def rss_round(folder: Path, codec: str, streamed: bool = True) -> None:
     aggregator.aggregate(1, state, state_sha256(state), received)
     used = node_state.aggregation["inputs"]
     assert used == len(peers) + 1, f"aggregated {used} of {len(peers) + 1} models"
+    return phases
 
 
 def rss_25m(codec: str, streamed: bool = True) -> dict[str, Any]:
@@ -417,7 +423,14 @@ def rss_25m(codec: str, streamed: bool = True) -> dict[str, Any]:
             ["stat", "-f", "-c", "%T", tmp], capture_output=True, text=True, check=False
         ).stdout.strip()
     before_kb, after_kb = int(out[-2]), int(out[-1])
+    made, built, received = (int(kb) for kb in out[-5:-2])
     return {
+        "phases_mb": {
+            "model made": made / 1024,
+            "envelope built": built / 1024,
+            "8 received": received / 1024,
+            "aggregated": after_kb / 1024,
+        },
         "imports_mb": before_kb / 1024,
         "peak_mb": after_kb / 1024,
         "model_mb": model_bytes / 2**20,
@@ -471,6 +484,9 @@ def part_25m(repetitions: int) -> dict[str, Any]:
         f"  whole envelopes read whole (before streams): peak RSS {rss_whole['peak_mb']:.0f} MB,"
         f" {rss_whole['ratio']:.2f}x the model"
     )
+    for label, m in (("streamed", rss["none"]), ("whole", rss_whole)):
+        steps = ", ".join(f"{phase} {mb:.0f}" for phase, mb in m["phases_mb"].items())
+        print(f"  peak RSS (MB) after each phase, {label}: {steps}")
     return {
         "comm_over_bare_25m_8": round(comm["none"]["ratio"], 3),
         "rss_over_model_25m": round(rss["none"]["ratio"], 2),
