@@ -465,3 +465,87 @@ def test_a_spooling_node_writes_streamed_tensors_to_disk_as_they_come(
         opener.open(bad)
     assert caught.value.reason is RejectReason.NON_FINITE and "'b'" in caught.value.detail
     assert caught.value.signed is not None
+
+
+# ---------------------------------------------------------------------------- the document
+
+
+def test_an_encoder_written_from_the_document_alone_is_accepted(keys: dict[str, Identity]) -> None:
+    """docs/protocol.md, "Streamed envelopes", followed with msgpack, hashlib, struct and
+    libsodium only (as tests/test_interop.py does for whole envelopes)."""
+    import hashlib
+    import os
+    import struct
+
+    import msgpack
+    import nacl.bindings as sodium
+
+    seed = keys["alice"].signing_key.encode()
+    pk, sk = sodium.crypto_sign_seed_keypair(seed)
+    x_sk = sodium.crypto_sign_ed25519_sk_to_curve25519(sk)
+    bob = keys["bob"].public_key
+    x_bob = sodium.crypto_sign_ed25519_pk_to_curve25519(bob)
+    tensors = model()
+    head = bytes(56)
+    head_digest = hashlib.sha256(b"murmur-envelope-head\x00" + head).digest()
+    body_header = msgpack.packb(
+        {
+            "tensors": [[name, "float32", list(a.shape)] for name, a in tensors.items()],
+            "metrics": {},
+            "receipts": [],
+            "proofs": [],
+            "audit_head": head,
+        }
+    )
+    plain = struct.pack(">I", len(body_header)) + body_header
+    plain += b"".join(a.astype("<f4").tobytes() for a in tensors.values())
+    length, size = len(plain), 65536
+    count = -(-length // size)
+    nonce, key = os.urandom(24), os.urandom(32)
+    commitment = hashlib.sha256(b"murmur-body-key\x00" + key).digest()
+    e_pk, e_sk = sodium.crypto_box_keypair()
+    inner = sodium.crypto_box_easy(key, nonce, x_bob, e_sk)
+    wrapped = sodium.crypto_box_easy(inner, nonce, x_bob, x_sk)
+    recipients = struct.pack(">H", 1) + bob + wrapped
+    timestamp_ms, round_ = int(time.time() * 1000), 7
+    fixed = struct.pack(">HB", 4, 6) + b"update" + pk + struct.pack(">Q", round_) + head_digest
+    sizes = struct.pack(">Q", length) + struct.pack(">I", size)
+    common = struct.pack(">Q", timestamp_ms) + nonce + e_pk + commitment + recipients
+    ad = b"murmur-stream-body\x00" + fixed + common + sizes
+    chunks = [
+        sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            plain[i * size : (i + 1) * size], ad, nonce[:16] + struct.pack(">Q", i), key
+        )
+        for i in range(count)
+    ]
+    digests = b"".join(hashlib.sha256(c).digest() for c in chunks)
+    rest = hashlib.sha256(
+        b"murmur-stream-rest\x00" + common + sizes + hashlib.sha256(digests).digest()
+    ).digest()
+    signed = hashlib.sha256(b"murmur-envelope\x00" + fixed + rest).digest()
+    header = msgpack.packb(
+        {
+            "version": 4,
+            "kind": "update",
+            "sender": pk,
+            "round": round_,
+            "head_digest": head_digest,
+            "timestamp_ms": timestamp_ms,
+            "nonce": nonce,
+            "ephemeral_key": e_pk,
+            "key_commitment": commitment,
+            "recipients": [[bob, wrapped]],
+            "body_length": length,
+            "chunk_bytes": size,
+            "chunk_digests": digests,
+            "signature": sodium.crypto_sign(signed, sk)[:64],
+        }
+    )
+    assert header[0] == 0x8E
+    data = header + b"".join(chunks)
+    assert len(data) == len(header) + length + 16 * count
+    opened = opener_for(keys).open(data)
+    assert opened.round == round_ and opened.sender.name == "alice"
+    assert np.array_equal(opened.update.tensors["w"], tensors["w"])
+    assert opened.body_sha256 == hashlib.sha256(digests).hexdigest()
+    assert opened.receipt.rest_digest == rest and opened.receipt.verify()
