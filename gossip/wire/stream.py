@@ -10,8 +10,9 @@ A streamed envelope puts what the signature covers first: a header with every fi
 whole envelope (the body excepted), the body's length, the chunk size and the SHA-256 of
 every encrypted chunk, signed. A receiver verifies that header (size, allowlist, sender,
 recipient, timestamp, replay, signature, key unwrap) before it reads a byte past it, then
-checks each chunk against its signed digest and decrypts it as it arrives, into the one
-plaintext buffer the body parser reads.
+checks each chunk against its signed digest and decrypts it as it arrives, into the body
+buffer or, on a node that spools large models (gossip/spool.py), straight into the spooled
+model.
 
 The construction (nothing hand-rolled: libsodium through PyNaCl, SHA-256 from hashlib):
 
@@ -463,7 +464,9 @@ class StreamOpening:
 
     A whole envelope (first byte ``0x8c``) is collected and opened with
     ``EnvelopeOpener.verify`` at ``finish``: a receiver takes both forms on one path.
-    Memory: the plaintext body, one chunk being assembled, and the header.
+    Memory: the header, one chunk being assembled, and the decrypted body: in one buffer,
+    or, on a node that spools its neighbours' models, written to the spool as each chunk
+    is decrypted (an uncompressed float32 model; a compressed one needs the sender's base).
     """
 
     def __init__(
@@ -486,7 +489,6 @@ class StreamOpening:
         self._buffer = bytearray()
         self._whole: list[bytes] | None = None
         self.header: StreamHeader | None = None
-        self._header_bytes = 0
         self._index = 0  # the next chunk
         # The decrypted body: first `_pending` until its header is checked, then either
         # `_plain` (all of it in memory) or, for a spooling node's uncompressed float32
@@ -575,7 +577,6 @@ class StreamOpening:
                 f"the stream header declares {declared} bytes; the message has {self.length}"
             )
         self._begin(header)
-        self._header_bytes = end
         self.header = header
         self._buffer = bytearray()
         return view[end - held :]
