@@ -10,7 +10,9 @@ stranger's request costs one header check and at most one signature verification
 size, and is answered `401 unauthenticated`, whatever the precise reason (that stays in this
 node's counters and log). An authenticated peer may have only a few bodies in flight and a
 bounded number of requests per round; its body must arrive within `body_timeout_s` and hash to
-what it signed. Connections are capped in all and per source address, idle ones are closed, and
+what it signed; a `/gossip` body over 1 MiB is opened as it is read, so a streamed envelope
+with a bad header (gossip/wire/stream.py) is refused before a chunk is read. Connections are
+capped in all and per source address, idle ones are closed, and
 each address may upload only a few bodies at once. Every refusal is a 4xx with a reason code,
 counted in /status and /metrics, logged at most once per reason per interval
 (node/rejections.py), and answered with the code alone. Nothing computed from training data is
@@ -509,6 +511,9 @@ async def gossip(request: web.Request) -> web.Response:
 
 
 async def _gossip_streamed(request: web.Request) -> web.Response:
+    """`gossip` for a large body: read as the opener asks for it (node/receiver.py
+    `receive_stream`); an envelope refused before its end is answered at once and its
+    connection closed without reading the rest."""
     authenticated = _claim_body(request)
     if isinstance(authenticated, web.Response):
         return authenticated
