@@ -69,6 +69,8 @@ from murmur.gossip.wire.format import (
     _DECODE_GUARD_ITEMS,
     MAX_UINT63,
     PROTOCOL_VERSION,
+    STREAM_CHUNK_BYTES,
+    STREAM_MAX_CHUNKS,
     EnvelopeInfo,
     RejectReason,
     WireError,
@@ -105,10 +107,10 @@ WHOLE_MARK = 0x8C  # a whole envelope's: a fixmap of 12 (format.ENVELOPE_FIELDS)
 STREAM_ABOVE_BYTES = 1 << 20
 # 512 KiB of plaintext a chunk: its ciphertext and framing fit a NATS message (1 MiB), and a
 # receiver holds one or two of them per message in flight.
-DEFAULT_CHUNK_BYTES = 512 << 10
+DEFAULT_CHUNK_BYTES = STREAM_CHUNK_BYTES
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 4 << 20
-MAX_CHUNKS = 4096
+MAX_CHUNKS = STREAM_MAX_CHUNKS
 # The header's size bound: the fixed fields and 64 recipients fit in 8 KiB, then 32 bytes a
 # chunk. A receiver refuses a header that does not end within it.
 MAX_STREAM_HEADER_BYTES = 8192 + DIGEST_BYTES * MAX_CHUNKS
