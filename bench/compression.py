@@ -20,17 +20,22 @@ What it measures, each part in this one run:
   attackers, seven attacks, and the clean runs) under its default rule (clipping, trust on),
   each cell with every codec; the gap is |compressed - uncompressed| of a cell's honest mean
   AUC. Attackers send float32 (their attack, not the codec, decides what they send).
-* 25M parameters (resnet18_25m), 8 neighbours: one round's communication of one node (build
-  one envelope for 8 recipients, open 8 envelopes from 8 neighbours) against the bare
-  primitives on the same bytes (SHA-256 + XChaCha20-Poly1305 + one copy, per envelope built
-  and opened), best of ``--repetitions`` as bench/wire.py does; and a node process's peak
-  RSS over a round with the node's own parts (building its envelope, opening 8 with the
-  opener as the node configures it, which spools a model this size to disk, filing them
-  with their hashes, and the node's ``RoundAggregator`` under the default rule), above
-  what the process held after its imports, over the model's float32 size.
+* 25M parameters (resnet18_25m), 8 neighbours, on the streamed path (gossip/wire/stream.py:
+  every envelope of this size is a streamed one, 512 KiB chunks): one round's communication
+  of one node (build one envelope for 8 recipients, open 8 envelopes from 8 neighbours)
+  against the bare primitives on the same bytes (SHA-256 + XChaCha20-Poly1305 + one copy,
+  per envelope built and opened), best of ``--repetitions`` as bench/wire.py does; and a
+  node process's peak RSS over a round with the node's own parts (building its envelope,
+  reading each of the 8 as the listener does, a chunk at a time into the opener's
+  ``StreamOpening`` as the node configures it, which spools a model this size to disk,
+  filing them with their hashes, and the node's ``RoundAggregator`` under the default
+  rule), above what the process held after its imports, over the model's float32 size;
+  also the same round with whole envelopes read whole (the path before streams), for
+  comparison, and the bytes a streamed envelope adds.
 * ResNet-18 on PneumoniaMNIST: a 4-hospital network (DP, int8) runs 3 rounds in-process.
 
-Run: python bench/compression.py [--quick] [--seeds N]. The last line is one JSON object.
+Run: python bench/compression.py [--quick] [--seeds N] [--only-25m]. The last line is one JSON
+object (with --only-25m, the 25M figures only).
 """
 
 from __future__ import annotations
@@ -61,12 +66,14 @@ from murmur.crypto.identity import generate_identity  # noqa: E402
 from murmur.gossip.compression import CompressionSettings, DeltaEncoder  # noqa: E402
 from murmur.gossip.spool import node_spool  # noqa: E402
 from murmur.gossip.wire import (  # noqa: E402
+    STREAM_ABOVE_BYTES,
     EnvelopeOpener,
     ModelUpdate,
     ReplayGuard,
     WireLimits,
     _encode_body,
     build_envelope,
+    is_streamed,
 )
 from murmur.models.nets import build_model  # noqa: E402
 from murmur.models.params import get_state  # noqa: E402
@@ -220,7 +227,8 @@ def communication_25m(repetitions: int, codec: str = "none") -> dict[str, float]
     encryption and one copy of its body; per envelope opened, one digest, one decryption and
     one copy. Best of the repetitions, interleaved (bench/wire.py). The opener spools each
     opened model to disk as the node's does at this size (gossip/spool.py): that write is
-    part of the round's cost.
+    part of the round's cost. Every envelope here is streamed (its body is over
+    ``STREAM_ABOVE_BYTES``), built and opened a chunk at a time.
     """
     state = model_state("resnet18_25m")
     node = generate_identity("node")
@@ -275,8 +283,8 @@ from pathlib import Path
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 import compression as c
 before = c.high_water_kb()
-c.rss_round(Path({folder!r}), {codec!r})
-print(before, c.high_water_kb())
+phases = c.rss_round(Path({folder!r}), {codec!r}, {streamed!r})
+print(*phases, before, c.high_water_kb())
 """
 
 
@@ -288,14 +296,17 @@ def high_water_kb() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def rss_round(folder: Path, codec: str) -> None:
+def rss_round(folder: Path, codec: str, streamed: bool = True) -> list[int]:
     """In the child, one round of the first node of a 9-node complete network (8
     neighbours), with the node's own parts: hold the model, build this node's envelope for
-    8, receive the 8 envelopes in ``folder`` one by one as POST bodies, opened by the
+    8, receive the 8 envelopes in ``folder`` one by one as POST bodies (``streamed``: read a
+    chunk at a time, as node/api.py reads a body over 1 MiB; else read whole), opened by the
     ``EnvelopeOpener`` as ``HospitalNode`` configures it (``gossip.spool.node_spool``: a
     model this size is kept on disk) and filed as ``node/receiver.py`` does (with its
     model hash), then aggregate them with the node's ``RoundAggregator`` under
-    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real)."""
+    run_cluster's default rule (clipping, f = 1, trust on; audit log and metrics real).
+    Returns the peak RSS (KiB) after each phase: the model made, its envelope built, the 8
+    received."""
     from murmur.crypto.identity import load_identity, load_public_key
     from murmur.gossip.trust import TrustTracker
     from murmur.models.params import model_spec, state_sha256
@@ -310,24 +321,41 @@ def rss_round(folder: Path, codec: str) -> None:
     node = load_identity(config.node.key_file)
     peers = [Peer(p.name, p.address, load_public_key(str(p.public_key_file))) for p in config.peers]
     state = model_state("resnet18_25m")
+    phases = [high_water_kb()]
     spec = model_spec(state)
     limits = WireLimits(accepted_codecs=frozenset(CODECS), timestamp_window_s=1e12)
     opener = EnvelopeOpener(
         node, Allowlist(peers), spec, limits, spool=node_spool(spec, config.node.state_dir)
     )
     keys = [p.public_key for p in peers]
+    above = STREAM_ABOVE_BYTES if streamed else None
     if codec == "none":
-        envelope = build_envelope(ModelUpdate(state), node, keys, 1, now=NOW)
+        envelope = build_envelope(ModelUpdate(state), node, keys, 1, now=NOW, stream_above=above)
     else:
         message, _ = DeltaEncoder(CompressionSettings(codec=codec)).encode(state)
-        envelope = build_envelope(ModelUpdate({}), node, keys, 1, now=NOW, compressed=message)
+        envelope = build_envelope(
+            ModelUpdate({}), node, keys, 1, now=NOW, compressed=message, stream_above=above
+        )
+    assert is_streamed(envelope) == streamed
     del envelope  # sent
+    phases.append(high_water_kb())
     received = {}
     for i in range(len(peers)):
-        data = (folder / f"in{i}.bin").read_bytes()
-        opened = opener.open(data, now=NOW)
+        path = folder / f"in{i}.bin"
+        if streamed:
+            with path.open("rb", buffering=0) as body:
+                opening = opener.begin_stream(path.stat().st_size, NOW)
+                while (wanted := opening.wants()) > 0:
+                    opening.feed(body.read(wanted))
+                assert opening.streamed
+                opened = opener.accept(opening.finish())
+        else:
+            data = path.read_bytes()
+            opened = opener.open(data, now=NOW)
+            del data
         received[opened.sender.name] = ReceivedUpdate(opened, state_sha256(opened.update.tensors))
-        del data, opened
+        del opened
+    phases.append(high_water_kb())
     names = [p.name for p in peers]
     node_state = NodeState(
         name=config.node.name,
@@ -346,9 +374,10 @@ def rss_round(folder: Path, codec: str) -> None:
     aggregator.aggregate(1, state, state_sha256(state), received)
     used = node_state.aggregation["inputs"]
     assert used == len(peers) + 1, f"aggregated {used} of {len(peers) + 1} models"
+    return phases
 
 
-def rss_25m(codec: str) -> dict[str, Any]:
+def rss_25m(codec: str, streamed: bool = True) -> dict[str, Any]:
     from murmur.crypto.identity import load_identity
 
     state = model_state("resnet18_25m")
@@ -370,14 +399,22 @@ def rss_25m(codec: str) -> dict[str, Any]:
         for i, other in enumerate(nodes[1:]):
             sender = load_identity(run / "keys" / f"{other.name}.key")
             if codec == "none":
-                data = build_envelope(ModelUpdate(state), sender, [receiver.public_key], 1, now=NOW)
+                data = build_envelope(
+                    ModelUpdate(state),
+                    sender,
+                    [receiver.public_key],
+                    1,
+                    now=NOW,
+                    stream_above=STREAM_ABOVE_BYTES if streamed else None,
+                )
             else:
                 data = compressed_envelopes(state, codec, sender, [receiver.public_key])[0]
+            assert is_streamed(data) == streamed
             (Path(shm) / f"in{i}.bin").write_bytes(data)
             (run / f"in{i}.bin").symlink_to(Path(shm) / f"in{i}.bin")
         del state
         script = _RSS_CHILD.format(
-            repo=str(REPO), bench=str(REPO / "bench"), folder=tmp, codec=codec
+            repo=str(REPO), bench=str(REPO / "bench"), folder=tmp, codec=codec, streamed=streamed
         )
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True
@@ -386,12 +423,77 @@ def rss_25m(codec: str) -> dict[str, Any]:
             ["stat", "-f", "-c", "%T", tmp], capture_output=True, text=True, check=False
         ).stdout.strip()
     before_kb, after_kb = int(out[-2]), int(out[-1])
+    made, built, received = (int(kb) for kb in out[-5:-2])
     return {
+        "phases_mb": {
+            "model made": made / 1024,
+            "envelope built": built / 1024,
+            "8 received": received / 1024,
+            "aggregated": after_kb / 1024,
+        },
         "imports_mb": before_kb / 1024,
         "peak_mb": after_kb / 1024,
         "model_mb": model_bytes / 2**20,
         "ratio": (after_kb - before_kb) * 1024 / model_bytes,
         "spool_fs": spool_fs,
+    }
+
+
+def stream_overhead() -> dict[str, int]:
+    """Bytes of one 25M float32 update (one recipient) as a whole and as a streamed
+    envelope, and the streamed one's chunks."""
+    from murmur.gossip.wire.stream import parse_stream_header
+
+    state = model_state("resnet18_25m")
+    sender, receiver = generate_identity("a"), generate_identity("b")
+    update = ModelUpdate(state)
+    whole = len(build_envelope(update, sender, [receiver.public_key], 1, stream_above=None))
+    data = build_envelope(update, sender, [receiver.public_key], 1)
+    header, header_bytes = parse_stream_header(data, WireLimits(), len(data))
+    return {
+        "whole": whole,
+        "streamed": len(data),
+        "header": header_bytes,
+        "chunks": header.chunk_count,
+        "chunk_bytes": header.chunk_bytes,
+    }
+
+
+def part_25m(repetitions: int) -> dict[str, Any]:
+    """The 25M-parameter figures, printed: communication and peak RSS of one node's round
+    on the streamed path (and the RSS with whole envelopes, for comparison)."""
+    sizes = stream_overhead()
+    comm = {codec: communication_25m(repetitions, codec) for codec in ("none", "int8")}
+    rss = {codec: rss_25m(codec) for codec in ("none", "int8")}
+    rss_whole = rss_25m("none", streamed=False)
+    print("\n25M parameters (resnet18_25m), 8 neighbours, one round of one node, streamed")
+    print(
+        f"  envelope (float32, 1 recipient): streamed {sizes['streamed']:,} bytes in "
+        f"{sizes['chunks']} chunks of {sizes['chunk_bytes']:,} (header {sizes['header']:,}); "
+        f"whole {sizes['whole']:,}: +{sizes['streamed'] - sizes['whole']:,} bytes"
+    )
+    for codec in ("none", "int8"):
+        c, m = comm[codec], rss[codec]
+        print(
+            f"  {codec:5} comm {c['round_s']:.2f} s vs bare {c['floor_s']:.2f} s = "
+            f"{c['ratio']:.2f}x; peak RSS {m['peak_mb']:.0f} MB ({m['imports_mb']:.0f} MB "
+            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model "
+            f"(neighbours' models spooled on {m['spool_fs']})"
+        )
+    print(
+        f"  whole envelopes read whole (before streams): peak RSS {rss_whole['peak_mb']:.0f} MB,"
+        f" {rss_whole['ratio']:.2f}x the model"
+    )
+    for label, m in (("streamed", rss["none"]), ("whole", rss_whole)):
+        steps = ", ".join(f"{phase} {mb:.0f}" for phase, mb in m["phases_mb"].items())
+        print(f"  peak RSS (MB) after each phase, {label}: {steps}")
+    return {
+        "comm_over_bare_25m_8": round(comm["none"]["ratio"], 3),
+        "rss_over_model_25m": round(rss["none"]["ratio"], 2),
+        "comm_over_bare_25m_8_int8": round(comm["int8"]["ratio"], 3),
+        "rss_over_model_25m_int8": round(rss["int8"]["ratio"], 2),
+        "rss_over_model_25m_whole": round(rss_whole["ratio"], 2),
+        "stream_overhead_bytes_25m": sizes["streamed"] - sizes["whole"],
     }
 
 
@@ -411,8 +513,21 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse the quality figures a previous run wrote (its quality.json) instead of "
         "running them again (python bench/compression.py saves them in the temp folder)",
     )
+    parser.add_argument(
+        "--only-25m",
+        action="store_true",
+        help="only the 25M-parameter round (communication, peak RSS, streamed envelopes)",
+    )
     args = parser.parse_args(argv)
     started, load_start = time.monotonic(), os.getloadavg()
+    if args.only_25m:
+        result = part_25m(1 if args.quick else args.repetitions)
+        print(
+            f"\n{time.monotonic() - started:.0f} s; load average {load_start} at the start, "
+            f"{os.getloadavg()} at the end"
+        )
+        print(json.dumps(result))
+        return
 
     seeds, rounds, dp_rounds = (
         (1, 2, 2) if args.quick else (args.seeds, args.rounds, args.dp_rounds)
@@ -461,18 +576,7 @@ def main(argv: list[str] | None = None) -> None:
             gaps[codec] = max(gaps[codec], abs(by_codec[codec] - by_codec["none"]))
     print(f"  largest gap to uncompressed: {gaps}")
 
-    reps = 1 if args.quick else args.repetitions
-    comm = {codec: communication_25m(reps, codec) for codec in ("none", "int8")}
-    rss = {codec: rss_25m(codec) for codec in ("none", "int8")}
-    print("\n25M parameters (resnet18_25m), 8 neighbours, one round of one node")
-    for codec in ("none", "int8"):
-        c, m = comm[codec], rss[codec]
-        print(
-            f"  {codec:5} comm {c['round_s']:.2f} s vs bare {c['floor_s']:.2f} s = "
-            f"{c['ratio']:.2f}x; peak RSS {m['peak_mb']:.0f} MB ({m['imports_mb']:.0f} MB "
-            f"after imports), {m['ratio']:.2f}x the {m['model_mb']:.0f} MB model "
-            f"(neighbours' models spooled on {m['spool_fs']})"
-        )
+    figures_25m = part_25m(1 if args.quick else args.repetitions)
 
     resnet = resnet_rounds(2 if args.quick else 3)
     print(
@@ -491,8 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         "topk_warmup": TOPK_WARMUP,
         "int8_auc_loss": round(mean["none"] - mean["int8"], 4),
         "topk_auc_loss": round(mean["none"] - mean["topk_int8"], 4),
-        "comm_over_bare_25m_8": round(comm["none"]["ratio"], 3),
-        "rss_over_model_25m": round(rss["none"]["ratio"], 2),
+        **figures_25m,
         "resnet18_rounds_ok": resnet["ok"],
         "dp_int8_auc_loss": round(dp_mean["none"] - dp_mean["int8"], 4),
         "dp_topk_auc_loss": round(dp_mean["none"] - dp_mean["topk_int8"], 4),

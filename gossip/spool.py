@@ -61,6 +61,33 @@ class SpooledModel(Mapping[str, np.ndarray]):
         """Spool a model held in memory."""
         return cls(tensors.items(), folder)
 
+    @classmethod
+    def reserve(cls, shapes: Iterable[tuple[str, tuple[int, ...]]], folder: Path) -> SpooledModel:
+        """A model of these shapes (in this order) whose bytes are written afterwards with
+        ``write_bytes``: a streamed envelope's tensors, spooled as they are decrypted
+        (gossip/wire/stream.py), so the model is never whole in memory."""
+        model = cls((), folder)
+        offset = 0
+        for name, shape in shapes:
+            model._layout[name] = (tuple(shape), offset)
+            offset += math.prod(shape)
+        model.size = offset
+        os.ftruncate(model._file.fileno(), offset * _ITEM)
+        return model
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._layout[name][0]
+
+    def byte_offset(self, name: str) -> int:
+        """Where tensor ``name``'s float32 bytes start in the file."""
+        return self._layout[name][1] * _ITEM
+
+    def write_bytes(self, offset: int, data: memoryview) -> None:
+        """Write raw little-endian float32 bytes at byte ``offset`` (``reserve``)."""
+        if not 0 <= offset <= offset + len(data) <= self.size * _ITEM:
+            raise IndexError(f"bytes {offset}:{offset + len(data)} of a model of {self.size}")
+        _write_all(self._file.fileno(), data, offset)
+
     def __getitem__(self, name: str) -> np.ndarray:
         shape, offset = self._layout[name]
         out = self.read_flat(offset, offset + math.prod(shape)).reshape(shape)

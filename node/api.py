@@ -10,7 +10,9 @@ stranger's request costs one header check and at most one signature verification
 size, and is answered `401 unauthenticated`, whatever the precise reason (that stays in this
 node's counters and log). An authenticated peer may have only a few bodies in flight and a
 bounded number of requests per round; its body must arrive within `body_timeout_s` and hash to
-what it signed. Connections are capped in all and per source address, idle ones are closed, and
+what it signed; a `/gossip` body over 1 MiB is opened as it is read, so a streamed envelope
+with a bad header (gossip/wire/stream.py) is refused before a chunk is read. Connections are
+capped in all and per source address, idle ones are closed, and
 each address may upload only a few bodies at once. Every refusal is a 4xx with a reason code,
 counted in /status and /metrics, logged at most once per reason per interval
 (node/rejections.py), and answered with the code alone. Nothing computed from training data is
@@ -53,6 +55,7 @@ from murmur.gossip.consensus_wire import CONSENSUS_PATH
 from murmur.gossip.heads import REQUEST_BYTES
 from murmur.gossip.peer_records import MAX_RECORDS_BYTES
 from murmur.gossip.probe import PROBE_BYTES
+from murmur.gossip.wire import STREAM_ABOVE_BYTES
 from murmur.node.config import NodeConfig
 from murmur.node.consensus_net import consensus_route, route_limit
 from murmur.node.governance import GOVERNANCE_PATH, MAX_GOVERNANCE_BYTES, governance_route
@@ -389,11 +392,9 @@ async def _answer_and_close(request: web.Request, response: web.StreamResponse) 
         request.protocol.force_close()  # type: ignore[attr-defined]
 
 
-async def read_peer_body(request: web.Request) -> bytes | web.Response:
-    """An authenticated peer request's whole body, or the refusal to answer with (already
-    counted): the header checks and authentication, one of the source address's upload slots
-    and one of the peer's, the body timeout, a typed 4xx for every way reading can fail, and
-    the body's SHA-256 against the signed one."""
+def _claim_body(request: web.Request) -> AuthenticatedRequest | web.Response:
+    """Before reading a body: the header checks and authentication, then one of the
+    authenticated peer's body slots; the refusal to answer with (already counted) if any."""
     refusal = _refusal_before_body(request)
     if refusal is not None:
         return refusal
@@ -405,6 +406,18 @@ async def read_peer_body(request: web.Request) -> bytes | web.Response:
                 request, HttpReason.TOO_MANY_PEER_UPLOADS, f"{name} has requests in progress"
             )
         request[_PEER_SLOT] = name
+    return authenticated
+
+
+async def read_peer_body(request: web.Request) -> bytes | web.Response:
+    """An authenticated peer request's whole body, or the refusal to answer with (already
+    counted): the header checks and authentication, one of the source address's upload slots
+    and one of the peer's, the body timeout, a typed 4xx for every way reading can fail, and
+    the body's SHA-256 against the signed one."""
+    authenticated = _claim_body(request)
+    if isinstance(authenticated, web.Response):
+        return authenticated
+    name = authenticated.peer.name
     timeout_s = request.app[BODY_TIMEOUT_KEY]
     with request.app[UPLOADS_KEY].hold(request_source(request)):
         try:
@@ -427,8 +440,67 @@ async def read_peer_body(request: web.Request) -> bytes | web.Response:
     return body
 
 
+class BodyRefused(Exception):
+    """A streamed body that did not come as signed: the listener's reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class PeerBodyReader:
+    """An authenticated peer's body, read in pieces as its consumer asks for them
+    (`read(n)`), under the same rules as `read_peer_body`: one deadline for the whole body
+    (`body_timeout_s`), a typed refusal (`BodyRefused`) for every way reading can fail, and
+    the body's SHA-256 checked against the signed one before its last piece is handed over,
+    so a consumer never completes a body the peer did not sign for."""
+
+    def __init__(self, request: web.Request, authenticated: AuthenticatedRequest) -> None:
+        self._request = request
+        self._authenticated = authenticated
+        self._timeout_s = request.app[BODY_TIMEOUT_KEY]
+        self._deadline = asyncio.get_running_loop().time() + self._timeout_s
+        self._hash = hashlib.sha256()
+        self.left = request.content_length or 0
+
+    async def read(self, n: int) -> bytes:
+        """Exactly the next ``min(n, left)`` bytes of the body."""
+        n = min(n, self.left)
+        if n <= 0:
+            return b""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                piece = await self._request.content.readexactly(n)
+        except TimeoutError:
+            raise BodyRefused(
+                HttpReason.BODY_TIMEOUT, f"body not read within {self._timeout_s}s"
+            ) from None
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise BodyRefused(HttpReason.ABORTED_UPLOAD, "the sender disconnected") from None
+        except (web.RequestPayloadError, HttpProcessingError) as exc:
+            raise BodyRefused(HttpReason.BAD_BODY, type(exc).__name__) from None
+        if len(piece) <= _HASH_INLINE_BYTES:
+            self._hash.update(piece)
+        else:  # hashlib releases the GIL on large buffers
+            await asyncio.to_thread(self._hash.update, piece)
+        self.left -= len(piece)
+        if self.left == 0 and self._hash.digest() != self._authenticated.auth.body_sha256:
+            raise BodyRefused(
+                HttpReason.BODY_MISMATCH,
+                f"the body is not the one {self._authenticated.peer.name} signed for",
+            )
+        return piece
+
+
 async def gossip(request: web.Request) -> web.Response:
-    """POST /gossip: one envelope. The answer carries only the reason code."""
+    """POST /gossip: one envelope. The answer carries only the reason code.
+
+    A body over `STREAM_ABOVE_BYTES` is opened as it is read (gossip/wire/stream.py): a
+    streamed envelope's header is checked before a chunk is read, each chunk as it comes,
+    and a refusal is answered at once, the rest of the body left unread."""
+    if (request.content_length or 0) > STREAM_ABOVE_BYTES:
+        return await _gossip_streamed(request)
     body = await read_peer_body(request)
     if isinstance(body, web.Response):
         return body
@@ -436,6 +508,30 @@ async def gossip(request: web.Request) -> web.Response:
         body, source=request_source(request), sender=authenticated_peer(request)
     )
     return web.json_response({"reason": reason}, status=status_code)
+
+
+async def _gossip_streamed(request: web.Request) -> web.Response:
+    """`gossip` for a large body: read as the opener asks for it (node/receiver.py
+    `receive_stream`); an envelope refused before its end is answered at once and its
+    connection closed without reading the rest."""
+    authenticated = _claim_body(request)
+    if isinstance(authenticated, web.Response):
+        return authenticated
+    reader = PeerBodyReader(request, authenticated)
+    source = request_source(request)
+    with request.app[UPLOADS_KEY].hold(source):
+        try:
+            status_code, reason, _detail = await request.app[NODE_KEY].receive_stream(
+                reader.read, request.content_length or 0, source=source, sender=authenticated.peer
+            )
+        except BodyRefused as refused:
+            return _refuse(request, refused.reason, refused.detail)
+    if reader.left:
+        request[_REFUSED] = True  # refused before the end: answer now, read no more of it
+    response = web.json_response({"reason": reason}, status=status_code)
+    if reader.left:
+        response.force_close()
+    return response
 
 
 async def probe(request: web.Request) -> web.Response:

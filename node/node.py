@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -465,6 +465,16 @@ class HospitalNode:
     ) -> tuple[int, str, str]:
         """POST /gossip (node/receiver.py): (HTTP status, reason code, detail)."""
         return await self.receiver.receive(body, source, sender)
+
+    async def receive_stream(
+        self,
+        read: Callable[[int], Awaitable[bytes]],
+        length: int,
+        source: str | None = None,
+        sender: Peer | None = None,
+    ) -> tuple[int, str, str]:
+        """POST /gossip of a large body, opened as it is read (node/receiver.py)."""
+        return await self.receiver.receive_stream(read, length, source, sender)
 
     def answer_probe(self, body: bytes, sender: bytes | None = None) -> tuple[int, str]:
         """POST /probe (node/receiver.py): (HTTP status, reason code)."""

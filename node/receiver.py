@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from murmur.crypto.allowlist import Allowlist, Peer
@@ -104,7 +104,41 @@ class Receiver:
         try:
             verified = await asyncio.to_thread(self.opener.verify, body, None, key)
             opened = self.opener.accept(verified)
-        except WireError as err:
+        except (WireError, OSError) as err:
+            return self._refused(err, source, sender)
+        return self._deliver(opened, body)
+
+    async def receive_stream(
+        self,
+        read: Callable[[int], Awaitable[bytes]],
+        length: int,
+        source: str | None = None,
+        sender: Peer | None = None,
+    ) -> tuple[int, str, str]:
+        """`receive` for a body of `length` bytes opened as it is read (a streamed envelope,
+        gossip/wire/stream.py; a whole one is collected and opened at the end): `read(n)`
+        returns exactly the body's next n bytes, or raises the listener's own refusal, which
+        passes through. A refusal is returned as soon as the bytes read show it, so the
+        caller can leave the rest unread. Reading runs on the event loop, checking and
+        decrypting each piece in a worker thread."""
+        key = sender.public_key if sender is not None else None
+        try:
+            opening = self.opener.begin_stream(length, None, key)
+            while (wanted := opening.wants()) > 0:
+                await asyncio.to_thread(opening.feed, await read(wanted))
+            verified = await asyncio.to_thread(opening.finish)
+            opened = self.opener.accept(verified)
+        except (WireError, OSError) as err:
+            return self._refused(err, source, sender)
+        # The message is never held whole here, so `accepted_listeners` (which take the
+        # envelope's bytes) do not hear of it.
+        return self._deliver(opened, None)
+
+    def _refused(
+        self, err: WireError | OSError, source: str | None, sender: Peer | None
+    ) -> tuple[int, str, str]:
+        """Count and log a refused envelope (or a spool failure): the answer to give."""
+        if isinstance(err, WireError):
             self.opener.note_failure(err)
             self.record_rejection(
                 err.reason.value,
@@ -114,18 +148,20 @@ class Receiver:
                 source=source,
             )
             return HTTP_STATUS[err.reason], err.reason.value, err.detail
-        except OSError as err:
-            # Spooling the opened model failed (gossip/spool.py: the disk is full or gone):
-            # this node's fault, not the sender's, which may send again.
-            log.error("could not keep a received model on disk: %s", err)
-            self.record_rejection(
-                "spool_failed",
-                str(err),
-                sender=sender.name if sender is not None else None,
-                round_=None,
-                source=source,
-            )
-            return 503, "spool_failed", str(err)
+        # Spooling the opened model failed (gossip/spool.py: the disk is full or gone):
+        # this node's fault, not the sender's, which may send again.
+        log.error("could not keep a received model on disk: %s", err)
+        self.record_rejection(
+            "spool_failed",
+            str(err),
+            sender=sender.name if sender is not None else None,
+            round_=None,
+            source=source,
+        )
+        return 503, "spool_failed", str(err)
+
+    def _deliver(self, opened: OpenedEnvelope, body: bytes | None) -> tuple[int, str, str]:
+        """File an opened, accepted envelope: rollback check, inbox, evidence, audit."""
         name = opened.sender.name
         refused = self._rollback.check(opened, self._inbox.current_round)
         if refused is not None:
@@ -144,8 +180,9 @@ class Receiver:
                 verdict.value, detail, sender=name, round_=opened.round, receipt=opened.receipt
             )
             return 409, verdict.value, detail
-        for listener in self.accepted_listeners:
-            listener(opened.round, body)
+        if body is not None:
+            for listener in self.accepted_listeners:
+                listener(opened.round, body)
         self._audit.append(
             "message_received",
             opened.round,

@@ -8,6 +8,7 @@ members. `HospitalNode` (node/node.py) provides them; nothing here is implemente
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +51,16 @@ class ServedNode(Protocol):
         self, body: bytes, source: str | None = None, sender: Peer | None = None
     ) -> tuple[int, str, str]:
         """POST /gossip: (HTTP status, reason code, detail for this node's log)."""
+        ...
+
+    async def receive_stream(
+        self,
+        read: Callable[[int], Awaitable[bytes]],
+        length: int,
+        source: str | None = None,
+        sender: Peer | None = None,
+    ) -> tuple[int, str, str]:
+        """POST /gossip of a large body, opened as `read(n)` returns it (node/receiver.py)."""
         ...
 
     def answer_probe(self, body: bytes, sender: bytes | None = None) -> tuple[int, str]:

@@ -21,7 +21,8 @@ rejection is one ``WireError`` carrying a ``RejectReason``; no other exception e
 The package, one concern a module (every name below imports from `gossip.wire`):
 format.py (constants, reasons, message types, limits, canonical bytes), build.py
 (`build_envelope`), parse.py (strict parsing of untrusted bytes), replay.py (`ReplayGuard`),
-opener.py (`EnvelopeOpener`, `peek_envelope`).
+opener.py (`EnvelopeOpener`, `peek_envelope`), stream.py (streamed envelopes: a body over
+1 MiB signed over its chunks' digests and encrypted chunk by chunk, `StreamOpening`).
 """
 
 from __future__ import annotations
@@ -63,10 +64,17 @@ from murmur.gossip.wire.parse import (
 from murmur.gossip.wire.replay import (
     ReplayGuard,
 )
+from murmur.gossip.wire.stream import (
+    DEFAULT_CHUNK_BYTES,
+    STREAM_ABOVE_BYTES,
+    StreamOpening,
+    is_streamed,
+)
 
 __all__ = [
     "BODY_AD_DOMAIN",
     "BODY_FIELDS",
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_PROOFS",
     "DEFAULT_MAX_RECEIPTS",
     "DEFAULT_MAX_RECIPIENTS",
@@ -76,12 +84,14 @@ __all__ = [
     "KINDS",
     "MAX_UINT63",
     "PROTOCOL_VERSION",
+    "STREAM_ABOVE_BYTES",
     "WIRE_DTYPES",
     "EnvelopeOpener",
     "ModelUpdate",
     "OpenedEnvelope",
     "RejectReason",
     "ReplayGuard",
+    "StreamOpening",
     "WireError",
     "WireLimits",
     "_encode_body",
@@ -91,5 +101,6 @@ __all__ = [
     "_signed_digest",
     "build_envelope",
     "default_max_message_bytes",
+    "is_streamed",
     "peek_envelope",
 ]

@@ -46,6 +46,7 @@ from murmur.gossip.wire.format import (
     _RawEnvelope,
     _signed_digest,
 )
+from murmur.gossip.wire.stream import STREAM_ABOVE_BYTES, seal_streamed
 
 
 def _wire_array(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
@@ -66,7 +67,18 @@ def _encode_body(
     compressed: CompressedTensors | None = None,
     study: bytes | None = None,
 ) -> bytes:
-    """The body plaintext: uint32 header length, msgpack header, raw tensor bytes in order.
+    """The body plaintext, joined (``_body_parts``)."""
+    return b"".join(_body_parts(update, head, compressed, study))
+
+
+def _body_parts(
+    update: ModelUpdate,
+    head: AuditHead | None = None,
+    compressed: CompressedTensors | None = None,
+    study: bytes | None = None,
+) -> list[bytes | memoryview]:
+    """The body plaintext, in pieces: uint32 header length, msgpack header, raw tensor
+    bytes in order (views of the tensors: a streamed envelope never joins them).
 
     Keeping the tensor bytes outside msgpack lets the receiver view them inside the decrypted
     body without another copy; the sender still assembles the body in one copy (one join).
@@ -123,7 +135,7 @@ def _encode_body(
             raise TypeError("update.noise must be a gossip.noise_claims.NoiseClaim")
         fields[NOISE_FIELD] = update.noise.encode()
     header = msgpack.packb(fields)
-    return b"".join([_BODY_HEADER_LENGTH.pack(len(header)), header, *data])
+    return [_BODY_HEADER_LENGTH.pack(len(header)), header, *data]
 
 
 def _check_name(name: object) -> None:
@@ -176,21 +188,15 @@ def _check_recipients(recipients: Sequence[bytes]) -> tuple[bytes, ...]:
     return recipients
 
 
-def _seal_envelope(
-    body: bytes,
+def _unsigned_header(
     sender: Identity,
     recipients: Sequence[bytes],
     round: int,
-    *,
-    head_digest: bytes | None = None,
-    kind: str = "update",
-    now: float | None = None,
-) -> bytes:
-    """Encrypt an already encoded body and sign the envelope around it.
-
-    ``head_digest`` must be the digest of the audit head inside ``body`` (default: that of
-    ``no_audit_head()``); receivers refuse an envelope whose body head does not match it.
-    """
+    head_digest: bytes | None,
+    kind: str,
+    now: float | None,
+) -> tuple[_RawEnvelope, bytes]:
+    """Every header field but the signature (checked), and the fresh body key it wraps."""
     head_digest = no_audit_head().digest() if head_digest is None else head_digest
     if type(head_digest) is not bytes or len(head_digest) != DIGEST_BYTES:
         raise ValueError(f"head_digest must be {DIGEST_BYTES} bytes")
@@ -218,10 +224,46 @@ def _seal_envelope(
         signature=b"",
         body=b"",
     )
-    ciphertext = encrypt_body(body, key.body_key, nonce, _body_associated_data(unsigned))
+    return unsigned, key.body_key
+
+
+def _seal_envelope(
+    body: bytes,
+    sender: Identity,
+    recipients: Sequence[bytes],
+    round: int,
+    *,
+    head_digest: bytes | None = None,
+    kind: str = "update",
+    now: float | None = None,
+) -> bytes:
+    """Encrypt an already encoded body and sign the (whole) envelope around it.
+
+    ``head_digest`` must be the digest of the audit head inside ``body`` (default: that of
+    ``no_audit_head()``); receivers refuse an envelope whose body head does not match it.
+    """
+    unsigned, body_key = _unsigned_header(sender, recipients, round, head_digest, kind, now)
+    ciphertext = encrypt_body(body, body_key, unsigned.nonce, _body_associated_data(unsigned))
     digest = _signed_digest(unsigned, hashlib.sha256(ciphertext).digest())
     signed = dataclasses.replace(unsigned, signature=sender.sign(digest), body=ciphertext)
     return b"".join((_envelope_prefix(signed), ciphertext))
+
+
+def _seal_stream(
+    parts: Sequence[bytes | memoryview],
+    sender: Identity,
+    recipients: Sequence[bytes],
+    round: int,
+    *,
+    head_digest: bytes | None = None,
+    kind: str = "update",
+    now: float | None = None,
+    chunk_bytes: int | None = None,
+) -> bytes:
+    """Encrypt an encoded body (in pieces) chunk by chunk and sign the streamed envelope
+    around it (gossip/wire/stream.py); the same checks as ``_seal_envelope``."""
+    unsigned, body_key = _unsigned_header(sender, recipients, round, head_digest, kind, now)
+    return seal_streamed(parts, unsigned, body_key, sender, chunk_bytes)
 
 
 def build_envelope(
@@ -235,6 +277,8 @@ def build_envelope(
     now: float | None = None,
     compressed: CompressedTensors | None = None,
     study: bytes | None = None,
+    stream_above: int | None = STREAM_ABOVE_BYTES,
+    chunk_bytes: int | None = None,
 ) -> bytes:
     """One envelope carrying ``update`` to every key in ``recipients``.
 
@@ -245,10 +289,28 @@ def build_envelope(
     that cannot be sent. ``compressed``: the model compressed (gossip/compression.py), with
     ``update.tensors`` empty. ``study`` is the sender's study (its manifest's 32-byte SHA-256),
     which receivers require to be theirs.
+
+    A body longer than ``stream_above`` bytes (default 1 MiB; None: never) is sent as a
+    streamed envelope (gossip/wire/stream.py) in chunks of ``chunk_bytes`` (default 512
+    KiB), which receivers check as they arrive; a shorter one as a whole envelope, exactly
+    as before streams existed.
     """
     head = no_audit_head() if head is None else head
+    parts = _body_parts(update, head, compressed, study)
+    length = sum(memoryview(part).nbytes for part in parts)
+    if stream_above is not None and length > stream_above:
+        return _seal_stream(
+            parts,
+            sender,
+            recipients,
+            round,
+            head_digest=head.digest(),
+            kind=kind,
+            now=now,
+            chunk_bytes=chunk_bytes,
+        )
     return _seal_envelope(
-        _encode_body(update, head, compressed, study),
+        b"".join(parts),
         sender,
         recipients,
         round,

@@ -63,6 +63,9 @@ _MAX_BIN_BYTES = 2**32 - 1  # msgpack's own limit on one bin object
 _DECODE_GUARD_ITEMS = 4096
 _BODY_HEADER_LENGTH = struct.Struct(">I")
 BODY_AD_DOMAIN = b"murmur-envelope-body\x00"
+# A streamed envelope's default chunk (plaintext bytes) and most chunks (gossip/wire/stream.py)
+STREAM_CHUNK_BYTES = 512 << 10
+STREAM_MAX_CHUNKS = 4096
 
 # A model spec says what the receiver expects: tensor name -> (shape, dtype string).
 ModelSpec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -284,14 +287,16 @@ def default_max_message_bytes(spec: ModelSpec, max_recipients: int = DEFAULT_MAX
 
     The tensors dominate, so the limit is their exact size plus generous fixed allowances
     (64 KiB for the header and metrics, 512 bytes per tensor, 128 bytes per recipient, whose
-    entry takes 101): large
-    enough for any honest envelope, small enough that nobody can make us buffer more.
+    entry takes 101, and 48 per chunk the body would take as a streamed envelope: its tag
+    and digest, gossip/wire/stream.py): large enough for any honest envelope, small enough
+    that nobody can make us buffer more.
     """
     tensor_bytes = sum(
         math.prod(shape) * WIRE_DTYPES[dtype].itemsize
         for shape, dtype in _normalize_spec(spec).values()
     )
-    return tensor_bytes + 512 * len(spec) + 128 * max_recipients + 64 * 1024
+    chunks = min(STREAM_MAX_CHUNKS, math.ceil(tensor_bytes / STREAM_CHUNK_BYTES))
+    return tensor_bytes + 512 * len(spec) + 128 * max_recipients + 64 * 1024 + 48 * chunks
 
 
 def _bin_header(length: int) -> bytes:

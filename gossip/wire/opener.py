@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
     KINDS,
+    MAX_UINT63,
     EnvelopeInfo,
     ModelSpec,
     ModelUpdate,
@@ -42,12 +44,15 @@ from murmur.gossip.wire.format import (
     default_max_message_bytes,
 )
 from murmur.gossip.wire.parse import (
+    BodyStart,
+    _body_fields,
     _parse_body,
     _parse_envelope,
 )
 from murmur.gossip.wire.replay import (
     ReplayGuard,
 )
+from murmur.gossip.wire.stream import StreamOpening, is_streamed, peek_stream
 
 
 class EnvelopeOpener:
@@ -135,7 +140,15 @@ class EnvelopeOpener:
     def verify(
         self, data: bytes, now: float | None = None, sender: bytes | None = None
     ) -> OpenedEnvelope:
-        """``open`` without recording anything: the verified update, or ``WireError``."""
+        """``open`` without recording anything: the verified update, or ``WireError``.
+
+        ``data`` is a whole envelope or a streamed one (gossip/wire/stream.py), told apart
+        by its first byte; a node's listener opens large messages as they arrive instead
+        (``begin_stream``)."""
+        if is_streamed(data):
+            opening = self.begin_stream(memoryview(data).nbytes, now, sender)
+            opening.feed(data)
+            return opening.finish()
         envelope = _parse_envelope(data, self.limits, self.max_message_bytes)
         peer, wrapped_key = self._check_header(envelope, now, sender)
         self.replay.check(envelope.sender, envelope.round, envelope.nonce)
@@ -153,12 +166,77 @@ class EnvelopeOpener:
         if not verify_signature(envelope.sender, digest, envelope.signature):
             raise WireError(RejectReason.BAD_SIGNATURE, f"not a valid signature by {peer.name}")
         signed = (envelope.sender, envelope.round, envelope.nonce)
-        update, head, encoding = self._open_body(envelope, wrapped_key, signed)
+        plaintext = self._decrypt(envelope, wrapped_key, signed)
+        return self._verified_body(envelope, peer, plaintext, body_sha256, rest_digest, signed)
+
+    def begin_stream(
+        self, length: int, now: float | None = None, sender: bytes | None = None
+    ) -> StreamOpening:
+        """Open a message of ``length`` bytes as they arrive (``StreamOpening``: feed it,
+        then ``finish`` it for what ``verify`` returns); ``WireError`` if it is too large."""
+        return StreamOpening(self, length, now, sender)
+
+    def _verified_body(
+        self,
+        envelope: _RawEnvelope,
+        peer: Peer,
+        plaintext: bytes | bytearray,
+        body_sha256: bytes,
+        rest_digest: bytes,
+        signed: tuple[bytes, int, bytes],
+    ) -> OpenedEnvelope:
+        """The update in the decrypted body of an authenticated envelope (whole or streamed):
+        parsed against this node's study and model, reconstructed or spooled, its audit head
+        checked against the signed one."""
+        try:
+            update, head, encoding = _parse_body(plaintext, self._spec, self.limits, self.study)
+        except WireError as error:
+            error.signed = signed
+            raise
         if encoding is not None:
             update.tensors = self._reconstruct(envelope.sender, encoding, update.tensors, signed)
         elif self.spool is not None:
             # the tensors were views of the plaintext, which goes with them
             update.tensors = SpooledModel.of(update.tensors, self.spool)
+        return self._opened(envelope, peer, update, head, encoding, body_sha256, rest_digest)
+
+    def _verified_spooled(
+        self,
+        envelope: _RawEnvelope,
+        peer: Peer,
+        start: BodyStart,
+        spooled: SpooledModel,
+        body_sha256: bytes,
+        rest_digest: bytes,
+        signed: tuple[bytes, int, bytes],
+    ) -> OpenedEnvelope:
+        """``_verified_body`` for a streamed body whose uncompressed tensors were written to
+        the spool as they were decrypted (gossip/wire/stream.py): the same checks, the
+        tensors' finiteness read back from the spool a block at a time."""
+        try:
+            metrics, receipts, proofs, head, noise = _body_fields(start.header, self.limits)
+            for name in self._spec:
+                _check_finite(spooled, name)
+        except WireError as error:
+            error.signed = signed
+            raise
+        update = ModelUpdate(
+            tensors=spooled, metrics=metrics, receipts=receipts, proofs=proofs, noise=noise
+        )
+        return self._opened(envelope, peer, update, head, None, body_sha256, rest_digest)
+
+    def _opened(
+        self,
+        envelope: _RawEnvelope,
+        peer: Peer,
+        update: ModelUpdate,
+        head: AuditHead,
+        encoding: BodyEncoding | None,
+        body_sha256: bytes,
+        rest_digest: bytes,
+    ) -> OpenedEnvelope:
+        """The opened envelope, once its body's audit head is the signed one."""
+        signed = (envelope.sender, envelope.round, envelope.nonce)
         if head.digest() != envelope.head_digest:
             raise WireError(
                 RejectReason.MALFORMED,
@@ -260,10 +338,10 @@ class EnvelopeOpener:
             )
         return peer, wrapped_key
 
-    def _open_body(
+    def _decrypt(
         self, envelope: _RawEnvelope, wrapped_key: bytes, signed: tuple[bytes, int, bytes]
-    ) -> tuple[ModelUpdate, AuditHead, BodyEncoding | None]:
-        """Decrypt the body of an envelope whose signature verified, and parse its update."""
+    ) -> bytes:
+        """The decrypted body of a whole envelope whose signature verified."""
         try:
             body_key = unwrap_key(
                 self.identity,
@@ -273,16 +351,23 @@ class EnvelopeOpener:
                 envelope.nonce,
                 envelope.key_commitment,
             )
-            plaintext = decrypt_body(
+            return decrypt_body(
                 envelope.body, body_key, envelope.nonce, _body_associated_data(envelope)
             )
         except SealingError as exc:
             raise WireError(RejectReason.DECRYPT_FAILED, str(exc), signed) from None
-        try:
-            return _parse_body(plaintext, self._spec, self.limits, self.study)
-        except WireError as error:
-            error.signed = signed
-            raise
+
+
+_FINITE_BLOCK = 1 << 20  # entries read back at a time
+
+
+def _check_finite(model: SpooledModel, name: str) -> None:
+    """``non_finite`` unless every entry of the spooled tensor ``name`` is finite."""
+    start = model.byte_offset(name) // 4
+    stop = start + math.prod(model.shape(name))
+    for low in range(start, stop, _FINITE_BLOCK):
+        if not np.isfinite(model.read_flat(low, min(low + _FINITE_BLOCK, stop))).all():
+            raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
 
 
 def peek_envelope(data: bytes, limits: WireLimits | None = None) -> EnvelopeInfo:
@@ -292,6 +377,8 @@ def peek_envelope(data: bytes, limits: WireLimits | None = None) -> EnvelopeInfo
     is authenticated; use ``EnvelopeOpener.open`` to accept an update.
     """
     limits = limits if limits is not None else WireLimits()
+    if is_streamed(data):
+        return peek_stream(data, limits, limits.max_message_bytes or MAX_UINT63)
     envelope = _parse_envelope(data, limits, limits.max_message_bytes or _MAX_BIN_BYTES)
     return EnvelopeInfo(
         kind=envelope.kind,

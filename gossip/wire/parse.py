@@ -4,6 +4,7 @@ and refusing anything not in the one canonical encoding, before any signature is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -195,7 +196,64 @@ def _parse_body(
     deltas the opener adds to the sender's base. Returns the update, the sender's audit head
     (not yet checked against the signature) and the body's encoding (None: uncompressed).
     """
-    header, data_start = _body_header(plaintext, limits)
+    body_start = _parse_body_start(plaintext, len(plaintext), spec, limits, study)
+    if body_start is None:
+        raise _malformed("the body is shorter than its header")
+    layout, encoding = body_start.layout, body_start.encoding
+    metrics, receipts, proofs, head, noise = _body_fields(body_start.header, limits)
+    tensors = {}
+    for name in spec:
+        slot = layout[name]
+        if isinstance(slot, CompressedSlot):
+            tensors[name] = decode_slot(plaintext, slot, name, encoding.block)
+            continue
+        dtype, shape, start = slot
+        array = np.frombuffer(plaintext, dtype, math.prod(shape), start).reshape(shape)
+        array.flags.writeable = False  # a streamed body is a bytearray
+        if not np.isfinite(array).all():
+            raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+        tensors[name] = array
+    update = ModelUpdate(
+        tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs, noise=noise
+    )
+    return update, head, encoding
+
+
+@dataclass(frozen=True)
+class BodyStart:
+    """A body's header, checked against the receiver's study and model: the header map,
+    where the tensor bytes start, each tensor's place (``_tensor_layout``) and the encoding
+    (None: uncompressed)."""
+
+    header: dict
+    data_start: int
+    layout: dict[str, Any]
+    encoding: BodyEncoding | None
+
+
+def _parse_body_start(
+    prefix: Any,
+    body_length: int,
+    spec: dict[str, tuple[tuple[int, ...], str]],
+    limits: WireLimits,
+    study: bytes | None,
+) -> BodyStart | None:
+    """The checks of a body that need only its header, on its first ``len(prefix)`` bytes
+    of ``body_length`` (all of a whole envelope's; a streamed envelope's decrypted chunks so
+    far): None while the header is not all there, else the checked ``BodyStart``, or
+    ``WireError``: study (``unknown_study``), codec, tensor entries against the model, and
+    the body's length against what the shapes need (``malformed``)."""
+    if len(prefix) < _BODY_HEADER_LENGTH.size:
+        if body_length < _BODY_HEADER_LENGTH.size:
+            raise _malformed("the body is shorter than its header length field")
+        return None
+    (header_length,) = _BODY_HEADER_LENGTH.unpack_from(prefix)
+    data_start = _BODY_HEADER_LENGTH.size + header_length
+    if data_start > body_length:
+        raise _malformed(f"the body header claims {header_length} bytes; the body is shorter")
+    if data_start > len(prefix):
+        return None
+    header, data_start = _body_header(memoryview(prefix)[:data_start], limits)
     _check_study(header.get(STUDY_FIELD), study)
     encoding = None
     if BODY_ENCODING_FIELD in header:
@@ -203,11 +261,18 @@ def _parse_body(
     else:
         check_uncompressed(limits)
     layout, end = _tensor_layout(header["tensors"], spec, limits, encoding, data_start)
-    if end != len(plaintext):
+    if end != body_length:
         raise _malformed(
-            f"the body carries {len(plaintext) - data_start} tensor bytes; "
+            f"the body carries {body_length - data_start} tensor bytes; "
             f"the shapes in its header need {end - data_start}"
         )
+    return BodyStart(header, data_start, layout, encoding)
+
+
+def _body_fields(
+    header: dict, limits: WireLimits
+) -> tuple[dict[str, float], list[Receipt], list[EquivocationProof], AuditHead, NoiseClaim | None]:
+    """A checked body header's metrics, receipts, proofs, audit head and DP noise claim."""
     try:
         head = AuditHead.decode(header["audit_head"])
     except ReceiptError as exc:
@@ -221,21 +286,7 @@ def _parse_body(
             noise = NoiseClaim.decode(header[NOISE_FIELD])
         except NoiseClaimError as exc:
             raise _malformed(str(exc)) from None
-    tensors = {}
-    for name in spec:
-        slot = layout[name]
-        if isinstance(slot, CompressedSlot):
-            tensors[name] = decode_slot(plaintext, slot, name, encoding.block)
-            continue
-        dtype, shape, start = slot
-        array = np.frombuffer(plaintext, dtype, math.prod(shape), start).reshape(shape)
-        if not np.isfinite(array).all():
-            raise WireError(RejectReason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
-        tensors[name] = array
-    update = ModelUpdate(
-        tensors=tensors, metrics=metrics, receipts=receipts, proofs=proofs, noise=noise
-    )
-    return update, head, encoding
+    return metrics, receipts, proofs, head, noise
 
 
 def _body_header(plaintext: bytes, limits: WireLimits) -> tuple[dict, int]:
