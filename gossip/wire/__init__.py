@@ -45,6 +45,8 @@ from murmur.gossip.wire.format import (
     PROTOCOL_VERSION,
     WIRE_DTYPES,
     ModelUpdate,
+    is_update_kind,
+    study_kind,
     OpenedEnvelope,
     RejectReason,
     WireError,
@@ -91,5 +93,7 @@ __all__ = [
     "_signed_digest",
     "build_envelope",
     "default_max_message_bytes",
+    "is_update_kind",
     "peek_envelope",
+    "study_kind",
 ]

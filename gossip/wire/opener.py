@@ -27,7 +27,8 @@ from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
-    KINDS,
+    is_update_kind,
+    study_kind,
     EnvelopeInfo,
     ModelSpec,
     ModelUpdate,
@@ -79,7 +80,8 @@ class EnvelopeOpener:
     ) -> None:
         self.identity = identity
         self.spool = spool
-        self.study = study  # the manifest hash of the one study this node runs, or None
+        self.study = study  # the manifest hash of the study this opener takes, or None
+        self.kind = study_kind(study)  # the one envelope kind it takes (format.study_kind)
         self.allowlist = allowlist
         self.limits = limits if limits is not None else WireLimits()
         self.replay = replay if replay is not None else ReplayGuard()
@@ -230,9 +232,18 @@ class EnvelopeOpener:
         """The cheap checks, before anything is hashed: kind, allowlist, the authenticated
         sender, this node among the recipients, the timestamp window. Returns the sender's
         peer entry and this node's wrapped key."""
-        if envelope.kind not in KINDS:
+        if not is_update_kind(envelope.kind):
             raise WireError(
                 RejectReason.UNSUPPORTED_KIND, f"unknown message kind {envelope.kind!r}"
+            )
+        if envelope.kind != self.kind:
+            # Another study's update (or one without a study where this node runs one, or
+            # the reverse): refused before anything is hashed; the kind is signed, so a
+            # kind rewritten in transit would fail the signature anyway.
+            raise WireError(
+                RejectReason.UNKNOWN_STUDY,
+                f"the envelope is of kind {envelope.kind!r}; this node takes {self.kind!r} "
+                "(the study it approved)",
             )
         peer = self.allowlist.by_key(envelope.sender)
         if peer is None:
