@@ -45,8 +45,6 @@ from murmur.gossip.wire.format import (
     PROTOCOL_VERSION,
     WIRE_DTYPES,
     ModelUpdate,
-    is_update_kind,
-    study_kind,
     OpenedEnvelope,
     RejectReason,
     WireError,
@@ -54,6 +52,8 @@ from murmur.gossip.wire.format import (
     _envelope_prefix,
     _signed_digest,
     default_max_message_bytes,
+    is_update_kind,
+    study_kind,
 )
 from murmur.gossip.wire.opener import (
     EnvelopeOpener,

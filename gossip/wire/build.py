@@ -33,8 +33,6 @@ from murmur.gossip.wire.format import (
     DEFAULT_MAX_RECEIPTS,
     DEFAULT_MAX_RECIPIENTS,
     DEFAULT_MAX_STRING_BYTES,
-    is_update_kind,
-    study_kind,
     MAX_UINT63,
     PROTOCOL_VERSION,
     STUDY_FIELD,
@@ -45,6 +43,8 @@ from murmur.gossip.wire.format import (
     _envelope_prefix,
     _RawEnvelope,
     _signed_digest,
+    is_update_kind,
+    study_kind,
 )
 
 

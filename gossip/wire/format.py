@@ -71,6 +71,8 @@ def is_update_kind(kind: str) -> bool:
         and len(tail) == STUDY_KIND_HEX
         and all(c in "0123456789abcdef" for c in tail)
     )
+
+
 # A compressed body has one more field (gossip/compression.py; docs/protocol.md, "Compressed
 # tensors"); an uncompressed body has exactly BODY_FIELDS, as before compression existed.
 BODY_ENCODING_FIELD = "encoding"

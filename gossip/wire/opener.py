@@ -27,8 +27,6 @@ from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
-    is_update_kind,
-    study_kind,
     EnvelopeInfo,
     ModelSpec,
     ModelUpdate,
@@ -41,6 +39,8 @@ from murmur.gossip.wire.format import (
     _RawEnvelope,
     _rest_digest,
     default_max_message_bytes,
+    is_update_kind,
+    study_kind,
 )
 from murmur.gossip.wire.parse import (
     _parse_body,

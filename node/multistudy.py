@@ -1,0 +1,269 @@
+"""One hospital, one key, several studies in one process (`[[studies]]`, docs/governance.md).
+
+Why one process rather than one per study: a hospital is one member of the consortium, with
+one key its peers admit, one address they reach, and one site privacy budget its studies
+share. So the process has one identity, one peer listener and one operator listener, one set
+of rejection counters (`/metrics`), and one site budget store, which admits its studies one
+after another in the order of the `[[studies]]` entries (the store's `BEGIN IMMEDIATE`
+transaction still serialises it with any other process of the hospital).
+
+Each study is a runtime of its own: a `HospitalNode` built from that study's config
+(node/config.py `load_configs`), with its manifest and approvals, model, ledger, checkpoint,
+inbox, round loop, replay guard, receipt and head books and audit log under
+`STATE/studies/<first 16 hex of its id>/`. Its envelopes are of kind
+`update@<first 16 hex of its id>` (gossip/wire/format.py `study_kind`), inside what is
+signed, so neighbours keep each (sender, study)'s receipts and audit heads apart: one key
+signing round r of two studies is not an equivocation, and study B's round 3 behind study
+A's round 11 is not a rollback.
+
+`StudyHost` is what the listeners serve (node/served.py): it routes each request to the
+study it names, and otherwise to the first study's runtime, which holds the same key and
+allowlist:
+
+    POST /gossip     the envelope's signed kind -> that study's receiver, which verifies the
+                     signature and requires the body's authenticated `study` to be its own;
+                     a kind of no study here is refused there as `unknown_study`
+    POST /receipts   the study id in the signed request -> that study's rollback guard
+    POST /approvals  each record to the study it names (budget heads: the first study's
+                     gate, whose witness table is the shared site budget store's)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from murmur.crypto.allowlist import Peer
+from murmur.gossip.heads import ReceiptsRequest, RequestError
+from murmur.gossip.wire import WireError, peek_envelope, study_kind
+from murmur.node import lifecycle
+from murmur.node.config import NodeConfig
+from murmur.node.durable import atomic_write
+from murmur.node.metrics import NodeMetrics
+from murmur.node.node import HospitalNode
+from murmur.node.state import StartupError
+from murmur.node.studies.budget_log import HEAD_FORMAT
+
+log = logging.getLogger("murmur.node")
+
+REFUSED_PHASE = "refused"  # a study that could not start; the others run on
+
+
+class AdmissionOrder:
+    """The studies' site budget admissions, one at a time, in the order of the entries."""
+
+    def __init__(self, count: int) -> None:
+        self._done = [asyncio.Event() for _ in range(count)]
+
+    @contextlib.asynccontextmanager
+    async def turn(self, index: int) -> AsyncIterator[None]:
+        if index > 0:
+            await self._done[index - 1].wait()
+        try:
+            yield
+        finally:
+            self._done[index].set()
+
+    def skip(self, index: int) -> None:
+        """A study that ended before its admission does not hold up the later ones."""
+        self._done[index].set()
+
+
+class StudyHost:
+    """The process's studies behind one identity and one pair of listeners."""
+
+    def __init__(self, configs: list[NodeConfig]) -> None:
+        if not configs:
+            raise StartupError("no study to run")
+        self.metrics = NodeMetrics(configs[0].node.name)  # one key, one set of counters
+        self.runtimes = [HospitalNode(c, metrics=self.metrics) for c in configs]
+        first = self.runtimes[0]
+        self.first = first
+        self.config = first.config
+        self.identity = first.identity
+        self.allowlist = first.allowlist
+        # The listener's body cap: the largest study's; each study's opener keeps its own.
+        self.limits = max((rt.limits for rt in self.runtimes), key=_max_bytes)
+        self.by_kind = {study_kind(rt.gate.wire_id): rt for rt in self.runtimes}
+        self.by_study = {rt.gate.wire_id: rt for rt in self.runtimes}
+        if len(self.by_kind) != len(self.runtimes):
+            raise StartupError("two [[studies]] entries share the first 16 hex of their id")
+
+    def __getattr__(self, name: str) -> Any:
+        # The routes of the identity rather than of a study (/probe, /records, the
+        # dashboard's audit file): the first study's runtime, with the same key.
+        if name in {"runtimes", "first"}:
+            raise AttributeError(name)
+        return getattr(self.first, name)
+
+    # ---------------------------------------------------------------- what the API calls
+
+    @property
+    def current_round(self) -> int:
+        """Per-round request allowances count by this: it moves when any study's round does
+        (each study's envelopes are requests of their own)."""
+        return sum(rt.current_round for rt in self.runtimes)
+
+    async def receive(
+        self, body: bytes, source: str | None = None, sender: Peer | None = None
+    ) -> tuple[int, str, str]:
+        """POST /gossip to the study its envelope's kind names. The kind read here is not yet
+        authenticated: the runtime checks the signature over it, and the body's `study`."""
+        try:
+            kind = peek_envelope(body, self.limits).kind
+        except WireError:
+            kind = None
+        runtime = self.by_kind.get(kind, self.first) if kind is not None else self.first
+        return await runtime.receive(body, source, sender)
+
+    def answer_receipts_request(
+        self, body: bytes, sender: bytes | None = None
+    ) -> tuple[int, str, bytes]:
+        """POST /receipts to the study its (signed, checked there) request names."""
+        try:
+            study = ReceiptsRequest.decode(body).study_id
+        except RequestError:
+            study = None
+        runtime = self.by_study.get(study, self.first)
+        return runtime.answer_receipts_request(body, sender)
+
+    def answer_approvals(self, body: bytes, sender: Peer | None) -> tuple[int, str]:
+        """POST /approvals: each record to the study it names; a body that is not a JSON
+        array, and records of no study here, to the first study's gate, which refuses them
+        (`approval_malformed`, `unknown_study`)."""
+        try:
+            documents = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            documents = None
+        if not isinstance(documents, list):
+            return self.first.answer_approvals(body, sender)
+        shares: dict[int, list[Any]] = {}
+        for document in documents:
+            runtime = self.first
+            if isinstance(document, dict) and document.get("format") != HEAD_FORMAT:
+                named = document.get("study")
+                with contextlib.suppress(TypeError, ValueError):
+                    runtime = self.by_study.get(bytes.fromhex(named), self.first)
+            shares.setdefault(self.runtimes.index(runtime), []).append(document)
+        answer = (202, "accepted")
+        for index, share in sorted(shares.items()):
+            got = self.runtimes[index].answer_approvals(json.dumps(share).encode(), sender)
+            if got[0] != 202:
+                answer = got
+        return answer
+
+    # ---------------------------------------------------------------- status
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for rt in self.runtimes:
+            total.update(rt.rejected)
+        return dict(total)
+
+    def status(self) -> dict[str, Any]:
+        """GET /status: the hospital, and each study's own status under `studies`."""
+        studies = {rt.gate.study_id: rt.status() for rt in self.runtimes}
+        phases = sorted({s["phase"] for s in studies.values()})
+        return {
+            "name": self.config.node.name,
+            "public_key": self.identity.public_key.hex(),
+            "phase": phases[0] if len(phases) == 1 else "+".join(phases),
+            "round": min(s["round"] for s in studies.values()),
+            "rejected": self.rejected,
+            "peers": self.first.state.peers,
+            "studies": studies,
+        }
+
+    def write_status(self) -> None:
+        """STATE/status.json: this status (each study writes its own in its directory)."""
+        top = self.config.studies_root or self.config.node.state_dir
+        text = json.dumps(self.status(), indent=2, default=str) + "\n"
+        atomic_write(top / "status.json", text.encode())
+
+
+def _max_bytes(limits: Any) -> int:
+    return int(limits.max_message_bytes or 0)
+
+
+async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
+    """Serve one pair of listeners and run every study's rounds; 0 when every study ended
+    well, 2 when one could not start (the others run on; why is logged)."""
+    from murmur.node.api import operator_token, start_api
+
+    pending: list[tuple[int, HospitalNode]] = []
+    refused = 0
+    for index, rt in enumerate(host.runtimes):
+        try:
+            lifecycle.check_start(rt)
+        except StartupError as exc:
+            refused += 1
+            _refused(rt, exc)
+            rt.gate.close()
+            rt.audit.close()
+            continue
+        log.info("study %s: %s", rt.gate.study_name, lifecycle.start_line(rt))
+        ended = lifecycle.finished_already(rt)
+        if ended is not None and not serve_forever:
+            lifecycle.say_finished(rt, ended)
+            continue
+        pending.append((index, rt))
+    if not pending:
+        host.write_status()
+        return 2 if refused else 0
+    token = operator_token(host.config)
+    for _, rt in pending:
+        lifecycle.begin(rt)
+    order = AdmissionOrder(len(host.runtimes))
+    started = {i for i, _ in pending}
+    for index in range(len(host.runtimes)):
+        if index not in started:
+            order.skip(index)
+    api = await start_api(host, token)
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_run_study(rt, i, order, serve_forever)) for i, rt in pending
+            ]
+    finally:
+        await api.close()
+        host.write_status()
+    refused += sum(1 for task in tasks if not task.result())
+    return 2 if refused else 0
+
+
+async def _run_study(
+    rt: HospitalNode, index: int, order: AdmissionOrder, serve_forever: bool
+) -> bool:
+    """One study's run; False when it could not start (logged, in its status), True else.
+    A study that cannot start (over the site budget, a rollback) does not stop the others."""
+    try:
+        await lifecycle.serve_rounds(rt, serve_forever, admission=order.turn(index))
+        return True
+    except StartupError as exc:
+        _refused(rt, exc)
+        return False
+    finally:
+        order.skip(index)
+        try:
+            lifecycle.record_stop(rt)
+        finally:
+            lifecycle.close(rt)
+
+
+def _refused(rt: HospitalNode, exc: StartupError) -> None:
+    rt.state.phase = REFUSED_PHASE
+    rt.state.stop_detail = str(exc)
+    log.error(
+        "cannot start study %s (%s) of node %s: %s",
+        rt.gate.study_name,
+        rt.gate.study_id,
+        rt.config.node.name,
+        exc,
+    )
+    rt.write_status()

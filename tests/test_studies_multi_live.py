@@ -1,0 +1,140 @@
+"""One process, one key, several studies (`[[studies]]`, node/multistudy.py), with real
+`murmur node` processes: two hospitals each run three studies in one process under one key.
+Both hospitals train the first two studies at once, their evidence kept per (sender,
+study) (no study's receipts or heads taken for an equivocation or a rollback of the other),
+both charged to each hospital's one site budget store, composed by the accountant; the third
+study does not fit in what is left and is refused with the numbers, while the others run on."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from murmur.models.privacy import composed_epsilon
+from murmur.node.studies.site_budget import SiteBudgetStore
+
+from tests.netutil import Network, make_network
+from tests.studyutil import DELTA, SITE_KEYS, murmur
+
+pytestmark = pytest.mark.slow
+
+HOSPITALS = ("hospital_0", "hospital_1")
+STUDY_SECTIONS = ("data", "model", "training", "privacy", "aggregation")
+# alpha and beta fit in max_epsilon together (composed: about 2.05); gamma alone is 3.0,
+# and composed with what alpha and beta reserved it is past 3.2.
+STUDIES = (("alpha", 1.5), ("beta", 1.5), ("gamma", 3.0))
+MAX_EPSILON = 3.2
+
+
+def propose(tmp: Path, net: Network, name: str, epsilon: float) -> tuple[Path, str]:
+    """A manifest signed by hospital_0's key from the sections run_cluster wrote, with its
+    own name and ε; returns the file and the study id."""
+    from run_cluster import to_toml
+
+    config = tomllib.loads(net.node("hospital_0").config_path.read_text())
+    draft: dict = {"study": {"name": name, "topology": "both hospitals, complete graph"}}
+    for section in STUDY_SECTIONS:
+        draft[section] = {k: v for k, v in config[section].items() if k not in SITE_KEYS}
+    draft["privacy"]["epsilon"] = epsilon
+    draft_path = tmp / f"{name}.toml"
+    draft_path.write_text(to_toml(draft))
+    manifest = tmp / f"{name}.json"
+    key = net.run_dir / "keys" / "hospital_0.key"
+    done = murmur("study", "propose", str(draft_path), "--key", str(key), "--out", str(manifest))
+    assert done.returncode == 0, done.stderr
+    shown = murmur("study", "show", str(manifest))
+    study = next(line.split()[1] for line in shown.stdout.splitlines() if line.startswith("study:"))
+    return manifest, study
+
+
+def run_studies(net: Network, name: str, manifests: list[Path], store: Path) -> None:
+    """Rewrite the node's config: the study sections come from the manifests only, each one
+    a [[studies]] entry, and the hospital's site budget."""
+    from run_cluster import to_toml
+
+    path = net.node(name).config_path
+    doc = tomllib.loads(path.read_text())
+    doc.pop("study", None)
+    for section in STUDY_SECTIONS:
+        doc[section] = {k: v for k, v in doc.get(section, {}).items() if k in SITE_KEYS}
+        if not doc[section]:
+            del doc[section]
+    doc.setdefault("gossip", {})["startup_timeout_s"] = 3.0
+    doc["site_budget"] = {
+        "store": str(store),
+        "datasets": {"breast-cancer": {"max_epsilon": MAX_EPSILON, "delta": DELTA}},
+    }
+    doc["studies"] = [{"manifest": str(m)} for m in manifests]
+    path.write_text(to_toml(doc))
+
+
+def approve(net: Network, name: str, manifest: Path, study: str) -> None:
+    """The operator's approval, kept in that study's own state directory."""
+    state = net.node(name).state_dir / "studies" / study[:16]
+    key = net.run_dir / "keys" / f"{name}.key"
+    done = murmur("study", "approve", str(manifest), "--state", str(state), "--key", str(key))
+    assert done.returncode == 0 and "kept: study" in done.stdout, done.stderr
+
+
+def test_one_process_one_key_runs_two_studies_and_refuses_a_third_over_budget(
+    tmp_path: Path,
+) -> None:
+    net = make_network(
+        tmp_path / "net",
+        *("--nodes", "2", "--rounds", "2", "--round-timeout", "5"),
+        *("--aggregator", "mean", "--dp-epsilon", "1.5", "--dp-delta", str(DELTA)),
+    )
+    made = [propose(tmp_path, net, name, eps) for name, eps in STUDIES]
+    manifests = [m for m, _ in made]
+    ids = {name: study for (name, _), (_, study) in zip(STUDIES, made, strict=True)}
+    stores = {name: tmp_path / f"{name}-site.sqlite" for name in HOSPITALS}
+    for name in HOSPITALS:
+        run_studies(net, name, manifests, stores[name])
+        for manifest, study in made:
+            approve(net, name, manifest, study)
+    try:
+        net.start_all()
+        codes = net.wait_all(timeout_s=240)
+        # 2: one study (gamma) could not start; the process ran the others to the end.
+        assert codes == {"hospital_0": 2, "hospital_1": 2}, net.log("hospital_0")
+        for name in HOSPITALS:
+            log = net.log(name)
+            assert "cannot start study gamma" in log
+            assert "would take data set breast-cancer past its lifetime budget" in log
+            assert f"> max_epsilon={MAX_EPSILON}" in log and "on 2 admitted studies" in log
+            top = json.loads((net.node(name).state_dir / "status.json").read_text())
+            assert sorted(top["studies"]) == sorted(ids.values())
+            assert top["studies"][ids["gamma"]]["phase"] == "refused"
+            assert "past its lifetime budget" in top["studies"][ids["gamma"]]["stop_detail"]
+            keys = {s["public_key"] for s in top["studies"].values()}
+            assert keys == {top["public_key"]}  # one key for every study
+            other = next(h for h in HOSPITALS if h != name)
+            for study in ("alpha", "beta"):
+                status = top["studies"][ids[study]]
+                assert status["phase"] == "done" and status["round"] == 2, status["phase"]
+                assert status["study"]["study"] == ids[study]
+                # Trained with the other hospital: its model was in every round's aggregate.
+                for entry in status["history"]:
+                    assert other in entry["received"], entry
+                # The same key signed round r of both studies: neither an equivocation nor
+                # a rollback of the other, and nothing refused as another study's.
+                assert status["equivocation"]["proven"] == {}
+                assert status["rollback"]["proven"] == {}
+                assert status["rollback"]["startup_check"]["outcome"] in ("ok", "no_answer")
+                for reason in ("unknown_study", "rollback", "equivocation", "replay"):
+                    assert status["rejected"].get(reason, 0) == 0, status["rejected"]
+            assert top["rejected"].get("unknown_study", 0) == 0
+            # Both studies charged to the hospital's one store, composed by the accountant;
+            # gamma reserved nothing.
+            runs = SiteBudgetStore(stores[name]).runs("breast-cancer")
+            assert sorted(r.name for r in runs) == ["alpha", "beta"]
+            assert all(r.finished and r.steps_taken > 0 for r in runs)
+            assert len({r.public_key for r in runs}) == 1  # one key, two studies
+            composed = composed_epsilon([r.event() for r in runs], DELTA)
+            alone = [composed_epsilon([r.event()], DELTA) for r in runs]
+            assert max(alone) < composed < sum(alone) < MAX_EPSILON + 1
+            assert f"the data set has spent ε={composed:.3f} on 2 admitted studies" in log
+    finally:
+        net.kill_all()
