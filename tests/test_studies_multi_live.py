@@ -8,74 +8,22 @@ study does not fit in what is left and is refused with the numbers, while the ot
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 from murmur.models.privacy import composed_epsilon
 from murmur.node.studies.site_budget import SiteBudgetStore
 
-from tests.netutil import Network, make_network
-from tests.studyutil import DELTA, SITE_KEYS, murmur
+from tests.netutil import make_network
+from tests.studyutil import DELTA, approve_study, propose_study, run_studies
 
 pytestmark = pytest.mark.slow
 
 HOSPITALS = ("hospital_0", "hospital_1")
-STUDY_SECTIONS = ("data", "model", "training", "privacy", "aggregation")
 # alpha and beta fit in max_epsilon together (composed: about 2.05); gamma alone is 3.0,
 # and composed with what alpha and beta reserved it is past 3.2.
 STUDIES = (("alpha", 1.5), ("beta", 1.5), ("gamma", 3.0))
 MAX_EPSILON = 3.2
-
-
-def propose(tmp: Path, net: Network, name: str, epsilon: float) -> tuple[Path, str]:
-    """A manifest signed by hospital_0's key from the sections run_cluster wrote, with its
-    own name and ε; returns the file and the study id."""
-    from run_cluster import to_toml
-
-    config = tomllib.loads(net.node("hospital_0").config_path.read_text())
-    draft: dict = {"study": {"name": name, "topology": "both hospitals, complete graph"}}
-    for section in STUDY_SECTIONS:
-        draft[section] = {k: v for k, v in config[section].items() if k not in SITE_KEYS}
-    draft["privacy"]["epsilon"] = epsilon
-    draft_path = tmp / f"{name}.toml"
-    draft_path.write_text(to_toml(draft))
-    manifest = tmp / f"{name}.json"
-    key = net.run_dir / "keys" / "hospital_0.key"
-    done = murmur("study", "propose", str(draft_path), "--key", str(key), "--out", str(manifest))
-    assert done.returncode == 0, done.stderr
-    shown = murmur("study", "show", str(manifest))
-    study = next(line.split()[1] for line in shown.stdout.splitlines() if line.startswith("study:"))
-    return manifest, study
-
-
-def run_studies(net: Network, name: str, manifests: list[Path], store: Path) -> None:
-    """Rewrite the node's config: the study sections come from the manifests only, each one
-    a [[studies]] entry, and the hospital's site budget."""
-    from run_cluster import to_toml
-
-    path = net.node(name).config_path
-    doc = tomllib.loads(path.read_text())
-    doc.pop("study", None)
-    for section in STUDY_SECTIONS:
-        doc[section] = {k: v for k, v in doc.get(section, {}).items() if k in SITE_KEYS}
-        if not doc[section]:
-            del doc[section]
-    doc.setdefault("gossip", {})["startup_timeout_s"] = 3.0
-    doc["site_budget"] = {
-        "store": str(store),
-        "datasets": {"breast-cancer": {"max_epsilon": MAX_EPSILON, "delta": DELTA}},
-    }
-    doc["studies"] = [{"manifest": str(m)} for m in manifests]
-    path.write_text(to_toml(doc))
-
-
-def approve(net: Network, name: str, manifest: Path, study: str) -> None:
-    """The operator's approval, kept in that study's own state directory."""
-    state = net.node(name).state_dir / "studies" / study[:16]
-    key = net.run_dir / "keys" / f"{name}.key"
-    done = murmur("study", "approve", str(manifest), "--state", str(state), "--key", str(key))
-    assert done.returncode == 0 and "kept: study" in done.stdout, done.stderr
 
 
 def test_one_process_one_key_runs_two_studies_and_refuses_a_third_over_budget(
@@ -86,14 +34,14 @@ def test_one_process_one_key_runs_two_studies_and_refuses_a_third_over_budget(
         *("--nodes", "2", "--rounds", "2", "--round-timeout", "5"),
         *("--aggregator", "mean", "--dp-epsilon", "1.5", "--dp-delta", str(DELTA)),
     )
-    made = [propose(tmp_path, net, name, eps) for name, eps in STUDIES]
+    made = [propose_study(tmp_path, net, name, eps) for name, eps in STUDIES]
     manifests = [m for m, _ in made]
     ids = {name: study for (name, _), (_, study) in zip(STUDIES, made, strict=True)}
     stores = {name: tmp_path / f"{name}-site.sqlite" for name in HOSPITALS}
     for name in HOSPITALS:
-        run_studies(net, name, manifests, stores[name])
+        run_studies(net, name, manifests, stores[name], MAX_EPSILON)
         for manifest, study in made:
-            approve(net, name, manifest, study)
+            approve_study(net, name, manifest, study)
     try:
         net.start_all()
         codes = net.wait_all(timeout_s=240)
