@@ -40,6 +40,7 @@ from typing import Any
 
 from murmur.crypto.allowlist import Peer
 from murmur.gossip.heads import ReceiptsRequest, RequestError
+from murmur.gossip.receipts import EquivocationProof
 from murmur.gossip.wire import WireError, peek_envelope, study_kind
 from murmur.node import lifecycle
 from murmur.node.config import NodeConfig
@@ -93,6 +94,8 @@ class StudyHost:
         self.by_study = {rt.gate.wire_id: rt for rt in self.runtimes}
         if len(self.by_kind) != len(self.runtimes):
             raise StartupError("two [[studies]] entries share the first 16 hex of their id")
+        for rt in self.runtimes:
+            _share_misbehaviour(rt, [other for other in self.runtimes if other is not rt])
 
     def __getattr__(self, name: str) -> Any:
         # The routes of the identity rather than of a study (/probe, /records, the
@@ -185,6 +188,38 @@ class StudyHost:
         top = self.config.studies_root or self.config.node.state_dir
         text = json.dumps(self.status(), indent=2, default=str) + "\n"
         atomic_write(top / "status.json", text.encode())
+
+
+def _share_misbehaviour(rt: HospitalNode, others: list[HospitalNode]) -> None:
+    """A key proven to misbehave in one study is treated so in every study of the process:
+    an equivocation proof is learned by each (quarantine, left out of aggregation, forwarded
+    to its neighbours), and a key proven to have rolled back one study's state has its
+    envelopes refused in the others as `rollback` too. Each proof stays about one study's
+    envelopes (its receipts name the kind), checkable offline as before."""
+    name = rt.gate.study_name
+
+    def tell(proof: EquivocationProof) -> None:
+        for other in others:
+            other.evidence.learn(proof, reported_by=f"this node's study {name}")
+
+    rt.evidence.on_proof.append(tell)
+    own_refusal = rt.rollback.refused_key
+
+    def refused_key(key: bytes) -> str | None:
+        refusal = own_refusal(key)
+        if refusal is not None:
+            return refusal
+        for other in others:
+            proof = other.rollback.heads.proof(key)
+            if proof is not None:
+                return (
+                    f"proven to have rolled back its state in this node's study "
+                    f"{other.gate.study_name} (proof {proof.id[:16]}, round "
+                    f"{proof.later.round}); its envelopes are refused in every study"
+                )
+        return None
+
+    rt.rollback.refused_key = refused_key
 
 
 def _max_bytes(limits: Any) -> int:

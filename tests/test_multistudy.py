@@ -200,10 +200,18 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
     assert (await host.receive(envelope(studies[1], 2, seq=8, runtime=b), sender=peer))[0] == 202
     for rt in (a, b):
         assert rt.rollback.status()["proven"] == {} and rt.evidence.status()["proven"] == {}
-    # ...but a rollback inside one study still is one.
+    # A second, different round-2 envelope of study A is an equivocation: proven in study A,
+    # and learned by study B (a key that equivocates in one study is trusted in none).
+    await host.receive(envelope(studies[0], 2, seq=91), sender=peer)
+    assert "hospital_1" in a.evidence.status()["proven"]
+    assert "hospital_1" in b.evidence.status()["proven"]
+    assert b.evidence.counts["proofs_learned"] == 1
+    # ...but a rollback inside one study still is one, and the key is refused in every study.
     status, reason, _ = await host.receive(envelope(studies[1], 3, seq=5, runtime=b), sender=peer)
     assert (status, reason) == (409, "rollback")
     assert "hospital_1" in b.rollback.status()["proven"] and a.rollback.status()["proven"] == {}
+    status, reason, detail = await host.receive(envelope(studies[0], 3, seq=99), sender=peer)
+    assert (status, reason) == (409, "rollback") and "in every study" in detail
     # A study this process does not run: unknown_study, counted once for the hospital.
     other = hashlib.sha256(b"another study").digest()
     status, reason, _ = await host.receive(envelope(other, 1, seq=1), sender=peer)
@@ -228,7 +236,7 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
     body = json.dumps([sign_approval(s.hex(), h1).to_json() for s in studies]).encode()
     assert host.answer_approvals(body, peer) == (202, "accepted")
     for study, rt in zip(studies, (a, b), strict=True):
-        assert [x.approver for x in rt.gate.book.of_study(study.hex())] == [
+        assert sorted(x.approver for x in rt.gate.book.of_study(study.hex())) == [
             "hospital_0",
             "hospital_1",
         ]
