@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 from collections import Counter
@@ -53,6 +54,27 @@ from murmur.node.studies.budget_log import HEAD_FORMAT
 log = logging.getLogger("murmur.node")
 
 REFUSED_PHASE = "refused"  # a study that could not start; the others run on
+# The study whose task logs a line: each study's task (and the worker threads asyncio starts
+# for it, which copy the context) names it, so "round 2 done" says which study's round.
+_STUDY: contextvars.ContextVar[str | None] = contextvars.ContextVar("murmur_study", default=None)
+
+
+class _StudyTag(logging.Filter):
+    """Starts each line logged inside a study's task with `study NAME: `."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        study = _STUDY.get()
+        if study is not None and not getattr(record, "murmur_study", None):
+            record.murmur_study = study
+            record.msg = f"study {study}: {record.msg}"
+        return True
+
+
+def tag_log_lines() -> None:
+    """Tag the lines of every handler the process logs to (once)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _StudyTag) for f in handler.filters):
+            handler.addFilter(_StudyTag())
 
 
 class AdmissionOrder:
@@ -252,6 +274,7 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
         host.write_status()
         return 2 if refused else 0
     token = operator_token(host.config)
+    tag_log_lines()
     for _, rt in pending:
         lifecycle.begin(rt)
     order = AdmissionOrder(len(host.runtimes))
@@ -277,6 +300,7 @@ async def _run_study(
 ) -> bool:
     """One study's run; False when it could not start (logged, in its status), True else.
     A study that cannot start (over the site budget, a rollback) does not stop the others."""
+    _STUDY.set(rt.gate.study_name)  # this task's own context (TaskGroup copies it)
     try:
         await lifecycle.serve_rounds(rt, serve_forever, admission=order.turn(index))
         return True

@@ -421,28 +421,24 @@ class RollbackGuard:
             )
         except RequestError as exc:
             return self._refuse_request(exc)
-        if request.study_id != self.study:
-            return self._refuse_request(
-                RequestError(
-                    "unknown_study",
-                    f"the request is for study {request.study.hex()[:16]}; this node answers "
-                    f"for {self.kind}",
-                )
-            )
+        # The receipts of the study the request names (none of a study this node does not
+        # run), and the hospital's budget log head, which is per hospital, not per study.
+        kind = study_kind(request.study_id)
         requester = self.allowlist.by_key(request.requester)
-        held = self.heads.latest(request.requester, self.kind)
+        held = self.heads.latest(request.requester, kind)
         self.requests["answered"] += 1
         self.metrics.receipts_requests.labels(outcome="answered").inc()
         self.audit.append(
             "receipts_request",
             current_round,
             requester=requester.name if requester else None,
+            envelope_kind=kind,
             outcome="answered",
             answered={"round": held.round, **held.head.to_json()} if held else None,
         )
         self.on_change()
         receipts = [held] if held is not None else []
-        proof = self.heads.proof(request.requester, self.kind)
+        proof = self.heads.proof(request.requester, kind)
         if proof is not None and proof.earlier not in receipts:
             receipts.append(proof.earlier)  # the furthest head, if a later round went back
         budget = self.budget_head_of(request.requester)
