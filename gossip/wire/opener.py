@@ -230,20 +230,11 @@ class EnvelopeOpener:
         self, envelope: _RawEnvelope, now: float | None, sender: bytes | None
     ) -> tuple[Peer, bytes]:
         """The cheap checks, before anything is hashed: kind, allowlist, the authenticated
-        sender, this node among the recipients, the timestamp window. Returns the sender's
-        peer entry and this node's wrapped key."""
+        sender, this node among the recipients, the timestamp window, the study (its kind).
+        Returns the sender's peer entry and this node's wrapped key."""
         if not is_update_kind(envelope.kind):
             raise WireError(
                 RejectReason.UNSUPPORTED_KIND, f"unknown message kind {envelope.kind!r}"
-            )
-        if envelope.kind != self.kind:
-            # Another study's update (or one without a study where this node runs one, or
-            # the reverse): refused before anything is hashed; the kind is signed, so a
-            # kind rewritten in transit would fail the signature anyway.
-            raise WireError(
-                RejectReason.UNKNOWN_STUDY,
-                f"the envelope is of kind {envelope.kind!r}; this node takes {self.kind!r} "
-                "(the study it approved)",
             )
         peer = self.allowlist.by_key(envelope.sender)
         if peer is None:
@@ -268,6 +259,15 @@ class EnvelopeOpener:
                 RejectReason.STALE,
                 f"timestamp is {skew:+.0f} s from this node's clock "
                 f"(window ±{self.limits.timestamp_window_s:.0f} s)",
+            )
+        if envelope.kind != self.kind:
+            # Another study's update (or one without a study where this node runs one, or
+            # the reverse): refused before anything is hashed; the kind is signed, so a
+            # kind rewritten in transit would fail the signature anyway.
+            raise WireError(
+                RejectReason.UNKNOWN_STUDY,
+                f"the envelope is of kind {envelope.kind!r}; this node takes {self.kind!r} "
+                "(the study it approved)",
             )
         return peer, wrapped_key
 
