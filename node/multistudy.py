@@ -50,6 +50,8 @@ from murmur.node.metrics import NodeMetrics
 from murmur.node.node import HospitalNode
 from murmur.node.state import StartupError
 from murmur.node.studies.budget_log import HEAD_FORMAT
+from murmur.node.studies.gate import WITNESS_FILE
+from murmur.node.studies.witness import WitnessBook
 
 log = logging.getLogger("murmur.node")
 
@@ -116,8 +118,22 @@ class StudyHost:
         self.by_study = {rt.gate.wire_id: rt for rt in self.runtimes}
         if len(self.by_kind) != len(self.runtimes):
             raise StartupError("two [[studies]] entries share the first 16 hex of their id")
+        self._share_witness()
         for rt in self.runtimes:
             _share_misbehaviour(rt, [other for other in self.runtimes if other is not rt])
+
+    def _share_witness(self) -> None:
+        """The peers' budget log heads are the hospital's, not a study's: without a site
+        budget store (whose table every study already shares), every study's gate keeps them
+        in one `STATE/budget_witness.sqlite`, so the study a peer asks about answers with
+        the head the first study's gate took (POST /approvals routes heads there)."""
+        root = self.config.studies_root
+        if root is None or self.config.site_budget.store is not None:
+            return
+        for rt in self.runtimes:
+            if rt.gate.witness is not None:
+                rt.gate.witness.close()
+                rt.gate.witness = WitnessBook(root / WITNESS_FILE)
 
     def __getattr__(self, name: str) -> Any:
         # The routes of the identity rather than of a study (/probe, /records, the
@@ -232,6 +248,9 @@ def _share_misbehaviour(rt: HospitalNode, others: list[HospitalNode]) -> None:
         if refusal is not None:
             return refusal
         for other in others:
+            refusal = other.gate.budget_refusal(key)  # its site budget store went back
+            if refusal is not None:
+                return refusal
             proof = other.rollback.heads.proof(key)
             if proof is not None:
                 return (

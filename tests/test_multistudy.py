@@ -242,6 +242,9 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
             "hospital_0",
             "hospital_1",
         ]
+    # The peers' budget log heads are the hospital's: one witness table for every study.
+    root = host.config.studies_root
+    assert a.gate.witness.path == b.gate.witness.path == root / "budget_witness.sqlite"
     studies_status = host.status()["studies"]
     assert sorted(studies_status) == sorted(s.hex() for s in studies)
     assert {s["public_key"] for s in studies_status.values()} == {host.identity.public_key.hex()}
