@@ -36,7 +36,7 @@ import contextvars
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from murmur.crypto.allowlist import Peer
@@ -52,6 +52,8 @@ from murmur.node.state import StartupError
 from murmur.node.studies.budget_log import HEAD_FORMAT
 from murmur.node.studies.gate import WITNESS_FILE
 from murmur.node.studies.witness import WitnessBook
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("murmur.node")
 
@@ -99,14 +101,45 @@ class AdmissionOrder:
         self._done[index].set()
 
 
+class StudiesMetrics:
+    """`/metrics` of a process of several studies: each study's `NodeMetrics` series with a
+    `study` label (the first 16 hex of its id), so a gauge such as `murmur_round_completed`
+    is one series per study and a counter's sum over `study` is the hospital's."""
+
+    def __init__(self, studies: list[tuple[str, NodeMetrics]]) -> None:
+        self.studies = studies
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]  # a custom collector
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for study, metrics in self.studies:
+            for family in metrics.registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                merged.samples.extend(
+                    sample._replace(labels={**sample.labels, "study": study})
+                    for sample in family.samples
+                )
+        yield from families.values()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class StudyHost:
     """The process's studies behind one identity and one pair of listeners."""
 
     def __init__(self, configs: list[NodeConfig]) -> None:
         if not configs:
             raise StartupError("no study to run")
-        self.metrics = NodeMetrics(configs[0].node.name)  # one key, one set of counters
-        self.runtimes = [HospitalNode(c, metrics=self.metrics) for c in configs]
+        self.runtimes = [HospitalNode(c) for c in configs]
+        # One /metrics for the hospital: every study's series, labelled with its study.
+        self.metrics = StudiesMetrics(
+            [(str(rt.gate.study_id)[:16], rt.metrics) for rt in self.runtimes]
+        )
         first = self.runtimes[0]
         self.first = first
         self.config = first.config

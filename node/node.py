@@ -78,9 +78,7 @@ log = logging.getLogger("murmur.node")
 class HospitalNode:
     """A hospital's murmur node. Build it from a validated config, then `await run()`."""
 
-    def __init__(self, config: NodeConfig, *, metrics: NodeMetrics | None = None) -> None:
-        """``metrics``: shared with the process's other studies (node/multistudy.py), so
-        that one key's refusals are counted once; by default the node's own."""
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         limit_numeric_threads()
         self.identity: Identity = load_identity(config.node.key_file)
@@ -114,7 +112,7 @@ class HospitalNode:
             timestamp_window_s=config.gossip.timestamp_window_s,
             accepted_codecs=config.compression.accepted(),
         )
-        self.metrics = metrics if metrics is not None else NodeMetrics(config.node.name)
+        self.metrics = NodeMetrics(config.node.name)
         self.audit = AuditLog(
             self.state_dir / AUDIT_FILE,
             self.identity,

@@ -217,8 +217,12 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
     status, reason, _ = await host.receive(envelope(other, 1, seq=1), sender=peer)
     assert (status, reason) == (409, "unknown_study")
     assert host.status()["rejected"]["unknown_study"] == 1
+    # /metrics: each study's series, labelled with its study (the refusal went to the first).
     text = host.metrics.render().decode()
-    assert 'murmur_messages_rejected_total{reason="unknown_study"} 1.0' in text
+    first, second = (s.hex()[:16] for s in studies)
+    assert f'murmur_messages_rejected_total{{reason="unknown_study",study="{first}"}} 1.0' in text
+    assert text.count("# TYPE murmur_round_completed gauge") == 1
+    assert f'murmur_round_completed{{study="{second}"}}' in text
 
     # POST /receipts: each study's newest receipt, for the study the request names.
     for study, round_ in ((studies[0], 2), (studies[1], 2)):
