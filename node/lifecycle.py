@@ -22,6 +22,7 @@ from murmur.node.consensus import agreement_written
 from murmur.node.state import StartupError
 
 if TYPE_CHECKING:
+    from murmur.gossip.routing import RoutedTransport
     from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.node")
@@ -194,21 +195,25 @@ async def serve_rounds(
     node: HospitalNode,
     serve_forever: bool,
     admission: contextlib.AbstractAsyncContextManager[object] | None = None,
+    transport: RoutedTransport | None = None,
 ) -> None:
     """Check for a rollback, then run the rounds, watching the parent process meanwhile. The
     transport stays open for the whole run, serving included: through a relay, this node is
-    reached only while its relay connections are up (node/paths.py). ``admission``: held
-    around the site budget admission (node/multistudy.py admits its studies in order)."""
+    reached only while its relay connections are up (node/paths.py). node/multistudy.py
+    passes ``admission``, held around the site budget admission (it admits its studies in
+    order), and its one ``transport``, open for all its studies (None: the node's own)."""
     from murmur.node.background import running
     from murmur.node.consensus_net import run_network_phase
     from murmur.node.paths import open_transport
     from murmur.node.studies.gate import await_quorum, exchange_approvals, offer_records
 
     finished = asyncio.Event()
-    async with (
-        open_transport(node) as transport,
-        running(exchange_approvals(node.gate, node.peers, transport, node.stop)),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        if transport is None:
+            transport = await stack.enter_async_context(open_transport(node))
+        await stack.enter_async_context(
+            running(exchange_approvals(node.gate, node.peers, transport, node.stop))
+        )
         node.state.phase = "awaiting_approvals"
         await await_quorum(node.gate, node.stop)
         # The rollback check also brings what the neighbours hold of this hospital's site

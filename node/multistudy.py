@@ -42,6 +42,7 @@ from typing import Any
 from murmur.crypto.allowlist import Peer
 from murmur.gossip.heads import ReceiptsRequest, RequestError
 from murmur.gossip.receipts import EquivocationProof
+from murmur.gossip.routing import RoutedTransport
 from murmur.gossip.wire import WireError, peek_envelope, study_kind
 from murmur.node import lifecycle
 from murmur.node.config import NodeConfig
@@ -304,6 +305,7 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
     """Serve one pair of listeners and run every study's rounds; 0 when every study ended
     well, 2 when one could not start (the others run on; why is logged)."""
     from murmur.node.api import operator_token, start_api
+    from murmur.node.paths import open_transport
 
     pending: list[tuple[int, HospitalNode]] = []
     refused = 0
@@ -336,9 +338,12 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
             order.skip(index)
     api = await start_api(host, token)
     try:
-        async with asyncio.TaskGroup() as group:
+        # One outgoing transport (HTTP client, relay connections) for every study: through
+        # a relay, what arrives for this key reaches the host, which routes it by study.
+        async with open_transport(host) as transport, asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(_run_study(rt, i, order, serve_forever)) for i, rt in pending
+                group.create_task(_run_study(rt, i, order, serve_forever, transport))
+                for i, rt in pending
             ]
     finally:
         await api.close()
@@ -348,13 +353,19 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
 
 
 async def _run_study(
-    rt: HospitalNode, index: int, order: AdmissionOrder, serve_forever: bool
+    rt: HospitalNode,
+    index: int,
+    order: AdmissionOrder,
+    serve_forever: bool,
+    transport: RoutedTransport,
 ) -> bool:
     """One study's run; False when it could not start (logged, in its status), True else.
     A study that cannot start (over the site budget, a rollback) does not stop the others."""
     _STUDY.set(rt.gate.study_name)  # this task's own context (TaskGroup copies it)
     try:
-        await lifecycle.serve_rounds(rt, serve_forever, admission=order.turn(index))
+        await lifecycle.serve_rounds(
+            rt, serve_forever, admission=order.turn(index), transport=transport
+        )
         return True
     except StartupError as exc:
         _refused(rt, exc)

@@ -48,7 +48,7 @@ def test_one_process_one_key_runs_two_studies_and_refuses_a_third_over_budget(
         # 2: one study (gamma) could not start; the process ran the others to the end.
         assert codes == {"hospital_0": 2, "hospital_1": 2}, net.log("hospital_0")
         for name in HOSPITALS:
-            log = net.log(name)
+            log = net.node(name).log_path.read_text()  # all of it (net.log is its tail)
             assert "cannot start study gamma" in log
             assert "would take data set breast-cancer past its lifetime budget" in log
             assert f"> max_epsilon={MAX_EPSILON}" in log and "on 2 admitted studies" in log
@@ -84,5 +84,8 @@ def test_one_process_one_key_runs_two_studies_and_refuses_a_third_over_budget(
             alone = [composed_epsilon([r.event()], DELTA) for r in runs]
             assert max(alone) < composed < sum(alone) < MAX_EPSILON + 1
             assert f"the data set has spent ε={composed:.3f} on 2 admitted studies" in log
+            # Each study's lines say which study they are about.
+            for study in ("alpha", "beta"):
+                assert f"study {study}: round 2 done" in log
     finally:
         net.kill_all()
