@@ -315,8 +315,6 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
         except StartupError as exc:
             refused += 1
             _refused(rt, exc)
-            rt.gate.close()
-            rt.audit.close()
             continue
         log.info("study %s: %s", rt.gate.study_name, lifecycle.start_line(rt))
         ended = lifecycle.finished_already(rt)
@@ -325,7 +323,7 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
             continue
         pending.append((index, rt))
     if not pending:
-        host.write_status()
+        _close_all(host)
         return 2 if refused else 0
     token = operator_token(host.config)
     tag_log_lines()
@@ -347,9 +345,25 @@ async def run(host: StudyHost, *, serve_forever: bool = False) -> int:
             ]
     finally:
         await api.close()
-        host.write_status()
+        _close_all(host)
     refused += sum(1 for task in tasks if not task.result())
     return 2 if refused else 0
+
+
+def _close_all(host: StudyHost) -> None:
+    """Once the listeners are closed: every study's stores and audit log (a study that ended
+    early still answers, and audits, what its neighbours send while the others run), then
+    the hospital's status.json."""
+    tag_log_lines()
+    try:
+        for rt in host.runtimes:
+            token = _STUDY.set(rt.gate.study_name)
+            try:
+                lifecycle.close(rt)
+            finally:
+                _STUDY.reset(token)
+    finally:
+        host.write_status()
 
 
 async def _run_study(
@@ -372,10 +386,7 @@ async def _run_study(
         return False
     finally:
         order.skip(index)
-        try:
-            lifecycle.record_stop(rt)
-        finally:
-            lifecycle.close(rt)
+        lifecycle.record_stop(rt)  # its stores close with the listeners (_close_all)
 
 
 def _refused(rt: HospitalNode, exc: StartupError) -> None:
