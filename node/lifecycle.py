@@ -102,6 +102,8 @@ def stop_reason(node: HospitalNode) -> str:
         return "asked to stop (SIGTERM or SIGINT)"
     if phase == "approval_withdrawn":
         return f"the study's approvals no longer suffice: {node.state.stop_detail}"
+    if phase == "refused":  # one study of several (node/multistudy.py) that could not start
+        return "the study could not start (its reason is logged above)"
     return f"stopped while {phase}"
 
 
