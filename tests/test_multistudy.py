@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from murmur.crypto.identity import generate_identity, load_identity
 from murmur.gossip.heads import (
@@ -249,6 +250,21 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
     # The peers' budget log heads are the hospital's: one witness table for every study.
     root = host.config.studies_root
     assert a.gate.witness.path == b.gate.witness.path == root / "budget_witness.sqlite"
+    # The operator listener serves the hospital's status, with the studies map, and metrics.
+    from murmur.node.api import start_api
+
+    api = await start_api(host, None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{api.operator.address}/status") as reply:
+                served = await reply.json()
+            async with session.get(f"{api.operator.address}/metrics") as reply:
+                scraped = await reply.text()
+    finally:
+        await api.close()
+    assert sorted(served["studies"]) == sorted(s.hex() for s in studies)
+    assert served["rejected"]["unknown_study"] == 1 and served["name"] == "hospital_0"
+    assert f'study="{second}"' in scraped
     studies_status = host.status()["studies"]
     assert sorted(studies_status) == sorted(s.hex() for s in studies)
     assert {s["public_key"] for s in studies_status.values()} == {host.identity.public_key.hex()}
