@@ -2,10 +2,12 @@
 
 Why one process rather than one per study: a hospital is one member of the consortium, with
 one key its peers admit, one address they reach, and one site privacy budget its studies
-share. So the process has one identity, one peer listener and one operator listener, one set
-of rejection counters (`/metrics`), and one site budget store, which admits its studies one
-after another in the order of the `[[studies]]` entries (the store's `BEGIN IMMEDIATE`
-transaction still serialises it with any other process of the hospital).
+share. So the process has one identity, one peer listener and one operator listener, one
+outgoing transport, one `/metrics` (each study's series labelled with its study), one
+witness table of its peers' budget log heads, and one site budget store, which admits its
+studies one after another in the order of the `[[studies]]` entries (the store's `BEGIN
+IMMEDIATE` transaction still serialises it with any other process of the hospital). A key
+proven to equivocate or roll back in one study is treated so in all of them.
 
 Each study is a runtime of its own: a `HospitalNode` built from that study's config
 (node/config.py `load_configs`), with its manifest and approvals, model, ledger, checkpoint,
@@ -24,8 +26,8 @@ allowlist:
                      signature and requires the body's authenticated `study` to be its own;
                      a kind of no study here is refused there as `unknown_study`
     POST /receipts   the study id in the signed request -> that study's rollback guard
-    POST /approvals  each record to the study it names (budget heads: the first study's
-                     gate, whose witness table is the shared site budget store's)
+    POST /approvals  each record to the study it names (budget log heads: the first
+                     study's gate, into the witness table every study reads)
 """
 
 from __future__ import annotations
@@ -39,17 +41,19 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgpack
 from murmur.crypto.allowlist import Peer
 from murmur.gossip.heads import ReceiptsRequest, RequestError
 from murmur.gossip.receipts import EquivocationProof
 from murmur.gossip.routing import RoutedTransport
-from murmur.gossip.wire import WireError, peek_envelope, study_kind
+from murmur.gossip.wire import ENVELOPE_FIELDS, study_kind
 from murmur.node import lifecycle
 from murmur.node.config import NodeConfig
 from murmur.node.durable import atomic_write
 from murmur.node.metrics import NodeMetrics
 from murmur.node.node import HospitalNode
 from murmur.node.state import StartupError
+from murmur.node.studies.approvals import MAX_APPROVALS_PER_BODY
 from murmur.node.studies.budget_log import HEAD_FORMAT
 from murmur.node.studies.gate import WITNESS_FILE
 from murmur.node.studies.witness import WitnessBook
@@ -59,6 +63,7 @@ from prometheus_client.metrics_core import Metric
 log = logging.getLogger("murmur.node")
 
 REFUSED_PHASE = "refused"  # a study that could not start; the others run on
+_KIND_PREFIX_BYTES = 512  # a map header, `version`, `kind` (at most 255 bytes) fit in it
 # The study whose task logs a line: each study's task (and the worker threads asyncio starts
 # for it, which copy the context) names it, so "round 2 done" says which study's round.
 _STUDY: contextvars.ContextVar[str | None] = contextvars.ContextVar("murmur_study", default=None)
@@ -189,11 +194,7 @@ class StudyHost:
     ) -> tuple[int, str, str]:
         """POST /gossip to the study its envelope's kind names. The kind read here is not yet
         authenticated: the runtime checks the signature over it, and the body's `study`."""
-        try:
-            kind = peek_envelope(body, self.limits).kind
-        except WireError:
-            kind = None
-        runtime = self.by_kind.get(kind, self.first) if kind is not None else self.first
+        runtime = self.by_kind.get(envelope_kind(body) or "", self.first)
         return await runtime.receive(body, source, sender)
 
     def answer_receipts_request(
@@ -215,8 +216,8 @@ class StudyHost:
             documents = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             documents = None
-        if not isinstance(documents, list):
-            return self.first.answer_approvals(body, sender)
+        if not isinstance(documents, list) or len(documents) > MAX_APPROVALS_PER_BODY:
+            return self.first.answer_approvals(body, sender)  # refused whole, as one body
         shares: dict[int, list[Any]] = {}
         for document in documents:
             runtime = self.first
@@ -295,6 +296,25 @@ def _share_misbehaviour(rt: HospitalNode, others: list[HospitalNode]) -> None:
         return None
 
     rt.rollback.refused_key = refused_key
+
+
+def envelope_kind(data: bytes) -> str | None:
+    """The `kind` of an envelope, from its first bytes only (the body is not copied), None
+    if they are not the start of one. Unauthenticated: it only picks the study's runtime,
+    which checks the signature over it. A canonical envelope's map starts with `version`,
+    then `kind` (docs/protocol.md); one that does not is refused there as `malformed`."""
+    unpacker = msgpack.Unpacker(raw=False, max_str_len=256, max_bin_len=0, max_array_len=0)
+    unpacker.feed(data[:_KIND_PREFIX_BYTES])
+    try:
+        if unpacker.read_map_header() != len(ENVELOPE_FIELDS):
+            return None
+        for _ in range(2):
+            key, value = unpacker.unpack(), unpacker.unpack()
+            if key == "kind":
+                return value if isinstance(value, str) else None
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
+    return None
 
 
 def _max_bytes(limits: Any) -> int:

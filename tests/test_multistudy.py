@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 from murmur.crypto.identity import generate_identity, load_identity
 from murmur.gossip.heads import (
@@ -29,7 +30,7 @@ from murmur.gossip.heads import (
 from murmur.gossip.receipts import AuditHead, Receipt, ReceiptBook, ReceiptError, signed_digest
 from murmur.gossip.wire import ModelUpdate, build_envelope, study_kind
 from murmur.node.config import ConfigError, load_config, load_configs
-from murmur.node.multistudy import StudyHost
+from murmur.node.multistudy import StudyHost, envelope_kind
 from murmur.node.studies.approvals import approve as sign_approval
 
 from tests.netutil import make_network
@@ -122,6 +123,15 @@ def test_a_receipts_request_signs_the_study_it_asks_about() -> None:
     assert ReceiptsRequest.make(H, ME.public_key, NOW).study_id is None
     with pytest.raises(ValueError, match="32 bytes"):
         ReceiptsRequest.make(H, ME.public_key, NOW, b"short")
+
+
+def test_the_router_reads_the_kind_from_the_envelopes_first_bytes() -> None:
+    tensors = {"w": np.zeros((2, 3), dtype="<f4")}
+    data = build_envelope(ModelUpdate(tensors), H, [ME.public_key], 1, study=STUDY_A)
+    assert envelope_kind(data) == study_kind(STUDY_A)
+    assert envelope_kind(build_envelope(ModelUpdate(tensors), H, [ME.public_key], 1)) == "update"
+    for bad in (b"", b"\x80", data[:3], b"not msgpack at all", bytes(600)):
+        assert envelope_kind(bad) is None
 
 
 # ------------------------------------------------------------------ the config
