@@ -25,6 +25,7 @@ cryptography, only fixed byte layouts (docs/protocol.md, "Rollback detection").
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import struct
@@ -50,7 +51,9 @@ from murmur.gossip.receipts import (
     ReceiptError,
 )
 
-REQUEST_VERSION = 4  # the protocol version this exchange belongs to
+REQUEST_VERSION = 5  # the protocol version this exchange belongs to
+STUDY_BYTES = 32  # the study a request asks about (its manifest hash); all zero: no study
+NO_STUDY = bytes(STUDY_BYTES)
 REQUEST_DOMAIN = b"murmur-receipts-request\x00"
 ANSWER_DOMAIN = b"murmur-receipts-answer\x00"
 REQUEST_NONCE_BYTES = 16
@@ -59,8 +62,8 @@ REQUEST_NONCE_BYTES = 16
 # (node/studies/witness.py), which its checks read; this module only carries the bytes.
 BUDGET_FIELD = "budget"
 MAX_EXTRA_BYTES = 1024
-_REQUEST = struct.Struct(f">H{KEY_BYTES}s{KEY_BYTES}sQ{REQUEST_NONCE_BYTES}s")
-REQUEST_BYTES = _REQUEST.size + SIGNATURE_BYTES  # 154
+_REQUEST = struct.Struct(f">H{KEY_BYTES}s{KEY_BYTES}sQ{REQUEST_NONCE_BYTES}s{STUDY_BYTES}s")
+REQUEST_BYTES = _REQUEST.size + SIGNATURE_BYTES  # 186
 MAX_ANSWER_RECEIPTS = 4
 # msgpack overhead + the sealed plaintext (request nonce + receipts) + its Poly1305 tag
 MAX_ANSWER_BYTES = 1024 + MAX_EXTRA_BYTES + MAX_ANSWER_RECEIPTS * (MAX_RECEIPT_BYTES + 8)
@@ -88,8 +91,8 @@ def _ordered(a: Receipt, b: Receipt) -> tuple[Receipt, Receipt] | None:
     them its log and ledger can only grow. Two heads for one round prove nothing about which
     came first (that pair is an equivocation proof instead), so they are never a rollback.
     """
-    if a.round == b.round:
-        return None
+    if a.round == b.round or a.kind != b.kind:
+        return None  # another study's envelopes are another history (format.study_kind)
     if a.round > b.round:
         a, b = b, a
     return (a, b) if b.head.regressions(a.head) else None
@@ -108,8 +111,10 @@ class RollbackProof:
     @classmethod
     def of(cls, a: Receipt, b: Receipt) -> RollbackProof:
         """The proof made of ``a`` and ``b`` in either order; ``ReceiptError`` if none."""
-        if a.sender != b.sender:
-            raise ReceiptError("a rollback proof needs two receipts of the same sender")
+        if a.sender != b.sender or a.kind != b.kind:
+            raise ReceiptError(
+                "a rollback proof needs two receipts of the same sender and kind (study)"
+            )
         pair = _ordered(a, b)
         if pair is None:
             raise ReceiptError(
@@ -136,6 +141,7 @@ class RollbackProof:
         a, b = self.earlier, self.later
         return (
             a.sender == b.sender
+            and a.kind == b.kind
             and a.round < b.round
             and bool(b.head.regressions(a.head))
             and a.verify()
@@ -173,10 +179,15 @@ class RollbackProof:
 # --------------------------------------------------------------------------- the book
 
 
+HeadKey = tuple[bytes, str]  # (sender, envelope kind): one study's history of one key
+
+
 @dataclass
 class HeadBook:
-    """The newest verified receipt (and so the newest signed head) of each known sender, and
-    the first rollback proof against each; memory is one receipt and one proof per sender.
+    """The newest verified receipt (and so the newest signed head) of each known sender in
+    each study (envelope kind), and the first rollback proof against each; memory is one
+    receipt and one proof per (sender, kind). One key's studies keep separate audit logs, so
+    their heads are never compared with each other.
 
     A rollback never replaces the held receipt: the newest head stays the high-water mark that
     the sender's later envelopes, and its own restart, are checked against (when the rollback
@@ -185,8 +196,8 @@ class HeadBook:
     """
 
     known_senders: frozenset[bytes]
-    _latest: dict[bytes, Receipt] = field(default_factory=dict)
-    _proofs: dict[bytes, RollbackProof] = field(default_factory=dict)
+    _latest: dict[HeadKey, Receipt] = field(default_factory=dict)
+    _proofs: dict[HeadKey, RollbackProof] = field(default_factory=dict)
 
     STATE_VERSION = 1
 
@@ -194,14 +205,25 @@ class HeadBook:
     def for_senders(cls, senders: Iterable[bytes]) -> HeadBook:
         return cls(frozenset(senders))
 
-    def latest(self, sender: bytes) -> Receipt | None:
-        return self._latest.get(sender)
+    def latest(self, sender: bytes, kind: str | None = None) -> Receipt | None:
+        """The newest receipt of ``sender`` in ``kind`` (None: in any kind, newest round)."""
+        if kind is not None:
+            return self._latest.get((sender, kind))
+        held = [r for (key, _), r in self._latest.items() if key == sender]
+        return max(held, key=lambda r: r.round, default=None)
 
-    def proof(self, sender: bytes) -> RollbackProof | None:
-        return self._proofs.get(sender)
+    def proof(self, sender: bytes, kind: str | None = None) -> RollbackProof | None:
+        """The first rollback proof against ``sender`` in ``kind`` (None: in any kind)."""
+        if kind is not None:
+            return self._proofs.get((sender, kind))
+        return next((p for (key, _), p in self._proofs.items() if key == sender), None)
 
     def proofs(self) -> dict[bytes, RollbackProof]:
-        return dict(self._proofs)
+        """The first proof against each sender, whatever its kind."""
+        found: dict[bytes, RollbackProof] = {}
+        for (sender, _), proof in self._proofs.items():
+            found.setdefault(sender, proof)
+        return found
 
     def observe(self, receipt: Receipt) -> tuple[HeadCheck, RollbackProof | None]:
         """Compare a *verified* receipt with the newest one held of its sender.
@@ -211,24 +233,24 @@ class HeadBook:
         ahead of the newest held: then the newest held one is the rolled-back envelope. Senders
         not on the list are not kept (they get ``OLDER``).
         """
-        sender = receipt.sender
-        if sender not in self.known_senders:
+        if receipt.sender not in self.known_senders:
             return HeadCheck.OLDER, None
-        held = self._latest.get(sender)
+        key = (receipt.sender, receipt.kind)
+        held = self._latest.get(key)
         if held is None:
-            self._latest[sender] = receipt
+            self._latest[key] = receipt
             return HeadCheck.FIRST, None
         pair = _ordered(held, receipt)
         if pair is not None:
             proof = RollbackProof(*pair)
-            self._proofs.setdefault(sender, proof)
+            self._proofs.setdefault(key, proof)
             return HeadCheck.ROLLBACK, proof
         if receipt.round > held.round:
-            self._latest[sender] = receipt
+            self._latest[key] = receipt
             return HeadCheck.ADVANCED, None
         if receipt.round == held.round:
             if held.head.regressions(receipt.head) and not receipt.head.regressions(held.head):
-                self._latest[sender] = receipt  # keep the furthest head signed for the round
+                self._latest[key] = receipt  # keep the furthest head signed for the round
             return HeadCheck.SAME, None
         return HeadCheck.OLDER, None
 
@@ -252,11 +274,11 @@ class HeadBook:
             for text in state["latest"]:
                 receipt = Receipt.decode(bytes.fromhex(text))
                 if receipt.sender in book.known_senders and receipt.verify():
-                    book._latest[receipt.sender] = receipt
+                    book._latest[(receipt.sender, receipt.kind)] = receipt
             for text in state["proofs"]:
                 proof = RollbackProof.decode(bytes.fromhex(text))
                 if proof.sender in book.known_senders and proof.verify():
-                    book._proofs.setdefault(proof.sender, proof)
+                    book._proofs.setdefault((proof.sender, proof.later.kind), proof)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a HeadBook state: {exc!r}") from None
         return book
@@ -276,12 +298,15 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class ReceiptsRequest:
-    """ "Which receipts of mine do you hold?", signed by the asking node.
+    """ "Which receipts of mine do you hold in this study?", signed by the asking node.
 
-    154 bytes, a fixed big-endian layout (docs/protocol.md): version (u16), requester key
-    (32), responder key (32), timestamp_ms (u64), nonce (16), then the Ed25519 signature of
-    SHA-256(``REQUEST_DOMAIN`` ‖ those 90 bytes). Naming the responder stops a request meant
-    for one neighbour from being replayed to another; the nonce and timestamp stop replays.
+    186 bytes, a fixed big-endian layout (docs/protocol.md): version (u16), requester key
+    (32), responder key (32), timestamp_ms (u64), nonce (16), study (32: the manifest hash,
+    all zero for a node without a study), then the Ed25519 signature of
+    SHA-256(``REQUEST_DOMAIN`` ‖ those 122 bytes). Naming the responder stops a request meant
+    for one neighbour from being replayed to another; the nonce and timestamp stop replays;
+    the study is signed, so a request for one study's receipts cannot be turned into a
+    request for another's (one key may run several studies, each its own history).
     """
 
     requester: bytes
@@ -289,30 +314,42 @@ class ReceiptsRequest:
     timestamp_ms: int
     nonce: bytes
     signature: bytes = b""
+    study: bytes = NO_STUDY
 
     def _signed_part(self) -> bytes:
         return _REQUEST.pack(
-            REQUEST_VERSION, self.requester, self.responder, self.timestamp_ms, self.nonce
+            REQUEST_VERSION,
+            self.requester,
+            self.responder,
+            self.timestamp_ms,
+            self.nonce,
+            self.study,
         )
 
     def digest(self) -> bytes:
         return hashlib.sha256(REQUEST_DOMAIN + self._signed_part()).digest()
 
     @classmethod
-    def make(cls, identity: Identity, responder: bytes, now: float) -> ReceiptsRequest:
+    def make(
+        cls, identity: Identity, responder: bytes, now: float, study: bytes | None = None
+    ) -> ReceiptsRequest:
+        """A signed request for the receipts of ``study`` (None: a node without a study)."""
+        study = NO_STUDY if study is None else study
+        if type(study) is not bytes or len(study) != STUDY_BYTES:
+            raise ValueError(f"a study id is {STUDY_BYTES} bytes")
         unsigned = cls(
             identity.public_key,
             responder,
             int(now * 1000),
             secrets.token_bytes(REQUEST_NONCE_BYTES),
+            study=study,
         )
-        return cls(
-            unsigned.requester,
-            unsigned.responder,
-            unsigned.timestamp_ms,
-            unsigned.nonce,
-            identity.sign(unsigned.digest()),
-        )
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.digest()))
+
+    @property
+    def study_id(self) -> bytes | None:
+        """The study asked about, None for a node without one."""
+        return None if self.study == NO_STUDY else self.study
 
     def encode(self) -> bytes:
         return self._signed_part() + self.signature
@@ -325,7 +362,7 @@ class ReceiptsRequest:
         if len(data) != REQUEST_BYTES:
             reason = "too_large" if len(data) > REQUEST_BYTES else "malformed"
             raise RequestError(reason, f"a receipts request is {REQUEST_BYTES} bytes")
-        version, requester, responder, timestamp_ms, nonce = _REQUEST.unpack_from(data)
+        version, requester, responder, timestamp_ms, nonce, study = _REQUEST.unpack_from(data)
         if version != REQUEST_VERSION:
             raise RequestError(
                 "unsupported_version",
@@ -333,7 +370,7 @@ class ReceiptsRequest:
             )
         if timestamp_ms >= 2**63:
             raise RequestError("malformed", "timestamp_ms must be below 2**63")
-        return cls(requester, responder, timestamp_ms, nonce, data[_REQUEST.size :])
+        return cls(requester, responder, timestamp_ms, nonce, data[_REQUEST.size :], study)
 
     def verify(self) -> bool:
         return verify_signature(self.requester, self.digest(), self.signature)
@@ -404,6 +441,7 @@ def _answer_associated_data(request: ReceiptsRequest) -> bytes:
             request.responder,
             request.requester,
             request.nonce,
+            request.study,
         ]
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -230,27 +231,36 @@ def show_key(path: str) -> int:
 
 
 def run_node(config_path: Path, *, serve: bool, log_level: str | None) -> int:
-    from murmur.node.config import ConfigError, load_config
+    from murmur.node.config import ConfigError, load_configs
     from murmur.node.logs import LOG_FORMAT, configure_logging
 
     try:
-        config = load_config(config_path)
+        configs = load_configs(config_path)
     except ConfigError as exc:
         logging.basicConfig(level=log_level or "INFO", format=LOG_FORMAT, stream=sys.stderr)
         print(f"murmur: config error: {exc}", file=sys.stderr)
         return 2
+    config = configs[0]
     configure_logging(config.logging, log_level)
     from murmur.node.checkpoint import CheckpointError
     from murmur.node.durable import StateLock, StateLockError
     from murmur.node.node import HospitalNode, StartupError
 
+    serve = serve or config.node.after_training == "serve"
     try:
         # One process per state directory, for the whole life of this one: taken before the
         # node opens its audit log or writes its first checkpoint.
-        with StateLock(config.node.state_dir):
-            node = HospitalNode(config)
-            serve = serve or config.node.after_training == "serve"
-            return asyncio.run(node.run(serve_forever=serve))
+        with contextlib.ExitStack() as locks:
+            if config.studies_root is not None:
+                locks.enter_context(StateLock(config.studies_root))
+            for each in configs:
+                locks.enter_context(StateLock(each.node.state_dir))
+            if config.studies_root is None:
+                return asyncio.run(HospitalNode(config).run(serve_forever=serve))
+            from murmur.node import multistudy
+
+            host = multistudy.StudyHost(configs)
+            return asyncio.run(multistudy.run(host, serve_forever=serve))
     except (StartupError, StateLockError, CheckpointError, ValueError, OSError) as exc:
         # Logged, not printed: a node under a service manager is read from its log file.
         logging.getLogger("murmur.node").error("cannot start node %s: %s", config.node.name, exc)

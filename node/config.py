@@ -64,6 +64,7 @@ __all__ = [  # what callers import from here; each section lives in its own modu
     "OperatorSection",
     "is_loopback",
     "load_config",
+    "load_configs",
     "parse_config",
     "split_listen",
 ]
@@ -99,6 +100,9 @@ class NodeConfig:
     consensus: ConsensusSection = field(default_factory=ConsensusSection)
     source: Path | None = None
     sha256: str = ""
+    # For one entry of `[[studies]]` (load_configs): the hospital's state directory, of which
+    # this study's `node.state_dir` is `studies/<first 16 hex of its id>/`; else None.
+    studies_root: Path | None = None
 
     def validate(self) -> None:
         self.node.validate()
@@ -248,19 +252,101 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read, type-check and validate a node config; relative paths are relative to the file."""
-    path = Path(path)
+def _read_toml(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
         raw_bytes = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     try:
-        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+        return raw_bytes, tomllib.loads(raw_bytes.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read, type-check and validate a node config; relative paths are relative to the file.
+    A file with several `[[studies]]` is refused here: `load_configs` reads it."""
+    path = Path(path)
+    raw_bytes, raw = _read_toml(path)
+    if STUDIES_KEY in raw:
+        configs = load_configs(path)
+        if len(configs) > 1:
+            raise ConfigError(
+                f"{path} runs {len(configs)} [[studies]]; this command takes one study's "
+                "config (`murmur node` runs all of them in one process)"
+            )
+        return configs[0]
     config = parse_config(raw, base_dir=path.parent)
     return dataclasses.replace(config, source=path, sha256=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def load_configs(path: str | Path) -> list[NodeConfig]:
+    """One validated config per study the file runs (node/multistudy.py runs them in one
+    process): each `[[studies]]` entry is a `[study]` of its own, merged with its manifest
+    as a `[study]` is, with its state under `STATE/studies/<first 16 hex of its id>/`; a file
+    with one `[study]` (or none) is the one-entry list of `load_config`."""
+    path = Path(path)
+    raw_bytes, raw = _read_toml(path)
+    if STUDIES_KEY not in raw:
+        return [load_config(path)]
+    entries = raw[STUDIES_KEY]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            "studies must be an array of tables: write each study as [[studies]] with "
+            'manifest = "study.json"'
+        )
+    if "study" in raw:
+        raise ConfigError(
+            "the config has both [study] and [[studies]]: fix: write the [study] as one more "
+            "[[studies]] entry"
+        )
+    rest = {k: v for k, v in raw.items() if k != STUDIES_KEY}
+    configs: list[NodeConfig] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "manifest" not in entry:
+            raise ConfigError(
+                f'studies[{i}] lacks manifest: add manifest = "study.json" (a signed study)'
+            )
+        try:
+            config = parse_config({**rest, "study": entry}, base_dir=path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"studies[{i}] ({entry['manifest']}): {exc}") from None
+        study_id = str(config.study.sha256)
+        node = dataclasses.replace(
+            config.node, state_dir=config.node.state_dir / "studies" / study_id[:16]
+        )
+        digest = hashlib.sha256(raw_bytes + study_id.encode()).hexdigest()
+        configs.append(
+            dataclasses.replace(
+                config,
+                node=node,
+                source=path,
+                sha256=digest,
+                studies_root=config.node.state_dir,
+            )
+        )
+    ids = [c.study.sha256 for c in configs]
+    dupes = sorted({str(i)[:16] for i in ids if ids.count(i) > 1})
+    require(not dupes, STUDIES_KEY, f"names study {dupes} twice", "list each study once")
+    if len(configs) > 1:
+        first = configs[0]
+        # Not built with several studies in one process (docs/governance.md).
+        require(
+            not first.consortium.enabled,
+            "consortium",
+            "is enabled with several [[studies]], which is not built yet",
+            "use [[peers]] allowlists, or one study per process",
+        )
+        require(
+            not first.consensus.enabled,
+            "consensus",
+            "is enabled with several [[studies]], which is not built yet",
+            "run the consensus phase with one study per process",
+        )
+    return configs
+
+
+STUDIES_KEY = "studies"
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path = Path(".")) -> NodeConfig:

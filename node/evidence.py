@@ -58,6 +58,9 @@ class EvidenceBook:
         self._pending: list[EquivocationProof] = []
         self._seen: dict[str, None] = {}
         self.counts: Counter[str] = Counter()
+        # Told of every new proof: the process's other studies (node/multistudy.py) learn it
+        # too, since a key that equivocates in one study is not to be trusted in any.
+        self.on_proof: list[Callable[[EquivocationProof], None]] = []
 
     def check_envelope(self, receipt: Receipt, *, accepted: bool) -> None:
         """File the receipt of an authentic envelope this node opened; a second, different
@@ -110,6 +113,8 @@ class EvidenceBook:
         if accused is not None:
             self._act_on(accused.name, proof, reported_by)
         self._on_change()
+        for tell in self.on_proof:
+            tell(proof)
 
     def outgoing(self, r: int) -> tuple[list[Receipt], list[EquivocationProof]]:
         """What an honest round-r envelope carries: the receipts of the envelopes accepted in

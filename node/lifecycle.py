@@ -22,6 +22,7 @@ from murmur.node.consensus import agreement_written
 from murmur.node.state import StartupError
 
 if TYPE_CHECKING:
+    from murmur.gossip.routing import RoutedTransport
     from murmur.node.node import HospitalNode
 
 log = logging.getLogger("murmur.node")
@@ -101,6 +102,8 @@ def stop_reason(node: HospitalNode) -> str:
         return "asked to stop (SIGTERM or SIGINT)"
     if phase == "approval_withdrawn":
         return f"the study's approvals no longer suffice: {node.state.stop_detail}"
+    if phase == "refused":  # one study of several (node/multistudy.py) that could not start
+        return "the study could not start (its reason is logged above)"
     return f"stopped while {phase}"
 
 
@@ -117,20 +120,16 @@ def finished_already(node: HospitalNode) -> str | None:
     return None
 
 
-async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
-    """Serve the peer and operator listeners and run the planned rounds; returns the
-    process exit status."""
-    from murmur.node.api import operator_token, start_api
-
+def check_start(node: HospitalNode) -> None:
+    """The checks before anything is bound or recorded: the rule's feasibility, and that the
+    study runs only as its own operator approved it (StartupError otherwise)."""
     check_feasibility(node)
-    node.gate.check_manifest()  # a study runs only as its own operator approved it
+    node.gate.check_manifest()
     node.gate.check_own_approval()
-    token = operator_token(node.config)  # a readable token file stops the node here
-    log.info("%s", start_line(node))
-    ended = finished_already(node)
-    if ended is not None and not serve_forever:
-        _say_finished(node, ended)
-        return 0
+
+
+def begin(node: HospitalNode) -> None:
+    """The node is about to serve: SIGTERM and SIGINT stop it, `node_start` is audited."""
     loop = asyncio.get_running_loop()
     _RUNNING.add(node)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -145,48 +144,85 @@ async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
     )
     for starting in node.on_start:  # e.g. node/byzantine.py's loud warning
         starting()
+
+
+def record_stop(node: HospitalNode) -> None:
+    """The last records of a run, before its listeners close."""
+    node.summarise_rejections(node.state.round)
+    node.audit.append("node_stop", node.state.round, reason=node.state.phase)
+    node.audit.sign_head()
+    node.write_status()
+
+
+def close(node: HospitalNode) -> None:
+    """After the listeners closed: the stores, and the log's last line, naming why."""
+    node.gate.close()
+    node.audit.close()
+    _RUNNING.discard(node)
+    log.info(
+        "node %s stopping at round %d: %s; ε spent %.3f",
+        node.config.node.name,
+        node.state.round,
+        stop_reason(node),
+        node.state.privacy.get("epsilon_spent", 0.0),
+    )
+
+
+async def run(node: HospitalNode, *, serve_forever: bool = False) -> int:
+    """Serve the peer and operator listeners and run the planned rounds; returns the
+    process exit status."""
+    from murmur.node.api import operator_token, start_api
+
+    check_start(node)
+    token = operator_token(node.config)  # a readable token file stops the node here
+    log.info("%s", start_line(node))
+    ended = finished_already(node)
+    if ended is not None and not serve_forever:
+        say_finished(node, ended)
+        return 0
+    begin(node)
     api = await start_api(node, token)
     try:
-        await _serve_rounds(node, serve_forever)
+        await serve_rounds(node, serve_forever)
     finally:
-        node.summarise_rejections(node.state.round)
-        node.audit.append("node_stop", node.state.round, reason=node.state.phase)
-        node.audit.sign_head()
-        node.write_status()
-        await api.close()
-        node.gate.close()
-        node.audit.close()
-        _RUNNING.discard(node)
-        log.info(
-            "node %s stopping at round %d: %s; ε spent %.3f",
-            node.config.node.name,
-            node.state.round,
-            stop_reason(node),
-            node.state.privacy.get("epsilon_spent", 0.0),
-        )
+        try:
+            record_stop(node)
+        finally:
+            await api.close()
+            close(node)
     return 0
 
 
-async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
+async def serve_rounds(
+    node: HospitalNode,
+    serve_forever: bool,
+    admission: contextlib.AbstractAsyncContextManager[object] | None = None,
+    transport: RoutedTransport | None = None,
+) -> None:
     """Check for a rollback, then run the rounds, watching the parent process meanwhile. The
     transport stays open for the whole run, serving included: through a relay, this node is
-    reached only while its relay connections are up (node/paths.py)."""
+    reached only while its relay connections are up (node/paths.py). node/multistudy.py
+    passes ``admission``, held around the site budget admission (it admits its studies in
+    order), and its one ``transport``, open for all its studies (None: the node's own)."""
     from murmur.node.background import running
     from murmur.node.consensus_net import run_network_phase
     from murmur.node.paths import open_transport
     from murmur.node.studies.gate import await_quorum, exchange_approvals, offer_records
 
     finished = asyncio.Event()
-    async with (
-        open_transport(node) as transport,
-        running(exchange_approvals(node.gate, node.peers, transport, node.stop)),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        if transport is None:
+            transport = await stack.enter_async_context(open_transport(node))
+        await stack.enter_async_context(
+            running(exchange_approvals(node.gate, node.peers, transport, node.stop))
+        )
         node.state.phase = "awaiting_approvals"
         await await_quorum(node.gate, node.stop)
         # The rollback check also brings what the neighbours hold of this hospital's site
         # budget log, which the admission checks the store against.
         await node.check_own_receipts(transport)
-        node.gate.admit(node.study.ledger, node.rollback.budget_heads)
+        async with admission or contextlib.nullcontext():
+            node.gate.admit(node.study.ledger, node.rollback.budget_heads)
         # After the rollback check: the site budget never counts less than the checked ledger.
         node.gate.record(node.study.ledger, node.next_round - 1)
         async with asyncio.TaskGroup() as group:
@@ -209,7 +245,7 @@ async def _serve_rounds(node: HospitalNode, serve_forever: bool) -> None:
                 finished.set()
 
 
-def _say_finished(node: HospitalNode, ended: str) -> None:
+def say_finished(node: HospitalNode, ended: str) -> None:
     """A previous run left nothing to do: say so, and leave the state as it is."""
     node.state.phase = ended
     log.info(

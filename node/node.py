@@ -132,6 +132,7 @@ class HospitalNode:
             on_change=self._refresh_rollback_status,
             budget_head_of=self.gate.witnessed_head_of,
             refused_key=self.gate.budget_refusal,
+            study=self.gate.wire_id,
         )
         self.state = NodeState(
             name=config.node.name,

@@ -167,7 +167,7 @@ class RelayInbox:
             )
             return None
         if self.limiter is not None and not self.limiter.take(
-            peer.name, time.monotonic(), self.node.inbox.current_round
+            peer.name, time.monotonic(), self.node.current_round
         ):
             self._refuse(relay, "peer_rate_limited", f"{peer.name} is over its request allowance")
             return None

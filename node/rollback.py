@@ -48,7 +48,7 @@ from murmur.gossip.heads import (
     seal_receipts_answer,
 )
 from murmur.gossip.receipts import EPSILON_TOLERANCE, AuditHead, Receipt
-from murmur.gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason
+from murmur.gossip.wire import HTTP_STATUS, OpenedEnvelope, RejectReason, study_kind
 from murmur.node.audit import (
     HEAD_BEYOND_END,
     HEAD_MISMATCH,
@@ -123,6 +123,7 @@ async def poll_own_receipts(
     grace_s: float,
     stop: asyncio.Event,
     retry_s: float = 0.5,
+    study: bytes | None = None,
 ) -> ReceiptsPoll:
     """Ask every neighbour for the newest receipt it holds of this node, concurrently.
 
@@ -137,7 +138,7 @@ async def poll_own_receipts(
     first_answer: float | None = None
 
     async def ask(peer: Peer) -> tuple[str, list[Receipt] | None, str, int, bytes | None]:
-        request = ReceiptsRequest.make(identity, peer.public_key, time.time())
+        request = ReceiptsRequest.make(identity, peer.public_key, time.time(), study)
         status, body = await transport.request_receipts(peer, request.encode(), MAX_ANSWER_BYTES)
         if status is None:
             return peer.name, None, "no answer", 0, None
@@ -282,8 +283,13 @@ class RollbackGuard:
         on_change: Callable[[], None] = lambda: None,
         budget_head_of: Callable[[bytes], bytes | None] = lambda key: None,
         refused_key: Callable[[bytes], str | None] = lambda key: None,
+        study: bytes | None = None,
     ) -> None:
         self.identity = identity
+        # The study whose envelopes this guard sees (None: a node without one): its heads are
+        # the ones it answers POST /receipts with, and asks its neighbours for at start.
+        self.study = study
+        self.kind = study_kind(study)
         self.allowlist = allowlist
         self.peers = list(allowlist)
         self.audit = audit
@@ -353,7 +359,7 @@ class RollbackGuard:
             return budget_refusal
         check, proof = self.heads.observe(opened.receipt)
         if check is HeadCheck.ROLLBACK and proof is not None:
-            if self.heads.proof(opened.sender.public_key) is proof:
+            if self.heads.proof(opened.sender.public_key, opened.receipt.kind) is proof:
                 self._detected(peer, proof, current_round)
             detail = (
                 f"{peer}'s round-{opened.round} envelope claims a state older than its round-"
@@ -414,39 +420,46 @@ class RollbackGuard:
                 sender=sender,
             )
         except RequestError as exc:
-            # Anyone can send a refused request: it is counted in memory (/status, /metrics)
-            # and logged at most once per reason per interval, never audited one row each,
-            # and the sender learns only the reason code (docs/protocol.md, "HTTP").
-            self.requests[exc.reason] += 1
-            self.metrics.receipts_requests.labels(outcome=exc.reason).inc()
-            self.refusal_log.warning(
-                exc.reason,
-                "refused a receipts request (%s): %s",
-                exc.reason,
-                printable(exc.detail),
-            )
-            self.on_change()
-            payload = json.dumps({"reason": exc.reason}).encode()
-            return HTTP_STATUS[RejectReason(exc.reason)], "application/json", payload
+            return self._refuse_request(exc)
+        # The receipts of the study the request names (none of a study this node does not
+        # run), and the hospital's budget log head, which is per hospital, not per study.
+        kind = study_kind(request.study_id)
         requester = self.allowlist.by_key(request.requester)
-        held = self.heads.latest(request.requester)
+        held = self.heads.latest(request.requester, kind)
         self.requests["answered"] += 1
         self.metrics.receipts_requests.labels(outcome="answered").inc()
         self.audit.append(
             "receipts_request",
             current_round,
             requester=requester.name if requester else None,
+            envelope_kind=kind,
             outcome="answered",
             answered={"round": held.round, **held.head.to_json()} if held else None,
         )
         self.on_change()
         receipts = [held] if held is not None else []
-        proof = self.heads.proof(request.requester)
+        proof = self.heads.proof(request.requester, kind)
         if proof is not None and proof.earlier not in receipts:
             receipts.append(proof.earlier)  # the furthest head, if a later round went back
         budget = self.budget_head_of(request.requester)
         sealed = seal_receipts_answer(self.identity, request, receipts, budget)
         return 200, ANSWER_CONTENT_TYPE, sealed
+
+    def _refuse_request(self, exc: RequestError) -> tuple[int, str, bytes]:
+        """Anyone can send a refused request: it is counted in memory (/status, /metrics)
+        and logged at most once per reason per interval, never audited one row each, and the
+        sender learns only the reason code (docs/protocol.md, "HTTP")."""
+        self.requests[exc.reason] += 1
+        self.metrics.receipts_requests.labels(outcome=exc.reason).inc()
+        self.refusal_log.warning(
+            exc.reason,
+            "refused a receipts request (%s): %s",
+            exc.reason,
+            printable(exc.detail),
+        )
+        self.on_change()
+        payload = json.dumps({"reason": exc.reason}).encode()
+        return HTTP_STATUS[RejectReason(exc.reason)], "application/json", payload
 
     # -- every start
 
@@ -491,9 +504,12 @@ class RollbackGuard:
             deadline_s=self.gossip.startup_timeout_s,
             grace_s=max(2.0, self.gossip.send_timeout_s),
             stop=stop,
+            study=self.study,
         )
         self.budget_heads = dict(poll.budget)
-        newest = poll.newest()
+        # Only this study's receipts say how far its state had got (another study of the
+        # same key keeps another audit log).
+        newest = [(holder, r) for holder, r in poll.newest() if r.kind == self.kind]
         findings = []
         for holder, receipt in newest:
             problems = own_state_behind(

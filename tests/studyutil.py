@@ -73,3 +73,72 @@ def site_budget(net: Network, name: str, store: Path, max_epsilon: float) -> Non
         store=str(store),
         datasets={"breast-cancer": {"max_epsilon": max_epsilon, "delta": DELTA}},
     )
+
+
+# ------------------------------------------------------------------ several studies, one process
+
+STUDY_SECTIONS = ("data", "model", "training", "privacy", "aggregation")
+
+
+def murmur_here(*args: str) -> str:
+    """`murmur ARGS` in this process (no interpreter start per command); its stdout."""
+    import contextlib
+    import io
+
+    from murmur.node.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    assert code == 0, (args, out.getvalue())
+    return out.getvalue()
+
+
+def propose_study(tmp: Path, net: Network, name: str, epsilon: float) -> tuple[Path, str]:
+    """A manifest signed by hospital_0's key from the sections run_cluster wrote, with its
+    own name and ε (so several differ); returns the file and the study id."""
+    from murmur.node.studies.manifest import load_manifest
+
+    from run_cluster import to_toml
+
+    config = tomllib.loads(net.node("hospital_0").config_path.read_text())
+    draft: dict = {"study": {"name": name, "topology": "every hospital, complete graph"}}
+    for section in STUDY_SECTIONS:
+        draft[section] = {k: v for k, v in config[section].items() if k not in SITE_KEYS}
+    draft["privacy"]["epsilon"] = epsilon
+    draft_path = tmp / f"{name}.toml"
+    draft_path.write_text(to_toml(draft))
+    manifest = tmp / f"{name}.json"
+    key = net.run_dir / "keys" / "hospital_0.key"
+    murmur_here("study", "propose", str(draft_path), "--key", str(key), "--out", str(manifest))
+    return manifest, load_manifest(manifest).id
+
+
+def run_studies(
+    net: Network, name: str, manifests: list[Path], store: Path | None, max_epsilon: float = 3.2
+) -> None:
+    """Rewrite the node's config for `[[studies]]`: the study sections come from the
+    manifests only, one entry each; the hospital's site budget in ``store``."""
+    from run_cluster import to_toml
+
+    path = net.node(name).config_path
+    doc = tomllib.loads(path.read_text())
+    doc.pop("study", None)
+    for section in STUDY_SECTIONS:
+        doc[section] = {k: v for k, v in doc.get(section, {}).items() if k in SITE_KEYS}
+        if not doc[section]:
+            del doc[section]
+    doc.setdefault("gossip", {})["startup_timeout_s"] = 3.0
+    if store is not None:
+        budget = {"max_epsilon": max_epsilon, "delta": DELTA}
+        doc[SITE] = {"store": str(store), "datasets": {"breast-cancer": budget}}
+    doc["studies"] = [{"manifest": str(m)} for m in manifests]
+    path.write_text(to_toml(doc))
+
+
+def approve_study(net: Network, name: str, manifest: Path, study: str) -> None:
+    """The operator's approval, kept in that study's own state directory."""
+    state = net.node(name).state_dir / "studies" / study[:16]
+    key = net.run_dir / "keys" / f"{name}.key"
+    out = murmur_here("study", "approve", str(manifest), "--state", str(state), "--key", str(key))
+    assert "kept: study" in out, out

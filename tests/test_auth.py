@@ -62,7 +62,7 @@ def test_the_header_is_the_documented_layout_and_signature() -> None:
     version, sender, recipient, timestamp_ms, nonce, length, digest = struct.unpack(
         ">H32s32sQ16sQ32s", raw[:130]
     )
-    assert version == AUTH_VERSION == PROTOCOL_VERSION == 4
+    assert version == AUTH_VERSION == PROTOCOL_VERSION == 5
     assert (sender, recipient) == (ALICE.public_key, BOB.public_key)
     assert timestamp_ms == int(NOW * 1000) and len(nonce) == 16
     assert (length, digest) == (len(BODY), hashlib.sha256(BODY).digest())

@@ -1,4 +1,4 @@
-"""An independent implementation of docs/protocol.md (version 4), written from the document
+"""An independent implementation of docs/protocol.md (version 5), written from the document
 alone: msgpack, hashlib, base64, struct and PyNaCl's libsodium bindings, nothing from
 gossip/ or crypto/. It builds an envelope and its Murmur-Auth header, and a real node's peer
 listener accepts them; it opens an envelope the node's own code built; its receipt is the
@@ -22,7 +22,7 @@ import numpy as np
 
 from tests.netutil import build_node
 
-VERSION = 4
+VERSION = 5
 N_FEATURES = 30  # the breast-cancer data set of the test network
 
 

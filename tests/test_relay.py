@@ -730,7 +730,7 @@ def test_a_peer_flooding_through_the_relay_is_held_to_its_allowance() -> None:
     from murmur.gossip.auth import PeerAllowance, request_headers
 
     node = FakeNode(B, [A])
-    node.inbox = SimpleNamespace(current_round=1)  # type: ignore[attr-defined]
+    node.current_round = 1  # type: ignore[attr-defined]
     inbox = RelayInbox(node, PeerAllowance(burst=3, per_round=0, per_second=0))  # type: ignore[arg-type]
     sender = nkey_of(A.public_key)
 

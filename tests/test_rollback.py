@@ -675,12 +675,14 @@ def test_a_receipts_request_is_signed_addressed_fresh_and_used_once() -> None:
 
     request = ReceiptsRequest.make(ALICE, BOB.public_key, NOW)
     data = request.encode()
-    assert len(data) == REQUEST_BYTES == 154
-    # The documented layout: version, requester, responder, timestamp_ms, nonce, signature.
-    assert data[:2] == (4).to_bytes(2, "big") and data[2:34] == ALICE.public_key
+    assert len(data) == REQUEST_BYTES == 186
+    # The documented layout: version, requester, responder, timestamp_ms, nonce, study,
+    # signature (the study all zero for a node without one).
+    assert data[:2] == (5).to_bytes(2, "big") and data[2:34] == ALICE.public_key
     assert data[34:66] == BOB.public_key and data[66:74] == int(NOW * 1000).to_bytes(8, "big")
-    signed = hashlib.sha256(b"murmur-receipts-request\x00" + data[:90]).digest()
-    assert ALICE.signing_key.verify_key.verify(signed, data[90:])
+    assert data[90:122] == bytes(32) and request.study_id is None
+    signed = hashlib.sha256(b"murmur-receipts-request\x00" + data[:122]).digest()
+    assert ALICE.signing_key.verify_key.verify(signed, data[122:])
     assert check(data) == request
     assert refused(data) == "replay"
     assert refused(ReceiptsRequest.make(MALLORY, BOB.public_key, NOW).encode()) == "unknown_sender"

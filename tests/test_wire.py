@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from murmur.crypto.allowlist import Allowlist, Peer
 from murmur.crypto.identity import generate_identity
-from murmur.gossip.receipts import AuditHead, EquivocationProof, Receipt, no_audit_head
+from murmur.gossip.receipts import (
+    AuditHead,
+    EquivocationProof,
+    Receipt,
+    ReceiptBook,
+    ReceiptError,
+    no_audit_head,
+)
 from murmur.gossip.wire import (
     HTTP_STATUS,
     PROTOCOL_VERSION,
@@ -30,7 +37,9 @@ from murmur.gossip.wire import (
     _signed_digest,
     build_envelope,
     default_max_message_bytes,
+    is_update_kind,
     peek_envelope,
+    study_kind,
 )
 from murmur.models.nets import MODEL_NAMES, build_model
 from murmur.models.params import get_state, model_spec, state_sha256
@@ -316,8 +325,8 @@ def test_rounds_older_than_the_replay_window_are_stale_and_memory_is_bounded():
 def test_unsupported_version_and_kind():
     data = valid_envelope()
     fields = msgpack.unpackb(data)
-    assert fields["version"] == PROTOCOL_VERSION == 4
-    for other in (1, 2, 3, 5):
+    assert fields["version"] == PROTOCOL_VERSION == 5
+    for other in (1, 2, 3, 4, 6):
         reason = reason_of(msgpack.packb({**fields, "version": other}))
         assert reason == RejectReason.UNSUPPORTED_VERSION
     assert reason_of(resign(data, kind="model")) == RejectReason.UNSUPPORTED_KIND
@@ -470,12 +479,12 @@ def test_signature_is_over_the_two_level_layout_of_the_protocol_doc():
     opened = opener().open(data, now=NOW)
     assert opened.head == head
     assert opened.receipt == Receipt(
-        4, "update", ALICE.public_key, 7, head, rest, fields["signature"]
+        5, "update", ALICE.public_key, 7, head, rest, fields["signature"]
     )
     assert opened.receipt.verify()
     # The receipt's bytes, as docs/protocol.md lays them out: the head in the clear.
     assert opened.receipt.encode() == (
-        (4).to_bytes(2, "big") + bytes([6]) + b"update" + ALICE.public_key
+        (5).to_bytes(2, "big") + bytes([6]) + b"update" + ALICE.public_key
         + (7).to_bytes(8, "big") + head_bytes + rest + fields["signature"]
     )  # fmt: skip
     # Every recipient gets the same receipt: the same signed envelope.
@@ -658,6 +667,40 @@ def test_the_study_is_signed_it_cannot_be_swapped_into_another_envelope() -> Non
     a, b = _parse_envelope(for_a, WireLimits(), 10**7), _parse_envelope(for_b, WireLimits(), 10**7)
     spliced = dataclasses.replace(a, body=b.body)
     data = _envelope_prefix(spliced) + spliced.body
+    assert reason_of(data, study_opener(STUDY_A)) is RejectReason.BAD_SIGNATURE
+    # The kind names study A, so study B's opener refuses it before hashing anything...
+    assert reason_of(data, study_opener(STUDY_B)) is RejectReason.UNKNOWN_STUDY
+    # ...and the kind rewritten to study B's no longer matches the signature.
+    rekinded = dataclasses.replace(spliced, kind=b.kind)
+    data = _envelope_prefix(rekinded) + rekinded.body
     assert reason_of(data, study_opener(STUDY_B)) is RejectReason.BAD_SIGNATURE
     with pytest.raises(ValueError, match="32-byte"):
         build_envelope(small_update(), ALICE, keys, 7, study=b"short")
+
+
+def test_the_envelope_kind_names_the_study() -> None:
+    """Protocol 5: one key's envelopes of two studies are two (kind, round) slots, so their
+    receipts for one round are not an equivocation proof (docs/governance.md)."""
+    keys = [BOB.public_key]
+    assert study_kind(None) == "update"
+    assert study_kind(STUDY_A) == "update@" + STUDY_A.hex()[:16] != study_kind(STUDY_B)
+    for kind in (study_kind(STUDY_A), "update"):
+        assert is_update_kind(kind)
+    for kind in ("update@", "update@" + "A" * 16, "update@" + "0" * 15, "model", "update@x" * 3):
+        assert not is_update_kind(kind)
+    a = study_opener(STUDY_A).open(
+        build_envelope(small_update(), ALICE, keys, 7, now=NOW, study=STUDY_A), now=NOW
+    )
+    b = study_opener(STUDY_B).open(
+        build_envelope(small_update(1), ALICE, keys, 7, now=NOW, study=STUDY_B), now=NOW
+    )
+    assert a.kind == a.receipt.kind == study_kind(STUDY_A) and b.kind == study_kind(STUDY_B)
+    assert a.receipt.slot != b.receipt.slot
+    with pytest.raises(ReceiptError):
+        EquivocationProof.of(a.receipt, b.receipt)
+    book = ReceiptBook([ALICE.public_key])
+    assert book.check(a.receipt, accepted=True) is None
+    assert book.check(b.receipt, accepted=True) is None  # another study: no proof
+    # A kind that is not one of the node's study, signed or not, is refused.
+    garbage = build_envelope(small_update(), ALICE, keys, 7, now=NOW, kind="update@" + "0" * 16)
+    assert reason_of(garbage, study_opener(STUDY_A)) is RejectReason.UNKNOWN_STUDY

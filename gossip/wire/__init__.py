@@ -53,6 +53,8 @@ from murmur.gossip.wire.format import (
     _envelope_prefix,
     _signed_digest,
     default_max_message_bytes,
+    is_update_kind,
+    study_kind,
 )
 from murmur.gossip.wire.opener import (
     EnvelopeOpener,
@@ -102,5 +104,7 @@ __all__ = [
     "build_envelope",
     "default_max_message_bytes",
     "is_streamed",
+    "is_update_kind",
     "peek_envelope",
+    "study_kind",
 ]

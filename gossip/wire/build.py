@@ -34,7 +34,6 @@ from murmur.gossip.wire.format import (
     DEFAULT_MAX_RECEIPTS,
     DEFAULT_MAX_RECIPIENTS,
     DEFAULT_MAX_STRING_BYTES,
-    KINDS,
     MAX_UINT63,
     PROTOCOL_VERSION,
     STUDY_FIELD,
@@ -45,6 +44,8 @@ from murmur.gossip.wire.format import (
     _envelope_prefix,
     _RawEnvelope,
     _signed_digest,
+    is_update_kind,
+    study_kind,
 )
 from murmur.gossip.wire.stream import STREAM_ABOVE_BYTES, seal_streamed
 
@@ -200,8 +201,8 @@ def _unsigned_header(
     head_digest = no_audit_head().digest() if head_digest is None else head_digest
     if type(head_digest) is not bytes or len(head_digest) != DIGEST_BYTES:
         raise ValueError(f"head_digest must be {DIGEST_BYTES} bytes")
-    if kind not in KINDS:
-        raise ValueError(f"unknown message kind {kind!r}; kinds are {sorted(KINDS)}")
+    if not is_update_kind(kind):
+        raise ValueError(f"unknown message kind {kind!r}; kinds are update and update@<study>")
     if type(round) is not int or not 0 <= round <= MAX_UINT63:
         raise ValueError(f"round must be an int in [0, 2**63), got {round!r}")
     recipients = _check_recipients(recipients)
@@ -273,7 +274,7 @@ def build_envelope(
     round: int,
     *,
     head: AuditHead | None = None,
-    kind: str = "update",
+    kind: str | None = None,
     now: float | None = None,
     compressed: CompressedTensors | None = None,
     study: bytes | None = None,
@@ -288,7 +289,8 @@ def build_envelope(
     time in seconds (default: the clock). Raises ``ValueError``/``TypeError`` for an update
     that cannot be sent. ``compressed``: the model compressed (gossip/compression.py), with
     ``update.tensors`` empty. ``study`` is the sender's study (its manifest's 32-byte SHA-256),
-    which receivers require to be theirs.
+    which receivers require to be theirs; ``kind`` defaults to the study's
+    (``study_kind``: ``update@<first 16 hex of the id>``, ``update`` without a study).
 
     A body longer than ``stream_above`` bytes (default 1 MiB; None: never) is sent as a
     streamed envelope (gossip/wire/stream.py) in chunks of ``chunk_bytes`` (default 512
@@ -296,6 +298,7 @@ def build_envelope(
     as before streams existed.
     """
     head = no_audit_head() if head is None else head
+    kind = study_kind(study) if kind is None else kind
     parts = _body_parts(update, head, compressed, study)
     length = sum(memoryview(part).nbytes for part in parts)
     if stream_above is not None and length > stream_above:

@@ -24,8 +24,10 @@ from murmur.gossip.receipts import (
     signed_digest,
 )
 
-PROTOCOL_VERSION = 4
-KINDS = frozenset({"update"})
+PROTOCOL_VERSION = 5
+UPDATE_KIND = "update"
+KINDS = frozenset({UPDATE_KIND})
+STUDY_KIND_HEX = 16  # hex digits of the study id in a study's envelope kind
 ENVELOPE_FIELDS = (
     "version",
     "kind",
@@ -46,6 +48,32 @@ STUDY_FIELD = "study"
 present exactly when the sender runs a study (docs/governance.md); inside the signed and
 encrypted body, so it is authenticated and only recipients learn it."""
 STUDY_ID_BYTES = 32
+
+
+def study_kind(study: bytes | None) -> str:
+    """The envelope kind of an update of ``study``: ``update@<first 16 hex of its id>``, or
+    ``update`` for a node without a study. The kind is in the signed digest and in every
+    receipt, so a sender's envelopes of two studies are two (kind, round) slots: one key can
+    sign round r of each study without that being an equivocation (gossip/receipts.py), and
+    their heads are never compared as a rollback (gossip/heads.py)."""
+    if study is None:
+        return UPDATE_KIND
+    return f"{UPDATE_KIND}@{study.hex()[:STUDY_KIND_HEX]}"
+
+
+def is_update_kind(kind: str) -> bool:
+    """``update`` or ``update@`` and 16 lowercase hex digits (docs/protocol.md)."""
+    if kind == UPDATE_KIND:
+        return True
+    prefix, at, tail = kind.partition("@")
+    return (
+        prefix == UPDATE_KIND
+        and at == "@"
+        and len(tail) == STUDY_KIND_HEX
+        and all(c in "0123456789abcdef" for c in tail)
+    )
+
+
 # A compressed body has one more field (gossip/compression.py; docs/protocol.md, "Compressed
 # tensors"); an uncompressed body has exactly BODY_FIELDS, as before compression existed.
 BODY_ENCODING_FIELD = "encoding"

@@ -28,7 +28,6 @@ from murmur.gossip.spool import SpooledModel
 from murmur.gossip.wire.compressed import BodyEncoding
 from murmur.gossip.wire.format import (
     _MAX_BIN_BYTES,
-    KINDS,
     MAX_UINT63,
     EnvelopeInfo,
     ModelSpec,
@@ -42,6 +41,8 @@ from murmur.gossip.wire.format import (
     _RawEnvelope,
     _rest_digest,
     default_max_message_bytes,
+    is_update_kind,
+    study_kind,
 )
 from murmur.gossip.wire.parse import (
     BodyStart,
@@ -84,7 +85,8 @@ class EnvelopeOpener:
     ) -> None:
         self.identity = identity
         self.spool = spool
-        self.study = study  # the manifest hash of the one study this node runs, or None
+        self.study = study  # the manifest hash of the study this opener takes, or None
+        self.kind = study_kind(study)  # the one envelope kind it takes (format.study_kind)
         self.allowlist = allowlist
         self.limits = limits if limits is not None else WireLimits()
         self.replay = replay if replay is not None else ReplayGuard()
@@ -306,9 +308,9 @@ class EnvelopeOpener:
         self, envelope: _RawEnvelope, now: float | None, sender: bytes | None
     ) -> tuple[Peer, bytes]:
         """The cheap checks, before anything is hashed: kind, allowlist, the authenticated
-        sender, this node among the recipients, the timestamp window. Returns the sender's
-        peer entry and this node's wrapped key."""
-        if envelope.kind not in KINDS:
+        sender, this node among the recipients, the timestamp window, the study (its kind).
+        Returns the sender's peer entry and this node's wrapped key."""
+        if not is_update_kind(envelope.kind):
             raise WireError(
                 RejectReason.UNSUPPORTED_KIND, f"unknown message kind {envelope.kind!r}"
             )
@@ -335,6 +337,15 @@ class EnvelopeOpener:
                 RejectReason.STALE,
                 f"timestamp is {skew:+.0f} s from this node's clock "
                 f"(window ±{self.limits.timestamp_window_s:.0f} s)",
+            )
+        if envelope.kind != self.kind:
+            # Another study's update (or one without a study where this node runs one, or
+            # the reverse): refused before anything is hashed; the kind is signed, so a
+            # kind rewritten in transit would fail the signature anyway.
+            raise WireError(
+                RejectReason.UNKNOWN_STUDY,
+                f"the envelope is of kind {envelope.kind!r}; this node takes {self.kind!r} "
+                "(the study it approved)",
             )
         return peer, wrapped_key
 

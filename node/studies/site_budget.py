@@ -102,7 +102,7 @@ class StudyRun:
     planned_steps: int
     steps_taken: int = 0
     finished: bool = False
-    public_key: str = ""  # the node key that runs it (hex); one running study per key
+    public_key: str = ""  # the node key that runs it (hex); one running row per (key, study)
 
     @property
     def counted_steps(self) -> int:
@@ -295,19 +295,9 @@ class SiteBudgetStore:
             held = {r.study: r for r in runs}
             if run.study in held:
                 return self.spent(budget, runs), self._position(conn)
-            shared = conn.execute(
-                "SELECT name, study FROM studies WHERE public_key = ? AND public_key != '' "
-                "AND finished = 0",
-                (run.public_key,),
-            ).fetchone()
-            if shared is not None:
-                raise BudgetRefused(
-                    f"study {run.name} would run under the node key {run.public_key[:16]}..., "
-                    f"which study {shared[0]} ({shared[1][:16]}...) still uses: "
-                    "neighbours keep one audit head and one receipt per key and round, so two "
-                    "studies under one key look like equivocation. Fix: give each study's node "
-                    "its own key (`murmur keygen`)"
-                )
+            # One running study per (key, study): a study already admitted is the early
+            # return above. Another study under the same key is no conflict: its envelopes are
+            # of another kind (update@<study>), so neighbours keep its receipts and heads apart.
             before = self.spent(budget, runs)
             after = self.spent(budget, [*runs, run])
             alone = composed_epsilon([run.event()], budget.delta)
