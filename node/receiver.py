@@ -106,7 +106,7 @@ class Receiver:
             opened = self.opener.accept(verified)
         except (WireError, OSError) as err:
             return self._refused(err, source, sender)
-        return self._deliver(opened, body)
+        return await self._deliver(opened, body)
 
     async def receive_stream(
         self,
@@ -132,7 +132,7 @@ class Receiver:
             return self._refused(err, source, sender)
         # The message is never held whole here, so `accepted_listeners` (which take the
         # envelope's bytes) do not hear of it.
-        return self._deliver(opened, None)
+        return await self._deliver(opened, None)
 
     def _refused(
         self, err: WireError | OSError, source: str | None, sender: Peer | None
@@ -160,7 +160,7 @@ class Receiver:
         )
         return 503, "spool_failed", str(err)
 
-    def _deliver(self, opened: OpenedEnvelope, body: bytes | None) -> tuple[int, str, str]:
+    async def _deliver(self, opened: OpenedEnvelope, body: bytes | None) -> tuple[int, str, str]:
         """File an opened, accepted envelope: rollback check, inbox, evidence, audit."""
         name = opened.sender.name
         refused = self._rollback.check(opened, self._inbox.current_round)
