@@ -38,7 +38,7 @@ import contextvars
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -47,6 +47,7 @@ from murmur.gossip.heads import ReceiptsRequest, RequestError
 from murmur.gossip.receipts import EquivocationProof
 from murmur.gossip.routing import RoutedTransport
 from murmur.gossip.wire import ENVELOPE_FIELDS, study_kind
+from murmur.gossip.wire.stream import STREAM_FIELDS
 from murmur.node import lifecycle
 from murmur.node.config import NodeConfig
 from murmur.node.durable import atomic_write
@@ -197,6 +198,29 @@ class StudyHost:
         runtime = self.by_kind.get(envelope_kind(body) or "", self.first)
         return await runtime.receive(body, source, sender)
 
+    async def receive_stream(
+        self,
+        read: Callable[[int], Awaitable[bytes]],
+        length: int,
+        source: str | None = None,
+        sender: Peer | None = None,
+    ) -> tuple[int, str, str]:
+        """POST /gossip of a large body (a streamed envelope, gossip/wire/stream.py) to the
+        study its kind names: the first bytes are read here to find the kind, then handed to
+        that study's runtime ahead of the rest, so the body is still read once, in pieces."""
+        first = await read(min(length, _KIND_PREFIX_BYTES))
+        runtime = self.by_kind.get(envelope_kind(first) or "", self.first)
+        held = memoryview(first)
+
+        async def read_on(n: int) -> bytes:
+            nonlocal held
+            if not held:
+                return await read(n)
+            taken, held = bytes(held[:n]), held[n:]
+            return taken if len(taken) == n else taken + await read(n - len(taken))
+
+        return await runtime.receive_stream(read_on, length, source, sender)
+
     def answer_receipts_request(
         self, body: bytes, sender: bytes | None = None
     ) -> tuple[int, str, bytes]:
@@ -299,14 +323,15 @@ def _share_misbehaviour(rt: HospitalNode, others: list[HospitalNode]) -> None:
 
 
 def envelope_kind(data: bytes) -> str | None:
-    """The `kind` of an envelope, from its first bytes only (the body is not copied), None
-    if they are not the start of one. Unauthenticated: it only picks the study's runtime,
-    which checks the signature over it. A canonical envelope's map starts with `version`,
-    then `kind` (docs/protocol.md); one that does not is refused there as `malformed`."""
+    """The `kind` of an envelope, whole or streamed, from its first bytes only (the body is
+    not copied), None if they are not the start of one. Unauthenticated: it only picks the
+    study's runtime, which checks the signature over it. A canonical envelope's map, and a
+    streamed envelope's header, start with `version`, then `kind` (docs/protocol.md); one
+    that does not is refused there as `malformed`."""
     unpacker = msgpack.Unpacker(raw=False, max_str_len=256, max_bin_len=0, max_array_len=0)
     unpacker.feed(data[:_KIND_PREFIX_BYTES])
     try:
-        if unpacker.read_map_header() != len(ENVELOPE_FIELDS):
+        if unpacker.read_map_header() not in (len(ENVELOPE_FIELDS), len(STREAM_FIELDS)):
             return None
         for _ in range(2):
             key, value = unpacker.unpack(), unpacker.unpack()

@@ -28,7 +28,7 @@ from murmur.gossip.heads import (
     open_receipts_answer,
 )
 from murmur.gossip.receipts import AuditHead, Receipt, ReceiptBook, ReceiptError, signed_digest
-from murmur.gossip.wire import ModelUpdate, build_envelope, study_kind
+from murmur.gossip.wire import ModelUpdate, build_envelope, is_streamed, study_kind
 from murmur.node.config import ConfigError, load_config, load_configs
 from murmur.node.multistudy import StudyHost, envelope_kind
 from murmur.node.studies.approvals import approve as sign_approval
@@ -132,6 +132,10 @@ def test_the_router_reads_the_kind_from_the_envelopes_first_bytes() -> None:
     assert envelope_kind(build_envelope(ModelUpdate(tensors), H, [ME.public_key], 1)) == "update"
     for bad in (b"", b"\x80", data[:3], b"not msgpack at all", bytes(600)):
         assert envelope_kind(bad) is None
+    streamed = build_envelope(
+        ModelUpdate(tensors), H, [ME.public_key], 1, study=STUDY_B, stream_above=16
+    )
+    assert is_streamed(streamed) and envelope_kind(streamed) == study_kind(STUDY_B)
 
 
 # ------------------------------------------------------------------ the config
@@ -196,14 +200,29 @@ async def _route(host: StudyHost, net, studies: list[bytes]) -> None:
     a, b = host.runtimes
     me = [host.identity.public_key]
 
-    def envelope(study: bytes, round_: int, seq: int, runtime=a) -> bytes:
+    def envelope(study: bytes, round_: int, seq: int, runtime=a, **kw) -> bytes:
         head = AuditHead(seq, hashlib.sha256(b"%d" % seq).digest(), 0, 0.0)
         update = ModelUpdate(dict(runtime.study.state()))
-        return build_envelope(update, h1, me, round_, head=head, study=study)
+        return build_envelope(update, h1, me, round_, head=head, study=study, **kw)
 
-    # Round 1 of both studies, signed by the same key: each lands in its own study's inbox.
+    def reader(data: bytes):
+        """The listener's `read(n)` over ``data``, in the pieces the opener asks for."""
+        left = memoryview(data)
+
+        async def read(n: int) -> bytes:
+            nonlocal left
+            piece, left = bytes(left[:n]), left[n:]
+            return piece
+
+        return read
+
+    # Round 1 of both studies, signed by the same key: each lands in its own study's inbox;
+    # study B's as a streamed envelope, read in pieces (what POST /gossip does above 1 MiB).
     assert (await host.receive(envelope(studies[0], 1, seq=30), sender=peer))[0] == 202
-    assert (await host.receive(envelope(studies[1], 1, seq=4, runtime=b), sender=peer))[0] == 202
+    streamed = envelope(studies[1], 1, seq=4, runtime=b, stream_above=16)
+    assert is_streamed(streamed)
+    got = await host.receive_stream(reader(streamed), len(streamed), sender=peer)
+    assert got[0] == 202, got
     assert a.inbox.highest_round_seen == {"hospital_1": 1}
     assert b.inbox.highest_round_seen == {"hospital_1": 1}
     # Study A far ahead of study B (its own audit log): not a rollback of B, nor B of A.

@@ -508,7 +508,7 @@ def test_an_encoder_written_from_the_document_alone_is_accepted(keys: dict[str, 
     wrapped = sodium.crypto_box_easy(inner, nonce, x_bob, x_sk)
     recipients = struct.pack(">H", 1) + bob + wrapped
     timestamp_ms, round_ = int(time.time() * 1000), 7
-    fixed = struct.pack(">HB", 4, 6) + b"update" + pk + struct.pack(">Q", round_) + head_digest
+    fixed = struct.pack(">HB", 5, 6) + b"update" + pk + struct.pack(">Q", round_) + head_digest
     sizes = struct.pack(">Q", length) + struct.pack(">I", size)
     common = struct.pack(">Q", timestamp_ms) + nonce + e_pk + commitment + recipients
     ad = b"murmur-stream-body\x00" + fixed + common + sizes
@@ -525,7 +525,7 @@ def test_an_encoder_written_from_the_document_alone_is_accepted(keys: dict[str, 
     signed = hashlib.sha256(b"murmur-envelope\x00" + fixed + rest).digest()
     header = msgpack.packb(
         {
-            "version": 4,
+            "version": 5,
             "kind": "update",
             "sender": pk,
             "round": round_,
