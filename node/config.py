@@ -330,13 +330,8 @@ def load_configs(path: str | Path) -> list[NodeConfig]:
     require(not dupes, STUDIES_KEY, f"names study {dupes} twice", "list each study once")
     if len(configs) > 1:
         first = configs[0]
-        # Not built with several studies in one process (docs/governance.md).
-        require(
-            not first.consortium.enabled,
-            "consortium",
-            "is enabled with several [[studies]], which is not built yet",
-            "use [[peers]] allowlists, or one study per process",
-        )
+        # Not built with several studies in one process (docs/governance.md); [consortium]
+        # is: one membership log for the hospital (node/multistudy.py).
         require(
             not first.consensus.enabled,
             "consensus",

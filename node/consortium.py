@@ -346,13 +346,27 @@ def decode_all(items: Iterable[object]) -> list[bytes]:
     return [x for x in items if isinstance(x, bytes)]
 
 
-def open_governance(config: object, state_dir: Path) -> Governance:
-    """The node's governance from `[consortium]`: the verified manifest, its log in the state
-    directory, and the complete-graph feasibility of the configured rule."""
+def governance_dir(config: object) -> Path:
+    """Where the hospital's consortium log lives. Membership is the identity's, not a
+    study's: in a process of `[[studies]]` it is the hospital's state root (one
+    `consortium.sqlite` every study's runtime reads), else the node's state directory."""
+    root = getattr(config, "studies_root", None)
+    return Path(root) if root is not None else config.node.state_dir  # type: ignore[attr-defined]
+
+
+def open_governance(config: object, state_dir: Path, studies: Iterable[object] = ()) -> Governance:
+    """The node's governance from `[consortium]`: the verified manifest, its log in
+    ``state_dir``, and the complete-graph feasibility of the configured rule (of every
+    study's rule, with ``studies``: a change none of them can run with is refused)."""
     section = config.consortium  # type: ignore[attr-defined]
     manifest = load_manifest(section.manifest, section.consortium_id)
     store = ConsortiumStore(state_dir / STORE_FILE, manifest.consortium_id)
-    aggregation = config.aggregation  # type: ignore[attr-defined]
-    return Governance(
-        manifest, store, feasible=complete_graph_feasibility(aggregation.rule, aggregation.f)
-    )
+    checks = [
+        complete_graph_feasibility(c.aggregation.rule, c.aggregation.f)  # type: ignore[attr-defined]
+        for c in [config, *studies]
+    ]
+
+    def feasible(membership: Membership) -> str | None:
+        return next((p for p in (check(membership) for check in checks) if p is not None), None)
+
+    return Governance(manifest, store, feasible=feasible)

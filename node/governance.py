@@ -99,10 +99,15 @@ def _handle(node: HospitalNode, offered: Offered, source: str) -> bool:
         )
         return False
     for membership in offered.applied:
-        apply_membership(node, membership)
+        # Once, to every runtime sharing the governance (each study of the process), with
+        # no await between them: no study serves a request under the old membership after
+        # another took the new one.
+        for runtime in node.governed:
+            apply_membership(runtime, membership, announce=runtime is node.governed[0])
     if offered.new:
         node.governance_news.set()
-        node.state.consortium = node.governance.status() if node.governance else {}
+        for runtime in node.governed:
+            runtime.state.consortium = runtime.governance.status() if runtime.governance else {}
     return offered.new
 
 
@@ -206,8 +211,9 @@ def peers_of(membership: Membership, node_name: str, own_key: bytes, config: Any
     return peers
 
 
-def apply_membership(node: HospitalNode, membership: Membership) -> None:
-    """Make ``membership`` the node's: peers, allowlist and every per-peer book."""
+def apply_membership(node: HospitalNode, membership: Membership, *, announce: bool = True) -> None:
+    """Make ``membership`` the node's: peers, allowlist and every per-peer book, and its
+    audit record; ``announce`` logs the change (once for the process, under [[studies]])."""
     peers = peers_of(membership, node.config.node.name, node.identity.public_key, node.config)
     before = {p.name for p in node.peers}
     after = {p.name for p in peers}
@@ -229,7 +235,8 @@ def apply_membership(node: HospitalNode, membership: Membership) -> None:
     node.aggregator.set_degrees({p.name: degree for p in peers})
     node.rounds.set_peer_names([p.name for p in peers])
     if node.governance is not None:
-        node.governance.applied_round[membership.epoch] = node.current_round
+        # the round of the first runtime it applied to (the first study's, under [[studies]])
+        node.governance.applied_round.setdefault(membership.epoch, node.current_round)
         node.state.consortium = node.governance.status()
     me = membership.by_key(node.identity.public_key)
     node.audit.append(
@@ -243,15 +250,16 @@ def apply_membership(node: HospitalNode, membership: Membership) -> None:
         revoked=len(membership.revoked),
         quorum=membership.quorum,
     )
-    log.warning(
-        "membership epoch %d: members %s (quorum %d)%s%s",
-        membership.epoch,
-        ", ".join(m.name for m in membership.members),
-        membership.quorum,
-        f"; admitted {', '.join(sorted(after - before))}" if after - before else "",
-        f"; removed {', '.join(sorted(before - after))}" if before - after else "",
-    )
-    if me is None and node.identity.public_key in membership.revoked:
+    if announce:
+        log.warning(
+            "membership epoch %d: members %s (quorum %d)%s%s",
+            membership.epoch,
+            ", ".join(m.name for m in membership.members),
+            membership.quorum,
+            f"; admitted {', '.join(sorted(after - before))}" if after - before else "",
+            f"; removed {', '.join(sorted(before - after))}" if before - after else "",
+        )
+    if announce and me is None and node.identity.public_key in membership.revoked:
         log.error("this node's key has been revoked by the consortium: peers refuse it now")
     node.neighbours.refresh_status()
     node.neighbours.news.set()

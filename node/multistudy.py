@@ -44,12 +44,14 @@ from typing import Any
 import msgpack
 from murmur.crypto.allowlist import Peer
 from murmur.gossip.heads import ReceiptsRequest, RequestError
+from murmur.gossip.membership import MembershipError
 from murmur.gossip.receipts import EquivocationProof
 from murmur.gossip.routing import RoutedTransport
 from murmur.gossip.wire import ENVELOPE_FIELDS, study_kind
 from murmur.gossip.wire.stream import STREAM_FIELDS
 from murmur.node import lifecycle
 from murmur.node.config import NodeConfig
+from murmur.node.consortium import STORE_FILE, Governance, governance_dir, open_governance
 from murmur.node.durable import atomic_write
 from murmur.node.metrics import NodeMetrics
 from murmur.node.node import HospitalNode
@@ -142,7 +144,14 @@ class StudyHost:
     def __init__(self, configs: list[NodeConfig]) -> None:
         if not configs:
             raise StartupError("no study to run")
-        self.runtimes = [HospitalNode(c) for c in configs]
+        self.governance = _open_shared_governance(configs)
+        try:
+            self.runtimes = [HospitalNode(c, governance=self.governance) for c in configs]
+        except BaseException:
+            if self.governance is not None:
+                self.governance.store.close()
+            raise
+        self._share_governance()
         # One /metrics for the hospital: every study's series, labelled with its study.
         self.metrics = StudiesMetrics(
             [(str(rt.gate.study_id)[:16], rt.metrics) for rt in self.runtimes]
@@ -162,6 +171,18 @@ class StudyHost:
         for rt in self.runtimes:
             _share_misbehaviour(rt, [other for other in self.runtimes if other is not rt])
 
+    def _share_governance(self) -> None:
+        """The consortium membership is the identity's: one log at the state root, one
+        `Governance` every study's runtime holds, and each change applied once, to all of
+        them together (node/governance.py `_handle`): a revoked key is refused by every
+        study's request check and opener from the next request on, and an admitted member
+        is a peer of every study (whose approvals that study's gate counts)."""
+        self.governed = list(self.runtimes)
+        self.governance_news = self.runtimes[0].governance_news
+        for rt in self.runtimes:
+            rt.governed = self.governed
+            rt.governance_news = self.governance_news
+
     def _share_witness(self) -> None:
         """The peers' budget log heads are the hospital's, not a study's: without a site
         budget store (whose table every study already shares), every study's gate keeps them
@@ -177,8 +198,11 @@ class StudyHost:
 
     def __getattr__(self, name: str) -> Any:
         # The routes of the identity rather than of a study (/probe, /records, the
-        # dashboard's audit file): the first study's runtime, with the same key.
-        if name in {"runtimes", "first"}:
+        # dashboard's audit file): the first study's runtime, with the same key. POST
+        # /governance (peer and operator) reads `governance` and `governed` set above, so
+        # it is taken once for the hospital; a refused record is counted (and audited) in
+        # the first study's runtime, and /status sums the studies' counts.
+        if name in {"runtimes", "first", "governance", "governed"}:
             raise AttributeError(name)
         return getattr(self.first, name)
 
@@ -277,6 +301,7 @@ class StudyHost:
             "round": min(s["round"] for s in studies.values()),
             "rejected": self.rejected,
             "peers": self.first.state.peers,
+            "consortium": self.governance.status() if self.governance is not None else {},
             "studies": studies,
         }
 
@@ -285,6 +310,28 @@ class StudyHost:
         top = self.config.studies_root or self.config.node.state_dir
         text = json.dumps(self.status(), indent=2, default=str) + "\n"
         atomic_write(top / "status.json", text.encode())
+
+
+def _open_shared_governance(configs: list[NodeConfig]) -> Governance | None:
+    """The hospital's one consortium log, at the state root (node/consortium.py
+    `governance_dir`), feasible for every study's aggregation rule; None without
+    `[consortium]` (every entry shares the section: it is outside [[studies]])."""
+    first = configs[0]
+    if not first.consortium.enabled:
+        return None
+    root = governance_dir(first)
+    for config in configs:
+        stray = config.node.state_dir / STORE_FILE
+        if root != config.node.state_dir and stray.exists() and not (root / STORE_FILE).exists():
+            raise StartupError(
+                f"[consortium] the membership log is at {stray}, inside one study's state: "
+                f"the hospital keeps one for all its studies. Fix: move it to "
+                f"{root / STORE_FILE} (with no node running)"
+            )
+    try:
+        return open_governance(first, root, configs[1:])
+    except MembershipError as exc:
+        raise StartupError(f"[consortium] {exc}") from None
 
 
 def _share_misbehaviour(rt: HospitalNode, others: list[HospitalNode]) -> None:
@@ -401,6 +448,8 @@ def _close_all(host: StudyHost) -> None:
     the hospital's status.json."""
     tag_log_lines()
     try:
+        if host.governance is not None:
+            host.governance.store.close()
         for rt in host.runtimes:
             token = _STUDY.set(rt.gate.study_name)
             try:

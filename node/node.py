@@ -46,7 +46,7 @@ from murmur.node.binding import config_binding, data_fingerprint
 from murmur.node.checkpoint import NodeCheckpoint
 from murmur.node.clock import ClockReport
 from murmur.node.config import NodeConfig
-from murmur.node.consortium import Governance, behind_audit, open_governance
+from murmur.node.consortium import Governance, behind_audit, governance_dir, open_governance
 from murmur.node.evidence import EvidenceBook
 from murmur.node.governance import peers_of
 from murmur.node.metrics import NodeMetrics
@@ -79,7 +79,9 @@ log = logging.getLogger("murmur.node")
 class HospitalNode:
     """A hospital's murmur node. Build it from a validated config, then `await run()`."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, governance: Governance | None = None) -> None:
+        """``governance``: the consortium membership this runtime shares with the other
+        studies of its process (node/multistudy.py); None opens the config's own."""
         self.config = config
         limit_numeric_threads()
         self.identity: Identity = load_identity(config.node.key_file)
@@ -98,7 +100,10 @@ class HospitalNode:
         ]
         self.state_dir = config.node.state_dir
         self.governance_news = asyncio.Event()
-        self.governance, revoked = self._open_governance()
+        self.governance, revoked = self._open_governance(governance)
+        # The runtimes a membership change applies to: this one, or every study of the
+        # process sharing the governance (node/multistudy.py sets it).
+        self.governed: list[HospitalNode] = [self]
         self.allowlist = Allowlist(self.peers, revoked=revoked)
         self.record_book = RecordBook(self.allowlist)  # where peers say they are now
         load_saved_records(self.record_book, self.state_dir)
@@ -165,16 +170,21 @@ class HospitalNode:
         self.state.model_sha256 = state_sha256(self.study.state())
         self.state.privacy = self.study.privacy_status()
 
-    def _open_governance(self) -> tuple[Governance | None, frozenset[bytes]]:
+    def _open_governance(
+        self, shared: Governance | None
+    ) -> tuple[Governance | None, frozenset[bytes]]:
         """With `[consortium]` the peers are the current members (node/governance.py), not
-        the [[peers]] entries; returns the governance and the revoked keys."""
+        the [[peers]] entries; returns the governance and the revoked keys. Its log is
+        checked against this runtime's own audit log (a study's, under [[studies]])."""
         config = self.config
         if not config.consortium.enabled:
             return None, frozenset()
-        try:
-            governance = open_governance(config, self.state_dir)
-        except MembershipError as exc:
-            raise StartupError(f"[consortium] {exc}") from None
+        governance = shared
+        if governance is None:
+            try:
+                governance = open_governance(config, governance_dir(config))
+            except MembershipError as exc:
+                raise StartupError(f"[consortium] {exc}") from None
         try:
             recorded = records_of_kind(self.state_dir, "membership")
         except AuditError:  # a first start: no audit log yet
@@ -183,7 +193,8 @@ class HospitalNode:
             fields = recorded[-1].fields
             problem = behind_audit(governance, int(fields["epoch"]), str(fields["head"]))
             if problem is not None:
-                governance.store.close()
+                if shared is None:
+                    governance.store.close()
                 raise StartupError(
                     f"[consortium] {problem}. Fix: put back the newest copy of "
                     f"{governance.store.path}: starting from an older membership, this node "

@@ -101,7 +101,9 @@ def members_known(config: Any, state_dir: Path) -> tuple[dict[str, str], int]:
     if config.consortium.enabled:
         from murmur.node.consortium import open_governance
 
-        governance = open_governance(config, Path(state_dir))
+        # a process of [[studies]] keeps the hospital's one log at its state root
+        root = config.studies_root if config.studies_root is not None else Path(state_dir)
+        governance = open_governance(config, root)
         try:
             membership = governance.membership
             known = {m.public_key.hex(): m.name for m in membership.members}
