@@ -28,6 +28,8 @@ allowlist:
     POST /receipts   the study id in the signed request -> that study's rollback guard
     POST /approvals  each record to the study it names (budget log heads: the first
                      study's gate, into the witness table every study reads)
+    POST /governance once for the hospital: with `[consortium]` one membership log at the
+                     state root, each change applied to every study's runtime at once
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -157,3 +158,71 @@ async def _revoke_once(host: StudyHost, keys, studies: list[bytes]) -> None:
         assert rt.allowlist.by_key(newcomer.public_key).name == "hospital_9"
         assert "hospital_9" in {p.name for p in rt.peers}
         assert rt.gate.members[newcomer.public_key] == "hospital_9"
+
+
+# ------------------------------------------------------------------ real processes
+
+
+@pytest.mark.slow
+def test_a_revocation_mid_run_reaches_both_studies_of_each_process(tmp_path: Path) -> None:
+    """Three hospitals, each one process of two studies under a 2-of-3 consortium: a
+    revocation of hospital_2 proposed at hospital_0 and voted at hospital_1 (one
+    `POST /governance` each, on the process's operator listener) is applied once per process
+    and, from the round after, neither study of either process uses hospital_2's envelopes."""
+    from tests.test_consortium_network import members, propose, vote, wait_until
+
+    hospitals = ("hospital_0", "hospital_1", "hospital_2")
+    rounds = 40
+    net = make_network(
+        tmp_path / "net",
+        *("--nodes", "3", "--rounds", str(rounds), "--round-timeout", "4"),
+        *("--no-dp", "--aggregator", "mean", "--local-epochs", "2", "--batch-size", "32"),
+    )
+    made = [propose_study(tmp_path, net, n, e) for n, e in (("alpha", 1.0), ("beta", 1.2))]
+    keys = {n: load_identity(net.run_dir / "keys" / f"{n}.key") for n in hospitals}
+    founders = tuple(Member(n, keys[n].public_key, net.node(n).address) for n in hospitals)
+    manifest = Manifest("two-studies-live", founders, quorum=2, created_at=time.time())
+    for name in hospitals:
+        manifest = manifest.signed_by(keys[name])
+    path = tmp_path / "manifest.bin"
+    path.write_bytes(manifest.encode())
+    for name in hospitals:
+        run_studies(net, name, [m for m, _ in made], None)
+        net.edit_config(name, "consortium", manifest=str(path), exchange_interval_s=1.0)
+        net.edit_config(name, "gossip", startup_timeout_s=30.0)
+        for manifest_path, study in made:
+            approve_study(net, name, manifest_path, study)
+    kept = hospitals[:2]
+    try:
+        net.start_all()
+        net.wait_for_round("hospital_0", 2, timeout_s=120)
+        proposal = propose(net, path, "hospital_0", "--revoke", "hospital_2")
+        vote(net, path, "hospital_1", proposal)
+        wait_until(
+            lambda: all("hospital_2" not in members(net, n) for n in kept),
+            60,
+            "hospital_2 was not revoked in both processes",
+        )
+        for name in kept:
+            net.procs[name].wait(timeout=300)
+        for name in kept:
+            state = net.node(name).state_dir
+            top = json.loads((state / "status.json").read_text())
+            assert top["consortium"]["epoch"] == 1
+            applied = top["consortium"]["applied_round"]["1"]
+            assert applied < rounds - 1, "the revocation came too late to observe"
+            assert (state / STORE_FILE).is_file()
+            for _, study in made:
+                status = top["studies"][study]
+                assert status["phase"] == "done" and status["round"] == rounds
+                # hospital_2 counted while a member, never after (a study's round can be a
+                # few ahead of the first study's, whose round applied_round is).
+                early = [r for r in status["history"] if r["round"] < applied]
+                assert any("hospital_2" in r["received"] for r in early), name
+                late = [r for r in status["history"] if r["round"] > applied + 3]
+                assert late and all("hospital_2" not in r["received"] for r in late), name
+                assert not (state / "studies" / study[:16] / STORE_FILE).exists()
+                (record,) = records_of_kind(state / "studies" / study[:16], "membership")
+                assert record.fields["removed"] == ["hospital_2"]
+    finally:
+        net.kill_all()
