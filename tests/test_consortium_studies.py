@@ -172,11 +172,11 @@ def test_a_revocation_mid_run_reaches_both_studies_of_each_process(tmp_path: Pat
     from tests.test_consortium_network import members, propose, vote, wait_until
 
     hospitals = ("hospital_0", "hospital_1", "hospital_2")
-    rounds = 40
+    rounds = 120
     net = make_network(
         tmp_path / "net",
         *("--nodes", "3", "--rounds", str(rounds), "--round-timeout", "4"),
-        *("--no-dp", "--aggregator", "mean", "--local-epochs", "2", "--batch-size", "32"),
+        *("--no-dp", "--aggregator", "mean", "--local-epochs", "20", "--batch-size", "8"),
     )
     made = [propose_study(tmp_path, net, n, e) for n, e in (("alpha", 1.0), ("beta", 1.2))]
     keys = {n: load_identity(net.run_dir / "keys" / f"{n}.key") for n in hospitals}
