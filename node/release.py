@@ -102,7 +102,7 @@ def members_known(config: Any, state_dir: Path) -> tuple[dict[str, str], int]:
         from murmur.node.consortium import open_governance
 
         # a process of [[studies]] keeps the hospital's one log at its state root
-        root = config.studies_root if config.studies_root is not None else Path(state_dir)
+        root = getattr(config, "studies_root", None) or Path(state_dir)
         governance = open_governance(config, root)
         try:
             membership = governance.membership
