@@ -97,6 +97,31 @@ def _require_bin(value: Any, name: str, size: int) -> bytes:
     return value
 
 
+def _parse_recipients(recipients: Any, limits: WireLimits) -> list[tuple[bytes, bytes]]:
+    """The `recipients` array of an envelope or a stream header: (public key, wrapped key)
+    pairs, at least one, at most the limit, no key twice."""
+    if type(recipients) is not list or not recipients:
+        raise _malformed("'recipients' must be a non-empty array")
+    if len(recipients) > limits.max_recipients:
+        raise WireError(
+            RejectReason.TOO_LARGE,
+            f"{len(recipients)} recipients is over the limit of {limits.max_recipients}",
+        )
+    pairs = []
+    for entry in recipients:
+        if type(entry) is not list or len(entry) != 2:
+            raise _malformed("each recipient is an array [public_key, wrapped_key]")
+        pairs.append(
+            (
+                _require_bin(entry[0], "recipients[].public_key", KEY_BYTES),
+                _require_bin(entry[1], "recipients[].wrapped_key", WRAPPED_KEY_BYTES),
+            )
+        )
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise _malformed("a recipient appears twice")
+    return pairs
+
+
 def _require_uint63(value: Any, name: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_UINT63:
         raise _malformed(f"'{name}' must be an integer in [0, 2**63)")
@@ -131,26 +156,7 @@ def _parse_envelope(data: Any, limits: WireLimits, max_message_bytes: int) -> _R
         raise _malformed("'version' must be an integer")
     if type(obj["kind"]) is not str:
         raise _malformed("'kind' must be a string")
-    recipients = obj["recipients"]
-    if type(recipients) is not list or not recipients:
-        raise _malformed("'recipients' must be a non-empty array")
-    if len(recipients) > limits.max_recipients:
-        raise WireError(
-            RejectReason.TOO_LARGE,
-            f"{len(recipients)} recipients is over the limit of {limits.max_recipients}",
-        )
-    pairs = []
-    for entry in recipients:
-        if type(entry) is not list or len(entry) != 2:
-            raise _malformed("each recipient is an array [public_key, wrapped_key]")
-        pairs.append(
-            (
-                _require_bin(entry[0], "recipients[].public_key", KEY_BYTES),
-                _require_bin(entry[1], "recipients[].wrapped_key", WRAPPED_KEY_BYTES),
-            )
-        )
-    if len({key for key, _ in pairs}) != len(pairs):
-        raise _malformed("a recipient appears twice")
+    pairs = _parse_recipients(obj["recipients"], limits)
     body = obj["body"]
     if type(body) is not bytes or len(body) < TAG_BYTES:
         raise _malformed(f"'body' must be msgpack bin of at least {TAG_BYTES} bytes")

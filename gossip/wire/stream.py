@@ -57,7 +57,6 @@ from murmur.crypto.sealing import (
     EPHEMERAL_KEY_BYTES,
     NONCE_BYTES,
     TAG_BYTES,
-    WRAPPED_KEY_BYTES,
     SealingError,
     decrypt_body,
     encrypt_body,
@@ -78,7 +77,12 @@ from murmur.gossip.wire.format import (
     _RawEnvelope,
     _recipient_bytes,
 )
-from murmur.gossip.wire.parse import BodyStart, _parse_body_start, _unique_map
+from murmur.gossip.wire.parse import (
+    BodyStart,
+    _parse_body_start,
+    _parse_recipients,
+    _unique_map,
+)
 
 if TYPE_CHECKING:
     from murmur.gossip.wire.format import OpenedEnvelope
@@ -384,26 +388,7 @@ def _stream_header(obj: Any, limits: WireLimits) -> StreamHeader:
     kind = obj["kind"]
     if type(kind) is not str or len(kind.encode("utf-8")) > 255:
         raise _malformed("'kind' must be a string of at most 255 bytes")
-    recipients = obj["recipients"]
-    if type(recipients) is not list or not recipients:
-        raise _malformed("'recipients' must be a non-empty array")
-    if len(recipients) > limits.max_recipients:
-        raise WireError(
-            RejectReason.TOO_LARGE,
-            f"{len(recipients)} recipients is over the limit of {limits.max_recipients}",
-        )
-    pairs = []
-    for entry in recipients:
-        if type(entry) is not list or len(entry) != 2:
-            raise _malformed("each recipient is an array [public_key, wrapped_key]")
-        pairs.append(
-            (
-                _bin(entry[0], "recipients[].public_key", KEY_BYTES),
-                _bin(entry[1], "recipients[].wrapped_key", WRAPPED_KEY_BYTES),
-            )
-        )
-    if len({key for key, _ in pairs}) != len(pairs):
-        raise _malformed("a recipient appears twice")
+    pairs = _parse_recipients(obj["recipients"], limits)
     body_length = _uint(obj["body_length"], "body_length")
     chunk_bytes = _uint(obj["chunk_bytes"], "chunk_bytes", MAX_CHUNK_BYTES)
     if body_length < 1 or chunk_bytes < MIN_CHUNK_BYTES:
