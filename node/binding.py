@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # Deliberately not bound: peers (addresses, keys, degrees), node.listen, node.key_file's path,
 # data.path and data.reference (the rows, scaled, are bound through the fingerprint, wherever
 # the files live), learning rate, momentum, loss, class weighting and the other tuning of
-# [training] (data-independent under DP), aggregation f and params, and every field of
+# [training] (data-independent under DP), aggregation f, params and max_weight, and every field of
 # [gossip], [audit], [evaluation], [trust], [adversary], [operator], [peer_listener], [logging].
 
 
@@ -73,6 +73,10 @@ BOUND_FIELDS: tuple[BoundField, ...] = (
     BoundField("privacy.max_grad_norm", "the DP noise was calibrated to this clipping bound"),
     BoundField("privacy.accountant", "the spend was accounted by another accountant"),
     BoundField("aggregation.rule", "the model was aggregated by another rule"),
+    BoundField(
+        "aggregation.weighting",
+        "the model was mixed with other neighbour weights (Metropolis-Hastings or patients)",
+    ),
     BoundField(
         "study.sha256",
         "the rounds so far belong to another study (another manifest hash), approved apart",
@@ -124,6 +128,7 @@ def config_binding(
         "privacy.max_grad_norm": p.max_grad_norm if dp else None,
         "privacy.accountant": p.accountant if dp else None,
         "aggregation.rule": config.aggregation.rule,
+        "aggregation.weighting": config.aggregation.weighting,
         "study.sha256": config.study.sha256,  # the manifest's hash (node/studies/), or None
     }
     return values

@@ -102,8 +102,13 @@ def test_comments_addresses_and_timeouts_may_change(node_config: Path) -> None:
         ("model", {"name": "mlp"}, "model.name: 'logreg' -> 'mlp'"),
         ("data", {"seed": 7}, "data.fingerprint: "),
         ("aggregation", {"rule": "median"}, "aggregation.rule: 'clipping' -> 'median'"),
+        (
+            "aggregation",
+            {"weighting": "patients", "patients": {"hospital_0": 213, "hospital_1": 213}},
+            "aggregation.weighting: 'metropolis' -> 'patients'",
+        ),
     ],
-    ids=["epsilon", "delta", "dp-off", "rounds", "model", "data", "rule"],
+    ids=["epsilon", "delta", "dp-off", "rounds", "model", "data", "rule", "weighting"],
 )
 def test_a_change_to_a_bound_field_is_refused_with_the_field_and_the_fix(
     node_config: Path, section: str, values: dict[str, Any], expected: str
